@@ -1,0 +1,755 @@
+//! The edge's configuration: a TOML file whose every key has a default.
+//!
+//! The doc comment on each field is the user documentation of that key. Defaults live in the
+//! `Default` impls of this module and nowhere else. `Config::load` parses with
+//! `deny_unknown_fields` and then validates; every error names the file, the line and the key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::route::{KeyTemplate, TopicFilter};
+
+/// A configuration that cannot be used, with the place and the key it comes from.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {path}: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type.
+    #[error("config {origin}:{line}: {message}")]
+    Parse {
+        /// File name, or `<embedded>`.
+        origin: String,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// The parser's account, which names the key.
+        message: String,
+    },
+    /// The values parse but do not make sense together.
+    #[error("config {origin}:{line}: {key}: {message}")]
+    Invalid {
+        /// File name, or `<embedded>`.
+        origin: String,
+        /// 1-based line of the offending value (0 when it has no place in the file).
+        line: usize,
+        /// Dotted path of the key, `routes[0].key`.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// The whole configuration of an edge node.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The MQTT listener and its protocol limits.
+    pub mqtt: MqttConfig,
+    /// Where and how the log is stored.
+    pub storage: StorageConfig,
+    /// Where publishes that match no route go.
+    pub default_route: DefaultRoute,
+    /// Per-topic settings of the log (partitions, retention), by log topic name.
+    pub topics: BTreeMap<String, TopicConfig>,
+    /// Routes from MQTT topic filters to log topics, tried in order; the first match wins.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[mqtt]`: the MQTT listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Address and port of the plain-TCP MQTT listener (3.1.1 and 5.0 on the same port).
+    pub listen: SocketAddr,
+    /// Whether clients may connect without credentials. No authentication backend exists yet,
+    /// so this must stay true; the edge logs a warning at start while it is.
+    pub allow_anonymous: bool,
+    /// Largest MQTT packet accepted, in bytes (`"1MiB"` or a number). Larger packets close the
+    /// connection (MQTT 5: DISCONNECT 0x95 Packet too large). Announced to v5 clients.
+    pub max_packet_size: ByteSize,
+    /// MQTT 5 Receive Maximum announced to clients: QoS 1 and 2 publishes a client may have
+    /// unacknowledged at once. Exceeding it closes the connection with 0x93. For 3.1.1 clients
+    /// the same number bounds what the edge reads ahead before it stops reading the socket.
+    pub receive_maximum: u16,
+    /// MQTT 5 Topic Alias Maximum announced to clients (0 disables inbound aliases).
+    pub topic_alias_maximum: u16,
+    /// Longest topic name accepted in a PUBLISH, in bytes.
+    pub max_topic_length: usize,
+    /// Most levels (`/`-separated parts) a published topic may have.
+    pub max_topic_levels: usize,
+    /// Longest client identifier accepted, in bytes.
+    pub max_client_id_length: usize,
+    /// Time allowed between TCP accept and a complete CONNECT packet.
+    pub connect_timeout: HumanDuration,
+    /// Largest keepalive granted; a client asking for more (or for 0) gets this value as the
+    /// MQTT 5 Server Keep Alive. `"0s"` grants whatever the client asks.
+    pub max_keepalive: HumanDuration,
+    /// Most simultaneous client connections; further connections are refused
+    /// (3.1.1: return code 3, 5.0: 0x89 Server busy).
+    pub max_connections: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:1883".parse().expect("literal address"),
+            allow_anonymous: true,
+            max_packet_size: ByteSize(1024 * 1024),
+            receive_maximum: 1024,
+            topic_alias_maximum: 64,
+            max_topic_length: 1024,
+            max_topic_levels: 32,
+            max_client_id_length: 256,
+            connect_timeout: HumanDuration(Duration::from_secs(10)),
+            max_keepalive: HumanDuration(Duration::ZERO),
+            max_connections: 100_000,
+        }
+    }
+}
+
+/// `[storage]`: the log on disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory of the log. Created if missing; one edge at a time may hold it.
+    pub data_dir: PathBuf,
+    /// When an acknowledgement is sent relative to the disk:
+    /// `"always"` (default): PUBACK/PUBREC only after the group commit is fsynced, so an
+    /// acknowledged message survives kill -9 and power loss.
+    /// `"interval:<ms>"`: acknowledged once written to the OS, fsynced every <ms>; survives
+    /// kill -9, a power cut loses up to <ms> of acknowledged messages.
+    /// `"never"`: written to the OS, fsynced only when the OS decides; survives kill -9, a
+    /// power cut loses whatever the OS had not written back (typically up to 30 s).
+    pub fsync: FsyncMode,
+    /// Node-wide cap on the bytes held by the log (record bytes as stored). Unset: no cap.
+    pub disk_budget: Option<ByteSize>,
+    /// What happens when the log reaches `disk_budget`: `"reject"` refuses new publishes
+    /// (5.0: PUBACK 0x97 Quota exceeded; 3.1.1: the connection is closed without an ack), or
+    /// `"drop-oldest"` deletes the oldest records of the node, counted and logged.
+    pub disk_full_policy: DiskFullPolicy,
+    /// Most records stored in one batch value; bigger group commits are split.
+    pub max_batch_records: usize,
+    /// How often retention (age and bytes) is applied.
+    pub retention_check_interval: HumanDuration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            fsync: FsyncMode::Always,
+            disk_budget: None,
+            disk_full_policy: DiskFullPolicy::Reject,
+            max_batch_records: 1000,
+            retention_check_interval: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// `[default_route]`: the log topic of publishes that match no route, keyed by MQTT topic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultRoute {
+    /// Log topic name.
+    pub topic: String,
+    /// Partition count of that topic, unless `[topics.<name>]` sets it.
+    pub partitions: Option<u32>,
+}
+
+impl Default for DefaultRoute {
+    fn default() -> Self {
+        Self {
+            topic: "mqtt".to_string(),
+            partitions: None,
+        }
+    }
+}
+
+/// `[topics.<name>]`: settings of one log topic.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicConfig {
+    /// Number of partitions (default 1). Partitions can be added later, never removed.
+    pub partitions: Option<Spanned<u32>>,
+    /// Records older than this are deleted (`"7d"`, `"12h"`). Unset: kept by age forever.
+    pub retention: Option<HumanDuration>,
+    /// Each partition keeps at most about this many bytes, oldest deleted first, as Kafka's
+    /// `retention.bytes`. Unset: no per-partition cap.
+    pub retention_bytes: Option<ByteSize>,
+}
+
+/// `[[routes]]`: one mapping from MQTT topics to a log topic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// MQTT topic filter (`+` and `#` wildcards) that selects the publishes of this route.
+    #[serde(rename = "match")]
+    pub filter: Spanned<String>,
+    /// Log topic the publishes go to.
+    pub topic: Spanned<String>,
+    /// Partition key template: `{N}` is level N of the MQTT topic (0-based), `{topic}` the
+    /// whole MQTT topic, `{client_id}` the publisher's client id; other text is literal.
+    /// Default `{topic}`.
+    #[serde(default)]
+    pub key: Option<Spanned<String>>,
+    /// Partition count of the log topic (may instead be set in `[topics.<name>]`).
+    #[serde(default)]
+    pub partitions: Option<Spanned<u32>>,
+}
+
+/// How acknowledgements relate to fsync; see `StorageConfig::fsync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncMode {
+    /// fsync every group commit before acknowledging it.
+    Always,
+    /// Write to the OS before acknowledging, fsync on a timer.
+    Interval(Duration),
+    /// Write to the OS before acknowledging, never fsync explicitly.
+    Never,
+}
+
+impl fmt::Display for FsyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FsyncMode::Always => write!(f, "always"),
+            FsyncMode::Interval(d) => write!(f, "interval:{}", d.as_millis()),
+            FsyncMode::Never => write!(f, "never"),
+        }
+    }
+}
+
+impl std::str::FromStr for FsyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(FsyncMode::Always),
+            "never" => Ok(FsyncMode::Never),
+            other => {
+                let ms = other.strip_prefix("interval:").ok_or_else(|| {
+                    format!("\"{other}\" is not a fsync mode: use \"always\", \"interval:<ms>\" or \"never\"")
+                })?;
+                let ms: u64 = ms.parse().map_err(|_| {
+                    format!("\"{other}\": the interval must be whole milliseconds, as \"interval:10\"")
+                })?;
+                if ms == 0 {
+                    return Err("\"interval:0\": the interval must be at least 1 ms".into());
+                }
+                Ok(FsyncMode::Interval(Duration::from_millis(ms)))
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FsyncMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// What to do when the disk budget is reached; see `StorageConfig::disk_full_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskFullPolicy {
+    /// Refuse new publishes.
+    Reject,
+    /// Delete the oldest records of the node.
+    DropOldest,
+}
+
+/// A duration written as `"500ms"`, `"10s"`, `"5m"`, `"12h"` or `"7d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let bad = || format!("\"{s}\" is not a duration: write a whole number and a unit, as \"500ms\", \"10s\", \"5m\", \"12h\" or \"7d\"");
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let ms_per_unit = match unit {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        let ms = n.checked_mul(ms_per_unit).ok_or_else(bad)?;
+        Ok(HumanDuration(Duration::from_millis(ms)))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// A byte count written as a number or as `"64KiB"`, `"512MiB"`, `"10GiB"`, `"1GB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let bad = || format!("\"{s}\" is not a size: write a number of bytes or a number with a unit (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)");
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(bad)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => s.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
+/// The validated routing table derived from the config, ready for the router.
+#[derive(Debug, Clone)]
+pub struct RoutePlan {
+    /// Routes in match order.
+    pub routes: Vec<PlannedRoute>,
+    /// The default topic's name.
+    pub default_topic: String,
+    /// Every log topic with its partition count and retention, in a stable order.
+    pub topics: Vec<PlannedTopic>,
+}
+
+/// One validated route.
+#[derive(Debug, Clone)]
+pub struct PlannedRoute {
+    /// Parsed filter.
+    pub filter: TopicFilter,
+    /// Log topic name.
+    pub topic: String,
+    /// Parsed key template.
+    pub key: KeyTemplate,
+}
+
+/// One log topic as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTopic {
+    /// Name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: u32,
+    /// Age retention.
+    pub retention: Option<Duration>,
+    /// Per-partition byte retention.
+    pub retention_bytes: Option<u64>,
+}
+
+const EMBEDDED: &str = "<embedded>";
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| line_of(text, span.start))
+                .unwrap_or(0);
+            ConfigError::Parse {
+                origin: origin.to_string(),
+                line,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        config.plan(text, origin)?;
+        Ok(config)
+    }
+
+    /// The embedded defaults, as `edge` with no arguments uses them.
+    pub fn embedded() -> Config {
+        Config::default()
+    }
+
+    /// Validates routes and topics and derives the routing table.
+    /// `text` and `origin` let errors point at the line; pass "" and "<embedded>" otherwise.
+    pub fn plan(&self, text: &str, origin: &str) -> Result<RoutePlan, ConfigError> {
+        let invalid = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
+            ConfigError::Invalid {
+                origin: origin.to_string(),
+                line: span.map(|s| line_of(text, s.start)).unwrap_or(0),
+                key,
+                message,
+            }
+        };
+        let m = &self.mqtt;
+        if m.max_packet_size.0 < 64 || m.max_packet_size.0 > 268_435_455 {
+            return Err(invalid(
+                None,
+                "mqtt.max_packet_size".into(),
+                format!(
+                    "{} bytes is out of range: MQTT allows 64 B to 256 MiB",
+                    m.max_packet_size.0
+                ),
+            ));
+        }
+        if m.receive_maximum == 0 {
+            return Err(invalid(
+                None,
+                "mqtt.receive_maximum".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if m.max_topic_length == 0 || m.max_topic_length > 65_535 {
+            return Err(invalid(
+                None,
+                "mqtt.max_topic_length".into(),
+                "must be between 1 and 65535 bytes".into(),
+            ));
+        }
+        if m.max_topic_levels == 0 {
+            return Err(invalid(
+                None,
+                "mqtt.max_topic_levels".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if m.max_client_id_length < 23 || m.max_client_id_length > 65_535 {
+            return Err(invalid(
+                None,
+                "mqtt.max_client_id_length".into(),
+                "must be between 23 (the MQTT minimum) and 65535".into(),
+            ));
+        }
+        if m.max_keepalive.0.as_secs() > u16::MAX as u64 {
+            return Err(invalid(
+                None,
+                "mqtt.max_keepalive".into(),
+                "must be at most 65535s".into(),
+            ));
+        }
+        if m.max_connections == 0 {
+            return Err(invalid(
+                None,
+                "mqtt.max_connections".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if !m.allow_anonymous {
+            return Err(invalid(
+                None,
+                "mqtt.allow_anonymous".into(),
+                "false needs an authentication backend, which this edge does not have yet; leave it true".into(),
+            ));
+        }
+        let s = &self.storage;
+        if s.max_batch_records == 0 || s.max_batch_records > 1_000_000 {
+            return Err(invalid(
+                None,
+                "storage.max_batch_records".into(),
+                "must be between 1 and 1000000".into(),
+            ));
+        }
+        if s.retention_check_interval.0.is_zero() {
+            return Err(invalid(
+                None,
+                "storage.retention_check_interval".into(),
+                "must be longer than 0".into(),
+            ));
+        }
+        if let Some(b) = s.disk_budget {
+            if b.0 == 0 {
+                return Err(invalid(
+                    None,
+                    "storage.disk_budget".into(),
+                    "0 would refuse every publish: remove the key for no budget".into(),
+                ));
+            }
+        }
+
+        // Partition counts: from [topics.X], from routes to X, from [default_route]; all
+        // that are given must agree.
+        let mut partitions: BTreeMap<String, (u32, String)> = BTreeMap::new();
+        let mut set_partitions = |topic: &str,
+                                  n: u32,
+                                  span: Option<std::ops::Range<usize>>,
+                                  key: String|
+         -> Result<(), ConfigError> {
+            if n == 0 || n > 100_000 {
+                return Err(invalid(
+                    span,
+                    key,
+                    format!("{n} partitions: a topic has 1 to 100000"),
+                ));
+            }
+            match partitions.get(topic) {
+                Some((existing, from)) if *existing != n => Err(invalid(
+                    span,
+                    key,
+                    format!("topic \"{topic}\" gets {n} partitions here but {existing} from {from}: make them agree"),
+                )),
+                Some(_) => Ok(()),
+                None => {
+                    partitions.insert(topic.to_string(), (n, key));
+                    Ok(())
+                }
+            }
+        };
+        for (name, t) in &self.topics {
+            validate_topic_name(name).map_err(|msg| invalid(None, format!("topics.{name}"), msg))?;
+            if let Some(p) = &t.partitions {
+                set_partitions(
+                    name,
+                    *p.get_ref(),
+                    Some(p.span()),
+                    format!("topics.{name}.partitions"),
+                )?;
+            }
+            if let Some(r) = t.retention {
+                if r.0.is_zero() {
+                    return Err(invalid(
+                        None,
+                        format!("topics.{name}.retention"),
+                        "0 would delete everything at once: remove the key to keep records by age forever".into(),
+                    ));
+                }
+            }
+        }
+        validate_topic_name(&self.default_route.topic)
+            .map_err(|msg| invalid(None, "default_route.topic".into(), msg))?;
+        if let Some(p) = self.default_route.partitions {
+            set_partitions(
+                &self.default_route.topic,
+                p,
+                None,
+                "default_route.partitions".into(),
+            )?;
+        }
+
+        let mut routes = Vec::with_capacity(self.routes.len());
+        for (i, r) in self.routes.iter().enumerate() {
+            let filter = TopicFilter::parse(r.filter.get_ref()).map_err(|msg| {
+                invalid(Some(r.filter.span()), format!("routes[{i}].match"), msg)
+            })?;
+            validate_topic_name(r.topic.get_ref())
+                .map_err(|msg| invalid(Some(r.topic.span()), format!("routes[{i}].topic"), msg))?;
+            let key = match &r.key {
+                None => KeyTemplate::parse("{topic}", &filter).expect("the default template is valid"),
+                Some(k) => KeyTemplate::parse(k.get_ref(), &filter).map_err(|msg| {
+                    invalid(
+                        Some(k.span()),
+                        format!("routes[{i}].key \"{}\"", k.get_ref()),
+                        msg,
+                    )
+                })?,
+            };
+            if let Some(p) = &r.partitions {
+                set_partitions(
+                    r.topic.get_ref(),
+                    *p.get_ref(),
+                    Some(p.span()),
+                    format!("routes[{i}].partitions"),
+                )?;
+            }
+            routes.push(PlannedRoute {
+                filter,
+                topic: r.topic.get_ref().clone(),
+                key,
+            });
+        }
+
+        let mut names: Vec<String> = Vec::new();
+        let mut push = |n: &str| {
+            if !names.iter().any(|x| x == n) {
+                names.push(n.to_string());
+            }
+        };
+        push(&self.default_route.topic);
+        for r in &routes {
+            push(&r.topic);
+        }
+        for n in self.topics.keys() {
+            push(n);
+        }
+        let topics = names
+            .into_iter()
+            .map(|name| {
+                let tc = self.topics.get(&name);
+                PlannedTopic {
+                    partitions: partitions.get(&name).map(|p| p.0).unwrap_or(1),
+                    retention: tc.and_then(|t| t.retention).map(|d| d.0),
+                    retention_bytes: tc.and_then(|t| t.retention_bytes).map(|b| b.0),
+                    name,
+                }
+            })
+            .collect();
+        Ok(RoutePlan {
+            routes,
+            default_topic: self.default_route.topic.clone(),
+            topics,
+        })
+    }
+
+    /// The plan of a config that was already validated by `parse` or built in code.
+    pub fn route_plan(&self) -> Result<RoutePlan, ConfigError> {
+        self.plan("", EMBEDDED)
+    }
+}
+
+/// Log topic names follow Kafka's rules, so that `{site}.{topic}` is a valid Kafka topic.
+fn validate_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 200 {
+        return Err(format!(
+            "topic name \"{name}\" must have 1 to 200 characters"
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("topic name \"{name}\" is not allowed"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "topic name \"{name}\" has '{c}': use letters, digits, '.', '_' and '-' as Kafka topic names do"
+        ));
+    }
+    Ok(())
+}
+
+fn line_of(text: &str, byte: usize) -> usize {
+    text.as_bytes()[..byte.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_embedded_defaults() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert_eq!(c.mqtt.listen.to_string(), "0.0.0.0:1883");
+        assert_eq!(c.storage.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.storage.fsync, FsyncMode::Always);
+        let plan = c.route_plan().unwrap();
+        assert_eq!(plan.default_topic, "mqtt");
+        assert_eq!(plan.topics.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::parse("[mqtt]\nlisten = \"127.0.0.1:1\"\nlisten_port = 3\n", "e.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("config e.toml:3:"), "{err}");
+        assert!(err.contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn bad_fsync_mode_is_explained() {
+        let err = Config::parse("[storage]\nfsync = \"sometimes\"\n", "e.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("e.toml:2"), "{err}");
+        assert!(err.contains("interval:<ms>"), "{err}");
+    }
+
+    #[test]
+    fn fsync_interval_parses() {
+        let c = Config::parse("[storage]\nfsync = \"interval:25\"\n", "t").unwrap();
+        assert_eq!(c.storage.fsync, FsyncMode::Interval(Duration::from_millis(25)));
+    }
+
+    #[test]
+    fn key_level_beyond_filter_names_route_and_line() {
+        let text = "\n[[routes]]\nmatch = \"sensors/+\"\ntopic = \"telemetry\"\nkey = \"{9}\"\n";
+        let err = Config::parse(text, "edge.toml").unwrap_err().to_string();
+        assert!(err.starts_with("config edge.toml:5: routes[0].key \"{9}\""), "{err}");
+        assert!(err.contains("2 levels"), "{err}");
+    }
+
+    #[test]
+    fn disagreeing_partition_counts_are_rejected() {
+        let text = "[topics.telemetry]\npartitions = 8\n[[routes]]\nmatch = \"a/#\"\ntopic = \"telemetry\"\npartitions = 4\n";
+        let err = Config::parse(text, "e.toml").unwrap_err().to_string();
+        assert!(err.contains("routes[0].partitions"), "{err}");
+        assert!(err.contains("8"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!("64KiB".parse::<ByteSize>().unwrap(), ByteSize(65536));
+        assert_eq!("1GB".parse::<ByteSize>().unwrap(), ByteSize(1_000_000_000));
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        assert_eq!(
+            "7d".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(7 * 86400)
+        );
+        assert!("10".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn invalid_log_topic_name_is_rejected() {
+        let text = "[[routes]]\nmatch = \"a/#\"\ntopic = \"bad topic\"\n";
+        let err = Config::parse(text, "e.toml").unwrap_err().to_string();
+        assert!(err.contains("routes[0].topic"), "{err}");
+    }
+
+    #[test]
+    fn readme_example_config_loads() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\n")
+            .expect("README has a toml example");
+        let rest = &readme[start + 8..];
+        let end = rest.find("```").unwrap();
+        let c = Config::parse(&rest[..end], "README.md").unwrap();
+        assert!(!c.routes.is_empty());
+    }
+}

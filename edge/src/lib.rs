@@ -1,0 +1,9 @@
+//! Tributary edge node: MQTT in, a durable partitioned log on fjall.
+//!
+//! Data flows one way: socket ([`mqtt`]) -> route ([`route`]) -> log ([`log`]).
+
+pub mod config;
+pub mod log;
+pub mod mqtt;
+pub mod route;
+pub mod server;

@@ -1,0 +1,405 @@
+//! The group-commit appender: the only writer of the log.
+//!
+//! Connections send [`AppendRequest`]s (records already encoded by the connection, plus small
+//! state changes such as QoS 2 markers) into one bounded channel. One thread takes the first
+//! request, then everything else already queued, writes it all as one fjall write batch with
+//! one fsync, and only then tells each requester. While a commit is in its fsync the next
+//! group gathers, so the fsync rate adapts to the load: one fsync per publish when traffic is
+//! light, hundreds of publishes per fsync under load. The bounded channel is the backpressure:
+//! a connection whose send waits stops reading its socket.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+
+use super::record::{encode_batch, BatchHeader};
+use super::{partition_meta_key, partition_meta_value, record_key, Log};
+use crate::config::FsyncMode;
+use crate::route::TopicId;
+
+/// One encoded record inside an [`AppendRequest`]'s buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingRecord {
+    /// Log topic.
+    pub topic: TopicId,
+    /// Partition.
+    pub partition: u32,
+    /// Start of the encoded record in the request buffer.
+    pub start: u32,
+    /// Its length.
+    pub len: u32,
+    /// Receive time.
+    pub timestamp_ms: u64,
+}
+
+/// A change to the meta keyspace committed atomically with the records of the same group.
+#[derive(Debug, Clone)]
+pub enum StateOp {
+    /// Set a key.
+    Put {
+        /// Full meta key.
+        key: Vec<u8>,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Delete a key.
+    Delete {
+        /// Full meta key.
+        key: Vec<u8>,
+    },
+    /// Delete every key that starts with `prefix`.
+    DeletePrefix {
+        /// Key prefix.
+        prefix: Vec<u8>,
+    },
+}
+
+/// Where the outcome of a request goes.
+#[derive(Debug, Clone)]
+pub struct ReplyTo {
+    /// The requester's channel.
+    pub tx: mpsc::UnboundedSender<Committed>,
+    /// Echoed back so the requester can match the outcome to its request.
+    pub ticket: u64,
+}
+
+/// The outcome of one request.
+#[derive(Debug)]
+pub struct Committed {
+    /// The request's ticket.
+    pub ticket: u64,
+    /// `Err` with the reason when the log was poisoned; nothing of the request is durable.
+    pub outcome: Result<(), String>,
+}
+
+/// Records and state changes that must become durable together.
+#[derive(Debug, Default)]
+pub struct AppendRequest {
+    /// Records, in order, as ranges of `buf`.
+    pub records: Vec<PendingRecord>,
+    /// Encoded records.
+    pub buf: Vec<u8>,
+    /// State changes.
+    pub state: Vec<StateOp>,
+    /// Who to tell; `None` for fire-and-forget (QoS 0 only).
+    pub reply: Option<ReplyTo>,
+}
+
+/// What the appender thread is asked to do.
+#[derive(Debug)]
+pub enum AppenderMsg {
+    /// Append and, per the fsync mode, make durable.
+    Append(AppendRequest),
+    /// Apply retention and the disk budget now.
+    Retention,
+    /// fsync now (the `interval` fsync mode's timer).
+    Persist,
+    /// Commit everything already queued, refuse anything later, fsync and end.
+    Shutdown,
+}
+
+/// Limits of one group commit.
+const MAX_GROUP_REQUESTS: usize = 4096;
+const MAX_GROUP_BYTES: usize = 32 << 20;
+
+/// Starts the appender thread. It runs until every sender is dropped, then fsyncs and ends.
+/// When a write fails it poisons the log, fails the pending requests, fails every later one
+/// and ends with the error; `on_fatal` is called once with the reason.
+pub fn spawn(
+    log: Arc<Log>,
+    fsync: FsyncMode,
+    max_batch_records: usize,
+    capacity: usize,
+    on_fatal: impl FnOnce(String) + Send + 'static,
+) -> (
+    mpsc::Sender<AppenderMsg>,
+    std::thread::JoinHandle<Result<(), String>>,
+) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let handle = std::thread::Builder::new()
+        .name("log-appender".into())
+        .spawn(move || {
+            let mut appender = Appender::new(log, fsync, max_batch_records);
+            let result = appender.run(rx);
+            if let Err(why) = &result {
+                on_fatal(why.clone());
+            }
+            result
+        })
+        .expect("spawning the appender thread");
+    (tx, handle)
+}
+
+struct Builder {
+    records: Vec<u8>,
+    count: u32,
+    first_ts: u64,
+    last_ts: u64,
+}
+
+struct Appender {
+    log: Arc<Log>,
+    fsync: FsyncMode,
+    max_batch_records: u32,
+    /// Flat partition index -> (topic, partition).
+    flat: Vec<(TopicId, u32)>,
+    /// First flat index of each topic.
+    topic_base: Vec<usize>,
+    builders: Vec<Option<Builder>>,
+    touched: Vec<usize>,
+    /// End offset and bytes of touched partitions during a commit.
+    next_end: Vec<u64>,
+    next_bytes: Vec<u64>,
+}
+
+impl Appender {
+    fn new(log: Arc<Log>, fsync: FsyncMode, max_batch_records: usize) -> Appender {
+        let mut flat = Vec::new();
+        let mut topic_base = Vec::new();
+        for t in log.topics() {
+            topic_base.push(flat.len());
+            for p in 0..t.partitions.len() as u32 {
+                flat.push((t.id, p));
+            }
+        }
+        let n = flat.len();
+        Appender {
+            log,
+            fsync,
+            max_batch_records: max_batch_records as u32,
+            flat,
+            topic_base,
+            builders: (0..n).map(|_| None).collect(),
+            touched: Vec::new(),
+            next_end: vec![0; n],
+            next_bytes: vec![0; n],
+        }
+    }
+
+    fn run(&mut self, mut rx: mpsc::Receiver<AppenderMsg>) -> Result<(), String> {
+        let mut group: Vec<AppendRequest> = Vec::new();
+        let mut deferred: Vec<AppenderMsg> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut bytes = 0usize;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    AppenderMsg::Append(req) => {
+                        bytes += req.buf.len();
+                        group.push(req);
+                    }
+                    other => deferred.push(other),
+                }
+                if group.len() < MAX_GROUP_REQUESTS && bytes < MAX_GROUP_BYTES {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                if let Err(why) = self.commit(&mut group) {
+                    return Err(self.fail_all(why, &mut group, &mut rx));
+                }
+            }
+            for msg in deferred.drain(..) {
+                let result = match msg {
+                    AppenderMsg::Retention => self
+                        .log
+                        .enforce_retention(now_ms())
+                        .map_err(|e| e.to_string()),
+                    AppenderMsg::Persist => self.log.persist().map_err(|e| e.to_string()),
+                    AppenderMsg::Shutdown => {
+                        // Messages already queued are still received after close().
+                        rx.close();
+                        Ok(())
+                    }
+                    AppenderMsg::Append(_) => unreachable!("appends are grouped"),
+                };
+                if let Err(why) = result {
+                    return Err(self.fail_all(why, &mut group, &mut rx));
+                }
+            }
+        }
+        self.log.persist().map_err(|e| e.to_string())
+    }
+
+    /// Poisons the log and fails this group and everything that arrives later.
+    fn fail_all(
+        &mut self,
+        why: String,
+        group: &mut Vec<AppendRequest>,
+        rx: &mut mpsc::Receiver<AppenderMsg>,
+    ) -> String {
+        self.log.poison(why.clone());
+        tracing::error!(error = %why, "log write failed: the log is poisoned, no further publishes are acknowledged");
+        let fail = |req: AppendRequest| {
+            if let Some(reply) = req.reply {
+                let _ = reply.tx.send(Committed {
+                    ticket: reply.ticket,
+                    outcome: Err(why.clone()),
+                });
+            }
+        };
+        group.drain(..).for_each(fail);
+        rx.close();
+        while let Ok(msg) = rx.try_recv() {
+            if let AppenderMsg::Append(req) = msg {
+                fail(req);
+            }
+        }
+        why
+    }
+
+    fn commit(&mut self, group: &mut Vec<AppendRequest>) -> Result<(), String> {
+        let log = Arc::clone(&self.log);
+        let mut batch = log.db.batch();
+        for req in group.iter() {
+            for rec in &req.records {
+                let flat = self.topic_base[rec.topic as usize] + rec.partition as usize;
+                let full = self.builders[flat]
+                    .as_ref()
+                    .is_some_and(|b| b.count >= self.max_batch_records);
+                if full {
+                    self.flush_builder(flat, &mut batch);
+                }
+                let builder = match &mut self.builders[flat] {
+                    Some(b) => b,
+                    slot @ None => {
+                        if !self.touched.contains(&flat) {
+                            let (t, p) = self.flat[flat];
+                            let state = &log.topics[t as usize].partitions[p as usize];
+                            self.next_end[flat] = state.end.load(Ordering::Relaxed);
+                            self.next_bytes[flat] = state.bytes.load(Ordering::Relaxed);
+                            self.touched.push(flat);
+                        }
+                        slot.insert(Builder {
+                            records: Vec::with_capacity(16 * 1024),
+                            count: 0,
+                            first_ts: rec.timestamp_ms,
+                            last_ts: rec.timestamp_ms,
+                        })
+                    }
+                };
+                let bytes = &req.buf[rec.start as usize..(rec.start + rec.len) as usize];
+                builder.records.extend_from_slice(bytes);
+                builder.count += 1;
+                builder.last_ts = builder.last_ts.max(rec.timestamp_ms);
+            }
+        }
+        for i in 0..self.touched.len() {
+            let flat = self.touched[i];
+            if self.builders[flat].is_some() {
+                self.flush_builder(flat, &mut batch);
+            }
+        }
+        let mut added_bytes = 0u64;
+        for &flat in &self.touched {
+            let (t, p) = self.flat[flat];
+            let state = &log.topics[t as usize].partitions[p as usize];
+            added_bytes += self.next_bytes[flat] - state.bytes.load(Ordering::Relaxed);
+            batch.insert(
+                &log.meta,
+                partition_meta_key(t, p).to_vec(),
+                partition_meta_value(
+                    self.next_end[flat],
+                    self.next_bytes[flat],
+                    state.removed.load(Ordering::Relaxed),
+                )
+                .to_vec(),
+            );
+        }
+
+        // A key written twice in one fjall batch would get one sequence number for both
+        // versions, so the group's state changes are folded to one final value per key.
+        let mut state: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for req in group.iter_mut() {
+            for op in req.state.drain(..) {
+                match op {
+                    StateOp::Put { key, value } => {
+                        state.insert(key, Some(value));
+                    }
+                    StateOp::Delete { key } => {
+                        state.insert(key, None);
+                    }
+                    StateOp::DeletePrefix { prefix } => {
+                        for (k, v) in state.iter_mut() {
+                            if k.starts_with(&prefix) {
+                                *v = None;
+                            }
+                        }
+                        let stored = log.meta_scan(&prefix).map_err(|e| e.to_string())?;
+                        for (k, _) in stored {
+                            state.insert(k, None);
+                        }
+                    }
+                }
+            }
+        }
+        for (k, v) in state {
+            match v {
+                Some(v) => batch.insert(&log.meta, k, v),
+                None => batch.remove(&log.meta, k),
+            }
+        }
+
+        let mode = match self.fsync {
+            FsyncMode::Always => fjall::PersistMode::SyncData,
+            FsyncMode::Interval(_) | FsyncMode::Never => fjall::PersistMode::Buffer,
+        };
+        batch
+            .durability(Some(mode))
+            .commit()
+            .map_err(|e| format!("group commit failed: {e}"))?;
+
+        for &flat in &self.touched {
+            let (t, p) = self.flat[flat];
+            let state = &log.topics[t as usize].partitions[p as usize];
+            state.bytes.store(self.next_bytes[flat], Ordering::Relaxed);
+            state.end.store(self.next_end[flat], Ordering::Release);
+        }
+        self.touched.clear();
+        log.total_bytes.fetch_add(added_bytes, Ordering::Relaxed);
+        if log.budget.is_some() {
+            log.enforce_budget().map_err(|e| e.to_string())?;
+            log.refresh_budget_flag();
+        }
+        for req in group.drain(..) {
+            if let Some(reply) = req.reply {
+                // A connection that went away no longer needs its acks.
+                let _ = reply.tx.send(Committed {
+                    ticket: reply.ticket,
+                    outcome: Ok(()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_builder(&mut self, flat: usize, batch: &mut fjall::OwnedWriteBatch) {
+        let b = self.builders[flat].take().expect("builder present");
+        let (t, p) = self.flat[flat];
+        let base = self.next_end[flat];
+        let mut value = Vec::new();
+        encode_batch(
+            BatchHeader {
+                record_count: b.count,
+                first_timestamp_ms: b.first_ts,
+                last_timestamp_ms: b.last_ts,
+            },
+            &b.records,
+            &mut value,
+        );
+        self.next_end[flat] = base + b.count as u64;
+        self.next_bytes[flat] += value.len() as u64;
+        batch.insert(&self.log.records, record_key(t, p, base).to_vec(), value);
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,655 @@
+//! The edge's durable, partitioned topic log, stored in fjall.
+//!
+//! # On-disk format
+//!
+//! One fjall database in the data directory with two keyspaces (integers big-endian):
+//!
+//! - `records`: key `topic_id u32 | partition u32 | base_offset u64`, value a record batch
+//!   (see [`record`]): many records in one value, so that a group commit writes few keys and a
+//!   read from any offset is one seek.
+//! - `meta`:
+//!   - `b't' | name` -> `topic_id u32 | partitions u32`: the topic table.
+//!   - `b'p' | topic_id u32 | partition u32` -> `end_offset u64 | bytes u64 | removed u64`:
+//!     next offset to assign, bytes held by the partition's batch values, and records deleted
+//!     by retention or the disk budget so far.
+//!   - other prefixes belong to the MQTT layer (sessions, QoS 2 state), written through the
+//!     same group commits as records (see [`appender::StateOp`]).
+//!
+//! # Invariants
+//!
+//! - Offsets in a partition are dense: batch `k+1` starts where batch `k` ends.
+//! - A partition's meta entry is written in the same fjall write batch as every batch value
+//!   that changes it, so the two are always consistent.
+//! - Only the appender thread writes; readers see whole fjall batches or nothing.
+//! - Records are deleted only from the front of a partition (retention, disk budget), whole
+//!   batches at a time, with tombstones: live data is never rewritten.
+//!
+//! # Recovery
+//!
+//! fjall replays its journal on open and discards a torn tail, so a group commit is present
+//! whole or not at all: there is never a partial record to read, and every batch value carries
+//! a CRC. Opening reads one meta entry and one key per partition (the first batch gives the
+//! start offset) and never scans the log. A group commit whose fsync failed poisons the log:
+//! nothing further is appended or acknowledged and the process exits non-zero.
+
+pub mod appender;
+pub mod record;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+
+use crate::config::{DiskFullPolicy, PlannedTopic};
+use crate::route::TopicId;
+pub use record::{CorruptBatch, Record, RecordHeaders};
+
+/// Errors of the log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogError {
+    /// Another process (a running edge) holds the data directory.
+    #[error("data directory {0} is in use by another process (is an edge running on it?): stop it first")]
+    Locked(PathBuf),
+    /// fjall reported an error.
+    #[error("storage error: {0}")]
+    Storage(#[from] fjall::Error),
+    /// A stored batch does not decode.
+    #[error("corrupt batch in {topic}/{partition} at offset {base_offset}: {source}")]
+    Corrupt {
+        /// Topic name.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Base offset of the batch.
+        base_offset: u64,
+        /// What is wrong with it.
+        source: CorruptBatch,
+    },
+    /// A meta entry does not decode.
+    #[error("corrupt meta entry {0}")]
+    CorruptMeta(String),
+    /// The config asks for fewer partitions than the topic has on disk.
+    #[error("topic \"{topic}\" has {on_disk} partitions on disk but the config gives {configured}: partitions can be added, never removed")]
+    PartitionsShrunk {
+        /// Topic name.
+        topic: String,
+        /// Partitions in the log.
+        on_disk: u32,
+        /// Partitions in the config.
+        configured: u32,
+    },
+    /// No topic of that name in the log.
+    #[error("no topic \"{0}\" in the log")]
+    UnknownTopic(String),
+    /// The topic has no such partition.
+    #[error("topic \"{topic}\" has no partition {partition} (it has {count})")]
+    UnknownPartition {
+        /// Topic name.
+        topic: String,
+        /// Asked for.
+        partition: u32,
+        /// Partitions it has.
+        count: u32,
+    },
+    /// An earlier write or fsync failed; the log accepts nothing more.
+    #[error("the log is poisoned by an earlier write failure: {0}")]
+    Poisoned(String),
+}
+
+/// Live state of one partition, readable by anyone, changed only by the appender.
+#[derive(Debug, Default)]
+pub struct PartitionState {
+    /// First offset still held.
+    pub start: AtomicU64,
+    /// Next offset to be assigned.
+    pub end: AtomicU64,
+    /// Bytes of the batch values held.
+    pub bytes: AtomicU64,
+    /// Records deleted so far by retention or the disk budget.
+    pub removed: AtomicU64,
+}
+
+/// One topic of the log.
+#[derive(Debug)]
+pub struct TopicLog {
+    /// Name.
+    pub name: String,
+    /// Id, the first part of its record keys.
+    pub id: TopicId,
+    /// Partitions by number.
+    pub partitions: Vec<Arc<PartitionState>>,
+    /// Age retention.
+    pub retention: Option<Duration>,
+    /// Per-partition byte retention.
+    pub retention_bytes: Option<u64>,
+}
+
+/// Node-wide counters of the log.
+#[derive(Debug, Default)]
+pub struct LogCounters {
+    /// Records deleted by age or per-partition byte retention.
+    pub retention_removed: AtomicU64,
+    /// Records deleted by the `drop-oldest` disk budget policy.
+    pub budget_dropped: AtomicU64,
+    /// Publishes refused by the `reject` disk budget policy.
+    pub budget_rejected: AtomicU64,
+}
+
+/// Disk budget settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Cap in bytes.
+    pub bytes: u64,
+    /// What to do at the cap.
+    pub policy: DiskFullPolicy,
+}
+
+/// The log of one edge node.
+pub struct Log {
+    dir: PathBuf,
+    db: Database,
+    records: Keyspace,
+    meta: Keyspace,
+    topics: Vec<TopicLog>,
+    by_name: HashMap<String, TopicId>,
+    budget: Option<Budget>,
+    total_bytes: AtomicU64,
+    over_budget: AtomicBool,
+    poisoned: std::sync::Mutex<Option<String>>,
+    /// Node-wide counters.
+    pub counters: LogCounters,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log").field("dir", &self.dir).finish()
+    }
+}
+
+/// Key of a batch value.
+pub(crate) fn record_key(topic: TopicId, partition: u32, offset: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[0..4].copy_from_slice(&topic.to_be_bytes());
+    k[4..8].copy_from_slice(&partition.to_be_bytes());
+    k[8..16].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn offset_of_key(key: &[u8]) -> u64 {
+    u64::from_be_bytes(key[8..16].try_into().expect("record keys are 16 bytes"))
+}
+
+fn topic_meta_key(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(b't');
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub(crate) fn partition_meta_key(topic: TopicId, partition: u32) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'p';
+    k[1..5].copy_from_slice(&topic.to_be_bytes());
+    k[5..9].copy_from_slice(&partition.to_be_bytes());
+    k
+}
+
+pub(crate) fn partition_meta_value(end: u64, bytes: u64, removed: u64) -> [u8; 24] {
+    let mut v = [0u8; 24];
+    v[0..8].copy_from_slice(&end.to_be_bytes());
+    v[8..16].copy_from_slice(&bytes.to_be_bytes());
+    v[16..24].copy_from_slice(&removed.to_be_bytes());
+    v
+}
+
+impl Log {
+    /// Opens (creating if needed) the log in `dir`. With `topics`, makes sure each configured
+    /// topic exists with at least its configured partitions; topics on disk that the config no
+    /// longer names stay readable.
+    pub fn open(
+        dir: &Path,
+        topics: Option<&[PlannedTopic]>,
+        budget: Option<Budget>,
+    ) -> Result<Log, LogError> {
+        std::fs::create_dir_all(dir).map_err(|e| LogError::Storage(fjall::Error::Io(e)))?;
+        let db = Database::builder(dir)
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => LogError::Locked(dir.to_path_buf()),
+                other => LogError::Storage(other),
+            })?;
+        let records = db.keyspace("records", KeyspaceCreateOptions::default)?;
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+
+        // The topic table as stored.
+        let mut stored: Vec<(String, TopicId, u32)> = Vec::new();
+        for item in meta.prefix(b"t") {
+            let (k, v) = item.into_inner()?;
+            let name = String::from_utf8(k[1..].to_vec())
+                .map_err(|_| LogError::CorruptMeta("topic name is not UTF-8".into()))?;
+            if v.len() != 8 {
+                return Err(LogError::CorruptMeta(format!("topic {name}")));
+            }
+            let id = u32::from_be_bytes(v[0..4].try_into().expect("4 bytes"));
+            let parts = u32::from_be_bytes(v[4..8].try_into().expect("4 bytes"));
+            stored.push((name, id, parts));
+        }
+        let mut next_id = stored.iter().map(|t| t.1 + 1).max().unwrap_or(0);
+        let mut batch = db.batch();
+        let mut changed = false;
+        let mut settings: HashMap<String, &PlannedTopic> = HashMap::new();
+        for planned in topics.unwrap_or(&[]) {
+            settings.insert(planned.name.clone(), planned);
+            match stored.iter_mut().find(|t| t.0 == planned.name) {
+                Some(t) if t.2 > planned.partitions => {
+                    return Err(LogError::PartitionsShrunk {
+                        topic: planned.name.clone(),
+                        on_disk: t.2,
+                        configured: planned.partitions,
+                    })
+                }
+                Some(t) if t.2 < planned.partitions => {
+                    tracing::info!(topic = %t.0, from = t.2, to = planned.partitions, "adding partitions");
+                    t.2 = planned.partitions;
+                    batch.insert(&meta, topic_meta_key(&t.0), topic_meta_value(t.1, t.2));
+                    changed = true;
+                }
+                Some(_) => {}
+                None => {
+                    stored.push((planned.name.clone(), next_id, planned.partitions));
+                    batch.insert(
+                        &meta,
+                        topic_meta_key(&planned.name),
+                        topic_meta_value(next_id, planned.partitions),
+                    );
+                    next_id += 1;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            batch
+                .durability(Some(fjall::PersistMode::SyncAll))
+                .commit()?;
+        }
+
+        stored.sort_by_key(|t| t.1);
+        let mut topic_logs = Vec::with_capacity(stored.len());
+        let mut by_name = HashMap::new();
+        let mut total = 0u64;
+        for (name, id, parts) in stored {
+            // Ids are dense from 0 because they are assigned in order and never freed.
+            if id as usize != topic_logs.len() {
+                return Err(LogError::CorruptMeta(format!(
+                    "topic ids are not dense at {name} (id {id})"
+                )));
+            }
+            let mut partitions = Vec::with_capacity(parts as usize);
+            for p in 0..parts {
+                let state = recover_partition(&records, &meta, id, p)?;
+                total += state.bytes.load(Ordering::Relaxed);
+                partitions.push(Arc::new(state));
+            }
+            let s = settings.get(&name);
+            by_name.insert(name.clone(), id);
+            topic_logs.push(TopicLog {
+                name,
+                id,
+                partitions,
+                retention: s.and_then(|s| s.retention),
+                retention_bytes: s.and_then(|s| s.retention_bytes),
+            });
+        }
+        let log = Log {
+            dir: dir.to_path_buf(),
+            db,
+            records,
+            meta,
+            topics: topic_logs,
+            by_name,
+            budget,
+            total_bytes: AtomicU64::new(total),
+            over_budget: AtomicBool::new(false),
+            poisoned: std::sync::Mutex::new(None),
+            counters: LogCounters::default(),
+        };
+        log.refresh_budget_flag();
+        Ok(log)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every topic, by id.
+    pub fn topics(&self) -> &[TopicLog] {
+        &self.topics
+    }
+
+    /// A topic by name.
+    pub fn topic(&self, name: &str) -> Option<&TopicLog> {
+        self.by_name.get(name).map(|&id| &self.topics[id as usize])
+    }
+
+    /// Bytes held by all partitions.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether new publishes must be refused (disk budget reached with the `reject` policy).
+    pub fn rejects_publishes(&self) -> bool {
+        self.over_budget.load(Ordering::Relaxed)
+    }
+
+    /// Why the log is poisoned, if it is.
+    pub fn poisoned(&self) -> Option<String> {
+        self.poisoned.lock().expect("poison lock").clone()
+    }
+
+    pub(crate) fn poison(&self, why: String) {
+        let mut p = self.poisoned.lock().expect("poison lock");
+        if p.is_none() {
+            *p = Some(why);
+        }
+    }
+
+    fn refresh_budget_flag(&self) {
+        let over = match self.budget {
+            Some(Budget {
+                bytes,
+                policy: DiskFullPolicy::Reject,
+            }) => self.total_bytes() >= bytes,
+            _ => false,
+        };
+        self.over_budget.store(over, Ordering::Relaxed);
+    }
+
+    /// Reads up to `max` records of one partition starting at offset `from` (or at the first
+    /// record still held, if `from` was deleted).
+    pub fn read(
+        &self,
+        topic: TopicId,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        let t = &self.topics[topic as usize];
+        if partition as usize >= t.partitions.len() {
+            return Err(LogError::UnknownPartition {
+                topic: t.name.clone(),
+                partition,
+                count: t.partitions.len() as u32,
+            });
+        }
+        let mut out = Vec::new();
+        if max == 0 {
+            return Ok(out);
+        }
+        // The batch holding `from` is the last one whose base offset is <= from.
+        let seek = self
+            .records
+            .range(record_key(topic, partition, 0)..=record_key(topic, partition, from))
+            .next_back()
+            .map(|g| g.key().map(|k| offset_of_key(&k)))
+            .transpose()?
+            .unwrap_or(0);
+        let range = record_key(topic, partition, seek)..=record_key(topic, partition, u64::MAX);
+        for item in self.records.range(range) {
+            let (k, v) = item.into_inner()?;
+            let base = offset_of_key(&k);
+            let batch = record::decode_batch(base, Bytes::from(v.to_vec())).map_err(|source| {
+                LogError::Corrupt {
+                    topic: t.name.clone(),
+                    partition,
+                    base_offset: base,
+                    source,
+                }
+            })?;
+            for r in batch {
+                if r.offset >= from {
+                    out.push(r);
+                    if out.len() == max {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Entries of the meta keyspace under `prefix` (for the MQTT layer's durable state).
+    pub fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, LogError> {
+        let mut out = Vec::new();
+        for item in self.meta.prefix(prefix) {
+            let (k, v) = item.into_inner()?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes whole batches from the front of partitions: those older than their topic's
+    /// retention and those beyond its byte retention; then, with the `drop-oldest` policy,
+    /// the node's oldest batches until the disk budget holds. Called by the appender only.
+    pub(crate) fn enforce_retention(&self, now_ms: u64) -> Result<(), LogError> {
+        let mut batch = self.db.batch();
+        let mut removed_records = 0u64;
+        let mut freed = 0u64;
+        let mut fronts = Vec::new();
+        for t in &self.topics {
+            if t.retention.is_none() && t.retention_bytes.is_none() {
+                continue;
+            }
+            let cutoff = t
+                .retention
+                .map(|r| now_ms.saturating_sub(r.as_millis() as u64));
+            for (p, state) in t.partitions.iter().enumerate() {
+                let p = p as u32;
+                let mut bytes = state.bytes.load(Ordering::Relaxed);
+                let mut removed = 0u64;
+                let mut start = state.start.load(Ordering::Relaxed);
+                let end = state.end.load(Ordering::Relaxed);
+                let range = record_key(t.id, p, 0)..=record_key(t.id, p, u64::MAX);
+                for item in self.records.range(range) {
+                    let (k, v) = item.into_inner()?;
+                    let header = record::decode_header(&v).map_err(|source| LogError::Corrupt {
+                        topic: t.name.clone(),
+                        partition: p,
+                        base_offset: offset_of_key(&k),
+                        source,
+                    })?;
+                    let too_old = cutoff.is_some_and(|c| header.last_timestamp_ms < c);
+                    let too_big = t.retention_bytes.is_some_and(|cap| bytes > cap);
+                    if !too_old && !too_big {
+                        break;
+                    }
+                    batch.remove(&self.records, k.to_vec());
+                    bytes -= v.len() as u64;
+                    removed += header.record_count as u64;
+                    start = offset_of_key(&k) + header.record_count as u64;
+                }
+                if removed > 0 {
+                    let total_removed = state.removed.load(Ordering::Relaxed) + removed;
+                    batch.insert(
+                        &self.meta,
+                        partition_meta_key(t.id, p).to_vec(),
+                        partition_meta_value(end, bytes, total_removed).to_vec(),
+                    );
+                    freed += state.bytes.load(Ordering::Relaxed) - bytes;
+                    removed_records += removed;
+                    fronts.push((state, start, bytes, total_removed));
+                }
+            }
+        }
+        if removed_records > 0 {
+            self.commit_deletions(batch)?;
+            for (state, start, bytes, removed) in fronts {
+                self.pending_front(state, start, bytes, removed);
+            }
+            self.total_bytes.fetch_sub(freed, Ordering::Relaxed);
+            self.counters
+                .retention_removed
+                .fetch_add(removed_records, Ordering::Relaxed);
+            tracing::info!(
+                records = removed_records,
+                bytes = freed,
+                "retention deleted old records"
+            );
+        }
+        self.enforce_budget()?;
+        self.refresh_budget_flag();
+        Ok(())
+    }
+
+    fn pending_front(&self, state: &PartitionState, start: u64, bytes: u64, removed: u64) {
+        state.start.store(start, Ordering::Relaxed);
+        state.bytes.store(bytes, Ordering::Relaxed);
+        state.removed.store(removed, Ordering::Relaxed);
+    }
+
+    fn commit_deletions(&self, batch: fjall::OwnedWriteBatch) -> Result<(), LogError> {
+        batch
+            .durability(Some(fjall::PersistMode::Buffer))
+            .commit()
+            .map_err(|e| {
+                self.poison(format!("deleting old records failed: {e}"));
+                LogError::Storage(e)
+            })
+    }
+
+    /// With the `drop-oldest` policy, deletes the node's oldest batches until the log fits.
+    pub(crate) fn enforce_budget(&self) -> Result<(), LogError> {
+        let Some(Budget {
+            bytes: cap,
+            policy: DiskFullPolicy::DropOldest,
+        }) = self.budget
+        else {
+            return Ok(());
+        };
+        let mut dropped_records = 0u64;
+        let mut dropped_bytes = 0u64;
+        while self.total_bytes() > cap {
+            // The partition whose first batch is oldest.
+            let mut oldest: Option<(u64, &TopicLog, u32, Vec<u8>, usize, u32)> = None;
+            for t in &self.topics {
+                for p in 0..t.partitions.len() as u32 {
+                    let range = record_key(t.id, p, 0)..=record_key(t.id, p, u64::MAX);
+                    if let Some(item) = self.records.range(range).next() {
+                        let (k, v) = item.into_inner()?;
+                        let h = record::decode_header(&v).map_err(|source| LogError::Corrupt {
+                            topic: t.name.clone(),
+                            partition: p,
+                            base_offset: offset_of_key(&k),
+                            source,
+                        })?;
+                        if oldest.as_ref().is_none_or(|o| h.last_timestamp_ms < o.0) {
+                            oldest = Some((h.last_timestamp_ms, t, p, k.to_vec(), v.len(), h.record_count));
+                        }
+                    }
+                }
+            }
+            let Some((_, t, p, key, len, count)) = oldest else {
+                break;
+            };
+            let state = &t.partitions[p as usize];
+            let bytes = state.bytes.load(Ordering::Relaxed) - len as u64;
+            let removed = state.removed.load(Ordering::Relaxed) + count as u64;
+            let end = state.end.load(Ordering::Relaxed);
+            let mut batch = self.db.batch();
+            batch.remove(&self.records, key.clone());
+            batch.insert(
+                &self.meta,
+                partition_meta_key(t.id, p).to_vec(),
+                partition_meta_value(end, bytes, removed).to_vec(),
+            );
+            self.commit_deletions(batch)?;
+            self.pending_front(state, offset_of_key(&key) + count as u64, bytes, removed);
+            self.total_bytes.fetch_sub(len as u64, Ordering::Relaxed);
+            dropped_records += count as u64;
+            dropped_bytes += len as u64;
+        }
+        if dropped_records > 0 {
+            self.counters
+                .budget_dropped
+                .fetch_add(dropped_records, Ordering::Relaxed);
+            tracing::warn!(
+                records = dropped_records,
+                bytes = dropped_bytes,
+                budget = cap,
+                "disk budget reached: dropped the oldest records (policy drop-oldest)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes everything written so far durable.
+    pub fn persist(&self) -> Result<(), LogError> {
+        self.db
+            .persist(fjall::PersistMode::SyncAll)
+            .map_err(|e| {
+                self.poison(format!("fsync failed: {e}"));
+                LogError::Storage(e)
+            })
+    }
+}
+
+fn topic_meta_value(id: TopicId, partitions: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8);
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(&partitions.to_be_bytes());
+    v
+}
+
+fn recover_partition(
+    records: &Keyspace,
+    meta: &Keyspace,
+    topic: TopicId,
+    partition: u32,
+) -> Result<PartitionState, LogError> {
+    let (mut end, bytes, removed) = match meta.get(partition_meta_key(topic, partition))? {
+        Some(v) if v.len() == 24 => (
+            u64::from_be_bytes(v[0..8].try_into().expect("8 bytes")),
+            u64::from_be_bytes(v[8..16].try_into().expect("8 bytes")),
+            u64::from_be_bytes(v[16..24].try_into().expect("8 bytes")),
+        ),
+        Some(_) => {
+            return Err(LogError::CorruptMeta(format!(
+                "partition {topic}/{partition}"
+            )))
+        }
+        None => (0, 0, 0),
+    };
+    let range = record_key(topic, partition, 0)..=record_key(topic, partition, u64::MAX);
+    let first = records.range(range.clone()).next();
+    let start = match first {
+        Some(item) => offset_of_key(&item.key()?),
+        None => end,
+    };
+    if let Some(item) = records.range(range).next_back() {
+        let (k, v) = item.into_inner()?;
+        let h = record::decode_header(&v).map_err(|source| LogError::Corrupt {
+            topic: format!("#{topic}"),
+            partition,
+            base_offset: offset_of_key(&k),
+            source,
+        })?;
+        let last_end = offset_of_key(&k) + h.record_count as u64;
+        if last_end != end {
+            // Cannot happen while batches and meta share a write batch; if it ever does, the
+            // batches are the truth so that no offset is ever assigned twice.
+            tracing::warn!(topic, partition, meta_end = end, batch_end = last_end, "partition meta disagrees with the log; using the log");
+            end = end.max(last_end);
+        }
+    }
+    Ok(PartitionState {
+        start: AtomicU64::new(start),
+        end: AtomicU64::new(end),
+        bytes: AtomicU64::new(bytes),
+        removed: AtomicU64::new(removed),
+    })
+}

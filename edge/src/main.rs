@@ -1,0 +1,299 @@
+//! The `edge` binary: serve, or inspect a stopped node's log.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use clap::{Parser, Subcommand, ValueEnum};
+use edge::config::Config;
+use edge::log::{Log, Record};
+
+/// Tributary edge: MQTT in, a durable partitioned log on disk.
+#[derive(Parser, Debug)]
+#[command(name = "edge", version, about)]
+struct Cli {
+    /// TOML config file; without it the embedded defaults apply.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides storage.data_dir).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// MQTT listen address (overrides mqtt.listen).
+    #[arg(long, global = true, value_name = "ADDR")]
+    mqtt_listen: Option<SocketAddr>,
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve MQTT and write the log (the default).
+    Serve,
+    /// List the topics of a stopped node with each partition's offsets.
+    Topics {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print records of a stopped node.
+    Read {
+        /// Only this topic (default: all).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only this partition (default: all).
+        #[arg(long)]
+        partition: Option<u32>,
+        /// First offset (default: the first still held).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Most records to print in total.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded(),
+    };
+    if let Some(dir) = &cli.data_dir {
+        config.storage.data_dir = dir.clone();
+    }
+    if let Some(addr) = cli.mqtt_listen {
+        config.mqtt.listen = addr;
+    }
+    Ok(config)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = load_config(&cli)?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("edge")
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(edge::server::run(config))?;
+            Ok(())
+        }
+        Command::Topics { json } => topics(&config, json),
+        Command::Read {
+            topic,
+            partition,
+            from,
+            limit,
+            json,
+        } => read(&config, topic, partition, from, limit, json),
+    }
+}
+
+fn open_stopped(config: &Config) -> anyhow::Result<Log> {
+    let dir = &config.storage.data_dir;
+    if !dir.join("records").exists() && !dir.exists() {
+        bail!("no log in {}: nothing has been stored there", dir.display());
+    }
+    Ok(Log::open(dir, None, None)?)
+}
+
+fn topics(config: &Config, json: bool) -> anyhow::Result<()> {
+    let log = open_stopped(config)?;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if json {
+        let doc: Vec<serde_json::Value> = log
+            .topics()
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "topic": t.name,
+                    "partitions": t.partitions.iter().enumerate().map(|(i, p)| serde_json::json!({
+                        "partition": i,
+                        "start_offset": load(&p.start),
+                        "end_offset": load(&p.end),
+                        "bytes": load(&p.bytes),
+                        "removed_records": load(&p.removed),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    } else {
+        writeln!(
+            out,
+            "{:<32} {:>9} {:>14} {:>14} {:>14}",
+            "TOPIC", "PARTITION", "START_OFFSET", "END_OFFSET", "BYTES"
+        )?;
+        for t in log.topics() {
+            for (i, p) in t.partitions.iter().enumerate() {
+                writeln!(
+                    out,
+                    "{:<32} {:>9} {:>14} {:>14} {:>14}",
+                    t.name,
+                    i,
+                    load(&p.start),
+                    load(&p.end),
+                    load(&p.bytes)
+                )?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn read(
+    config: &Config,
+    topic: Option<String>,
+    partition: Option<u32>,
+    from: u64,
+    limit: Option<usize>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let log = open_stopped(config)?;
+    let topics: Vec<_> = match &topic {
+        Some(name) => vec![log
+            .topic(name)
+            .ok_or_else(|| edge::log::LogError::UnknownTopic(name.clone()))?],
+        None => log.topics().iter().collect(),
+    };
+    let mut remaining = limit.unwrap_or(usize::MAX);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for t in topics {
+        let partitions: Vec<u32> = match partition {
+            Some(p) => {
+                if p as usize >= t.partitions.len() {
+                    bail!(
+                        "topic \"{}\" has no partition {p} (it has {})",
+                        t.name,
+                        t.partitions.len()
+                    );
+                }
+                vec![p]
+            }
+            None => (0..t.partitions.len() as u32).collect(),
+        };
+        for p in partitions {
+            let mut next = from;
+            while remaining > 0 {
+                let batch = log.read(t.id, p, next, remaining.min(10_000))?;
+                let Some(last) = batch.last() else { break };
+                next = last.offset + 1;
+                for r in &batch {
+                    let written = if json {
+                        writeln!(out, "{}", record_json(&t.name, p, r))
+                    } else {
+                        writeln!(out, "{}", record_text(&t.name, p, r))
+                    };
+                    if let Err(e) = written {
+                        if e.kind() == std::io::ErrorKind::BrokenPipe {
+                            return Ok(());
+                        }
+                        return Err(e.into());
+                    }
+                }
+                remaining -= batch.len();
+            }
+        }
+    }
+    match out.flush() {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn payload_field(bytes: &[u8]) -> (String, &'static str) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => (s.to_string(), "utf8"),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+            "base64",
+        ),
+    }
+}
+
+fn record_json(topic: &str, partition: u32, r: &Record) -> String {
+    let (payload, encoding) = payload_field(&r.payload);
+    let (key, key_encoding) = payload_field(&r.key);
+    serde_json::json!({
+        "topic": topic,
+        "partition": partition,
+        "offset": r.offset,
+        "timestamp_ms": r.timestamp_ms,
+        "key": key,
+        "key_encoding": key_encoding,
+        "headers": {
+            "mqtt_topic": r.headers.mqtt_topic,
+            "qos": r.headers.qos,
+            "retain": r.headers.retain,
+            "client_id": r.headers.client_id,
+            "content_type": r.headers.content_type,
+            "user_properties": r.headers.user_properties,
+        },
+        "payload": payload,
+        "payload_encoding": encoding,
+    })
+    .to_string()
+}
+
+fn record_text(topic: &str, partition: u32, r: &Record) -> String {
+    let (payload, encoding) = payload_field(&r.payload);
+    let (key, _) = payload_field(&r.key);
+    let mut line = format!(
+        "{topic}/{partition}@{} ts={} key={key:?} mqtt_topic={:?} qos={} retain={} client_id={:?}",
+        r.offset,
+        r.timestamp_ms,
+        r.headers.mqtt_topic,
+        r.headers.qos,
+        r.headers.retain,
+        r.headers.client_id
+    );
+    if let Some(ct) = &r.headers.content_type {
+        line.push_str(&format!(" content_type={ct:?}"));
+    }
+    for (k, v) in &r.headers.user_properties {
+        line.push_str(&format!(" prop:{k}={v:?}"));
+    }
+    line.push_str(&format!(" payload({encoding})={payload:?}"));
+    line
+}

@@ -1,0 +1,669 @@
+//! MQTT 3.1.1 and 5.0 on one port, through rumqttc's codecs.
+//!
+//! The protocol level is read from the CONNECT packet; after that every packet of the
+//! connection is decoded with the codec of that version into the version-neutral [`Inbound`]
+//! the connection state machine works with, and answers are written with the same codec.
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::{self as mb, v4};
+use rumqttc::v5::mqttbytes::{self as mb5, v5};
+
+pub use mb::QoS;
+
+/// MQTT protocol version of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// 3.1.1 (protocol level 4).
+    V311,
+    /// 5.0 (protocol level 5).
+    V5,
+}
+
+/// Why bytes from a client could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// A packet larger than the maximum packet size.
+    #[error("packet of {0} bytes exceeds the maximum packet size")]
+    TooLarge(usize),
+    /// The bytes are not a valid packet.
+    #[error("malformed packet: {0}")]
+    Malformed(String),
+    /// The CONNECT names a protocol level this broker does not speak.
+    #[error("unsupported protocol {name:?} level {level}")]
+    UnsupportedProtocol {
+        /// Protocol name.
+        name: String,
+        /// Protocol level.
+        level: u8,
+    },
+    /// The first packet is not a CONNECT.
+    #[error("the first packet must be CONNECT, got packet type {0}")]
+    NotConnect(u8),
+}
+
+/// CONNECT, version-neutral.
+#[derive(Debug, Clone)]
+pub struct ConnectIn {
+    /// Version.
+    pub version: Version,
+    /// Client identifier as sent (may be empty).
+    pub client_id: String,
+    /// 3.1.1 clean session / 5.0 clean start.
+    pub clean_start: bool,
+    /// Keepalive in seconds.
+    pub keep_alive: u16,
+    /// 5.0 Session Expiry Interval (absent = 0).
+    pub session_expiry: u32,
+    /// 5.0 client Receive Maximum.
+    pub receive_maximum: Option<u16>,
+    /// 5.0 client Maximum Packet Size.
+    pub max_packet_size: Option<u32>,
+    /// Username, if any.
+    pub username: Option<String>,
+}
+
+/// PUBLISH, version-neutral.
+#[derive(Debug, Clone)]
+pub struct PublishIn {
+    /// QoS.
+    pub qos: QoS,
+    /// Retain flag.
+    pub retain: bool,
+    /// Duplicate flag.
+    pub dup: bool,
+    /// Topic bytes as sent (may be empty with a topic alias).
+    pub topic: Bytes,
+    /// Packet id (0 for QoS 0).
+    pub pkid: u16,
+    /// Body.
+    pub payload: Bytes,
+    /// 5.0 topic alias.
+    pub topic_alias: Option<u16>,
+    /// 5.0 content type.
+    pub content_type: Option<String>,
+    /// 5.0 user properties.
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// A decoded packet from a client.
+#[derive(Debug)]
+pub enum Inbound {
+    /// CONNECT.
+    Connect(Box<ConnectIn>),
+    /// PUBLISH.
+    Publish(PublishIn),
+    /// PUBACK.
+    PubAck(u16),
+    /// PUBREC.
+    PubRec(u16),
+    /// PUBREL.
+    PubRel(u16),
+    /// PUBCOMP.
+    PubComp(u16),
+    /// SUBSCRIBE: packet id and filter count.
+    Subscribe(u16, usize),
+    /// UNSUBSCRIBE: packet id and filter count.
+    Unsubscribe(u16, usize),
+    /// PINGREQ.
+    PingReq,
+    /// DISCONNECT with its 5.0 reason code and Session Expiry Interval.
+    Disconnect {
+        /// Reason code (0 for 3.1.1).
+        reason: u8,
+        /// New Session Expiry Interval, if given.
+        session_expiry: Option<u32>,
+    },
+    /// 5.0 AUTH.
+    Auth,
+    /// A packet a client must not send (CONNACK, SUBACK, ...).
+    ServerOnly(&'static str),
+}
+
+/// Detects the protocol of the CONNECT at the start of `buf` without consuming it.
+/// `Ok(None)`: not enough bytes yet.
+pub fn detect_version(buf: &[u8], max_packet_size: usize) -> Result<Option<Version>, DecodeError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    if buf[0] >> 4 != 1 {
+        return Err(DecodeError::NotConnect(buf[0] >> 4));
+    }
+    let header = match mb::check(buf.iter(), max_packet_size) {
+        Ok(h) => h,
+        Err(mb::Error::InsufficientBytes(_)) => {
+            // The variable header may already be here even if the payload is not.
+            return peek_version(buf);
+        }
+        Err(mb::Error::PayloadSizeLimitExceeded(n)) => return Err(DecodeError::TooLarge(n)),
+        Err(e) => return Err(DecodeError::Malformed(e.to_string())),
+    };
+    let _ = header;
+    peek_version(buf)
+}
+
+fn peek_version(buf: &[u8]) -> Result<Option<Version>, DecodeError> {
+    // Fixed header: 1 byte + 1..4 bytes of remaining length.
+    let mut i = 1;
+    while i < buf.len() && i < 5 && buf[i] & 0x80 != 0 {
+        i += 1;
+    }
+    if i >= 5 {
+        return Err(DecodeError::Malformed("remaining length too long".into()));
+    }
+    let vh = i + 1;
+    if buf.len() < vh + 2 {
+        return Ok(None);
+    }
+    let name_len = u16::from_be_bytes([buf[vh], buf[vh + 1]]) as usize;
+    if buf.len() < vh + 2 + name_len + 1 {
+        return Ok(None);
+    }
+    let name = String::from_utf8_lossy(&buf[vh + 2..vh + 2 + name_len]).into_owned();
+    let level = buf[vh + 2 + name_len];
+    match (name.as_str(), level) {
+        ("MQTT", 4) => Ok(Some(Version::V311)),
+        ("MQTT", 5) => Ok(Some(Version::V5)),
+        _ => Err(DecodeError::UnsupportedProtocol { name, level }),
+    }
+}
+
+/// Decodes the next packet from `buf`, consuming its bytes. `Ok(None)`: incomplete.
+pub fn decode(
+    version: Version,
+    buf: &mut BytesMut,
+    max_packet_size: usize,
+) -> Result<Option<Inbound>, DecodeError> {
+    // Total size check; rumqttc's own check counts the remaining length only.
+    match mb::check(buf.iter(), max_packet_size) {
+        Ok(h) if h.frame_length() > max_packet_size => {
+            return Err(DecodeError::TooLarge(h.frame_length()))
+        }
+        Ok(_) => {}
+        Err(mb::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(mb::Error::PayloadSizeLimitExceeded(n)) => return Err(DecodeError::TooLarge(n)),
+        Err(e) => return Err(DecodeError::Malformed(e.to_string())),
+    }
+    match version {
+        Version::V311 => decode_v4(buf, max_packet_size),
+        Version::V5 => decode_v5(buf, max_packet_size),
+    }
+}
+
+fn malformed(e: impl std::fmt::Display) -> DecodeError {
+    DecodeError::Malformed(e.to_string())
+}
+
+fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeError> {
+    let packet = match v4::Packet::read(buf, max) {
+        Ok(p) => p,
+        Err(mb::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e) => return Err(malformed(e)),
+    };
+    Ok(Some(match packet {
+        v4::Packet::Connect(c) => Inbound::Connect(Box::new(ConnectIn {
+            version: Version::V311,
+            client_id: c.client_id,
+            clean_start: c.clean_session,
+            keep_alive: c.keep_alive,
+            session_expiry: if c.clean_session { 0 } else { u32::MAX },
+            receive_maximum: None,
+            max_packet_size: None,
+            username: c.login.map(|l| l.username),
+        })),
+        v4::Packet::Publish(p) => Inbound::Publish(PublishIn {
+            qos: p.qos,
+            retain: p.retain,
+            dup: p.dup,
+            topic: Bytes::from(p.topic.into_bytes()),
+            pkid: p.pkid,
+            payload: p.payload,
+            topic_alias: None,
+            content_type: None,
+            user_properties: Vec::new(),
+        }),
+        v4::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
+        v4::Packet::PubRec(a) => Inbound::PubRec(a.pkid),
+        v4::Packet::PubRel(a) => Inbound::PubRel(a.pkid),
+        v4::Packet::PubComp(a) => Inbound::PubComp(a.pkid),
+        v4::Packet::Subscribe(s) => Inbound::Subscribe(s.pkid, s.filters.len()),
+        v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe(u.pkid, u.topics.len()),
+        v4::Packet::PingReq => Inbound::PingReq,
+        v4::Packet::Disconnect => Inbound::Disconnect {
+            reason: 0,
+            session_expiry: None,
+        },
+        v4::Packet::ConnAck(_) => Inbound::ServerOnly("CONNACK"),
+        v4::Packet::SubAck(_) => Inbound::ServerOnly("SUBACK"),
+        v4::Packet::UnsubAck(_) => Inbound::ServerOnly("UNSUBACK"),
+        v4::Packet::PingResp => Inbound::ServerOnly("PINGRESP"),
+    }))
+}
+
+fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeError> {
+    // A 5.0 DISCONNECT may omit its reason code (remaining length 0, meaning 0x00), which
+    // rumqttc's reader refuses.
+    if buf.len() >= 2 && buf[0] == 0xE0 && buf[1] == 0 {
+        let _ = buf.split_to(2);
+        return Ok(Some(Inbound::Disconnect {
+            reason: 0,
+            session_expiry: None,
+        }));
+    }
+    let packet = match v5::Packet::read(buf, Some(max as u32)) {
+        Ok(p) => p,
+        Err(mb5::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e) => return Err(malformed(e)),
+    };
+    Ok(Some(match packet {
+        v5::Packet::Connect(c, _will, login) => {
+            let props = c.properties.unwrap_or_default();
+            Inbound::Connect(Box::new(ConnectIn {
+                version: Version::V5,
+                client_id: c.client_id,
+                clean_start: c.clean_start,
+                keep_alive: c.keep_alive,
+                session_expiry: props.session_expiry_interval.unwrap_or(0),
+                receive_maximum: props.receive_maximum,
+                max_packet_size: props.max_packet_size,
+                username: login.map(|l| l.username),
+            }))
+        }
+        v5::Packet::Publish(p) => {
+            let props = p.properties.unwrap_or_default();
+            Inbound::Publish(PublishIn {
+                qos: match p.qos {
+                    mb5::QoS::AtMostOnce => QoS::AtMostOnce,
+                    mb5::QoS::AtLeastOnce => QoS::AtLeastOnce,
+                    mb5::QoS::ExactlyOnce => QoS::ExactlyOnce,
+                },
+                retain: p.retain,
+                dup: p.dup,
+                topic: p.topic,
+                pkid: p.pkid,
+                payload: p.payload,
+                topic_alias: props.topic_alias,
+                content_type: props.content_type,
+                user_properties: props.user_properties,
+            })
+        }
+        v5::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
+        v5::Packet::PubRec(a) => Inbound::PubRec(a.pkid),
+        v5::Packet::PubRel(a) => Inbound::PubRel(a.pkid),
+        v5::Packet::PubComp(a) => Inbound::PubComp(a.pkid),
+        v5::Packet::Subscribe(s) => Inbound::Subscribe(s.pkid, s.filters.len()),
+        v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe(u.pkid, u.filters.len()),
+        v5::Packet::PingReq(_) => Inbound::PingReq,
+        v5::Packet::Disconnect(d) => Inbound::Disconnect {
+            reason: d.reason_code as u8,
+            session_expiry: d.properties.and_then(|p| p.session_expiry_interval),
+        },
+        v5::Packet::Auth(_) => Inbound::Auth,
+        v5::Packet::ConnAck(_) => Inbound::ServerOnly("CONNACK"),
+        v5::Packet::SubAck(_) => Inbound::ServerOnly("SUBACK"),
+        v5::Packet::UnsubAck(_) => Inbound::ServerOnly("UNSUBACK"),
+        v5::Packet::PingResp(_) => Inbound::ServerOnly("PINGRESP"),
+    }))
+}
+
+/// MQTT 5 reason codes the edge sends (3.1.1 maps them to its return codes or a close).
+pub mod reason {
+    /// Success.
+    pub const SUCCESS: u8 = 0x00;
+    /// No subscription existed (UNSUBACK).
+    pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
+    /// Unspecified error.
+    pub const UNSPECIFIED: u8 = 0x80;
+    /// Malformed packet.
+    pub const MALFORMED: u8 = 0x81;
+    /// Protocol error.
+    pub const PROTOCOL_ERROR: u8 = 0x82;
+    /// Implementation specific error.
+    pub const IMPLEMENTATION_SPECIFIC: u8 = 0x83;
+    /// Unsupported protocol version.
+    pub const UNSUPPORTED_PROTOCOL: u8 = 0x84;
+    /// Client identifier not valid.
+    pub const CLIENT_ID_NOT_VALID: u8 = 0x85;
+    /// Server busy.
+    pub const SERVER_BUSY: u8 = 0x89;
+    /// Server shutting down.
+    pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    /// Keep alive timeout.
+    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+    /// Session taken over.
+    pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    /// Topic name invalid.
+    pub const TOPIC_NAME_INVALID: u8 = 0x90;
+    /// Packet identifier not found.
+    pub const PACKET_ID_NOT_FOUND: u8 = 0x92;
+    /// Receive maximum exceeded.
+    pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
+    /// Topic alias invalid.
+    pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
+    /// Packet too large.
+    pub const PACKET_TOO_LARGE: u8 = 0x95;
+    /// Quota exceeded.
+    pub const QUOTA_EXCEEDED: u8 = 0x97;
+}
+
+/// What the edge announces in a 5.0 CONNACK.
+#[derive(Debug, Clone, Default)]
+pub struct ConnAckInfo {
+    /// Session present flag.
+    pub session_present: bool,
+    /// Reason code (5.0 codes; mapped for 3.1.1).
+    pub reason: u8,
+    /// Assigned client identifier.
+    pub assigned_client_id: Option<String>,
+    /// Server Keep Alive.
+    pub server_keep_alive: Option<u16>,
+    /// Receive Maximum.
+    pub receive_maximum: u16,
+    /// Maximum Packet Size.
+    pub max_packet_size: u32,
+    /// Topic Alias Maximum.
+    pub topic_alias_maximum: u16,
+    /// Reason string.
+    pub reason_string: Option<String>,
+}
+
+/// Writes a CONNACK.
+pub fn write_connack(version: Version, info: &ConnAckInfo, out: &mut BytesMut) {
+    match version {
+        Version::V311 => {
+            let code = match info.reason {
+                reason::SUCCESS => v4::ConnectReturnCode::Success,
+                reason::UNSUPPORTED_PROTOCOL => v4::ConnectReturnCode::RefusedProtocolVersion,
+                reason::CLIENT_ID_NOT_VALID => v4::ConnectReturnCode::BadClientId,
+                reason::SERVER_BUSY => v4::ConnectReturnCode::ServiceUnavailable,
+                0x86 => v4::ConnectReturnCode::BadUserNamePassword,
+                _ => v4::ConnectReturnCode::NotAuthorized,
+            };
+            v4::ConnAck::new(code, info.session_present && info.reason == reason::SUCCESS)
+                .write(out)
+                .expect("CONNACK encodes");
+        }
+        Version::V5 => {
+            let code = match info.reason {
+                reason::SUCCESS => v5::ConnectReturnCode::Success,
+                reason::MALFORMED => v5::ConnectReturnCode::MalformedPacket,
+                reason::PROTOCOL_ERROR => v5::ConnectReturnCode::ProtocolError,
+                reason::UNSUPPORTED_PROTOCOL => v5::ConnectReturnCode::UnsupportedProtocolVersion,
+                reason::CLIENT_ID_NOT_VALID => v5::ConnectReturnCode::ClientIdentifierNotValid,
+                reason::SERVER_BUSY => v5::ConnectReturnCode::ServerBusy,
+                reason::PACKET_TOO_LARGE => v5::ConnectReturnCode::PacketTooLarge,
+                reason::QUOTA_EXCEEDED => v5::ConnectReturnCode::QuotaExceeded,
+                _ => v5::ConnectReturnCode::UnspecifiedError,
+            };
+            let properties = (info.reason == reason::SUCCESS).then(|| v5::ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: Some(info.receive_maximum),
+                max_qos: None,
+                retain_available: None,
+                max_packet_size: Some(info.max_packet_size),
+                assigned_client_identifier: info.assigned_client_id.clone(),
+                topic_alias_max: Some(info.topic_alias_maximum),
+                reason_string: info.reason_string.clone(),
+                user_properties: Vec::new(),
+                wildcard_subscription_available: Some(0),
+                subscription_identifiers_available: Some(0),
+                shared_subscription_available: Some(0),
+                server_keep_alive: info.server_keep_alive,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            });
+            let properties = properties.or_else(|| {
+                info.reason_string.clone().map(|s| v5::ConnAckProperties {
+                    reason_string: Some(s),
+                    ..empty_connack_props()
+                })
+            });
+            v5::ConnAck {
+                session_present: info.session_present && info.reason == reason::SUCCESS,
+                code,
+                properties,
+            }
+            .write(out)
+            .expect("CONNACK encodes");
+        }
+    }
+}
+
+fn empty_connack_props() -> v5::ConnAckProperties {
+    v5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
+/// The acknowledgements the edge sends for inbound publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    /// PUBACK (QoS 1).
+    PubAck,
+    /// PUBREC (QoS 2, first half).
+    PubRec,
+    /// PUBCOMP (QoS 2, second half).
+    PubComp,
+}
+
+/// Writes PUBACK / PUBREC / PUBCOMP. 3.1.1 has no reason codes; callers close the connection
+/// instead of sending a failure to a 3.1.1 client.
+pub fn write_ack(version: Version, kind: AckKind, pkid: u16, code: u8, out: &mut BytesMut) {
+    // Hand-encoded: these are the hot path (one per publish) and have a fixed shape; a
+    // reason code of 0 with no properties may be omitted in 5.0, which every client accepts.
+    let type_byte = match kind {
+        AckKind::PubAck => 0x40,
+        AckKind::PubRec => 0x50,
+        AckKind::PubComp => 0x70,
+    };
+    let [hi, lo] = pkid.to_be_bytes();
+    if version == Version::V311 || code == reason::SUCCESS {
+        out.extend_from_slice(&[type_byte, 2, hi, lo]);
+    } else {
+        out.extend_from_slice(&[type_byte, 3, hi, lo, code]);
+    }
+}
+
+/// Writes PINGRESP.
+pub fn write_pingresp(out: &mut BytesMut) {
+    out.extend_from_slice(&[0xD0, 0]);
+}
+
+/// Writes a SUBACK refusing every filter: this edge does not deliver to subscribers yet.
+pub fn write_suback_refused(version: Version, pkid: u16, filters: usize, out: &mut BytesMut) {
+    match version {
+        Version::V311 => {
+            v4::SubAck::new(pkid, vec![v4::SubscribeReasonCode::Failure; filters])
+                .write(out)
+                .expect("SUBACK encodes");
+        }
+        Version::V5 => {
+            v5::SubAck {
+                pkid,
+                return_codes: vec![v5::SubscribeReasonCode::ImplementationSpecific; filters],
+                properties: Some(v5::SubAckProperties {
+                    reason_string: Some(
+                        "this edge does not deliver to subscribers yet".to_string(),
+                    ),
+                    user_properties: Vec::new(),
+                }),
+            }
+            .write(out)
+            .expect("SUBACK encodes");
+        }
+    }
+}
+
+/// Writes an UNSUBACK saying no subscription existed.
+pub fn write_unsuback(version: Version, pkid: u16, filters: usize, out: &mut BytesMut) {
+    match version {
+        Version::V311 => {
+            v4::UnsubAck::new(pkid).write(out).expect("UNSUBACK encodes");
+        }
+        Version::V5 => {
+            v5::UnsubAck {
+                pkid,
+                reasons: vec![v5::UnsubAckReason::NoSubscriptionExisted; filters],
+                properties: None,
+            }
+            .write(out)
+            .expect("UNSUBACK encodes");
+        }
+    }
+}
+
+/// Writes a 5.0 DISCONNECT with a reason code and reason string (nothing for 3.1.1, where the
+/// server closes the connection without a packet).
+pub fn write_disconnect(version: Version, code: u8, why: &str, out: &mut BytesMut) {
+    if version == Version::V311 {
+        return;
+    }
+    let Some(reason_code) = disconnect_reason(code) else {
+        return;
+    };
+    v5::Disconnect {
+        reason_code,
+        properties: Some(v5::DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some(why.to_string()),
+            user_properties: Vec::new(),
+            server_reference: None,
+        }),
+    }
+    .write(out)
+    .expect("DISCONNECT encodes");
+}
+
+fn disconnect_reason(code: u8) -> Option<v5::DisconnectReasonCode> {
+    use v5::DisconnectReasonCode as D;
+    Some(match code {
+        reason::SUCCESS => D::NormalDisconnection,
+        reason::UNSPECIFIED => D::UnspecifiedError,
+        reason::MALFORMED => D::MalformedPacket,
+        reason::PROTOCOL_ERROR => D::ProtocolError,
+        reason::IMPLEMENTATION_SPECIFIC => D::ImplementationSpecificError,
+        reason::SERVER_BUSY => D::ServerBusy,
+        reason::SERVER_SHUTTING_DOWN => D::ServerShuttingDown,
+        reason::KEEP_ALIVE_TIMEOUT => D::KeepAliveTimeout,
+        reason::SESSION_TAKEN_OVER => D::SessionTakenOver,
+        reason::TOPIC_NAME_INVALID => D::TopicNameInvalid,
+        reason::RECEIVE_MAXIMUM_EXCEEDED => D::ReceiveMaximumExceeded,
+        reason::TOPIC_ALIAS_INVALID => D::TopicAliasInvalid,
+        reason::PACKET_TOO_LARGE => D::PacketTooLarge,
+        reason::QUOTA_EXCEEDED => D::QuotaExceeded,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_bytes(version: Version, id: &str) -> BytesMut {
+        let mut out = BytesMut::new();
+        match version {
+            Version::V311 => {
+                v4::Connect::new(id).write(&mut out).unwrap();
+            }
+            Version::V5 => {
+                v5::Connect {
+                    keep_alive: 30,
+                    client_id: id.to_string(),
+                    clean_start: true,
+                    properties: None,
+                }
+                .write(&None, &None, &mut out)
+                .unwrap();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn detects_both_versions_from_connect() {
+        for v in [Version::V311, Version::V5] {
+            let bytes = connect_bytes(v, "dev");
+            assert_eq!(detect_version(&bytes, 1 << 20).unwrap(), Some(v));
+            // Half a header is not enough to tell.
+            assert_eq!(detect_version(&bytes[..3], 1 << 20).unwrap(), None);
+            let mut buf = bytes.clone();
+            match decode(v, &mut buf, 1 << 20).unwrap().unwrap() {
+                Inbound::Connect(c) => assert_eq!(c.client_id, "dev"),
+                other => panic!("{other:?}"),
+            }
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn v5_disconnect_without_reason_code_is_normal() {
+        let mut buf = BytesMut::from(&[0xE0, 0x00][..]);
+        match decode(Version::V5, &mut buf, 1024).unwrap().unwrap() {
+            Inbound::Disconnect { reason, .. } => assert_eq!(reason, 0),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_packet_must_be_connect() {
+        assert!(matches!(
+            detect_version(&[0x30, 0x00], 1024),
+            Err(DecodeError::NotConnect(3))
+        ));
+    }
+
+    #[test]
+    fn mqtt_3_1_is_unsupported() {
+        let mut b = vec![0x10, 0x0c, 0x00, 0x06];
+        b.extend_from_slice(b"MQIsdp");
+        b.extend_from_slice(&[3, 2, 0, 10]);
+        assert!(matches!(
+            detect_version(&b, 1024),
+            Err(DecodeError::UnsupportedProtocol { level: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn oversize_packet_is_refused_before_it_arrives() {
+        // PUBLISH announcing 1 MiB of remaining length, with only the header present.
+        let mut buf = BytesMut::from(&[0x30, 0x80, 0x80, 0x40][..]);
+        assert!(matches!(
+            decode(Version::V311, &mut buf, 64 * 1024),
+            Err(DecodeError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn acks_encode_as_the_codec_reads_them() {
+        let mut out = BytesMut::new();
+        write_ack(Version::V5, AckKind::PubAck, 7, reason::QUOTA_EXCEEDED, &mut out);
+        let p = v5::Packet::read(&mut out, None).unwrap();
+        match p {
+            v5::Packet::PubAck(a) => {
+                assert_eq!(a.pkid, 7);
+                assert_eq!(a.reason, v5::PubAckReason::QuotaExceeded);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut out = BytesMut::new();
+        write_ack(Version::V311, AckKind::PubComp, 9, 0, &mut out);
+        assert_eq!(v4::Packet::read(&mut out, 100).unwrap(), v4::Packet::PubComp(v4::PubComp::new(9)));
+    }
+}

@@ -1,0 +1,94 @@
+//! The MQTT front end: a TCP listener and one task per connection.
+
+pub mod codec;
+pub mod connection;
+pub mod session;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::config::MqttConfig;
+use crate::log::appender::AppenderMsg;
+use crate::log::Log;
+use crate::route::Router;
+use session::SessionStore;
+
+/// Counters of the front end.
+#[derive(Debug, Default)]
+pub struct BrokerCounters {
+    /// PUBLISH packets accepted into the log.
+    pub messages_received: AtomicU64,
+    /// Payload bytes of those.
+    pub bytes_received: AtomicU64,
+    /// Publishes refused because the disk budget was reached.
+    pub rejected_quota: AtomicU64,
+    /// Connections accepted since start.
+    pub connections_accepted: AtomicU64,
+}
+
+/// What every connection shares.
+pub struct Broker {
+    /// The `[mqtt]` settings.
+    pub config: MqttConfig,
+    /// Routing table.
+    pub router: Router,
+    /// The log (read side, budget state).
+    pub log: Arc<Log>,
+    /// The appender's queue.
+    pub appender: mpsc::Sender<AppenderMsg>,
+    /// Sessions by client id.
+    pub sessions: SessionStore,
+    /// Open connections.
+    pub connections: AtomicUsize,
+    /// Counters.
+    pub counters: BrokerCounters,
+    /// Becomes true when the edge shuts down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+struct ConnectionGuard(Arc<Broker>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Accepts connections until shutdown, then waits (up to `grace`) for them to end.
+pub async fn serve(broker: Arc<Broker>, listener: TcpListener, grace: std::time::Duration) {
+    let mut shutdown = broker.shutdown.clone();
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    broker.connections.fetch_add(1, Ordering::Relaxed);
+                    broker.counters.connections_accepted.fetch_add(1, Ordering::Relaxed);
+                    let guard = ConnectionGuard(broker.clone());
+                    let b = broker.clone();
+                    tasks.spawn(async move {
+                        connection::serve(b, stream, peer).await;
+                        drop(guard);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+}

@@ -1,0 +1,349 @@
+//! MQTT sessions: which connection holds a client id, and the session state that outlives a
+//! connection.
+//!
+//! Durable state lives in the log's meta keyspace and is written through the appender, in
+//! the same group commits as records:
+//!
+//! - `b's' | client_id` -> `expiry_secs u32 | disconnected_at_ms u64` (0 while connected)
+//! - `b'q' | len u16 | client_id | pkid u16` -> empty: a QoS 2 PUBLISH with this packet id
+//!   is in the log and its PUBREL has not arrived. A resent PUBLISH with that id is not
+//!   logged again, across restarts too.
+//!
+//! Only sessions with a non-zero expiry are written: a session with expiry 0 ends with its
+//! network connection, and a crash ends every connection, so its state would be discarded at
+//! the next start anyway.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::log::appender::StateOp;
+use crate::log::{Log, LogError};
+
+/// Why a connection is asked to end from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Another connection took the client id.
+    TakenOver,
+}
+
+/// State of a session that survives its connection.
+#[derive(Debug, Clone, Default)]
+pub struct SessionData {
+    /// Session Expiry Interval in seconds (`u32::MAX`: never; 0: ends with the connection).
+    pub expiry: u32,
+    /// QoS 2 packet ids logged and awaiting PUBREL.
+    pub qos2: HashSet<u16>,
+    /// Whether this session has a durable record.
+    pub durable: bool,
+}
+
+struct Attached {
+    conn: u64,
+    control: mpsc::UnboundedSender<Control>,
+    done: watch::Receiver<bool>,
+}
+
+struct Entry {
+    data: SessionData,
+    attached: Option<Attached>,
+    disconnected_at_ms: u64,
+}
+
+/// All sessions of the node.
+pub struct SessionStore {
+    inner: Mutex<HashMap<String, Entry>>,
+    next_conn: AtomicU64,
+}
+
+/// Meta key of a session record.
+pub fn session_key(client_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + client_id.len());
+    k.push(b's');
+    k.extend_from_slice(client_id.as_bytes());
+    k
+}
+
+/// Meta key prefix of a client's QoS 2 markers.
+pub fn qos2_prefix(client_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + client_id.len() + 2);
+    k.push(b'q');
+    k.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    k.extend_from_slice(client_id.as_bytes());
+    k
+}
+
+/// Meta key of one QoS 2 marker.
+pub fn qos2_key(client_id: &str, pkid: u16) -> Vec<u8> {
+    let mut k = qos2_prefix(client_id);
+    k.extend_from_slice(&pkid.to_be_bytes());
+    k
+}
+
+/// The session record value.
+pub fn session_value(expiry: u32, disconnected_at_ms: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12);
+    v.extend_from_slice(&expiry.to_be_bytes());
+    v.extend_from_slice(&disconnected_at_ms.to_be_bytes());
+    v
+}
+
+/// What a new connection finds when it attaches to a client id.
+pub struct Attachment {
+    /// This connection's id in the store.
+    pub conn: u64,
+    /// The session it continues, if any.
+    pub previous: Option<SessionData>,
+}
+
+impl SessionStore {
+    /// Loads the durable sessions; returns the store and the state changes that discard what
+    /// expired while the edge was down.
+    pub fn load(log: &Log, now_ms: u64) -> Result<(SessionStore, Vec<StateOp>), LogError> {
+        let mut sessions: HashMap<String, Entry> = HashMap::new();
+        let mut purge = Vec::new();
+        for (k, v) in log.meta_scan(b"s")? {
+            let client = String::from_utf8_lossy(&k[1..]).into_owned();
+            if v.len() != 12 {
+                return Err(LogError::CorruptMeta(format!("session {client}")));
+            }
+            let expiry = u32::from_be_bytes(v[0..4].try_into().expect("4 bytes"));
+            let disconnected = u64::from_be_bytes(v[4..12].try_into().expect("8 bytes"));
+            // A session connected at the crash counts as disconnected now.
+            let since = if disconnected == 0 { now_ms } else { disconnected };
+            let expired = expiry == 0
+                || (expiry != u32::MAX
+                    && now_ms.saturating_sub(since) > u64::from(expiry) * 1000);
+            if expired {
+                purge.push(StateOp::Delete { key: k });
+                continue;
+            }
+            sessions.insert(
+                client,
+                Entry {
+                    data: SessionData {
+                        expiry,
+                        qos2: HashSet::new(),
+                        durable: true,
+                    },
+                    attached: None,
+                    disconnected_at_ms: since,
+                },
+            );
+        }
+        for (k, _) in log.meta_scan(b"q")? {
+            if k.len() < 5 {
+                return Err(LogError::CorruptMeta("qos2 marker".into()));
+            }
+            let len = u16::from_be_bytes([k[1], k[2]]) as usize;
+            if k.len() != 3 + len + 2 {
+                return Err(LogError::CorruptMeta("qos2 marker".into()));
+            }
+            let client = String::from_utf8_lossy(&k[3..3 + len]).into_owned();
+            let pkid = u16::from_be_bytes([k[3 + len], k[4 + len]]);
+            match sessions.get_mut(&client) {
+                Some(e) => {
+                    e.data.qos2.insert(pkid);
+                }
+                None => purge.push(StateOp::Delete { key: k }),
+            }
+        }
+        Ok((
+            SessionStore {
+                inner: Mutex::new(sessions),
+                next_conn: AtomicU64::new(1),
+            },
+            purge,
+        ))
+    }
+
+    /// Takes the client id for a new connection, first asking a connection that holds it to
+    /// end and waiting until it has (its pending appends committed and its state handed back).
+    pub async fn attach(
+        &self,
+        client_id: &str,
+        control: mpsc::UnboundedSender<Control>,
+        done: watch::Receiver<bool>,
+    ) -> Attachment {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let wait = {
+                let mut map = self.inner.lock().expect("session lock");
+                match map.get_mut(client_id) {
+                    Some(Entry {
+                        attached: Some(a), ..
+                    }) => {
+                        let _ = a.control.send(Control::TakenOver);
+                        Some((a.conn, a.done.clone()))
+                    }
+                    Some(entry) => {
+                        entry.attached = Some(Attached {
+                            conn,
+                            control: control.clone(),
+                            done: done.clone(),
+                        });
+                        return Attachment {
+                            conn,
+                            previous: Some(entry.data.clone()),
+                        };
+                    }
+                    None => {
+                        map.insert(
+                            client_id.to_string(),
+                            Entry {
+                                data: SessionData::default(),
+                                attached: Some(Attached {
+                                    conn,
+                                    control: control.clone(),
+                                    done: done.clone(),
+                                }),
+                                disconnected_at_ms: 0,
+                            },
+                        );
+                        return Attachment {
+                            conn,
+                            previous: None,
+                        };
+                    }
+                }
+            };
+            if let Some((old, mut done)) = wait {
+                // The old connection ends promptly once told; the timeout only guards against
+                // a connection stuck writing to a peer that stopped reading. Its state then
+                // stays as last handed back.
+                let _ = tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d)).await;
+                let mut map = self.inner.lock().expect("session lock");
+                if let Some(entry) = map.get_mut(client_id) {
+                    if entry.attached.as_ref().is_some_and(|a| a.conn == old) {
+                        entry.attached = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records the state a connection leaves behind. Returns the state changes to commit:
+    /// the disconnect time of a durable session, or the removal of a session that ended.
+    pub fn detach(
+        &self,
+        client_id: &str,
+        conn: u64,
+        data: SessionData,
+        taken_over: bool,
+        now_ms: u64,
+    ) -> Vec<StateOp> {
+        let mut map = self.inner.lock().expect("session lock");
+        let Some(entry) = map.get_mut(client_id) else {
+            return Vec::new();
+        };
+        if entry.attached.as_ref().is_none_or(|a| a.conn != conn) {
+            return Vec::new();
+        }
+        entry.attached = None;
+        if data.expiry == 0 && !taken_over {
+            let durable = data.durable;
+            map.remove(client_id);
+            return if durable {
+                vec![
+                    StateOp::DeletePrefix {
+                        prefix: qos2_prefix(client_id),
+                    },
+                    StateOp::Delete {
+                        key: session_key(client_id),
+                    },
+                ]
+            } else {
+                Vec::new()
+            };
+        }
+        let durable = data.durable;
+        let expiry = data.expiry;
+        entry.data = data;
+        entry.disconnected_at_ms = now_ms;
+        if durable {
+            vec![StateOp::Put {
+                key: session_key(client_id),
+                value: session_value(expiry, now_ms),
+            }]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Ends disconnected sessions whose expiry has passed; returns the state to delete.
+    pub fn expire(&self, now_ms: u64) -> Vec<StateOp> {
+        let mut map = self.inner.lock().expect("session lock");
+        let mut ops = Vec::new();
+        map.retain(|client, e| {
+            let expired = e.attached.is_none()
+                && e.data.expiry != u32::MAX
+                && now_ms.saturating_sub(e.disconnected_at_ms) > u64::from(e.data.expiry) * 1000;
+            if expired && e.data.durable {
+                ops.push(StateOp::DeletePrefix {
+                    prefix: qos2_prefix(client),
+                });
+                ops.push(StateOp::Delete {
+                    key: session_key(client),
+                });
+            }
+            !expired
+        });
+        ops
+    }
+
+    /// Number of sessions known (connected or not).
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("session lock").len()
+    }
+
+    /// Whether no session is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qos2_keys_of_one_client_share_its_prefix_only() {
+        assert!(qos2_key("ab", 7).starts_with(&qos2_prefix("ab")));
+        // "a" must not be a prefix match for "ab": the length is part of the prefix.
+        assert!(!qos2_key("ab", 7).starts_with(&qos2_prefix("a")));
+    }
+
+    #[tokio::test]
+    async fn second_attach_takes_over_and_gets_state() {
+        let store = SessionStore {
+            inner: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+        };
+        let (c1, mut r1) = mpsc::unbounded_channel();
+        let (d1_tx, d1) = watch::channel(false);
+        let a1 = store.attach("dev", c1, d1).await;
+        assert!(a1.previous.is_none());
+        let store = std::sync::Arc::new(store);
+        let s2 = store.clone();
+        let second = tokio::spawn(async move {
+            let (c2, _r2) = mpsc::unbounded_channel();
+            let (_d2_tx, d2) = watch::channel(false);
+            s2.attach("dev", c2, d2).await
+        });
+        assert_eq!(r1.recv().await, Some(Control::TakenOver));
+        let mut data = SessionData {
+            expiry: 60,
+            ..Default::default()
+        };
+        data.qos2.insert(5);
+        let ops = store.detach("dev", a1.conn, data, true, 1000);
+        assert!(ops.is_empty(), "not durable, nothing to write");
+        d1_tx.send(true).unwrap();
+        let a2 = second.await.unwrap();
+        let prev = a2.previous.expect("session continues");
+        assert!(prev.qos2.contains(&5));
+    }
+}

@@ -1,0 +1,196 @@
+//! Starting and stopping a serving edge: log, appender, router, sessions, listener.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{Config, FsyncMode};
+use crate::log::appender::{self, now_ms, AppendRequest, AppenderMsg};
+use crate::log::{Budget, Log, LogError};
+use crate::mqtt::session::SessionStore;
+use crate::mqtt::{self, Broker, BrokerCounters};
+use crate::route::Router;
+
+/// Why the edge could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The log could not be opened or failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The MQTT listener could not be bound.
+    #[error("cannot listen for MQTT on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A write to the log failed while serving; nothing after it was acknowledged.
+    #[error("the log failed and the edge stopped: {0}")]
+    Fatal(String),
+}
+
+/// Appender queue length, in requests (each at most a few hundred KiB).
+const APPENDER_QUEUE: usize = 512;
+/// How long connections get to finish on shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+
+/// Serves until SIGINT or SIGTERM (or a fatal log error).
+pub async fn run(config: Config) -> Result<(), ServeError> {
+    let plan = config.route_plan()?;
+    let budget = config.storage.disk_budget.map(|b| Budget {
+        bytes: b.0,
+        policy: config.storage.disk_full_policy,
+    });
+    let log = Arc::new(Log::open(&config.storage.data_dir, Some(&plan.topics), budget)?);
+    let (sessions, purge) = SessionStore::load(&log, now_ms())?;
+
+    let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
+    let (appender_tx, appender_thread) = appender::spawn(
+        log.clone(),
+        config.storage.fsync,
+        config.storage.max_batch_records,
+        APPENDER_QUEUE,
+        move |why| {
+            let _ = fatal_tx.send(Some(why));
+        },
+    );
+    if !purge.is_empty() {
+        tracing::info!(entries = purge.len(), "discarding session state that expired while the edge was down");
+        let _ = appender_tx
+            .send(AppenderMsg::Append(AppendRequest {
+                state: purge,
+                ..Default::default()
+            }))
+            .await;
+    }
+
+    let router = Router::new(&plan, |name| {
+        let t = log.topic(name).expect("configured topics exist in the log");
+        (t.id, t.partitions.len() as u32)
+    });
+    let listen = config.mqtt.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: listen, source })?;
+    let bound = listener.local_addr().unwrap_or(listen);
+
+    if config.mqtt.allow_anonymous {
+        tracing::warn!("anonymous access is allowed: any client that reaches {bound} can connect and publish");
+    }
+    tracing::info!("no uplink configured: records stay in the local log");
+    for t in log.topics() {
+        tracing::info!(
+            topic = %t.name,
+            partitions = t.partitions.len(),
+            end_offsets = ?t.partitions.iter().map(|p| p.end.load(std::sync::atomic::Ordering::Relaxed)).collect::<Vec<_>>(),
+            "topic"
+        );
+    }
+    tracing::info!(
+        mqtt = %bound,
+        data_dir = %config.storage.data_dir.display(),
+        fsync = %config.storage.fsync,
+        "edge is serving"
+    );
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let broker = Arc::new(Broker {
+        config: config.mqtt.clone(),
+        router,
+        log: log.clone(),
+        appender: appender_tx.clone(),
+        sessions,
+        connections: AtomicUsize::new(0),
+        counters: BrokerCounters::default(),
+        shutdown: shutdown_rx,
+    });
+
+    let housekeeping = {
+        let broker = broker.clone();
+        let every = config.storage.retention_check_interval.0;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let expired = broker.sessions.expire(now_ms());
+                if !expired.is_empty() {
+                    let _ = broker
+                        .appender
+                        .send(AppenderMsg::Append(AppendRequest {
+                            state: expired,
+                            ..Default::default()
+                        }))
+                        .await;
+                }
+                if broker.appender.send(AppenderMsg::Retention).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let fsync_timer = match config.storage.fsync {
+        FsyncMode::Interval(every) => {
+            let tx = appender_tx.clone();
+            Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    if tx.send(AppenderMsg::Persist).await.is_err() {
+                        break;
+                    }
+                }
+            }))
+        }
+        _ => None,
+    };
+
+    let server = tokio::spawn(mqtt::serve(broker.clone(), listener, SHUTDOWN_GRACE));
+    let fatal = tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down: finishing in-flight appends");
+            None
+        }
+        why = fatal_rx.wait_for(|f| f.is_some()) => why.ok().and_then(|w| w.clone()),
+    };
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+    housekeeping.abort();
+    if let Some(t) = fsync_timer {
+        t.abort();
+    }
+    let _ = appender_tx.send(AppenderMsg::Shutdown).await;
+    drop(appender_tx);
+    drop(broker);
+    let result = tokio::task::spawn_blocking(move || appender_thread.join())
+        .await
+        .expect("joining the appender");
+    if let Some(why) = fatal {
+        return Err(ServeError::Fatal(why));
+    }
+    match result {
+        Ok(Ok(())) => {
+            tracing::info!("log closed cleanly");
+            Ok(())
+        }
+        Ok(Err(why)) => Err(ServeError::Fatal(why)),
+        Err(_) => Err(ServeError::Fatal("the appender thread panicked".into())),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
