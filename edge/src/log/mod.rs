@@ -653,3 +653,6 @@ fn recover_partition(
         removed: AtomicU64::new(removed),
     })
 }
+
+#[cfg(test)]
+mod tests;

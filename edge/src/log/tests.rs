@@ -1,0 +1,320 @@
+//! Behaviour of the log through its appender, as the server drives it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tokio::sync::mpsc;
+
+use super::appender::{self, AppendRequest, AppenderMsg, Committed, PendingRecord, ReplyTo, StateOp};
+use super::record::NewRecord;
+use super::{Budget, Log};
+use crate::config::{DiskFullPolicy, FsyncMode, PlannedTopic};
+
+fn topics(partitions: u32, retention: Option<Duration>, retention_bytes: Option<u64>) -> Vec<PlannedTopic> {
+    vec![PlannedTopic {
+        name: "t".into(),
+        partitions,
+        retention,
+        retention_bytes,
+    }]
+}
+
+fn request(records: &[(u32, &str, u64)], reply: Option<ReplyTo>) -> AppendRequest {
+    let mut req = AppendRequest {
+        reply,
+        ..Default::default()
+    };
+    for (partition, payload, ts) in records {
+        let start = req.buf.len();
+        NewRecord {
+            timestamp_ms: *ts,
+            key: b"k",
+            mqtt_topic: "a/b",
+            qos: 1,
+            retain: false,
+            client_id: "c",
+            content_type: None,
+            user_properties: &[],
+            payload: payload.as_bytes(),
+        }
+        .encode_into(&mut req.buf);
+        req.records.push(PendingRecord {
+            topic: 0,
+            partition: *partition,
+            start: start as u32,
+            len: (req.buf.len() - start) as u32,
+            timestamp_ms: *ts,
+        });
+    }
+    req
+}
+
+/// Appends each request and waits for its commit.
+fn append_all(log: &Arc<Log>, max_batch: usize, reqs: Vec<AppendRequest>) -> Vec<Committed> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (tx, thread) = appender::spawn(log.clone(), FsyncMode::Always, max_batch, 16, |_| {});
+        let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
+        let n = reqs.len();
+        for (i, mut r) in reqs.into_iter().enumerate() {
+            r.reply = Some(ReplyTo { tx: reply_tx.clone(), ticket: i as u64 });
+            tx.send(AppenderMsg::Append(r)).await.unwrap();
+        }
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(reply_rx.recv().await.unwrap());
+        }
+        tx.send(AppenderMsg::Shutdown).await.unwrap();
+        drop(tx);
+        thread.join().unwrap().unwrap();
+        out
+    })
+}
+
+fn payloads(log: &Log, partition: u32, from: u64) -> Vec<(u64, String)> {
+    log.read(0, partition, from, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.offset, String::from_utf8(r.payload.to_vec()).unwrap()))
+        .collect()
+}
+
+#[test]
+fn read_after_append_with_dense_offsets_across_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(2, None, None)), None).unwrap());
+    let names: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    let recs: Vec<(u32, &str, u64)> = names.iter().map(|n| (0, n.as_str(), 1)).collect();
+    // Batches of at most 3 records: 10 records make 4 batch values in one commit.
+    let done = append_all(&log, 3, vec![request(&recs[..7], None), request(&recs[7..], None)]);
+    assert!(done.iter().all(|c| c.outcome.is_ok()));
+    let got = payloads(&log, 0, 0);
+    assert_eq!(got.len(), 10);
+    for (i, (off, p)) in got.iter().enumerate() {
+        assert_eq!(*off, i as u64);
+        assert_eq!(p, &format!("m{i}"));
+    }
+    // A read from the middle of a batch starts exactly there.
+    assert_eq!(payloads(&log, 0, 4)[0], (4, "m4".to_string()));
+    assert_eq!(log.topics()[0].partitions[0].end.load(Ordering::Relaxed), 10);
+    assert!(payloads(&log, 1, 0).is_empty());
+}
+
+#[test]
+fn reopen_recovers_end_offsets_and_records() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
+        append_all(&log, 1000, vec![request(&[(0, "a", 1), (0, "b", 2)], None)]);
+    }
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
+    assert_eq!(log.topics()[0].partitions[0].end.load(Ordering::Relaxed), 2);
+    append_all(&log, 1000, vec![request(&[(0, "c", 3)], None)]);
+    assert_eq!(
+        payloads(&log, 0, 0),
+        vec![(0, "a".into()), (1, "b".into()), (2, "c".into())]
+    );
+}
+
+#[test]
+fn partitions_can_grow_but_not_shrink() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Log::open(dir.path(), Some(&topics(2, None, None)), None).unwrap());
+    let grown = Log::open(dir.path(), Some(&topics(4, None, None)), None).unwrap();
+    assert_eq!(grown.topics()[0].partitions.len(), 4);
+    drop(grown);
+    let err = Log::open(dir.path(), Some(&topics(3, None, None)), None).unwrap_err();
+    assert!(err.to_string().contains("partitions can be added, never removed"), "{err}");
+}
+
+#[test]
+fn second_open_of_a_held_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap();
+    let err = Log::open(dir.path(), None, None).unwrap_err();
+    assert!(err.to_string().contains("in use by another process"), "{err}");
+}
+
+#[test]
+fn age_retention_deletes_whole_old_batches_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(
+        Log::open(dir.path(), Some(&topics(1, Some(Duration::from_secs(60)), None)), None).unwrap(),
+    );
+    let now = appender::now_ms();
+    append_all(
+        &log,
+        1000,
+        vec![
+            request(&[(0, "old1", now - 120_000), (0, "old2", now - 100_000)], None),
+            request(&[(0, "new", now)], None),
+        ],
+    );
+    // Both requests were one group commit, so one batch holds old and new: kept whole.
+    log.enforce_retention(now).unwrap();
+    assert_eq!(payloads(&log, 0, 0).len(), 3);
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(
+        Log::open(dir.path(), Some(&topics(1, Some(Duration::from_secs(60)), None)), None).unwrap(),
+    );
+    append_all(&log, 2, vec![request(&[(0, "old1", now - 120_000), (0, "old2", now - 100_000), (0, "new", now)], None)]);
+    log.enforce_retention(now).unwrap();
+    assert_eq!(payloads(&log, 0, 0), vec![(2, "new".into())]);
+    let p = &log.topics()[0].partitions[0];
+    assert_eq!(p.start.load(Ordering::Relaxed), 2);
+    assert_eq!(p.removed.load(Ordering::Relaxed), 2);
+    assert_eq!(log.counters.retention_removed.load(Ordering::Relaxed), 2);
+    // A read from a deleted offset starts at the first record still held.
+    assert_eq!(payloads(&log, 0, 0)[0].0, 2);
+}
+
+#[test]
+fn byte_retention_keeps_the_newest_within_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, Some(400))), None).unwrap());
+    let payload = "x".repeat(100);
+    let recs: Vec<(u32, &str, u64)> = (0..10).map(|i| (0, payload.as_str(), i)).collect();
+    append_all(&log, 1, vec![request(&recs, None)]);
+    log.enforce_retention(appender::now_ms()).unwrap();
+    let p = &log.topics()[0].partitions[0];
+    assert!(p.bytes.load(Ordering::Relaxed) <= 400);
+    let left = payloads(&log, 0, 0);
+    assert!(!left.is_empty());
+    assert_eq!(left.last().unwrap().0, 9, "the newest record is kept");
+    assert_eq!(left.len() as u64 + p.removed.load(Ordering::Relaxed), 10);
+}
+
+#[test]
+fn reject_budget_flags_the_log_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Budget { bytes: 500, policy: DiskFullPolicy::Reject };
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), Some(budget)).unwrap());
+    assert!(!log.rejects_publishes());
+    let payload = "y".repeat(600);
+    append_all(&log, 1000, vec![request(&[(0, payload.as_str(), 1)], None)]);
+    assert!(log.rejects_publishes());
+    // Nothing accepted is deleted by the reject policy.
+    assert_eq!(payloads(&log, 0, 0).len(), 1);
+}
+
+#[test]
+fn drop_oldest_budget_deletes_the_oldest_batches_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Budget { bytes: 1000, policy: DiskFullPolicy::DropOldest };
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(2, None, None)), Some(budget)).unwrap());
+    let payload = "z".repeat(200);
+    let reqs = (0..10u64)
+        .map(|i| request(&[((i % 2) as u32, payload.as_str(), 1000 + i)], None))
+        .collect();
+    append_all(&log, 1, reqs);
+    assert!(log.total_bytes() <= 1000);
+    assert!(!log.rejects_publishes());
+    let dropped = log.counters.budget_dropped.load(Ordering::Relaxed);
+    assert!(dropped > 0);
+    let held = payloads(&log, 0, 0).len() + payloads(&log, 1, 0).len();
+    assert_eq!(held as u64 + dropped, 10);
+}
+
+#[test]
+fn state_ops_commit_with_records_and_last_write_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
+    let mut a = request(&[(0, "r", 1)], None);
+    a.state.push(StateOp::Put { key: b"qx1".to_vec(), value: vec![] });
+    a.state.push(StateOp::Put { key: b"qx2".to_vec(), value: vec![] });
+    let mut b = request(&[], None);
+    b.state.push(StateOp::Delete { key: b"qx1".to_vec() });
+    let mut c = request(&[], None);
+    c.state.push(StateOp::Put { key: b"qy".to_vec(), value: vec![1] });
+    c.state.push(StateOp::DeletePrefix { prefix: b"qx".to_vec() });
+    append_all(&log, 1000, vec![a, b]);
+    assert_eq!(log.meta_scan(b"qx").unwrap().len(), 1);
+    append_all(&log, 1000, vec![c]);
+    assert!(log.meta_scan(b"qx").unwrap().is_empty());
+    assert_eq!(log.meta_scan(b"qy").unwrap(), vec![(b"qy".to_vec(), vec![1])]);
+}
+
+#[test]
+fn torn_journal_tail_leaves_only_whole_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
+        append_all(&log, 1000, vec![request(&[(0, "first", 1)], None)]);
+        append_all(&log, 1000, vec![request(&[(0, "second", 2), (0, "third", 3)], None)]);
+    }
+    // Cut the newest journal file a few bytes short, as a power cut mid-write would.
+    let mut journals: Vec<_> = walk(dir.path())
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "jnl"))
+        .filter(|p| p.metadata().map(|m| m.len() > 0).unwrap_or(false))
+        .collect();
+    journals.sort();
+    let newest = journals.last().expect("a journal file exists").clone();
+    let len = newest.metadata().unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&newest).unwrap();
+    f.set_len(len - 7).unwrap();
+    drop(f);
+
+    let log = Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap();
+    let got = payloads(&log, 0, 0);
+    let end = log.topics()[0].partitions[0].end.load(Ordering::Relaxed);
+    // Either the last commit survived whole or it is gone whole; never half of it.
+    assert!(
+        got == vec![(0, "first".into()), (1, "second".into()), (2, "third".into())]
+            || got == vec![(0, "first".into())],
+        "{got:?}"
+    );
+    assert_eq!(end, got.len() as u64);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn offsets_are_dense_and_monotonic(
+        groups in proptest::collection::vec(proptest::collection::vec(0u32..3, 1..20), 1..8),
+        max_batch in 1usize..6,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Log::open(dir.path(), Some(&topics(3, None, None)), None).unwrap());
+        let mut expected: Vec<Vec<String>> = vec![Vec::new(); 3];
+        let mut names = Vec::new();
+        for (g, parts) in groups.iter().enumerate() {
+            for (i, p) in parts.iter().enumerate() {
+                names.push((*p, format!("{g}-{i}")));
+            }
+        }
+        let mut reqs = Vec::new();
+        let mut at = 0;
+        for parts in &groups {
+            let slice: Vec<(u32, &str, u64)> = names[at..at + parts.len()].iter().map(|(p, n)| (*p, n.as_str(), 1)).collect();
+            for (p, n, _) in &slice { expected[*p as usize].push(n.to_string()); }
+            reqs.push(request(&slice, None));
+            at += parts.len();
+        }
+        append_all(&log, max_batch, reqs);
+        for p in 0..3u32 {
+            let got = payloads(&log, p, 0);
+            prop_assert_eq!(got.len(), expected[p as usize].len());
+            for (i, (off, name)) in got.iter().enumerate() {
+                prop_assert_eq!(*off, i as u64);
+                prop_assert_eq!(name, &expected[p as usize][i]);
+            }
+        }
+    }
+}

@@ -1,0 +1,580 @@
+//! Harness for the end-to-end tests: builds the release binaries, starts and kills `edge`
+//! processes on loopback ports, reads their logs back, and speaks raw MQTT where a test
+//! needs byte-level control (bad input, exact packet ids across a crash).
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => workspace_root().join("target"),
+    }
+}
+
+/// Builds the release binaries once per test process and returns the path of `name`.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--bins", "-p", "edge"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build --release failed");
+    });
+    let path = target_dir().join("release").join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port")
+}
+
+/// An `edge` process with its own data directory and config, stopped when dropped.
+pub struct Edge {
+    dir: tempfile::TempDir,
+    /// MQTT address.
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Edge {
+    /// Starts an edge whose config is `extra` plus the listener and data directory.
+    /// `extra` must not contain an `[mqtt]` or `[storage]` header; use `mqtt_extra` /
+    /// `storage_extra` of [`Edge::start_with`] for those keys.
+    pub fn start(extra: &str) -> Edge {
+        Edge::start_with("", "", extra)
+    }
+
+    /// Starts an edge with extra `[mqtt]` keys, extra `[storage]` keys and other sections.
+    pub fn start_with(mqtt_extra: &str, storage_extra: &str, extra: &str) -> Edge {
+        let dir = tempfile::Builder::new()
+            .prefix("tributary-edge-")
+            .tempdir()
+            .expect("temp dir");
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let config = format!(
+            "[mqtt]\nlisten = \"{addr}\"\n{mqtt_extra}\n[storage]\ndata_dir = \"{}\"\n{storage_extra}\n{extra}\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("edge.toml"), config).unwrap();
+        let mut edge = Edge {
+            dir,
+            addr,
+            child: None,
+            starts: 0,
+        };
+        edge.spawn();
+        edge
+    }
+
+    /// The config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("edge.toml")
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn stderr_path(&self, n: u32) -> PathBuf {
+        self.dir.path().join(format!("edge-{n}.stderr"))
+    }
+
+    /// Everything the edge wrote to stderr in its latest run.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr_path(self.starts)).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let stderr = std::fs::File::create(self.stderr_path(self.starts)).unwrap();
+        let child = Command::new(binary("edge"))
+            .arg("--config")
+            .arg(self.config_path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting edge");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("edge exited with {status} while starting:\n{}", self.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edge did not listen on {} within 30 s:\n{}",
+                self.addr,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// kill -9, as a power cut or an OOM kill would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts the edge again on the same data and port.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the edge first");
+        self.spawn();
+    }
+
+    /// SIGTERM, then waits for the exit; returns its status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("edge is running");
+        // SAFETY: kill(2) with a pid we own; no memory is touched.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("edge did not stop within 20 s of SIGTERM:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `edge <args> --data-dir <data>` and returns (status, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        let out = Command::new(binary("edge"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .output()
+            .expect("running edge");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// All records as `edge read --json` prints them (the edge must be stopped).
+    pub fn read_log(&self) -> Vec<serde_json::Value> {
+        let (status, stdout, stderr) = self.cli(&["read", "--json"]);
+        assert!(status.success(), "edge read failed: {stderr}");
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("edge read --json prints JSON lines"))
+            .collect()
+    }
+
+    /// `edge topics --json` (the edge must be stopped).
+    pub fn topics(&self) -> serde_json::Value {
+        let (status, stdout, stderr) = self.cli(&["topics", "--json"]);
+        assert!(status.success(), "edge topics failed: {stderr}");
+        serde_json::from_str(&stdout).expect("edge topics --json prints JSON")
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Payloads of the records in `log` (UTF-8 payloads only).
+pub fn payloads(log: &[serde_json::Value]) -> Vec<String> {
+    log.iter()
+        .filter(|r| r["payload_encoding"] == "utf8")
+        .map(|r| r["payload"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Runs a command and returns its stdout, failing with its stderr.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The Python interpreter that has paho-mqtt (tests/run installs it).
+pub fn python() -> String {
+    std::env::var("TRIBUTARY_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+/// Path of a client script in tests/clients/.
+pub fn client_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("clients").join(name)
+}
+
+/// MQTT version of a [`RawClient`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// 3.1.1
+    V311,
+    /// 5.0
+    V5,
+}
+
+/// A packet the edge sent, reduced to what tests check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Got {
+    /// CONNACK: (5.0) reason code or (3.1.1) return code, session present, assigned id.
+    ConnAck {
+        /// 5.0 reason code / 3.1.1 return code number.
+        code: u8,
+        /// Session present.
+        session_present: bool,
+        /// 5.0 assigned client identifier.
+        assigned_id: Option<String>,
+        /// 5.0 Receive Maximum.
+        receive_maximum: Option<u16>,
+    },
+    /// PUBACK.
+    PubAck(u16, u8),
+    /// PUBREC.
+    PubRec(u16, u8),
+    /// PUBCOMP.
+    PubComp(u16, u8),
+    /// SUBACK with its codes.
+    SubAck(u16, Vec<u8>),
+    /// PINGRESP.
+    PingResp,
+    /// 5.0 DISCONNECT with its reason code.
+    Disconnect(u8),
+    /// The edge closed the connection.
+    Closed,
+    /// Anything else.
+    Other(String),
+}
+
+/// A byte-level MQTT client over one TCP connection.
+pub struct RawClient {
+    stream: tokio::net::TcpStream,
+    buf: BytesMut,
+    /// Protocol spoken.
+    pub proto: Proto,
+}
+
+/// Options of [`RawClient::connect`].
+#[derive(Debug, Clone)]
+pub struct ConnectOpts {
+    /// Client id.
+    pub client_id: String,
+    /// Clean session / clean start.
+    pub clean: bool,
+    /// Keepalive seconds.
+    pub keep_alive: u16,
+    /// 5.0 session expiry.
+    pub session_expiry: Option<u32>,
+}
+
+impl ConnectOpts {
+    /// Clean session, keepalive 60, no expiry.
+    pub fn new(client_id: &str) -> ConnectOpts {
+        ConnectOpts {
+            client_id: client_id.to_string(),
+            clean: true,
+            keep_alive: 60,
+            session_expiry: None,
+        }
+    }
+}
+
+impl RawClient {
+    /// Opens a TCP connection without sending anything.
+    pub async fn open(addr: SocketAddr, proto: Proto) -> Result<RawClient> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(RawClient {
+            stream,
+            buf: BytesMut::new(),
+            proto,
+        })
+    }
+
+    /// Connects and returns the CONNACK.
+    pub async fn connect(addr: SocketAddr, proto: Proto, opts: &ConnectOpts) -> Result<(RawClient, Got)> {
+        let mut c = RawClient::open(addr, proto).await?;
+        c.send_connect(opts).await?;
+        let ack = c.recv().await?;
+        Ok((c, ack))
+    }
+
+    /// Sends a CONNECT.
+    pub async fn send_connect(&mut self, opts: &ConnectOpts) -> Result<()> {
+        let mut out = BytesMut::new();
+        match self.proto {
+            Proto::V311 => {
+                let mut c = v4::Connect::new(opts.client_id.clone());
+                c.clean_session = opts.clean;
+                c.keep_alive = opts.keep_alive;
+                c.write(&mut out)?;
+            }
+            Proto::V5 => {
+                let mut props = v5::ConnectProperties::new();
+                props.session_expiry_interval = opts.session_expiry;
+                v5::Connect {
+                    keep_alive: opts.keep_alive,
+                    client_id: opts.client_id.clone(),
+                    clean_start: opts.clean,
+                    properties: Some(props),
+                }
+                .write(&None, &None, &mut out)?;
+            }
+        }
+        self.send_raw(&out).await
+    }
+
+    /// Sends bytes as they are.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Encodes a PUBLISH (QoS as a number, 5.0 topic alias optional).
+    pub fn encode_publish(
+        proto: Proto,
+        topic: &[u8],
+        qos: u8,
+        pkid: u16,
+        dup: bool,
+        payload: &[u8],
+        alias: Option<u16>,
+        out: &mut BytesMut,
+    ) {
+        // Encoded by hand so tests can send what a codec would refuse (wildcards, bad UTF-8).
+        let mut props = Vec::new();
+        if proto == Proto::V5 {
+            if let Some(a) = alias {
+                props.push(0x23);
+                props.extend_from_slice(&a.to_be_bytes());
+            }
+        }
+        let mut body = Vec::new();
+        body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        body.extend_from_slice(topic);
+        if qos > 0 {
+            body.extend_from_slice(&pkid.to_be_bytes());
+        }
+        if proto == Proto::V5 {
+            body.push(props.len() as u8);
+            body.extend_from_slice(&props);
+        }
+        body.extend_from_slice(payload);
+        let mut first = 0x30 | (qos << 1);
+        if dup {
+            first |= 0x08;
+        }
+        out.extend_from_slice(&[first]);
+        let mut len = body.len();
+        loop {
+            let mut b = (len % 128) as u8;
+            len /= 128;
+            if len > 0 {
+                b |= 0x80;
+            }
+            out.extend_from_slice(&[b]);
+            if len == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&body);
+    }
+
+    /// Sends a PUBLISH.
+    pub async fn publish(&mut self, topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Result<()> {
+        let mut out = BytesMut::new();
+        Self::encode_publish(self.proto, topic.as_bytes(), qos, pkid, false, payload, None, &mut out);
+        self.send_raw(&out).await
+    }
+
+    /// Sends a PUBREL.
+    pub async fn pubrel(&mut self, pkid: u16) -> Result<()> {
+        let [hi, lo] = pkid.to_be_bytes();
+        self.send_raw(&[0x62, 2, hi, lo]).await
+    }
+
+    /// Sends a PINGREQ.
+    pub async fn ping(&mut self) -> Result<()> {
+        self.send_raw(&[0xC0, 0]).await
+    }
+
+    /// Receives the next packet (or `Closed`), failing after 10 s.
+    pub async fn recv(&mut self) -> Result<Got> {
+        self.recv_within(Duration::from_secs(10)).await
+    }
+
+    /// Receives the next packet (or `Closed`) within `limit`.
+    pub async fn recv_within(&mut self, limit: Duration) -> Result<Got> {
+        tokio::time::timeout(limit, self.recv_inner())
+            .await
+            .context("no packet from the edge in time")?
+    }
+
+    async fn recv_inner(&mut self) -> Result<Got> {
+        loop {
+            if let Some(p) = self.try_decode()? {
+                return Ok(p);
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Ok(Got::Closed),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn try_decode(&mut self) -> Result<Option<Got>> {
+        match self.proto {
+            Proto::V311 => match v4::Packet::read(&mut self.buf, 1 << 20) {
+                Ok(p) => Ok(Some(match p {
+                    v4::Packet::ConnAck(a) => Got::ConnAck {
+                        code: a.code as u8,
+                        session_present: a.session_present,
+                        assigned_id: None,
+                        receive_maximum: None,
+                    },
+                    v4::Packet::PubAck(a) => Got::PubAck(a.pkid, 0),
+                    v4::Packet::PubRec(a) => Got::PubRec(a.pkid, 0),
+                    v4::Packet::PubComp(a) => Got::PubComp(a.pkid, 0),
+                    v4::Packet::SubAck(s) => Got::SubAck(
+                        s.pkid,
+                        s.return_codes
+                            .iter()
+                            .map(|c| match c {
+                                v4::SubscribeReasonCode::Success(q) => *q as u8,
+                                v4::SubscribeReasonCode::Failure => 0x80,
+                            })
+                            .collect(),
+                    ),
+                    v4::Packet::PingResp => Got::PingResp,
+                    other => Got::Other(format!("{other:?}")),
+                })),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+                Err(e) => bail!("undecodable packet from the edge: {e}"),
+            },
+            Proto::V5 => match v5::Packet::read(&mut self.buf, None) {
+                Ok(p) => Ok(Some(match p {
+                    v5::Packet::ConnAck(a) => Got::ConnAck {
+                        code: connack_code_v5(a.code),
+                        session_present: a.session_present,
+                        assigned_id: a
+                            .properties
+                            .as_ref()
+                            .and_then(|p| p.assigned_client_identifier.clone()),
+                        receive_maximum: a.properties.as_ref().and_then(|p| p.receive_max),
+                    },
+                    v5::Packet::PubAck(a) => Got::PubAck(a.pkid, puback_code(a.reason)),
+                    v5::Packet::PubRec(a) => Got::PubRec(a.pkid, pubrec_code(a.reason)),
+                    v5::Packet::PubComp(a) => Got::PubComp(
+                        a.pkid,
+                        if a.reason == v5::PubCompReason::Success { 0 } else { 0x92 },
+                    ),
+                    v5::Packet::SubAck(s) => Got::SubAck(s.pkid, vec![0x83; s.return_codes.len()]),
+                    v5::Packet::PingResp(_) => Got::PingResp,
+                    v5::Packet::Disconnect(d) => Got::Disconnect(d.reason_code as u8),
+                    other => Got::Other(format!("{other:?}")),
+                })),
+                Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+                Err(e) => bail!("undecodable packet from the edge: {e}"),
+            },
+        }
+    }
+
+    /// Reads until the edge closes the connection; returns the packets seen before.
+    pub async fn until_closed(&mut self) -> Result<Vec<Got>> {
+        let mut seen = Vec::new();
+        loop {
+            match self.recv().await? {
+                Got::Closed => return Ok(seen),
+                other => seen.push(other),
+            }
+        }
+    }
+}
+
+fn connack_code_v5(c: v5::ConnectReturnCode) -> u8 {
+    use v5::ConnectReturnCode as C;
+    match c {
+        C::Success => 0,
+        C::UnspecifiedError => 0x80,
+        C::MalformedPacket => 0x81,
+        C::ProtocolError => 0x82,
+        C::UnsupportedProtocolVersion => 0x84,
+        C::ClientIdentifierNotValid => 0x85,
+        C::ServerBusy => 0x89,
+        C::QuotaExceeded => 0x97,
+        other => panic!("unexpected CONNACK code {other:?}"),
+    }
+}
+
+fn puback_code(r: v5::PubAckReason) -> u8 {
+    match r {
+        v5::PubAckReason::Success => 0,
+        v5::PubAckReason::QuotaExceeded => 0x97,
+        v5::PubAckReason::NotAuthorized => 0x87,
+        v5::PubAckReason::TopicNameInvalid => 0x90,
+        _ => 0x80,
+    }
+}
+
+fn pubrec_code(r: v5::PubRecReason) -> u8 {
+    match r {
+        v5::PubRecReason::Success => 0,
+        v5::PubRecReason::QuotaExceeded => 0x97,
+        _ => 0x80,
+    }
+}
+
+/// Reads a whole file to a string (for stderr checks).
+pub fn read_to_string(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
