@@ -1,0 +1,414 @@
+//! The `firmware-sim` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use firmware_sim::broker::{BrokerUrl, ConnectSettings, Protocol, SessionKind, TlsFiles};
+use firmware_sim::payload::PayloadKind;
+use firmware_sim::plan::{ClassDefaults, FleetPlan};
+use firmware_sim::run::{new_run_id, run, RunOptions};
+use firmware_sim::sink::{serve, SinkOptions};
+use firmware_sim::source::{read_edge_log, read_mqtt, MqttSource};
+use firmware_sim::verify::Verifier;
+use firmware_sim::{manifest, report};
+
+/// Exit code when verification finds loss or duplicates (or a run sent nothing).
+const EXIT_FAILED: u8 = 1;
+/// Exit code for bad input and errors.
+const EXIT_ERROR: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "firmware-sim",
+    version,
+    about = "Tributary device fleet simulator and delivery verifier"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Simulate a fleet of devices publishing over MQTT.
+    Run(Box<RunArgs>),
+    /// Compare messages read back from the edge log or MQTT with a run's manifest.
+    Verify(Box<VerifyArgs>),
+    /// A discarding / acknowledging MQTT endpoint for benchmarks and tests.
+    #[command(hide = true)]
+    Sink(SinkArgs),
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| format!("{e}; write e.g. 10s, 500ms, 2m"))
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    /// Broker URL: mqtt://host[:port] or mqtts://host[:port].
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// MQTT protocol version.
+    #[arg(long, value_enum, default_value = "5")]
+    protocol: Protocol,
+    /// User name.
+    #[arg(long)]
+    username: Option<String>,
+    /// Password (needs --username).
+    #[arg(long, requires = "username")]
+    password: Option<String>,
+    /// CA certificates (PEM) for mqtts://.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Keep-alive interval (at least 5s).
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    keep_alive: Duration,
+    /// Time allowed for TCP, TLS and CONNACK.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    connect_timeout: Duration,
+}
+
+impl ConnectArgs {
+    fn settings(&self, option: &str) -> anyhow::Result<ConnectSettings> {
+        let url = BrokerUrl::parse(option, &self.broker)?;
+        let tls = TlsFiles {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert.clone(),
+            key_file: self.key.clone(),
+        }
+        .client_config(&url)?;
+        if self.keep_alive < Duration::from_secs(5) {
+            anyhow::bail!(
+                "--keep-alive: must be at least 5s (got {:?})",
+                self.keep_alive
+            );
+        }
+        Ok(ConnectSettings {
+            url,
+            tls,
+            protocol: self.protocol,
+            credentials: self
+                .username
+                .clone()
+                .map(|u| (u, self.password.clone().unwrap_or_default())),
+            keep_alive: self.keep_alive,
+            connect_timeout: self.connect_timeout,
+            session_expiry: Duration::from_secs(3600),
+        })
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Number of devices (connections in --flood).
+    #[arg(long, default_value_t = 1, conflicts_with = "scenario")]
+    devices: u32,
+    /// Messages per second per device.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Relative jitter of each publish interval, in [0, 1).
+    #[arg(long, default_value_t = 0.1)]
+    jitter: f64,
+    /// Stop publishing after this long (e.g. 10s, 2m).
+    #[arg(long, value_parser = duration)]
+    duration: Option<Duration>,
+    /// Messages per device; the run ends when every device has sent them.
+    #[arg(long)]
+    count: Option<u64>,
+    /// QoS of every publish: 0, 1 or 2.
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// Payload: JSON telemetry or binary [default: json; binary with --flood].
+    #[arg(long, value_enum)]
+    payload: Option<PayloadKind>,
+    /// Payload size in bytes: exact for binary (>= 32, default 64); JSON is padded to it.
+    #[arg(long)]
+    payload_size: Option<usize>,
+    /// Topic template; placeholders {device} {n} {k} {class} {run}.
+    #[arg(long, default_value = "sensors/{device}/temperature")]
+    topic: String,
+    /// Client id template.
+    #[arg(long, default_value = "sim-{device}")]
+    client_id: String,
+    /// Device name template ({n} is the 1-based device number).
+    #[arg(long, default_value = "dev-{n}")]
+    device_id: String,
+    /// Clean or persistent sessions.
+    #[arg(long, value_enum, default_value = "clean")]
+    session: SessionKind,
+    /// Session expiry of persistent MQTT 5 sessions.
+    #[arg(long, value_parser = duration, default_value = "1h")]
+    session_expiry: Duration,
+    /// Spread the first connections evenly over this long.
+    #[arg(long, value_parser = duration, default_value = "0s")]
+    ramp_up: Duration,
+    /// Most connection attempts in progress at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Most unacknowledged QoS 1/2 publishes per connection [default: 16; 64 with --flood].
+    #[arg(long)]
+    inflight: Option<u16>,
+    /// Most messages a device queues in its client before skipping publishes.
+    #[arg(long, default_value_t = 1000)]
+    max_queue: usize,
+    /// After the end, wait this long for outstanding acknowledgements.
+    #[arg(long, value_parser = duration, default_value = "5s")]
+    drain: Duration,
+    /// Scenario file (TOML) with device classes and events; see the crate docs.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Benchmark mode: pre-encoded packets written straight to the socket.
+    #[arg(long)]
+    flood: bool,
+    /// Write the manifest (what was sent and acknowledged) to this directory.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Draw throughput and latency over time to this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Manifest directory written by `run --manifest`.
+    #[arg(long)]
+    manifest: PathBuf,
+    /// Output of `edge read --json` (`-` for stdin).
+    #[arg(long, conflicts_with = "mqtt", required_unless_present = "mqtt")]
+    edge_log: Option<PathBuf>,
+    /// Read from an MQTT broker instead (mqtt:// or mqtts:// URL).
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// Topic filter to subscribe to with --mqtt.
+    #[arg(long, default_value = "#")]
+    filter: String,
+    /// Subscription QoS with --mqtt.
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// With --mqtt: stop when the manifest exists and nothing arrived for this long.
+    #[arg(long, value_parser = duration, default_value = "3s")]
+    idle: Duration,
+    /// With --mqtt: give up after this long.
+    #[arg(long, value_parser = duration, default_value = "30m")]
+    timeout: Duration,
+    #[command(flatten)]
+    connect: VerifyConnectArgs,
+    /// Write the verdict as JSON to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct VerifyConnectArgs {
+    /// MQTT protocol version for --mqtt.
+    #[arg(long, value_enum, default_value = "5")]
+    protocol: Protocol,
+    /// User name for --mqtt.
+    #[arg(long)]
+    username: Option<String>,
+    /// Password for --mqtt.
+    #[arg(long, requires = "username")]
+    password: Option<String>,
+    /// CA certificates (PEM) for an mqtts:// --mqtt URL.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for --mqtt.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long)]
+    key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SinkArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:18831")]
+    listen: String,
+    /// Parse packets and acknowledge publishes and pings.
+    #[arg(long)]
+    ack: bool,
+    /// Append received publishes to this file in `edge read --json` format (implies --ack).
+    #[arg(long)]
+    record: Option<PathBuf>,
+}
+
+async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let settings = {
+        let mut s = args.connect.settings("--broker")?;
+        s.session_expiry = args.session_expiry;
+        s
+    };
+    let payload = args.payload.unwrap_or(if args.flood {
+        PayloadKind::Binary
+    } else {
+        PayloadKind::Json
+    });
+    let defaults = ClassDefaults {
+        devices: args.devices,
+        rate: args.rate,
+        jitter: args.jitter,
+        qos: args.qos,
+        payload,
+        size: args.payload_size,
+        topic: args.topic.clone(),
+        device_id: args.device_id.clone(),
+        client_id: args.client_id.clone(),
+        session: args.session,
+        inflight: args.inflight.unwrap_or(if args.flood { 64 } else { 16 }),
+        count: args.count,
+    };
+    let run_id = new_run_id();
+    let plan = match &args.scenario {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--scenario: reading {}", path.display()))?;
+            FleetPlan::from_scenario(run_id, path, &text, &defaults, args.duration)?
+        }
+        None => FleetPlan::from_options(run_id, &defaults, args.duration)?,
+    };
+    let options = RunOptions {
+        settings,
+        plan,
+        ramp_up: args.ramp_up,
+        connect_concurrency: args.connect_concurrency,
+        max_queue: args.max_queue,
+        drain: args.drain,
+        flood_inflight: args.flood.then_some(defaults.inflight),
+        manifest_dir: args.manifest.clone(),
+        report_path: args.report.clone(),
+        plot_path: args.plot.clone(),
+    };
+    let report = run(options).await?;
+    print!("{}", report.table());
+    if report.sent == 0 && report.connect_failures > 0 {
+        eprintln!(
+            "error: nothing was sent: {} connection attempts to {} failed (see the errors above)",
+            report.connect_failures, report.broker
+        );
+        return Ok(ExitCode::from(EXIT_FAILED));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify_command(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if args.qos > 2 {
+        anyhow::bail!("--qos: must be 0, 1 or 2 (got {})", args.qos);
+    }
+    let (source, received) = match (&args.edge_log, &args.mqtt) {
+        (Some(path), _) => (format!("edge log {}", path.display()), None),
+        (None, Some(url)) => {
+            let connect = ConnectArgs {
+                broker: url.clone(),
+                protocol: args.connect.protocol,
+                username: args.connect.username.clone(),
+                password: args.connect.password.clone(),
+                ca_file: args.connect.ca_file.clone(),
+                cert: args.connect.cert.clone(),
+                key: args.connect.key.clone(),
+                keep_alive: Duration::from_secs(30),
+                connect_timeout: Duration::from_secs(10),
+            };
+            let source = MqttSource {
+                settings: connect.settings("--mqtt")?,
+                filter: args.filter.clone(),
+                qos: args.qos,
+                idle: args.idle,
+                timeout: args.timeout,
+                manifest_dir: args.manifest.clone(),
+            };
+            let received = read_mqtt(&source).await?;
+            (format!("MQTT {url} filter {}", args.filter), Some(received))
+        }
+        (None, None) => anyhow::bail!("verify needs --edge-log FILE or --mqtt URL"),
+    };
+    let manifest = manifest::read(&args.manifest)?;
+    let mut verifier = Verifier::new(&manifest);
+    match received {
+        Some(messages) => {
+            for message in &messages {
+                match &message.stamp {
+                    Some(stamp) => {
+                        verifier.observe_stamp(stamp, Some(message.at_us));
+                    }
+                    None => verifier.observe_foreign(),
+                }
+            }
+        }
+        None => {
+            let path = args.edge_log.as_ref().expect("edge log chosen above");
+            let stats = read_edge_log(path, &mut verifier)?;
+            if stats.malformed > 0 {
+                eprintln!(
+                    "warning: {} of {} lines of {} are not edge records",
+                    stats.malformed,
+                    stats.lines,
+                    path.display()
+                );
+            }
+        }
+    }
+    let verdict = verifier.finish(&source);
+    if let Some(path) = &args.report {
+        report::write_json(path, &verdict)?;
+    }
+    print!("{}", verdict.table());
+    println!("{}", verdict.summary_line());
+    Ok(if verdict.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run_command(*args).await,
+            Command::Verify(args) => verify_command(*args).await,
+            Command::Sink(args) => serve(SinkOptions {
+                listen: args.listen,
+                ack: args.ack,
+                record: args.record,
+            })
+            .await
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
+        }
+    });
+    // Device tasks may still hold sockets; do not wait for them.
+    runtime.shutdown_background();
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
