@@ -202,9 +202,9 @@ impl TlsFiles {
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| SimError::Tls {
-                        option: "--key",
-                        path: key_path.clone(),
-                        reason: e.to_string(),
+                        option: "--cert/--key",
+                        path: cert_path.clone(),
+                        reason: format!("unusable client certificate or key: {e}"),
                     })?
             }
             (Some(_), None) => {
