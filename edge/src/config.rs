@@ -242,7 +242,9 @@ impl std::str::FromStr for FsyncMode {
                     format!("\"{other}\" is not a fsync mode: use \"always\", \"interval:<ms>\" or \"never\"")
                 })?;
                 let ms: u64 = ms.parse().map_err(|_| {
-                    format!("\"{other}\": the interval must be whole milliseconds, as \"interval:10\"")
+                    format!(
+                        "\"{other}\": the interval must be whole milliseconds, as \"interval:10\""
+                    )
                 })?;
                 if ms == 0 {
                     return Err("\"interval:0\": the interval must be at least 1 ms".into());
@@ -279,7 +281,9 @@ impl std::str::FromStr for HumanDuration {
     fn from_str(s: &str) -> Result<Self, String> {
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (digits, unit) = s.split_at(split);
-        let bad = || format!("\"{s}\" is not a duration: write a whole number and a unit, as \"500ms\", \"10s\", \"5m\", \"12h\" or \"7d\"");
+        let bad = || {
+            format!("\"{s}\" is not a duration: write a whole number and a unit, as \"500ms\", \"10s\", \"5m\", \"12h\" or \"7d\"")
+        };
         let n: u64 = digits.parse().map_err(|_| bad())?;
         let ms_per_unit = match unit {
             "ms" => 1,
@@ -311,7 +315,9 @@ impl std::str::FromStr for ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (digits, unit) = t.split_at(split);
-        let bad = || format!("\"{s}\" is not a size: write a number of bytes or a number with a unit (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)");
+        let bad = || {
+            format!("\"{s}\" is not a size: write a number of bytes or a number with a unit (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
+        };
         let n: u64 = digits.parse().map_err(|_| bad())?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
@@ -394,10 +400,7 @@ impl Config {
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|span| line_of(text, span.start))
-                .unwrap_or(0);
+            let line = e.span().map(|span| line_of(text, span.start)).unwrap_or(0);
             ConfigError::Parse {
                 origin: origin.to_string(),
                 line,
@@ -538,7 +541,8 @@ impl Config {
             }
         };
         for (name, t) in &self.topics {
-            validate_topic_name(name).map_err(|msg| invalid(None, format!("topics.{name}"), msg))?;
+            validate_topic_name(name)
+                .map_err(|msg| invalid(None, format!("topics.{name}"), msg))?;
             if let Some(p) = &t.partitions {
                 set_partitions(
                     name,
@@ -570,13 +574,14 @@ impl Config {
 
         let mut routes = Vec::with_capacity(self.routes.len());
         for (i, r) in self.routes.iter().enumerate() {
-            let filter = TopicFilter::parse(r.filter.get_ref()).map_err(|msg| {
-                invalid(Some(r.filter.span()), format!("routes[{i}].match"), msg)
-            })?;
+            let filter = TopicFilter::parse(r.filter.get_ref())
+                .map_err(|msg| invalid(Some(r.filter.span()), format!("routes[{i}].match"), msg))?;
             validate_topic_name(r.topic.get_ref())
                 .map_err(|msg| invalid(Some(r.topic.span()), format!("routes[{i}].topic"), msg))?;
             let key = match &r.key {
-                None => KeyTemplate::parse("{topic}", &filter).expect("the default template is valid"),
+                None => {
+                    KeyTemplate::parse("{topic}", &filter).expect("the default template is valid")
+                }
                 Some(k) => KeyTemplate::parse(k.get_ref(), &filter).map_err(|msg| {
                     invalid(
                         Some(k.span()),
@@ -684,9 +689,12 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_its_line() {
-        let err = Config::parse("[mqtt]\nlisten = \"127.0.0.1:1\"\nlisten_port = 3\n", "e.toml")
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(
+            "[mqtt]\nlisten = \"127.0.0.1:1\"\nlisten_port = 3\n",
+            "e.toml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("config e.toml:3:"), "{err}");
         assert!(err.contains("listen_port"), "{err}");
     }
@@ -703,14 +711,20 @@ mod tests {
     #[test]
     fn fsync_interval_parses() {
         let c = Config::parse("[storage]\nfsync = \"interval:25\"\n", "t").unwrap();
-        assert_eq!(c.storage.fsync, FsyncMode::Interval(Duration::from_millis(25)));
+        assert_eq!(
+            c.storage.fsync,
+            FsyncMode::Interval(Duration::from_millis(25))
+        );
     }
 
     #[test]
     fn key_level_beyond_filter_names_route_and_line() {
         let text = "\n[[routes]]\nmatch = \"sensors/+\"\ntopic = \"telemetry\"\nkey = \"{9}\"\n";
         let err = Config::parse(text, "edge.toml").unwrap_err().to_string();
-        assert!(err.starts_with("config edge.toml:5: routes[0].key \"{9}\""), "{err}");
+        assert!(
+            err.starts_with("config edge.toml:5: routes[0].key \"{9}\""),
+            "{err}"
+        );
         assert!(err.contains("2 levels"), "{err}");
     }
 
@@ -744,9 +758,7 @@ mod tests {
     #[test]
     fn readme_example_config_loads() {
         let readme = include_str!("../../README.md");
-        let start = readme
-            .find("```toml\n")
-            .expect("README has a toml example");
+        let start = readme.find("```toml\n").expect("README has a toml example");
         let rest = &readme[start + 8..];
         let end = rest.find("```").unwrap();
         let c = Config::parse(&rest[..end], "README.md").unwrap();

@@ -179,12 +179,6 @@ impl KeyTemplate {
             }
         }
     }
-
-    /// Whether the key depends on the client id (so a route result cannot be shared between
-    /// clients).
-    pub fn uses_client_id(&self) -> bool {
-        self.parts.iter().any(|p| *p == KeyPart::ClientId)
-    }
 }
 
 /// Index of a log topic in the node's topic table.
@@ -253,14 +247,6 @@ impl Router {
             partition,
             key,
         }
-    }
-
-    /// Whether the route of `mqtt_topic` depends on who publishes it.
-    pub fn depends_on_client(&self, mqtt_topic: &str) -> bool {
-        self.routes
-            .iter()
-            .find(|(f, _, _)| f.matches(mqtt_topic))
-            .is_some_and(|(_, _, t)| t.uses_client_id())
     }
 }
 

@@ -37,8 +37,9 @@ pub enum ServeError {
     Fatal(String),
 }
 
-/// Appender queue length, in requests (each at most a few hundred KiB).
-const APPENDER_QUEUE: usize = 512;
+/// Appender queue length, in requests; the bytes they hold are bounded separately by
+/// `mqtt::APPEND_BUDGET_BYTES`.
+const APPENDER_QUEUE: usize = 1024;
 /// How long connections get to finish on shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
@@ -49,7 +50,11 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         bytes: b.0,
         policy: config.storage.disk_full_policy,
     });
-    let log = Arc::new(Log::open(&config.storage.data_dir, Some(&plan.topics), budget)?);
+    let log = Arc::new(Log::open(
+        &config.storage.data_dir,
+        Some(&plan.topics),
+        budget,
+    )?);
     let (sessions, purge) = SessionStore::load(&log, now_ms())?;
 
     let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
@@ -63,7 +68,10 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         },
     );
     if !purge.is_empty() {
-        tracing::info!(entries = purge.len(), "discarding session state that expired while the edge was down");
+        tracing::info!(
+            entries = purge.len(),
+            "discarding session state that expired while the edge was down"
+        );
         let _ = appender_tx
             .send(AppenderMsg::Append(AppendRequest {
                 state: purge,
@@ -79,11 +87,16 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let listen = config.mqtt.listen;
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|source| ServeError::Bind { addr: listen, source })?;
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
     let bound = listener.local_addr().unwrap_or(listen);
 
     if config.mqtt.allow_anonymous {
-        tracing::warn!("anonymous access is allowed: any client that reaches {bound} can connect and publish");
+        tracing::warn!(
+            "anonymous access is allowed: any client that reaches {bound} can connect and publish"
+        );
     }
     tracing::info!("no uplink configured: records stay in the local log");
     for t in log.topics() {
@@ -108,6 +121,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         log: log.clone(),
         appender: appender_tx.clone(),
         sessions,
+        append_budget: Arc::new(tokio::sync::Semaphore::new(
+            mqtt::APPEND_BUDGET_BYTES as usize,
+        )),
         connections: AtomicUsize::new(0),
         counters: BrokerCounters::default(),
         shutdown: shutdown_rx,

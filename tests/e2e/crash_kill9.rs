@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tributary_tests::{ConnectOpts, Edge, Got, Proto, RawClient};
+use tributary_tests::{ConnectOpts, Edge, Got, Proto, Pub, RawClient};
 
 const WINDOW: usize = 20;
 
@@ -31,8 +31,14 @@ async fn connect_retrying(
     stop: &AtomicBool,
 ) -> Option<(RawClient, bool)> {
     loop {
-        if let Ok((c, Got::ConnAck { code: 0, session_present, .. })) =
-            RawClient::connect(addr, proto, opts).await
+        if let Ok((
+            c,
+            Got::ConnAck {
+                code: 0,
+                session_present,
+                ..
+            },
+        )) = RawClient::connect(addr, proto, opts).await
         {
             return Some((c, session_present));
         }
@@ -44,11 +50,19 @@ async fn connect_retrying(
 }
 
 /// Publishes QoS 1 until stopped; unacknowledged messages of a lost connection are abandoned.
-async fn qos1_publisher(addr: std::net::SocketAddr, proto: Proto, id: &str, stop: Arc<AtomicBool>, ledger: Arc<Mutex<Ledger>>) {
+async fn qos1_publisher(
+    addr: std::net::SocketAddr,
+    proto: Proto,
+    id: &str,
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+) {
     let mut seq = 0u64;
     let opts = ConnectOpts::new(id);
     'outer: loop {
-        let Some((mut c, _)) = connect_retrying(addr, proto, &opts, &stop).await else { break };
+        let Some((mut c, _)) = connect_retrying(addr, proto, &opts, &stop).await else {
+            break;
+        };
         let mut window: HashMap<u16, String> = HashMap::new();
         let mut next_pkid = 1u16;
         loop {
@@ -63,7 +77,18 @@ async fn qos1_publisher(addr: std::net::SocketAddr, proto: Proto, id: &str, stop
                 while window.contains_key(&next_pkid) || next_pkid == 0 {
                     next_pkid = next_pkid.wrapping_add(1);
                 }
-                RawClient::encode_publish(proto, b"sensors/crash/q1", 1, next_pkid, false, payload.as_bytes(), None, &mut out);
+                RawClient::encode_publish(
+                    proto,
+                    &Pub {
+                        topic: b"sensors/crash/q1",
+                        qos: 1,
+                        pkid: next_pkid,
+                        dup: false,
+                        payload: payload.as_bytes(),
+                        alias: None,
+                    },
+                    &mut out,
+                );
                 ledger.lock().unwrap().sent.insert(payload.clone());
                 window.insert(next_pkid, payload);
                 next_pkid = next_pkid.wrapping_add(1);
@@ -73,7 +98,9 @@ async fn qos1_publisher(addr: std::net::SocketAddr, proto: Proto, id: &str, stop
             }
             match c.recv_within(Duration::from_secs(5)).await {
                 Ok(Got::PubAck(pkid, 0)) => {
-                    let p = window.remove(&pkid).expect("PUBACK for a packet id in flight");
+                    let p = window
+                        .remove(&pkid)
+                        .expect("PUBACK for a packet id in flight");
                     ledger.lock().unwrap().acked.insert(p);
                 }
                 Ok(Got::Closed) | Err(_) => continue 'outer,
@@ -85,7 +112,13 @@ async fn qos1_publisher(addr: std::net::SocketAddr, proto: Proto, id: &str, stop
 
 /// Publishes QoS 2 over a persistent session until stopped; after a reconnect it resends
 /// unacknowledged PUBLISHes with DUP and the same packet id, and PUBRELs for PUBREC'd ones.
-async fn qos2_publisher(addr: std::net::SocketAddr, proto: Proto, id: &str, stop: Arc<AtomicBool>, ledger: Arc<Mutex<Ledger>>) {
+async fn qos2_publisher(
+    addr: std::net::SocketAddr,
+    proto: Proto,
+    id: &str,
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+) {
     let mut opts = ConnectOpts::new(id);
     opts.clean = false;
     opts.session_expiry = Some(3600);
@@ -119,7 +152,18 @@ async fn qos2_publisher(addr: std::net::SocketAddr, proto: Proto, id: &str, stop
                 let [hi, lo] = pkid.to_be_bytes();
                 out.extend_from_slice(&[0x62, 2, hi, lo]);
             } else {
-                RawClient::encode_publish(proto, b"sensors/crash/q2", 2, pkid, true, payload.as_bytes(), None, &mut out);
+                RawClient::encode_publish(
+                    proto,
+                    &Pub {
+                        topic: b"sensors/crash/q2",
+                        qos: 2,
+                        pkid,
+                        dup: true,
+                        payload: payload.as_bytes(),
+                        alias: None,
+                    },
+                    &mut out,
+                );
             }
         }
         if c.send_raw(&out).await.is_err() {
@@ -137,7 +181,18 @@ async fn qos2_publisher(addr: std::net::SocketAddr, proto: Proto, id: &str, stop
                 while window.contains_key(&next_pkid) || next_pkid == 0 {
                     next_pkid = next_pkid.wrapping_add(1);
                 }
-                RawClient::encode_publish(proto, b"sensors/crash/q2", 2, next_pkid, false, payload.as_bytes(), None, &mut out);
+                RawClient::encode_publish(
+                    proto,
+                    &Pub {
+                        topic: b"sensors/crash/q2",
+                        qos: 2,
+                        pkid: next_pkid,
+                        dup: false,
+                        payload: payload.as_bytes(),
+                        alias: None,
+                    },
+                    &mut out,
+                );
                 ledger.lock().unwrap().sent.insert(payload.clone());
                 window.insert(next_pkid, (payload, false));
                 next_pkid = next_pkid.wrapping_add(1);
@@ -175,15 +230,22 @@ async fn acknowledged_messages_survive_repeated_kill_9() {
     let mut tasks = Vec::new();
     for (proto, name) in [(Proto::V311, "v311"), (Proto::V5, "v5")] {
         let (s, l) = (stop.clone(), q1.clone());
-        tasks.push(tokio::spawn(async move { qos1_publisher(addr, proto, &format!("crash-q1-{name}"), s, l).await }));
+        tasks.push(tokio::spawn(async move {
+            qos1_publisher(addr, proto, &format!("crash-q1-{name}"), s, l).await
+        }));
         let (s, l) = (stop.clone(), q2.clone());
-        tasks.push(tokio::spawn(async move { qos2_publisher(addr, proto, &format!("crash-q2-{name}"), s, l).await }));
+        tasks.push(tokio::spawn(async move {
+            qos2_publisher(addr, proto, &format!("crash-q2-{name}"), s, l).await
+        }));
     }
 
     let mut acked_before_kill = Vec::new();
     for _round in 0..4 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        acked_before_kill.push((q1.lock().unwrap().acked.len(), q2.lock().unwrap().acked.len()));
+        acked_before_kill.push((
+            q1.lock().unwrap().acked.len(),
+            q2.lock().unwrap().acked.len(),
+        ));
         edge.kill9();
         tokio::time::sleep(Duration::from_millis(300)).await;
         edge.restart();
@@ -191,28 +253,61 @@ async fn acknowledged_messages_survive_repeated_kill_9() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(60), t).await.expect("publishers finish").unwrap();
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("publishers finish")
+            .unwrap();
     }
     assert!(edge.stop().success(), "{}", edge.stderr());
 
     // Publishing made progress between every two kills, so each kill hit a live stream.
     for w in acked_before_kill.windows(2) {
-        assert!(w[1].0 > w[0].0 && w[1].1 > w[0].1, "no progress between kills: {acked_before_kill:?}");
+        assert!(
+            w[1].0 > w[0].0 && w[1].1 > w[0].1,
+            "no progress between kills: {acked_before_kill:?}"
+        );
     }
-    assert!(q2.lock().unwrap().resumed >= 2 * 4, "QoS 2 clients resumed their sessions after each kill");
+    assert!(
+        q2.lock().unwrap().resumed >= 2 * 4,
+        "QoS 2 clients resumed their sessions after each kill"
+    );
 
     let log = edge.read_log();
     let mut count: HashMap<String, usize> = HashMap::new();
     for r in &log {
-        *count.entry(r["payload"].as_str().unwrap().to_string()).or_default() += 1;
+        *count
+            .entry(r["payload"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
     let q1 = q1.lock().unwrap();
-    let missing: Vec<_> = q1.acked.iter().filter(|p| !count.contains_key(*p)).collect();
-    assert!(missing.is_empty(), "{} acknowledged QoS 1 messages lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    let missing: Vec<_> = q1
+        .acked
+        .iter()
+        .filter(|p| !count.contains_key(*p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged QoS 1 messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     let q2 = q2.lock().unwrap();
-    let missing: Vec<_> = q2.acked.iter().filter(|p| !count.contains_key(*p)).collect();
-    assert!(missing.is_empty(), "{} acknowledged QoS 2 messages lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
-    let dups: Vec<_> = q2.sent.iter().filter(|p| count.get(*p).copied().unwrap_or(0) > 1).collect();
+    let missing: Vec<_> = q2
+        .acked
+        .iter()
+        .filter(|p| !count.contains_key(*p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged QoS 2 messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let dups: Vec<_> = q2
+        .sent
+        .iter()
+        .filter(|p| count.get(*p).copied().unwrap_or(0) > 1)
+        .collect();
     assert!(dups.is_empty(), "QoS 2 messages logged twice: {dups:?}");
     // With every in-flight QoS 2 message resent to completion, all of them arrived.
     assert_eq!(q2.acked.len(), q2.sent.len());

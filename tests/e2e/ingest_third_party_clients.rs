@@ -36,13 +36,22 @@ fn paho(edge: &Edge, version: &str, qos: u8, count: usize) -> Sent {
     ]))
     .expect("paho publisher (is paho-mqtt installed? tests/run installs it)");
     let acked: Vec<String> = serde_json::from_str(out.trim()).expect("paho script prints JSON");
-    assert_eq!(acked.len(), count, "paho {version} QoS {qos}: every publish acknowledged");
-    acked.into_iter().map(|p| (p, client_id.clone(), qos)).collect()
+    assert_eq!(
+        acked.len(),
+        count,
+        "paho {version} QoS {qos}: every publish acknowledged"
+    );
+    acked
+        .into_iter()
+        .map(|p| (p, client_id.clone(), qos))
+        .collect()
 }
 
 fn mosquitto_pub(edge: &Edge, version: &str, qos: u8, count: usize) -> Sent {
     let client_id = format!("mosq-{version}-q{qos}");
-    let lines: Vec<String> = (0..count).map(|i| format!("mosq{version}q{qos}-{i}")).collect();
+    let lines: Vec<String> = (0..count)
+        .map(|i| format!("mosq{version}q{qos}-{i}"))
+        .collect();
     let mut args = vec![
         "-h".to_string(),
         "127.0.0.1".into(),
@@ -74,8 +83,15 @@ fn mosquitto_pub(edge: &Edge, version: &str, qos: u8, count: usize) -> Sent {
         }
     }
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
-    lines.into_iter().map(|p| (p, client_id.clone(), qos)).collect()
+    assert!(
+        out.status.success(),
+        "mosquitto_pub failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lines
+        .into_iter()
+        .map(|p| (p, client_id.clone(), qos))
+        .collect()
 }
 
 async fn rumqttc_v311(edge: &Edge, qos: u8, count: usize) -> Sent {
@@ -89,7 +105,9 @@ async fn rumqttc_v311(edge: &Edge, qos: u8, count: usize) -> Sent {
         1 => QoS::AtLeastOnce,
         _ => QoS::ExactlyOnce,
     };
-    let payloads: Vec<String> = (0..count).map(|i| format!("rumqttc311q{qos}-{i}")).collect();
+    let payloads: Vec<String> = (0..count)
+        .map(|i| format!("rumqttc311q{qos}-{i}"))
+        .collect();
     let topic = format!("sensors/{client_id}/x");
     let p2 = payloads.clone();
     let c2 = client.clone();
@@ -101,7 +119,11 @@ async fn rumqttc_v311(edge: &Edge, qos: u8, count: usize) -> Sent {
     let mut acked = 0;
     let mut sent = 0;
     while acked < count || sent < count {
-        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await.expect("rumqttc progress").unwrap() {
+        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll())
+            .await
+            .expect("rumqttc progress")
+            .unwrap()
+        {
             Event::Outgoing(Outgoing::Publish(_)) => {
                 sent += 1;
                 if qos == 0 {
@@ -122,7 +144,10 @@ async fn rumqttc_v311(edge: &Edge, qos: u8, count: usize) -> Sent {
         }
     })
     .await;
-    payloads.into_iter().map(|p| (p, client_id.clone(), qos)).collect()
+    payloads
+        .into_iter()
+        .map(|p| (p, client_id.clone(), qos))
+        .collect()
 }
 
 async fn rumqttc_v5(edge: &Edge, qos: u8, count: usize) -> Sent {
@@ -151,7 +176,11 @@ async fn rumqttc_v5(edge: &Edge, qos: u8, count: usize) -> Sent {
     let mut acked = 0;
     let mut sent = 0;
     while acked < count || sent < count {
-        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await.expect("rumqttc progress").unwrap() {
+        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll())
+            .await
+            .expect("rumqttc progress")
+            .unwrap()
+        {
             Event::Outgoing(Outgoing::Publish(_)) => {
                 sent += 1;
                 if qos == 0 {
@@ -172,7 +201,10 @@ async fn rumqttc_v5(edge: &Edge, qos: u8, count: usize) -> Sent {
         }
     })
     .await;
-    payloads.into_iter().map(|p| (p, client_id.clone(), qos)).collect()
+    payloads
+        .into_iter()
+        .map(|p| (p, client_id.clone(), qos))
+        .collect()
 }
 
 /// Kafka's partition for a key of 4 partitions, computed independently of the edge's code.
@@ -228,15 +260,24 @@ async fn every_client_and_qos_lands_in_the_log_once() {
         sent.extend(rumqttc_v5(&edge, qos, 50).await);
     }
     let status = edge.stop();
-    assert!(status.success(), "graceful stop exits 0, got {status}:\n{}", edge.stderr());
+    assert!(
+        status.success(),
+        "graceful stop exits 0, got {status}:\n{}",
+        edge.stderr()
+    );
 
     let log = edge.read_log();
     let mut by_payload: HashMap<String, Vec<&serde_json::Value>> = HashMap::new();
     for r in &log {
-        by_payload.entry(r["payload"].as_str().unwrap().to_string()).or_default().push(r);
+        by_payload
+            .entry(r["payload"].as_str().unwrap().to_string())
+            .or_default()
+            .push(r);
     }
     for (payload, client_id, qos) in &sent {
-        let found = by_payload.get(payload).unwrap_or_else(|| panic!("{payload} from {client_id} is missing"));
+        let found = by_payload
+            .get(payload)
+            .unwrap_or_else(|| panic!("{payload} from {client_id} is missing"));
         assert_eq!(found.len(), 1, "{payload} logged {} times", found.len());
         let r = found[0];
         assert_eq!(r["topic"], "telemetry");
@@ -248,17 +289,30 @@ async fn every_client_and_qos_lands_in_the_log_once() {
             kafka_partition(client_id),
             "{client_id} on Kafka's partition"
         );
-        assert!(r["headers"]["mqtt_topic"].as_str().unwrap().starts_with(&format!("sensors/{client_id}/")));
+        assert!(r["headers"]["mqtt_topic"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("sensors/{client_id}/")));
         if client_id.starts_with("paho-v5") {
             assert_eq!(r["headers"]["content_type"], "text/plain");
             let seq = payload.rsplit('-').next().unwrap();
-            assert_eq!(r["headers"]["user_properties"], serde_json::json!([["seq", seq]]));
+            assert_eq!(
+                r["headers"]["user_properties"],
+                serde_json::json!([["seq", seq]])
+            );
         }
         if client_id.starts_with("mosq-mqttv5") {
-            assert_eq!(r["headers"]["user_properties"], serde_json::json!([["origin", "mosquitto"]]));
+            assert_eq!(
+                r["headers"]["user_properties"],
+                serde_json::json!([["origin", "mosquitto"]])
+            );
         }
     }
-    assert_eq!(log.len(), sent.len(), "nothing but what was sent is in the log");
+    assert_eq!(
+        log.len(),
+        sent.len(),
+        "nothing but what was sent is in the log"
+    );
 
     // Per client, offsets grow with the order of sending.
     let mut last: HashMap<(u64, String), (u64, usize)> = HashMap::new();
@@ -269,14 +323,22 @@ async fn every_client_and_qos_lands_in_the_log_once() {
         let key = (r["partition"].as_u64().unwrap(), prefix.to_string());
         let offset = r["offset"].as_u64().unwrap();
         if let Some((prev_off, prev_seq)) = last.get(&key) {
-            assert!(offset > *prev_off && seq > *prev_seq, "{payload} out of order");
+            assert!(
+                offset > *prev_off && seq > *prev_seq,
+                "{payload} out of order"
+            );
         }
         last.insert(key, (offset, seq));
     }
 
     // The topics listing agrees with what was read.
     let topics = edge.topics();
-    let telemetry = topics.as_array().unwrap().iter().find(|t| t["topic"] == "telemetry").unwrap();
+    let telemetry = topics
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["topic"] == "telemetry")
+        .unwrap();
     let total: u64 = telemetry["partitions"]
         .as_array()
         .unwrap()
@@ -290,7 +352,18 @@ async fn every_client_and_qos_lands_in_the_log_once() {
 async fn unrouted_publishes_go_to_the_default_topic_keyed_by_mqtt_topic() {
     let mut edge = Edge::start(ROUTES);
     let out = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &edge.addr.port().to_string(), "-q", "1", "-t", "plant/line-3/press", "-m", "unrouted"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &edge.addr.port().to_string(),
+            "-q",
+            "1",
+            "-t",
+            "plant/line-3/press",
+            "-m",
+            "unrouted",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());

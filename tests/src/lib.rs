@@ -131,7 +131,10 @@ impl Edge {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("edge exited with {status} while starting:\n{}", self.stderr());
+                panic!(
+                    "edge exited with {status} while starting:\n{}",
+                    self.stderr()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -171,7 +174,10 @@ impl Edge {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("edge did not stop within 20 s of SIGTERM:\n{}", self.stderr());
+                panic!(
+                    "edge did not stop within 20 s of SIGTERM:\n{}",
+                    self.stderr()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -248,7 +254,9 @@ pub fn python() -> String {
 
 /// Path of a client script in tests/clients/.
 pub fn client_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("clients").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("clients")
+        .join(name)
 }
 
 /// MQTT version of a [`RawClient`].
@@ -290,6 +298,24 @@ pub enum Got {
     Closed,
     /// Anything else.
     Other(String),
+}
+
+/// The fields of a PUBLISH to encode, taken as they are (tests send what a codec would
+/// refuse: wildcards, bad UTF-8, packet id 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Pub<'a> {
+    /// Topic bytes.
+    pub topic: &'a [u8],
+    /// QoS as a number.
+    pub qos: u8,
+    /// Packet id (ignored for QoS 0).
+    pub pkid: u16,
+    /// DUP flag.
+    pub dup: bool,
+    /// Body.
+    pub payload: &'a [u8],
+    /// 5.0 topic alias.
+    pub alias: Option<u16>,
 }
 
 /// A byte-level MQTT client over one TCP connection.
@@ -338,7 +364,11 @@ impl RawClient {
     }
 
     /// Connects and returns the CONNACK.
-    pub async fn connect(addr: SocketAddr, proto: Proto, opts: &ConnectOpts) -> Result<(RawClient, Got)> {
+    pub async fn connect(
+        addr: SocketAddr,
+        proto: Proto,
+        opts: &ConnectOpts,
+    ) -> Result<(RawClient, Got)> {
         let mut c = RawClient::open(addr, proto).await?;
         c.send_connect(opts).await?;
         let ack = c.recv().await?;
@@ -376,17 +406,16 @@ impl RawClient {
         Ok(())
     }
 
-    /// Encodes a PUBLISH (QoS as a number, 5.0 topic alias optional).
-    pub fn encode_publish(
-        proto: Proto,
-        topic: &[u8],
-        qos: u8,
-        pkid: u16,
-        dup: bool,
-        payload: &[u8],
-        alias: Option<u16>,
-        out: &mut BytesMut,
-    ) {
+    /// Encodes a PUBLISH.
+    pub fn encode_publish(proto: Proto, p: &Pub<'_>, out: &mut BytesMut) {
+        let Pub {
+            topic,
+            qos,
+            pkid,
+            dup,
+            payload,
+            alias,
+        } = *p;
         // Encoded by hand so tests can send what a codec would refuse (wildcards, bad UTF-8).
         let mut props = Vec::new();
         if proto == Proto::V5 {
@@ -429,7 +458,18 @@ impl RawClient {
     /// Sends a PUBLISH.
     pub async fn publish(&mut self, topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Result<()> {
         let mut out = BytesMut::new();
-        Self::encode_publish(self.proto, topic.as_bytes(), qos, pkid, false, payload, None, &mut out);
+        Self::encode_publish(
+            self.proto,
+            &Pub {
+                topic: topic.as_bytes(),
+                qos,
+                pkid,
+                dup: false,
+                payload,
+                alias: None,
+            },
+            &mut out,
+        );
         self.send_raw(&out).await
     }
 
@@ -512,7 +552,11 @@ impl RawClient {
                     v5::Packet::PubRec(a) => Got::PubRec(a.pkid, pubrec_code(a.reason)),
                     v5::Packet::PubComp(a) => Got::PubComp(
                         a.pkid,
-                        if a.reason == v5::PubCompReason::Success { 0 } else { 0x92 },
+                        if a.reason == v5::PubCompReason::Success {
+                            0
+                        } else {
+                            0x92
+                        },
                     ),
                     v5::Packet::SubAck(s) => Got::SubAck(s.pkid, vec![0x83; s.return_codes.len()]),
                     v5::Packet::PingResp(_) => Got::PingResp,

@@ -32,6 +32,9 @@
 //! start offset) and never scans the log. A group commit whose fsync failed poisons the log:
 //! nothing further is appended or acknowledged and the process exits non-zero.
 
+/// Records held in memory before fjall flushes them to a table; bounds the log's memory.
+const MEMTABLE_BYTES: u64 = 16 << 20;
+
 pub mod appender;
 pub mod record;
 
@@ -99,6 +102,19 @@ pub enum LogError {
     /// An earlier write or fsync failed; the log accepts nothing more.
     #[error("the log is poisoned by an earlier write failure: {0}")]
     Poisoned(String),
+}
+
+/// A key and value of the meta keyspace.
+pub type MetaEntry = (Vec<u8>, Vec<u8>);
+
+/// The oldest batch of the node, a candidate for `drop-oldest`.
+struct OldestBatch<'a> {
+    last_timestamp_ms: u64,
+    topic: &'a TopicLog,
+    partition: u32,
+    key: Vec<u8>,
+    len: usize,
+    records: u32,
 }
 
 /// Live state of one partition, readable by anyone, changed only by the appender.
@@ -217,13 +233,13 @@ impl Log {
         budget: Option<Budget>,
     ) -> Result<Log, LogError> {
         std::fs::create_dir_all(dir).map_err(|e| LogError::Storage(fjall::Error::Io(e)))?;
-        let db = Database::builder(dir)
-            .open()
-            .map_err(|e| match e {
-                fjall::Error::Locked => LogError::Locked(dir.to_path_buf()),
-                other => LogError::Storage(other),
-            })?;
-        let records = db.keyspace("records", KeyspaceCreateOptions::default)?;
+        let db = Database::builder(dir).open().map_err(|e| match e {
+            fjall::Error::Locked => LogError::Locked(dir.to_path_buf()),
+            other => LogError::Storage(other),
+        })?;
+        let records = db.keyspace("records", || {
+            KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+        })?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
 
         // The topic table as stored.
@@ -424,7 +440,7 @@ impl Log {
     }
 
     /// Entries of the meta keyspace under `prefix` (for the MQTT layer's durable state).
-    pub fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, LogError> {
+    pub fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<MetaEntry>, LogError> {
         let mut out = Vec::new();
         for item in self.meta.prefix(prefix) {
             let (k, v) = item.into_inner()?;
@@ -535,7 +551,7 @@ impl Log {
         let mut dropped_bytes = 0u64;
         while self.total_bytes() > cap {
             // The partition whose first batch is oldest.
-            let mut oldest: Option<(u64, &TopicLog, u32, Vec<u8>, usize, u32)> = None;
+            let mut oldest: Option<OldestBatch> = None;
             for t in &self.topics {
                 for p in 0..t.partitions.len() as u32 {
                     let range = record_key(t.id, p, 0)..=record_key(t.id, p, u64::MAX);
@@ -547,13 +563,31 @@ impl Log {
                             base_offset: offset_of_key(&k),
                             source,
                         })?;
-                        if oldest.as_ref().is_none_or(|o| h.last_timestamp_ms < o.0) {
-                            oldest = Some((h.last_timestamp_ms, t, p, k.to_vec(), v.len(), h.record_count));
+                        if oldest
+                            .as_ref()
+                            .is_none_or(|o| h.last_timestamp_ms < o.last_timestamp_ms)
+                        {
+                            oldest = Some(OldestBatch {
+                                last_timestamp_ms: h.last_timestamp_ms,
+                                topic: t,
+                                partition: p,
+                                key: k.to_vec(),
+                                len: v.len(),
+                                records: h.record_count,
+                            });
                         }
                     }
                 }
             }
-            let Some((_, t, p, key, len, count)) = oldest else {
+            let Some(OldestBatch {
+                topic: t,
+                partition: p,
+                key,
+                len,
+                records: count,
+                ..
+            }) = oldest
+            else {
                 break;
             };
             let state = &t.partitions[p as usize];
@@ -589,12 +623,10 @@ impl Log {
 
     /// Makes everything written so far durable.
     pub fn persist(&self) -> Result<(), LogError> {
-        self.db
-            .persist(fjall::PersistMode::SyncAll)
-            .map_err(|e| {
-                self.poison(format!("fsync failed: {e}"));
-                LogError::Storage(e)
-            })
+        self.db.persist(fjall::PersistMode::SyncAll).map_err(|e| {
+            self.poison(format!("fsync failed: {e}"));
+            LogError::Storage(e)
+        })
     }
 }
 
@@ -642,7 +674,13 @@ fn recover_partition(
         if last_end != end {
             // Cannot happen while batches and meta share a write batch; if it ever does, the
             // batches are the truth so that no offset is ever assigned twice.
-            tracing::warn!(topic, partition, meta_end = end, batch_end = last_end, "partition meta disagrees with the log; using the log");
+            tracing::warn!(
+                topic,
+                partition,
+                meta_end = end,
+                batch_end = last_end,
+                "partition meta disagrees with the log; using the log"
+            );
             end = end.max(last_end);
         }
     }

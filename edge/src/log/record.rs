@@ -40,7 +40,9 @@ pub enum CorruptBatch {
     #[error("batch is truncated")]
     Truncated,
     /// Not written by this code.
-    #[error("batch has magic {0:#04x} / version {1}, expected {BATCH_MAGIC:#04x} / {BATCH_VERSION}")]
+    #[error(
+        "batch has magic {0:#04x} / version {1}, expected {BATCH_MAGIC:#04x} / {BATCH_VERSION}"
+    )]
     Format(u8, u8),
     /// The bytes changed after they were written.
     #[error("batch checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
@@ -181,6 +183,18 @@ pub fn encode_batch(header: BatchHeader, records: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(records);
 }
 
+/// Turns `value`, which holds [`BATCH_HEADER_LEN`] placeholder bytes followed by encoded
+/// records, into a batch value in place (no copy of the records).
+pub fn finish_batch_in_place(header: BatchHeader, value: &mut [u8]) {
+    let crc = crc32fast::hash(&value[BATCH_HEADER_LEN..]);
+    value[0] = BATCH_MAGIC;
+    value[1] = BATCH_VERSION;
+    value[2..6].copy_from_slice(&header.record_count.to_be_bytes());
+    value[6..14].copy_from_slice(&header.first_timestamp_ms.to_be_bytes());
+    value[14..22].copy_from_slice(&header.last_timestamp_ms.to_be_bytes());
+    value[22..26].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// Reads a batch header without checking the records.
 pub fn decode_header(value: &[u8]) -> Result<BatchHeader, CorruptBatch> {
     if value.len() < BATCH_HEADER_LEN {
@@ -281,7 +295,9 @@ impl Cursor {
         if self.remaining() < N {
             return Err(CorruptBatch::Truncated);
         }
-        let out = self.buf[self.pos..self.pos + N].try_into().expect("N bytes");
+        let out = self.buf[self.pos..self.pos + N]
+            .try_into()
+            .expect("N bytes");
         self.pos += N;
         Ok(out)
     }
@@ -359,6 +375,22 @@ mod tests {
             records[0].headers.content_type.as_deref(),
             Some("application/json")
         );
+    }
+
+    #[test]
+    fn in_place_batch_equals_copied_batch() {
+        let records = [sample(b"a", &[]), sample(b"b", &[])].concat();
+        let header = BatchHeader {
+            record_count: 2,
+            first_timestamp_ms: 1,
+            last_timestamp_ms: 2,
+        };
+        let mut copied = Vec::new();
+        encode_batch(header, &records, &mut copied);
+        let mut in_place = vec![0u8; BATCH_HEADER_LEN];
+        in_place.extend_from_slice(&records);
+        finish_batch_in_place(header, &mut in_place);
+        assert_eq!(copied, in_place);
     }
 
     #[test]

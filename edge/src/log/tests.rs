@@ -7,12 +7,18 @@ use std::time::Duration;
 use proptest::prelude::*;
 use tokio::sync::mpsc;
 
-use super::appender::{self, AppendRequest, AppenderMsg, Committed, PendingRecord, ReplyTo, StateOp};
+use super::appender::{
+    self, AppendRequest, AppenderMsg, Committed, PendingRecord, ReplyTo, StateOp,
+};
 use super::record::NewRecord;
 use super::{Budget, Log};
 use crate::config::{DiskFullPolicy, FsyncMode, PlannedTopic};
 
-fn topics(partitions: u32, retention: Option<Duration>, retention_bytes: Option<u64>) -> Vec<PlannedTopic> {
+fn topics(
+    partitions: u32,
+    retention: Option<Duration>,
+    retention_bytes: Option<u64>,
+) -> Vec<PlannedTopic> {
     vec![PlannedTopic {
         name: "t".into(),
         partitions,
@@ -53,13 +59,19 @@ fn request(records: &[(u32, &str, u64)], reply: Option<ReplyTo>) -> AppendReques
 
 /// Appends each request and waits for its commit.
 fn append_all(log: &Arc<Log>, max_batch: usize, reqs: Vec<AppendRequest>) -> Vec<Committed> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let (tx, thread) = appender::spawn(log.clone(), FsyncMode::Always, max_batch, 16, |_| {});
         let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
         let n = reqs.len();
         for (i, mut r) in reqs.into_iter().enumerate() {
-            r.reply = Some(ReplyTo { tx: reply_tx.clone(), ticket: i as u64 });
+            r.reply = Some(ReplyTo {
+                tx: reply_tx.clone(),
+                ticket: i as u64,
+            });
             tx.send(AppenderMsg::Append(r)).await.unwrap();
         }
         let mut out = Vec::new();
@@ -88,7 +100,11 @@ fn read_after_append_with_dense_offsets_across_batches() {
     let names: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
     let recs: Vec<(u32, &str, u64)> = names.iter().map(|n| (0, n.as_str(), 1)).collect();
     // Batches of at most 3 records: 10 records make 4 batch values in one commit.
-    let done = append_all(&log, 3, vec![request(&recs[..7], None), request(&recs[7..], None)]);
+    let done = append_all(
+        &log,
+        3,
+        vec![request(&recs[..7], None), request(&recs[7..], None)],
+    );
     assert!(done.iter().all(|c| c.outcome.is_ok()));
     let got = payloads(&log, 0, 0);
     assert_eq!(got.len(), 10);
@@ -98,7 +114,10 @@ fn read_after_append_with_dense_offsets_across_batches() {
     }
     // A read from the middle of a batch starts exactly there.
     assert_eq!(payloads(&log, 0, 4)[0], (4, "m4".to_string()));
-    assert_eq!(log.topics()[0].partitions[0].end.load(Ordering::Relaxed), 10);
+    assert_eq!(
+        log.topics()[0].partitions[0].end.load(Ordering::Relaxed),
+        10
+    );
     assert!(payloads(&log, 1, 0).is_empty());
 }
 
@@ -126,7 +145,11 @@ fn partitions_can_grow_but_not_shrink() {
     assert_eq!(grown.topics()[0].partitions.len(), 4);
     drop(grown);
     let err = Log::open(dir.path(), Some(&topics(3, None, None)), None).unwrap_err();
-    assert!(err.to_string().contains("partitions can be added, never removed"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("partitions can be added, never removed"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -134,21 +157,32 @@ fn second_open_of_a_held_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _held = Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap();
     let err = Log::open(dir.path(), None, None).unwrap_err();
-    assert!(err.to_string().contains("in use by another process"), "{err}");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
 }
 
 #[test]
 fn age_retention_deletes_whole_old_batches_only() {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(
-        Log::open(dir.path(), Some(&topics(1, Some(Duration::from_secs(60)), None)), None).unwrap(),
+        Log::open(
+            dir.path(),
+            Some(&topics(1, Some(Duration::from_secs(60)), None)),
+            None,
+        )
+        .unwrap(),
     );
     let now = appender::now_ms();
     append_all(
         &log,
         1000,
         vec![
-            request(&[(0, "old1", now - 120_000), (0, "old2", now - 100_000)], None),
+            request(
+                &[(0, "old1", now - 120_000), (0, "old2", now - 100_000)],
+                None,
+            ),
             request(&[(0, "new", now)], None),
         ],
     );
@@ -158,9 +192,25 @@ fn age_retention_deletes_whole_old_batches_only() {
 
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(
-        Log::open(dir.path(), Some(&topics(1, Some(Duration::from_secs(60)), None)), None).unwrap(),
+        Log::open(
+            dir.path(),
+            Some(&topics(1, Some(Duration::from_secs(60)), None)),
+            None,
+        )
+        .unwrap(),
     );
-    append_all(&log, 2, vec![request(&[(0, "old1", now - 120_000), (0, "old2", now - 100_000), (0, "new", now)], None)]);
+    append_all(
+        &log,
+        2,
+        vec![request(
+            &[
+                (0, "old1", now - 120_000),
+                (0, "old2", now - 100_000),
+                (0, "new", now),
+            ],
+            None,
+        )],
+    );
     log.enforce_retention(now).unwrap();
     assert_eq!(payloads(&log, 0, 0), vec![(2, "new".into())]);
     let p = &log.topics()[0].partitions[0];
@@ -190,7 +240,10 @@ fn byte_retention_keeps_the_newest_within_the_cap() {
 #[test]
 fn reject_budget_flags_the_log_full() {
     let dir = tempfile::tempdir().unwrap();
-    let budget = Budget { bytes: 500, policy: DiskFullPolicy::Reject };
+    let budget = Budget {
+        bytes: 500,
+        policy: DiskFullPolicy::Reject,
+    };
     let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), Some(budget)).unwrap());
     assert!(!log.rejects_publishes());
     let payload = "y".repeat(600);
@@ -203,7 +256,10 @@ fn reject_budget_flags_the_log_full() {
 #[test]
 fn drop_oldest_budget_deletes_the_oldest_batches_and_counts_them() {
     let dir = tempfile::tempdir().unwrap();
-    let budget = Budget { bytes: 1000, policy: DiskFullPolicy::DropOldest };
+    let budget = Budget {
+        bytes: 1000,
+        policy: DiskFullPolicy::DropOldest,
+    };
     let log = Arc::new(Log::open(dir.path(), Some(&topics(2, None, None)), Some(budget)).unwrap());
     let payload = "z".repeat(200);
     let reqs = (0..10u64)
@@ -223,18 +279,34 @@ fn state_ops_commit_with_records_and_last_write_wins() {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
     let mut a = request(&[(0, "r", 1)], None);
-    a.state.push(StateOp::Put { key: b"qx1".to_vec(), value: vec![] });
-    a.state.push(StateOp::Put { key: b"qx2".to_vec(), value: vec![] });
+    a.state.push(StateOp::Put {
+        key: b"qx1".to_vec(),
+        value: vec![],
+    });
+    a.state.push(StateOp::Put {
+        key: b"qx2".to_vec(),
+        value: vec![],
+    });
     let mut b = request(&[], None);
-    b.state.push(StateOp::Delete { key: b"qx1".to_vec() });
+    b.state.push(StateOp::Delete {
+        key: b"qx1".to_vec(),
+    });
     let mut c = request(&[], None);
-    c.state.push(StateOp::Put { key: b"qy".to_vec(), value: vec![1] });
-    c.state.push(StateOp::DeletePrefix { prefix: b"qx".to_vec() });
+    c.state.push(StateOp::Put {
+        key: b"qy".to_vec(),
+        value: vec![1],
+    });
+    c.state.push(StateOp::DeletePrefix {
+        prefix: b"qx".to_vec(),
+    });
     append_all(&log, 1000, vec![a, b]);
     assert_eq!(log.meta_scan(b"qx").unwrap().len(), 1);
     append_all(&log, 1000, vec![c]);
     assert!(log.meta_scan(b"qx").unwrap().is_empty());
-    assert_eq!(log.meta_scan(b"qy").unwrap(), vec![(b"qy".to_vec(), vec![1])]);
+    assert_eq!(
+        log.meta_scan(b"qy").unwrap(),
+        vec![(b"qy".to_vec(), vec![1])]
+    );
 }
 
 #[test]
@@ -243,7 +315,11 @@ fn torn_journal_tail_leaves_only_whole_commits() {
     {
         let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
         append_all(&log, 1000, vec![request(&[(0, "first", 1)], None)]);
-        append_all(&log, 1000, vec![request(&[(0, "second", 2), (0, "third", 3)], None)]);
+        append_all(
+            &log,
+            1000,
+            vec![request(&[(0, "second", 2), (0, "third", 3)], None)],
+        );
     }
     // Cut the newest journal file a few bytes short, as a power cut mid-write would.
     let mut journals: Vec<_> = walk(dir.path())
@@ -254,7 +330,10 @@ fn torn_journal_tail_leaves_only_whole_commits() {
     journals.sort();
     let newest = journals.last().expect("a journal file exists").clone();
     let len = newest.metadata().unwrap().len();
-    let f = std::fs::OpenOptions::new().write(true).open(&newest).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap();
     f.set_len(len - 7).unwrap();
     drop(f);
 
@@ -263,8 +342,11 @@ fn torn_journal_tail_leaves_only_whole_commits() {
     let end = log.topics()[0].partitions[0].end.load(Ordering::Relaxed);
     // Either the last commit survived whole or it is gone whole; never half of it.
     assert!(
-        got == vec![(0, "first".into()), (1, "second".into()), (2, "third".into())]
-            || got == vec![(0, "first".into())],
+        got == vec![
+            (0, "first".into()),
+            (1, "second".into()),
+            (2, "third".into())
+        ] || got == vec![(0, "first".into())],
         "{got:?}"
     );
     assert_eq!(end, got.len() as u64);

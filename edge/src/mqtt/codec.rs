@@ -515,7 +515,9 @@ pub fn write_suback_refused(version: Version, pkid: u16, filters: usize, out: &m
 pub fn write_unsuback(version: Version, pkid: u16, filters: usize, out: &mut BytesMut) {
     match version {
         Version::V311 => {
-            v4::UnsubAck::new(pkid).write(out).expect("UNSUBACK encodes");
+            v4::UnsubAck::new(pkid)
+                .write(out)
+                .expect("UNSUBACK encodes");
         }
         Version::V5 => {
             v5::UnsubAck {
@@ -653,7 +655,13 @@ mod tests {
     #[test]
     fn acks_encode_as_the_codec_reads_them() {
         let mut out = BytesMut::new();
-        write_ack(Version::V5, AckKind::PubAck, 7, reason::QUOTA_EXCEEDED, &mut out);
+        write_ack(
+            Version::V5,
+            AckKind::PubAck,
+            7,
+            reason::QUOTA_EXCEEDED,
+            &mut out,
+        );
         let p = v5::Packet::read(&mut out, None).unwrap();
         match p {
             v5::Packet::PubAck(a) => {
@@ -664,6 +672,9 @@ mod tests {
         }
         let mut out = BytesMut::new();
         write_ack(Version::V311, AckKind::PubComp, 9, 0, &mut out);
-        assert_eq!(v4::Packet::read(&mut out, 100).unwrap(), v4::Packet::PubComp(v4::PubComp::new(9)));
+        assert_eq!(
+            v4::Packet::read(&mut out, 100).unwrap(),
+            v4::Packet::PubComp(v4::PubComp::new(9))
+        );
     }
 }

@@ -18,10 +18,14 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::codec::{self, reason, AckKind, ConnAckInfo, ConnectIn, Inbound, PublishIn, QoS, Version};
+use super::codec::{
+    self, reason, AckKind, ConnAckInfo, ConnectIn, Inbound, PublishIn, QoS, Version,
+};
 use super::session::{qos2_key, qos2_prefix, session_key, session_value, Control, SessionData};
 use super::Broker;
-use crate::log::appender::{now_ms, AppendRequest, AppenderMsg, Committed, PendingRecord, ReplyTo, StateOp};
+use crate::log::appender::{
+    now_ms, AppendRequest, AppenderMsg, Committed, PendingRecord, ReplyTo, StateOp,
+};
 use crate::log::record::NewRecord;
 use crate::route::TopicId;
 
@@ -109,7 +113,14 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
 
     let active = broker.connections.load(Ordering::Relaxed);
     if active > broker.config.max_connections {
-        let out = refuse(reason::SERVER_BUSY, format!("the edge holds its maximum of {} connections", broker.config.max_connections)).await;
+        let out = refuse(
+            reason::SERVER_BUSY,
+            format!(
+                "the edge holds its maximum of {} connections",
+                broker.config.max_connections
+            ),
+        )
+        .await;
         let _ = writer.write_all(&out).await;
         return;
     }
@@ -118,7 +129,11 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     let mut assigned = None;
     let client_id = if connect.client_id.is_empty() {
         if version == Version::V311 && !connect.clean_start {
-            let out = refuse(reason::CLIENT_ID_NOT_VALID, "an empty client id needs clean session".into()).await;
+            let out = refuse(
+                reason::CLIENT_ID_NOT_VALID,
+                "an empty client id needs clean session".into(),
+            )
+            .await;
             let _ = writer.write_all(&out).await;
             return;
         }
@@ -149,7 +164,10 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     // Session: take the client id over, then continue or start a session.
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (done_tx, done_rx) = watch::channel(false);
-    let attachment = broker.sessions.attach(&client_id, control_tx, done_rx).await;
+    let attachment = broker
+        .sessions
+        .attach(&client_id, control_tx, done_rx)
+        .await;
     let mut ops = Vec::new();
     let (mut data, session_present) = match attachment.previous {
         Some(prev) if !connect.clean_start => (prev, true),
@@ -382,9 +400,18 @@ impl Connection {
                         }
                         Ok(_) => {
                             self.touch();
-                            if let Some(end) = self.on_bytes().await? {
-                                self.drain_pending().await;
-                                return end;
+                            // Publishes accepted before the end (or before an offending
+                            // packet) are still committed and acknowledged.
+                            match self.on_bytes().await {
+                                Ok(None) => {}
+                                Ok(Some(end)) => {
+                                    self.drain_pending().await;
+                                    return end;
+                                }
+                                Err(close) => {
+                                    self.drain_pending().await;
+                                    return Err(close);
+                                }
                             }
                         }
                         Err(_) => {
@@ -475,15 +502,24 @@ impl Connection {
                 }
                 Inbound::Connect(_) => {
                     self.send_request().await?;
-                    return Err(Close::new(reason::PROTOCOL_ERROR, "a second CONNECT on one connection"));
+                    return Err(Close::new(
+                        reason::PROTOCOL_ERROR,
+                        "a second CONNECT on one connection",
+                    ));
                 }
                 Inbound::Auth => {
                     self.send_request().await?;
-                    return Err(Close::new(reason::PROTOCOL_ERROR, "AUTH without an authentication method"));
+                    return Err(Close::new(
+                        reason::PROTOCOL_ERROR,
+                        "AUTH without an authentication method",
+                    ));
                 }
                 Inbound::ServerOnly(name) => {
                     self.send_request().await?;
-                    return Err(Close::new(reason::PROTOCOL_ERROR, format!("{name} is sent by servers only")));
+                    return Err(Close::new(
+                        reason::PROTOCOL_ERROR,
+                        format!("{name} is sent by servers only"),
+                    ));
                 }
             }
             if self.req.buf.len() >= MAX_REQUEST_BYTES {
@@ -502,7 +538,10 @@ impl Connection {
                 if alias == 0 || alias > cfg.topic_alias_maximum {
                     return Err(Close::new(
                         reason::TOPIC_ALIAS_INVALID,
-                        format!("topic alias {alias} is outside 1..={}", cfg.topic_alias_maximum),
+                        format!(
+                            "topic alias {alias} is outside 1..={}",
+                            cfg.topic_alias_maximum
+                        ),
                     ));
                 }
                 if p.topic.is_empty() {
@@ -522,7 +561,10 @@ impl Connection {
                 }
             }
             None if p.topic.is_empty() => {
-                return Err(Close::new(reason::PROTOCOL_ERROR, "PUBLISH with an empty topic"))
+                return Err(Close::new(
+                    reason::PROTOCOL_ERROR,
+                    "PUBLISH with an empty topic",
+                ))
             }
             None => Arc::from(validate_topic(&p.topic, cfg)?),
         };
@@ -535,7 +577,10 @@ impl Connection {
                 if self.version == Version::V5 && self.inflight >= cfg.receive_maximum as usize {
                     return Err(Close::new(
                         reason::RECEIVE_MAXIMUM_EXCEEDED,
-                        format!("more than {} unacknowledged QoS 1/2 publishes", cfg.receive_maximum),
+                        format!(
+                            "more than {} unacknowledged QoS 1/2 publishes",
+                            cfg.receive_maximum
+                        ),
                     ));
                 }
                 self.inflight += 1;
@@ -678,6 +723,16 @@ impl Connection {
             }
         }
         let mut req = std::mem::take(&mut self.req);
+        // A request larger than the whole budget takes all of it, so it still goes through.
+        let budget = &self.broker.append_budget;
+        let want = (req.buf.len().max(1) as u32).min(super::APPEND_BUDGET_BYTES);
+        req.permit = Some(
+            budget
+                .clone()
+                .acquire_many_owned(want)
+                .await
+                .map_err(|_| Close::new(reason::SERVER_SHUTTING_DOWN, "the log is closed"))?,
+        );
         if !acks.is_empty() || !req.state.is_empty() {
             let ticket = self.next_ticket;
             self.next_ticket += 1;
@@ -698,7 +753,10 @@ impl Connection {
         let Some((ticket, acks)) = self.pending.pop_front() else {
             return Ok(());
         };
-        debug_assert_eq!(ticket, done.ticket, "the appender completes requests in order");
+        debug_assert_eq!(
+            ticket, done.ticket,
+            "the appender completes requests in order"
+        );
         if let Err(why) = done.outcome {
             return Err(Close::new(
                 reason::IMPLEMENTATION_SPECIFIC,
@@ -767,13 +825,10 @@ impl Connection {
 
     async fn finish(mut self, conn_id: u64, done: &watch::Sender<bool>) {
         let data = std::mem::take(&mut self.session);
-        let ops = self.broker.sessions.detach(
-            &self.client_id,
-            conn_id,
-            data,
-            self.taken_over,
-            now_ms(),
-        );
+        let ops =
+            self.broker
+                .sessions
+                .detach(&self.client_id, conn_id, data, self.taken_over, now_ms());
         if !ops.is_empty() {
             let _ = self
                 .broker
@@ -805,7 +860,11 @@ fn validate_topic<'a>(topic: &'a [u8], cfg: &crate::config::MqttConfig) -> Resul
     if text.len() > cfg.max_topic_length {
         return Err(Close::new(
             reason::TOPIC_NAME_INVALID,
-            format!("topic is {} bytes, the limit is {}", text.len(), cfg.max_topic_length),
+            format!(
+                "topic is {} bytes, the limit is {}",
+                text.len(),
+                cfg.max_topic_length
+            ),
         ));
     }
     if text.split('/').count() > cfg.max_topic_levels {

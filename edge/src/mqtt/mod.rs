@@ -17,6 +17,9 @@ use crate::log::Log;
 use crate::route::Router;
 use session::SessionStore;
 
+/// Bytes of appends that may be queued or being committed at once, node-wide.
+pub const APPEND_BUDGET_BYTES: u32 = 32 << 20;
+
 /// Counters of the front end.
 #[derive(Debug, Default)]
 pub struct BrokerCounters {
@@ -42,6 +45,9 @@ pub struct Broker {
     pub appender: mpsc::Sender<AppenderMsg>,
     /// Sessions by client id.
     pub sessions: SessionStore,
+    /// Bytes of appends sent to the appender and not yet committed, node-wide: a connection
+    /// waits for room here before it sends, so memory stays bounded whatever clients do.
+    pub append_budget: Arc<tokio::sync::Semaphore>,
     /// Open connections.
     pub connections: AtomicUsize,
     /// Counters.
@@ -86,9 +92,6 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, grace: std::time:
         }
     }
     drop(listener);
-    let _ = tokio::time::timeout(grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
 }

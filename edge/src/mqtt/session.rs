@@ -113,10 +113,13 @@ impl SessionStore {
             let expiry = u32::from_be_bytes(v[0..4].try_into().expect("4 bytes"));
             let disconnected = u64::from_be_bytes(v[4..12].try_into().expect("8 bytes"));
             // A session connected at the crash counts as disconnected now.
-            let since = if disconnected == 0 { now_ms } else { disconnected };
+            let since = if disconnected == 0 {
+                now_ms
+            } else {
+                disconnected
+            };
             let expired = expiry == 0
-                || (expiry != u32::MAX
-                    && now_ms.saturating_sub(since) > u64::from(expiry) * 1000);
+                || (expiry != u32::MAX && now_ms.saturating_sub(since) > u64::from(expiry) * 1000);
             if expired {
                 purge.push(StateOp::Delete { key: k });
                 continue;

@@ -1,0 +1,185 @@
+//! The binary as an operator meets it: flags, config errors, and the offline CLI.
+
+use std::process::Command;
+
+use tributary_tests::{binary, free_port, ConnectOpts, Edge, Got, Proto, RawClient};
+
+fn edge_with_config(text: &str) -> (std::process::Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edge.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(binary("edge"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (out, dir)
+}
+
+#[test]
+fn unknown_config_key_is_named_with_file_and_line() {
+    let (out, _dir) =
+        edge_with_config("[mqtt]\nlisten = \"127.0.0.1:1\"\n\n[storage]\nfsink = \"always\"\n");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("edge.toml:5"), "{err}");
+    assert!(err.contains("fsink"), "{err}");
+}
+
+#[test]
+fn bad_route_template_is_explained() {
+    let (out, _dir) = edge_with_config(
+        "[[routes]]\nmatch = \"sensors/+\"\ntopic = \"telemetry\"\nkey = \"{9}\"\n",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "edge.toml:4: routes[0].key \"{9}\": the filter \"sensors/+\" has only 2 levels"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn busy_port_is_a_clear_error() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary("edge"))
+        .args(["--mqtt-listen", &addr.to_string(), "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("cannot listen for MQTT on {addr}"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flags_override_embedded_defaults_and_offline_cli_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Command::new(binary("edge"))
+        .args(["--mqtt-listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = loop {
+        if let Ok((c, Got::ConnAck { code: 0, .. })) =
+            RawClient::connect(addr, Proto::V5, &ConnectOpts::new("cli")).await
+        {
+            break c;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for i in 1..=30u16 {
+        c.publish(
+            &format!("site/dev-{}/t", i % 3),
+            1,
+            i,
+            format!("rec-{i}").as_bytes(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(c.recv().await.unwrap(), Got::PubAck(i, 0));
+    }
+
+    // The server holds the data directory: the offline CLI says so.
+    let busy = Command::new(binary("edge"))
+        .args(["topics", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("in use by another process"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("anonymous access is allowed"),
+        "the default warns about anonymous access:\n{stderr}"
+    );
+
+    let cli = |args: &[&str]| {
+        let out = Command::new(binary("edge"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, _) = cli(&["topics", "--json"]);
+    assert!(ok);
+    let topics: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        topics,
+        serde_json::json!([{"topic": "mqtt", "partitions": [{"partition": 0, "start_offset": 0, "end_offset": 30, "bytes": topics[0]["partitions"][0]["bytes"], "removed_records": 0}]}])
+    );
+    let (ok, stdout, _) = cli(&[
+        "read",
+        "--topic",
+        "mqtt",
+        "--partition",
+        "0",
+        "--from",
+        "10",
+        "--limit",
+        "5",
+        "--json",
+    ]);
+    assert!(ok);
+    let offsets: Vec<u64> = stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["offset"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(offsets, vec![10, 11, 12, 13, 14]);
+    let (ok, stdout, _) = cli(&["read", "--limit", "1"]);
+    assert!(ok);
+    assert!(
+        stdout.starts_with("mqtt/0@0 ") && stdout.contains("payload(utf8)=\"rec-1\""),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = cli(&["read", "--topic", "nope"]);
+    assert!(!ok && stderr.contains("no topic \"nope\""), "{stderr}");
+    let (ok, _, stderr) = cli(&["read", "--topic", "mqtt", "--partition", "3"]);
+    assert!(!ok && stderr.contains("no partition 3"), "{stderr}");
+}
+
+#[test]
+fn a_log_written_by_one_config_is_readable_after_adding_partitions() {
+    let mut edge = Edge::start("[[routes]]\nmatch = \"a/#\"\ntopic = \"t\"\npartitions = 2\n");
+    assert!(edge.stop().success());
+    let config = std::fs::read_to_string(edge.config_path())
+        .unwrap()
+        .replace("partitions = 2", "partitions = 1");
+    std::fs::write(edge.config_path(), config).unwrap();
+    let out = Command::new(binary("edge"))
+        .arg("--config")
+        .arg(edge.config_path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("has 2 partitions on disk but the config gives 1"));
+}
