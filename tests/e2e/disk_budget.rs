@@ -128,21 +128,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn edge_pid(port: u16) -> u32 {
-    // The only process listening on this port is the edge the test started.
-    let out = std::process::Command::new("ss")
-        .args(["-Hltnp", &format!("sport = :{port}")])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let pid = text
-        .split("pid=")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .expect("ss shows the edge's pid");
-    pid.parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_bounded_when_publishers_outrun_the_disk() {
     let mut edge = Edge::start_with(
@@ -150,7 +135,7 @@ async fn memory_stays_bounded_when_publishers_outrun_the_disk() {
         "retention_check_interval = \"1s\"",
         "[topics.mqtt]\nretention_bytes = \"256MiB\"\n",
     );
-    let pid = edge_pid(edge.addr.port());
+    let pid = edge.pid();
     let baseline = rss_kib(pid);
     let payload = vec![b'f'; 256 * 1024];
     let mut tasks = Vec::new();

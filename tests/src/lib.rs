@@ -35,7 +35,15 @@ pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--bins", "-p", "edge"])
+            .args([
+                "build",
+                "--release",
+                "--bins",
+                "-p",
+                "edge",
+                "-p",
+                "firmware-sim",
+            ])
             .current_dir(workspace_root())
             .status()
             .expect("running cargo build");
@@ -92,6 +100,11 @@ impl Edge {
         };
         edge.spawn();
         edge
+    }
+
+    /// Process id of the running edge.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("edge is running").id()
     }
 
     /// The config file.
