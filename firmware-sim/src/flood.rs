@@ -41,6 +41,8 @@ pub struct FloodConnection {
     pub settings: Arc<ConnectSettings>,
     /// Most unacknowledged QoS 1 publishes.
     pub inflight: u16,
+    /// Messages per second this connection may send (`None`: as fast as it can).
+    pub rate: Option<f64>,
     /// The run.
     pub run: RunId,
     /// Shared counters.
@@ -271,12 +273,46 @@ async fn flood(
     let limit = conn.class.count.unwrap_or(u64::MAX);
     let mut seq: u64 = 0;
     let mut last_flush = Instant::now();
+    let started = Instant::now();
     let result: Result<(), String> = async {
         while seq < limit && !*stop.borrow() {
             out.clear();
             let now_us = conn.clock.now_us();
+            // Paced: send only what the rate allows by now; a whole-millisecond sleep would
+            // bunch messages, so the wait is at most the time to the next message.
+            let allowed = match conn.rate {
+                Some(rate) => {
+                    let due = (started.elapsed().as_secs_f64() * rate) as u64 + 1;
+                    if due <= seq {
+                        let next = Duration::from_secs_f64((seq + 1) as f64 / rate);
+                        let wait = next.saturating_sub(started.elapsed()).max(Duration::from_micros(50));
+                        if qos1 && acks.outstanding() > 0 {
+                            // Keep reading acknowledgements while waiting.
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {},
+                                read = stream.read_buf(&mut input) => {
+                                    if read.map_err(|e| format!("read: {e}"))? == 0 {
+                                        return Err("the broker closed the connection".into());
+                                    }
+                                    let got = acks.absorb(protocol, &mut input, conn.clock.now_us(), stats)?;
+                                    stats.acked.fetch_add(got, Ordering::Relaxed);
+                                },
+                                _ = stop.changed() => {},
+                            }
+                        } else {
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {},
+                                _ = stop.changed() => {},
+                            }
+                        }
+                        continue;
+                    }
+                    due.saturating_sub(seq) as usize
+                }
+                None => usize::MAX,
+            };
             let mut n = 0u64;
-            while (n as usize) < per_batch && seq < limit {
+            while (n as usize) < per_batch.min(allowed) && seq < limit {
                 let pkid = if qos1 {
                     match acks.free.pop() {
                         Some(id) => id,

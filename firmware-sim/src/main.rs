@@ -172,6 +172,10 @@ struct RunArgs {
     /// Benchmark mode: pre-encoded packets written straight to the socket.
     #[arg(long)]
     flood: bool,
+    /// With --flood: pace each connection to this many messages per second (default: as fast
+    /// as the broker takes them), to measure latency at a given load.
+    #[arg(long, requires = "flood")]
+    flood_rate: Option<f64>,
     /// Write the manifest (what was sent and acknowledged) to this directory.
     #[arg(long)]
     manifest: Option<PathBuf>,
@@ -290,6 +294,7 @@ async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
         max_queue: args.max_queue,
         drain: args.drain,
         flood_inflight: args.flood.then_some(defaults.inflight),
+        flood_rate: args.flood_rate,
         manifest_dir: args.manifest.clone(),
         report_path: args.report.clone(),
         plot_path: args.plot.clone(),

@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub drain: Duration,
     /// Flood mode with this many unacknowledged QoS 1 publishes per connection.
     pub flood_inflight: Option<u16>,
+    /// Flood mode paced to this many messages per second per connection.
+    pub flood_rate: Option<f64>,
     /// Manifest directory.
     pub manifest_dir: Option<PathBuf>,
     /// JSON report file.
@@ -47,6 +49,14 @@ pub struct RunOptions {
 
 /// Checks what only flood mode forbids.
 fn check_flood(options: &RunOptions) -> Result<(), SimError> {
+    if let Some(rate) = options.flood_rate {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(SimError::invalid(
+                "--flood-rate",
+                "must be a positive number of messages per second",
+            ));
+        }
+    }
     if options.settings.url.tls {
         return Err(SimError::invalid(
             "--flood",
@@ -159,6 +169,7 @@ pub async fn run(options: RunOptions) -> Result<RunReport, SimError> {
                 identity,
                 settings: settings.clone(),
                 inflight,
+                rate: options.flood_rate,
                 run: plan.run,
                 stats: stats.clone(),
                 clock,

@@ -74,3 +74,17 @@ fn verify_without_manifest_names_the_file() {
     assert_eq!(code, 2);
     assert!(stderr.contains("manifest.json"), "{stderr}");
 }
+
+#[test]
+fn flood_rate_must_be_positive() {
+    let (code, stderr) = run(&["run", "--flood", "--flood-rate", "0", "--duration", "1s"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--flood-rate"), "{stderr}");
+}
+
+#[test]
+fn flood_rate_needs_flood() {
+    let (code, stderr) = run(&["run", "--flood-rate", "100", "--duration", "1s"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--flood"), "{stderr}");
+}

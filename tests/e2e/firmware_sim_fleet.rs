@@ -101,3 +101,54 @@ fn thousand_devices_at_qos1_lose_nothing() {
     assert_eq!(field(&summary, "lost"), 1, "{summary}");
     assert_eq!(field(&summary, "duplicates"), 1, "{summary}");
 }
+
+#[test]
+fn paced_flood_sends_what_it_is_paced_to_and_the_edge_keeps_it_all() {
+    let mut edge = Edge::start("");
+    let work = tempfile::tempdir().unwrap();
+    let manifest = work.path().join("manifest");
+    // 2 connections x 500 messages each at 1,000 msg/s: paced, the run lasts about 0.5 s and
+    // sends exactly its count.
+    let run = Command::new(binary("firmware-sim"))
+        .args([
+            "run",
+            "--flood",
+            "--broker",
+            &format!("mqtt://{}", edge.addr),
+        ])
+        .args([
+            "--devices",
+            "2",
+            "--qos",
+            "1",
+            "--count",
+            "500",
+            "--flood-rate",
+            "1000",
+        ])
+        .arg("--manifest")
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(edge.stop().success());
+    let (status, log, _) = edge.cli(&["read", "--json"]);
+    assert!(status.success());
+    let log_path = work.path().join("edge.jsonl");
+    std::fs::write(&log_path, &log).unwrap();
+    let out = Command::new(binary("firmware-sim"))
+        .args(["verify", "--manifest"])
+        .arg(&manifest)
+        .arg("--edge-log")
+        .arg(&log_path)
+        .output()
+        .unwrap();
+    let summary = last_line(&out);
+    assert!(out.status.success(), "{summary}");
+    assert_eq!(field(&summary, "expected"), 1000, "{summary}");
+    assert_eq!(field(&summary, "received"), 1000, "{summary}");
+}
