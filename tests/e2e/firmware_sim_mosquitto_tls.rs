@@ -121,7 +121,7 @@ fn fleet_over_tls_to_mosquitto_loses_nothing() {
     let url = format!("mqtts://127.0.0.1:{port}");
     let ca = d.join("ca.pem");
     let manifest = d.join("manifest");
-    let mut verify = Command::new(binary("firmware-sim"))
+    let verify = Command::new(binary("firmware-sim"))
         .args([
             "verify",
             "--mqtt",
