@@ -16,17 +16,7 @@ async fn client_id_rules_per_version() {
     let (_c, ack) = RawClient::connect(edge.addr, Proto::V311, &opts)
         .await
         .unwrap();
-    assert!(
-        matches!(
-            ack,
-            Got::ConnAck {
-                code: 2,
-                session_present: false,
-                ..
-            }
-        ),
-        "{ack:?}"
-    );
+    assert_eq!(ack.connack(), Some((2, false)), "{ack:?}");
     let (_c, ack) = RawClient::connect(edge.addr, Proto::V311, &ConnectOpts::new(""))
         .await
         .unwrap();
@@ -213,14 +203,7 @@ async fn qos2_state_survives_kill_9_so_a_resend_is_not_logged_twice() {
     let (mut c, ack) = RawClient::connect(edge.addr, Proto::V5, &opts)
         .await
         .unwrap();
-    assert!(matches!(
-        ack,
-        Got::ConnAck {
-            code: 0,
-            session_present: false,
-            ..
-        }
-    ));
+    assert_eq!(ack.connack(), Some((0, false)));
     c.publish("sensors/eo/t", 2, 7, b"once").await.unwrap();
     assert_eq!(c.recv().await.unwrap(), Got::PubRec(7, 0));
     edge.kill9();
@@ -229,17 +212,7 @@ async fn qos2_state_survives_kill_9_so_a_resend_is_not_logged_twice() {
     let (mut c, ack) = RawClient::connect(edge.addr, Proto::V5, &opts)
         .await
         .unwrap();
-    assert!(
-        matches!(
-            ack,
-            Got::ConnAck {
-                code: 0,
-                session_present: true,
-                ..
-            }
-        ),
-        "{ack:?}"
-    );
+    assert_eq!(ack.connack(), Some((0, true)), "{ack:?}");
     let mut out = BytesMut::new();
     RawClient::encode_publish(
         Proto::V5,
@@ -273,14 +246,7 @@ async fn qos2_state_survives_kill_9_so_a_resend_is_not_logged_twice() {
     let (_c, ack) = RawClient::connect(edge.addr, Proto::V5, &opts)
         .await
         .unwrap();
-    assert!(matches!(
-        ack,
-        Got::ConnAck {
-            code: 0,
-            session_present: false,
-            ..
-        }
-    ));
+    assert_eq!(ack.connack(), Some((0, false)));
     drop(_c);
     assert!(edge.stop().success());
     assert_eq!(payloads(&edge.read_log()), vec!["once", "twice-new"]);
@@ -311,33 +277,13 @@ async fn persistent_311_session_is_present_after_restart_and_expired_v5_session_
     let (_c, ack) = RawClient::connect(edge.addr, Proto::V311, &p311)
         .await
         .unwrap();
-    assert!(
-        matches!(
-            ack,
-            Got::ConnAck {
-                code: 0,
-                session_present: true,
-                ..
-            }
-        ),
-        "{ack:?}"
-    );
+    assert_eq!(ack.connack(), Some((0, true)), "{ack:?}");
     // Well past the 1 s expiry.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (_c2, ack) = RawClient::connect(edge.addr, Proto::V5, &short)
         .await
         .unwrap();
-    assert!(
-        matches!(
-            ack,
-            Got::ConnAck {
-                code: 0,
-                session_present: false,
-                ..
-            }
-        ),
-        "{ack:?}"
-    );
+    assert_eq!(ack.connack(), Some((0, false)), "{ack:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

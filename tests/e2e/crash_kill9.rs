@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tributary_tests::{ConnectOpts, Edge, Got, Proto, Pub, RawClient};
+use tributary_tests::{next_free_pkid, ConnectOpts, Edge, Got, Proto, Pub, RawClient};
 
 const WINDOW: usize = 20;
 
@@ -74,15 +74,13 @@ async fn qos1_publisher(
             while !stopping && window.len() < WINDOW {
                 let payload = format!("{id}-{seq}");
                 seq += 1;
-                while window.contains_key(&next_pkid) || next_pkid == 0 {
-                    next_pkid = next_pkid.wrapping_add(1);
-                }
+                let pkid = next_free_pkid(&window, &mut next_pkid);
                 RawClient::encode_publish(
                     proto,
                     &Pub {
                         topic: b"sensors/crash/q1",
                         qos: 1,
-                        pkid: next_pkid,
+                        pkid,
                         dup: false,
                         payload: payload.as_bytes(),
                         alias: None,
@@ -90,8 +88,7 @@ async fn qos1_publisher(
                     &mut out,
                 );
                 ledger.lock().unwrap().sent.insert(payload.clone());
-                window.insert(next_pkid, payload);
-                next_pkid = next_pkid.wrapping_add(1);
+                window.insert(pkid, payload);
             }
             if !out.is_empty() && c.send_raw(&out).await.is_err() {
                 continue 'outer;
@@ -178,15 +175,13 @@ async fn qos2_publisher(
             while !stopping && window.len() < WINDOW {
                 let payload = format!("{id}-{seq}");
                 seq += 1;
-                while window.contains_key(&next_pkid) || next_pkid == 0 {
-                    next_pkid = next_pkid.wrapping_add(1);
-                }
+                let pkid = next_free_pkid(&window, &mut next_pkid);
                 RawClient::encode_publish(
                     proto,
                     &Pub {
                         topic: b"sensors/crash/q2",
                         qos: 2,
-                        pkid: next_pkid,
+                        pkid,
                         dup: false,
                         payload: payload.as_bytes(),
                         alias: None,
@@ -194,8 +189,7 @@ async fn qos2_publisher(
                     &mut out,
                 );
                 ledger.lock().unwrap().sent.insert(payload.clone());
-                window.insert(next_pkid, (payload, false));
-                next_pkid = next_pkid.wrapping_add(1);
+                window.insert(pkid, (payload, false));
             }
             if !out.is_empty() && c.send_raw(&out).await.is_err() {
                 continue 'outer;

@@ -94,118 +94,89 @@ fn mosquitto_pub(edge: &Edge, version: &str, qos: u8, count: usize) -> Sent {
         .collect()
 }
 
-async fn rumqttc_v311(edge: &Edge, qos: u8, count: usize) -> Sent {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
-    let client_id = format!("rumqttc-v311-q{qos}");
-    let mut opts = MqttOptions::new(&client_id, "127.0.0.1", edge.addr.port());
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(opts, 100);
-    let q = match qos {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    };
-    let payloads: Vec<String> = (0..count)
-        .map(|i| format!("rumqttc311q{qos}-{i}"))
-        .collect();
-    let topic = format!("sensors/{client_id}/x");
-    let p2 = payloads.clone();
-    let c2 = client.clone();
-    tokio::spawn(async move {
-        for p in p2 {
-            c2.publish(&topic, q, false, p.into_bytes()).await.unwrap();
-        }
-    });
-    let mut acked = 0;
-    let mut sent = 0;
-    while acked < count || sent < count {
-        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll())
-            .await
-            .expect("rumqttc progress")
-            .unwrap()
-        {
-            Event::Outgoing(Outgoing::Publish(_)) => {
-                sent += 1;
-                if qos == 0 {
-                    acked += 1;
+/// A rumqttc publisher; the 3.1.1 and 5.0 clients have the same shape but distinct types.
+macro_rules! rumqttc_publisher {
+    ($name:ident, $version:literal, $client:path, $options:path, $event:path, $packet:path, $qos:path) => {
+        async fn $name(edge: &Edge, qos: u8, count: usize) -> Sent {
+            use rumqttc::Outgoing;
+            use $event as Event;
+            use $packet as Packet;
+            use $qos as QoS;
+            let client_id = format!("rumqttc-{}-q{qos}", $version);
+            let mut opts = <$options>::new(&client_id, "127.0.0.1", edge.addr.port());
+            opts.set_keep_alive(Duration::from_secs(30));
+            let (client, mut eventloop) = <$client>::new(opts, 100);
+            let q = match qos {
+                0 => QoS::AtMostOnce,
+                1 => QoS::AtLeastOnce,
+                _ => QoS::ExactlyOnce,
+            };
+            let payloads: Vec<String> = (0..count)
+                .map(|i| format!("rumqttc{}q{qos}-{i}", $version))
+                .collect();
+            let topic = format!("sensors/{client_id}/x");
+            let (to_send, sender) = (payloads.clone(), client.clone());
+            tokio::spawn(async move {
+                for p in to_send {
+                    sender
+                        .publish(&topic, q, false, p.into_bytes())
+                        .await
+                        .unwrap();
+                }
+            });
+            let (mut acked, mut sent) = (0, 0);
+            while acked < count || sent < count {
+                let event = tokio::time::timeout(Duration::from_secs(20), eventloop.poll())
+                    .await
+                    .expect("rumqttc progress")
+                    .unwrap();
+                match event {
+                    Event::Outgoing(Outgoing::Publish(_)) => {
+                        sent += 1;
+                        if qos == 0 {
+                            acked += 1;
+                        }
+                    }
+                    Event::Incoming(Packet::PubAck(_)) if qos == 1 => acked += 1,
+                    Event::Incoming(Packet::PubComp(_)) if qos == 2 => acked += 1,
+                    _ => {}
                 }
             }
-            Event::Incoming(Packet::PubAck(_)) if qos == 1 => acked += 1,
-            Event::Incoming(Packet::PubComp(_)) if qos == 2 => acked += 1,
-            _ => {}
+            client.disconnect().await.unwrap();
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Ok(ev) = eventloop.poll().await {
+                    if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+            payloads
+                .into_iter()
+                .map(|p| (p, client_id.clone(), qos))
+                .collect()
         }
-    }
-    client.disconnect().await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Ok(ev) = eventloop.poll().await {
-            if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
-                break;
-            }
-        }
-    })
-    .await;
-    payloads
-        .into_iter()
-        .map(|p| (p, client_id.clone(), qos))
-        .collect()
+    };
 }
 
-async fn rumqttc_v5(edge: &Edge, qos: u8, count: usize) -> Sent {
-    use rumqttc::v5::mqttbytes::v5::Packet;
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    use rumqttc::Outgoing;
-    let client_id = format!("rumqttc-v5-q{qos}");
-    let mut opts = MqttOptions::new(&client_id, "127.0.0.1", edge.addr.port());
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(opts, 100);
-    let q = match qos {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    };
-    let payloads: Vec<String> = (0..count).map(|i| format!("rumqttc5q{qos}-{i}")).collect();
-    let topic = format!("sensors/{client_id}/x");
-    let p2 = payloads.clone();
-    let c2 = client.clone();
-    tokio::spawn(async move {
-        for p in p2 {
-            c2.publish(&topic, q, false, p.into_bytes()).await.unwrap();
-        }
-    });
-    let mut acked = 0;
-    let mut sent = 0;
-    while acked < count || sent < count {
-        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll())
-            .await
-            .expect("rumqttc progress")
-            .unwrap()
-        {
-            Event::Outgoing(Outgoing::Publish(_)) => {
-                sent += 1;
-                if qos == 0 {
-                    acked += 1;
-                }
-            }
-            Event::Incoming(Packet::PubAck(_)) if qos == 1 => acked += 1,
-            Event::Incoming(Packet::PubComp(_)) if qos == 2 => acked += 1,
-            _ => {}
-        }
-    }
-    client.disconnect().await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Ok(ev) = eventloop.poll().await {
-            if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
-                break;
-            }
-        }
-    })
-    .await;
-    payloads
-        .into_iter()
-        .map(|p| (p, client_id.clone(), qos))
-        .collect()
-}
+rumqttc_publisher!(
+    rumqttc_v311,
+    "v311",
+    rumqttc::AsyncClient,
+    rumqttc::MqttOptions,
+    rumqttc::Event,
+    rumqttc::Packet,
+    rumqttc::QoS
+);
+rumqttc_publisher!(
+    rumqttc_v5,
+    "v5",
+    rumqttc::v5::AsyncClient,
+    rumqttc::v5::MqttOptions,
+    rumqttc::v5::Event,
+    rumqttc::v5::mqttbytes::v5::Packet,
+    rumqttc::v5::mqttbytes::QoS
+);
 
 /// Kafka's partition for a key of 4 partitions, computed independently of the edge's code.
 fn kafka_partition(key: &str) -> u64 {

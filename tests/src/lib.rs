@@ -331,6 +331,30 @@ pub struct Pub<'a> {
     pub alias: Option<u16>,
 }
 
+impl Got {
+    /// `(code, session_present)` of a CONNACK, `None` for any other packet.
+    pub fn connack(&self) -> Option<(u8, bool)> {
+        match self {
+            Got::ConnAck {
+                code,
+                session_present,
+                ..
+            } => Some((*code, *session_present)),
+            _ => None,
+        }
+    }
+}
+
+/// Next packet id not in use by `in_flight`, advancing `next` past it.
+pub fn next_free_pkid<V>(in_flight: &std::collections::HashMap<u16, V>, next: &mut u16) -> u16 {
+    while in_flight.contains_key(next) || *next == 0 {
+        *next = next.wrapping_add(1);
+    }
+    let id = *next;
+    *next = next.wrapping_add(1);
+    id
+}
+
 /// A byte-level MQTT client over one TCP connection.
 pub struct RawClient {
     stream: tokio::net::TcpStream,
