@@ -238,9 +238,75 @@ pub struct ConnectSettings {
     pub session_expiry: Duration,
 }
 
+/// Most addresses `--source-ips` may list: far more than any fleet needs, few enough to hold.
+const MAX_SOURCE_IPS: u32 = 1 << 16;
+
+/// Parses a list of local IPv4 addresses: comma-separated addresses or inclusive ranges,
+/// e.g. `127.0.0.2-127.0.0.254` or `10.0.0.5,10.0.0.7`.
+pub fn parse_source_ips(option: &str, text: &str) -> Result<Vec<std::net::IpAddr>, SimError> {
+    use std::net::Ipv4Addr;
+    let address = |part: &str| {
+        part.trim()
+            .parse::<Ipv4Addr>()
+            .map_err(|_| SimError::invalid(option, format!("{part:?} is not an IPv4 address")))
+    };
+    let mut ips = Vec::new();
+    for item in text.split(',').filter(|item| !item.trim().is_empty()) {
+        let (first, last) = match item.split_once('-') {
+            Some((first, last)) => (address(first)?, address(last)?),
+            None => (address(item)?, address(item)?),
+        };
+        let (first, last) = (u32::from(first), u32::from(last));
+        if last < first {
+            return Err(SimError::invalid(
+                option,
+                format!("{item:?}: the range ends before it starts"),
+            ));
+        }
+        if u64::from(last - first) + 1 + ips.len() as u64 > u64::from(MAX_SOURCE_IPS) {
+            return Err(SimError::invalid(
+                option,
+                format!("more than {MAX_SOURCE_IPS} addresses"),
+            ));
+        }
+        ips.extend((first..=last).map(|ip| std::net::IpAddr::V4(Ipv4Addr::from(ip))));
+    }
+    if ips.is_empty() {
+        return Err(SimError::invalid(
+            option,
+            "no address; write e.g. 127.0.0.2-127.0.0.254",
+        ));
+    }
+    Ok(ips)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_ip_ranges_and_lists_expand_in_order() {
+        let ips = parse_source_ips("--source-ips", "127.0.0.2-127.0.0.4,10.0.0.1").unwrap();
+        let text: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
+        assert_eq!(text, ["127.0.0.2", "127.0.0.3", "127.0.0.4", "10.0.0.1"]);
+    }
+
+    #[test]
+    fn bad_source_ips_are_refused_with_the_option_name() {
+        for text in [
+            "127.0.0.9-127.0.0.2",
+            "localhost",
+            "",
+            "::1",
+            "1.0.0.0-2.0.0.0",
+        ] {
+            let err = parse_source_ips("--source-ips", text).unwrap_err();
+            assert!(
+                err.to_string().starts_with("--source-ips:"),
+                "{text}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn mqtt_url_defaults_to_port_1883() {

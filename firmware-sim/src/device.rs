@@ -12,6 +12,7 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::broker::ConnectSettings;
 use crate::ledger::{Ledger, Outcome};
+use crate::lightweight;
 use crate::manifest::DeviceRecord;
 use crate::payload::{self, Origin, RunId, Telemetry};
 use crate::plan::{ClassPlan, DeviceIdentity, EventPlan, FleetAction};
@@ -22,9 +23,9 @@ use crate::stats::{bump, Clock, FleetStats};
 /// nothing for idle devices; the ledger's `max_queue` is the limit that matters.
 const REQUEST_CAPACITY: usize = 1 << 16;
 /// First wait after a failed connection attempt; doubles up to [`MAX_BACKOFF`].
-const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
+pub(crate) const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest wait between connection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What every device of a fleet shares.
 pub struct FleetContext {
@@ -46,6 +47,11 @@ pub struct FleetContext {
     pub max_queue: usize,
     /// How long a stopping device waits for outstanding acknowledgements.
     pub drain: Duration,
+    /// Drive plain-TCP devices with [`crate::lightweight`] instead of rumqttc.
+    pub lightweight: bool,
+    /// Local addresses the lightweight driver binds its sockets to, one per device in turn
+    /// (empty: let the kernel choose).
+    pub source_ips: Vec<std::net::IpAddr>,
 }
 
 enum Step {
@@ -69,18 +75,11 @@ impl Publisher<'_> {
             bump(&self.ctx.stats.skipped);
             return;
         }
-        let created_us = self.ctx.clock.now_us();
-        let origin = Origin {
-            run: self.ctx.run,
-            class: self.identity.class,
-            device_index: self.identity.index,
-            device_name: &self.identity.name,
-        };
-        let body = payload::encode(
-            self.class.payload,
-            origin,
+        let (body, created_us) = next_message(
+            self.ctx,
+            self.class,
+            self.identity,
             ledger.next_seq(),
-            created_us,
             &mut self.telemetry,
             &mut self.rng,
         );
@@ -99,7 +98,45 @@ impl Publisher<'_> {
     }
 }
 
-fn seed(run: RunId, index: u32) -> u64 {
+/// The payload of message `seq` of a device and its creation time (Unix µs).
+pub(crate) fn next_message(
+    ctx: &FleetContext,
+    class: &ClassPlan,
+    identity: &DeviceIdentity,
+    seq: u64,
+    telemetry: &mut Telemetry,
+    rng: &mut SmallRng,
+) -> (Vec<u8>, u64) {
+    let created_us = ctx.clock.now_us();
+    let origin = Origin {
+        run: ctx.run,
+        class: identity.class,
+        device_index: identity.index,
+        device_name: &identity.name,
+    };
+    let body = payload::encode(class.payload, origin, seq, created_us, telemetry, rng);
+    (body, created_us)
+}
+
+/// The publish time after `next_tick`, jittered by the class.
+pub(crate) fn advance_tick(
+    next_tick: Instant,
+    interval: Duration,
+    jitter: f64,
+    rng: &mut SmallRng,
+) -> Instant {
+    let next = next_tick + interval.mul_f64(1.0 + jitter * rng.random_range(-1.0..1.0));
+    let now = Instant::now();
+    // After a stall, carry on from now instead of catching up in a burst.
+    if next + interval < now {
+        now
+    } else {
+        next
+    }
+}
+
+/// The random generator of a device: the same device gets the same telemetry in every driver.
+pub(crate) fn seed(run: RunId, index: u32) -> u64 {
     (u64::from(run.0) << 32) ^ u64::from(index) ^ 0x5DEE_CE66_D1CE_4E5B
 }
 
@@ -122,15 +159,29 @@ pub async fn run_device(
         }
     }
     if !stopping {
-        drive(
-            &identity,
-            class,
-            &ctx,
-            &mut ledger,
-            &mut commands,
-            &mut stop,
-        )
-        .await;
+        // Boxed so that a waiting device holds a pointer, not the larger of the two drivers'
+        // state machines; the lightweight driver exists to keep idle devices small.
+        if ctx.lightweight {
+            Box::pin(lightweight::drive(
+                &identity,
+                class,
+                &ctx,
+                &mut ledger,
+                &mut commands,
+                &mut stop,
+            ))
+            .await;
+        } else {
+            Box::pin(drive(
+                &identity,
+                class,
+                &ctx,
+                &mut ledger,
+                &mut commands,
+                &mut stop,
+            ))
+            .await;
+        }
     }
     let (sent, acked, refused) = ledger.into_sets();
     DeviceRecord {
@@ -264,13 +315,7 @@ async fn drive(
                             continue;
                         }
                         publisher.publish(ledger);
-                        let jitter = 1.0 + class.jitter * publisher.rng.random_range(-1.0..1.0);
-                        next_tick += interval.mul_f64(jitter);
-                        let now = Instant::now();
-                        // After a stall, carry on from now instead of catching up in a burst.
-                        if next_tick + interval < now {
-                            next_tick = now;
-                        }
+                        next_tick = advance_tick(next_tick, interval, class.jitter, &mut publisher.rng);
                     }
                 }
             }

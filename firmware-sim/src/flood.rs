@@ -195,6 +195,7 @@ async fn connect(conn: &FloodConnection) -> Result<(TcpStream, Option<u16>), Str
                     Frame::ConnAck {
                         refused: None,
                         receive_max,
+                        ..
                     } => Ok((stream, receive_max)),
                     Frame::ConnAck {
                         refused: Some(reason),

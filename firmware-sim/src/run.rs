@@ -39,6 +39,10 @@ pub struct RunOptions {
     pub flood_inflight: Option<u16>,
     /// Flood mode paced to this many messages per second per connection.
     pub flood_rate: Option<f64>,
+    /// Drive normal-mode devices with [`crate::lightweight`] instead of rumqttc.
+    pub lightweight: bool,
+    /// Local addresses the lightweight driver binds its sockets to (empty: any).
+    pub source_ips: Vec<std::net::IpAddr>,
     /// Manifest directory.
     pub manifest_dir: Option<PathBuf>,
     /// JSON report file.
@@ -96,11 +100,36 @@ fn protocol_text(protocol: Protocol) -> String {
     }
 }
 
+/// Checks what the lightweight driver cannot do.
+fn check_lightweight(options: &RunOptions) -> Result<(), SimError> {
+    if options.flood_inflight.is_some() {
+        return Err(SimError::invalid(
+            "--lightweight",
+            "flood mode has its own driver; use one of --flood and --lightweight",
+        ));
+    }
+    if options.settings.url.tls {
+        return Err(SimError::invalid(
+            "--lightweight",
+            "the lightweight driver speaks plain TCP; use an mqtt:// broker URL or drop --lightweight",
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the fleet and writes the requested outputs.
 pub async fn run(options: RunOptions) -> Result<RunReport, SimError> {
     let flood = options.flood_inflight.is_some();
     if flood {
         check_flood(&options)?;
+    }
+    if options.lightweight {
+        check_lightweight(&options)?;
+    } else if !options.source_ips.is_empty() {
+        return Err(SimError::invalid(
+            "--source-ips",
+            "only the lightweight driver binds source addresses; add --lightweight",
+        ));
     }
     if let Some(dir) = &options.manifest_dir {
         manifest::prepare_dir(dir)?;
@@ -189,6 +218,8 @@ pub async fn run(options: RunOptions) -> Result<RunReport, SimError> {
             connect_gate: Arc::new(Semaphore::new(options.connect_concurrency.max(1))),
             max_queue: options.max_queue.max(1),
             drain: options.drain,
+            lightweight: options.lightweight,
+            source_ips: options.source_ips.clone(),
         });
         for identity in plan.devices() {
             let offset = if devices > 1 {

@@ -26,6 +26,8 @@ pub enum Frame {
     ConnAck {
         /// `None` when accepted, else the refusal.
         refused: Option<String>,
+        /// Whether the broker resumed a stored session.
+        session_present: bool,
         /// MQTT 5 Receive Maximum: most unacknowledged QoS 1/2 publishes the broker accepts.
         receive_max: Option<u16>,
     },
@@ -54,8 +56,15 @@ pub enum Frame {
         /// Packet id.
         pkid: u16,
     },
+    /// PUBCOMP, ending a QoS 2 exchange.
+    PubComp {
+        /// Packet id.
+        pkid: u16,
+    },
     /// PINGREQ.
     PingReq,
+    /// PINGRESP.
+    PingResp,
     /// SUBSCRIBE.
     Subscribe {
         /// Packet id.
@@ -115,6 +124,7 @@ pub fn read(protocol: Protocol, buf: &mut BytesMut) -> Result<Option<Frame>, Str
                 v4::Packet::ConnAck(ack) => Frame::ConnAck {
                     refused: (ack.code != v4::ConnectReturnCode::Success)
                         .then(|| format!("{:?}", ack.code)),
+                    session_present: ack.session_present,
                     receive_max: None,
                 },
                 v4::Packet::Publish(p) => Frame::Publish {
@@ -133,7 +143,9 @@ pub fn read(protocol: Protocol, buf: &mut BytesMut) -> Result<Option<Frame>, Str
                     refused: false,
                 },
                 v4::Packet::PubRel(r) => Frame::PubRel { pkid: r.pkid },
+                v4::Packet::PubComp(c) => Frame::PubComp { pkid: c.pkid },
                 v4::Packet::PingReq => Frame::PingReq,
+                v4::Packet::PingResp => Frame::PingResp,
                 v4::Packet::Subscribe(s) => Frame::Subscribe {
                     pkid: s.pkid,
                     filters: s.filters.len(),
@@ -158,6 +170,7 @@ pub fn read(protocol: Protocol, buf: &mut BytesMut) -> Result<Option<Frame>, Str
                 v5::Packet::ConnAck(ack) => Frame::ConnAck {
                     refused: (ack.code != v5::ConnectReturnCode::Success)
                         .then(|| format!("{:?}", ack.code)),
+                    session_present: ack.session_present,
                     receive_max: ack.properties.and_then(|p| p.receive_max),
                 },
                 v5::Packet::Publish(p) => Frame::Publish {
@@ -182,7 +195,9 @@ pub fn read(protocol: Protocol, buf: &mut BytesMut) -> Result<Option<Frame>, Str
                     ),
                 },
                 v5::Packet::PubRel(r) => Frame::PubRel { pkid: r.pkid },
+                v5::Packet::PubComp(c) => Frame::PubComp { pkid: c.pkid },
                 v5::Packet::PingReq(_) => Frame::PingReq,
+                v5::Packet::PingResp(_) => Frame::PingResp,
                 v5::Packet::Subscribe(s) => Frame::Subscribe {
                     pkid: s.pkid,
                     filters: s.filters.len(),
@@ -212,6 +227,21 @@ fn qos5(qos: u8) -> rumqttc::v5::mqttbytes::QoS {
     }
 }
 
+/// What a CONNECT asks for beyond the protocol version.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectFields<'a> {
+    /// Client id.
+    pub client_id: &'a str,
+    /// Optional user name and password.
+    pub credentials: Option<&'a (String, String)>,
+    /// Keep-alive in seconds; 0 turns it off.
+    pub keep_alive_secs: u16,
+    /// Clean session (3.1.1) or clean start (5).
+    pub clean: bool,
+    /// MQTT 5 Session Expiry Interval in seconds; ignored by 3.1.1.
+    pub session_expiry_secs: Option<u32>,
+}
+
 /// Appends a CONNECT with a clean session and keep-alive disabled (flood connections are
 /// never idle).
 pub fn write_connect(
@@ -220,30 +250,79 @@ pub fn write_connect(
     credentials: Option<&(String, String)>,
     out: &mut BytesMut,
 ) -> Result<(), String> {
+    write_connect_with(
+        protocol,
+        ConnectFields {
+            client_id,
+            credentials,
+            keep_alive_secs: 0,
+            clean: true,
+            session_expiry_secs: None,
+        },
+        out,
+    )
+}
+
+/// Appends a CONNECT with the given fields.
+pub fn write_connect_with(
+    protocol: Protocol,
+    fields: ConnectFields<'_>,
+    out: &mut BytesMut,
+) -> Result<(), String> {
     match protocol {
         Protocol::V311 => {
-            let mut connect = v4::Connect::new(client_id);
-            connect.keep_alive = 0;
-            connect.clean_session = true;
-            if let Some((user, password)) = credentials {
+            let mut connect = v4::Connect::new(fields.client_id);
+            connect.keep_alive = fields.keep_alive_secs;
+            connect.clean_session = fields.clean;
+            if let Some((user, password)) = fields.credentials {
                 connect.set_login(user.clone(), password.clone());
             }
             connect.write(out).map(drop).map_err(|e| e.to_string())
         }
         Protocol::V5 => {
+            let properties = fields
+                .session_expiry_secs
+                .map(|expiry| v5::ConnectProperties {
+                    session_expiry_interval: Some(expiry),
+                    ..v5::ConnectProperties::default()
+                });
             let connect = v5::Connect {
-                keep_alive: 0,
-                client_id: client_id.to_string(),
-                clean_start: true,
-                properties: None,
+                keep_alive: fields.keep_alive_secs,
+                client_id: fields.client_id.to_string(),
+                clean_start: fields.clean,
+                properties,
             };
-            let login = credentials.map(|(u, p)| v5::Login::new(u.clone(), p.clone()));
+            let login = fields
+                .credentials
+                .map(|(u, p)| v5::Login::new(u.clone(), p.clone()));
             v5::Packet::Connect(connect, None, login)
                 .write(out, None)
                 .map(drop)
                 .map_err(|e| e.to_string())
         }
     }
+}
+
+/// Appends a PINGREQ.
+pub fn write_pingreq(protocol: Protocol, out: &mut BytesMut) {
+    let written = match protocol {
+        Protocol::V311 => v4::PingReq.write(out).map_err(|e| e.to_string()),
+        Protocol::V5 => v5::Packet::PingReq(v5::PingReq)
+            .write(out, None)
+            .map_err(|e| e.to_string()),
+    };
+    written.expect("a PINGREQ always encodes");
+}
+
+/// Appends a PUBREL, the second step of a QoS 2 exchange.
+pub fn write_pubrel(protocol: Protocol, pkid: u16, out: &mut BytesMut) {
+    let written = match protocol {
+        Protocol::V311 => v4::PubRel::new(pkid).write(out).map_err(|e| e.to_string()),
+        Protocol::V5 => v5::Packet::PubRel(v5::PubRel::new(pkid, None))
+            .write(out, None)
+            .map_err(|e| e.to_string()),
+    };
+    written.expect("a PUBREL always encodes");
 }
 
 /// Appends a PUBLISH.
@@ -274,12 +353,17 @@ pub fn write_publish(
 
 /// Appends a CONNACK accepting a clean session.
 pub fn write_connack(protocol: Protocol, out: &mut BytesMut) {
+    write_connack_with(protocol, false, out);
+}
+
+/// Appends a CONNACK accepting the connection, with the given session-present flag.
+pub fn write_connack_with(protocol: Protocol, session_present: bool, out: &mut BytesMut) {
     let written = match protocol {
-        Protocol::V311 => v4::ConnAck::new(v4::ConnectReturnCode::Success, false)
+        Protocol::V311 => v4::ConnAck::new(v4::ConnectReturnCode::Success, session_present)
             .write(out)
             .map_err(|e| e.to_string()),
         Protocol::V5 => v5::Packet::ConnAck(v5::ConnAck {
-            session_present: false,
+            session_present,
             code: v5::ConnectReturnCode::Success,
             properties: None,
         })
@@ -398,6 +482,37 @@ mod tests {
                 }
             );
             assert!(out.is_empty());
+        }
+    }
+
+    #[test]
+    fn qos2_and_keep_alive_packets_round_trip_through_the_codec() {
+        for protocol in [Protocol::V311, Protocol::V5] {
+            let mut out = BytesMut::new();
+            write_connack_with(protocol, true, &mut out);
+            write_pubrel(protocol, 9, &mut out);
+            write_ack(protocol, AckKind::PubComp, 9, &mut out);
+            write_pingreq(protocol, &mut out);
+            write_pingresp(protocol, &mut out);
+            assert!(matches!(
+                read(protocol, &mut out).unwrap(),
+                Some(Frame::ConnAck {
+                    refused: None,
+                    session_present: true,
+                    ..
+                })
+            ));
+            assert_eq!(
+                read(protocol, &mut out).unwrap(),
+                Some(Frame::PubRel { pkid: 9 })
+            );
+            assert_eq!(
+                read(protocol, &mut out).unwrap(),
+                Some(Frame::PubComp { pkid: 9 })
+            );
+            assert_eq!(read(protocol, &mut out).unwrap(), Some(Frame::PingReq));
+            assert_eq!(read(protocol, &mut out).unwrap(), Some(Frame::PingResp));
+            assert!(out.is_empty(), "{protocol:?}");
         }
     }
 
