@@ -34,7 +34,8 @@ fn target_dir() -> PathBuf {
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
             .args([
                 "build",
                 "--release",
@@ -44,9 +45,28 @@ pub fn binary(name: &str) -> PathBuf {
                 "-p",
                 "firmware-sim",
             ])
-            .current_dir(workspace_root())
-            .status()
-            .expect("running cargo build");
+            .current_dir(workspace_root());
+        // cargo gives a test process the variables of the test's own package; some build
+        // scripts (ring's) rerun when CARGO_MANIFEST_DIR changes, so passing them on would
+        // rebuild what tests/run just built.
+        for (key, _) in std::env::vars() {
+            let per_package = key.starts_with("CARGO_PKG_")
+                || matches!(
+                    key.as_str(),
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_MANIFEST_LINKS"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                );
+            if per_package {
+                cargo.env_remove(&key);
+            }
+        }
+        let status = cargo.status().expect("running cargo build");
         assert!(status.success(), "cargo build --release failed");
     });
     let path = target_dir().join("release").join(name);
