@@ -33,6 +33,13 @@ use crate::route::TopicId;
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
 /// Routes remembered per connection (devices publish to few topics).
 const ROUTE_CACHE_ENTRIES: usize = 64;
+/// Read buffer sizing: a connection starts with a small buffer and doubles what it reads at
+/// once while reads fill it, so an idle device costs little memory and a busy publisher
+/// still reads in large chunks.
+const READ_CHUNK_MIN: usize = 1024;
+const READ_CHUNK_MAX: usize = 64 * 1024;
+/// Write buffers larger than this are released after they are flushed.
+const WRITE_BUFFER_KEEP: usize = 64 * 1024;
 
 /// Why the connection is being closed by the edge.
 #[derive(Debug)]
@@ -62,7 +69,7 @@ struct PendingAck {
 pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let (reader, writer) = stream.into_split();
-    let mut rbuf = BytesMut::with_capacity(16 * 1024);
+    let mut rbuf = BytesMut::new();
     let mut reader = reader;
     let mut writer = writer;
     let max_packet = broker.config.max_packet_size.0 as usize;
@@ -218,7 +225,8 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         reader,
         writer,
         rbuf,
-        wbuf: BytesMut::with_capacity(4096),
+        read_chunk: READ_CHUNK_MIN,
+        wbuf: BytesMut::new(),
         keep_alive: None,
         deadline: Instant::now(),
         inflight: data.qos2.len(),
@@ -228,7 +236,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         next_ticket: 1,
         commit_tx,
         commit_rx,
-        aliases: vec![None; broker.config.topic_alias_maximum as usize + 1],
+        aliases: Vec::new(),
         req: AppendRequest::default(),
         req_acks: Vec::new(),
         route_cache: HashMap::new(),
@@ -321,6 +329,7 @@ async fn read_connect(
                 })
             }
         }
+        rbuf.reserve(512);
         match reader.read_buf(rbuf).await {
             Ok(0) | Err(_) => {
                 return Err(Refusal {
@@ -348,6 +357,8 @@ struct Connection {
     reader: OwnedReadHalf,
     writer: OwnedWriteHalf,
     rbuf: BytesMut,
+    /// Bytes reserved for the next read.
+    read_chunk: usize,
     wbuf: BytesMut,
     keep_alive: Option<Duration>,
     deadline: Instant,
@@ -360,6 +371,7 @@ struct Connection {
     next_ticket: u64,
     commit_tx: mpsc::UnboundedSender<Committed>,
     commit_rx: mpsc::UnboundedReceiver<Committed>,
+    /// 5.0 inbound topic aliases, grown as the client sets them.
     aliases: Vec<Option<Arc<str>>>,
     req: AppendRequest,
     req_acks: Vec<PendingAck>,
@@ -378,6 +390,7 @@ impl Connection {
                 || self.version == Version::V5;
             let deadline = self.deadline;
             let has_deadline = self.keep_alive.is_some();
+            let spare = self.prepare_read();
             tokio::select! {
                 biased;
                 Some(done) = self.commit_rx.recv() => self.on_committed(done)?,
@@ -398,12 +411,12 @@ impl Connection {
                             self.drain_pending().await;
                             return Ok(());
                         }
-                        Ok(_) => {
+                        Ok(n) => {
                             self.touch();
                             // Publishes accepted before the end (or before an offending
                             // packet) are still committed and acknowledged.
                             match self.on_bytes().await {
-                                Ok(None) => {}
+                                Ok(None) => self.adapt_read_buffer(n, spare),
                                 Ok(Some(end)) => {
                                     self.drain_pending().await;
                                     return end;
@@ -440,9 +453,34 @@ impl Connection {
                 .write_all(&self.wbuf)
                 .await
                 .map_err(|e| Close::new(reason::UNSPECIFIED, format!("write failed: {e}")))?;
-            self.wbuf.clear();
+            if self.wbuf.capacity() > WRITE_BUFFER_KEEP {
+                self.wbuf = BytesMut::new();
+            } else {
+                self.wbuf.clear();
+            }
         }
         Ok(())
+    }
+
+    /// Makes room for the next read; returns the spare capacity offered to it.
+    fn prepare_read(&mut self) -> usize {
+        if self.rbuf.capacity() - self.rbuf.len() < self.read_chunk / 2 {
+            self.rbuf.reserve(self.read_chunk);
+        }
+        self.rbuf.capacity() - self.rbuf.len()
+    }
+
+    /// Grows the read size while reads fill the buffer; after a small read that left nothing
+    /// buffered, goes back to the minimum and gives a large buffer back.
+    fn adapt_read_buffer(&mut self, read: usize, offered: usize) {
+        if read >= offered {
+            self.read_chunk = (self.read_chunk * 2).min(READ_CHUNK_MAX);
+        } else if read < READ_CHUNK_MIN / 2 && self.rbuf.is_empty() {
+            self.read_chunk = READ_CHUNK_MIN;
+            if self.rbuf.capacity() > 4 * READ_CHUNK_MIN {
+                self.rbuf = BytesMut::new();
+            }
+        }
     }
 
     /// Decodes everything buffered. `Some(end)`: the client ended the connection.
@@ -545,7 +583,7 @@ impl Connection {
                     ));
                 }
                 if p.topic.is_empty() {
-                    match &self.aliases[alias as usize] {
+                    match self.aliases.get(alias as usize).and_then(|a| a.as_ref()) {
                         Some(t) => t.clone(),
                         None => {
                             return Err(Close::new(
@@ -556,6 +594,9 @@ impl Connection {
                     }
                 } else {
                     let t: Arc<str> = Arc::from(validate_topic(&p.topic, cfg)?);
+                    if self.aliases.len() <= alias as usize {
+                        self.aliases.resize(alias as usize + 1, None);
+                    }
                     self.aliases[alias as usize] = Some(t.clone());
                     t
                 }
