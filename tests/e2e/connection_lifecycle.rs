@@ -322,3 +322,42 @@ async fn subscribe_is_refused_until_delivery_exists() {
         assert_eq!(c.recv().await.unwrap(), Got::PingResp);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_qos2_beyond_the_read_ahead_window_completes() {
+    // 3.1.1 has no Receive Maximum: the edge bounds how much it reads ahead instead. QoS 2
+    // flows stay open until PUBCOMP, so the edge must keep reading PUBRELs when many are open.
+    let mut edge = Edge::start_with("receive_maximum = 5", "", "");
+    let (mut c, _) = RawClient::connect(edge.addr, Proto::V311, &ConnectOpts::new("many-q2"))
+        .await
+        .unwrap();
+    let mut out = BytesMut::new();
+    for pkid in 1..=20u16 {
+        let payload = format!("q2-{pkid}");
+        RawClient::encode_publish(
+            Proto::V311,
+            &Pub {
+                topic: b"sensors/many/t",
+                qos: 2,
+                pkid,
+                dup: false,
+                payload: payload.as_bytes(),
+                alias: None,
+            },
+            &mut out,
+        );
+    }
+    c.send_raw(&out).await.unwrap();
+    for pkid in 1..=20u16 {
+        assert_eq!(c.recv().await.unwrap(), Got::PubRec(pkid, 0));
+    }
+    for pkid in 1..=20u16 {
+        c.pubrel(pkid).await.unwrap();
+    }
+    for pkid in 1..=20u16 {
+        assert_eq!(c.recv().await.unwrap(), Got::PubComp(pkid, 0));
+    }
+    drop(c);
+    assert!(edge.stop().success());
+    assert_eq!(payloads(&edge.read_log()).len(), 20);
+}

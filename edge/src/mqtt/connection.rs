@@ -63,6 +63,9 @@ struct PendingAck {
     kind: AckKind,
     pkid: u16,
     code: u8,
+    /// Whether this acknowledges a publish appended to the log (counted in
+    /// `awaiting_commit`).
+    logged: bool,
 }
 
 /// Serves one TCP connection to its end.
@@ -230,6 +233,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         keep_alive: None,
         deadline: Instant::now(),
         inflight: data.qos2.len(),
+        awaiting_commit: 0,
         session: data,
         qos2_pending: HashSet::new(),
         pending: VecDeque::new(),
@@ -365,8 +369,12 @@ struct Connection {
     session: SessionData,
     /// QoS 2 packet ids sent to the appender whose commit is not yet reported.
     qos2_pending: HashSet<u16>,
-    /// QoS 1 and 2 publishes received and not yet fully acknowledged.
+    /// QoS 1 and 2 publishes received and not yet fully acknowledged (QoS 2 until PUBCOMP):
+    /// what MQTT 5's Receive Maximum counts.
     inflight: usize,
+    /// QoS 1 and 2 publishes whose commit is not reported yet: what 3.1.1 read-ahead counts.
+    /// A QoS 2 flow past PUBREC only waits for the client's PUBREL, which must still be read.
+    awaiting_commit: usize,
     pending: VecDeque<(u64, Vec<PendingAck>)>,
     next_ticket: u64,
     commit_tx: mpsc::UnboundedSender<Committed>,
@@ -386,7 +394,7 @@ impl Connection {
         self.touch();
         loop {
             // 3.1.1 has no Receive Maximum: stop reading instead, so memory stays bounded.
-            let can_read = self.inflight < self.broker.config.receive_maximum as usize
+            let can_read = self.awaiting_commit < self.broker.config.receive_maximum as usize
                 || self.version == Version::V5;
             let deadline = self.deadline;
             let has_deadline = self.keep_alive.is_some();
@@ -639,6 +647,7 @@ impl Connection {
                     kind: AckKind::PubRec,
                     pkid: p.pkid,
                     code: reason::SUCCESS,
+                    logged: false,
                 });
                 return Ok(());
             }
@@ -663,6 +672,7 @@ impl Connection {
                 kind,
                 pkid: p.pkid,
                 code: reason::QUOTA_EXCEEDED,
+                logged: false,
             });
             return Ok(());
         }
@@ -704,12 +714,16 @@ impl Connection {
         counters
             .bytes_received
             .fetch_add(p.payload.len() as u64, Ordering::Relaxed);
+        if p.qos != QoS::AtMostOnce {
+            self.awaiting_commit += 1;
+        }
         match p.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.req_acks.push(PendingAck {
                 kind: AckKind::PubAck,
                 pkid: p.pkid,
                 code: reason::SUCCESS,
+                logged: true,
             }),
             QoS::ExactlyOnce => {
                 if self.session.durable {
@@ -723,6 +737,7 @@ impl Connection {
                     kind: AckKind::PubRec,
                     pkid: p.pkid,
                     code: reason::SUCCESS,
+                    logged: true,
                 });
             }
         }
@@ -744,6 +759,7 @@ impl Connection {
             } else {
                 reason::PACKET_ID_NOT_FOUND
             },
+            logged: false,
         });
     }
 
@@ -812,6 +828,9 @@ impl Connection {
 
     fn apply_ack(&mut self, ack: PendingAck) {
         codec::write_ack(self.version, ack.kind, ack.pkid, ack.code, &mut self.wbuf);
+        if ack.logged {
+            self.awaiting_commit -= 1;
+        }
         match ack.kind {
             AckKind::PubAck => self.inflight = self.inflight.saturating_sub(1),
             AckKind::PubRec if ack.code == reason::SUCCESS => {
