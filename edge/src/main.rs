@@ -155,8 +155,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn open_stopped(config: &Config) -> anyhow::Result<Log> {
     let dir = &config.storage.data_dir;
-    if !dir.join("records").exists() && !dir.exists() {
-        bail!("no log in {}: nothing has been stored there", dir.display());
+    // fjall writes its `version` file when it creates a database; without it the directory
+    // holds no log, and opening it would create one.
+    if !dir.join("version").exists() {
+        bail!(
+            "no log in {}: nothing has been stored there (give the edge's --data-dir)",
+            dir.display()
+        );
     }
     Ok(Log::open(dir, None, None)?)
 }

@@ -183,3 +183,26 @@ fn a_log_written_by_one_config_is_readable_after_adding_partitions() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("has 2 partitions on disk but the config gives 1"));
 }
+
+#[test]
+fn offline_commands_refuse_a_directory_without_a_log_and_leave_it_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    for cmd in ["read", "topics"] {
+        let out = Command::new(binary("edge"))
+            .args([cmd, "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no log in"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing was created"
+    );
+}

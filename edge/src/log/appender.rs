@@ -130,8 +130,20 @@ pub fn spawn(
     let handle = std::thread::Builder::new()
         .name("log-appender".into())
         .spawn(move || {
-            let mut appender = Appender::new(log, fsync, max_batch_records);
-            let result = appender.run(rx);
+            // A panic here would otherwise leave the edge accepting publishes it can never
+            // write; it is reported like any other fatal log error.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut appender = Appender::new(log, fsync, max_batch_records);
+                appender.run(rx)
+            }))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_string());
+                Err(format!("the log appender panicked: {what}"))
+            });
             if let Err(why) = &result {
                 on_fatal(why.clone());
             }
