@@ -104,8 +104,8 @@ pub struct NewRecord<'a> {
     pub timestamp_ms: u64,
     /// Partition key.
     pub key: &'a [u8],
-    /// MQTT topic.
-    pub mqtt_topic: &'a str,
+    /// MQTT topic (validated UTF-8).
+    pub mqtt_topic: &'a [u8],
     /// QoS.
     pub qos: u8,
     /// Retain flag.
@@ -128,7 +128,7 @@ impl NewRecord<'_> {
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
         put_short(out, self.key);
-        put_short(out, self.mqtt_topic.as_bytes());
+        put_short(out, self.mqtt_topic);
         out.push(self.qos);
         let mut flags = 0;
         if self.retain {
@@ -333,7 +333,7 @@ mod tests {
         NewRecord {
             timestamp_ms: 1_700_000_000_123,
             key: b"dev-1",
-            mqtt_topic: "sensors/dev-1/t",
+            mqtt_topic: b"sensors/dev-1/t",
             qos: 1,
             retain: true,
             client_id: "c-1",
@@ -432,7 +432,7 @@ mod tests {
         ) {
             let mut body = Vec::new();
             NewRecord {
-                timestamp_ms: ts, key: &key, mqtt_topic: &topic, qos, retain,
+                timestamp_ms: ts, key: &key, mqtt_topic: topic.as_bytes(), qos, retain,
                 client_id: &client, content_type: ct.as_deref(), user_properties: &props,
                 payload: &payload,
             }.encode_into(&mut body);

@@ -37,7 +37,7 @@ fn request(records: &[(u32, &str, u64)], reply: Option<ReplyTo>) -> AppendReques
         NewRecord {
             timestamp_ms: *ts,
             key: b"k",
-            mqtt_topic: "a/b",
+            mqtt_topic: b"a/b",
             qos: 1,
             retain: false,
             client_id: "c",

@@ -241,6 +241,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         commit_tx,
         commit_rx,
         aliases: Vec::new(),
+        received: (0, 0),
         req: AppendRequest::default(),
         req_acks: Vec::new(),
         route_cache: HashMap::new(),
@@ -380,7 +381,9 @@ struct Connection {
     commit_tx: mpsc::UnboundedSender<Committed>,
     commit_rx: mpsc::UnboundedReceiver<Committed>,
     /// 5.0 inbound topic aliases, grown as the client sets them.
-    aliases: Vec<Option<Arc<str>>>,
+    aliases: Vec<Option<Bytes>>,
+    /// Messages and payload bytes accepted since the counters were last updated.
+    received: (u64, u64),
     req: AppendRequest,
     req_acks: Vec<PendingAck>,
     route_cache: HashMap<Bytes, (TopicId, u32, Vec<u8>)>,
@@ -573,13 +576,25 @@ impl Connection {
             }
         }
         self.send_request().await?;
+        self.publish_counters();
         Ok(None)
+    }
+
+    /// Adds what this connection accepted to the node's counters, once per socket read
+    /// rather than once per message (the counters are shared by every core).
+    fn publish_counters(&mut self) {
+        let (messages, bytes) = std::mem::take(&mut self.received);
+        if messages > 0 {
+            let c = &self.broker.counters;
+            c.messages_received.fetch_add(messages, Ordering::Relaxed);
+            c.bytes_received.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     fn on_publish(&mut self, p: PublishIn, now: u64) -> Result<(), Close> {
         let cfg = &self.broker.config;
         // Topic, through a 5.0 topic alias if one is used.
-        let topic: Arc<str> = match p.topic_alias {
+        let topic: Bytes = match p.topic_alias {
             Some(alias) => {
                 if alias == 0 || alias > cfg.topic_alias_maximum {
                     return Err(Close::new(
@@ -601,7 +616,8 @@ impl Connection {
                         }
                     }
                 } else {
-                    let t: Arc<str> = Arc::from(validate_topic(&p.topic, cfg)?);
+                    validate_topic(&p.topic, cfg)?;
+                    let t = p.topic.clone();
                     if self.aliases.len() <= alias as usize {
                         self.aliases.resize(alias as usize + 1, None);
                     }
@@ -615,10 +631,19 @@ impl Connection {
                     "PUBLISH with an empty topic",
                 ))
             }
-            None => Arc::from(validate_topic(&p.topic, cfg)?),
+            None => p.topic.clone(),
         };
+        // A topic in the route cache was validated when it was routed.
+        if !self.route_cache.contains_key(&topic) {
+            let text = validate_topic(&topic, cfg)?;
+            let d = self.broker.router.route(text, &self.client_id);
+            if self.route_cache.len() >= ROUTE_CACHE_ENTRIES {
+                self.route_cache.clear();
+            }
+            self.route_cache
+                .insert(topic.clone(), (d.topic, d.partition, d.key));
+        }
 
-        let counters = &self.broker.counters;
         if p.qos != QoS::AtMostOnce {
             let is_resend = p.qos == QoS::ExactlyOnce
                 && (self.qos2_pending.contains(&p.pkid) || self.session.qos2.contains(&p.pkid));
@@ -654,7 +679,10 @@ impl Connection {
         }
 
         if self.broker.log.rejects_publishes() {
-            counters.rejected_quota.fetch_add(1, Ordering::Relaxed);
+            self.broker
+                .counters
+                .rejected_quota
+                .fetch_add(1, Ordering::Relaxed);
             self.broker
                 .log
                 .counters
@@ -677,19 +705,7 @@ impl Connection {
             return Ok(());
         }
 
-        // Route (cached per topic), then encode the record into the request.
-        let (topic_id, partition, key) = match self.route_cache.get(topic.as_bytes()) {
-            Some(hit) => hit,
-            None => {
-                let d = self.broker.router.route(&topic, &self.client_id);
-                if self.route_cache.len() >= ROUTE_CACHE_ENTRIES {
-                    self.route_cache.clear();
-                }
-                self.route_cache
-                    .entry(Bytes::copy_from_slice(topic.as_bytes()))
-                    .or_insert((d.topic, d.partition, d.key))
-            }
-        };
+        let (topic_id, partition, key) = self.route_cache.get(&topic).expect("routed above");
         let start = self.req.buf.len();
         NewRecord {
             timestamp_ms: now,
@@ -710,10 +726,8 @@ impl Connection {
             len: (self.req.buf.len() - start) as u32,
             timestamp_ms: now,
         });
-        counters.messages_received.fetch_add(1, Ordering::Relaxed);
-        counters
-            .bytes_received
-            .fetch_add(p.payload.len() as u64, Ordering::Relaxed);
+        self.received.0 += 1;
+        self.received.1 += p.payload.len() as u64;
         if p.qos != QoS::AtMostOnce {
             self.awaiting_commit += 1;
         }
