@@ -23,15 +23,7 @@ fn router() -> Router {
     )
     .unwrap();
     let plan = config.route_plan().unwrap();
-    let names: Vec<(String, u32)> = plan
-        .topics
-        .iter()
-        .map(|t| (t.name.clone(), t.partitions))
-        .collect();
-    Router::new(&plan, |n| {
-        let i = names.iter().position(|(x, _)| x == n).unwrap();
-        (i as u32, names[i].1)
-    })
+    Router::new(&plan, plan.ids_in_plan_order())
 }
 
 fn record(payload: &[u8], out: &mut Vec<u8>) {

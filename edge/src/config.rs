@@ -14,7 +14,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::route::{KeyTemplate, TopicFilter};
+use crate::route::{KeyTemplate, TopicFilter, TopicId};
 
 /// A configuration that cannot be used, with the place and the key it comes from.
 #[derive(Debug, thiserror::Error)]
@@ -383,6 +383,21 @@ pub struct PlannedTopic {
     pub retention: Option<Duration>,
     /// Per-partition byte retention.
     pub retention_bytes: Option<u64>,
+}
+
+impl RoutePlan {
+    /// Resolves a topic name to the id a new, empty log gives it (plan order) and its
+    /// partition count: for a router without a log, in tests and benchmarks.
+    pub fn ids_in_plan_order(&self) -> impl Fn(&str) -> (TopicId, u32) + '_ {
+        move |name| {
+            let i = self
+                .topics
+                .iter()
+                .position(|t| t.name == name)
+                .expect("the plan names every topic its routes use");
+            (i as u32, self.topics[i].partitions)
+        }
+    }
 }
 
 const EMBEDDED: &str = "<embedded>";

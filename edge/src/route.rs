@@ -369,15 +369,7 @@ mod tests {
     fn router(text: &str) -> Router {
         let c = Config::parse(text, "t").unwrap();
         let plan = c.route_plan().unwrap();
-        let names: Vec<(String, u32)> = plan
-            .topics
-            .iter()
-            .map(|t| (t.name.clone(), t.partitions))
-            .collect();
-        Router::new(&plan, |n| {
-            let i = names.iter().position(|(x, _)| x == n).unwrap();
-            (i as u32, names[i].1)
-        })
+        Router::new(&plan, plan.ids_in_plan_order())
     }
 
     #[test]

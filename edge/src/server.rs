@@ -11,7 +11,7 @@ use crate::config::{Config, FsyncMode};
 use crate::log::appender::{self, now_ms, AppendRequest, AppenderMsg};
 use crate::log::{Budget, Log, LogError};
 use crate::mqtt::session::SessionStore;
-use crate::mqtt::{self, Broker, BrokerCounters};
+use crate::mqtt::{self, Broker};
 use crate::route::Router;
 
 /// Why the edge could not start or had to stop.
@@ -125,7 +125,6 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             mqtt::APPEND_BUDGET_BYTES as usize,
         )),
         connections: AtomicUsize::new(0),
-        counters: BrokerCounters::default(),
         shutdown: shutdown_rx,
     });
 

@@ -136,8 +136,36 @@ pub(crate) fn advance_tick(
 }
 
 /// The random generator of a device: the same device gets the same telemetry in every driver.
-pub(crate) fn seed(run: RunId, index: u32) -> u64 {
+fn seed(run: RunId, index: u32) -> u64 {
     (u64::from(run.0) << 32) ^ u64::from(index) ^ 0x5DEE_CE66_D1CE_4E5B
+}
+
+/// What a device starts with, in either driver.
+pub(crate) struct DeviceStart {
+    /// Its random generator, seeded by run and device.
+    pub rng: SmallRng,
+    /// Its telemetry state.
+    pub telemetry: Telemetry,
+    /// Time between its publishes.
+    pub interval: Duration,
+    /// When it publishes first.
+    pub next_tick: Instant,
+}
+
+impl DeviceStart {
+    pub(crate) fn new(ctx: &FleetContext, class: &ClassPlan, identity: &DeviceIdentity) -> Self {
+        let mut rng = SmallRng::seed_from_u64(seed(ctx.run, identity.index));
+        let telemetry = Telemetry::new(&mut rng);
+        let interval = Duration::from_secs_f64(1.0 / class.rate);
+        // A random phase keeps devices started together from publishing in lockstep.
+        let next_tick = Instant::now() + interval.mul_f64(rng.random_range(0.0..1.0));
+        DeviceStart {
+            rng,
+            telemetry,
+            interval,
+            next_tick,
+        }
+    }
 }
 
 /// Runs one device until the run stops (or its message count is reached) and its outstanding
@@ -211,11 +239,12 @@ async fn drive(
         request_capacity: REQUEST_CAPACITY,
     };
     let (client, mut eventloop) = session::open(&ctx.settings, &params);
-    let mut rng = SmallRng::seed_from_u64(seed(ctx.run, identity.index));
-    let telemetry = Telemetry::new(&mut rng);
-    let interval = Duration::from_secs_f64(1.0 / class.rate);
-    // A random phase keeps devices started together from publishing in lockstep.
-    let mut next_tick = Instant::now() + interval.mul_f64(rng.random_range(0.0..1.0));
+    let DeviceStart {
+        rng,
+        telemetry,
+        interval,
+        mut next_tick,
+    } = DeviceStart::new(ctx, class, identity);
     let mut publisher = Publisher {
         ctx,
         class,

@@ -29,14 +29,16 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rand::rngs::SmallRng;
-use rand::{RngExt, SeedableRng};
+use rand::RngExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{broadcast, watch};
 use tokio::time::{sleep_until, Instant};
 
 use crate::broker::SessionKind;
-use crate::device::{advance_tick, next_message, seed, FleetContext, INITIAL_BACKOFF, MAX_BACKOFF};
+use crate::device::{
+    advance_tick, next_message, DeviceStart, FleetContext, INITIAL_BACKOFF, MAX_BACKOFF,
+};
 use crate::ledger::{Ledger, Outcome};
 use crate::payload::Telemetry;
 use crate::plan::{ClassPlan, DeviceIdentity, FleetAction};
@@ -364,11 +366,12 @@ pub(crate) async fn drive(
     commands: &mut broadcast::Receiver<usize>,
     stop: &mut watch::Receiver<bool>,
 ) {
-    let mut rng = SmallRng::seed_from_u64(seed(ctx.run, identity.index));
-    let telemetry = Telemetry::new(&mut rng);
-    let interval = Duration::from_secs_f64(1.0 / class.rate);
-    // A random phase keeps devices started together from publishing in lockstep.
-    let mut next_tick = Instant::now() + interval.mul_f64(rng.random_range(0.0..1.0));
+    let DeviceStart {
+        rng,
+        telemetry,
+        interval,
+        mut next_tick,
+    } = DeviceStart::new(ctx, class, identity);
     let mut device = Device {
         ctx,
         class,

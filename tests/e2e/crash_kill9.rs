@@ -24,6 +24,59 @@ struct Ledger {
     resumed: usize,
 }
 
+/// One client's numbered publishes.
+struct Stream {
+    id: String,
+    proto: Proto,
+    topic: &'static [u8],
+    qos: u8,
+    seq: u64,
+    next_pkid: u16,
+}
+
+impl Stream {
+    fn new(id: &str, proto: Proto, topic: &'static [u8], qos: u8) -> Stream {
+        Stream {
+            id: id.to_string(),
+            proto,
+            topic,
+            qos,
+            seq: 0,
+            next_pkid: 1,
+        }
+    }
+
+    /// Tops `window` up with new publishes, recorded as sent; returns their encoding.
+    fn fill<V>(
+        &mut self,
+        window: &mut HashMap<u16, V>,
+        ledger: &Mutex<Ledger>,
+        entry: impl Fn(String) -> V,
+    ) -> BytesMut {
+        let mut out = BytesMut::new();
+        while window.len() < WINDOW {
+            let payload = format!("{}-{}", self.id, self.seq);
+            self.seq += 1;
+            let pkid = next_free_pkid(window, &mut self.next_pkid);
+            RawClient::encode_publish(
+                self.proto,
+                &Pub {
+                    topic: self.topic,
+                    qos: self.qos,
+                    pkid,
+                    dup: false,
+                    payload: payload.as_bytes(),
+                    alias: None,
+                },
+                &mut out,
+            );
+            ledger.lock().unwrap().sent.insert(payload.clone());
+            window.insert(pkid, entry(payload));
+        }
+        out
+    }
+}
+
 async fn connect_retrying(
     addr: std::net::SocketAddr,
     proto: Proto,
@@ -57,39 +110,23 @@ async fn qos1_publisher(
     stop: Arc<AtomicBool>,
     ledger: Arc<Mutex<Ledger>>,
 ) {
-    let mut seq = 0u64;
+    let mut stream = Stream::new(id, proto, b"sensors/crash/q1", 1);
     let opts = ConnectOpts::new(id);
     'outer: loop {
         let Some((mut c, _)) = connect_retrying(addr, proto, &opts, &stop).await else {
             break;
         };
         let mut window: HashMap<u16, String> = HashMap::new();
-        let mut next_pkid = 1u16;
         loop {
             let stopping = stop.load(Ordering::Relaxed);
             if stopping && window.is_empty() {
                 break 'outer;
             }
-            let mut out = BytesMut::new();
-            while !stopping && window.len() < WINDOW {
-                let payload = format!("{id}-{seq}");
-                seq += 1;
-                let pkid = next_free_pkid(&window, &mut next_pkid);
-                RawClient::encode_publish(
-                    proto,
-                    &Pub {
-                        topic: b"sensors/crash/q1",
-                        qos: 1,
-                        pkid,
-                        dup: false,
-                        payload: payload.as_bytes(),
-                        alias: None,
-                    },
-                    &mut out,
-                );
-                ledger.lock().unwrap().sent.insert(payload.clone());
-                window.insert(pkid, payload);
-            }
+            let out = if stopping {
+                BytesMut::new()
+            } else {
+                stream.fill(&mut window, &ledger, |p| p)
+            };
             if !out.is_empty() && c.send_raw(&out).await.is_err() {
                 continue 'outer;
             }
@@ -127,10 +164,9 @@ async fn qos2_publisher(
         assert!(matches!(ack, Got::ConnAck { code: 0, .. }));
         c.send_raw(&[0xE0, 0]).await.unwrap();
     }
-    let mut seq = 0u64;
+    let mut stream = Stream::new(id, proto, b"sensors/crash/q2", 2);
     // pkid -> (payload, PUBREC received)
     let mut window: HashMap<u16, (String, bool)> = HashMap::new();
-    let mut next_pkid = 1u16;
     let mut first = true;
     'outer: loop {
         let Some((mut c, present)) = connect_retrying(addr, proto, &opts, &stop).await else {
@@ -171,26 +207,11 @@ async fn qos2_publisher(
             if stopping && window.is_empty() {
                 break 'outer;
             }
-            let mut out = BytesMut::new();
-            while !stopping && window.len() < WINDOW {
-                let payload = format!("{id}-{seq}");
-                seq += 1;
-                let pkid = next_free_pkid(&window, &mut next_pkid);
-                RawClient::encode_publish(
-                    proto,
-                    &Pub {
-                        topic: b"sensors/crash/q2",
-                        qos: 2,
-                        pkid,
-                        dup: false,
-                        payload: payload.as_bytes(),
-                        alias: None,
-                    },
-                    &mut out,
-                );
-                ledger.lock().unwrap().sent.insert(payload.clone());
-                window.insert(pkid, (payload, false));
-            }
+            let out = if stopping {
+                BytesMut::new()
+            } else {
+                stream.fill(&mut window, &ledger, |p| (p, false))
+            };
             if !out.is_empty() && c.send_raw(&out).await.is_err() {
                 continue 'outer;
             }

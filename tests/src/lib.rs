@@ -2,7 +2,6 @@
 //! processes on loopback ports, reads their logs back, and speaks raw MQTT where a test
 //! needs byte-level control (bad input, exact packet ids across a crash).
 
-use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -669,13 +668,4 @@ fn pubrec_code(r: v5::PubRecReason) -> u8 {
         v5::PubRecReason::QuotaExceeded => 0x97,
         _ => 0x80,
     }
-}
-
-/// Reads a whole file to a string (for stderr checks).
-pub fn read_to_string(path: &Path) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut s);
-    }
-    s
 }

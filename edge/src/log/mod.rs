@@ -338,11 +338,6 @@ impl Log {
         Ok(log)
     }
 
-    /// The data directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Every topic, by id.
     pub fn topics(&self) -> &[TopicLog] {
         &self.topics

@@ -54,12 +54,6 @@ pub struct ConnectIn {
     pub keep_alive: u16,
     /// 5.0 Session Expiry Interval (absent = 0).
     pub session_expiry: u32,
-    /// 5.0 client Receive Maximum.
-    pub receive_maximum: Option<u16>,
-    /// 5.0 client Maximum Packet Size.
-    pub max_packet_size: Option<u32>,
-    /// Username, if any.
-    pub username: Option<String>,
 }
 
 /// PUBLISH, version-neutral.
@@ -206,9 +200,6 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
             clean_start: c.clean_session,
             keep_alive: c.keep_alive,
             session_expiry: if c.clean_session { 0 } else { u32::MAX },
-            receive_maximum: None,
-            max_packet_size: None,
-            username: c.login.map(|l| l.username),
         })),
         v4::Packet::Publish(p) => Inbound::Publish(PublishIn {
             qos: p.qos,
@@ -255,7 +246,7 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
         Err(e) => return Err(malformed(e)),
     };
     Ok(Some(match packet {
-        v5::Packet::Connect(c, _will, login) => {
+        v5::Packet::Connect(c, _will, _login) => {
             let props = c.properties.unwrap_or_default();
             Inbound::Connect(Box::new(ConnectIn {
                 version: Version::V5,
@@ -263,9 +254,6 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
                 clean_start: c.clean_start,
                 keep_alive: c.keep_alive,
                 session_expiry: props.session_expiry_interval.unwrap_or(0),
-                receive_maximum: props.receive_maximum,
-                max_packet_size: props.max_packet_size,
-                username: login.map(|l| l.username),
             }))
         }
         v5::Packet::Publish(p) => {

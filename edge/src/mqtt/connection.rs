@@ -241,7 +241,6 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         commit_tx,
         commit_rx,
         aliases: Vec::new(),
-        received: (0, 0),
         req: AppendRequest::default(),
         req_acks: Vec::new(),
         route_cache: HashMap::new(),
@@ -382,11 +381,9 @@ struct Connection {
     commit_rx: mpsc::UnboundedReceiver<Committed>,
     /// 5.0 inbound topic aliases, grown as the client sets them.
     aliases: Vec<Option<Bytes>>,
-    /// Messages and payload bytes accepted since the counters were last updated.
-    received: (u64, u64),
     req: AppendRequest,
     req_acks: Vec<PendingAck>,
-    route_cache: HashMap<Bytes, (TopicId, u32, Vec<u8>)>,
+    route_cache: HashMap<Bytes, (TopicId, u32, Bytes)>,
     taken_over: bool,
 }
 
@@ -576,19 +573,7 @@ impl Connection {
             }
         }
         self.send_request().await?;
-        self.publish_counters();
         Ok(None)
-    }
-
-    /// Adds what this connection accepted to the node's counters, once per socket read
-    /// rather than once per message (the counters are shared by every core).
-    fn publish_counters(&mut self) {
-        let (messages, bytes) = std::mem::take(&mut self.received);
-        if messages > 0 {
-            let c = &self.broker.counters;
-            c.messages_received.fetch_add(messages, Ordering::Relaxed);
-            c.bytes_received.fetch_add(bytes, Ordering::Relaxed);
-        }
     }
 
     fn on_publish(&mut self, p: PublishIn, now: u64) -> Result<(), Close> {
@@ -634,15 +619,19 @@ impl Connection {
             None => p.topic.clone(),
         };
         // A topic in the route cache was validated when it was routed.
-        if !self.route_cache.contains_key(&topic) {
-            let text = validate_topic(&topic, cfg)?;
-            let d = self.broker.router.route(text, &self.client_id);
-            if self.route_cache.len() >= ROUTE_CACHE_ENTRIES {
-                self.route_cache.clear();
+        let (topic_id, partition, key) = match self.route_cache.get(&topic) {
+            Some(hit) => hit.clone(),
+            None => {
+                let text = validate_topic(&topic, cfg)?;
+                let d = self.broker.router.route(text, &self.client_id);
+                if self.route_cache.len() >= ROUTE_CACHE_ENTRIES {
+                    self.route_cache.clear();
+                }
+                let route = (d.topic, d.partition, Bytes::from(d.key));
+                self.route_cache.insert(topic.clone(), route.clone());
+                route
             }
-            self.route_cache
-                .insert(topic.clone(), (d.topic, d.partition, d.key));
-        }
+        };
 
         if p.qos != QoS::AtMostOnce {
             let is_resend = p.qos == QoS::ExactlyOnce
@@ -680,10 +669,6 @@ impl Connection {
 
         if self.broker.log.rejects_publishes() {
             self.broker
-                .counters
-                .rejected_quota
-                .fetch_add(1, Ordering::Relaxed);
-            self.broker
                 .log
                 .counters
                 .budget_rejected
@@ -705,11 +690,10 @@ impl Connection {
             return Ok(());
         }
 
-        let (topic_id, partition, key) = self.route_cache.get(&topic).expect("routed above");
         let start = self.req.buf.len();
         NewRecord {
             timestamp_ms: now,
-            key,
+            key: &key,
             mqtt_topic: &topic,
             qos: p.qos as u8,
             retain: p.retain,
@@ -720,14 +704,12 @@ impl Connection {
         }
         .encode_into(&mut self.req.buf);
         self.req.records.push(PendingRecord {
-            topic: *topic_id,
-            partition: *partition,
+            topic: topic_id,
+            partition,
             start: start as u32,
             len: (self.req.buf.len() - start) as u32,
             timestamp_ms: now,
         });
-        self.received.0 += 1;
-        self.received.1 += p.payload.len() as u64;
         if p.qos != QoS::AtMostOnce {
             self.awaiting_commit += 1;
         }

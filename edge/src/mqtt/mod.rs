@@ -4,7 +4,7 @@ pub mod codec;
 pub mod connection;
 pub mod session;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -19,19 +19,6 @@ use session::SessionStore;
 
 /// Bytes of appends that may be queued or being committed at once, node-wide.
 pub const APPEND_BUDGET_BYTES: u32 = 32 << 20;
-
-/// Counters of the front end.
-#[derive(Debug, Default)]
-pub struct BrokerCounters {
-    /// PUBLISH packets accepted into the log.
-    pub messages_received: AtomicU64,
-    /// Payload bytes of those.
-    pub bytes_received: AtomicU64,
-    /// Publishes refused because the disk budget was reached.
-    pub rejected_quota: AtomicU64,
-    /// Connections accepted since start.
-    pub connections_accepted: AtomicU64,
-}
 
 /// What every connection shares.
 pub struct Broker {
@@ -50,8 +37,6 @@ pub struct Broker {
     pub append_budget: Arc<tokio::sync::Semaphore>,
     /// Open connections.
     pub connections: AtomicUsize,
-    /// Counters.
-    pub counters: BrokerCounters,
     /// Becomes true when the edge shuts down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -74,7 +59,6 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, grace: std::time:
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     broker.connections.fetch_add(1, Ordering::Relaxed);
-                    broker.counters.connections_accepted.fetch_add(1, Ordering::Relaxed);
                     let guard = ConnectionGuard(broker.clone());
                     let b = broker.clone();
                     tasks.spawn(async move {

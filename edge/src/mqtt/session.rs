@@ -296,16 +296,6 @@ impl SessionStore {
         });
         ops
     }
-
-    /// Number of sessions known (connected or not).
-    pub fn len(&self) -> usize {
-        self.inner.lock().expect("session lock").len()
-    }
-
-    /// Whether no session is known.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]
