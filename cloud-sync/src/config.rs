@@ -1,0 +1,285 @@
+//! Settings of a mirror. `edge` fills them from its `[cloud]` config section, where each
+//! setting is documented for users; this module only checks that they fit together.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How the mirror authenticates and encrypts its Kafka connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Security {
+    /// librdkafka `security.protocol`: `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub protocol: String,
+    /// SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name.
+    pub username: Option<String>,
+    /// SASL password.
+    pub password: Option<String>,
+    /// CA bundle (PEM) that signs the brokers' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Everything a mirror needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    pub bootstrap: String,
+    /// Name of this edge site: part of the Kafka topic names, checkpoint keys and the
+    /// transactional id, so two sites never collide.
+    pub site: String,
+    /// Kafka topic name of a source topic: `{site}` and `{topic}` are replaced.
+    pub topic_format: String,
+    /// Source topics to mirror; `None` mirrors all.
+    pub topics: Option<Vec<String>>,
+    /// Compacted Kafka topic holding the checkpoints.
+    pub checkpoint_topic: String,
+    /// Kafka transactional id; one mirror at a time may use it (a newer one fences older).
+    pub transactional_id: String,
+    /// Replication factor of the topics the mirror creates; `None` uses the cluster default.
+    pub replication_factor: Option<i32>,
+    /// librdkafka `compression.type`: `none`, `gzip`, `snappy`, `lz4` or `zstd`.
+    pub compression: String,
+    /// librdkafka `batch.size` in bytes.
+    pub batch_bytes: usize,
+    /// librdkafka `linger.ms`; also how long the mirror waits for more records when idle.
+    pub linger: Duration,
+    /// Most record bytes in one Kafka transaction.
+    pub transaction_bytes: usize,
+    /// Cap on the record bytes sent per second; `None` is uncapped.
+    pub bandwidth: Option<u64>,
+    /// Longest wait between two attempts after a failure (the backoff doubles up to it).
+    pub max_backoff: Duration,
+    /// How long a Kafka request (transaction init, commit, metadata) may take.
+    pub request_timeout: Duration,
+    /// Further librdkafka properties, set as they are (they win over the settings above).
+    pub kafka_properties: BTreeMap<String, String>,
+    /// Security settings.
+    pub security: Security,
+}
+
+impl MirrorConfig {
+    /// A mirror of every topic to `bootstrap` under site `site`, with the defaults.
+    pub fn new(bootstrap: &str, site: &str) -> MirrorConfig {
+        MirrorConfig {
+            bootstrap: bootstrap.to_string(),
+            site: site.to_string(),
+            topic_format: "{site}.{topic}".to_string(),
+            topics: None,
+            checkpoint_topic: "tributary.checkpoints".to_string(),
+            transactional_id: format!("tributary-mirror-{site}"),
+            replication_factor: None,
+            compression: "lz4".to_string(),
+            batch_bytes: 1024 * 1024,
+            linger: Duration::from_millis(5),
+            transaction_bytes: 16 * 1024 * 1024,
+            bandwidth: None,
+            max_backoff: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            kafka_properties: BTreeMap::new(),
+            security: Security {
+                protocol: "plaintext".to_string(),
+                ..Security::default()
+            },
+        }
+    }
+
+    /// The Kafka topic that mirrors source topic `topic`.
+    pub fn kafka_topic(&self, topic: &str) -> String {
+        self.topic_format
+            .replace("{site}", &self.site)
+            .replace("{topic}", topic)
+    }
+
+    /// Checks the settings; the error names the setting and what to do (without the
+    /// `[cloud].` prefix, which the caller adds).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.bootstrap.trim().is_empty() {
+            return Err(("bootstrap", "give at least one host:port".into()));
+        }
+        for server in self.bootstrap.split(',') {
+            let server = server.trim();
+            let port = server.rsplit_once(':').map(|(_, p)| p);
+            if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
+                return Err((
+                    "bootstrap",
+                    format!("\"{server}\" is not host:port (for example \"10.0.0.5:9092\")"),
+                ));
+            }
+        }
+        check_kafka_name(&self.site).map_err(|m| ("site", m))?;
+        if !self.topic_format.contains("{topic}") {
+            return Err((
+                "topic_format",
+                format!(
+                    "\"{}\" has no {{topic}}: every edge topic would land in the same Kafka topic",
+                    self.topic_format
+                ),
+            ));
+        }
+        check_kafka_name(&self.kafka_topic("x")).map_err(|m| ("topic_format", m))?;
+        check_kafka_name(&self.checkpoint_topic).map_err(|m| ("checkpoint_topic", m))?;
+        if self.transactional_id.is_empty() {
+            return Err(("transactional_id", "must not be empty".into()));
+        }
+        if let Some(rf) = self.replication_factor {
+            if rf < 1 {
+                return Err(("replication_factor", format!("{rf} is not at least 1")));
+            }
+        }
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.compression.as_str()) {
+            return Err((
+                "compression",
+                format!(
+                    "\"{}\" is not one of none, gzip, snappy, lz4, zstd",
+                    self.compression
+                ),
+            ));
+        }
+        if self.transaction_bytes < 1024 {
+            return Err(("transaction_bytes", "must be at least 1KiB".into()));
+        }
+        if self.bandwidth == Some(0) {
+            return Err(("bandwidth", "0 would never send; leave it unset".into()));
+        }
+        let protocol = self.security.protocol.to_ascii_lowercase();
+        if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&protocol.as_str()) {
+            return Err((
+                "security_protocol",
+                format!(
+                    "\"{}\" is not one of plaintext, ssl, sasl_plaintext, sasl_ssl",
+                    self.security.protocol
+                ),
+            ));
+        }
+        let sasl = protocol.starts_with("sasl");
+        match (&self.security.sasl_mechanism, sasl) {
+            (Some(m), true) => {
+                if !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&m.as_str()) {
+                    return Err((
+                        "sasl_mechanism",
+                        format!("\"{m}\" is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+                    ));
+                }
+                if self.security.username.is_none() || self.security.password.is_none() {
+                    return Err((
+                        "username",
+                        format!("SASL {m} needs both username and password"),
+                    ));
+                }
+            }
+            (None, true) => {
+                return Err((
+                    "sasl_mechanism",
+                    format!("security_protocol \"{protocol}\" needs a sasl_mechanism"),
+                ))
+            }
+            (Some(_), false) => {
+                return Err((
+                    "sasl_mechanism",
+                    format!(
+                        "SASL is not used with security_protocol \"{protocol}\" \
+                         (use sasl_plaintext or sasl_ssl)"
+                    ),
+                ))
+            }
+            (None, false) => {}
+        }
+        if self.security.cert_file.is_some() != self.security.key_file.is_some() {
+            return Err((
+                "cert_file",
+                "mutual TLS needs both cert_file and key_file".into(),
+            ));
+        }
+        for (key, path) in [
+            ("ca_file", &self.security.ca_file),
+            ("cert_file", &self.security.cert_file),
+            ("key_file", &self.security.key_file),
+        ] {
+            if let Some(path) = path {
+                if !path.is_file() {
+                    return Err((key, format!("{} is not a readable file", path.display())));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Kafka's rule for topic names: 1 to 249 characters of `[a-zA-Z0-9._-]`.
+fn check_kafka_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 249 {
+        return Err(format!(
+            "\"{name}\" must have 1 to 249 characters to be part of a Kafka topic name"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "\"{name}\" has {c:?}; Kafka topic names allow only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        MirrorConfig::new("127.0.0.1:9092", "plant-7")
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn kafka_topic_follows_the_format() {
+        let mut c = MirrorConfig::new("k:9092", "plant-7");
+        assert_eq!(c.kafka_topic("telemetry"), "plant-7.telemetry");
+        c.topic_format = "edge-{topic}".into();
+        assert_eq!(c.kafka_topic("telemetry"), "edge-telemetry");
+    }
+
+    #[test]
+    fn site_with_a_slash_is_refused() {
+        let err = MirrorConfig::new("k:9092", "plant/7")
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.0, "site");
+        assert!(err.1.contains("'/'"), "{}", err.1);
+    }
+
+    #[test]
+    fn bootstrap_without_port_is_refused() {
+        let err = MirrorConfig::new("kafka.local", "p")
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.0, "bootstrap");
+    }
+
+    #[test]
+    fn sasl_needs_credentials() {
+        let mut c = MirrorConfig::new("k:9092", "p");
+        c.security.protocol = "sasl_plaintext".into();
+        assert_eq!(c.validate().unwrap_err().0, "sasl_mechanism");
+        c.security.sasl_mechanism = Some("SCRAM-SHA-256".into());
+        assert_eq!(c.validate().unwrap_err().0, "username");
+        c.security.username = Some("u".into());
+        c.security.password = Some("p".into());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn format_without_topic_is_refused() {
+        let mut c = MirrorConfig::new("k:9092", "p");
+        c.topic_format = "{site}.all".into();
+        assert_eq!(c.validate().unwrap_err().0, "topic_format");
+    }
+}

@@ -1,0 +1,28 @@
+//! cloud-sync: mirrors a partitioned log to Apache Kafka exactly once.
+//!
+//! The edge implements [`PartitionedSource`] over its log and starts a [`Mirror`] when its
+//! config has a `[cloud]` section. See [`mirror`] for the protocol and [`checkpoint`] for
+//! the checkpoint records.
+//!
+//! # What lands in Kafka
+//!
+//! Each source topic `T` goes to Kafka topic `{site}.{T}` (configurable), partition `p` to
+//! partition `p`. A record's Kafka key is the source key, its value the payload, its
+//! timestamp the source timestamp (CreateTime), and its headers the source headers; the edge
+//! gives `mqtt.topic`, `mqtt.client_id`, `mqtt.qos`, `mqtt.retain`, `mqtt.content_type` (when
+//! set) and then each MQTT 5 user property under its own name. Readers use
+//! `isolation.level=read_committed`.
+
+pub mod checkpoint;
+pub mod config;
+pub mod mirror;
+pub mod source;
+pub mod status;
+
+pub use config::{MirrorConfig, Security};
+pub use mirror::{Mirror, MirrorError};
+pub use source::{
+    Header, MemorySource, PartitionBounds, PartitionedSource, SourceError, SourceRecord,
+    SourceTopic,
+};
+pub use status::{LinkState, MirrorStatus, PartitionStatus};

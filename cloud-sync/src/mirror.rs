@@ -1,0 +1,1077 @@
+//! The mirror engine: one thread that copies every source partition to Kafka, in order,
+//! inside Kafka transactions that also carry the partitions' checkpoints.
+//!
+//! # Protocol
+//!
+//! A *session* starts from nothing but the configuration and the cluster:
+//! 1. create the checkpoint topic (compacted) and each mirrored topic with the source's
+//!    partition count when missing; a topic with fewer partitions than the source is refused
+//!    (its partitions are reported with the error, the others are mirrored);
+//! 2. `init_transactions` with the site's transactional id, which fences any earlier
+//!    producer of the site and aborts its open transaction;
+//! 3. read the site's checkpoints `read_committed` from the beginning of its checkpoint
+//!    partition: the last checkpoint of each source partition says where to resume;
+//! 4. repeat: read up to `transaction_bytes` of records round-robin over the partitions
+//!    (oldest first within each), produce them to the same partition numbers, wait for their
+//!    acks, produce one checkpoint per partition touched (next source offset, Kafka offset of
+//!    the last record), commit.
+//!
+//! Records and checkpoints commit together or not at all, so the checkpoint read in step 3
+//! always names exactly what Kafka holds: nothing is lost or duplicated however the edge, the
+//! mirror or a broker fails. A transaction that fails is aborted and its records are read
+//! again; an error the producer cannot recover from ends the session, and a new one starts
+//! after a backoff that doubles up to `max_backoff`. While Kafka is unreachable the source
+//! keeps its records; the backlog drains, oldest first, when the link returns.
+//!
+//! Records the source deleted (retention, disk budget) before they were mirrored are
+//! counted per partition as `lost_before_mirror` and logged.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header as KafkaHeader, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, info, warn};
+
+use crate::checkpoint::{checkpoint_key, checkpoint_partition, Checkpoint};
+use crate::config::MirrorConfig;
+use crate::source::{PartitionedSource, SourceRecord};
+use crate::status::{now_ms, LinkState, MirrorStatus, PartitionStatus};
+
+/// Records asked of the source per read.
+const READ_CHUNK: usize = 4096;
+/// How long an idle mirror waits between link checks.
+const IDLE_HEALTH_CHECK: Duration = Duration::from_secs(10);
+/// First backoff after a failure.
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+/// A session that ran this long without failing resets the backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+
+/// Why a mirror could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MirrorError {
+    /// A setting is invalid.
+    #[error("{key}: {message}")]
+    Config {
+        /// The setting.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The mirror thread could not be started.
+    #[error("starting the mirror thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Why a session ended; the next one starts after a backoff.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Kafka(String),
+    #[error("{0}")]
+    Source(#[from] crate::source::SourceError),
+}
+
+fn kafka(context: &str, e: KafkaError) -> SessionError {
+    SessionError::Kafka(format!("{context}: {e}"))
+}
+
+struct Shared {
+    config: MirrorConfig,
+    source: Arc<dyn PartitionedSource>,
+    status: Mutex<MirrorStatus>,
+    stop: AtomicBool,
+    /// Wakes sleeps early when `stop` is set.
+    wake: (Mutex<()>, Condvar),
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Sleeps `d`, or less if the mirror is being stopped.
+    fn sleep(&self, d: Duration) {
+        let guard = self.wake.0.lock().expect("wake lock");
+        if self.stopping() {
+            return;
+        }
+        let _ = self
+            .wake
+            .1
+            .wait_timeout_while(guard, d, |_| !self.stopping())
+            .expect("wake lock");
+    }
+
+    fn record_error(&self, message: String) {
+        let mut s = self.status.lock().expect("status lock");
+        s.last_error = Some(message);
+        s.last_error_at_ms = Some(now_ms());
+    }
+
+    fn set_state(&self, state: LinkState) {
+        self.status.lock().expect("status lock").state = state;
+    }
+
+    fn healthy(&self) {
+        let mut s = self.status.lock().expect("status lock");
+        s.state = LinkState::Mirroring;
+        s.last_healthy_at_ms = Some(now_ms());
+    }
+}
+
+/// A running mirror. Dropping it stops it.
+pub struct Mirror {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    done: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("site", &self.shared.config.site)
+            .finish()
+    }
+}
+
+impl Mirror {
+    /// Checks `config` and starts mirroring `source`. Failures to reach Kafka do not fail
+    /// this call: the mirror retries and reports them in [`Mirror::status`].
+    pub fn start(
+        config: MirrorConfig,
+        source: Arc<dyn PartitionedSource>,
+    ) -> Result<Mirror, MirrorError> {
+        config
+            .validate()
+            .map_err(|(key, message)| MirrorError::Config { key, message })?;
+        let topics = mirrored_topics(&config, source.as_ref());
+        if let Some(wanted) = &config.topics {
+            let missing: Vec<&String> = wanted
+                .iter()
+                .filter(|w| !topics.iter().any(|t| &t.name == *w))
+                .collect();
+            if !missing.is_empty() {
+                return Err(MirrorError::Config {
+                    key: "topics",
+                    message: format!("{missing:?} are not topics of the edge log"),
+                });
+            }
+        }
+        let partitions = topics
+            .iter()
+            .flat_map(|t| {
+                let kafka_topic = config.kafka_topic(&t.name);
+                (0..t.partitions).map(move |p| PartitionStatus {
+                    topic: t.name.clone(),
+                    kafka_topic: kafka_topic.clone(),
+                    partition: p,
+                    edge_start_offset: 0,
+                    edge_end_offset: 0,
+                    mirrored_offset: None,
+                    last_kafka_offset: None,
+                    lag_records: 0,
+                    lag_bytes: 0,
+                    lost_before_mirror: 0,
+                    error: None,
+                })
+            })
+            .collect();
+        let status = MirrorStatus {
+            site: config.site.clone(),
+            bootstrap: config.bootstrap.clone(),
+            state: LinkState::Starting,
+            last_error: None,
+            last_error_at_ms: None,
+            last_healthy_at_ms: None,
+            updated_at_ms: now_ms(),
+            transactions: 0,
+            records_mirrored: 0,
+            bytes_mirrored: 0,
+            partitions,
+        };
+        let shared = Arc::new(Shared {
+            config,
+            source,
+            status: Mutex::new(status),
+            stop: AtomicBool::new(false),
+            wake: (Mutex::new(()), Condvar::new()),
+        });
+        let done = Arc::new((Mutex::new(false), Condvar::new()));
+        let thread = {
+            let shared = shared.clone();
+            let done = done.clone();
+            std::thread::Builder::new()
+                .name("mirror".into())
+                .spawn(move || {
+                    run(&shared);
+                    shared.set_state(LinkState::Stopped);
+                    *done.0.lock().expect("done lock") = true;
+                    done.1.notify_all();
+                })
+                .map_err(MirrorError::Thread)?
+        };
+        Ok(Mirror {
+            shared,
+            thread: Some(thread),
+            done,
+        })
+    }
+
+    /// A snapshot of where every partition stands, with the source's current ends.
+    pub fn status(&self) -> MirrorStatus {
+        let mut s = self.shared.status.lock().expect("status lock").clone();
+        s.refresh_from(self.shared.source.as_ref());
+        s.updated_at_ms = now_ms();
+        s
+    }
+
+    /// Stops the mirror: an open transaction is finished or aborted, and no new one starts.
+    /// Waits up to `grace` for the thread; a thread still blocked on Kafka after that is left
+    /// to end with the process (the checkpoint in Kafka keeps the mirror exact either way).
+    pub fn stop(mut self, grace: Duration) {
+        self.request_stop();
+        let (lock, cv) = &*self.done;
+        let finished = cv
+            .wait_timeout_while(lock.lock().expect("done lock"), grace, |done| !*done)
+            .map(|(done, _)| *done)
+            .unwrap_or(false);
+        if finished {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        } else {
+            warn!(
+                "mirror: still waiting on Kafka after {:?}; leaving it to stop with the process",
+                grace
+            );
+            self.thread.take();
+        }
+    }
+
+    fn request_stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _guard = self.shared.wake.0.lock().expect("wake lock");
+        self.shared.wake.1.notify_all();
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        self.request_stop();
+        // A mirror dropped without `stop` does not wait: the checkpoint keeps it exact.
+    }
+}
+
+fn mirrored_topics(
+    config: &MirrorConfig,
+    source: &dyn PartitionedSource,
+) -> Vec<crate::source::SourceTopic> {
+    source
+        .topics()
+        .into_iter()
+        .filter(|t| config.topics.as_ref().is_none_or(|w| w.contains(&t.name)))
+        .collect()
+}
+
+/// Lowers the calling thread's CPU priority, so that on a busy node ingest wins over the
+/// mirror; threads it starts (librdkafka's) inherit the priority.
+fn lower_priority() {
+    // SAFETY: plain syscalls on the calling thread's own id.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 5);
+    }
+}
+
+fn run(shared: &Arc<Shared>) {
+    lower_priority();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            shared.record_error(format!("starting the mirror's runtime: {e}"));
+            return;
+        }
+    };
+    let mut backoff = MIN_BACKOFF;
+    while !shared.stopping() {
+        shared.set_state(LinkState::Starting);
+        let started = Instant::now();
+        match Session::run(shared, &runtime) {
+            Ok(()) => break,
+            Err(e) => {
+                if started.elapsed() >= HEALTHY_SESSION {
+                    backoff = MIN_BACKOFF;
+                }
+                let message = e.to_string();
+                warn!(
+                    site = %shared.config.site,
+                    "mirror to {} failed: {message}; retrying in {:?}",
+                    shared.config.bootstrap, backoff
+                );
+                shared.record_error(message);
+                shared.set_state(LinkState::Retrying);
+                shared.sleep(backoff);
+                backoff = (backoff * 2).min(shared.config.max_backoff.max(MIN_BACKOFF));
+            }
+        }
+    }
+}
+
+/// Delivery reports of the transaction in flight, and errors librdkafka reports globally.
+struct MirrorContext {
+    shared: Arc<Shared>,
+    /// Per slot, the highest Kafka offset acknowledged in this transaction (-1: none).
+    delivered: Vec<AtomicI64>,
+    /// The first delivery failure of this transaction.
+    failure: Mutex<Option<KafkaError>>,
+}
+
+/// Delivery opaque of checkpoint records.
+const CHECKPOINT_SLOT: usize = usize::MAX;
+
+impl ClientContext for MirrorContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!("kafka: {reason} ({error})");
+        self.shared.record_error(format!("kafka: {reason}"));
+    }
+}
+
+impl ProducerContext for MirrorContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, slot: usize) {
+        match result {
+            Ok(m) => {
+                if slot != CHECKPOINT_SLOT {
+                    self.delivered[slot].fetch_max(m.offset(), Ordering::Relaxed);
+                }
+            }
+            Err((e, _)) => {
+                let mut f = self.failure.lock().expect("failure lock");
+                if f.is_none() {
+                    *f = Some(e.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Global errors of the admin and consumer clients go to the status as well.
+struct ReportingContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for ReportingContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!("kafka: {reason} ({error})");
+        self.shared.record_error(format!("kafka: {reason}"));
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReportingContext {}
+
+/// One source partition of a session.
+struct Slot {
+    topic: String,
+    kafka_topic: String,
+    partition: u32,
+    /// Index in the status' partition list.
+    status_index: usize,
+    /// Next source offset to read.
+    next: u64,
+    /// Next source offset not committed to Kafka.
+    committed: u64,
+    /// Loss at the source has been counted up to here.
+    loss_counted_until: u64,
+    /// Why the partition is not mirrored in this session.
+    refused: Option<String>,
+}
+
+/// Records of one transaction, by slot.
+struct Span {
+    slot: usize,
+    range: std::ops::Range<usize>,
+}
+
+/// A token bucket over record bytes.
+struct Bandwidth {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bandwidth {
+    fn new(rate: u64) -> Bandwidth {
+        Bandwidth {
+            rate: rate as f64,
+            tokens: 0.0,
+            last: Instant::now(),
+        }
+    }
+
+    /// How long to wait before `bytes` may be sent.
+    fn take(&mut self, bytes: usize) -> Duration {
+        let now = Instant::now();
+        let burst = (self.rate / 10.0).max(64.0 * 1024.0);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(burst);
+        self.last = now;
+        self.tokens -= bytes as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+struct Session<'a> {
+    shared: &'a Arc<Shared>,
+    producer: BaseProducer<MirrorContext>,
+    slots: Vec<Slot>,
+    checkpoint_partition: i32,
+    bandwidth: Option<Bandwidth>,
+}
+
+fn client_config(config: &MirrorConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.bootstrap)
+        .set("client.id", format!("tributary-{}", config.site))
+        .set(
+            "security.protocol",
+            config.security.protocol.to_ascii_lowercase(),
+        )
+        .set(
+            "socket.timeout.ms",
+            config.request_timeout.as_millis().to_string(),
+        )
+        .set_log_level(RDKafkaLogLevel::Warning);
+    let s = &config.security;
+    if let Some(m) = &s.sasl_mechanism {
+        c.set("sasl.mechanism", m);
+    }
+    if let Some(u) = &s.username {
+        c.set("sasl.username", u);
+    }
+    if let Some(p) = &s.password {
+        c.set("sasl.password", p);
+    }
+    if let Some(f) = &s.ca_file {
+        c.set("ssl.ca.location", f.display().to_string());
+    }
+    if let Some(f) = &s.cert_file {
+        c.set("ssl.certificate.location", f.display().to_string());
+    }
+    if let Some(f) = &s.key_file {
+        c.set("ssl.key.location", f.display().to_string());
+    }
+    c
+}
+
+fn with_extra(mut c: ClientConfig, config: &MirrorConfig) -> ClientConfig {
+    for (k, v) in &config.kafka_properties {
+        c.set(k, v);
+    }
+    c
+}
+
+impl<'a> Session<'a> {
+    fn run(shared: &'a Arc<Shared>, runtime: &tokio::runtime::Runtime) -> Result<(), SessionError> {
+        let config = &shared.config;
+        let source = shared.source.as_ref();
+        let mut slots = Vec::new();
+        for (status_index, p) in shared
+            .status
+            .lock()
+            .expect("status lock")
+            .partitions
+            .iter()
+            .enumerate()
+        {
+            slots.push(Slot {
+                topic: p.topic.clone(),
+                kafka_topic: p.kafka_topic.clone(),
+                partition: p.partition,
+                status_index,
+                next: 0,
+                committed: 0,
+                loss_counted_until: 0,
+                refused: None,
+            });
+        }
+
+        let checkpoint_partitions = ensure_topics(shared, runtime, &mut slots)?;
+
+        let context = MirrorContext {
+            shared: shared.clone(),
+            delivered: (0..slots.len()).map(|_| AtomicI64::new(-1)).collect(),
+            failure: Mutex::new(None),
+        };
+        let timeout_ms = config.request_timeout.as_millis().max(1000);
+        let mut pc = client_config(config);
+        pc.set("transactional.id", &config.transactional_id)
+            .set("enable.idempotence", "true")
+            .set("compression.type", &config.compression)
+            .set("batch.size", config.batch_bytes.to_string())
+            .set("linger.ms", config.linger.as_millis().to_string())
+            .set("transaction.timeout.ms", (timeout_ms * 2).to_string())
+            .set("message.timeout.ms", (timeout_ms * 2).to_string())
+            .set("queue.buffering.max.kbytes", "262144");
+        let producer: BaseProducer<MirrorContext> = with_extra(pc, config)
+            .create_with_context(context)
+            .map_err(|e| kafka("creating the Kafka producer", e))?;
+        producer
+            .init_transactions(config.request_timeout)
+            .map_err(|e| {
+                kafka(
+                    &format!(
+                        "starting transactions at {} (transactional id \"{}\")",
+                        config.bootstrap, config.transactional_id
+                    ),
+                    e,
+                )
+            })?;
+
+        let checkpoint_partition = checkpoint_partition(&config.site, checkpoint_partitions);
+        let mut session = Session {
+            shared,
+            producer,
+            slots,
+            checkpoint_partition,
+            bandwidth: config.bandwidth.map(Bandwidth::new),
+        };
+        session.load_checkpoints()?;
+        session.position(source)?;
+        shared.healthy();
+        info!(
+            site = %config.site,
+            "mirroring {} partitions to {}",
+            session.slots.iter().filter(|s| s.refused.is_none()).count(),
+            config.bootstrap
+        );
+        session.mirror_loop()
+    }
+
+    /// Reads the site's checkpoints (read_committed) to find where each partition resumes.
+    fn load_checkpoints(&mut self) -> Result<(), SessionError> {
+        let config = &self.shared.config;
+        let mut cc = client_config(config);
+        cc.set(
+            "group.id",
+            format!("tributary-mirror-{}-checkpoints", config.site),
+        )
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest");
+        let consumer: BaseConsumer<ReportingContext> = with_extra(cc, config)
+            .create_with_context(ReportingContext {
+                shared: self.shared.clone(),
+            })
+            .map_err(|e| kafka("creating the checkpoint reader", e))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(
+            &config.checkpoint_topic,
+            self.checkpoint_partition,
+            Offset::Beginning,
+        )
+        .map_err(|e| kafka("assigning the checkpoint partition", e))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| kafka("assigning the checkpoint partition", e))?;
+        let deadline = Instant::now() + config.request_timeout * 2;
+        let mut found = 0usize;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(SessionError::Kafka(format!(
+                    "reading checkpoints from {} partition {}: no end of partition within {:?}",
+                    config.checkpoint_topic,
+                    self.checkpoint_partition,
+                    config.request_timeout * 2
+                )));
+            }
+            if self.shared.stopping() {
+                return Err(SessionError::Kafka(
+                    "stopped while reading checkpoints".into(),
+                ));
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                None => continue,
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => {
+                    debug!("checkpoint read: {e}");
+                    continue;
+                }
+                Some(Ok(m)) => {
+                    let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+                        continue;
+                    };
+                    let Some(cp) = m.payload().and_then(Checkpoint::parse) else {
+                        continue;
+                    };
+                    if cp.site != config.site {
+                        continue;
+                    }
+                    if let Some(slot) = self
+                        .slots
+                        .iter_mut()
+                        .find(|s| checkpoint_key(&config.site, &s.topic, s.partition) == key)
+                    {
+                        if cp.kafka_topic != slot.kafka_topic {
+                            // The topic format changed: the new Kafka topic starts over.
+                            continue;
+                        }
+                        slot.committed = cp.next_edge_offset;
+                        slot.next = cp.next_edge_offset;
+                        found += 1;
+                        let mut status = self.shared.status.lock().expect("status lock");
+                        let ps = &mut status.partitions[slot.status_index];
+                        ps.mirrored_offset = Some(cp.next_edge_offset);
+                        ps.last_kafka_offset = Some(cp.last_kafka_offset);
+                    }
+                }
+            }
+        }
+        debug!(site = %config.site, "read {found} checkpoint records");
+        Ok(())
+    }
+
+    /// Settles each partition's start against what the source holds.
+    fn position(&mut self, source: &dyn PartitionedSource) -> Result<(), SessionError> {
+        for slot in &mut self.slots {
+            let bounds = source.bounds(&slot.topic, slot.partition)?;
+            let mut status = self.shared.status.lock().expect("status lock");
+            let ps = &mut status.partitions[slot.status_index];
+            if ps.mirrored_offset.is_none() {
+                // Never mirrored: start with the oldest record held.
+                slot.committed = bounds.start;
+                slot.next = bounds.start;
+                slot.loss_counted_until = bounds.start;
+                ps.mirrored_offset = Some(bounds.start);
+            }
+            if slot.committed > bounds.end {
+                let message = format!(
+                    "Kafka's checkpoint says edge offsets up to {} of {}/{} are mirrored, but the \
+                     edge log ends at {}: the edge log was reset or lost records after they \
+                     were mirrored; mirror this log under a new site name",
+                    slot.committed, slot.topic, slot.partition, bounds.end
+                );
+                warn!("mirror: {message}");
+                slot.refused = Some(message.clone());
+                ps.error = Some(message);
+            } else if slot.refused.is_none() {
+                ps.error = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn mirror_loop(&mut self) -> Result<(), SessionError> {
+        let mut records: Vec<SourceRecord> = Vec::new();
+        let mut spans: Vec<Span> = Vec::new();
+        let mut round = 0usize;
+        let mut last_health = Instant::now();
+        let mut abort_backoff = MIN_BACKOFF;
+        loop {
+            if self.shared.stopping() {
+                return Ok(());
+            }
+            records.clear();
+            spans.clear();
+            self.gather(round, &mut records, &mut spans)?;
+            round = round.wrapping_add(1);
+            if records.is_empty() {
+                if last_health.elapsed() >= IDLE_HEALTH_CHECK {
+                    self.check_link()?;
+                    last_health = Instant::now();
+                }
+                self.producer.poll(Duration::ZERO);
+                self.shared.sleep(self.shared.config.linger);
+                continue;
+            }
+            match self.transact(&records, &spans) {
+                Ok(()) => {
+                    abort_backoff = MIN_BACKOFF;
+                    last_health = Instant::now();
+                }
+                Err(TxnFailure::Aborted(message)) => {
+                    warn!("mirror: transaction aborted: {message}; retrying");
+                    self.shared.record_error(message);
+                    for slot in &mut self.slots {
+                        slot.next = slot.committed;
+                    }
+                    self.shared.sleep(abort_backoff);
+                    abort_backoff = (abort_backoff * 2).min(self.shared.config.max_backoff);
+                }
+                Err(TxnFailure::Fatal(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads the next transaction's records, round-robin from a rotating first partition.
+    fn gather(
+        &mut self,
+        round: usize,
+        records: &mut Vec<SourceRecord>,
+        spans: &mut Vec<Span>,
+    ) -> Result<(), SessionError> {
+        let source = self.shared.source.as_ref();
+        let budget = self.shared.config.transaction_bytes;
+        let n = self.slots.len();
+        let mut bytes = 0usize;
+        for k in 0..n {
+            if bytes >= budget {
+                break;
+            }
+            let i = (round + k) % n;
+            if self.slots[i].refused.is_some() {
+                continue;
+            }
+            let (topic, partition) = (self.slots[i].topic.clone(), self.slots[i].partition);
+            let bounds = source.bounds(&topic, partition)?;
+            let begin = records.len();
+            while self.slots[i].next < bounds.end && bytes < budget {
+                let next = self.slots[i].next;
+                let want = ((bounds.end - next) as usize).min(READ_CHUNK);
+                let before = records.len();
+                source.read(&topic, partition, next, want, records)?;
+                if records.len() == before {
+                    break;
+                }
+                let first = records[before].offset;
+                if first > next {
+                    self.count_loss(i, first);
+                }
+                bytes += records[before..]
+                    .iter()
+                    .map(SourceRecord::wire_bytes)
+                    .sum::<usize>();
+                self.slots[i].next = records.last().expect("non-empty").offset + 1;
+            }
+            if records.len() == begin && self.slots[i].next < bounds.start {
+                // Everything left of this partition was deleted before it was mirrored.
+                self.count_loss(i, bounds.start);
+            }
+            if records.len() > begin {
+                spans.push(Span {
+                    slot: i,
+                    range: begin..records.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts the records of slot `i` from its read position up to `upto` as deleted before
+    /// they were mirrored, once.
+    fn count_loss(&mut self, i: usize, upto: u64) {
+        let slot = &mut self.slots[i];
+        let from = slot.next.max(slot.loss_counted_until);
+        if upto > from {
+            let lost = upto - from;
+            warn!(
+                "mirror: {lost} records of {}/{} (offsets {from}..{upto}) were deleted at the \
+                 edge (retention or disk budget) before they were mirrored",
+                slot.topic, slot.partition
+            );
+            let mut status = self.shared.status.lock().expect("status lock");
+            status.partitions[slot.status_index].lost_before_mirror += lost;
+            slot.loss_counted_until = upto;
+        }
+        slot.next = slot.next.max(upto);
+    }
+
+    /// Confirms an idle link still works.
+    fn check_link(&self) -> Result<(), SessionError> {
+        self.producer
+            .client()
+            .fetch_metadata(
+                Some(&self.shared.config.checkpoint_topic),
+                self.shared.config.request_timeout,
+            )
+            .map_err(|e| kafka("checking the idle link", e))?;
+        self.shared.healthy();
+        Ok(())
+    }
+
+    /// Produces `records` and their checkpoints in one transaction.
+    fn transact(&mut self, records: &[SourceRecord], spans: &[Span]) -> Result<(), TxnFailure> {
+        let config = &self.shared.config;
+        self.producer
+            .begin_transaction()
+            .map_err(TxnFailure::from)?;
+        let ctx = self.producer.context();
+        for span in spans {
+            ctx.delivered[span.slot].store(-1, Ordering::Relaxed);
+        }
+        *ctx.failure.lock().expect("failure lock") = None;
+
+        let mut bytes = 0u64;
+        for span in spans {
+            let slot = &self.slots[span.slot];
+            for r in &records[span.range.clone()] {
+                if let Some(bw) = &mut self.bandwidth {
+                    let wait = bw.take(r.wire_bytes());
+                    if !wait.is_zero() {
+                        self.producer.poll(Duration::ZERO);
+                        std::thread::sleep(wait);
+                    }
+                }
+                bytes += r.wire_bytes() as u64;
+                let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+                for h in &r.headers {
+                    headers = headers.insert(KafkaHeader {
+                        key: &h.name,
+                        value: Some(&*h.value),
+                    });
+                }
+                let record = BaseRecord::with_opaque_to(&slot.kafka_topic, span.slot)
+                    .partition(slot.partition as i32)
+                    .key(&r.key[..])
+                    .payload(&r.payload[..])
+                    .timestamp(r.timestamp_ms as i64)
+                    .headers(headers);
+                self.send(record)?;
+            }
+        }
+        self.wait_acks()?;
+
+        for span in spans {
+            let slot = &self.slots[span.slot];
+            let checkpoint = Checkpoint {
+                site: config.site.clone(),
+                topic: slot.topic.clone(),
+                partition: slot.partition,
+                kafka_topic: slot.kafka_topic.clone(),
+                next_edge_offset: slot.next,
+                last_kafka_offset: ctx.delivered[span.slot].load(Ordering::Relaxed),
+            };
+            let key = checkpoint.key();
+            let value = checkpoint.value();
+            let record = BaseRecord::with_opaque_to(&config.checkpoint_topic, CHECKPOINT_SLOT)
+                .partition(self.checkpoint_partition)
+                .key(&key)
+                .payload(&value);
+            self.send(record)?;
+        }
+        self.wait_acks()?;
+        self.commit()?;
+
+        let mut status = self.shared.status.lock().expect("status lock");
+        for span in spans {
+            let slot = &mut self.slots[span.slot];
+            slot.committed = slot.next;
+            let ps = &mut status.partitions[slot.status_index];
+            ps.mirrored_offset = Some(slot.next);
+            ps.last_kafka_offset = Some(ctx.delivered[span.slot].load(Ordering::Relaxed));
+        }
+        status.transactions += 1;
+        status.records_mirrored += records.len() as u64;
+        status.bytes_mirrored += bytes;
+        status.state = LinkState::Mirroring;
+        status.last_healthy_at_ms = Some(now_ms());
+        Ok(())
+    }
+
+    /// Enqueues one record, waiting while librdkafka's queue is full.
+    fn send<K, P>(&self, mut record: BaseRecord<'_, K, P, usize>) -> Result<(), TxnFailure>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    self.producer.poll(Duration::from_millis(1));
+                }
+                Err((e, _)) => {
+                    return Err(TxnFailure::Aborted(format!("producing to Kafka: {e}")));
+                }
+            }
+        }
+    }
+
+    /// Serves delivery reports until every record sent is acknowledged.
+    fn wait_acks(&self) -> Result<(), TxnFailure> {
+        let deadline = Instant::now() + self.shared.config.request_timeout * 2;
+        while self.producer.in_flight_count() > 0 {
+            if Instant::now() >= deadline {
+                return Err(TxnFailure::Aborted(format!(
+                    "Kafka did not acknowledge {} records within {:?}",
+                    self.producer.in_flight_count(),
+                    self.shared.config.request_timeout * 2
+                )));
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
+        let failure = self
+            .producer
+            .context()
+            .failure
+            .lock()
+            .expect("failure lock")
+            .take();
+        match failure {
+            None => Ok(()),
+            Some(e) => Err(TxnFailure::Aborted(format!("Kafka refused a record: {e}"))),
+        }
+    }
+
+    fn commit(&self) -> Result<(), TxnFailure> {
+        let timeout = self.shared.config.request_timeout;
+        let mut attempts = 0;
+        loop {
+            match self.producer.commit_transaction(timeout) {
+                Ok(()) => return Ok(()),
+                Err(KafkaError::Transaction(e)) if e.is_retriable() && attempts < 5 => {
+                    attempts += 1;
+                    debug!("commit retriable failure: {e}");
+                }
+                Err(e) => return Err(TxnFailure::from(e)),
+            }
+        }
+    }
+}
+
+/// How a transaction failed.
+enum TxnFailure {
+    /// It was (or must be) aborted; the producer can go on.
+    Aborted(String),
+    /// The producer cannot go on: a new session starts.
+    Fatal(SessionError),
+}
+
+impl From<KafkaError> for TxnFailure {
+    fn from(e: KafkaError) -> TxnFailure {
+        match &e {
+            KafkaError::Transaction(t) if t.txn_requires_abort() => {
+                TxnFailure::Aborted(format!("Kafka transaction failed: {e}"))
+            }
+            _ => TxnFailure::Fatal(kafka("Kafka transaction failed", e)),
+        }
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        // Abandon whatever is open; the next producer with this transactional id fences it.
+        let _ = self.producer.abort_transaction(Duration::from_millis(500));
+    }
+}
+
+/// Creates the checkpoint topic and the mirrored topics where missing and checks the
+/// partition counts of those that exist. Returns the checkpoint topic's partition count.
+fn ensure_topics(
+    shared: &Arc<Shared>,
+    runtime: &tokio::runtime::Runtime,
+    slots: &mut [Slot],
+) -> Result<i32, SessionError> {
+    let config = &shared.config;
+    let admin: AdminClient<ReportingContext> = with_extra(client_config(config), config)
+        .create_with_context(ReportingContext {
+            shared: shared.clone(),
+        })
+        .map_err(|e| kafka("creating the Kafka admin client", e))?;
+    let replication = || TopicReplication::Fixed(config.replication_factor.unwrap_or(-1));
+
+    let mut wanted: Vec<(String, u32)> = Vec::new();
+    for s in slots.iter() {
+        match wanted.iter_mut().find(|(t, _)| *t == s.kafka_topic) {
+            Some((_, n)) => *n = (*n).max(s.partition + 1),
+            None => wanted.push((s.kafka_topic.clone(), s.partition + 1)),
+        }
+    }
+    let mut new_topics: Vec<NewTopic<'_>> = wanted
+        .iter()
+        .map(|(t, n)| NewTopic::new(t, *n as i32, replication()))
+        .collect();
+    new_topics.push(
+        NewTopic::new(&config.checkpoint_topic, 1, replication())
+            .set("cleanup.policy", "compact")
+            .set("segment.ms", "600000")
+            .set("min.cleanable.dirty.ratio", "0.1"),
+    );
+    let options = AdminOptions::new().operation_timeout(Some(config.request_timeout));
+    let results = runtime
+        .block_on(async {
+            tokio::time::timeout(
+                config.request_timeout * 2,
+                admin.create_topics(new_topics.iter(), &options),
+            )
+            .await
+        })
+        .map_err(|_| {
+            SessionError::Kafka(format!(
+                "creating topics at {}: no answer within {:?} (is the cluster reachable?)",
+                config.bootstrap,
+                config.request_timeout * 2
+            ))
+        })?
+        .map_err(|e| kafka(&format!("creating topics at {}", config.bootstrap), e))?;
+    for r in results {
+        match r {
+            Ok(topic) => info!("mirror: created Kafka topic {topic}"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(SessionError::Kafka(format!(
+                    "creating Kafka topic {topic}: {code}"
+                )))
+            }
+        }
+    }
+
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, config.request_timeout)
+        .map_err(|e| kafka("reading topic metadata", e))?;
+    let count_of = |name: &str| {
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == name)
+            .map(|t| t.partitions().len() as u32)
+    };
+    let mut status = shared.status.lock().expect("status lock");
+    for (topic, need) in &wanted {
+        let have = count_of(topic).unwrap_or(0);
+        let refusal = (have < *need).then(|| {
+            format!(
+                "Kafka topic {topic} has {have} partitions but the edge topic has {need}: a key \
+                 must land on the same partition number on both sides; add partitions \
+                 (kafka-topics --alter --topic {topic} --partitions {need}) or choose another \
+                 topic_format"
+            )
+        });
+        if let Some(message) = &refusal {
+            warn!("mirror: {message}");
+        }
+        for s in slots.iter_mut().filter(|s| &s.kafka_topic == topic) {
+            s.refused = refusal.clone();
+            status.partitions[s.status_index].error = refusal.clone();
+        }
+    }
+    drop(status);
+    let checkpoint_partitions = count_of(&config.checkpoint_topic).unwrap_or(0);
+    if checkpoint_partitions == 0 {
+        return Err(SessionError::Kafka(format!(
+            "checkpoint topic {} has no partitions yet",
+            config.checkpoint_topic
+        )));
+    }
+    Ok(checkpoint_partitions as i32)
+}

@@ -1,0 +1,225 @@
+//! What the mirror reads: a partitioned, append-only source of records with dense offsets.
+//!
+//! `edge` implements [`PartitionedSource`] over its fjall log; [`MemorySource`] is an
+//! in-memory implementation for tests and benchmarks.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+
+/// A topic of the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTopic {
+    /// Name, used in the Kafka topic name.
+    pub name: String,
+    /// Number of partitions; the Kafka topic gets at least as many.
+    pub partitions: u32,
+}
+
+/// What a partition holds right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartitionBounds {
+    /// First offset still held (earlier ones were deleted by retention or a disk budget).
+    pub start: u64,
+    /// One past the last offset that is durable and may be mirrored.
+    pub end: u64,
+    /// Bytes the partition holds (as stored; for lag estimates).
+    pub bytes: u64,
+}
+
+/// One Kafka header of a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Header name.
+    pub name: Cow<'static, str>,
+    /// Header value.
+    pub value: Cow<'static, [u8]>,
+}
+
+/// One record of a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceRecord {
+    /// Offset in its partition.
+    pub offset: u64,
+    /// Timestamp (ms since the Unix epoch), the Kafka record's CreateTime.
+    pub timestamp_ms: u64,
+    /// Partition key, the Kafka record key.
+    pub key: Bytes,
+    /// Body, the Kafka record value.
+    pub payload: Bytes,
+    /// Metadata, the Kafka record headers, in order.
+    pub headers: Vec<Header>,
+}
+
+impl SourceRecord {
+    /// Bytes this record puts on the wire (for transaction sizing and the bandwidth cap).
+    pub fn wire_bytes(&self) -> usize {
+        self.key.len()
+            + self.payload.len()
+            + self
+                .headers
+                .iter()
+                .map(|h| h.name.len() + h.value.len())
+                .sum::<usize>()
+    }
+}
+
+/// A failure of the source.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The topic or partition does not exist.
+    #[error("no partition {partition} of topic \"{topic}\" in the source")]
+    UnknownPartition {
+        /// Topic name.
+        topic: String,
+        /// Partition number.
+        partition: u32,
+    },
+    /// The source could not be read (a storage error, corruption).
+    #[error("reading {topic}/{partition}: {message}")]
+    Read {
+        /// Topic name.
+        topic: String,
+        /// Partition number.
+        partition: u32,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A partitioned log the mirror reads in order.
+pub trait PartitionedSource: Send + Sync + 'static {
+    /// Every topic of the source.
+    fn topics(&self) -> Vec<SourceTopic>;
+
+    /// What `topic`/`partition` holds right now.
+    fn bounds(&self, topic: &str, partition: u32) -> Result<PartitionBounds, SourceError>;
+
+    /// Appends to `out` up to `max_records` records of the partition in offset order,
+    /// starting at `from` (or at the first record held, if `from` was deleted), never at or
+    /// past [`PartitionBounds::end`].
+    fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_records: usize,
+        out: &mut Vec<SourceRecord>,
+    ) -> Result<(), SourceError>;
+}
+
+#[derive(Debug, Default)]
+struct MemoryPartition {
+    start: u64,
+    records: Vec<SourceRecord>,
+}
+
+/// An in-memory [`PartitionedSource`] for tests and benchmarks.
+#[derive(Debug, Default)]
+pub struct MemorySource {
+    topics: Mutex<BTreeMap<String, Vec<MemoryPartition>>>,
+}
+
+impl MemorySource {
+    /// An empty source.
+    pub fn new() -> MemorySource {
+        MemorySource::default()
+    }
+
+    /// Adds a topic with `partitions` empty partitions.
+    pub fn add_topic(&self, name: &str, partitions: u32) {
+        let parts = (0..partitions)
+            .map(|_| MemoryPartition::default())
+            .collect();
+        self.topics
+            .lock()
+            .expect("source lock")
+            .insert(name.to_string(), parts);
+    }
+
+    /// Appends a record and returns its offset.
+    pub fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: u64,
+        key: &[u8],
+        payload: &[u8],
+        headers: Vec<Header>,
+    ) -> u64 {
+        let mut topics = self.topics.lock().expect("source lock");
+        let p = &mut topics.get_mut(topic).expect("known topic")[partition as usize];
+        let offset = p.start + p.records.len() as u64;
+        p.records.push(SourceRecord {
+            offset,
+            timestamp_ms,
+            key: Bytes::copy_from_slice(key),
+            payload: Bytes::copy_from_slice(payload),
+            headers,
+        });
+        offset
+    }
+
+    /// Deletes every record before `new_start`, as retention would.
+    pub fn delete_before(&self, topic: &str, partition: u32, new_start: u64) {
+        let mut topics = self.topics.lock().expect("source lock");
+        let p = &mut topics.get_mut(topic).expect("known topic")[partition as usize];
+        let n = (new_start.saturating_sub(p.start) as usize).min(p.records.len());
+        p.records.drain(..n);
+        p.start += n as u64;
+    }
+}
+
+impl PartitionedSource for MemorySource {
+    fn topics(&self) -> Vec<SourceTopic> {
+        self.topics
+            .lock()
+            .expect("source lock")
+            .iter()
+            .map(|(name, parts)| SourceTopic {
+                name: name.clone(),
+                partitions: parts.len() as u32,
+            })
+            .collect()
+    }
+
+    fn bounds(&self, topic: &str, partition: u32) -> Result<PartitionBounds, SourceError> {
+        let topics = self.topics.lock().expect("source lock");
+        let p = topics
+            .get(topic)
+            .and_then(|t| t.get(partition as usize))
+            .ok_or_else(|| SourceError::UnknownPartition {
+                topic: topic.to_string(),
+                partition,
+            })?;
+        Ok(PartitionBounds {
+            start: p.start,
+            end: p.start + p.records.len() as u64,
+            bytes: p.records.iter().map(|r| r.wire_bytes() as u64).sum(),
+        })
+    }
+
+    fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_records: usize,
+        out: &mut Vec<SourceRecord>,
+    ) -> Result<(), SourceError> {
+        let topics = self.topics.lock().expect("source lock");
+        let p = topics
+            .get(topic)
+            .and_then(|t| t.get(partition as usize))
+            .ok_or_else(|| SourceError::UnknownPartition {
+                topic: topic.to_string(),
+                partition,
+            })?;
+        let first = from.saturating_sub(p.start) as usize;
+        out.extend(p.records.iter().skip(first).take(max_records).cloned());
+        Ok(())
+    }
+}

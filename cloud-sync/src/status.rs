@@ -1,0 +1,106 @@
+//! What the mirror reports about itself: per partition how far it is, and the link's health.
+
+use serde::{Deserialize, Serialize};
+
+use crate::source::PartitionedSource;
+
+/// The mirror's state as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    /// Connecting, creating topics, reading checkpoints.
+    Starting,
+    /// Mirroring (or idle with nothing to send).
+    Mirroring,
+    /// The last attempt failed; waiting before the next.
+    Retrying,
+    /// Stopped by the edge.
+    Stopped,
+}
+
+/// One partition of the mirror.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    /// Source topic.
+    pub topic: String,
+    /// Kafka topic.
+    pub kafka_topic: String,
+    /// Partition number.
+    pub partition: u32,
+    /// First offset the edge still holds.
+    pub edge_start_offset: u64,
+    /// One past the last durable offset of the edge.
+    pub edge_end_offset: u64,
+    /// First offset not yet in Kafka; `None` until the checkpoint has been read.
+    pub mirrored_offset: Option<u64>,
+    /// Kafka offset of the last mirrored record.
+    pub last_kafka_offset: Option<i64>,
+    /// Records held by the edge and not yet mirrored.
+    pub lag_records: u64,
+    /// Bytes of those records, estimated from the partition's average stored record size.
+    pub lag_bytes: u64,
+    /// Records deleted at the edge (retention, disk budget) before they were mirrored.
+    pub lost_before_mirror: u64,
+    /// Why this partition is not being mirrored, if it is not.
+    pub error: Option<String>,
+}
+
+/// A snapshot of the mirror.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    /// Edge site.
+    pub site: String,
+    /// Kafka bootstrap servers.
+    pub bootstrap: String,
+    /// Overall state.
+    pub state: LinkState,
+    /// Last failure, as reported by Kafka or the mirror.
+    pub last_error: Option<String>,
+    /// When it happened (ms since the Unix epoch).
+    pub last_error_at_ms: Option<u64>,
+    /// Last time a transaction committed or the idle link was confirmed working.
+    pub last_healthy_at_ms: Option<u64>,
+    /// When this snapshot was taken.
+    pub updated_at_ms: u64,
+    /// Transactions committed since start.
+    pub transactions: u64,
+    /// Records committed to Kafka since start.
+    pub records_mirrored: u64,
+    /// Record bytes committed to Kafka since start.
+    pub bytes_mirrored: u64,
+    /// Per partition, ordered by topic then partition.
+    pub partitions: Vec<PartitionStatus>,
+}
+
+impl MirrorStatus {
+    /// Refreshes each partition's edge offsets and lag from `source`.
+    pub fn refresh_from(&mut self, source: &dyn PartitionedSource) {
+        for p in &mut self.partitions {
+            if let Ok(b) = source.bounds(&p.topic, p.partition) {
+                p.edge_start_offset = b.start;
+                p.edge_end_offset = b.end;
+                let from = p.mirrored_offset.unwrap_or(b.start).max(b.start);
+                p.lag_records = b.end.saturating_sub(from);
+                let held = b.end - b.start;
+                p.lag_bytes = if held == 0 {
+                    0
+                } else {
+                    (b.bytes as u128 * p.lag_records as u128 / held as u128) as u64
+                };
+            }
+        }
+    }
+
+    /// Total records not yet mirrored.
+    pub fn lag_records(&self) -> u64 {
+        self.partitions.iter().map(|p| p.lag_records).sum()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
