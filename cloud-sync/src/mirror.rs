@@ -238,7 +238,8 @@ impl Mirror {
     /// Stops the mirror: an open transaction is finished or aborted, and no new one starts.
     /// Waits up to `grace` for the thread; a thread still blocked on Kafka after that is left
     /// to end with the process (the checkpoint in Kafka keeps the mirror exact either way).
-    pub fn stop(mut self, grace: Duration) {
+    /// Returns the last status.
+    pub fn stop(mut self, grace: Duration) -> MirrorStatus {
         self.request_stop();
         let (lock, cv) = &*self.done;
         let finished = cv
@@ -256,6 +257,7 @@ impl Mirror {
             );
             self.thread.take();
         }
+        self.status()
     }
 
     fn request_stop(&self) {
@@ -376,6 +378,12 @@ struct ReportingContext {
 
 impl ClientContext for ReportingContext {
     fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
+        {
+            // The checkpoint reader's end of partition is news, not an error.
+            return;
+        }
         warn!("kafka: {reason} ({error})");
         self.shared.record_error(format!("kafka: {reason}"));
     }

@@ -7,3 +7,4 @@ pub mod log;
 pub mod mqtt;
 pub mod route;
 pub mod server;
+pub mod uplink;

@@ -65,6 +65,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Where the Kafka mirror stands, per partition: edge end offset, mirrored offset, lag,
+    /// records lost before they were mirrored, the last error and when the link was last
+    /// healthy. Works while the edge runs (from the status it rewrites every second) and
+    /// after it stopped (with the log's current ends).
+    MirrorStatus {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -150,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             limit,
             json,
         } => read(&config, topic, partition, from, limit, json),
+        Command::MirrorStatus { json } => mirror_status(&config, json),
     }
 }
 
@@ -164,6 +174,81 @@ fn open_stopped(config: &Config) -> anyhow::Result<Log> {
         );
     }
     Ok(Log::open(dir, None, None)?)
+}
+
+fn mirror_status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let dir = &config.storage.data_dir;
+    let mut status = edge::uplink::read_status(dir).map_err(anyhow::Error::msg)?;
+    // A stopped edge's log gives the current ends; a running one holds the log, and its
+    // status file is at most a second old.
+    let running = match Log::open(dir, None, None) {
+        Ok(log) => {
+            let source = edge::uplink::LogSource(std::sync::Arc::new(log));
+            status.refresh_from(&source);
+            false
+        }
+        Err(edge::log::LogError::Locked(_)) => true,
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if json {
+        let mut doc = serde_json::to_value(&status)?;
+        doc["edge_running"] = serde_json::Value::Bool(running);
+        doc["lag_records"] = status.lag_records().into();
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    } else {
+        let when = |ms: Option<u64>| match ms {
+            None => "never".to_string(),
+            Some(ms) => {
+                let ago = cloud_sync::status::now_ms().saturating_sub(ms);
+                format!("{:.1}s ago", ago as f64 / 1000.0)
+            }
+        };
+        writeln!(
+            out,
+            "site {} -> {} ({:?}{}); last healthy {}; {} records lag",
+            status.site,
+            status.bootstrap,
+            status.state,
+            if running {
+                ", edge running"
+            } else {
+                ", edge stopped"
+            },
+            when(status.last_healthy_at_ms),
+            status.lag_records()
+        )?;
+        if let Some(e) = &status.last_error {
+            writeln!(out, "last error ({}): {e}", when(status.last_error_at_ms))?;
+        }
+        writeln!(
+            out,
+            "{:<24} {:<32} {:>4} {:>12} {:>12} {:>10} {:>12} {:>8}",
+            "TOPIC", "KAFKA_TOPIC", "PART", "EDGE_END", "MIRRORED", "LAG", "LAG_BYTES", "LOST"
+        )?;
+        for p in &status.partitions {
+            writeln!(
+                out,
+                "{:<24} {:<32} {:>4} {:>12} {:>12} {:>10} {:>12} {:>8}{}",
+                p.topic,
+                p.kafka_topic,
+                p.partition,
+                p.edge_end_offset,
+                p.mirrored_offset
+                    .map(|o| o.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                p.lag_records,
+                p.lag_bytes,
+                p.lost_before_mirror,
+                p.error
+                    .as_deref()
+                    .map(|e| format!("  error: {e}"))
+                    .unwrap_or_default()
+            )?;
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
 
 fn topics(config: &Config, json: bool) -> anyhow::Result<()> {

@@ -43,6 +43,11 @@ const APPENDER_QUEUE: usize = 1024;
 /// How long connections get to finish on shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
+/// How often the mirror status file is rewritten.
+const MIRROR_STATUS_EVERY: Duration = Duration::from_secs(1);
+/// How long the mirror gets to finish its transaction on shutdown.
+const MIRROR_STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// Serves until SIGINT or SIGTERM (or a fatal log error).
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let plan = config.route_plan()?;
@@ -98,7 +103,55 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             "anonymous access is allowed: any client that reaches {bound} can connect and publish"
         );
     }
-    tracing::info!("no uplink configured: records stay in the local log");
+    let mirror = match &config.cloud {
+        None => {
+            tracing::info!("no uplink configured: records stay in the local log");
+            None
+        }
+        Some(cloud) => {
+            let mirror_config = cloud.mirror_config().map_err(|(key, message)| {
+                crate::config::ConfigError::Invalid {
+                    origin: "<config>".into(),
+                    line: 0,
+                    key: format!("cloud.{key}"),
+                    message,
+                }
+            })?;
+            tracing::info!(
+                bootstrap = %mirror_config.bootstrap,
+                site = %mirror_config.site,
+                "mirroring the log to Kafka"
+            );
+            let source = Arc::new(crate::uplink::LogSource(log.clone()));
+            let mirror = cloud_sync::Mirror::start(mirror_config, source).map_err(|e| {
+                crate::config::ConfigError::Invalid {
+                    origin: "<config>".into(),
+                    line: 0,
+                    key: "cloud".into(),
+                    message: e.to_string(),
+                }
+            })?;
+            Some(Arc::new(mirror))
+        }
+    };
+    let status_writer = mirror.as_ref().map(|m| {
+        let m = m.clone();
+        let dir = config.storage.data_dir.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MIRROR_STATUS_EVERY);
+            loop {
+                tick.tick().await;
+                let status = m.status();
+                let dir = dir.clone();
+                let written =
+                    tokio::task::spawn_blocking(move || crate::uplink::write_status(&dir, &status))
+                        .await;
+                if let Ok(Err(e)) = written {
+                    tracing::warn!("writing the mirror status: {e}");
+                }
+            }
+        })
+    });
     for t in log.topics() {
         tracing::info!(
             topic = %t.name,
@@ -179,6 +232,23 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let _ = shutdown_tx.send(true);
     let _ = server.await;
     housekeeping.abort();
+    if let Some(t) = status_writer {
+        t.abort();
+    }
+    if let Some(mirror) = mirror {
+        let dir = config.storage.data_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let status = match Arc::try_unwrap(mirror) {
+                Ok(mirror) => mirror.stop(MIRROR_STOP_GRACE),
+                Err(shared) => shared.status(),
+            };
+            if let Err(e) = crate::uplink::write_status(&dir, &status) {
+                tracing::warn!("writing the mirror status: {e}");
+            }
+        })
+        .await
+        .expect("stopping the mirror");
+    }
     if let Some(t) = fsync_timer {
         t.abort();
     }

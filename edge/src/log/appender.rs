@@ -380,6 +380,11 @@ impl Appender {
             let state = &log.topics[t as usize].partitions[p as usize];
             state.bytes.store(self.next_bytes[flat], Ordering::Relaxed);
             state.end.store(self.next_end[flat], Ordering::Release);
+            if !matches!(self.fsync, FsyncMode::Interval(_)) {
+                state
+                    .durable_end
+                    .store(self.next_end[flat], Ordering::Release);
+            }
         }
         self.touched.clear();
         log.total_bytes.fetch_add(added_bytes, Ordering::Relaxed);

@@ -124,6 +124,11 @@ pub struct PartitionState {
     pub start: AtomicU64,
     /// Next offset to be assigned.
     pub end: AtomicU64,
+    /// Records below this offset are on disk for good: with `fsync = "always"` (and
+    /// `"never"`, which never waits) the same as `end`; with `"interval:<ms>"` the `end` of
+    /// the last fsync. Only durable records are mirrored, so Kafka never holds a record that
+    /// a power cut could take from the edge.
+    pub durable_end: AtomicU64,
     /// Bytes of the batch values held.
     pub bytes: AtomicU64,
     /// Records deleted so far by retention or the disk budget.
@@ -618,10 +623,20 @@ impl Log {
 
     /// Makes everything written so far durable.
     pub fn persist(&self) -> Result<(), LogError> {
+        let ends: Vec<u64> = self
+            .topics
+            .iter()
+            .flat_map(|t| t.partitions.iter().map(|p| p.end.load(Ordering::Acquire)))
+            .collect();
         self.db.persist(fjall::PersistMode::SyncAll).map_err(|e| {
             self.poison(format!("fsync failed: {e}"));
             LogError::Storage(e)
-        })
+        })?;
+        let partitions = self.topics.iter().flat_map(|t| t.partitions.iter());
+        for (p, end) in partitions.zip(ends) {
+            p.durable_end.fetch_max(end, Ordering::Release);
+        }
+        Ok(())
     }
 }
 
@@ -682,6 +697,7 @@ fn recover_partition(
     Ok(PartitionState {
         start: AtomicU64::new(start),
         end: AtomicU64::new(end),
+        durable_end: AtomicU64::new(end),
         bytes: AtomicU64::new(bytes),
         removed: AtomicU64::new(removed),
     })

@@ -1,0 +1,278 @@
+//! The uplink: the edge's log as a [`PartitionedSource`] for cloud-sync's mirror, and the
+//! mirror status file that `edge mirror-status` reads.
+//!
+//! The status file is `mirror-status.json` in the data directory, rewritten (write to a
+//! temporary file, then rename) every second while the mirror runs, and once more when the
+//! edge stops. It is the mirror's own account: the mirrored offsets are what the last
+//! committed Kafka transaction covered.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use cloud_sync::{
+    Header, MirrorStatus, PartitionBounds, PartitionedSource, SourceError, SourceRecord,
+    SourceTopic,
+};
+
+use crate::log::record::Record;
+use crate::log::Log;
+
+/// File name of the mirror status in the data directory.
+pub const STATUS_FILE: &str = "mirror-status.json";
+
+/// The path of the status file in `data_dir`.
+pub fn status_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(STATUS_FILE)
+}
+
+/// The edge log, read by the mirror.
+#[derive(Debug, Clone)]
+pub struct LogSource(pub Arc<Log>);
+
+impl LogSource {
+    fn partition(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<(&crate::log::TopicLog, &crate::log::PartitionState), SourceError> {
+        let unknown = || SourceError::UnknownPartition {
+            topic: topic.to_string(),
+            partition,
+        };
+        let t = self.0.topic(topic).ok_or_else(unknown)?;
+        let p = t.partitions.get(partition as usize).ok_or_else(unknown)?;
+        Ok((t, p))
+    }
+}
+
+impl PartitionedSource for LogSource {
+    fn topics(&self) -> Vec<SourceTopic> {
+        self.0
+            .topics()
+            .iter()
+            .map(|t| SourceTopic {
+                name: t.name.clone(),
+                partitions: t.partitions.len() as u32,
+            })
+            .collect()
+    }
+
+    fn bounds(&self, topic: &str, partition: u32) -> Result<PartitionBounds, SourceError> {
+        let (_, p) = self.partition(topic, partition)?;
+        let end = p.durable_end.load(Ordering::Acquire);
+        Ok(PartitionBounds {
+            start: p.start.load(Ordering::Acquire).min(end),
+            end,
+            bytes: p.bytes.load(Ordering::Relaxed),
+        })
+    }
+
+    fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_records: usize,
+        out: &mut Vec<SourceRecord>,
+    ) -> Result<(), SourceError> {
+        let (t, p) = self.partition(topic, partition)?;
+        let end = p.durable_end.load(Ordering::Acquire);
+        let start = p.start.load(Ordering::Acquire);
+        let available = end.saturating_sub(from.max(start)) as usize;
+        let records = self
+            .0
+            .read(t.id, partition, from, max_records.min(available))
+            .map_err(|e| SourceError::Read {
+                topic: topic.to_string(),
+                partition,
+                message: e.to_string(),
+            })?;
+        out.extend(
+            records
+                .into_iter()
+                .take_while(|r| r.offset < end)
+                .map(source_record),
+        );
+        Ok(())
+    }
+}
+
+/// The Kafka form of a record: MQTT metadata as `mqtt.*` headers, then each user property.
+fn source_record(r: Record) -> SourceRecord {
+    let h = r.headers;
+    let mut headers = Vec::with_capacity(4 + h.user_properties.len());
+    headers.push(Header {
+        name: Cow::Borrowed("mqtt.topic"),
+        value: Cow::Owned(h.mqtt_topic.into_bytes()),
+    });
+    headers.push(Header {
+        name: Cow::Borrowed("mqtt.client_id"),
+        value: Cow::Owned(h.client_id.into_bytes()),
+    });
+    headers.push(Header {
+        name: Cow::Borrowed("mqtt.qos"),
+        value: Cow::Borrowed(match h.qos {
+            0 => b"0",
+            1 => b"1",
+            _ => b"2",
+        }),
+    });
+    headers.push(Header {
+        name: Cow::Borrowed("mqtt.retain"),
+        value: Cow::Borrowed(if h.retain { b"true" } else { b"false" }),
+    });
+    if let Some(ct) = h.content_type {
+        headers.push(Header {
+            name: Cow::Borrowed("mqtt.content_type"),
+            value: Cow::Owned(ct.into_bytes()),
+        });
+    }
+    for (k, v) in h.user_properties {
+        headers.push(Header {
+            name: Cow::Owned(k),
+            value: Cow::Owned(v.into_bytes()),
+        });
+    }
+    SourceRecord {
+        offset: r.offset,
+        timestamp_ms: r.timestamp_ms,
+        key: r.key,
+        payload: r.payload,
+        headers,
+    }
+}
+
+/// Writes `status` to the status file of `data_dir`, atomically.
+pub fn write_status(data_dir: &Path, status: &MirrorStatus) -> std::io::Result<()> {
+    let path = status_path(data_dir);
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// Reads the status file of `data_dir`.
+pub fn read_status(data_dir: &Path) -> Result<MirrorStatus, String> {
+    let path = status_path(data_dir);
+    let text = std::fs::read(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "no mirror status in {}: the edge has not run with a [cloud] section there",
+                data_dir.display()
+            )
+        } else {
+            format!("{}: {e}", path.display())
+        }
+    })?;
+    serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FsyncMode;
+    use crate::log::appender::{self, AppendRequest, AppenderMsg, PendingRecord, ReplyTo};
+    use crate::log::record::NewRecord;
+
+    /// Appends `n` records to partition 0 of the default topic and waits for the commit.
+    fn append(tx: &tokio::sync::mpsc::Sender<AppenderMsg>, n: usize) {
+        let mut req = AppendRequest::default();
+        let props = [("site".to_string(), "7".to_string())];
+        for i in 0..n {
+            let payload = format!("p{i}");
+            let start = req.buf.len();
+            NewRecord {
+                timestamp_ms: 1000 + i as u64,
+                key: b"k",
+                mqtt_topic: b"a/b",
+                qos: 1,
+                retain: false,
+                client_id: "dev",
+                content_type: Some("text/plain"),
+                user_properties: &props,
+                payload: payload.as_bytes(),
+            }
+            .encode_into(&mut req.buf);
+            req.records.push(PendingRecord {
+                topic: 0,
+                partition: 0,
+                start: start as u32,
+                len: (req.buf.len() - start) as u32,
+                timestamp_ms: 1000 + i as u64,
+            });
+        }
+        let (reply_tx, mut reply_rx) = tokio::sync::mpsc::unbounded_channel();
+        req.reply = Some(ReplyTo {
+            tx: reply_tx,
+            ticket: 0,
+        });
+        tx.blocking_send(AppenderMsg::Append(req)).unwrap();
+        reply_rx.blocking_recv().unwrap().outcome.unwrap();
+    }
+
+    fn open(dir: &Path) -> Arc<Log> {
+        let plan = crate::config::Config::default().route_plan().unwrap();
+        Arc::new(Log::open(dir, Some(&plan.topics), None).unwrap())
+    }
+
+    #[test]
+    fn interval_mode_exposes_only_fsynced_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let (tx, thread) = appender::spawn(
+            log.clone(),
+            FsyncMode::Interval(std::time::Duration::from_secs(3600)),
+            1000,
+            16,
+            |_| {},
+        );
+        let source = LogSource(log.clone());
+        append(&tx, 5);
+        assert_eq!(source.bounds("mqtt", 0).unwrap().end, 0);
+        let mut out = Vec::new();
+        source.read("mqtt", 0, 0, 100, &mut out).unwrap();
+        assert!(out.is_empty(), "unsynced records must not be mirrored");
+        tx.blocking_send(AppenderMsg::Persist).unwrap();
+        tx.blocking_send(AppenderMsg::Shutdown).unwrap();
+        drop(tx);
+        thread.join().unwrap().unwrap();
+        assert_eq!(source.bounds("mqtt", 0).unwrap().end, 5);
+        source.read("mqtt", 0, 2, 100, &mut out).unwrap();
+        assert_eq!(
+            out.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+    }
+
+    #[test]
+    fn records_carry_mqtt_metadata_as_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let (tx, thread) = appender::spawn(log.clone(), FsyncMode::Always, 1000, 16, |_| {});
+        append(&tx, 2);
+        tx.blocking_send(AppenderMsg::Shutdown).unwrap();
+        drop(tx);
+        thread.join().unwrap().unwrap();
+        let mut out = Vec::new();
+        LogSource(log).read("mqtt", 0, 1, 10, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        let r = &out[0];
+        assert_eq!((r.offset, r.timestamp_ms), (1, 1001));
+        assert_eq!(&r.key[..], b"k");
+        assert_eq!(&r.payload[..], b"p1");
+        let headers: Vec<(&str, &[u8])> = r.headers.iter().map(|h| (&*h.name, &*h.value)).collect();
+        assert_eq!(
+            headers,
+            vec![
+                ("mqtt.topic", &b"a/b"[..]),
+                ("mqtt.client_id", b"dev"),
+                ("mqtt.qos", b"1"),
+                ("mqtt.retain", b"false"),
+                ("mqtt.content_type", b"text/plain"),
+                ("site", b"7"),
+            ]
+        );
+    }
+}
