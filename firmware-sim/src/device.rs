@@ -218,6 +218,7 @@ pub async fn run_device(
         class: identity.class,
         qos: class.qos,
         topic: identity.topic,
+        client_id: Some(identity.client_id),
         sent,
         acked,
         refused,

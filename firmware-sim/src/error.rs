@@ -78,6 +78,16 @@ pub enum SimError {
         /// The connection error.
         reason: String,
     },
+
+    /// The Kafka cluster of `verify --kafka` could not be read: unreachable, a topic that
+    /// does not exist, a setting librdkafka refuses, a fatal consumer error.
+    #[error("Kafka {bootstrap}: {reason}")]
+    Kafka {
+        /// The bootstrap servers as given to `--kafka`.
+        bootstrap: String,
+        /// What went wrong, and what to check.
+        reason: String,
+    },
 }
 
 impl SimError {

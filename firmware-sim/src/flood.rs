@@ -237,6 +237,7 @@ pub async fn run_connection(
         class: conn.identity.class,
         qos: conn.class.qos,
         topic: conn.identity.topic,
+        client_id: Some(conn.identity.client_id),
         sent,
         acked: acks.acked,
         refused: acks.refused,

@@ -2,8 +2,17 @@
 //!
 //! `firmware-sim run` simulates devices publishing over real MQTT connections (rumqttc, MQTT
 //! 3.1.1 or 5.0, TCP or TLS) and writes a manifest of what was sent and acknowledged;
-//! `firmware-sim verify` reads the messages back (from `edge read --json` output or an MQTT
-//! subscription) and reports loss, duplicates, reordering and end-to-end latency.
+//! `firmware-sim verify` reads the messages back (from `edge read --json` output, an MQTT
+//! subscription, or the Kafka topics the mirror writes) and reports loss, duplicates,
+//! reordering and end-to-end latency.
+//!
+//! # Verifying the mirror
+//!
+//! `verify --kafka BOOTSTRAP --kafka-topic TOPIC` reads every partition of the mirror's topics
+//! from the beginning (read_committed, no consumer group, nothing committed) and, besides loss
+//! and duplicates, fails on a device's records out of sequence order within a partition and on
+//! records whose `mqtt.*` headers are missing or disagree with the device; see [`mirror`] for
+//! the record contract and the checks, [`kafka`] for how long it reads (`--kafka-wait`).
 //!
 //! # Message stamp
 //!
@@ -60,9 +69,11 @@ pub mod broker;
 pub mod device;
 pub mod error;
 pub mod flood;
+pub mod kafka;
 pub mod ledger;
 pub mod lightweight;
 pub mod manifest;
+pub mod mirror;
 pub mod payload;
 pub mod plan;
 pub mod plot;

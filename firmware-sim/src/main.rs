@@ -5,20 +5,21 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use firmware_sim::broker::{
     parse_source_ips, BrokerUrl, ConnectSettings, Protocol, SessionKind, TlsFiles,
 };
+use firmware_sim::kafka::{read_kafka, KafkaSecurity, KafkaSource};
 use firmware_sim::payload::PayloadKind;
 use firmware_sim::plan::{ClassDefaults, FleetPlan};
 use firmware_sim::run::{new_run_id, run, RunOptions};
 use firmware_sim::sink::{serve, SinkOptions};
 use firmware_sim::source::{read_edge_log, read_mqtt, MqttSource};
-use firmware_sim::verify::Verifier;
+use firmware_sim::verify::{Verifier, VerifyReport};
 use firmware_sim::{manifest, report};
 
-/// Exit code when verification finds loss or duplicates (or a run sent nothing).
+/// Exit code when verification fails (or a run sent nothing).
 const EXIT_FAILED: u8 = 1;
 /// Exit code for bad input and errors.
 const EXIT_ERROR: u8 = 2;
@@ -38,12 +39,27 @@ struct Cli {
 enum Command {
     /// Simulate a fleet of devices publishing over MQTT.
     Run(Box<RunArgs>),
-    /// Compare messages read back from the edge log or MQTT with a run's manifest.
+    /// Compare messages read back from the edge log, MQTT or the mirror's Kafka topics with a
+    /// run's manifest.
+    ///
+    /// Fails (exit 1) when an acknowledged message is missing or any message arrived twice;
+    /// with --kafka also when a device's records are out of order within a partition, when
+    /// records lack their mqtt.* headers or carry ones that disagree with the device, or when a
+    /// partition could not be read to its end. Messages sent with QoS 0 or never acknowledged
+    /// may be missing. Exit 2 on errors (bad options, unreadable manifest, unreachable source,
+    /// missing Kafka topic).
+    #[command(after_help = VERIFY_EXAMPLES)]
     Verify(Box<VerifyArgs>),
     /// A discarding / acknowledging MQTT endpoint for benchmarks and tests.
     #[command(hide = true)]
     Sink(SinkArgs),
 }
+
+const VERIFY_EXAMPLES: &str = "Examples:
+  firmware-sim verify --manifest run1 --edge-log edge-read.jsonl
+  firmware-sim verify --manifest run1 --mqtt mqtt://127.0.0.1:1883 --filter 'sensors/#'
+  firmware-sim verify --manifest run1 --kafka 127.0.0.1:9092 --kafka-topic plant-7.telemetry \\
+      --kafka-wait 2m --report verdict.json";
 
 fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|e| format!("{e}; write e.g. 10s, 500ms, 2m"))
@@ -198,12 +214,13 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+#[command(group(ArgGroup::new("source").required(true).args(["edge_log", "mqtt", "kafka"])))]
 struct VerifyArgs {
     /// Manifest directory written by `run --manifest`.
     #[arg(long)]
     manifest: PathBuf,
     /// Output of `edge read --json` (`-` for stdin).
-    #[arg(long, conflicts_with = "mqtt", required_unless_present = "mqtt")]
+    #[arg(long)]
     edge_log: Option<PathBuf>,
     /// Read from an MQTT broker instead (mqtt:// or mqtts:// URL).
     #[arg(long)]
@@ -222,9 +239,63 @@ struct VerifyArgs {
     timeout: Duration,
     #[command(flatten)]
     connect: VerifyConnectArgs,
+    /// Read the records the mirror wrote to Kafka from these bootstrap servers
+    /// (host:port[,host:port...]): every partition of each --kafka-topic from the beginning,
+    /// committed transactions only, without joining a consumer group or committing offsets.
+    #[arg(
+        long,
+        value_name = "BOOTSTRAP",
+        requires = "kafka_topic",
+        help_heading = "Kafka source"
+    )]
+    kafka: Option<String>,
+    /// Kafka topic the mirror writes, {site}.{edge log topic} by default (e.g.
+    /// plant-7.telemetry); repeat the option or separate names with commas for several. A topic
+    /// that does not exist is an error.
+    #[arg(
+        long,
+        value_name = "TOPIC",
+        value_delimiter = ',',
+        requires = "kafka",
+        help_heading = "Kafka source"
+    )]
+    kafka_topic: Vec<String>,
+    /// How long to wait for the mirror to deliver every acknowledged message: reading stops as
+    /// soon as every partition is read to its end and nothing acknowledged is missing, or at the
+    /// next end of all partitions after this long. A partition still not read to its end after
+    /// as long again (at least 30s more) fails the verdict.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        value_parser = duration,
+        default_value = "60s",
+        help_heading = "Kafka source"
+    )]
+    kafka_wait: Duration,
+    #[command(flatten)]
+    kafka_security: KafkaSecurityArgs,
     /// Write the verdict as JSON to this file.
     #[arg(long)]
     report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct KafkaSecurityArgs {
+    /// librdkafka security.protocol: plaintext, ssl, sasl_plaintext or sasl_ssl.
+    #[arg(long, requires = "kafka", help_heading = "Kafka source")]
+    kafka_security_protocol: Option<String>,
+    /// librdkafka sasl.mechanism, e.g. PLAIN, SCRAM-SHA-256, SCRAM-SHA-512.
+    #[arg(long, requires = "kafka", help_heading = "Kafka source")]
+    kafka_sasl_mechanism: Option<String>,
+    /// librdkafka sasl.username.
+    #[arg(long, requires = "kafka", help_heading = "Kafka source")]
+    kafka_username: Option<String>,
+    /// librdkafka sasl.password (needs --kafka-username).
+    #[arg(long, requires = "kafka_username", help_heading = "Kafka source")]
+    kafka_password: Option<String>,
+    /// librdkafka ssl.ca.location: CA certificates (PEM) to trust.
+    #[arg(long, requires = "kafka", help_heading = "Kafka source")]
+    kafka_ca_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -330,6 +401,28 @@ async fn verify_command(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     if args.qos > 2 {
         anyhow::bail!("--qos: must be 0, 1 or 2 (got {})", args.qos);
     }
+    if let Some(bootstrap) = &args.kafka {
+        let security = &args.kafka_security;
+        let source = KafkaSource {
+            bootstrap: bootstrap.clone(),
+            topics: args.kafka_topic.clone(),
+            wait: args.kafka_wait,
+            security: KafkaSecurity {
+                protocol: security.kafka_security_protocol.clone(),
+                sasl_mechanism: security.kafka_sasl_mechanism.clone(),
+                username: security.kafka_username.clone(),
+                password: security.kafka_password.clone(),
+                ca_file: security.kafka_ca_file.clone(),
+            },
+        };
+        let manifest = manifest::read(&args.manifest)?;
+        let mut verifier = Verifier::new(&manifest);
+        // librdkafka's poll blocks; nothing else runs on the runtime meanwhile.
+        let findings = tokio::task::block_in_place(|| read_kafka(&source, &mut verifier))?;
+        let described = format!("Kafka {bootstrap} topics {}", args.kafka_topic.join(","));
+        let verdict = verifier.finish(&described).with_mirror(findings);
+        return report_verdict(&args, &verdict);
+    }
     let (source, received) = match (&args.edge_log, &args.mqtt) {
         (Some(path), _) => (format!("edge log {}", path.display()), None),
         (None, Some(url)) => {
@@ -355,7 +448,9 @@ async fn verify_command(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             let received = read_mqtt(&source).await?;
             (format!("MQTT {url} filter {}", args.filter), Some(received))
         }
-        (None, None) => anyhow::bail!("verify needs --edge-log FILE or --mqtt URL"),
+        (None, None) => {
+            anyhow::bail!("verify needs --edge-log FILE, --mqtt URL or --kafka BOOTSTRAP")
+        }
     };
     let manifest = manifest::read(&args.manifest)?;
     let mut verifier = Verifier::new(&manifest);
@@ -384,8 +479,14 @@ async fn verify_command(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let verdict = verifier.finish(&source);
+    report_verdict(&args, &verdict)
+}
+
+/// Writes the JSON report if asked, prints the table and the summary line, and picks the exit
+/// code.
+fn report_verdict(args: &VerifyArgs, verdict: &VerifyReport) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.report {
-        report::write_json(path, &verdict)?;
+        report::write_json(path, verdict)?;
     }
     print!("{}", verdict.table());
     println!("{}", verdict.summary_line());

@@ -4,10 +4,12 @@
 //!
 //! - `devices.jsonl`: one JSON object per device, in fleet-index order:
 //!   `{"index":0,"name":"dev-1","class":0,"qos":1,"topic":"sensors/dev-1/temperature",
-//!   "sent":[[0,99]],"acked":[[0,97]],"refused":[[98,99]]}`. `sent`, `acked` and `refused` are
-//!   sorted, disjoint, inclusive ranges of sequence numbers (`refused` is omitted when empty).
-//!   `sent` holds every sequence number written to a socket at least once; `acked` those the
-//!   broker acknowledged (PUBACK for QoS 1, PUBREC for QoS 2); QoS 0 devices have no `acked`.
+//!   "client_id":"sim-dev-1","sent":[[0,99]],"acked":[[0,97]],"refused":[[98,99]]}`. `sent`,
+//!   `acked` and `refused` are sorted, disjoint, inclusive ranges of sequence numbers (`refused`
+//!   is omitted when empty). `sent` holds every sequence number written to a socket at least
+//!   once; `acked` those the broker acknowledged (PUBACK for QoS 1, PUBREC for QoS 2); QoS 0
+//!   devices have no `acked`. `client_id` is absent in manifests of older versions of the
+//!   simulator; `verify --kafka` then checks only that records carry a client id.
 //! - `manifest.json`: the run's header (format, run id, broker, protocol, classes, totals).
 //!
 //! `devices.jsonl` is written first and `manifest.json` last, each to a temporary name and then
@@ -47,6 +49,10 @@ pub struct DeviceRecord {
     pub qos: u8,
     /// Topic the device published to.
     pub topic: String,
+    /// MQTT client id the device connected with; absent in manifests written before verify
+    /// checked it against the records' headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
     /// Sequence numbers written to the socket.
     pub sent: SeqRanges,
     /// Sequence numbers the broker acknowledged.
@@ -258,6 +264,7 @@ mod tests {
             class: 0,
             qos: 1,
             topic: format!("sensors/dev-{}/temperature", index + 1),
+            client_id: Some(format!("sim-dev-{}", index + 1)),
             sent: sent.to_vec().try_into().unwrap(),
             acked: acked.to_vec().try_into().unwrap(),
             refused: SeqRanges::new(),
@@ -299,11 +306,19 @@ mod tests {
     #[test]
     fn a_device_line_stays_compact() {
         let line = serde_json::to_string(&record(0, &[(0, 999_999)], &[(0, 999_999)])).unwrap();
-        assert!(line.len() < 150, "{line}");
+        assert!(line.len() < 160, "{line}");
         assert!(
             !line.contains("refused"),
             "empty refused set is omitted: {line}"
         );
+    }
+
+    #[test]
+    fn a_device_line_without_client_id_still_reads() {
+        let line = r#"{"index":0,"name":"dev-1","class":0,"qos":1,"topic":"t","sent":[[0,1]]}"#;
+        let record: DeviceRecord = serde_json::from_str(line).unwrap();
+        assert_eq!(record.client_id, None);
+        assert_eq!(record.sent.len(), 2);
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! - a message that was sent but not acknowledged may arrive: neither loss nor duplicate.
 //!
 //! Messages of other runs and payloads that are not simulator stamps are counted and ignored.
+//!
+//! A source may add findings of its own to the verdict: reading from Kafka adds the checks of
+//! [`crate::mirror`] (per-partition order, headers), which fail the verdict too.
 
 use std::collections::HashMap;
 
@@ -15,6 +18,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::manifest::Manifest;
+use crate::mirror::MirrorFindings;
 use crate::payload::{self, DeviceRef, RunId, Stamp};
 use crate::ranges::SeqRanges;
 use crate::stats::{latency_histogram, LatencySummary};
@@ -35,8 +39,16 @@ struct DeviceSeen {
 /// What happened to one observed payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Observation {
-    /// A message of this run.
-    Counted,
+    /// The first copy of a message of this run from the manifest's device `device` (index).
+    First {
+        /// Index of the device in the manifest.
+        device: u32,
+    },
+    /// Another copy of a message of this run already received: a duplicate.
+    Repeat {
+        /// Index of the device in the manifest.
+        device: u32,
+    },
     /// A simulator message of another run.
     OtherRun,
     /// Not a simulator message.
@@ -113,7 +125,11 @@ pub struct VerifyReport {
     pub latency: LatencySummary,
     /// Devices with losses or duplicates (the first few).
     pub problems: Vec<DeviceProblem>,
-    /// Whether nothing acknowledged is missing and nothing is duplicated.
+    /// What reading from Kafka found besides the above (`verify --kafka` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorFindings>,
+    /// Whether nothing acknowledged is missing and nothing is duplicated (and, from Kafka,
+    /// nothing is out of order within a partition and every record has its headers).
     pub passed: bool,
 }
 
@@ -136,6 +152,36 @@ impl<'a> Verifier<'a> {
             latency: latency_histogram(),
             negative_latency: 0,
         }
+    }
+
+    /// The manifest observations are compared with.
+    pub fn manifest(&self) -> &'a Manifest {
+        self.manifest
+    }
+
+    /// Whether every acknowledged message has been received at least once.
+    pub fn all_acked_received(&self) -> bool {
+        self.manifest
+            .devices
+            .iter()
+            .zip(&self.seen)
+            .filter(|(device, _)| device.qos > 0)
+            .all(|(device, seen)| {
+                device.acked.intersection_len(&seen.received) == device.acked.len()
+            })
+    }
+
+    /// How many acknowledged messages have not been received yet.
+    pub fn acked_missing(&self) -> u64 {
+        self.manifest
+            .devices
+            .iter()
+            .zip(&self.seen)
+            .filter(|(device, _)| device.qos > 0)
+            .map(|(device, seen)| {
+                device.acked.len() - device.acked.intersection_len(&seen.received)
+            })
+            .sum()
     }
 
     /// Observes one payload; `received_at_us` is when it reached the source (Unix µs).
@@ -179,13 +225,13 @@ impl<'a> Verifier<'a> {
         let seen = &mut self.seen[index as usize];
         if !seen.received.insert(stamp.seq) {
             seen.duplicates += 1;
-            return Observation::Counted;
+            return Observation::Repeat { device: index };
         }
         match seen.highest {
             Some(highest) if stamp.seq < highest => seen.reordered += 1,
             _ => seen.highest = Some(stamp.seq),
         }
-        Observation::Counted
+        Observation::First { device: index }
     }
 
     /// The verdict; `source` describes where messages came from.
@@ -210,6 +256,7 @@ impl<'a> Verifier<'a> {
             negative_latency: self.negative_latency,
             latency: LatencySummary::of(&self.latency),
             problems: Vec::new(),
+            mirror: None,
             passed: false,
         };
         for (device, seen) in self.manifest.devices.iter().zip(&self.seen) {
@@ -248,6 +295,13 @@ impl<'a> Verifier<'a> {
 }
 
 impl VerifyReport {
+    /// Adds what reading from Kafka found; its failures fail the verdict.
+    pub fn with_mirror(mut self, findings: MirrorFindings) -> Self {
+        self.passed &= findings.passed();
+        self.mirror = Some(findings);
+        self
+    }
+
     /// The one-line summary printed last.
     pub fn summary_line(&self) -> String {
         let p99 = if self.latency.count > 0 {
@@ -255,10 +309,15 @@ impl VerifyReport {
         } else {
             "n/a".into()
         };
-        format!(
+        let mut line = format!(
             "expected={} received={} lost={} duplicates={} reordered={} p99_ms={}",
             self.expected, self.received, self.lost, self.duplicates, self.reordered, p99
-        )
+        );
+        if let Some(mirror) = &self.mirror {
+            line.push(' ');
+            line.push_str(&mirror.summary_fields());
+        }
+        line
     }
 
     /// The table printed before the summary.
@@ -301,6 +360,9 @@ impl VerifyReport {
                 problem.device, problem.lost, problem.lost_ranges, problem.duplicates
             );
         }
+        if let Some(mirror) = &self.mirror {
+            out.push_str(&mirror.table());
+        }
         let _ = writeln!(
             out,
             "  {:<26} {}",
@@ -332,6 +394,7 @@ mod tests {
                 class: 0,
                 qos,
                 topic: "t".into(),
+                client_id: Some(format!("sim-dev-{}", i + 1)),
                 sent: sent.try_into().unwrap(),
                 acked: acked.try_into().unwrap(),
                 refused: SeqRanges::new(),
@@ -474,7 +537,7 @@ mod tests {
         );
         assert_eq!(
             v.observe(&json_message("dev-1", 0), None),
-            Observation::Counted
+            Observation::First { device: 0 }
         );
         let r = v.finish("test");
         assert!(r.passed);
@@ -497,6 +560,38 @@ mod tests {
         let r = v.finish("test");
         assert_eq!(r.lost, 2, "dev-1 sent nothing that arrived");
         assert_eq!(r.problems[0].device, "dev-1");
+    }
+
+    #[test]
+    fn a_second_copy_is_observed_as_a_repeat() {
+        let m = manifest(vec![
+            (1, vec![(0, 1)], vec![(0, 1)]),
+            (1, vec![(0, 1)], vec![(0, 1)]),
+        ]);
+        let mut v = Verifier::new(&m);
+        assert_eq!(
+            v.observe(&message(RUN, 1, 0), None),
+            Observation::First { device: 1 }
+        );
+        assert_eq!(
+            v.observe(&message(RUN, 1, 0), None),
+            Observation::Repeat { device: 1 }
+        );
+    }
+
+    #[test]
+    fn all_acked_received_ignores_unacked_and_qos0() {
+        let m = manifest(vec![
+            (1, vec![(0, 9)], vec![(0, 1)]),
+            (0, vec![(0, 9)], vec![]),
+        ]);
+        let mut v = Verifier::new(&m);
+        v.observe(&message(RUN, 0, 0), None);
+        assert!(!v.all_acked_received());
+        assert_eq!(v.acked_missing(), 1);
+        v.observe(&message(RUN, 0, 1), None);
+        assert!(v.all_acked_received());
+        assert_eq!(v.acked_missing(), 0);
     }
 
     #[test]

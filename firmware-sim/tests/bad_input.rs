@@ -88,3 +88,47 @@ fn flood_rate_needs_flood() {
     assert_eq!(code, 2);
     assert!(stderr.contains("--flood"), "{stderr}");
 }
+
+#[test]
+fn verify_kafka_needs_a_topic() {
+    let (code, stderr) = run(&[
+        "verify",
+        "--manifest",
+        "/nonexistent",
+        "--kafka",
+        "127.0.0.1:1",
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--kafka-topic"), "{stderr}");
+}
+
+#[test]
+fn verify_kafka_unreachable_cluster_names_it() {
+    // A manifest is read before Kafka is, so write an empty one.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("devices.jsonl"), "").unwrap();
+    std::fs::write(
+        dir.path().join("manifest.json"),
+        r#"{"format":"tributary-firmware-sim-manifest","version":1,"run":"00000001",
+            "mode":"normal","broker":"mqtt://x","protocol":"5","started_at_us":0,
+            "finished_at_us":0,"classes":[],"devices":0,
+            "totals":{"sent":0,"acked":0,"refused":0}}"#,
+    )
+    .unwrap();
+    // Port 1 on loopback: nothing listens there.
+    let (code, stderr) = run(&[
+        "verify",
+        "--manifest",
+        dir.path().to_str().unwrap(),
+        "--kafka",
+        "127.0.0.1:1",
+        "--kafka-topic",
+        "plant-7.telemetry",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr
+            .contains("Kafka 127.0.0.1:1: cannot read the metadata of topic \"plant-7.telemetry\""),
+        "{stderr}"
+    );
+}
