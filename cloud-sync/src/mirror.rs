@@ -408,12 +408,6 @@ struct Slot {
     refused: Option<String>,
 }
 
-/// Records of one transaction, by slot.
-struct Span {
-    slot: usize,
-    range: std::ops::Range<usize>,
-}
-
 /// A token bucket over record bytes.
 struct Bandwidth {
     rate: f64,
@@ -688,8 +682,6 @@ impl<'a> Session<'a> {
     }
 
     fn mirror_loop(&mut self) -> Result<(), SessionError> {
-        let mut records: Vec<SourceRecord> = Vec::new();
-        let mut spans: Vec<Span> = Vec::new();
         let mut round = 0usize;
         let mut last_health = Instant::now();
         let mut abort_backoff = MIN_BACKOFF;
@@ -697,11 +689,7 @@ impl<'a> Session<'a> {
             if self.shared.stopping() {
                 return Ok(());
             }
-            records.clear();
-            spans.clear();
-            self.gather(round, &mut records, &mut spans)?;
-            round = round.wrapping_add(1);
-            if records.is_empty() {
+            if !self.has_work()? {
                 if last_health.elapsed() >= IDLE_HEALTH_CHECK {
                     self.check_link()?;
                     last_health = Instant::now();
@@ -710,7 +698,8 @@ impl<'a> Session<'a> {
                 self.shared.sleep(self.shared.config.linger);
                 continue;
             }
-            match self.transact(&records, &spans) {
+            round = round.wrapping_add(1);
+            match self.transact(round) {
                 Ok(()) => {
                     abort_backoff = MIN_BACKOFF;
                     last_health = Instant::now();
@@ -718,6 +707,12 @@ impl<'a> Session<'a> {
                 Err(TxnFailure::Aborted(message)) => {
                     warn!("mirror: transaction aborted: {message}; retrying");
                     self.shared.record_error(message);
+                    if let Err(e) = self
+                        .producer
+                        .abort_transaction(self.shared.config.request_timeout)
+                    {
+                        return Err(kafka("aborting a failed transaction", e));
+                    }
                     for slot in &mut self.slots {
                         slot.next = slot.committed;
                     }
@@ -729,58 +724,14 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Reads the next transaction's records, round-robin from a rotating first partition.
-    fn gather(
-        &mut self,
-        round: usize,
-        records: &mut Vec<SourceRecord>,
-        spans: &mut Vec<Span>,
-    ) -> Result<(), SessionError> {
-        let source = self.shared.source.as_ref();
-        let budget = self.shared.config.transaction_bytes;
-        let n = self.slots.len();
-        let mut bytes = 0usize;
-        for k in 0..n {
-            if bytes >= budget {
-                break;
-            }
-            let i = (round + k) % n;
-            if self.slots[i].refused.is_some() {
-                continue;
-            }
-            let (topic, partition) = (self.slots[i].topic.clone(), self.slots[i].partition);
-            let bounds = source.bounds(&topic, partition)?;
-            let begin = records.len();
-            while self.slots[i].next < bounds.end && bytes < budget {
-                let next = self.slots[i].next;
-                let want = ((bounds.end - next) as usize).min(READ_CHUNK);
-                let before = records.len();
-                source.read(&topic, partition, next, want, records)?;
-                if records.len() == before {
-                    break;
-                }
-                let first = records[before].offset;
-                if first > next {
-                    self.count_loss(i, first);
-                }
-                bytes += records[before..]
-                    .iter()
-                    .map(SourceRecord::wire_bytes)
-                    .sum::<usize>();
-                self.slots[i].next = records.last().expect("non-empty").offset + 1;
-            }
-            if records.len() == begin && self.slots[i].next < bounds.start {
-                // Everything left of this partition was deleted before it was mirrored.
-                self.count_loss(i, bounds.start);
-            }
-            if records.len() > begin {
-                spans.push(Span {
-                    slot: i,
-                    range: begin..records.len(),
-                });
+    /// Whether some partition has records to mirror (or lost ones to count).
+    fn has_work(&self) -> Result<bool, SessionError> {
+        for slot in self.slots.iter().filter(|s| s.refused.is_none()) {
+            if slot.next < self.shared.source.bounds(&slot.topic, slot.partition)?.end {
+                return Ok(true);
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Counts the records of slot `i` from its read position up to `upto` as deleted before
@@ -815,57 +766,84 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Produces `records` and their checkpoints in one transaction.
-    fn transact(&mut self, records: &[SourceRecord], spans: &[Span]) -> Result<(), TxnFailure> {
-        let config = &self.shared.config;
+    /// One transaction: up to `transaction_bytes` of records, read round-robin over the
+    /// partitions from a rotating first one and sent as they are read (so reading the source
+    /// overlaps librdkafka's sending), then one checkpoint per partition touched, then commit.
+    fn transact(&mut self, round: usize) -> Result<(), TxnFailure> {
+        let budget = self.shared.config.transaction_bytes;
         self.producer
             .begin_transaction()
             .map_err(TxnFailure::from)?;
-        let ctx = self.producer.context();
-        for span in spans {
-            ctx.delivered[span.slot].store(-1, Ordering::Relaxed);
-        }
-        *ctx.failure.lock().expect("failure lock") = None;
-
-        let mut bytes = 0u64;
-        for span in spans {
-            let slot = &self.slots[span.slot];
-            for r in &records[span.range.clone()] {
-                if let Some(bw) = &mut self.bandwidth {
-                    let wait = bw.take(r.wire_bytes());
-                    if !wait.is_zero() {
-                        self.producer.poll(Duration::ZERO);
-                        std::thread::sleep(wait);
-                    }
+        *self
+            .producer
+            .context()
+            .failure
+            .lock()
+            .expect("failure lock") = None;
+        let mut chunk: Vec<SourceRecord> = Vec::with_capacity(READ_CHUNK);
+        let mut touched: Vec<usize> = Vec::new();
+        let mut bytes = 0usize;
+        let mut count = 0u64;
+        let n = self.slots.len();
+        for k in 0..n {
+            if bytes >= budget {
+                break;
+            }
+            let i = (round + k) % n;
+            if self.slots[i].refused.is_some() {
+                continue;
+            }
+            let (topic, partition) = (self.slots[i].topic.clone(), self.slots[i].partition);
+            let bounds = self
+                .shared
+                .source
+                .bounds(&topic, partition)
+                .map_err(|e| TxnFailure::Fatal(e.into()))?;
+            let mut sent_any = false;
+            while self.slots[i].next < bounds.end && bytes < budget {
+                let next = self.slots[i].next;
+                let want = ((bounds.end - next) as usize).min(READ_CHUNK);
+                chunk.clear();
+                self.shared
+                    .source
+                    .read(&topic, partition, next, want, &mut chunk)
+                    .map_err(|e| TxnFailure::Fatal(e.into()))?;
+                let Some(first) = chunk.first() else { break };
+                if first.offset > next {
+                    self.count_loss(i, first.offset);
                 }
-                bytes += r.wire_bytes() as u64;
-                let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
-                for h in &r.headers {
-                    headers = headers.insert(KafkaHeader {
-                        key: &h.name,
-                        value: Some(&*h.value),
-                    });
+                if !sent_any {
+                    self.producer.context().delivered[i].store(-1, Ordering::Relaxed);
+                    sent_any = true;
                 }
-                let record = BaseRecord::with_opaque_to(&slot.kafka_topic, span.slot)
-                    .partition(slot.partition as i32)
-                    .key(&r.key[..])
-                    .payload(&r.payload[..])
-                    .timestamp(r.timestamp_ms as i64)
-                    .headers(headers);
-                self.send(record)?;
+                for r in &chunk {
+                    bytes += r.wire_bytes();
+                    self.send_record(i, r)?;
+                }
+                count += chunk.len() as u64;
+                self.slots[i].next = chunk.last().expect("non-empty").offset + 1;
+            }
+            if !sent_any && self.slots[i].next < bounds.start {
+                // Everything left of this partition was deleted before it was mirrored.
+                self.count_loss(i, bounds.start);
+            }
+            if sent_any {
+                touched.push(i);
             }
         }
         self.wait_acks()?;
 
-        for span in spans {
-            let slot = &self.slots[span.slot];
+        let ctx = self.producer.context();
+        let config = &self.shared.config;
+        for &i in &touched {
+            let slot = &self.slots[i];
             let checkpoint = Checkpoint {
                 site: config.site.clone(),
                 topic: slot.topic.clone(),
                 partition: slot.partition,
                 kafka_topic: slot.kafka_topic.clone(),
                 next_edge_offset: slot.next,
-                last_kafka_offset: ctx.delivered[span.slot].load(Ordering::Relaxed),
+                last_kafka_offset: ctx.delivered[i].load(Ordering::Relaxed),
             };
             let key = checkpoint.key();
             let value = checkpoint.value();
@@ -879,19 +857,45 @@ impl<'a> Session<'a> {
         self.commit()?;
 
         let mut status = self.shared.status.lock().expect("status lock");
-        for span in spans {
-            let slot = &mut self.slots[span.slot];
+        for &i in &touched {
+            let slot = &mut self.slots[i];
             slot.committed = slot.next;
             let ps = &mut status.partitions[slot.status_index];
             ps.mirrored_offset = Some(slot.next);
-            ps.last_kafka_offset = Some(ctx.delivered[span.slot].load(Ordering::Relaxed));
+            ps.last_kafka_offset = Some(ctx.delivered[i].load(Ordering::Relaxed));
         }
         status.transactions += 1;
-        status.records_mirrored += records.len() as u64;
-        status.bytes_mirrored += bytes;
+        status.records_mirrored += count;
+        status.bytes_mirrored += bytes as u64;
         status.state = LinkState::Mirroring;
         status.last_healthy_at_ms = Some(now_ms());
         Ok(())
+    }
+
+    /// Sends one source record of slot `i`, within the bandwidth cap.
+    fn send_record(&mut self, i: usize, r: &SourceRecord) -> Result<(), TxnFailure> {
+        if let Some(bw) = &mut self.bandwidth {
+            let wait = bw.take(r.wire_bytes());
+            if !wait.is_zero() {
+                self.producer.poll(Duration::ZERO);
+                std::thread::sleep(wait);
+            }
+        }
+        let slot = &self.slots[i];
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+        for h in &r.headers {
+            headers = headers.insert(KafkaHeader {
+                key: &h.name,
+                value: Some(&*h.value),
+            });
+        }
+        let record = BaseRecord::with_opaque_to(&slot.kafka_topic, i)
+            .partition(slot.partition as i32)
+            .key(&r.key[..])
+            .payload(&r.payload[..])
+            .timestamp(r.timestamp_ms as i64)
+            .headers(headers);
+        self.send(record)
     }
 
     /// Enqueues one record, waiting while librdkafka's queue is full.
@@ -914,18 +918,24 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Serves delivery reports until every record sent is acknowledged.
+    /// Serves delivery reports until every record sent is acknowledged. Sends what lingers
+    /// at once: librdkafka ignores `linger.ms` while a flush is in progress.
     fn wait_acks(&self) -> Result<(), TxnFailure> {
-        let deadline = Instant::now() + self.shared.config.request_timeout * 2;
+        let timeout = self.shared.config.request_timeout * 2;
+        let deadline = Instant::now() + timeout;
         while self.producer.in_flight_count() > 0 {
             if Instant::now() >= deadline {
                 return Err(TxnFailure::Aborted(format!(
-                    "Kafka did not acknowledge {} records within {:?}",
+                    "Kafka did not acknowledge {} records within {timeout:?}",
                     self.producer.in_flight_count(),
-                    self.shared.config.request_timeout * 2
                 )));
             }
-            self.producer.poll(Duration::from_millis(1));
+            // SAFETY: the pointer is the live producer's handle; rd_kafka_flush only waits
+            // (with delivery reports as events, it does not run callbacks itself).
+            unsafe {
+                rdkafka::bindings::rd_kafka_flush(self.producer.client().native_ptr(), 1);
+            }
+            self.producer.poll(Duration::ZERO);
         }
         let failure = self
             .producer

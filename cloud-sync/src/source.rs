@@ -114,7 +114,8 @@ pub trait PartitionedSource: Send + Sync + 'static {
 #[derive(Debug, Default)]
 struct MemoryPartition {
     start: u64,
-    records: Vec<SourceRecord>,
+    bytes: u64,
+    records: std::collections::VecDeque<SourceRecord>,
 }
 
 /// An in-memory [`PartitionedSource`] for tests and benchmarks.
@@ -153,13 +154,15 @@ impl MemorySource {
         let mut topics = self.topics.lock().expect("source lock");
         let p = &mut topics.get_mut(topic).expect("known topic")[partition as usize];
         let offset = p.start + p.records.len() as u64;
-        p.records.push(SourceRecord {
+        let record = SourceRecord {
             offset,
             timestamp_ms,
             key: Bytes::copy_from_slice(key),
             payload: Bytes::copy_from_slice(payload),
             headers,
-        });
+        };
+        p.bytes += record.wire_bytes() as u64;
+        p.records.push_back(record);
         offset
     }
 
@@ -168,7 +171,9 @@ impl MemorySource {
         let mut topics = self.topics.lock().expect("source lock");
         let p = &mut topics.get_mut(topic).expect("known topic")[partition as usize];
         let n = (new_start.saturating_sub(p.start) as usize).min(p.records.len());
-        p.records.drain(..n);
+        for r in p.records.drain(..n) {
+            p.bytes -= r.wire_bytes() as u64;
+        }
         p.start += n as u64;
     }
 }
@@ -198,7 +203,7 @@ impl PartitionedSource for MemorySource {
         Ok(PartitionBounds {
             start: p.start,
             end: p.start + p.records.len() as u64,
-            bytes: p.records.iter().map(|r| r.wire_bytes() as u64).sum(),
+            bytes: p.bytes,
         })
     }
 
@@ -219,7 +224,12 @@ impl PartitionedSource for MemorySource {
                 partition,
             })?;
         let first = from.saturating_sub(p.start) as usize;
-        out.extend(p.records.iter().skip(first).take(max_records).cloned());
+        out.extend(
+            p.records
+                .range(first.min(p.records.len())..)
+                .take(max_records)
+                .cloned(),
+        );
         Ok(())
     }
 }
