@@ -713,6 +713,20 @@ impl<'a> Session<'a> {
                     {
                         return Err(kafka("aborting a failed transaction", e));
                     }
+                    // Serve the aborted records' reports now, so none counts against the next
+                    // transaction.
+                    let drained = Instant::now();
+                    while self.producer.in_flight_count() > 0
+                        && drained.elapsed() < self.shared.config.request_timeout
+                    {
+                        self.producer.poll(Duration::from_millis(1));
+                    }
+                    *self
+                        .producer
+                        .context()
+                        .failure
+                        .lock()
+                        .expect("failure lock") = None;
                     for slot in &mut self.slots {
                         slot.next = slot.committed;
                     }

@@ -1,0 +1,301 @@
+//! The edge mirrors its log to a real 1-node Kafka, exactly once: devices publish QoS 1
+//! through the edge, and both `firmware-sim verify --kafka` and Kafka's own console consumer
+//! (read_committed) find every acknowledged message once, in per-device order, with its MQTT
+//! headers; kill -9 of the edge while it mirrors changes nothing; bad targets are reported
+//! while the edge keeps ingesting.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tributary_tests::kafka::KafkaCluster;
+use tributary_tests::{binary, Edge};
+
+const ROUTES: &str =
+    "[[routes]]\nmatch = \"sensors/+/#\"\ntopic = \"telemetry\"\nkey = \"{1}\"\npartitions = 4\n";
+
+fn cloud(bootstrap: &str, site: &str) -> String {
+    format!("[cloud]\nbootstrap = \"{bootstrap}\"\nsite = \"{site}\"\n")
+}
+
+fn last_line(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn field(summary: &str, name: &str) -> u64 {
+    summary
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("{name} in {summary:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// Starts a firmware-sim fleet publishing QoS 1 to `edge` for `secs` seconds.
+fn fleet(edge: &Edge, manifest: &std::path::Path, devices: u32, rate: u32, secs: u32) -> Child {
+    Command::new(binary("firmware-sim"))
+        .args(["run", "--broker", &format!("mqtt://{}", edge.addr)])
+        .args([
+            "--devices",
+            &devices.to_string(),
+            "--rate",
+            &rate.to_string(),
+        ])
+        .args(["--qos", "1", "--duration", &format!("{secs}s")])
+        .arg("--manifest")
+        .arg(manifest)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: Child) {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "firmware-sim run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `firmware-sim verify --kafka`: passes, nothing lost or duplicated, not vacuous.
+fn verify_kafka(
+    kafka: &KafkaCluster,
+    manifest: &std::path::Path,
+    topic: &str,
+    at_least: u64,
+) -> u64 {
+    let out = Command::new(binary("firmware-sim"))
+        .args(["verify", "--manifest"])
+        .arg(manifest)
+        .args(["--kafka", kafka.bootstrap(), "--kafka-topic", topic])
+        .args(["--kafka-wait", "180s"])
+        .output()
+        .unwrap();
+    let summary = last_line(&out);
+    assert!(
+        out.status.success(),
+        "verify --kafka failed: {summary}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(field(&summary, "lost"), 0, "{summary}");
+    assert_eq!(field(&summary, "duplicates"), 0, "{summary}");
+    let expected = field(&summary, "expected");
+    assert!(expected >= at_least, "the run was not vacuous: {summary}");
+    expected
+}
+
+fn mirror_status(edge: &Edge) -> serde_json::Value {
+    let (status, out, err) = edge.cli(&["mirror-status", "--json"]);
+    assert!(status.success(), "mirror-status: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Waits until the running edge's mirror has no lag.
+fn wait_drained(edge: &Edge, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = mirror_status(edge);
+        let total: u64 = s["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["edge_end_offset"].as_u64().unwrap())
+            .sum();
+        if s["lag_records"] == 0 && total > 0 {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "mirror not drained: {s:#}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn fleet_through_edge_reaches_kafka_exactly_once_and_survives_edge_kill9() {
+    let kafka = KafkaCluster::start(1).unwrap();
+    let mut edge = Edge::start(&format!("{ROUTES}{}", cloud(kafka.bootstrap(), "plant-7")));
+    let work = tempfile::tempdir().unwrap();
+
+    // A clean run: everything acknowledged is in Kafka once.
+    let manifest = work.path().join("clean");
+    finish(fleet(&edge, &manifest, 100, 20, 8));
+    let expected = verify_kafka(&kafka, &manifest, "plant-7.telemetry", 8_000);
+
+    // Kafka's own consumer agrees: as many committed records as the edge logged, each with
+    // the MQTT headers, each key on the partition the edge gave it.
+    let status = wait_drained(&edge, Duration::from_secs(120));
+    let consumed = kafka
+        .consume_committed("plant-7.telemetry", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(consumed.len() as u64, expected, "{status:#}");
+    for r in &consumed {
+        let topic = r.header("mqtt.topic").expect("mqtt.topic header");
+        let device = topic.split('/').nth(1).unwrap();
+        assert_eq!(r.key_str(), Some(device), "key is the routed {{1}} level");
+        assert!(r.header("mqtt.client_id").is_some());
+        assert_eq!(r.header("mqtt.qos"), Some("1"));
+    }
+    for p in status["partitions"].as_array().unwrap() {
+        assert_eq!(p["mirrored_offset"], p["edge_end_offset"], "{p}");
+        assert_eq!(p["lost_before_mirror"], 0);
+        assert!(p["error"].is_null());
+    }
+    assert!(status["last_healthy_at_ms"].as_u64().is_some());
+
+    // kill -9 the edge three times while devices publish and the mirror runs.
+    let manifest = work.path().join("crashes");
+    let run = fleet(&edge, &manifest, 100, 20, 20);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(4));
+        edge.kill9();
+        edge.restart();
+    }
+    finish(run);
+    verify_kafka(&kafka, &manifest, "plant-7.telemetry", 4_000);
+    // The first run's records are still there exactly once too.
+    verify_kafka(
+        &kafka,
+        &work.path().join("clean"),
+        "plant-7.telemetry",
+        8_000,
+    );
+    let status = wait_drained(&edge, Duration::from_secs(120));
+    let end_total: u64 = status["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["topic"] == "telemetry")
+        .map(|p| p["edge_end_offset"].as_u64().unwrap())
+        .sum();
+    let consumed = kafka
+        .consume_committed("plant-7.telemetry", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        consumed.len() as u64,
+        end_total,
+        "Kafka holds each record of the edge log exactly once"
+    );
+
+    // Stopped, the edge still tells where the mirror stood.
+    assert!(edge.stop().success(), "{}", edge.stderr());
+    let stopped = mirror_status(&edge);
+    assert_eq!(stopped["edge_running"], false);
+    assert_eq!(stopped["state"], "stopped");
+    assert_eq!(stopped["lag_records"], 0, "{stopped:#}");
+}
+
+/// A QoS 1 publish through mosquitto_pub is acknowledged (exit status 0).
+fn publish_acked(edge: &Edge, topic: &str, payload: &str) {
+    let status = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &edge.addr.port().to_string()])
+        .args(["-q", "1", "-t", topic, "-m", payload])
+        .status()
+        .unwrap();
+    assert!(status.success(), "publish to {topic} was not acknowledged");
+}
+
+fn wait_status(
+    edge: &Edge,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let (true, out, _) = {
+            let (s, out, err) = edge.cli(&["mirror-status", "--json"]);
+            (s.success(), out, err)
+        } {
+            let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+            if done(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{what}: {s:#}");
+        } else {
+            assert!(Instant::now() < deadline, "{what}: no mirror status");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn bad_targets_are_reported_and_ingest_goes_on() {
+    let kafka = KafkaCluster::start(1).unwrap();
+
+    // A Kafka topic with fewer partitions than the edge topic: that topic is refused with a
+    // clear error, the default topic is still mirrored, ingest goes on.
+    kafka.create_topic("plant-9.telemetry", 2).unwrap();
+    let mut edge = Edge::start(&format!("{ROUTES}{}", cloud(kafka.bootstrap(), "plant-9")));
+    publish_acked(&edge, "sensors/dev-1/t", "refused-topic");
+    publish_acked(&edge, "other/thing", "mirrored");
+    let s = wait_status(&edge, "the default topic mirrored", |s| {
+        s["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["topic"] == "mqtt" && p["mirrored_offset"] == 1)
+    });
+    for p in s["partitions"].as_array().unwrap() {
+        if p["topic"] == "telemetry" {
+            let e = p["error"].as_str().unwrap_or_default();
+            assert!(
+                e.contains("plant-9.telemetry has 2 partitions but the edge topic has 4"),
+                "{e}"
+            );
+        }
+    }
+    let consumed = kafka
+        .consume_committed("plant-9.mqtt", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(consumed.len(), 1);
+    assert_eq!(consumed[0].value_str(), Some("mirrored"));
+    assert_eq!(kafka.partitions_of("plant-9.telemetry").unwrap(), Some(2));
+    assert!(edge.stop().success());
+    let (_, log, _) = edge.cli(&["read", "--json", "--topic", "telemetry"]);
+    assert!(
+        log.contains("refused-topic"),
+        "the edge kept the record: {log}"
+    );
+
+    // An unknown bootstrap host: the error is reported, ingest goes on, nothing is lost.
+    let mut edge = Edge::start(&format!(
+        "{ROUTES}[cloud]\nbootstrap = \"kafka.invalid:9092\"\nsite = \"nowhere\"\nrequest_timeout = \"3s\"\n"
+    ));
+    publish_acked(&edge, "sensors/dev-2/t", "kept-locally");
+    let s = wait_status(&edge, "an error reported", |s| !s["last_error"].is_null());
+    assert!(s["last_healthy_at_ms"].is_null(), "{s:#}");
+    assert_eq!(s["lag_records"], 1, "{s:#}");
+    let err = s["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("kafka.invalid") || err.contains("resolve") || err.contains("Timed out"),
+        "the error says what failed: {err}"
+    );
+    publish_acked(&edge, "sensors/dev-2/t", "still-accepted");
+    assert!(edge.stop().success());
+    let (_, log, _) = edge.cli(&["read", "--json"]);
+    assert!(log.contains("kept-locally") && log.contains("still-accepted"));
+}
+
+#[test]
+fn bad_cloud_config_is_refused_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        "[cloud]\nbootstrap = \"127.0.0.1:9092\"\nsite = \"plant 7\"\n",
+    )
+    .unwrap();
+    let out = Command::new(binary("edge"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("edge.toml:3: cloud.site"), "{err}");
+}
