@@ -1,6 +1,7 @@
 //! Harness for the end-to-end tests: builds the release binaries, starts and kills `edge`
 //! processes on loopback ports, reads their logs back, and speaks raw MQTT where a test
-//! needs byte-level control (bad input, exact packet ids across a crash).
+//! needs byte-level control (bad input, exact packet ids across a crash). Real Kafka clusters
+//! for the mirror's tests are in [`kafka`].
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,10 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub mod kafka;
+
+pub use kafka::{ConsumedRecord, KafkaCluster, PartitionState, ProducedRecord, TimestampType};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
