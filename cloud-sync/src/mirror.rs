@@ -151,6 +151,18 @@ impl Mirror {
         config: MirrorConfig,
         source: Arc<dyn PartitionedSource>,
     ) -> Result<Mirror, MirrorError> {
+        Mirror::start_after(config, source, None)
+    }
+
+    /// [`Mirror::start`], with the status the previous run left (as the edge keeps it on
+    /// disk): until Kafka answers, the status shows the last known mirrored offsets instead of
+    /// none, and the `lost_before_mirror` counts carry on. Where to resume is still decided by
+    /// the checkpoints in Kafka alone.
+    pub fn start_after(
+        config: MirrorConfig,
+        source: Arc<dyn PartitionedSource>,
+        previous: Option<MirrorStatus>,
+    ) -> Result<Mirror, MirrorError> {
         config
             .validate()
             .map_err(|(key, message)| MirrorError::Config { key, message })?;
@@ -185,7 +197,21 @@ impl Mirror {
                     error: None,
                 })
             })
-            .collect();
+            .collect::<Vec<PartitionStatus>>();
+        let mut partitions = partitions;
+        if let Some(previous) = previous.filter(|p| p.site == config.site) {
+            for p in &mut partitions {
+                if let Some(old) = previous.partitions.iter().find(|o| {
+                    o.topic == p.topic
+                        && o.partition == p.partition
+                        && o.kafka_topic == p.kafka_topic
+                }) {
+                    p.mirrored_offset = old.mirrored_offset;
+                    p.last_kafka_offset = old.last_kafka_offset;
+                    p.lost_before_mirror = old.lost_before_mirror;
+                }
+            }
+        }
         let status = MirrorStatus {
             site: config.site.clone(),
             bootstrap: config.bootstrap.clone(),
@@ -406,6 +432,8 @@ struct Slot {
     loss_counted_until: u64,
     /// Why the partition is not mirrored in this session.
     refused: Option<String>,
+    /// Whether Kafka held a checkpoint for this partition at session start.
+    checkpointed: bool,
 }
 
 /// A token bucket over record bytes.
@@ -512,6 +540,7 @@ impl<'a> Session<'a> {
                 committed: 0,
                 loss_counted_until: 0,
                 refused: None,
+                checkpointed: false,
             });
         }
 
@@ -638,6 +667,8 @@ impl<'a> Session<'a> {
                         }
                         slot.committed = cp.next_edge_offset;
                         slot.next = cp.next_edge_offset;
+                        slot.loss_counted_until = cp.next_edge_offset;
+                        slot.checkpointed = true;
                         found += 1;
                         let mut status = self.shared.status.lock().expect("status lock");
                         let ps = &mut status.partitions[slot.status_index];
@@ -657,7 +688,7 @@ impl<'a> Session<'a> {
             let bounds = source.bounds(&slot.topic, slot.partition)?;
             let mut status = self.shared.status.lock().expect("status lock");
             let ps = &mut status.partitions[slot.status_index];
-            if ps.mirrored_offset.is_none() {
+            if !slot.checkpointed {
                 // Never mirrored: start with the oldest record held.
                 slot.committed = bounds.start;
                 slot.next = bounds.start;

@@ -309,10 +309,21 @@ fn unreachable_kafka_is_reported_and_retried() {
     fill(&source, "t", 1, 0, 10);
     let mut config = MirrorConfig::new(&format!("127.0.0.1:{port}"), "nowhere");
     config.request_timeout = Duration::from_secs(2);
-    let mirror = Mirror::start(config, source).unwrap();
+    let mirror = Mirror::start(config.clone(), source.clone()).unwrap();
     let s = wait_for(&mirror, "an error reported", |s| s.last_error.is_some());
     assert_eq!(s.records_mirrored, 0);
     assert_eq!(s.lag_records(), 10);
     assert!(s.last_healthy_at_ms.is_none());
+    let mut previous = mirror.stop(Duration::from_secs(10));
+
+    // Started after a run that had mirrored 6 records and lost 2, the status shows that
+    // until Kafka answers.
+    previous.partitions[0].mirrored_offset = Some(6);
+    previous.partitions[0].lost_before_mirror = 2;
+    let mirror = Mirror::start_after(config, source, Some(previous)).unwrap();
+    let s = mirror.status();
+    assert_eq!(s.partitions[0].mirrored_offset, Some(6));
+    assert_eq!(s.partitions[0].lost_before_mirror, 2);
+    assert_eq!(s.lag_records(), 4);
     mirror.stop(Duration::from_secs(10));
 }

@@ -103,37 +103,38 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             "anonymous access is allowed: any client that reaches {bound} can connect and publish"
         );
     }
-    let mirror = match &config.cloud {
-        None => {
-            tracing::info!("no uplink configured: records stay in the local log");
-            None
-        }
-        Some(cloud) => {
-            let mirror_config = cloud.mirror_config().map_err(|(key, message)| {
-                crate::config::ConfigError::Invalid {
-                    origin: "<config>".into(),
-                    line: 0,
-                    key: format!("cloud.{key}"),
-                    message,
-                }
-            })?;
-            tracing::info!(
-                bootstrap = %mirror_config.bootstrap,
-                site = %mirror_config.site,
-                "mirroring the log to Kafka"
-            );
-            let source = Arc::new(crate::uplink::LogSource(log.clone()));
-            let mirror = cloud_sync::Mirror::start(mirror_config, source).map_err(|e| {
-                crate::config::ConfigError::Invalid {
-                    origin: "<config>".into(),
-                    line: 0,
-                    key: "cloud".into(),
-                    message: e.to_string(),
-                }
-            })?;
-            Some(Arc::new(mirror))
-        }
-    };
+    let mirror =
+        match &config.cloud {
+            None => {
+                tracing::info!("no uplink configured: records stay in the local log");
+                None
+            }
+            Some(cloud) => {
+                let mirror_config = cloud.mirror_config().map_err(|(key, message)| {
+                    crate::config::ConfigError::Invalid {
+                        origin: "<config>".into(),
+                        line: 0,
+                        key: format!("cloud.{key}"),
+                        message,
+                    }
+                })?;
+                tracing::info!(
+                    bootstrap = %mirror_config.bootstrap,
+                    site = %mirror_config.site,
+                    "mirroring the log to Kafka"
+                );
+                let source = Arc::new(crate::uplink::LogSource(log.clone()));
+                let previous = crate::uplink::read_status(&config.storage.data_dir).ok();
+                let mirror = cloud_sync::Mirror::start_after(mirror_config, source, previous)
+                    .map_err(|e| crate::config::ConfigError::Invalid {
+                        origin: "<config>".into(),
+                        line: 0,
+                        key: "cloud".into(),
+                        message: e.to_string(),
+                    })?;
+                Some(Arc::new(mirror))
+            }
+        };
     let status_writer = mirror.as_ref().map(|m| {
         let m = m.clone();
         let dir = config.storage.data_dir.clone();
