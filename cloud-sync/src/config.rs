@@ -76,7 +76,7 @@ impl MirrorConfig {
             compression: "lz4".to_string(),
             batch_bytes: 1024 * 1024,
             linger: Duration::from_millis(5),
-            transaction_bytes: 16 * 1024 * 1024,
+            transaction_bytes: 64 * 1024 * 1024,
             bandwidth: None,
             max_backoff: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),

@@ -47,7 +47,7 @@ use crate::source::{PartitionedSource, SourceRecord};
 use crate::status::{now_ms, LinkState, MirrorStatus, PartitionStatus};
 
 /// Records asked of the source per read.
-const READ_CHUNK: usize = 4096;
+const READ_CHUNK: usize = 1024;
 /// How long an idle mirror waits between link checks.
 const IDLE_HEALTH_CHECK: Duration = Duration::from_secs(10);
 /// First backoff after a failure.
@@ -815,6 +815,7 @@ impl<'a> Session<'a> {
     /// partitions from a rotating first one and sent as they are read (so reading the source
     /// overlaps librdkafka's sending), then one checkpoint per partition touched, then commit.
     fn transact(&mut self, round: usize) -> Result<(), TxnFailure> {
+        let t_begin = Instant::now();
         let budget = self.shared.config.transaction_bytes;
         self.producer
             .begin_transaction()
@@ -829,37 +830,60 @@ impl<'a> Session<'a> {
         let mut touched: Vec<usize> = Vec::new();
         let mut bytes = 0usize;
         let mut count = 0u64;
+        // Each partition's end as the transaction starts; later records go to the next one.
         let n = self.slots.len();
-        for k in 0..n {
-            if bytes >= budget {
-                break;
-            }
-            let i = (round + k) % n;
-            if self.slots[i].refused.is_some() {
-                continue;
-            }
-            let (topic, partition) = (self.slots[i].topic.clone(), self.slots[i].partition);
-            let bounds = self
-                .shared
-                .source
-                .bounds(&topic, partition)
-                .map_err(|e| TxnFailure::Fatal(e.into()))?;
-            let mut sent_any = false;
-            while self.slots[i].next < bounds.end && bytes < budget {
+        let mut ends: Vec<Option<u64>> = Vec::with_capacity(n);
+        for slot in &self.slots {
+            ends.push(match slot.refused {
+                Some(_) => None,
+                None => Some(
+                    self.shared
+                        .source
+                        .bounds(&slot.topic, slot.partition)
+                        .map_err(|e| TxnFailure::Fatal(e.into()))?
+                        .end,
+                ),
+            });
+        }
+        // Turns of at most READ_CHUNK records per partition, so that every partition with
+        // records gets its share of the transaction (live partitions are not starved by a
+        // backlog) and librdkafka fills batches for all of them at once.
+        let mut touched_flag = vec![false; n];
+        'turns: loop {
+            let mut progressed = false;
+            for k in 0..n {
+                let i = (round + k) % n;
+                let Some(end) = ends[i] else { continue };
                 let next = self.slots[i].next;
-                let want = ((bounds.end - next) as usize).min(READ_CHUNK);
+                if next >= end {
+                    continue;
+                }
+                let (topic, partition) = (self.slots[i].topic.clone(), self.slots[i].partition);
+                let want = ((end - next) as usize).min(READ_CHUNK);
                 chunk.clear();
                 self.shared
                     .source
                     .read(&topic, partition, next, want, &mut chunk)
                     .map_err(|e| TxnFailure::Fatal(e.into()))?;
-                let Some(first) = chunk.first() else { break };
+                let Some(first) = chunk.first() else {
+                    // Everything left below `end` was deleted before it was mirrored.
+                    let start = self
+                        .shared
+                        .source
+                        .bounds(&topic, partition)
+                        .map_err(|e| TxnFailure::Fatal(e.into()))?
+                        .start;
+                    self.count_loss(i, start.min(end));
+                    ends[i] = None;
+                    continue;
+                };
                 if first.offset > next {
                     self.count_loss(i, first.offset);
                 }
-                if !sent_any {
+                if !touched_flag[i] {
                     self.producer.context().delivered[i].store(-1, Ordering::Relaxed);
-                    sent_any = true;
+                    touched_flag[i] = true;
+                    touched.push(i);
                 }
                 for r in &chunk {
                     bytes += r.wire_bytes();
@@ -867,16 +891,19 @@ impl<'a> Session<'a> {
                 }
                 count += chunk.len() as u64;
                 self.slots[i].next = chunk.last().expect("non-empty").offset + 1;
+                progressed = true;
+                if bytes >= budget {
+                    break 'turns;
+                }
             }
-            if !sent_any && self.slots[i].next < bounds.start {
-                // Everything left of this partition was deleted before it was mirrored.
-                self.count_loss(i, bounds.start);
-            }
-            if sent_any {
-                touched.push(i);
+            if !progressed {
+                break;
             }
         }
-        self.wait_acks()?;
+        let t_sent = Instant::now();
+        // The records: let librdkafka's batching run its course.
+        self.wait_acks(false)?;
+        let t_acked = Instant::now();
 
         let ctx = self.producer.context();
         let config = &self.shared.config;
@@ -898,8 +925,18 @@ impl<'a> Session<'a> {
                 .payload(&value);
             self.send(record)?;
         }
-        self.wait_acks()?;
+        // The checkpoints: a handful of small records, sent at once without lingering.
+        self.wait_acks(true)?;
+        let t_cp = Instant::now();
         self.commit()?;
+        debug!(
+            records = count,
+            send = ?(t_sent - t_begin),
+            acks = ?(t_acked - t_sent),
+            checkpoints = ?(t_cp - t_acked),
+            commit = ?t_cp.elapsed(),
+            "transaction committed"
+        );
 
         let mut status = self.shared.status.lock().expect("status lock");
         for &i in &touched {
@@ -965,7 +1002,7 @@ impl<'a> Session<'a> {
 
     /// Serves delivery reports until every record sent is acknowledged. Sends what lingers
     /// at once: librdkafka ignores `linger.ms` while a flush is in progress.
-    fn wait_acks(&self) -> Result<(), TxnFailure> {
+    fn wait_acks(&self, flush: bool) -> Result<(), TxnFailure> {
         let timeout = self.shared.config.request_timeout * 2;
         let deadline = Instant::now() + timeout;
         while self.producer.in_flight_count() > 0 {
@@ -975,12 +1012,16 @@ impl<'a> Session<'a> {
                     self.producer.in_flight_count(),
                 )));
             }
-            // SAFETY: the pointer is the live producer's handle; rd_kafka_flush only waits
-            // (with delivery reports as events, it does not run callbacks itself).
-            unsafe {
-                rdkafka::bindings::rd_kafka_flush(self.producer.client().native_ptr(), 1);
+            if flush {
+                // SAFETY: the pointer is the live producer's handle; rd_kafka_flush only
+                // waits (delivery reports are events here, served by `poll` below).
+                unsafe {
+                    rdkafka::bindings::rd_kafka_flush(self.producer.client().native_ptr(), 1);
+                }
+                self.producer.poll(Duration::ZERO);
+            } else {
+                self.producer.poll(Duration::from_millis(1));
             }
-            self.producer.poll(Duration::ZERO);
         }
         let failure = self
             .producer

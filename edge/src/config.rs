@@ -167,7 +167,7 @@ impl CloudConfig {
         HumanDuration(Duration::from_millis(5))
     }
     fn default_transaction_size() -> ByteSize {
-        ByteSize(16 * 1024 * 1024)
+        ByteSize(64 * 1024 * 1024)
     }
     fn default_max_backoff() -> HumanDuration {
         HumanDuration(Duration::from_secs(30))
