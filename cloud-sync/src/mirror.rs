@@ -52,6 +52,8 @@ const READ_CHUNK: usize = 1024;
 const IDLE_HEALTH_CHECK: Duration = Duration::from_secs(10);
 /// First backoff after a failure.
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
+/// How often a session with refused partitions starts over to check them again.
+const REFUSAL_RECHECK: Duration = Duration::from_secs(60);
 /// A session that ran this long without failing resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 
@@ -75,6 +77,10 @@ pub enum MirrorError {
 /// Why a session ended; the next one starts after a backoff.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
+    /// Not a failure: some partitions were refused, and the session starts over to see whether
+    /// their Kafka topics were fixed.
+    #[error("checking refused topics again")]
+    Recheck,
     #[error("{0}")]
     Kafka(String),
     #[error("{0}")]
@@ -339,6 +345,7 @@ fn run(shared: &Arc<Shared>) {
         let started = Instant::now();
         match Session::run(shared, &runtime) {
             Ok(()) => break,
+            Err(SessionError::Recheck) => continue,
             Err(e) => {
                 if started.elapsed() >= HEALTHY_SESSION {
                     backoff = MIN_BACKOFF;
@@ -713,12 +720,18 @@ impl<'a> Session<'a> {
     }
 
     fn mirror_loop(&mut self) -> Result<(), SessionError> {
+        let started = Instant::now();
         let mut round = 0usize;
         let mut last_health = Instant::now();
         let mut abort_backoff = MIN_BACKOFF;
         loop {
             if self.shared.stopping() {
                 return Ok(());
+            }
+            if started.elapsed() >= REFUSAL_RECHECK
+                && self.slots.iter().any(|s| s.refused.is_some())
+            {
+                return Err(SessionError::Recheck);
             }
             if !self.has_work()? {
                 if last_health.elapsed() >= IDLE_HEALTH_CHECK {
@@ -1139,10 +1152,34 @@ fn ensure_topics(
         }
     }
 
-    let metadata = admin
-        .inner()
-        .fetch_metadata(None, config.request_timeout)
-        .map_err(|e| kafka("reading topic metadata", e))?;
+    // A topic just created may take a moment to show in the metadata with all its partitions.
+    let deadline = Instant::now() + config.request_timeout;
+    let metadata = loop {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(None, config.request_timeout)
+            .map_err(|e| kafka("reading topic metadata", e))?;
+        let missing: Vec<&str> = wanted
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .chain([config.checkpoint_topic.as_str()])
+            .filter(|name| {
+                !metadata
+                    .topics()
+                    .iter()
+                    .any(|t| t.name() == *name && t.error().is_none() && !t.partitions().is_empty())
+            })
+            .collect();
+        if missing.is_empty() {
+            break metadata;
+        }
+        if Instant::now() >= deadline {
+            return Err(SessionError::Kafka(format!(
+                "Kafka topics {missing:?} do not show in the cluster metadata"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let count_of = |name: &str| {
         metadata
             .topics()

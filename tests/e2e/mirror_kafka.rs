@@ -280,6 +280,44 @@ fn bad_targets_are_reported_and_ingest_goes_on() {
 }
 
 #[test]
+fn sasl_credentials_right_mirror_and_wrong_are_reported() {
+    let kafka = KafkaCluster::start(1).unwrap();
+    let sasl = kafka.sasl_bootstrap().unwrap();
+    let secured = |site: &str, password: &str| {
+        format!(
+            "{ROUTES}[cloud]\nbootstrap = \"{sasl}\"\nsite = \"{site}\"\nrequest_timeout = \"5s\"\n\
+             security_protocol = \"sasl_plaintext\"\nsasl_mechanism = \"PLAIN\"\n\
+             username = \"{}\"\npassword = \"{password}\"\n",
+            tributary_tests::kafka::SASL_USER
+        )
+    };
+
+    // Wrong password: a clear error, and the edge keeps accepting.
+    let mut edge = Edge::start(&secured("wrong-pw", "not-the-password"));
+    publish_acked(&edge, "sensors/dev-1/t", "kept");
+    let s = wait_status(&edge, "an authentication error", |s| {
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.to_lowercase().contains("authentication"))
+    });
+    assert!(s["last_healthy_at_ms"].is_null(), "{s:#}");
+    publish_acked(&edge, "sensors/dev-1/t", "still-accepted");
+    assert!(edge.stop().success());
+    let (_, log, _) = edge.cli(&["read", "--json"]);
+    assert!(log.contains("kept") && log.contains("still-accepted"));
+    assert_eq!(kafka.partitions_of("wrong-pw.telemetry").unwrap(), None);
+
+    // The right password: mirrored.
+    let mut edge = Edge::start(&secured("right-pw", tributary_tests::kafka::SASL_PASSWORD));
+    publish_acked(&edge, "sensors/dev-1/t", "over-sasl");
+    let records = kafka
+        .wait_for_committed("right-pw.telemetry", 1, Duration::from_secs(120))
+        .unwrap();
+    assert_eq!(records[0].value_str(), Some("over-sasl"));
+    assert!(edge.stop().success());
+}
+
+#[test]
 fn bad_cloud_config_is_refused_with_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("edge.toml");

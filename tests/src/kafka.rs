@@ -50,6 +50,11 @@ const PRODUCER_READER: &str = r"null.marker=\u0001null\u0001
 const START_LIMIT: Duration = Duration::from_secs(900);
 const TOOL_LIMIT: Duration = Duration::from_secs(300);
 
+/// The one user of the clusters' SASL/PLAIN listener.
+pub const SASL_USER: &str = "tributary";
+/// Its password.
+pub const SASL_PASSWORD: &str = "tributary-secret";
+
 /// The thread whose test holds a cluster, if any; see [`KafkaSlot`].
 static SLOT_HOLDER: Mutex<Option<ThreadId>> = Mutex::new(None);
 static SLOT_FREED: Condvar = Condvar::new();
@@ -313,6 +318,17 @@ impl KafkaCluster {
     /// Number of nodes.
     pub fn nodes(&self) -> usize {
         self.nodes
+    }
+
+    /// The SASL_PLAINTEXT listeners: mechanism PLAIN, user [`SASL_USER`], password
+    /// [`SASL_PASSWORD`].
+    pub fn sasl_bootstrap(&self) -> Result<String> {
+        let out = self.script(
+            "reading the SASL listeners",
+            &["sasl-bootstrap", self.dir_str()],
+            TOOL_LIMIT,
+        )?;
+        Ok(out.trim().to_string())
     }
 
     /// The cluster directory (`nodeK/server.log` are the nodes' logs).
