@@ -1216,3 +1216,29 @@ fn ensure_topics(
     }
     Ok(checkpoint_partitions as i32)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bandwidth_allows_a_burst_then_asks_to_wait_for_the_rest() {
+        let mut bw = Bandwidth::new(1_000_000);
+        bw.tokens = 100_000.0; // a full burst at this rate
+        assert_eq!(bw.take(100_000), Duration::ZERO);
+        // Another 500 kB at 1 MB/s: about half a second more (less whatever time refilled).
+        let wait = bw.take(500_000);
+        assert!(
+            wait > Duration::from_millis(400) && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn bandwidth_burst_is_capped() {
+        let mut bw = Bandwidth::new(1_000_000);
+        bw.last -= Duration::from_secs(3600); // an hour idle refills a burst, not an hour's worth
+        assert_eq!(bw.take(100_000), Duration::ZERO);
+        assert!(bw.take(100_000) > Duration::from_millis(90));
+    }
+}
