@@ -93,6 +93,9 @@ fn kafka(context: &str, e: KafkaError) -> SessionError {
 
 struct Shared {
     config: MirrorConfig,
+    /// The last error librdkafka reported on its own (authentication, connection), which a
+    /// failed request's own error (often just a time-out) does not name.
+    client_errors: Mutex<Vec<String>>,
     source: Arc<dyn PartitionedSource>,
     status: Mutex<MirrorStatus>,
     stop: AtomicBool,
@@ -122,6 +125,17 @@ impl Shared {
         let mut s = self.status.lock().expect("status lock");
         s.last_error = Some(message);
         s.last_error_at_ms = Some(now_ms());
+    }
+
+    fn client_failure(&self, error: &KafkaError, reason: &str) {
+        warn!("kafka: {reason} ({error})");
+        let message = format!("kafka: {reason}");
+        let mut seen = self.client_errors.lock().expect("client error lock");
+        if !seen.contains(&message) && seen.len() < 4 {
+            seen.push(message.clone());
+        }
+        drop(seen);
+        self.record_error(message);
     }
 
     fn set_state(&self, state: LinkState) {
@@ -235,6 +249,7 @@ impl Mirror {
             config,
             source,
             status: Mutex::new(status),
+            client_errors: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             wake: (Mutex::new(()), Condvar::new()),
         });
@@ -343,6 +358,11 @@ fn run(shared: &Arc<Shared>) {
     while !shared.stopping() {
         shared.set_state(LinkState::Starting);
         let started = Instant::now();
+        shared
+            .client_errors
+            .lock()
+            .expect("client error lock")
+            .clear();
         match Session::run(shared, &runtime) {
             Ok(()) => break,
             Err(SessionError::Recheck) => continue,
@@ -350,7 +370,13 @@ fn run(shared: &Arc<Shared>) {
                 if started.elapsed() >= HEALTHY_SESSION {
                     backoff = MIN_BACKOFF;
                 }
-                let message = e.to_string();
+                let client =
+                    std::mem::take(&mut *shared.client_errors.lock().expect("client error lock"));
+                let message = if client.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{e} (Kafka client: {})", client.join("; "))
+                };
                 warn!(
                     site = %shared.config.site,
                     "mirror to {} failed: {message}; retrying in {:?}",
@@ -379,8 +405,7 @@ const CHECKPOINT_SLOT: usize = usize::MAX;
 
 impl ClientContext for MirrorContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        warn!("kafka: {reason} ({error})");
-        self.shared.record_error(format!("kafka: {reason}"));
+        self.shared.client_failure(&error, reason);
     }
 }
 
@@ -417,8 +442,7 @@ impl ClientContext for ReportingContext {
             // The checkpoint reader's end of partition is news, not an error.
             return;
         }
-        warn!("kafka: {reason} ({error})");
-        self.shared.record_error(format!("kafka: {reason}"));
+        self.shared.client_failure(&error, reason);
     }
 }
 
@@ -551,8 +575,6 @@ impl<'a> Session<'a> {
             });
         }
 
-        let checkpoint_partitions = ensure_topics(shared, runtime, &mut slots)?;
-
         let context = MirrorContext {
             shared: shared.clone(),
             delivered: (0..slots.len()).map(|_| AtomicI64::new(-1)).collect(),
@@ -571,6 +593,16 @@ impl<'a> Session<'a> {
         let producer: BaseProducer<MirrorContext> = with_extra(pc, config)
             .create_with_context(context)
             .map_err(|e| kafka("creating the Kafka producer", e))?;
+        // Reach the cluster first: a failure here is served as error events (authentication,
+        // name resolution), which say more than the admin client's time-out would.
+        if let Err(e) = producer
+            .client()
+            .fetch_metadata(None, config.request_timeout)
+        {
+            producer.poll(Duration::from_millis(100));
+            return Err(kafka(&format!("connecting to {}", config.bootstrap), e));
+        }
+        let checkpoint_partitions = ensure_topics(shared, runtime, &mut slots)?;
         producer
             .init_transactions(config.request_timeout)
             .map_err(|e| {
