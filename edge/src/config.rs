@@ -996,12 +996,18 @@ mod tests {
     }
 
     #[test]
-    fn readme_example_config_loads() {
+    fn readme_example_configs_load() {
         let readme = include_str!("../../README.md");
-        let start = readme.find("```toml\n").expect("README has a toml example");
-        let rest = &readme[start + 8..];
-        let end = rest.find("```").unwrap();
-        let c = Config::parse(&rest[..end], "README.md").unwrap();
-        assert!(!c.routes.is_empty());
+        let examples: Vec<&str> = readme
+            .split("```toml\n")
+            .skip(1)
+            .map(|rest| &rest[..rest.find("```").unwrap()])
+            .collect();
+        assert!(examples.len() >= 2, "the README shows the main and [cloud] examples");
+        let main = Config::parse(examples[0], "README.md").unwrap();
+        assert!(!main.routes.is_empty());
+        let cloud = Config::parse(examples[1], "README.md").unwrap();
+        let m = cloud.cloud.unwrap().mirror_config().unwrap();
+        assert_eq!(m.kafka_topic("telemetry"), "plant-7.telemetry");
     }
 }
