@@ -1003,7 +1003,10 @@ mod tests {
             .skip(1)
             .map(|rest| &rest[..rest.find("```").unwrap()])
             .collect();
-        assert!(examples.len() >= 2, "the README shows the main and [cloud] examples");
+        assert!(
+            examples.len() >= 2,
+            "the README shows the main and [cloud] examples"
+        );
         let main = Config::parse(examples[0], "README.md").unwrap();
         assert!(!main.routes.is_empty());
         let cloud = Config::parse(examples[1], "README.md").unwrap();
