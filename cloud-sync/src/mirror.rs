@@ -332,13 +332,16 @@ fn mirrored_topics(
         .collect()
 }
 
-/// Lowers the calling thread's CPU priority, so that on a busy node ingest wins over the
-/// mirror; threads it starts (librdkafka's) inherit the priority.
+/// Lowers the calling thread's CPU priority (nice 15), so that on a busy node ingest wins over
+/// the mirror; threads it starts (librdkafka's) inherit the priority. An idle node still
+/// gives the mirror all it wants. Measured on 2 cores with Kafka on the same cores, a flood
+/// of QoS 1 publishes while the mirror drained at full speed: nice 5 left ingest at 67 % of
+/// its rate without the mirror, nice 15 at 75 %, the mirror's rate unchanged.
 fn lower_priority() {
     // SAFETY: plain syscalls on the calling thread's own id.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 5);
+        libc::setpriority(libc::PRIO_PROCESS, tid, 15);
     }
 }
 
