@@ -37,7 +37,9 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig,
+};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
@@ -731,11 +733,17 @@ impl<'a> Session<'a> {
             let mut status = self.shared.status.lock().expect("status lock");
             let ps = &mut status.partitions[slot.status_index];
             if !slot.checkpointed {
-                // Never mirrored: start with the oldest record held.
-                slot.committed = bounds.start;
-                slot.next = bounds.start;
-                slot.loss_counted_until = bounds.start;
-                ps.mirrored_offset = Some(bounds.start);
+                // Nothing of this partition in Kafka yet: start where the mirror first found
+                // it (an earlier session's or run's status), or with the oldest record held.
+                // Records deleted since that first look are counted as lost when reading.
+                let base = ps
+                    .mirrored_offset
+                    .filter(|&b| b <= bounds.end)
+                    .unwrap_or(bounds.start);
+                slot.committed = base;
+                slot.next = base;
+                slot.loss_counted_until = base;
+                ps.mirrored_offset = Some(base);
             }
             if slot.committed > bounds.end {
                 let message = format!(
@@ -786,26 +794,8 @@ impl<'a> Session<'a> {
                 Err(TxnFailure::Aborted(message)) => {
                     warn!("mirror: transaction aborted: {message}; retrying");
                     self.shared.record_error(message);
-                    if let Err(e) = self
-                        .producer
-                        .abort_transaction(self.shared.config.request_timeout)
-                    {
-                        return Err(kafka("aborting a failed transaction", e));
-                    }
-                    // Serve the aborted records' reports now, so none counts against the next
-                    // transaction.
-                    let drained = Instant::now();
-                    while self.producer.in_flight_count() > 0
-                        && drained.elapsed() < self.shared.config.request_timeout
-                    {
-                        self.producer.poll(Duration::from_millis(1));
-                    }
-                    *self
-                        .producer
-                        .context()
-                        .failure
-                        .lock()
-                        .expect("failure lock") = None;
+                    self.abort()
+                        .map_err(|e| kafka("aborting a failed transaction", e))?;
                     for slot in &mut self.slots {
                         slot.next = slot.committed;
                     }
@@ -815,6 +805,28 @@ impl<'a> Session<'a> {
                 Err(TxnFailure::Fatal(e)) => return Err(e),
             }
         }
+    }
+
+    /// Aborts the open transaction. Its records still queued or in flight are purged and
+    /// their reports served first: librdkafka aborts only once none is outstanding, and none
+    /// may count against the next transaction.
+    fn abort(&self) -> Result<(), KafkaError> {
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
+        let drained = Instant::now();
+        while self.producer.in_flight_count() > 0
+            && drained.elapsed() < self.shared.config.request_timeout
+        {
+            self.producer.poll(Duration::from_millis(1));
+        }
+        *self
+            .producer
+            .context()
+            .failure
+            .lock()
+            .expect("failure lock") = None;
+        self.producer
+            .abort_transaction(self.shared.config.request_timeout)
     }
 
     /// Whether some partition has records to mirror (or lost ones to count).
@@ -1121,7 +1133,11 @@ impl From<KafkaError> for TxnFailure {
 
 impl Drop for Session<'_> {
     fn drop(&mut self) {
-        // Abandon whatever is open; the next producer with this transactional id fences it.
+        // Abandon whatever is open; the next producer with this transactional id fences it
+        // if this abort does not get through.
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
+        self.producer.poll(Duration::from_millis(100));
         let _ = self.producer.abort_transaction(Duration::from_millis(500));
     }
 }

@@ -337,3 +337,83 @@ fn bad_cloud_config_is_refused_with_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("edge.toml:3: cloud.site"), "{err}");
 }
+
+#[test]
+fn records_dropped_by_the_disk_budget_before_mirroring_are_counted() {
+    let kafka = KafkaCluster::start(1).unwrap();
+    let mut edge = Edge::start_with(
+        "",
+        "disk_budget = \"2MiB\"\ndisk_full_policy = \"drop-oldest\"\n",
+        &format!(
+            "{ROUTES}{}max_backoff = \"2s\"\nrequest_timeout = \"5s\"\n",
+            cloud(kafka.bootstrap(), "plant-5")
+        ),
+    );
+    // One record mirrored: the partition has a checkpoint in Kafka.
+    publish_acked(&edge, "sensors/dev-1/t", "first");
+    wait_status(&edge, "the first record mirrored", |s| {
+        s["records_mirrored"].as_u64() == Some(1)
+    });
+
+    // Kafka down; devices publish far more than the budget, so the oldest records go.
+    kafka.kill_all().unwrap();
+    let out = Command::new(binary("firmware-sim"))
+        .args([
+            "run",
+            "--flood",
+            "--broker",
+            &format!("mqtt://{}", edge.addr),
+        ])
+        .args(["--devices", "10", "--count", "2000", "--qos", "1"])
+        .args(["--payload-size", "512", "--topic", "sensors/{device}/t"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    kafka.restart_all().unwrap();
+
+    // Back: what is left drains; what was dropped unmirrored is counted, not hidden.
+    let s = wait_status(&edge, "drained", |s| {
+        s["lag_records"] == 0
+            && s["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["lost_before_mirror"].as_u64() > Some(0))
+    });
+    let telemetry: Vec<&serde_json::Value> = s["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["topic"] == "telemetry")
+        .collect();
+    let end: u64 = telemetry
+        .iter()
+        .map(|p| p["edge_end_offset"].as_u64().unwrap())
+        .sum();
+    let lost: u64 = telemetry
+        .iter()
+        .map(|p| p["lost_before_mirror"].as_u64().unwrap())
+        .sum();
+    assert_eq!(end, 20_001, "every publish was logged");
+    assert!(
+        lost > 10_000,
+        "most of 10 MB went over a 2 MiB budget: {s:#}"
+    );
+    let consumed = kafka
+        .consume_committed("plant-5.telemetry", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        consumed.len() as u64 + lost,
+        end,
+        "each logged record is either in Kafka once or counted as lost before mirroring"
+    );
+    assert!(edge.stop().success());
+    assert!(
+        edge.stderr().contains("before they were mirrored"),
+        "the loss is logged"
+    );
+}
