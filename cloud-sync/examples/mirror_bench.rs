@@ -155,7 +155,6 @@ fn baseline(
     record_of: RecordOf<'_>,
 ) -> f64 {
     let records = payloads.len() as u32;
-    let topic = topic.to_string();
     let payload = &payloads[0];
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -177,7 +176,7 @@ fn baseline(
     let created = runtime
         .block_on(admin.create_topics(
             [&NewTopic::new(
-                &topic,
+                topic,
                 partitions as i32,
                 TopicReplication::Fixed(-1),
             )],
@@ -191,7 +190,7 @@ fn baseline(
     // Warm up: metadata and producer id, so that only sending is timed.
     producer
         .send(
-            BaseRecord::<str, [u8]>::to(&topic)
+            BaseRecord::<str, [u8]>::to(topic)
                 .partition(0)
                 .key("warmup")
                 .payload(&payload[..]),
@@ -209,7 +208,7 @@ fn baseline(
                 value: Some(&*x.value),
             });
         }
-        let mut rec = BaseRecord::to(&topic)
+        let mut rec = BaseRecord::to(topic)
             .partition(*partition as i32)
             .key(key)
             .payload(&payloads[i][..])
@@ -241,7 +240,6 @@ fn mirror(
     record_of: RecordOf<'_>,
 ) -> (f64, u64) {
     let records = payloads.len() as u32;
-    // --- mirror: exactly once
     let source = Arc::new(MemorySource::new());
     source.add_topic("telemetry", partitions);
     // Current timestamps, as the edge gives them: Kafka rolls a segment when its first record

@@ -178,6 +178,20 @@ impl MemorySource {
     }
 }
 
+fn memory_partition<'a>(
+    topics: &'a BTreeMap<String, Vec<MemoryPartition>>,
+    topic: &str,
+    partition: u32,
+) -> Result<&'a MemoryPartition, SourceError> {
+    topics
+        .get(topic)
+        .and_then(|t| t.get(partition as usize))
+        .ok_or_else(|| SourceError::UnknownPartition {
+            topic: topic.to_string(),
+            partition,
+        })
+}
+
 impl PartitionedSource for MemorySource {
     fn topics(&self) -> Vec<SourceTopic> {
         self.topics
@@ -193,13 +207,7 @@ impl PartitionedSource for MemorySource {
 
     fn bounds(&self, topic: &str, partition: u32) -> Result<PartitionBounds, SourceError> {
         let topics = self.topics.lock().expect("source lock");
-        let p = topics
-            .get(topic)
-            .and_then(|t| t.get(partition as usize))
-            .ok_or_else(|| SourceError::UnknownPartition {
-                topic: topic.to_string(),
-                partition,
-            })?;
+        let p = memory_partition(&topics, topic, partition)?;
         Ok(PartitionBounds {
             start: p.start,
             end: p.start + p.records.len() as u64,
@@ -216,13 +224,7 @@ impl PartitionedSource for MemorySource {
         out: &mut Vec<SourceRecord>,
     ) -> Result<(), SourceError> {
         let topics = self.topics.lock().expect("source lock");
-        let p = topics
-            .get(topic)
-            .and_then(|t| t.get(partition as usize))
-            .ok_or_else(|| SourceError::UnknownPartition {
-                topic: topic.to_string(),
-                partition,
-            })?;
+        let p = memory_partition(&topics, topic, partition)?;
         let first = from.saturating_sub(p.start) as usize;
         out.extend(
             p.records

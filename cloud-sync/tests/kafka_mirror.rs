@@ -1,11 +1,9 @@
-//! The mirror against a real 1-node Kafka (started with tests/kafka/cluster), fed from an
+//! The mirror against a real 1-node Kafka (the tests' harness), fed from an
 //! in-memory source: exactly once, in order, resumed from the checkpoint, losses counted,
 //! a target topic with too few partitions refused.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,77 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-
-/// A Kafka cluster started through the project's script, stopped on drop.
-struct Cluster {
-    dir: tempfile::TempDir,
-    bootstrap: String,
-}
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/kafka/cluster")
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let fetch = Command::new(script()).arg("fetch").status().unwrap();
-        assert!(fetch.success(), "tests/kafka/cluster fetch failed");
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(script())
-            .args(["start", "1"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        let cluster = Cluster {
-            bootstrap: String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-            dir,
-        };
-        assert!(
-            out.status.success(),
-            "starting Kafka failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        cluster
-    }
-
-    /// Creates `topic` with `partitions` partitions through Kafka's own tool.
-    fn create_topic(&self, topic: &str, partitions: u32) {
-        let out = Command::new(script())
-            .arg("tools")
-            .arg(self.dir.path())
-            .args([
-                "org.apache.kafka.tools.TopicCommand",
-                "--bootstrap-server",
-                "@BOOTSTRAP@",
-                "--create",
-                "--topic",
-                topic,
-                "--partitions",
-                &partitions.to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
-    }
-}
+use tributary_tests::kafka::KafkaCluster;
 
 struct Consumed {
     partition: i32,
@@ -213,8 +141,8 @@ fn assert_exactly_once(records: &[Consumed], n: u32, partitions: u32) {
 
 #[test]
 fn mirror_to_real_kafka() {
-    let cluster = Cluster::start();
-    let bootstrap = cluster.bootstrap.clone();
+    let cluster = KafkaCluster::start(1).unwrap();
+    let bootstrap = cluster.bootstrap().to_string();
 
     // --- exactly once, in order, with key, timestamp and headers
     let source = Arc::new(MemorySource::new());
@@ -274,7 +202,7 @@ fn mirror_to_real_kafka() {
     mirror.stop(Duration::from_secs(30));
 
     // --- a target topic with fewer partitions is refused; other topics still mirror
-    cluster.create_topic("plant-8.narrow", 2);
+    cluster.create_topic("plant-8.narrow", 2).unwrap();
     let source = Arc::new(MemorySource::new());
     source.add_topic("narrow", 4);
     source.add_topic("wide", 2);

@@ -103,38 +103,35 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             "anonymous access is allowed: any client that reaches {bound} can connect and publish"
         );
     }
-    let mirror =
-        match &config.cloud {
-            None => {
-                tracing::info!("no uplink configured: records stay in the local log");
-                None
-            }
-            Some(cloud) => {
-                let mirror_config = cloud.mirror_config().map_err(|(key, message)| {
-                    crate::config::ConfigError::Invalid {
-                        origin: "<config>".into(),
-                        line: 0,
-                        key: format!("cloud.{key}"),
-                        message,
-                    }
-                })?;
-                tracing::info!(
-                    bootstrap = %mirror_config.bootstrap,
-                    site = %mirror_config.site,
-                    "mirroring the log to Kafka"
-                );
-                let source = Arc::new(crate::uplink::LogSource(log.clone()));
-                let previous = crate::uplink::read_status(&config.storage.data_dir).ok();
-                let mirror = cloud_sync::Mirror::start_after(mirror_config, source, previous)
-                    .map_err(|e| crate::config::ConfigError::Invalid {
-                        origin: "<config>".into(),
-                        line: 0,
-                        key: "cloud".into(),
-                        message: e.to_string(),
-                    })?;
-                Some(Arc::new(mirror))
-            }
-        };
+    let mirror = match &config.cloud {
+        None => {
+            tracing::info!("no uplink configured: records stay in the local log");
+            None
+        }
+        Some(cloud) => {
+            // `Config::plan` checked the section already; what can still fail here is
+            // reading `password_file` or starting the mirror's thread.
+            let refused = |key: &str, message: String| crate::config::ConfigError::Invalid {
+                origin: "<config>".into(),
+                line: 0,
+                key: format!("cloud.{key}"),
+                message,
+            };
+            let mirror_config = cloud
+                .mirror_config()
+                .map_err(|(key, message)| refused(key, message))?;
+            tracing::info!(
+                bootstrap = %mirror_config.bootstrap,
+                site = %mirror_config.site,
+                "mirroring the log to Kafka"
+            );
+            let source = Arc::new(crate::uplink::LogSource(log.clone()));
+            let previous = crate::uplink::read_status(&config.storage.data_dir).ok();
+            let mirror = cloud_sync::Mirror::start_after(mirror_config, source, previous)
+                .map_err(|e| refused("mirror", e.to_string()))?;
+            Some(Arc::new(mirror))
+        }
+    };
     let status_writer = mirror.as_ref().map(|m| {
         let m = m.clone();
         let dir = config.storage.data_dir.clone();
@@ -235,14 +232,15 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     housekeeping.abort();
     if let Some(t) = status_writer {
         t.abort();
+        // Awaited, so that its handle on the mirror is gone before the mirror is stopped.
+        let _ = t.await;
     }
     if let Some(mirror) = mirror {
         let dir = config.storage.data_dir.clone();
         tokio::task::spawn_blocking(move || {
-            let status = match Arc::try_unwrap(mirror) {
-                Ok(mirror) => mirror.stop(MIRROR_STOP_GRACE),
-                Err(shared) => shared.status(),
-            };
+            let status = Arc::try_unwrap(mirror)
+                .expect("the status writer, the mirror's only other holder, has ended")
+                .stop(MIRROR_STOP_GRACE);
             if let Err(e) = crate::uplink::write_status(&dir, &status) {
                 tracing::warn!("writing the mirror status: {e}");
             }

@@ -129,6 +129,29 @@ pub struct Manifest {
     pub devices: Vec<DeviceRecord>,
 }
 
+impl Manifest {
+    /// A manifest of run `run` over `devices`, as unit tests of its readers need one.
+    #[cfg(test)]
+    pub(crate) fn for_tests(run: RunId, devices: Vec<DeviceRecord>) -> Manifest {
+        Manifest {
+            header: ManifestHeader {
+                format: FORMAT.into(),
+                version: FORMAT_VERSION,
+                run,
+                mode: "normal".into(),
+                broker: "mqtt://x".into(),
+                protocol: "5".into(),
+                started_at_us: 0,
+                finished_at_us: 0,
+                classes: vec![],
+                devices: devices.len() as u64,
+                totals: Totals::default(),
+            },
+            devices,
+        }
+    }
+}
+
 /// Totals of `devices`.
 pub fn totals(devices: &[DeviceRecord]) -> Totals {
     devices.iter().fold(Totals::default(), |t, d| Totals {

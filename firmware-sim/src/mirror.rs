@@ -449,7 +449,7 @@ impl MirrorAudit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{DeviceRecord, Manifest, ManifestHeader, Totals, FORMAT, FORMAT_VERSION};
+    use crate::manifest::{DeviceRecord, Manifest};
     use crate::payload::{write_header, RunId, HEADER_LEN};
     use crate::ranges::SeqRanges;
 
@@ -478,22 +478,7 @@ mod tests {
     }
 
     fn manifest(devices: Vec<DeviceRecord>) -> Manifest {
-        Manifest {
-            header: ManifestHeader {
-                format: FORMAT.into(),
-                version: FORMAT_VERSION,
-                run: RUN,
-                mode: "normal".into(),
-                broker: "mqtt://x".into(),
-                protocol: "5".into(),
-                started_at_us: 0,
-                finished_at_us: 0,
-                classes: vec![],
-                devices: devices.len() as u64,
-                totals: Totals::default(),
-            },
-            devices,
-        }
+        Manifest::for_tests(RUN, devices)
     }
 
     fn value(device: u32, seq: u64) -> Vec<u8> {

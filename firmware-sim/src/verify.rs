@@ -376,7 +376,7 @@ impl VerifyReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{DeviceRecord, ManifestHeader, Totals, FORMAT, FORMAT_VERSION};
+    use crate::manifest::DeviceRecord;
     use crate::payload::{write_header, HEADER_LEN};
 
     const RUN: RunId = RunId(0xabcd_0001);
@@ -400,22 +400,7 @@ mod tests {
                 refused: SeqRanges::new(),
             })
             .collect();
-        Manifest {
-            header: ManifestHeader {
-                format: FORMAT.into(),
-                version: FORMAT_VERSION,
-                run: RUN,
-                mode: "normal".into(),
-                broker: "mqtt://x".into(),
-                protocol: "5".into(),
-                started_at_us: 0,
-                finished_at_us: 0,
-                classes: vec![],
-                devices: devices.len() as u64,
-                totals: Totals::default(),
-            },
-            devices,
-        }
+        Manifest::for_tests(RUN, devices)
     }
 
     fn message(run: RunId, device: u32, seq: u64) -> Vec<u8> {

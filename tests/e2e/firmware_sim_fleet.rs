@@ -4,24 +4,7 @@
 
 use std::process::Command;
 
-use tributary_tests::{binary, Edge};
-
-fn last_line(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn field(summary: &str, name: &str) -> u64 {
-    summary
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-        .unwrap_or_else(|| panic!("{name} in {summary:?}"))
-        .parse()
-        .unwrap()
-}
+use tributary_tests::{binary, last_line, summary_field as field, Edge};
 
 #[test]
 fn thousand_devices_at_qos1_lose_nothing() {

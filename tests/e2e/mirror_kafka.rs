@@ -4,114 +4,28 @@
 //! headers; kill -9 of the edge while it mirrors changes nothing; bad targets are reported
 //! while the edge keeps ingesting.
 
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use tributary_tests::kafka::KafkaCluster;
+use tributary_tests::mirror::{
+    cloud_section as cloud, finish, fleet, mirror_status, partitions_sum, verify_kafka,
+    wait_mirror_status,
+};
 use tributary_tests::{binary, Edge};
 
 const ROUTES: &str =
     "[[routes]]\nmatch = \"sensors/+/#\"\ntopic = \"telemetry\"\nkey = \"{1}\"\npartitions = 4\n";
 
-fn cloud(bootstrap: &str, site: &str) -> String {
-    format!("[cloud]\nbootstrap = \"{bootstrap}\"\nsite = \"{site}\"\n")
-}
-
-fn last_line(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn field(summary: &str, name: &str) -> u64 {
-    summary
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-        .unwrap_or_else(|| panic!("{name} in {summary:?}"))
-        .parse()
+/// The mirror has no lag and the edge has logged something.
+fn drained(s: &serde_json::Value) -> bool {
+    let logged: u64 = s["partitions"]
+        .as_array()
         .unwrap()
-}
-
-/// Starts a firmware-sim fleet publishing QoS 1 to `edge` for `secs` seconds.
-fn fleet(edge: &Edge, manifest: &std::path::Path, devices: u32, rate: u32, secs: u32) -> Child {
-    Command::new(binary("firmware-sim"))
-        .args(["run", "--broker", &format!("mqtt://{}", edge.addr)])
-        .args([
-            "--devices",
-            &devices.to_string(),
-            "--rate",
-            &rate.to_string(),
-        ])
-        .args(["--qos", "1", "--duration", &format!("{secs}s")])
-        .arg("--manifest")
-        .arg(manifest)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn finish(child: Child) {
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "firmware-sim run failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `firmware-sim verify --kafka`: passes, nothing lost or duplicated, not vacuous.
-fn verify_kafka(
-    kafka: &KafkaCluster,
-    manifest: &std::path::Path,
-    topic: &str,
-    at_least: u64,
-) -> u64 {
-    let out = Command::new(binary("firmware-sim"))
-        .args(["verify", "--manifest"])
-        .arg(manifest)
-        .args(["--kafka", kafka.bootstrap(), "--kafka-topic", topic])
-        .args(["--kafka-wait", "180s"])
-        .output()
-        .unwrap();
-    let summary = last_line(&out);
-    assert!(
-        out.status.success(),
-        "verify --kafka failed: {summary}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(field(&summary, "lost"), 0, "{summary}");
-    assert_eq!(field(&summary, "duplicates"), 0, "{summary}");
-    let expected = field(&summary, "expected");
-    assert!(expected >= at_least, "the run was not vacuous: {summary}");
-    expected
-}
-
-fn mirror_status(edge: &Edge) -> serde_json::Value {
-    let (status, out, err) = edge.cli(&["mirror-status", "--json"]);
-    assert!(status.success(), "mirror-status: {err}");
-    serde_json::from_str(&out).unwrap()
-}
-
-/// Waits until the running edge's mirror has no lag.
-fn wait_drained(edge: &Edge, within: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = mirror_status(edge);
-        let total: u64 = s["partitions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["edge_end_offset"].as_u64().unwrap())
-            .sum();
-        if s["lag_records"] == 0 && total > 0 {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "mirror not drained: {s:#}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        .iter()
+        .map(|p| p["edge_end_offset"].as_u64().unwrap())
+        .sum();
+    s["lag_records"] == 0 && logged > 0
 }
 
 #[test]
@@ -123,11 +37,11 @@ fn fleet_through_edge_reaches_kafka_exactly_once_and_survives_edge_kill9() {
     // A clean run: everything acknowledged is in Kafka once.
     let manifest = work.path().join("clean");
     finish(fleet(&edge, &manifest, 100, 20, 8));
-    let expected = verify_kafka(&kafka, &manifest, "plant-7.telemetry", 8_000);
+    let expected = verify_kafka(&kafka, &manifest, "plant-7.telemetry", 8_000, "180s");
 
     // Kafka's own consumer agrees: as many committed records as the edge logged, each with
     // the MQTT headers, each key on the partition the edge gave it.
-    let status = wait_drained(&edge, Duration::from_secs(120));
+    let status = wait_mirror_status(&edge, "mirror drained", Duration::from_secs(120), drained);
     let consumed = kafka
         .consume_committed("plant-7.telemetry", Duration::from_secs(10))
         .unwrap();
@@ -155,22 +69,17 @@ fn fleet_through_edge_reaches_kafka_exactly_once_and_survives_edge_kill9() {
         edge.restart();
     }
     finish(run);
-    verify_kafka(&kafka, &manifest, "plant-7.telemetry", 4_000);
+    verify_kafka(&kafka, &manifest, "plant-7.telemetry", 4_000, "180s");
     // The first run's records are still there exactly once too.
     verify_kafka(
         &kafka,
         &work.path().join("clean"),
         "plant-7.telemetry",
         8_000,
+        "180s",
     );
-    let status = wait_drained(&edge, Duration::from_secs(120));
-    let end_total: u64 = status["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["topic"] == "telemetry")
-        .map(|p| p["edge_end_offset"].as_u64().unwrap())
-        .sum();
+    let status = wait_mirror_status(&edge, "mirror drained", Duration::from_secs(120), drained);
+    let end_total = partitions_sum(&status, "telemetry", "edge_end_offset");
     let consumed = kafka
         .consume_committed("plant-7.telemetry", Duration::from_secs(10))
         .unwrap();
@@ -198,29 +107,6 @@ fn publish_acked(edge: &Edge, topic: &str, payload: &str) {
     assert!(status.success(), "publish to {topic} was not acknowledged");
 }
 
-fn wait_status(
-    edge: &Edge,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let (true, out, _) = {
-            let (s, out, err) = edge.cli(&["mirror-status", "--json"]);
-            (s.success(), out, err)
-        } {
-            let s: serde_json::Value = serde_json::from_str(&out).unwrap();
-            if done(&s) {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "{what}: {s:#}");
-        } else {
-            assert!(Instant::now() < deadline, "{what}: no mirror status");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 #[test]
 fn bad_targets_are_reported_and_ingest_goes_on() {
     let kafka = KafkaCluster::start(1).unwrap();
@@ -231,13 +117,18 @@ fn bad_targets_are_reported_and_ingest_goes_on() {
     let mut edge = Edge::start(&format!("{ROUTES}{}", cloud(kafka.bootstrap(), "plant-9")));
     publish_acked(&edge, "sensors/dev-1/t", "refused-topic");
     publish_acked(&edge, "other/thing", "mirrored");
-    let s = wait_status(&edge, "the default topic mirrored", |s| {
-        s["partitions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["topic"] == "mqtt" && p["mirrored_offset"] == 1)
-    });
+    let s = wait_mirror_status(
+        &edge,
+        "the default topic mirrored",
+        Duration::from_secs(120),
+        |s| {
+            s["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["topic"] == "mqtt" && p["mirrored_offset"] == 1)
+        },
+    );
     for p in s["partitions"].as_array().unwrap() {
         if p["topic"] == "telemetry" {
             let e = p["error"].as_str().unwrap_or_default();
@@ -265,7 +156,9 @@ fn bad_targets_are_reported_and_ingest_goes_on() {
         "{ROUTES}[cloud]\nbootstrap = \"kafka.invalid:9092\"\nsite = \"nowhere\"\nrequest_timeout = \"3s\"\n"
     ));
     publish_acked(&edge, "sensors/dev-2/t", "kept-locally");
-    let s = wait_status(&edge, "an error reported", |s| !s["last_error"].is_null());
+    let s = wait_mirror_status(&edge, "an error reported", Duration::from_secs(120), |s| {
+        !s["last_error"].is_null()
+    });
     assert!(s["last_healthy_at_ms"].is_null(), "{s:#}");
     assert_eq!(s["lag_records"], 1, "{s:#}");
     let err = s["last_error"].as_str().unwrap();
@@ -295,11 +188,16 @@ fn sasl_credentials_right_mirror_and_wrong_are_reported() {
     // Wrong password: a clear error, and the edge keeps accepting.
     let mut edge = Edge::start(&secured("wrong-pw", "not-the-password"));
     publish_acked(&edge, "sensors/dev-1/t", "kept");
-    let s = wait_status(&edge, "an authentication error", |s| {
-        s["last_error"]
-            .as_str()
-            .is_some_and(|e| e.to_lowercase().contains("authentication"))
-    });
+    let s = wait_mirror_status(
+        &edge,
+        "an authentication error",
+        Duration::from_secs(120),
+        |s| {
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.to_lowercase().contains("authentication"))
+        },
+    );
     assert!(s["last_healthy_at_ms"].is_null(), "{s:#}");
     publish_acked(&edge, "sensors/dev-1/t", "still-accepted");
     assert!(edge.stop().success());
@@ -351,9 +249,12 @@ fn records_dropped_by_the_disk_budget_before_mirroring_are_counted() {
     );
     // One record mirrored: the partition has a checkpoint in Kafka.
     publish_acked(&edge, "sensors/dev-1/t", "first");
-    wait_status(&edge, "the first record mirrored", |s| {
-        s["records_mirrored"].as_u64() == Some(1)
-    });
+    wait_mirror_status(
+        &edge,
+        "the first record mirrored",
+        Duration::from_secs(120),
+        |s| s["records_mirrored"].as_u64() == Some(1),
+    );
 
     // Kafka down; devices publish far more than the budget, so the oldest records go.
     kafka.kill_all().unwrap();
@@ -376,7 +277,7 @@ fn records_dropped_by_the_disk_budget_before_mirroring_are_counted() {
     kafka.restart_all().unwrap();
 
     // Back: what is left drains; what was dropped unmirrored is counted, not hidden.
-    let s = wait_status(&edge, "drained", |s| {
+    let s = wait_mirror_status(&edge, "drained", Duration::from_secs(120), |s| {
         s["lag_records"] == 0
             && s["partitions"]
                 .as_array()
@@ -384,20 +285,8 @@ fn records_dropped_by_the_disk_budget_before_mirroring_are_counted() {
                 .iter()
                 .any(|p| p["lost_before_mirror"].as_u64() > Some(0))
     });
-    let telemetry: Vec<&serde_json::Value> = s["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["topic"] == "telemetry")
-        .collect();
-    let end: u64 = telemetry
-        .iter()
-        .map(|p| p["edge_end_offset"].as_u64().unwrap())
-        .sum();
-    let lost: u64 = telemetry
-        .iter()
-        .map(|p| p["lost_before_mirror"].as_u64().unwrap())
-        .sum();
+    let end = partitions_sum(&s, "telemetry", "edge_end_offset");
+    let lost = partitions_sum(&s, "telemetry", "lost_before_mirror");
     assert_eq!(end, 20_001, "every publish was logged");
     assert!(
         lost > 10_000,

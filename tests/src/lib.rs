@@ -16,8 +16,28 @@ use rumqttc::v5::mqttbytes::v5;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod kafka;
+pub mod mirror;
 
 pub use kafka::{ConsumedRecord, KafkaCluster, PartitionState, ProducedRecord, TimestampType};
+
+/// The last line a process printed on stdout (firmware-sim's summary line).
+pub fn last_line(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The number after `name=` in a firmware-sim summary line.
+pub fn summary_field(summary: &str, name: &str) -> u64 {
+    summary
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("{name} in {summary:?}"))
+        .parse()
+        .unwrap()
+}
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
