@@ -216,6 +216,7 @@ impl Mirror {
                     lag_records: 0,
                     lag_bytes: 0,
                     lost_before_mirror: 0,
+                    loss_counted_until: 0,
                     error: None,
                 })
             })
@@ -231,6 +232,7 @@ impl Mirror {
                     p.mirrored_offset = old.mirrored_offset;
                     p.last_kafka_offset = old.last_kafka_offset;
                     p.lost_before_mirror = old.lost_before_mirror;
+                    p.loss_counted_until = old.loss_counted_until;
                 }
             }
         }
@@ -464,8 +466,6 @@ struct Slot {
     next: u64,
     /// Next source offset not committed to Kafka.
     committed: u64,
-    /// Loss at the source has been counted up to here.
-    loss_counted_until: u64,
     /// Why the partition is not mirrored in this session.
     refused: Option<String>,
     /// Whether Kafka held a checkpoint for this partition at session start.
@@ -574,7 +574,6 @@ impl<'a> Session<'a> {
                 status_index,
                 next: 0,
                 committed: 0,
-                loss_counted_until: 0,
                 refused: None,
                 checkpointed: false,
             });
@@ -711,7 +710,6 @@ impl<'a> Session<'a> {
                         }
                         slot.committed = cp.next_edge_offset;
                         slot.next = cp.next_edge_offset;
-                        slot.loss_counted_until = cp.next_edge_offset;
                         slot.checkpointed = true;
                         found += 1;
                         let mut status = self.shared.status.lock().expect("status lock");
@@ -742,7 +740,6 @@ impl<'a> Session<'a> {
                     .unwrap_or(bounds.start);
                 slot.committed = base;
                 slot.next = base;
-                slot.loss_counted_until = base;
                 ps.mirrored_offset = Some(base);
             }
             if slot.committed > bounds.end {
@@ -840,10 +837,13 @@ impl<'a> Session<'a> {
     }
 
     /// Counts the records of slot `i` from its read position up to `upto` as deleted before
-    /// they were mirrored, once.
+    /// they were mirrored, once: the status remembers how far loss is counted, across
+    /// aborted transactions, sessions and (through the status file) restarts.
     fn count_loss(&mut self, i: usize, upto: u64) {
         let slot = &mut self.slots[i];
-        let from = slot.next.max(slot.loss_counted_until);
+        let mut status = self.shared.status.lock().expect("status lock");
+        let ps = &mut status.partitions[slot.status_index];
+        let from = slot.next.max(ps.loss_counted_until);
         if upto > from {
             let lost = upto - from;
             warn!(
@@ -851,9 +851,8 @@ impl<'a> Session<'a> {
                  edge (retention or disk budget) before they were mirrored",
                 slot.topic, slot.partition
             );
-            let mut status = self.shared.status.lock().expect("status lock");
-            status.partitions[slot.status_index].lost_before_mirror += lost;
-            slot.loss_counted_until = upto;
+            ps.lost_before_mirror += lost;
+            ps.loss_counted_until = upto;
         }
         slot.next = slot.next.max(upto);
     }

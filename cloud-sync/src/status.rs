@@ -41,6 +41,10 @@ pub struct PartitionStatus {
     pub lag_bytes: u64,
     /// Records deleted at the edge (retention, disk budget) before they were mirrored.
     pub lost_before_mirror: u64,
+    /// Records below this offset that were deleted unmirrored are counted in
+    /// `lost_before_mirror` already (so that a retried read never counts them twice).
+    #[serde(default)]
+    pub loss_counted_until: u64,
     /// Why this partition is not being mirrored, if it is not.
     pub error: Option<String>,
 }

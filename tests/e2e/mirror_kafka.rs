@@ -295,6 +295,8 @@ fn records_dropped_by_the_disk_budget_before_mirroring_are_counted() {
     let consumed = kafka
         .consume_committed("plant-5.telemetry", Duration::from_secs(10))
         .unwrap();
+    let distinct: std::collections::HashSet<_> = consumed.iter().map(|r| &r.value).collect();
+    assert_eq!(distinct.len(), consumed.len(), "no record twice in Kafka");
     assert_eq!(
         consumed.len() as u64 + lost,
         end,
