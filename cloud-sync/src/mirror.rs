@@ -137,7 +137,11 @@ impl Shared {
             seen.push(message.clone());
         }
         drop(seen);
-        self.record_error(message);
+        // While a session starts, its own error reports these with what it was doing (and
+        // where); once mirroring, they are the first news of trouble.
+        if self.status.lock().expect("status lock").state == LinkState::Mirroring {
+            self.record_error(message);
+        }
     }
 
     fn set_state(&self, state: LinkState) {
