@@ -3,6 +3,7 @@
 pub mod codec;
 pub mod connection;
 pub mod session;
+pub mod subs;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
