@@ -9,8 +9,8 @@
 //! Each source topic `T` goes to Kafka topic `{site}.{T}` (configurable), partition `p` to
 //! partition `p`. A record's Kafka key is the source key, its value the payload, its
 //! timestamp the source timestamp (CreateTime), and its headers the source headers; the edge
-//! gives `mqtt.topic`, `mqtt.client_id`, `mqtt.qos`, `mqtt.retain`, `mqtt.content_type` (when
-//! set) and then each MQTT 5 user property under its own name. Readers use
+//! gives `mqtt.topic`, `mqtt.client_id`, `mqtt.qos`, `mqtt.retain`, `mqtt.content_type`,
+//! `mqtt.response_topic` and `mqtt.correlation_data` (when set) and then each MQTT 5 user property under its own name. Readers use
 //! `isolation.level=read_committed`.
 
 pub mod checkpoint;

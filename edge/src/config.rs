@@ -258,6 +258,22 @@ pub struct MqttConfig {
     /// Most simultaneous client connections; further connections are refused
     /// (3.1.1: return code 3, 5.0: 0x89 Server busy).
     pub max_connections: usize,
+    /// QoS 1 and 2 messages the edge sends a subscriber before it waits for acknowledgements
+    /// (a 5.0 client's smaller Receive Maximum wins).
+    pub max_inflight_messages: u16,
+    /// Messages queued in memory for one connected subscriber. Past it QoS 0 messages are
+    /// dropped (and counted); QoS 1 and 2 are kept up to twice the bound.
+    pub max_queued_messages: usize,
+    /// Bytes queued in memory for one connected subscriber, with the same rules.
+    pub max_queued_bytes: ByteSize,
+    /// A subscriber whose queue stays over its bound this long is disconnected (5.0: 0x97
+    /// Quota exceeded); a persistent session keeps its queued QoS 1 and 2 messages.
+    pub slow_subscriber_timeout: HumanDuration,
+    /// QoS 1 and 2 messages kept on disk for one disconnected persistent session; later
+    /// ones are dropped (and counted).
+    pub max_offline_messages: u64,
+    /// How often the `$SYS/broker/...` topics are updated; `"0s"` turns them off.
+    pub sys_interval: HumanDuration,
 }
 
 impl Default for MqttConfig {
@@ -274,6 +290,12 @@ impl Default for MqttConfig {
             connect_timeout: HumanDuration(Duration::from_secs(10)),
             max_keepalive: HumanDuration(Duration::ZERO),
             max_connections: 100_000,
+            max_inflight_messages: 64,
+            max_queued_messages: 1000,
+            max_queued_bytes: ByteSize(16 * 1024 * 1024),
+            slow_subscriber_timeout: HumanDuration(Duration::from_secs(10)),
+            max_offline_messages: 100_000,
+            sys_interval: HumanDuration(Duration::from_secs(10)),
         }
     }
 }
@@ -652,6 +674,16 @@ impl Config {
                 "mqtt.max_connections".into(),
                 "must be at least 1".into(),
             ));
+        }
+        for (key, zero) in [
+            ("mqtt.max_inflight_messages", m.max_inflight_messages == 0),
+            ("mqtt.max_queued_messages", m.max_queued_messages == 0),
+            ("mqtt.max_queued_bytes", m.max_queued_bytes.0 == 0),
+            ("mqtt.max_offline_messages", m.max_offline_messages == 0),
+        ] {
+            if zero {
+                return Err(invalid(None, key.into(), "must be at least 1".into()));
+            }
         }
         if !m.allow_anonymous {
             return Err(invalid(

@@ -7,4 +7,5 @@ pub mod log;
 pub mod mqtt;
 pub mod route;
 pub mod server;
+pub mod sys;
 pub mod uplink;

@@ -8,8 +8,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, FsyncMode};
-use crate::log::appender::{self, now_ms, AppendRequest, AppenderMsg};
+use crate::log::appender::{self, now_ms, AppendRequest, AppenderMsg, StateOp};
 use crate::log::{Budget, Log, LogError};
+use crate::mqtt::delivery::{Hub, Message, OutboxLimits, TAG_RETAINED};
 use crate::mqtt::session::SessionStore;
 use crate::mqtt::{self, Broker};
 use crate::route::Router;
@@ -60,7 +61,14 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         Some(&plan.topics),
         budget,
     )?);
-    let (sessions, purge) = SessionStore::load(&log, now_ms())?;
+    let hub = Hub::new(OutboxLimits {
+        messages: config.mqtt.max_queued_messages,
+        bytes: config.mqtt.max_queued_bytes.0 as usize,
+        offline_messages: config.mqtt.max_offline_messages,
+    });
+    let (sessions, mut purge) = SessionStore::load(&log, &hub, now_ms())?;
+    let retained = load_retained(&log, &hub, now_ms())?;
+    purge.extend(retained);
 
     let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
     let (appender_tx, appender_thread) = appender::spawn(
@@ -172,6 +180,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         log: log.clone(),
         appender: appender_tx.clone(),
         sessions,
+        hub,
         append_budget: Arc::new(tokio::sync::Semaphore::new(
             mqtt::APPEND_BUDGET_BYTES as usize,
         )),
@@ -187,7 +196,10 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let expired = broker.sessions.expire(now_ms());
+                let (expired, ended) = broker.sessions.expire(now_ms());
+                for sub in &ended {
+                    broker.hub.remove_session(sub);
+                }
                 if !expired.is_empty() {
                     let _ = broker
                         .appender
@@ -219,6 +231,12 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         _ => None,
     };
 
+    let sys = (!config.mqtt.sys_interval.0.is_zero()).then(|| {
+        tokio::spawn(crate::sys::publish_every(
+            broker.clone(),
+            config.mqtt.sys_interval.0,
+        ))
+    });
     let server = tokio::spawn(mqtt::serve(broker.clone(), listener, SHUTDOWN_GRACE));
     let fatal = tokio::select! {
         _ = shutdown_signal() => {
@@ -230,6 +248,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let _ = shutdown_tx.send(true);
     let _ = server.await;
     housekeeping.abort();
+    if let Some(t) = sys {
+        t.abort();
+    }
     if let Some(t) = status_writer {
         t.abort();
         // Awaited, so that its handle on the mirror is gone before the mirror is stopped.
@@ -268,6 +289,34 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         Ok(Err(why)) => Err(ServeError::Fatal(why)),
         Err(_) => Err(ServeError::Fatal("the appender thread panicked".into())),
     }
+}
+
+/// Loads the retained messages into the hub; returns the deletion of those that expired
+/// while the edge was down.
+fn load_retained(
+    log: &Log,
+    hub: &Hub,
+    now_ms: u64,
+) -> Result<Vec<StateOp>, crate::log::LogError> {
+    let mut purge = Vec::new();
+    for (k, v) in log.meta_scan(&[TAG_RETAINED])? {
+        match Message::decode(&v) {
+            Ok(m) if m.expiry_left(now_ms).is_some() => {
+                hub.set_retained(bytes::Bytes::copy_from_slice(&k[1..]), Some(Arc::new(m)))
+            }
+            Ok(_) => purge.push(StateOp::Delete { key: k }),
+            Err(e) => {
+                return Err(crate::log::LogError::CorruptMeta(format!(
+                    "retained message of {:?}: {e}",
+                    String::from_utf8_lossy(&k[1..])
+                )))
+            }
+        }
+    }
+    if hub.retained_count() > 0 {
+        tracing::info!(count = hub.retained_count(), "retained messages loaded");
+    }
+    Ok(purge)
 }
 
 async fn shutdown_signal() {

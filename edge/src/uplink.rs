@@ -129,6 +129,18 @@ fn source_record(r: Record) -> SourceRecord {
             value: Cow::Owned(ct.into_bytes()),
         });
     }
+    if let Some(rt) = h.response_topic {
+        headers.push(Header {
+            name: Cow::Borrowed("mqtt.response_topic"),
+            value: Cow::Owned(rt.into_bytes()),
+        });
+    }
+    if let Some(cd) = h.correlation_data {
+        headers.push(Header {
+            name: Cow::Borrowed("mqtt.correlation_data"),
+            value: Cow::Owned(cd.to_vec()),
+        });
+    }
     for (k, v) in h.user_properties {
         headers.push(Header {
             name: Cow::Owned(k),
@@ -190,7 +202,7 @@ mod tests {
                 qos: 1,
                 retain: false,
                 client_id: "dev",
-                content_type: Some("text/plain"),
+                content_type: Some("text/plain"), payload_format: None, message_expiry: None, response_topic: None, correlation_data: None,
                 user_properties: &props,
                 payload: payload.as_bytes(),
             }

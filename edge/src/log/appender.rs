@@ -55,7 +55,22 @@ pub enum StateOp {
         /// Key prefix.
         prefix: Vec<u8>,
     },
+    /// Queue a record of the same request for a session: puts `prefix | seq` (seq: u64
+    /// big-endian, from a node-wide counter that grows in commit order) with the value
+    /// `value | topic u32 | partition u32 | offset u64`, the record's position in the log.
+    /// The seqs given out are reported back, in op order, in [`Committed::seqs`].
+    Enqueue {
+        /// Key prefix (the session's queue).
+        prefix: Vec<u8>,
+        /// Index of the record in the request's `records`.
+        record: u32,
+        /// Start of the value.
+        value: Vec<u8>,
+    },
 }
+
+/// First byte of the keys [`StateOp::Enqueue`] writes (session queues).
+pub const QUEUE_PREFIX: &[u8] = b"o";
 
 /// Where the outcome of a request goes.
 #[derive(Debug, Clone)]
@@ -73,6 +88,8 @@ pub struct Committed {
     pub ticket: u64,
     /// `Err` with the reason when the log was poisoned; nothing of the request is durable.
     pub outcome: Result<(), String>,
+    /// The seqs of the request's [`StateOp::Enqueue`] ops, in order.
+    pub seqs: Vec<u64>,
 }
 
 /// Records and state changes that must become durable together.
@@ -174,6 +191,10 @@ struct Appender {
     /// End offset and bytes of touched partitions during a commit.
     next_end: Vec<u64>,
     next_bytes: Vec<u64>,
+    /// Next [`StateOp::Enqueue`] seq.
+    next_seq: u64,
+    /// Offsets of the records of the request being committed that has Enqueue ops.
+    offsets: Vec<u64>,
 }
 
 impl Appender {
@@ -187,6 +208,19 @@ impl Appender {
             }
         }
         let n = flat.len();
+        // Queue keys end with their seq; continue after the largest one still stored.
+        let next_seq = log
+            .meta_scan(QUEUE_PREFIX)
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter(|(k, _)| k.len() >= 9)
+                    .map(|(k, _)| u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8")))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+            + 1;
         Appender {
             log,
             fsync,
@@ -197,6 +231,8 @@ impl Appender {
             touched: Vec::new(),
             next_end: vec![0; n],
             next_bytes: vec![0; n],
+            next_seq,
+            offsets: Vec::new(),
         }
     }
 
@@ -259,6 +295,7 @@ impl Appender {
                 let _ = reply.tx.send(Committed {
                     ticket: reply.ticket,
                     outcome: Err(why.clone()),
+                    seqs: Vec::new(),
                 });
             }
         };
@@ -275,7 +312,13 @@ impl Appender {
     fn commit(&mut self, group: &mut Vec<AppendRequest>) -> Result<(), String> {
         let log = Arc::clone(&self.log);
         let mut batch = log.db.batch();
+        let mut offsets: Vec<Vec<u64>> = Vec::new();
         for req in group.iter() {
+            let wants_offsets = req
+                .state
+                .iter()
+                .any(|op| matches!(op, StateOp::Enqueue { .. }));
+            self.offsets.clear();
             for rec in &req.records {
                 let flat = self.topic_base[rec.topic as usize] + rec.partition as usize;
                 let full = self.builders[flat]
@@ -306,9 +349,18 @@ impl Appender {
                 };
                 let bytes = &req.buf[rec.start as usize..(rec.start + rec.len) as usize];
                 builder.value.extend_from_slice(bytes);
+                if wants_offsets {
+                    self.offsets
+                        .push(self.next_end[flat] + u64::from(builder.count));
+                }
                 builder.count += 1;
                 builder.last_ts = builder.last_ts.max(rec.timestamp_ms);
             }
+            offsets.push(if wants_offsets {
+                std::mem::take(&mut self.offsets)
+            } else {
+                Vec::new()
+            });
         }
         for i in 0..self.touched.len() {
             let flat = self.touched[i];
@@ -336,9 +388,26 @@ impl Appender {
         // A key written twice in one fjall batch would get one sequence number for both
         // versions, so the group's state changes are folded to one final value per key.
         let mut state: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        for req in group.iter_mut() {
+        let mut seqs: Vec<Vec<u64>> = Vec::with_capacity(group.len());
+        for (i, req) in group.iter_mut().enumerate() {
+            let mut req_seqs = Vec::new();
             for op in req.state.drain(..) {
                 match op {
+                    StateOp::Enqueue {
+                        mut prefix,
+                        record,
+                        mut value,
+                    } => {
+                        let rec = req.records[record as usize];
+                        let seq = self.next_seq;
+                        self.next_seq += 1;
+                        req_seqs.push(seq);
+                        prefix.extend_from_slice(&seq.to_be_bytes());
+                        value.extend_from_slice(&rec.topic.to_be_bytes());
+                        value.extend_from_slice(&rec.partition.to_be_bytes());
+                        value.extend_from_slice(&offsets[i][record as usize].to_be_bytes());
+                        state.insert(prefix, Some(value));
+                    }
                     StateOp::Put { key, value } => {
                         state.insert(key, Some(value));
                     }
@@ -358,6 +427,7 @@ impl Appender {
                     }
                 }
             }
+            seqs.push(req_seqs);
         }
         for (k, v) in state {
             match v {
@@ -393,12 +463,13 @@ impl Appender {
             log.refresh_budget_flag();
         }
         self.bound_write_buffer();
-        for req in group.drain(..) {
+        for (req, seqs) in group.drain(..).zip(seqs) {
             if let Some(reply) = req.reply {
                 // A connection that went away no longer needs its acks.
                 let _ = reply.tx.send(Committed {
                     ticket: reply.ticket,
                     outcome: Ok(()),
+                    seqs,
                 });
             }
         }

@@ -439,6 +439,32 @@ impl Log {
         Ok(out)
     }
 
+    /// Up to `max` entries of the meta keyspace under `prefix` whose keys are > `after`
+    /// (all from the start of the prefix when `after` is `None`), in key order.
+    pub fn meta_page(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        max: usize,
+    ) -> Result<Vec<MetaEntry>, LogError> {
+        let mut out = Vec::new();
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded(a.to_vec()),
+            None => std::ops::Bound::Included(prefix.to_vec()),
+        };
+        for item in self
+            .meta
+            .range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded))
+        {
+            let (k, v) = item.into_inner()?;
+            if !k.starts_with(prefix) || out.len() == max {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Entries of the meta keyspace under `prefix` (for the MQTT layer's durable state).
     pub fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<MetaEntry>, LogError> {
         let mut out = Vec::new();

@@ -11,8 +11,10 @@
 //!
 //! ```text
 //! length u32 (bytes after this field) | timestamp_ms u64 | key: u16 len + bytes
-//! | mqtt_topic: u16 len + bytes | qos u8 | flags u8 (bit 0 retain, bit 1 content type present)
-//! | client_id: u16 len + bytes | [content_type: u16 len + bytes]
+//! | mqtt_topic: u16 len + bytes | qos u8 | flags u8 (bit 0 retain, bits 1-5: the optional
+//! fields below are present) | client_id: u16 len + bytes | [content_type: u16 len + bytes]
+//! | [payload_format u8] | [message_expiry_secs u32] | [response_topic: u16 len + bytes]
+//! | [correlation_data: u16 len + bytes]
 //! | user_property_count u16, then per property: u16 len + key, u16 len + value
 //! | payload: u32 len + bytes
 //! ```
@@ -32,6 +34,10 @@ pub const BATCH_HEADER_LEN: usize = 2 + 4 + 8 + 8 + 4;
 
 const FLAG_RETAIN: u8 = 1;
 const FLAG_CONTENT_TYPE: u8 = 2;
+const FLAG_PAYLOAD_FORMAT: u8 = 4;
+const FLAG_MESSAGE_EXPIRY: u8 = 8;
+const FLAG_RESPONSE_TOPIC: u8 = 16;
+const FLAG_CORRELATION_DATA: u8 = 32;
 
 /// A batch value or record that does not decode.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -78,6 +84,14 @@ pub struct RecordHeaders {
     pub client_id: String,
     /// MQTT 5 content type.
     pub content_type: Option<String>,
+    /// MQTT 5 payload format indicator.
+    pub payload_format: Option<u8>,
+    /// MQTT 5 message expiry interval in seconds, from `timestamp_ms`.
+    pub message_expiry: Option<u32>,
+    /// MQTT 5 response topic.
+    pub response_topic: Option<String>,
+    /// MQTT 5 correlation data.
+    pub correlation_data: Option<Bytes>,
     /// MQTT 5 user properties, in order.
     pub user_properties: Vec<(String, String)>,
 }
@@ -114,6 +128,14 @@ pub struct NewRecord<'a> {
     pub client_id: &'a str,
     /// Content type.
     pub content_type: Option<&'a str>,
+    /// Payload format indicator.
+    pub payload_format: Option<u8>,
+    /// Message expiry interval in seconds.
+    pub message_expiry: Option<u32>,
+    /// Response topic.
+    pub response_topic: Option<&'a str>,
+    /// Correlation data.
+    pub correlation_data: Option<&'a [u8]>,
     /// User properties.
     pub user_properties: &'a [(String, String)],
     /// Body.
@@ -137,10 +159,34 @@ impl NewRecord<'_> {
         if self.content_type.is_some() {
             flags |= FLAG_CONTENT_TYPE;
         }
+        if self.payload_format.is_some() {
+            flags |= FLAG_PAYLOAD_FORMAT;
+        }
+        if self.message_expiry.is_some() {
+            flags |= FLAG_MESSAGE_EXPIRY;
+        }
+        if self.response_topic.is_some() {
+            flags |= FLAG_RESPONSE_TOPIC;
+        }
+        if self.correlation_data.is_some() {
+            flags |= FLAG_CORRELATION_DATA;
+        }
         out.push(flags);
         put_short(out, self.client_id.as_bytes());
         if let Some(ct) = self.content_type {
             put_short(out, ct.as_bytes());
+        }
+        if let Some(f) = self.payload_format {
+            out.push(f);
+        }
+        if let Some(e) = self.message_expiry {
+            out.extend_from_slice(&e.to_be_bytes());
+        }
+        if let Some(rt) = self.response_topic {
+            put_short(out, rt.as_bytes());
+        }
+        if let Some(cd) = self.correlation_data {
+            put_short(out, cd);
         }
         out.extend_from_slice(&(self.user_properties.len() as u16).to_be_bytes());
         for (k, v) in self.user_properties {
@@ -238,6 +284,26 @@ pub fn decode_batch(base_offset: u64, value: Bytes) -> Result<Vec<Record>, Corru
         } else {
             None
         };
+        let payload_format = if flags & FLAG_PAYLOAD_FORMAT != 0 {
+            Some(cursor.u8()?)
+        } else {
+            None
+        };
+        let message_expiry = if flags & FLAG_MESSAGE_EXPIRY != 0 {
+            Some(cursor.u32()?)
+        } else {
+            None
+        };
+        let response_topic = if flags & FLAG_RESPONSE_TOPIC != 0 {
+            Some(cursor.short_string("response_topic")?)
+        } else {
+            None
+        };
+        let correlation_data = if flags & FLAG_CORRELATION_DATA != 0 {
+            Some(cursor.short_bytes()?)
+        } else {
+            None
+        };
         let n_props = cursor.u16()?;
         let mut user_properties = Vec::with_capacity(n_props as usize);
         for _ in 0..n_props {
@@ -260,6 +326,10 @@ pub fn decode_batch(base_offset: u64, value: Bytes) -> Result<Vec<Record>, Corru
                 retain: flags & FLAG_RETAIN != 0,
                 client_id,
                 content_type,
+                payload_format,
+                message_expiry,
+                response_topic,
+                correlation_data,
                 user_properties,
             },
             payload,
@@ -337,7 +407,7 @@ mod tests {
             qos: 1,
             retain: true,
             client_id: "c-1",
-            content_type: Some("application/json"),
+            content_type: Some("application/json"), payload_format: None, message_expiry: None, response_topic: None, correlation_data: None,
             user_properties: props,
             payload,
         }
@@ -433,7 +503,7 @@ mod tests {
             let mut body = Vec::new();
             NewRecord {
                 timestamp_ms: ts, key: &key, mqtt_topic: topic.as_bytes(), qos, retain,
-                client_id: &client, content_type: ct.as_deref(), user_properties: &props,
+                client_id: &client, content_type: ct.as_deref(), payload_format: None, message_expiry: None, response_topic: None, correlation_data: None, user_properties: &props,
                 payload: &payload,
             }.encode_into(&mut body);
             let mut value = Vec::new();

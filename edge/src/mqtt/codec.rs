@@ -54,6 +54,86 @@ pub struct ConnectIn {
     pub keep_alive: u16,
     /// 5.0 Session Expiry Interval (absent = 0).
     pub session_expiry: u32,
+    /// 5.0 Receive Maximum of the client (absent = 65,535).
+    pub receive_maximum: u16,
+    /// 5.0 Maximum Packet Size the client accepts.
+    pub max_packet_size: Option<u32>,
+    /// 5.0 Topic Alias Maximum of the client (absent = 0: no outbound aliases).
+    pub topic_alias_maximum: u16,
+    /// 5.0 Request Problem Information (absent = true).
+    pub request_problem_info: bool,
+    /// Will message.
+    pub will: Option<WillIn>,
+}
+
+/// The will of a CONNECT.
+#[derive(Debug, Clone)]
+pub struct WillIn {
+    /// Will topic.
+    pub topic: Bytes,
+    /// Will payload.
+    pub payload: Bytes,
+    /// Will QoS.
+    pub qos: QoS,
+    /// Will retain.
+    pub retain: bool,
+    /// 5.0 Will Delay Interval in seconds.
+    pub delay: u32,
+    /// 5.0 message properties of the will.
+    pub props: MessageProps,
+}
+
+/// MQTT 5 properties a message carries from publisher to subscribers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageProps {
+    /// Payload Format Indicator.
+    pub payload_format: Option<u8>,
+    /// Message Expiry Interval in seconds.
+    pub message_expiry: Option<u32>,
+    /// Content Type.
+    pub content_type: Option<String>,
+    /// Response Topic.
+    pub response_topic: Option<String>,
+    /// Correlation Data.
+    pub correlation_data: Option<Bytes>,
+    /// User properties, in order.
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl MessageProps {
+    /// Whether no property is set.
+    pub fn is_empty(&self) -> bool {
+        self.payload_format.is_none()
+            && self.message_expiry.is_none()
+            && self.content_type.is_none()
+            && self.response_topic.is_none()
+            && self.correlation_data.is_none()
+            && self.user_properties.is_empty()
+    }
+}
+
+/// Options of one subscription as requested (3.1.1 uses the QoS only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SubscribeOptions {
+    /// Maximum QoS.
+    pub qos: u8,
+    /// 5.0 No Local.
+    pub no_local: bool,
+    /// 5.0 Retain As Published.
+    pub retain_as_published: bool,
+    /// 5.0 Retain Handling (0, 1 or 2).
+    pub retain_handling: u8,
+}
+
+/// SUBSCRIBE, version-neutral.
+#[derive(Debug, Clone)]
+pub struct SubscribeIn {
+    /// Packet id.
+    pub pkid: u16,
+    /// Filters with their options, in order.
+    pub filters: Vec<(String, SubscribeOptions)>,
+    /// 5.0 Subscription Identifier.
+    pub id: Option<u32>,
 }
 
 /// PUBLISH, version-neutral.
@@ -73,10 +153,8 @@ pub struct PublishIn {
     pub payload: Bytes,
     /// 5.0 topic alias.
     pub topic_alias: Option<u16>,
-    /// 5.0 content type.
-    pub content_type: Option<String>,
-    /// 5.0 user properties.
-    pub user_properties: Vec<(String, String)>,
+    /// 5.0 message properties passed to subscribers.
+    pub props: MessageProps,
 }
 
 /// A decoded packet from a client.
@@ -88,16 +166,16 @@ pub enum Inbound {
     Publish(PublishIn),
     /// PUBACK.
     PubAck(u16),
-    /// PUBREC.
-    PubRec(u16),
+    /// PUBREC with its 5.0 reason code.
+    PubRec(u16, u8),
     /// PUBREL.
     PubRel(u16),
     /// PUBCOMP.
     PubComp(u16),
-    /// SUBSCRIBE: packet id and filter count.
-    Subscribe(u16, usize),
-    /// UNSUBSCRIBE: packet id and filter count.
-    Unsubscribe(u16, usize),
+    /// SUBSCRIBE.
+    Subscribe(SubscribeIn),
+    /// UNSUBSCRIBE: packet id and filters.
+    Unsubscribe(u16, Vec<String>),
     /// PINGREQ.
     PingReq,
     /// DISCONNECT with its 5.0 reason code and Session Expiry Interval.
@@ -200,6 +278,18 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
             clean_start: c.clean_session,
             keep_alive: c.keep_alive,
             session_expiry: if c.clean_session { 0 } else { u32::MAX },
+            receive_maximum: u16::MAX,
+            max_packet_size: None,
+            topic_alias_maximum: 0,
+            request_problem_info: true,
+            will: c.last_will.map(|w| WillIn {
+                topic: Bytes::from(w.topic.into_bytes()),
+                payload: w.message,
+                qos: w.qos,
+                retain: w.retain,
+                delay: 0,
+                props: MessageProps::default(),
+            }),
         })),
         v4::Packet::Publish(p) => Inbound::Publish(PublishIn {
             qos: p.qos,
@@ -209,15 +299,35 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
             pkid: p.pkid,
             payload: p.payload,
             topic_alias: None,
-            content_type: None,
-            user_properties: Vec::new(),
+            props: MessageProps::default(),
         }),
         v4::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
-        v4::Packet::PubRec(a) => Inbound::PubRec(a.pkid),
+        v4::Packet::PubRec(a) => Inbound::PubRec(a.pkid, 0),
         v4::Packet::PubRel(a) => Inbound::PubRel(a.pkid),
         v4::Packet::PubComp(a) => Inbound::PubComp(a.pkid),
-        v4::Packet::Subscribe(s) => Inbound::Subscribe(s.pkid, s.filters.len()),
-        v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe(u.pkid, u.topics.len()),
+        v4::Packet::Subscribe(s) => Inbound::Subscribe(SubscribeIn {
+            pkid: s.pkid,
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| {
+                    (
+                        f.path,
+                        SubscribeOptions {
+                            qos: f.qos as u8,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect(),
+            id: None,
+        }),
+        v4::Packet::Unsubscribe(u) => {
+            if u.topics.is_empty() {
+                return Err(malformed("UNSUBSCRIBE without a topic filter"));
+            }
+            Inbound::Unsubscribe(u.pkid, u.topics)
+        }
         v4::Packet::PingReq => Inbound::PingReq,
         v4::Packet::Disconnect => Inbound::Disconnect {
             reason: 0,
@@ -246,40 +356,118 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
         Err(e) => return Err(malformed(e)),
     };
     Ok(Some(match packet {
-        v5::Packet::Connect(c, _will, _login) => {
+        v5::Packet::Connect(c, will, _login) => {
             let props = c.properties.unwrap_or_default();
+            if props.receive_maximum == Some(0) {
+                return Err(malformed("Receive Maximum 0"));
+            }
+            if props.max_packet_size == Some(0) {
+                return Err(malformed("Maximum Packet Size 0"));
+            }
             Inbound::Connect(Box::new(ConnectIn {
                 version: Version::V5,
                 client_id: c.client_id,
                 clean_start: c.clean_start,
                 keep_alive: c.keep_alive,
                 session_expiry: props.session_expiry_interval.unwrap_or(0),
+                receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
+                max_packet_size: props.max_packet_size,
+                topic_alias_maximum: props.topic_alias_max.unwrap_or(0),
+                request_problem_info: props.request_problem_info != Some(0),
+                will: will.map(|w| {
+                    let p = w.properties.unwrap_or(v5::LastWillProperties {
+                        delay_interval: None,
+                        payload_format_indicator: None,
+                        message_expiry_interval: None,
+                        content_type: None,
+                        response_topic: None,
+                        correlation_data: None,
+                        user_properties: Vec::new(),
+                    });
+                    WillIn {
+                        topic: w.topic,
+                        payload: w.message,
+                        qos: qos_from5(w.qos),
+                        retain: w.retain,
+                        delay: p.delay_interval.unwrap_or(0),
+                        props: MessageProps {
+                            payload_format: p.payload_format_indicator,
+                            message_expiry: p.message_expiry_interval,
+                            content_type: p.content_type,
+                            response_topic: p.response_topic,
+                            correlation_data: p.correlation_data,
+                            user_properties: p.user_properties,
+                        },
+                    }
+                }),
             }))
         }
         v5::Packet::Publish(p) => {
             let props = p.properties.unwrap_or_default();
+            if !props.subscription_identifiers.is_empty() {
+                return Err(malformed("a PUBLISH from a client carries a Subscription Identifier"));
+            }
             Inbound::Publish(PublishIn {
-                qos: match p.qos {
-                    mb5::QoS::AtMostOnce => QoS::AtMostOnce,
-                    mb5::QoS::AtLeastOnce => QoS::AtLeastOnce,
-                    mb5::QoS::ExactlyOnce => QoS::ExactlyOnce,
-                },
+                qos: qos_from5(p.qos),
                 retain: p.retain,
                 dup: p.dup,
                 topic: p.topic,
                 pkid: p.pkid,
                 payload: p.payload,
                 topic_alias: props.topic_alias,
-                content_type: props.content_type,
-                user_properties: props.user_properties,
+                props: MessageProps {
+                    payload_format: props.payload_format_indicator,
+                    message_expiry: props.message_expiry_interval,
+                    content_type: props.content_type,
+                    response_topic: props.response_topic,
+                    correlation_data: props.correlation_data,
+                    user_properties: props.user_properties,
+                },
             })
         }
         v5::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
-        v5::Packet::PubRec(a) => Inbound::PubRec(a.pkid),
+        v5::Packet::PubRec(a) => Inbound::PubRec(a.pkid, pubrec_code(&a.reason)),
         v5::Packet::PubRel(a) => Inbound::PubRel(a.pkid),
         v5::Packet::PubComp(a) => Inbound::PubComp(a.pkid),
-        v5::Packet::Subscribe(s) => Inbound::Subscribe(s.pkid, s.filters.len()),
-        v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe(u.pkid, u.filters.len()),
+        v5::Packet::Subscribe(s) => {
+            let id = match s.properties.as_ref().and_then(|p| p.id) {
+                Some(0) => return Err(malformed("Subscription Identifier 0")),
+                Some(id) if id > 268_435_455 => {
+                    return Err(malformed("Subscription Identifier too large"))
+                }
+                Some(id) => Some(id as u32),
+                None => None,
+            };
+            Inbound::Subscribe(SubscribeIn {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| {
+                        (
+                            f.path,
+                            SubscribeOptions {
+                                qos: f.qos as u8,
+                                no_local: f.nolocal,
+                                retain_as_published: f.preserve_retain,
+                                retain_handling: match f.retain_forward_rule {
+                                    v5::RetainForwardRule::OnEverySubscribe => 0,
+                                    v5::RetainForwardRule::OnNewSubscribe => 1,
+                                    v5::RetainForwardRule::Never => 2,
+                                },
+                            },
+                        )
+                    })
+                    .collect(),
+                id,
+            })
+        }
+        v5::Packet::Unsubscribe(u) => {
+            if u.filters.is_empty() {
+                return Err(malformed("UNSUBSCRIBE without a topic filter"));
+            }
+            Inbound::Unsubscribe(u.pkid, u.filters)
+        }
         v5::Packet::PingReq(_) => Inbound::PingReq,
         v5::Packet::Disconnect(d) => Inbound::Disconnect {
             reason: d.reason_code as u8,
@@ -293,10 +481,37 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
     }))
 }
 
+fn qos_from5(q: mb5::QoS) -> QoS {
+    match q {
+        mb5::QoS::AtMostOnce => QoS::AtMostOnce,
+        mb5::QoS::AtLeastOnce => QoS::AtLeastOnce,
+        mb5::QoS::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn pubrec_code(r: &v5::PubRecReason) -> u8 {
+    use v5::PubRecReason as R;
+    match r {
+        R::Success => 0x00,
+        R::NoMatchingSubscribers => 0x10,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
+    }
+}
+
 /// MQTT 5 reason codes the edge sends (3.1.1 maps them to its return codes or a close).
 pub mod reason {
-    /// Success.
+    /// Success (also: granted QoS 0).
     pub const SUCCESS: u8 = 0x00;
+    /// Disconnect with Will Message (from a client).
+    pub const DISCONNECT_WITH_WILL: u8 = 0x04;
+    /// No matching subscribers (PUBACK/PUBREC).
+    pub const NO_MATCHING_SUBSCRIBERS: u8 = 0x10;
     /// No subscription existed (UNSUBACK).
     pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
     /// Unspecified error.
@@ -319,8 +534,14 @@ pub mod reason {
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
     /// Session taken over.
     pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    /// Not authorized.
+    pub const NOT_AUTHORIZED: u8 = 0x87;
+    /// Topic filter invalid.
+    pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
     /// Topic name invalid.
     pub const TOPIC_NAME_INVALID: u8 = 0x90;
+    /// Packet identifier in use.
+    pub const PACKET_ID_IN_USE: u8 = 0x91;
     /// Packet identifier not found.
     pub const PACKET_ID_NOT_FOUND: u8 = 0x92;
     /// Receive maximum exceeded.
@@ -392,9 +613,9 @@ pub fn write_connack(version: Version, info: &ConnAckInfo, out: &mut BytesMut) {
                 topic_alias_max: Some(info.topic_alias_maximum),
                 reason_string: info.reason_string.clone(),
                 user_properties: Vec::new(),
-                wildcard_subscription_available: Some(0),
-                subscription_identifiers_available: Some(0),
-                shared_subscription_available: Some(0),
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: None,
+                shared_subscription_available: None,
                 server_keep_alive: info.server_keep_alive,
                 response_information: None,
                 server_reference: None,
@@ -449,6 +670,8 @@ pub enum AckKind {
     PubRec,
     /// PUBCOMP (QoS 2, second half).
     PubComp,
+    /// PUBREL (outbound QoS 2, after the subscriber's PUBREC).
+    PubRel,
 }
 
 /// Writes PUBACK / PUBREC / PUBCOMP. 3.1.1 has no reason codes; callers close the connection
@@ -460,6 +683,7 @@ pub fn write_ack(version: Version, kind: AckKind, pkid: u16, code: u8, out: &mut
         AckKind::PubAck => 0x40,
         AckKind::PubRec => 0x50,
         AckKind::PubComp => 0x70,
+        AckKind::PubRel => 0x62,
     };
     let [hi, lo] = pkid.to_be_bytes();
     if version == Version::V311 || code == reason::SUCCESS {
@@ -474,49 +698,191 @@ pub fn write_pingresp(out: &mut BytesMut) {
     out.extend_from_slice(&[0xD0, 0]);
 }
 
-/// Writes a SUBACK refusing every filter: this edge does not deliver to subscribers yet.
-pub fn write_suback_refused(version: Version, pkid: u16, filters: usize, out: &mut BytesMut) {
+/// Writes a SUBACK with one reason code per filter (5.0 codes; 3.1.1 gets the granted QoS
+/// or 0x80 Failure).
+pub fn write_suback(
+    version: Version,
+    pkid: u16,
+    codes: &[u8],
+    reason_string: Option<&str>,
+    out: &mut BytesMut,
+) {
+    write_sub_or_unsub_ack(0x90, version, pkid, codes, reason_string, out);
+}
+
+/// Writes an UNSUBACK (5.0: one reason code per filter; 3.1.1 has none).
+pub fn write_unsuback(version: Version, pkid: u16, codes: &[u8], out: &mut BytesMut) {
+    write_sub_or_unsub_ack(0xB0, version, pkid, codes, None, out);
+}
+
+fn write_sub_or_unsub_ack(
+    type_byte: u8,
+    version: Version,
+    pkid: u16,
+    codes: &[u8],
+    reason_string: Option<&str>,
+    out: &mut BytesMut,
+) {
+    let mut body = Vec::with_capacity(4 + codes.len());
+    body.extend_from_slice(&pkid.to_be_bytes());
     match version {
         Version::V311 => {
-            v4::SubAck::new(pkid, vec![v4::SubscribeReasonCode::Failure; filters])
-                .write(out)
-                .expect("SUBACK encodes");
+            if type_byte == 0x90 {
+                body.extend(codes.iter().map(|&c| if c <= 2 { c } else { 0x80 }));
+            }
         }
         Version::V5 => {
-            v5::SubAck {
-                pkid,
-                return_codes: vec![v5::SubscribeReasonCode::ImplementationSpecific; filters],
-                properties: Some(v5::SubAckProperties {
-                    reason_string: Some(
-                        "this edge does not deliver to subscribers yet".to_string(),
-                    ),
-                    user_properties: Vec::new(),
-                }),
+            let mut props = Vec::new();
+            if let Some(r) = reason_string {
+                props.push(0x1F);
+                put_str(&mut props, r.as_bytes());
             }
-            .write(out)
-            .expect("SUBACK encodes");
+            put_varint(&mut body, props.len());
+            body.extend_from_slice(&props);
+            body.extend_from_slice(codes);
+        }
+    }
+    out.extend_from_slice(&[type_byte]);
+    put_varint_bytes(out, body.len());
+    out.extend_from_slice(&body);
+}
+
+/// An outbound PUBLISH.
+#[derive(Debug, Clone, Copy)]
+pub struct OutPublish<'a> {
+    /// Topic name; empty when a 5.0 topic alias already set stands for it.
+    pub topic: &'a [u8],
+    /// 5.0 topic alias to set or use.
+    pub alias: Option<u16>,
+    /// Packet id (QoS 1 and 2).
+    pub pkid: u16,
+    /// Delivered QoS.
+    pub qos: u8,
+    /// Retain flag as delivered.
+    pub retain: bool,
+    /// Duplicate flag (a resend).
+    pub dup: bool,
+    /// Message properties (5.0 only).
+    pub props: &'a MessageProps,
+    /// Remaining Message Expiry Interval (replaces the published one).
+    pub expiry_left: Option<u32>,
+    /// Subscription identifiers of the matching subscriptions (5.0 only).
+    pub sub_ids: &'a [u32],
+    /// Body.
+    pub payload: &'a [u8],
+}
+
+fn publish_props(p: &OutPublish<'_>, out: &mut Vec<u8>) {
+    if let Some(f) = p.props.payload_format {
+        out.extend_from_slice(&[0x01, f]);
+    }
+    if let Some(e) = p.expiry_left {
+        out.push(0x02);
+        out.extend_from_slice(&e.to_be_bytes());
+    }
+    if let Some(ct) = &p.props.content_type {
+        out.push(0x03);
+        put_str(out, ct.as_bytes());
+    }
+    if let Some(rt) = &p.props.response_topic {
+        out.push(0x08);
+        put_str(out, rt.as_bytes());
+    }
+    if let Some(cd) = &p.props.correlation_data {
+        out.push(0x09);
+        put_str(out, cd);
+    }
+    for &id in p.sub_ids {
+        out.push(0x0B);
+        put_varint(out, id as usize);
+    }
+    if let Some(a) = p.alias {
+        out.push(0x23);
+        out.extend_from_slice(&a.to_be_bytes());
+    }
+    for (k, v) in &p.props.user_properties {
+        out.push(0x26);
+        put_str(out, k.as_bytes());
+        put_str(out, v.as_bytes());
+    }
+}
+
+/// Writes a PUBLISH; returns its size in bytes.
+pub fn write_publish(version: Version, p: &OutPublish<'_>, out: &mut BytesMut) -> usize {
+    let mut props = Vec::new();
+    if version == Version::V5 {
+        publish_props(p, &mut props);
+    }
+    let mut remaining = 2 + p.topic.len() + p.payload.len();
+    if p.qos > 0 {
+        remaining += 2;
+    }
+    if version == Version::V5 {
+        remaining += varint_len(props.len()) + props.len();
+    }
+    let start = out.len();
+    out.reserve(remaining + 5);
+    let flags = (u8::from(p.dup && p.qos > 0) << 3) | (p.qos << 1) | u8::from(p.retain);
+    out.extend_from_slice(&[0x30 | flags]);
+    put_varint_bytes(out, remaining);
+    out.extend_from_slice(&(p.topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(p.topic);
+    if p.qos > 0 {
+        out.extend_from_slice(&p.pkid.to_be_bytes());
+    }
+    if version == Version::V5 {
+        let mut len = Vec::with_capacity(4);
+        put_varint(&mut len, props.len());
+        out.extend_from_slice(&len);
+        out.extend_from_slice(&props);
+    }
+    out.extend_from_slice(p.payload);
+    out.len() - start
+}
+
+/// Size in bytes of the PUBLISH [`write_publish`] would write.
+pub fn publish_size(version: Version, p: &OutPublish<'_>) -> usize {
+    let mut remaining = 2 + p.topic.len() + p.payload.len() + if p.qos > 0 { 2 } else { 0 };
+    if version == Version::V5 {
+        let mut props = Vec::new();
+        publish_props(p, &mut props);
+        remaining += varint_len(props.len()) + props.len();
+    }
+    1 + varint_len(remaining) + remaining
+}
+
+fn varint_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return;
         }
     }
 }
 
-/// Writes an UNSUBACK saying no subscription existed.
-pub fn write_unsuback(version: Version, pkid: u16, filters: usize, out: &mut BytesMut) {
-    match version {
-        Version::V311 => {
-            v4::UnsubAck::new(pkid)
-                .write(out)
-                .expect("UNSUBACK encodes");
-        }
-        Version::V5 => {
-            v5::UnsubAck {
-                pkid,
-                reasons: vec![v5::UnsubAckReason::NoSubscriptionExisted; filters],
-                properties: None,
-            }
-            .write(out)
-            .expect("UNSUBACK encodes");
-        }
-    }
+fn put_varint_bytes(out: &mut BytesMut, n: usize) {
+    let mut v = Vec::with_capacity(4);
+    put_varint(&mut v, n);
+    out.extend_from_slice(&v);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
 }
 
 /// Writes a 5.0 DISCONNECT with a reason code and reason string (nothing for 3.1.1, where the
@@ -558,6 +924,7 @@ fn disconnect_reason(code: u8) -> Option<v5::DisconnectReasonCode> {
         reason::TOPIC_ALIAS_INVALID => D::TopicAliasInvalid,
         reason::PACKET_TOO_LARGE => D::PacketTooLarge,
         reason::QUOTA_EXCEEDED => D::QuotaExceeded,
+        reason::NOT_AUTHORIZED => D::NotAuthorized,
         _ => return None,
     })
 }

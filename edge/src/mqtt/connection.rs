@@ -19,15 +19,22 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::codec::{
-    self, reason, AckKind, ConnAckInfo, ConnectIn, Inbound, PublishIn, QoS, Version,
+    self, reason, AckKind, ConnAckInfo, ConnectIn, Inbound, MessageProps, OutPublish, PublishIn,
+    QoS, SubscribeIn, Version, WillIn,
 };
-use super::session::{qos2_key, qos2_prefix, session_key, session_value, Control, SessionData};
+use super::delivery::{
+    client_prefix, parse_queue_value, queue_key, retained_key, split_client_key,
+    subscription_value, Delivery, Fanout, Hub, Message, Subscriber, Target, TAG_QUEUED,
+    TAG_RELEASED, TAG_SUBSCRIPTION,
+};
+use super::session::{purge_ops, qos2_key, session_key, session_value, Control, SessionData};
+use super::subs::{self, Match, SubOptions};
 use super::Broker;
 use crate::log::appender::{
     now_ms, AppendRequest, AppenderMsg, Committed, PendingRecord, ReplyTo, StateOp,
 };
 use crate::log::record::NewRecord;
-use crate::route::TopicId;
+use crate::route::{TopicFilter, TopicId};
 
 /// A request is sent to the appender once it holds this many bytes, even mid-read.
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
@@ -40,6 +47,12 @@ const READ_CHUNK_MIN: usize = 1024;
 const READ_CHUNK_MAX: usize = 64 * 1024;
 /// Write buffers larger than this are released after they are flushed.
 const WRITE_BUFFER_KEEP: usize = 64 * 1024;
+/// Deliveries are taken from the outbox while less than this is waiting to be written.
+const WRITE_BUFFER_HIGH: usize = 64 * 1024;
+/// Queue entries of a persistent session read back from disk at once.
+const REPLAY_PAGE: usize = 256;
+/// Time a closing connection gets to write its last packets to a peer that does not read.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
 
 /// Why the connection is being closed by the edge.
 #[derive(Debug)]
@@ -56,6 +69,34 @@ impl Close {
             why: why.into(),
         }
     }
+}
+
+/// Something written once the request it belongs to is committed.
+#[derive(Debug)]
+enum Deferred {
+    /// An acknowledgement.
+    Ack(PendingAck),
+    /// A pre-encoded packet (SUBACK, UNSUBACK).
+    Packet(BytesMut),
+    /// Retained messages for a new subscription, after its SUBACK.
+    Deliver(Vec<Delivery>),
+}
+
+/// A request sent to the appender and what to do when it is committed.
+struct PendingReq {
+    ticket: u64,
+    deferred: Vec<Deferred>,
+    fanout: Vec<Fanout>,
+    retained: Vec<(Bytes, Option<Arc<Message>>)>,
+}
+
+/// An outbound QoS 1 or 2 PUBLISH awaiting its acknowledgement.
+#[derive(Debug, Clone, Copy)]
+struct OutFlight {
+    qos: u8,
+    seq: Option<u64>,
+    /// QoS 2: PUBREC received, PUBREL sent.
+    released: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -179,28 +220,42 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         .attach(&client_id, control_tx, done_rx)
         .await;
     let mut ops = Vec::new();
+    let hub = &broker.hub;
     let (mut data, session_present) = match attachment.previous {
         Some(prev) if !connect.clean_start => (prev, true),
         prev => {
-            if prev.as_ref().is_some_and(|p| p.durable) {
-                ops.push(StateOp::DeletePrefix {
-                    prefix: qos2_prefix(&client_id),
-                });
-                ops.push(StateOp::Delete {
-                    key: session_key(&client_id),
-                });
+            if let Some(prev) = prev {
+                if prev.durable {
+                    ops.extend(purge_ops(&client_id));
+                }
+                if let Some(sub) = &prev.sub {
+                    hub.remove_session(sub);
+                }
             }
             (SessionData::default(), false)
         }
     };
+    let client_id: Arc<str> = Arc::from(client_id);
+    let sub = data
+        .sub
+        .get_or_insert_with(|| Subscriber::new(client_id.clone(), false))
+        .clone();
     data.expiry = connect.session_expiry;
     if data.expiry > 0 {
         if !data.durable {
-            // Markers so far were kept in memory only; make them durable with the session.
+            // State so far was kept in memory only; make it durable with the session.
             for &pkid in &data.qos2 {
                 ops.push(StateOp::Put {
                     key: qos2_key(&client_id, pkid),
                     value: Vec::new(),
+                });
+            }
+            for (filter, opts) in hub.subscriptions_of(&sub) {
+                let mut key = client_prefix(TAG_SUBSCRIPTION, &client_id);
+                key.extend_from_slice(filter.as_bytes());
+                ops.push(StateOp::Put {
+                    key,
+                    value: subscription_value(&opts),
                 });
             }
         }
@@ -210,15 +265,12 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         });
         data.durable = true;
     } else if data.durable {
-        ops.push(StateOp::DeletePrefix {
-            prefix: qos2_prefix(&client_id),
-        });
-        ops.push(StateOp::Delete {
-            key: session_key(&client_id),
-        });
+        ops.extend(purge_ops(&client_id));
         data.durable = false;
     }
-    let client_id: Arc<str> = Arc::from(client_id);
+    sub.durable.store(data.durable, Ordering::Release);
+    let lost = sub.set_online(true);
+    hub.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
     let (commit_tx, commit_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         broker: broker.clone(),
@@ -243,13 +295,33 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         aliases: Vec::new(),
         req: AppendRequest::default(),
         req_acks: Vec::new(),
+        req_fanout: Vec::new(),
+        req_retained: Vec::new(),
         route_cache: HashMap::new(),
         taken_over: false,
+        sub,
+        out_limit: connect
+            .receive_maximum
+            .min(broker.config.max_inflight_messages) as usize,
+        client_max_packet: connect.max_packet_size.map(|m| m as usize),
+        client_alias_max: connect.topic_alias_maximum,
+        out_aliases: HashMap::new(),
+        inflight_out: HashMap::new(),
+        next_pkid: 0,
+        replay_after: None,
+        replay: VecDeque::new(),
+        replayed: HashSet::new(),
+        problem_info: connect.request_problem_info,
+        will: connect.will.clone(),
+        publish_will: true,
+        scratch_matches: Vec::new(),
+        scratch_targets: Vec::new(),
     };
     if !ops.is_empty() {
         if let Err(why) = conn.commit_state(ops).await {
             let out = refuse(reason::SERVER_BUSY, why).await;
             let _ = conn.writer.write_all(&out).await;
+            conn.publish_will = false;
             conn.finish(attachment.conn, &done_tx).await;
             return;
         }
@@ -276,6 +348,12 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     };
     codec::write_connack(version, &info, &mut conn.wbuf);
     tracing::debug!(%peer, client_id = %client_id, ?version, session_present, "connected");
+    if session_present && conn.session.durable {
+        // Unacknowledged deliveries of the previous connection (or of the edge before a
+        // restart) and messages queued while offline: PUBRELs first, then the queue.
+        conn.resume_released();
+        conn.replay_after = Some(client_prefix(TAG_QUEUED, &client_id));
+    }
 
     let end = conn.run(control_rx).await;
     if let Err(close) = &end {
@@ -285,7 +363,13 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
             tracing::info!(%peer, client_id = %client_id, code = format!("{:#04x}", close.code), reason = %close.why, "closing connection");
         }
     }
-    let _ = conn.flush().await;
+    if let Err(close) = &end {
+        // The edge going down is not the client's failure.
+        if close.code == reason::SERVER_SHUTTING_DOWN {
+            conn.publish_will = false;
+        }
+    }
+    let _ = tokio::time::timeout(FINAL_FLUSH, conn.flush()).await;
     let _ = conn.writer.shutdown().await;
     conn.finish(attachment.conn, &done_tx).await;
 }
@@ -375,23 +459,56 @@ struct Connection {
     /// QoS 1 and 2 publishes whose commit is not reported yet: what 3.1.1 read-ahead counts.
     /// A QoS 2 flow past PUBREC only waits for the client's PUBREL, which must still be read.
     awaiting_commit: usize,
-    pending: VecDeque<(u64, Vec<PendingAck>)>,
+    pending: VecDeque<PendingReq>,
     next_ticket: u64,
     commit_tx: mpsc::UnboundedSender<Committed>,
     commit_rx: mpsc::UnboundedReceiver<Committed>,
     /// 5.0 inbound topic aliases, grown as the client sets them.
     aliases: Vec<Option<Bytes>>,
     req: AppendRequest,
-    req_acks: Vec<PendingAck>,
+    req_acks: Vec<Deferred>,
+    req_fanout: Vec<Fanout>,
+    req_retained: Vec<(Bytes, Option<Arc<Message>>)>,
     route_cache: HashMap<Bytes, (TopicId, u32, Bytes)>,
     taken_over: bool,
+    /// This session's delivery side.
+    sub: Arc<Subscriber>,
+    /// Outbound QoS 1/2 publishes allowed unacknowledged.
+    out_limit: usize,
+    /// 5.0 Maximum Packet Size of the client.
+    client_max_packet: Option<usize>,
+    /// 5.0 Topic Alias Maximum of the client.
+    client_alias_max: u16,
+    /// Outbound topic aliases given so far.
+    out_aliases: HashMap<Bytes, u16>,
+    /// Outbound QoS 1/2 publishes by packet id.
+    inflight_out: HashMap<u16, OutFlight>,
+    /// Last packet id given to a delivery without a durable entry.
+    next_pkid: u16,
+    /// Replaying the durable queue: the last key read (the prefix before the first page).
+    replay_after: Option<Vec<u8>>,
+    /// Deliveries read back from the durable queue, sent before the outbox.
+    replay: VecDeque<Delivery>,
+    /// Seqs replayed from disk: the same entries arriving through the outbox are skipped.
+    replayed: HashSet<u64>,
+    /// 5.0 Request Problem Information.
+    problem_info: bool,
+    /// The will, until a normal DISCONNECT discards it.
+    will: Option<WillIn>,
+    /// Whether the will is published when the connection ends.
+    publish_will: bool,
+    scratch_matches: Vec<Match<super::delivery::SubRef>>,
+    scratch_targets: Vec<Target>,
 }
 
 impl Connection {
     async fn run(&mut self, mut control: mpsc::UnboundedReceiver<Control>) -> Result<(), Close> {
         let mut shutdown = self.broker.shutdown.clone();
-        self.flush().await?;
+        self.pump()?;
+        self.try_flush()?;
         self.touch();
+        let mut slow_check = tokio::time::interval(Duration::from_millis(500));
+        slow_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // 3.1.1 has no Receive Maximum: stop reading instead, so memory stays bounded.
             let can_read = self.awaiting_commit < self.broker.config.receive_maximum as usize
@@ -399,6 +516,7 @@ impl Connection {
             let deadline = self.deadline;
             let has_deadline = self.keep_alive.is_some();
             let spare = self.prepare_read();
+            let unwritten = !self.wbuf.is_empty();
             tokio::select! {
                 biased;
                 Some(done) = self.commit_rx.recv() => self.on_committed(done)?,
@@ -413,6 +531,11 @@ impl Connection {
                     self.drain_pending().await;
                     return Err(Close::new(reason::SERVER_SHUTTING_DOWN, "the edge is shutting down"));
                 }
+                written = self.writer.writable(), if unwritten => {
+                    if let Err(e) = written {
+                        return Err(Close::new(reason::UNSPECIFIED, format!("write failed: {e}")));
+                    }
+                }
                 read = self.reader.read_buf(&mut self.rbuf), if can_read => {
                     match read {
                         Ok(0) => {
@@ -421,6 +544,7 @@ impl Connection {
                         }
                         Ok(n) => {
                             self.touch();
+                            self.broker.hub.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                             // Publishes accepted before the end (or before an offending
                             // packet) are still committed and acknowledged.
                             match self.on_bytes().await {
@@ -441,12 +565,58 @@ impl Connection {
                         }
                     }
                 }
+                _ = self.sub.notify.notified() => {}
+                _ = slow_check.tick() => {
+                    let limit = self.broker.config.slow_subscriber_timeout.0;
+                    if self.sub.over_for().is_some_and(|d| d >= limit) {
+                        self.broker.hub.stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                        self.drain_pending().await;
+                        return Err(Close::new(
+                            reason::QUOTA_EXCEEDED,
+                            format!(
+                                "this subscriber stayed over its queue bound ({} messages / {} bytes) for {limit:?}",
+                                self.broker.config.max_queued_messages,
+                                self.broker.config.max_queued_bytes.0
+                            ),
+                        ));
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline), if has_deadline => {
                     return Err(Close::new(reason::KEEP_ALIVE_TIMEOUT, "no packet within 1.5 times the keepalive"));
                 }
             }
-            self.flush().await?;
+            self.pump()?;
+            self.try_flush()?;
         }
+    }
+
+    /// Writes what the socket takes without waiting.
+    fn try_flush(&mut self) -> Result<(), Close> {
+        while !self.wbuf.is_empty() {
+            match self.writer.try_write(&self.wbuf) {
+                Ok(n) => {
+                    self.broker
+                        .hub
+                        .stats
+                        .bytes_sent
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    let _ = self.wbuf.split_to(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => {
+                    return Err(Close::new(
+                        reason::UNSPECIFIED,
+                        format!("write failed: {e}"),
+                    ))
+                }
+            }
+        }
+        if self.wbuf.capacity() > WRITE_BUFFER_KEEP {
+            self.wbuf = BytesMut::new();
+        } else {
+            self.wbuf.clear();
+        }
+        Ok(())
     }
 
     fn touch(&mut self) {
@@ -457,6 +627,11 @@ impl Connection {
 
     async fn flush(&mut self) -> Result<(), Close> {
         if !self.wbuf.is_empty() {
+            self.broker
+                .hub
+                .stats
+                .bytes_sent
+                .fetch_add(self.wbuf.len() as u64, Ordering::Relaxed);
             self.writer
                 .write_all(&self.wbuf)
                 .await
@@ -521,18 +696,17 @@ impl Connection {
                 }
                 Inbound::PubRel(pkid) => self.on_pubrel(pkid),
                 Inbound::PingReq => codec::write_pingresp(&mut self.wbuf),
-                Inbound::Subscribe(pkid, n) => {
-                    codec::write_suback_refused(self.version, pkid, n, &mut self.wbuf)
-                }
-                Inbound::Unsubscribe(pkid, n) => {
-                    codec::write_unsuback(self.version, pkid, n, &mut self.wbuf)
-                }
-                // No outbound QoS flows exist yet, so there is nothing to match these to.
-                Inbound::PubAck(_) | Inbound::PubRec(_) | Inbound::PubComp(_) => {}
+                Inbound::Subscribe(sub) => self.on_subscribe(sub, now)?,
+                Inbound::Unsubscribe(pkid, filters) => self.on_unsubscribe(pkid, filters),
+                Inbound::PubAck(pkid) => self.on_puback(pkid),
+                Inbound::PubRec(pkid, code) => self.on_pubrec(pkid, code),
+                Inbound::PubComp(pkid) => self.on_pubcomp(pkid),
                 Inbound::Disconnect {
                     reason: code,
                     session_expiry,
                 } => {
+                    // A normal DISCONNECT discards the will; 0x04 asks for it.
+                    self.publish_will = code == reason::DISCONNECT_WITH_WILL;
                     self.send_request().await?;
                     if let Some(e) = session_expiry {
                         if self.session.expiry == 0 && e != 0 {
@@ -657,12 +831,12 @@ impl Connection {
             }
             if self.session.qos2.contains(&p.pkid) {
                 // Already in the log: acknowledge again, do not log twice.
-                self.req_acks.push(PendingAck {
+                self.req_acks.push(Deferred::Ack(PendingAck {
                     kind: AckKind::PubRec,
                     pkid: p.pkid,
                     code: reason::SUCCESS,
                     logged: false,
-                });
+                }));
                 return Ok(());
             }
         }
@@ -681,60 +855,67 @@ impl Connection {
                 QoS::AtLeastOnce => AckKind::PubAck,
                 QoS::ExactlyOnce => AckKind::PubRec,
             };
-            self.req_acks.push(PendingAck {
+            self.req_acks.push(Deferred::Ack(PendingAck {
                 kind,
                 pkid: p.pkid,
                 code: reason::QUOTA_EXCEEDED,
                 logged: false,
-            });
+            }));
             return Ok(());
         }
 
-        let start = self.req.buf.len();
-        NewRecord {
-            timestamp_ms: now,
-            key: &key,
-            mqtt_topic: &topic,
-            qos: p.qos as u8,
-            retain: p.retain,
-            client_id: &self.client_id,
-            content_type: p.content_type.as_deref(),
-            user_properties: &p.user_properties,
-            payload: &p.payload,
+        self.broker
+            .hub
+            .stats
+            .messages_received
+            .fetch_add(1, Ordering::Relaxed);
+        let qos = p.qos;
+        let pkid = p.pkid;
+        let fanout = stage_publish(
+            &self.broker.hub,
+            &mut self.req,
+            &mut self.req_retained,
+            &mut self.scratch_matches,
+            &mut self.scratch_targets,
+            (topic_id, partition, &key),
+            Staged {
+                topic,
+                qos: qos as u8,
+                retain: p.retain,
+                publisher: &self.client_id,
+                props: p.props,
+                payload: p.payload,
+                now,
+            },
+        );
+        if let Some(f) = fanout {
+            self.req_fanout.push(f);
         }
-        .encode_into(&mut self.req.buf);
-        self.req.records.push(PendingRecord {
-            topic: topic_id,
-            partition,
-            start: start as u32,
-            len: (self.req.buf.len() - start) as u32,
-            timestamp_ms: now,
-        });
-        if p.qos != QoS::AtMostOnce {
+        if qos != QoS::AtMostOnce {
             self.awaiting_commit += 1;
         }
-        match p.qos {
+        match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.req_acks.push(PendingAck {
+            QoS::AtLeastOnce => self.req_acks.push(Deferred::Ack(PendingAck {
                 kind: AckKind::PubAck,
-                pkid: p.pkid,
+                pkid: pkid,
                 code: reason::SUCCESS,
                 logged: true,
-            }),
+            })),
             QoS::ExactlyOnce => {
                 if self.session.durable {
                     self.req.state.push(StateOp::Put {
-                        key: qos2_key(&self.client_id, p.pkid),
+                        key: qos2_key(&self.client_id, pkid),
                         value: Vec::new(),
                     });
                 }
-                self.qos2_pending.insert(p.pkid);
-                self.req_acks.push(PendingAck {
+                self.qos2_pending.insert(pkid);
+                self.req_acks.push(Deferred::Ack(PendingAck {
                     kind: AckKind::PubRec,
-                    pkid: p.pkid,
+                    pkid: pkid,
                     code: reason::SUCCESS,
                     logged: true,
-                });
+                }));
             }
         }
         Ok(())
@@ -747,7 +928,7 @@ impl Connection {
                 key: qos2_key(&self.client_id, pkid),
             });
         }
-        self.req_acks.push(PendingAck {
+        self.req_acks.push(Deferred::Ack(PendingAck {
             kind: AckKind::PubComp,
             pkid,
             code: if known {
@@ -756,21 +937,23 @@ impl Connection {
                 reason::PACKET_ID_NOT_FOUND
             },
             logged: false,
-        });
+        }));
     }
 
     /// Sends the request being built to the appender (or, when it holds only acks and nothing
     /// is pending, answers them at once).
     async fn send_request(&mut self) -> Result<(), Close> {
         let acks = std::mem::take(&mut self.req_acks);
+        let fanout = std::mem::take(&mut self.req_fanout);
+        let retained = std::mem::take(&mut self.req_retained);
         let has_data = !self.req.records.is_empty() || !self.req.state.is_empty();
         if !has_data {
             if acks.is_empty() {
                 return Ok(());
             }
             if self.pending.is_empty() {
-                for ack in acks {
-                    self.apply_ack(ack);
+                for d in acks {
+                    self.apply_deferred(d);
                 }
                 return Ok(());
             }
@@ -786,14 +969,20 @@ impl Connection {
                 .await
                 .map_err(|_| Close::new(reason::SERVER_SHUTTING_DOWN, "the log is closed"))?,
         );
-        if !acks.is_empty() || !req.state.is_empty() {
+        if !acks.is_empty() || !req.state.is_empty() || !fanout.is_empty() || !retained.is_empty()
+        {
             let ticket = self.next_ticket;
             self.next_ticket += 1;
             req.reply = Some(ReplyTo {
                 tx: self.commit_tx.clone(),
                 ticket,
             });
-            self.pending.push_back((ticket, acks));
+            self.pending.push_back(PendingReq {
+                ticket,
+                deferred: acks,
+                fanout,
+                retained,
+            });
         }
         self.broker
             .appender
@@ -803,11 +992,11 @@ impl Connection {
     }
 
     fn on_committed(&mut self, done: Committed) -> Result<(), Close> {
-        let Some((ticket, acks)) = self.pending.pop_front() else {
+        let Some(p) = self.pending.pop_front() else {
             return Ok(());
         };
         debug_assert_eq!(
-            ticket, done.ticket,
+            p.ticket, done.ticket,
             "the appender completes requests in order"
         );
         if let Err(why) = done.outcome {
@@ -816,10 +1005,30 @@ impl Connection {
                 format!("the log failed: {why}"),
             ));
         }
-        for ack in acks {
-            self.apply_ack(ack);
+        for d in p.deferred {
+            self.apply_deferred(d);
+        }
+        let hub = &self.broker.hub;
+        for (topic, msg) in p.retained {
+            hub.set_retained(topic, msg);
+        }
+        let mut seqs = done.seqs.into_iter();
+        for f in p.fanout {
+            hub.deliver(f, &mut seqs);
         }
         Ok(())
+    }
+
+    fn apply_deferred(&mut self, d: Deferred) {
+        match d {
+            Deferred::Ack(ack) => self.apply_ack(ack),
+            Deferred::Packet(bytes) => self.wbuf.extend_from_slice(&bytes),
+            Deferred::Deliver(list) => {
+                for d in list {
+                    self.sub.push(d, &self.broker.hub.limits);
+                }
+            }
+        }
     }
 
     fn apply_ack(&mut self, ack: PendingAck) {
@@ -840,6 +1049,7 @@ impl Connection {
                     self.inflight = self.inflight.saturating_sub(1);
                 }
             }
+            AckKind::PubRel => {}
         }
     }
 
@@ -857,34 +1067,420 @@ impl Connection {
                 None => break,
             }
         }
-        let _ = self.flush().await;
+        let _ = tokio::time::timeout(FINAL_FLUSH, self.flush()).await;
     }
 
     /// Commits state changes and waits until they are durable.
     async fn commit_state(&mut self, ops: Vec<StateOp>) -> Result<(), String> {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let req = AppendRequest {
-            state: ops,
-            reply: Some(ReplyTo { tx, ticket: 0 }),
-            ..Default::default()
+        commit_ops(&self.broker, ops).await
+    }
+
+    /// SUBSCRIBE: checks each filter, records the subscriptions (durably for a persistent
+    /// session, SUBACK once committed) and queues the retained messages they ask for.
+    fn on_subscribe(&mut self, s: SubscribeIn, now: u64) -> Result<(), Close> {
+        let cfg = &self.broker.config;
+        let hub = &self.broker.hub;
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        let mut problem = None;
+        for (filter, o) in s.filters {
+            if o.qos > 2 || o.retain_handling > 2 {
+                return Err(Close::new(
+                    reason::MALFORMED,
+                    "subscription options out of range",
+                ));
+            }
+            if let Err(why) = subs::validate_filter(&filter, cfg.max_topic_levels) {
+                codes.push(reason::TOPIC_FILTER_INVALID);
+                problem = Some(format!("{filter:?}: {why}"));
+                continue;
+            }
+            let shared = filter.starts_with("$share/");
+            if shared && o.no_local && self.version == Version::V5 {
+                return Err(Close::new(
+                    reason::PROTOCOL_ERROR,
+                    "No Local on a shared subscription",
+                ));
+            }
+            let opts = SubOptions {
+                qos: o.qos,
+                no_local: o.no_local,
+                retain_as_published: o.retain_as_published,
+                retain_handling: o.retain_handling,
+                id: s.id,
+            };
+            let existed = hub.subscribe(&self.sub, &filter, opts);
+            if self.session.durable {
+                let mut key = client_prefix(TAG_SUBSCRIPTION, &self.client_id);
+                key.extend_from_slice(filter.as_bytes());
+                self.req.state.push(StateOp::Put {
+                    key,
+                    value: subscription_value(&opts),
+                });
+            }
+            codes.push(o.qos);
+            let send_retained = !shared
+                && match o.retain_handling {
+                    0 => true,
+                    1 => !existed,
+                    _ => false,
+                };
+            if send_retained {
+                if let Ok(f) = TopicFilter::parse(&filter) {
+                    for m in hub.retained_matching(&f, now) {
+                        retained.push(Delivery {
+                            qos: m.qos.min(o.qos),
+                            msg: m,
+                            retain: true,
+                            sub_ids: s.id.into_iter().collect(),
+                            seq: None,
+                            dup: false,
+                        });
+                    }
+                }
+            }
+        }
+        let mut out = BytesMut::new();
+        let reason_string = problem.filter(|_| self.problem_info);
+        codec::write_suback(
+            self.version,
+            s.pkid,
+            &codes,
+            reason_string.as_deref(),
+            &mut out,
+        );
+        self.req_acks.push(Deferred::Packet(out));
+        if !retained.is_empty() {
+            self.req_acks.push(Deferred::Deliver(retained));
+        }
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, pkid: u16, filters: Vec<String>) {
+        let mut codes = Vec::with_capacity(filters.len());
+        for filter in filters {
+            let existed = self.broker.hub.unsubscribe(&self.sub, &filter);
+            if existed && self.session.durable {
+                let mut key = client_prefix(TAG_SUBSCRIPTION, &self.client_id);
+                key.extend_from_slice(filter.as_bytes());
+                self.req.state.push(StateOp::Delete { key });
+            }
+            codes.push(if existed {
+                reason::SUCCESS
+            } else {
+                reason::NO_SUBSCRIPTION_EXISTED
+            });
+        }
+        let mut out = BytesMut::new();
+        codec::write_unsuback(self.version, pkid, &codes, &mut out);
+        self.req_acks.push(Deferred::Packet(out));
+    }
+
+    fn on_puback(&mut self, pkid: u16) {
+        if let Some(f) = self.inflight_out.get(&pkid).copied() {
+            if f.qos == 1 {
+                self.inflight_out.remove(&pkid);
+                if let Some(seq) = f.seq {
+                    self.req.state.push(StateOp::Delete {
+                        key: queue_key(TAG_QUEUED, &self.client_id, seq),
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_pubrec(&mut self, pkid: u16, code: u8) {
+        let Some(f) = self.inflight_out.get_mut(&pkid) else {
+            return;
         };
-        self.broker
-            .appender
-            .send(AppenderMsg::Append(req))
-            .await
-            .map_err(|_| "the log is closed".to_string())?;
-        match rx.recv().await {
-            Some(done) => done.outcome,
-            None => Err("the log is closed".into()),
+        if f.qos != 2 {
+            return;
+        }
+        let f = *f;
+        if code >= 0x80 {
+            // The subscriber refused it: the flow ends here.
+            self.inflight_out.remove(&pkid);
+            if let Some(seq) = f.seq {
+                self.req.state.push(StateOp::Delete {
+                    key: queue_key(TAG_QUEUED, &self.client_id, seq),
+                });
+            }
+            return;
+        }
+        if let Some(x) = self.inflight_out.get_mut(&pkid) {
+            x.released = true;
+        }
+        match f.seq {
+            Some(seq) if !f.released => {
+                // The PUBREL goes out once the new state is durable, so a restart never
+                // resends a PUBLISH the subscriber has already released.
+                self.req.state.push(StateOp::Delete {
+                    key: queue_key(TAG_QUEUED, &self.client_id, seq),
+                });
+                self.req.state.push(StateOp::Put {
+                    key: queue_key(TAG_RELEASED, &self.client_id, seq),
+                    value: Vec::new(),
+                });
+                self.req_acks.push(Deferred::Ack(PendingAck {
+                    kind: AckKind::PubRel,
+                    pkid,
+                    code: reason::SUCCESS,
+                    logged: false,
+                }));
+            }
+            _ => codec::write_ack(
+                self.version,
+                AckKind::PubRel,
+                pkid,
+                reason::SUCCESS,
+                &mut self.wbuf,
+            ),
+        }
+    }
+
+    fn on_pubcomp(&mut self, pkid: u16) {
+        if let Some(f) = self.inflight_out.get(&pkid).copied() {
+            if f.qos == 2 && f.released {
+                self.inflight_out.remove(&pkid);
+                if let Some(seq) = f.seq {
+                    self.req.state.push(StateOp::Delete {
+                        key: queue_key(TAG_RELEASED, &self.client_id, seq),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Resends the PUBRELs of QoS 2 deliveries the subscriber had received (PUBREC) when the
+    /// previous connection ended.
+    fn resume_released(&mut self) {
+        let prefix = client_prefix(TAG_RELEASED, &self.client_id);
+        let entries = match self.broker.log.meta_scan(&prefix) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(client_id = %self.client_id, "reading released deliveries: {e}");
+                return;
+            }
+        };
+        for (k, _) in entries {
+            let Some(seq) = seq_of(&k) else { continue };
+            let pkid = durable_pkid(seq);
+            self.inflight_out.insert(
+                pkid,
+                OutFlight {
+                    qos: 2,
+                    seq: Some(seq),
+                    released: true,
+                },
+            );
+            codec::write_ack(
+                self.version,
+                AckKind::PubRel,
+                pkid,
+                reason::SUCCESS,
+                &mut self.wbuf,
+            );
+        }
+    }
+
+    /// Reads the next page of the durable queue into `replay`.
+    fn refill_replay(&mut self) {
+        let Some(after) = self.replay_after.take() else {
+            return;
+        };
+        let prefix = client_prefix(TAG_QUEUED, &self.client_id);
+        let log = &self.broker.log;
+        let from = (after != prefix).then_some(after.as_slice());
+        let page = match log.meta_page(&prefix, from, REPLAY_PAGE) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(client_id = %self.client_id, "reading queued deliveries: {e}");
+                return;
+            }
+        };
+        if page.len() == REPLAY_PAGE {
+            self.replay_after = page.last().map(|(k, _)| k.clone());
+        }
+        for (k, v) in page {
+            let (Some(seq), Some(entry)) = (seq_of(&k), parse_queue_value(&v)) else {
+                tracing::warn!(client_id = %self.client_id, "discarding an unreadable queue entry");
+                self.req.state.push(StateOp::Delete { key: k });
+                continue;
+            };
+            let (topic, partition, offset) = entry.position;
+            let record = log
+                .read(topic, partition, offset, 1)
+                .ok()
+                .and_then(|mut r| r.pop())
+                .filter(|r| r.offset == offset);
+            let Some(record) = record else {
+                // Retention or the disk budget deleted the record before it was delivered.
+                self.broker.hub.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.req.state.push(StateOp::Delete { key: k });
+                continue;
+            };
+            self.replayed.insert(seq);
+            self.replay.push_back(Delivery {
+                msg: Arc::new(Message::from_record(record)),
+                qos: entry.qos,
+                retain: entry.retain,
+                sub_ids: entry.sub_ids,
+                seq: Some(seq),
+                // It may have been sent before the previous connection ended.
+                dup: true,
+            });
+        }
+    }
+
+    /// The next delivery: replayed ones first, then the outbox.
+    fn next_delivery(&mut self) -> Option<Delivery> {
+        loop {
+            if self.replay.is_empty() && self.replay_after.is_some() {
+                self.refill_replay();
+            }
+            if let Some(d) = self.replay.pop_front() {
+                return Some(d);
+            }
+            let d = self.sub.pop(&self.broker.hub.limits)?;
+            if let Some(seq) = d.seq {
+                if self.replayed.remove(&seq) {
+                    continue;
+                }
+            }
+            return Some(d);
+        }
+    }
+
+    /// Writes deliveries while the in-flight window and the write buffer have room.
+    fn pump(&mut self) -> Result<(), Close> {
+        let broker = self.broker.clone();
+        let stats = &broker.hub.stats;
+        while self.wbuf.len() < WRITE_BUFFER_HIGH && self.inflight_out.len() < self.out_limit {
+            let Some(d) = self.next_delivery() else {
+                break;
+            };
+            let now = now_ms();
+            let Some(expiry_left) = d.msg.expiry_left(now) else {
+                stats.expired.fetch_add(1, Ordering::Relaxed);
+                self.forget(&d);
+                continue;
+            };
+            let pkid = if d.qos > 0 {
+                match self.alloc_pkid(d.seq) {
+                    Some(p) => p,
+                    None => {
+                        // Its packet id is still in flight; wait for that acknowledgement.
+                        self.unsend(d);
+                        break;
+                    }
+                }
+            } else {
+                0
+            };
+            let mut publish = OutPublish {
+                topic: &d.msg.topic,
+                alias: None,
+                pkid,
+                qos: d.qos,
+                retain: d.retain,
+                dup: d.dup,
+                props: &d.msg.props,
+                expiry_left,
+                sub_ids: &d.sub_ids,
+                payload: &d.msg.payload,
+            };
+            let mut new_alias = None;
+            if self.version == Version::V5 && self.client_alias_max > 0 {
+                match self.out_aliases.get(&d.msg.topic) {
+                    Some(&a) => {
+                        publish.alias = Some(a);
+                        publish.topic = &[];
+                    }
+                    None if self.out_aliases.len() < self.client_alias_max as usize => {
+                        let a = self.out_aliases.len() as u16 + 1;
+                        publish.alias = Some(a);
+                        new_alias = Some(a);
+                    }
+                    None => {}
+                }
+            }
+            if let Some(max) = self.client_max_packet {
+                if codec::publish_size(self.version, &publish) > max {
+                    // Too large for this client: discarded as if delivered (MQTT 5 3.1.2.25).
+                    stats.oversize.fetch_add(1, Ordering::Relaxed);
+                    self.forget(&d);
+                    continue;
+                }
+            }
+            codec::write_publish(self.version, &publish, &mut self.wbuf);
+            if let Some(a) = new_alias {
+                self.out_aliases.insert(d.msg.topic.clone(), a);
+            }
+            stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+            if d.qos > 0 {
+                self.inflight_out.insert(
+                    pkid,
+                    OutFlight {
+                        qos: d.qos,
+                        seq: d.seq,
+                        released: false,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a delivery that could not be sent yet back where it came from.
+    fn unsend(&mut self, d: Delivery) {
+        if d.seq.is_some_and(|s| self.replayed.contains(&s)) {
+            self.replay.push_front(d);
+        } else {
+            self.sub.unpop(d);
+        }
+    }
+
+    /// Drops a delivery that will not be sent, with its durable entry.
+    fn forget(&mut self, d: &Delivery) {
+        if let Some(seq) = d.seq {
+            self.req.state.push(StateOp::Delete {
+                key: queue_key(TAG_QUEUED, &self.client_id, seq),
+            });
+        }
+    }
+
+    /// A packet id for an outbound QoS 1/2 publish. A delivery with a durable entry gets one
+    /// derived from its seq, so it is resent with the same id after a restart; `None` while
+    /// that id is still in flight.
+    fn alloc_pkid(&mut self, seq: Option<u64>) -> Option<u16> {
+        if let Some(seq) = seq {
+            let p = durable_pkid(seq);
+            return (!self.inflight_out.contains_key(&p)).then_some(p);
+        }
+        loop {
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.inflight_out.contains_key(&self.next_pkid) {
+                return Some(self.next_pkid);
+            }
         }
     }
 
     async fn finish(mut self, conn_id: u64, done: &watch::Sender<bool>) {
+        // Whatever is still to be acknowledged by this client stays in the durable queue
+        // of a persistent session; the rest of the outbox goes.
+        let lost = self.sub.set_online(false);
+        let hub = &self.broker.hub;
+        hub.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+        let will = self.will.take().filter(|_| self.publish_will);
+        let expiry = self.session.expiry;
         let data = std::mem::take(&mut self.session);
-        let ops =
+        let (ops, ended) =
             self.broker
                 .sessions
                 .detach(&self.client_id, conn_id, data, self.taken_over, now_ms());
+        if let Some(sub) = ended {
+            hub.remove_session(&sub);
+        }
         if !ops.is_empty() {
             let _ = self
                 .broker
@@ -896,8 +1492,201 @@ impl Connection {
                 .await;
         }
         let _ = done.send(true);
+        if let Some(will) = will {
+            let delay = will.delay.min(expiry);
+            let broker = self.broker.clone();
+            let client_id = self.client_id.clone();
+            if delay == 0 {
+                publish_will(&broker, &client_id, will).await;
+            } else {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+                    if broker.sessions.will_due(&client_id, conn_id) {
+                        publish_will(&broker, &client_id, will).await;
+                    }
+                });
+            }
+        }
         tracing::debug!(peer = %self.peer, client_id = %self.client_id, "connection ended");
     }
+}
+
+/// The packet id of a delivery with a durable queue entry.
+fn durable_pkid(seq: u64) -> u16 {
+    (seq % 65_535) as u16 + 1
+}
+
+/// The seq at the end of a queue key.
+fn seq_of(key: &[u8]) -> Option<u64> {
+    let (_, rest) = split_client_key(key)?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+/// Commits state changes and waits until they are durable.
+async fn commit_ops(broker: &Broker, ops: Vec<StateOp>) -> Result<(), String> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let req = AppendRequest {
+        state: ops,
+        reply: Some(ReplyTo { tx, ticket: 0 }),
+        ..Default::default()
+    };
+    broker
+        .appender
+        .send(AppenderMsg::Append(req))
+        .await
+        .map_err(|_| "the log is closed".to_string())?;
+    match rx.recv().await {
+        Some(done) => done.outcome,
+        None => Err("the log is closed".into()),
+    }
+}
+
+/// A publish about to be staged.
+struct Staged<'a> {
+    topic: Bytes,
+    qos: u8,
+    retain: bool,
+    publisher: &'a Arc<str>,
+    props: MessageProps,
+    payload: Bytes,
+    now: u64,
+}
+
+/// Adds a publish to an append request: its record, its change to the retained store and
+/// the durable queue entries of persistent subscribers. Returns what to deliver once the
+/// request is committed.
+fn stage_publish(
+    hub: &Hub,
+    req: &mut AppendRequest,
+    retained: &mut Vec<(Bytes, Option<Arc<Message>>)>,
+    scratch: &mut Vec<Match<super::delivery::SubRef>>,
+    targets: &mut Vec<Target>,
+    route: (TopicId, u32, &[u8]),
+    p: Staged<'_>,
+) -> Option<Fanout> {
+    let start = req.buf.len();
+    NewRecord {
+        timestamp_ms: p.now,
+        key: route.2,
+        mqtt_topic: &p.topic,
+        qos: p.qos,
+        retain: p.retain,
+        client_id: p.publisher,
+        content_type: p.props.content_type.as_deref(),
+        payload_format: p.props.payload_format,
+        message_expiry: p.props.message_expiry,
+        response_topic: p.props.response_topic.as_deref(),
+        correlation_data: p.props.correlation_data.as_deref(),
+        user_properties: &p.props.user_properties,
+        payload: &p.payload,
+    }
+    .encode_into(&mut req.buf);
+    let record = req.records.len() as u32;
+    req.records.push(PendingRecord {
+        topic: route.0,
+        partition: route.1,
+        start: start as u32,
+        len: (req.buf.len() - start) as u32,
+        timestamp_ms: p.now,
+    });
+    let topic_text = std::str::from_utf8(&p.topic).unwrap_or_default();
+    hub.plan(
+        topic_text,
+        p.qos,
+        p.retain,
+        p.publisher,
+        scratch,
+        targets,
+    );
+    if targets.is_empty() && !p.retain {
+        return None;
+    }
+    let msg = Arc::new(Message {
+        topic: p.topic,
+        payload: p.payload,
+        qos: p.qos,
+        retain: p.retain,
+        publisher: p.publisher.clone(),
+        props: p.props,
+        received_ms: p.now,
+    });
+    if p.retain {
+        let key = retained_key(&msg.topic);
+        if msg.payload.is_empty() {
+            req.state.push(StateOp::Delete { key });
+            retained.push((msg.topic.clone(), None));
+        } else {
+            req.state.push(StateOp::Put {
+                key,
+                value: msg.encode(),
+            });
+            retained.push((msg.topic.clone(), Some(msg.clone())));
+        }
+    }
+    if targets.is_empty() {
+        return None;
+    }
+    Hub::enqueue_ops(targets, record, &mut req.state);
+    Some(Fanout {
+        msg,
+        targets: std::mem::take(targets),
+    })
+}
+
+/// Publishes a will: logged, retained if asked, delivered, like a client's publish.
+async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, will: WillIn) {
+    let Ok(topic_text) = std::str::from_utf8(&will.topic) else {
+        return;
+    };
+    if validate_topic(&will.topic, &broker.config).is_err() {
+        tracing::info!(client_id = %client_id, topic = %topic_text, "will topic is not valid; not published");
+        return;
+    }
+    if broker.log.rejects_publishes() {
+        tracing::warn!(client_id = %client_id, "disk budget reached: will not published");
+        return;
+    }
+    let d = broker.router.route(topic_text, client_id);
+    let mut req = AppendRequest::default();
+    let mut retained = Vec::new();
+    let fanout = stage_publish(
+        &broker.hub,
+        &mut req,
+        &mut retained,
+        &mut Vec::new(),
+        &mut Vec::new(),
+        (d.topic, d.partition, &d.key),
+        Staged {
+            topic: will.topic.clone(),
+            qos: will.qos as u8,
+            retain: will.retain,
+            publisher: client_id,
+            props: will.props,
+            payload: will.payload,
+            now: now_ms(),
+        },
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    req.reply = Some(ReplyTo { tx, ticket: 0 });
+    if broker.appender.send(AppenderMsg::Append(req)).await.is_err() {
+        return;
+    }
+    let Some(done) = rx.recv().await else { return };
+    if done.outcome.is_err() {
+        return;
+    }
+    broker
+        .hub
+        .stats
+        .messages_received
+        .fetch_add(1, Ordering::Relaxed);
+    for (topic, msg) in retained {
+        broker.hub.set_retained(topic, msg);
+    }
+    if let Some(f) = fanout {
+        broker.hub.deliver(f, &mut done.seqs.into_iter());
+    }
+    tracing::debug!(client_id = %client_id, topic = %topic_text, "will published");
 }
 
 /// Checks a published topic name.

@@ -2,6 +2,7 @@
 
 pub mod codec;
 pub mod connection;
+pub mod delivery;
 pub mod session;
 pub mod subs;
 
@@ -33,6 +34,8 @@ pub struct Broker {
     pub appender: mpsc::Sender<AppenderMsg>,
     /// Sessions by client id.
     pub sessions: SessionStore,
+    /// Subscriptions, retained messages, delivery counters.
+    pub hub: delivery::Hub,
     /// Bytes of appends sent to the appender and not yet committed, node-wide: a connection
     /// waits for room here before it sends, so memory stays bounded whatever clients do.
     pub append_budget: Arc<tokio::sync::Semaphore>,

@@ -15,11 +15,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+use super::delivery::{
+    client_prefix, parse_subscription_value, split_client_key, Hub, Subscriber, TAG_QUEUED,
+    TAG_RELEASED, TAG_SUBSCRIPTION,
+};
 use crate::log::appender::StateOp;
 use crate::log::{Log, LogError};
 
@@ -39,6 +43,8 @@ pub struct SessionData {
     pub qos2: HashSet<u16>,
     /// Whether this session has a durable record.
     pub durable: bool,
+    /// Its delivery side (subscriptions point at it).
+    pub sub: Option<Arc<Subscriber>>,
 }
 
 struct Attached {
@@ -51,6 +57,8 @@ struct Entry {
     data: SessionData,
     attached: Option<Attached>,
     disconnected_at_ms: u64,
+    /// The connection that attached last.
+    last_conn: u64,
 }
 
 /// All sessions of the node.
@@ -83,6 +91,23 @@ pub fn qos2_key(client_id: &str, pkid: u16) -> Vec<u8> {
     k
 }
 
+/// Every durable key of a session, to delete when it ends.
+pub fn purge_ops(client_id: &str) -> Vec<StateOp> {
+    let mut ops: Vec<StateOp> = [TAG_SUBSCRIPTION, TAG_QUEUED, TAG_RELEASED]
+        .iter()
+        .map(|&t| StateOp::DeletePrefix {
+            prefix: client_prefix(t, client_id),
+        })
+        .collect();
+    ops.push(StateOp::DeletePrefix {
+        prefix: qos2_prefix(client_id),
+    });
+    ops.push(StateOp::Delete {
+        key: session_key(client_id),
+    });
+    ops
+}
+
 /// The session record value.
 pub fn session_value(expiry: u32, disconnected_at_ms: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(12);
@@ -102,7 +127,11 @@ pub struct Attachment {
 impl SessionStore {
     /// Loads the durable sessions; returns the store and the state changes that discard what
     /// expired while the edge was down.
-    pub fn load(log: &Log, now_ms: u64) -> Result<(SessionStore, Vec<StateOp>), LogError> {
+    pub fn load(
+        log: &Log,
+        hub: &Hub,
+        now_ms: u64,
+    ) -> Result<(SessionStore, Vec<StateOp>), LogError> {
         let mut sessions: HashMap<String, Entry> = HashMap::new();
         let mut purge = Vec::new();
         for (k, v) in log.meta_scan(b"s")? {
@@ -121,9 +150,10 @@ impl SessionStore {
             let expired = expiry == 0
                 || (expiry != u32::MAX && now_ms.saturating_sub(since) > u64::from(expiry) * 1000);
             if expired {
-                purge.push(StateOp::Delete { key: k });
+                purge.extend(purge_ops(&client));
                 continue;
             }
+            let sub = Subscriber::new(Arc::from(client.as_str()), true);
             sessions.insert(
                 client,
                 Entry {
@@ -131,11 +161,40 @@ impl SessionStore {
                         expiry,
                         qos2: HashSet::new(),
                         durable: true,
+                        sub: Some(sub),
                     },
                     attached: None,
                     disconnected_at_ms: since,
+                    last_conn: 0,
                 },
             );
+        }
+        // Subscriptions and queue entries of sessions that no longer exist are deleted.
+        for (k, v) in log.meta_scan(&[TAG_SUBSCRIPTION])? {
+            let Some((client, filter)) = split_client_key(&k) else {
+                return Err(LogError::CorruptMeta("subscription key".into()));
+            };
+            let opts = parse_subscription_value(&v)
+                .ok_or_else(|| LogError::CorruptMeta(format!("subscription of {client}")))?;
+            match sessions.get(client).and_then(|e| e.data.sub.as_ref()) {
+                Some(sub) => {
+                    hub.subscribe(sub, &String::from_utf8_lossy(filter), opts);
+                }
+                None => purge.push(StateOp::Delete { key: k.clone() }),
+            }
+        }
+        for tag in [TAG_QUEUED, TAG_RELEASED] {
+            for (k, _) in log.meta_scan(&[tag])? {
+                let Some((client, _)) = split_client_key(&k) else {
+                    return Err(LogError::CorruptMeta("queue key".into()));
+                };
+                match sessions.get(client).and_then(|e| e.data.sub.as_ref()) {
+                    Some(sub) => {
+                        sub.offline_queued.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => purge.push(StateOp::Delete { key: k.clone() }),
+                }
+            }
         }
         for (k, _) in log.meta_scan(b"q")? {
             if k.len() < 5 {
@@ -183,6 +242,7 @@ impl SessionStore {
                         Some((a.conn, a.done.clone()))
                     }
                     Some(entry) => {
+                        entry.last_conn = conn;
                         entry.attached = Some(Attached {
                             conn,
                             control: control.clone(),
@@ -204,6 +264,7 @@ impl SessionStore {
                                     done: done.clone(),
                                 }),
                                 disconnected_at_ms: 0,
+                                last_conn: conn,
                             },
                         );
                         return Attachment {
@@ -228,8 +289,9 @@ impl SessionStore {
         }
     }
 
-    /// Records the state a connection leaves behind. Returns the state changes to commit:
-    /// the disconnect time of a durable session, or the removal of a session that ended.
+    /// Records the state a connection leaves behind. Returns the state changes to commit
+    /// (the disconnect time of a durable session, or the removal of a session that ended)
+    /// and, when the session ended, its subscriber (to remove its subscriptions).
     pub fn detach(
         &self,
         client_id: &str,
@@ -237,64 +299,78 @@ impl SessionStore {
         data: SessionData,
         taken_over: bool,
         now_ms: u64,
-    ) -> Vec<StateOp> {
+    ) -> (Vec<StateOp>, Option<Arc<Subscriber>>) {
         let mut map = self.inner.lock().expect("session lock");
         let Some(entry) = map.get_mut(client_id) else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
         if entry.attached.as_ref().is_none_or(|a| a.conn != conn) {
-            return Vec::new();
+            return (Vec::new(), None);
         }
         entry.attached = None;
         if data.expiry == 0 && !taken_over {
             let durable = data.durable;
             map.remove(client_id);
-            return if durable {
-                vec![
-                    StateOp::DeletePrefix {
-                        prefix: qos2_prefix(client_id),
-                    },
-                    StateOp::Delete {
-                        key: session_key(client_id),
-                    },
-                ]
+            let ops = if durable {
+                purge_ops(client_id)
             } else {
                 Vec::new()
             };
+            return (ops, data.sub);
         }
         let durable = data.durable;
         let expiry = data.expiry;
         entry.data = data;
         entry.disconnected_at_ms = now_ms;
         if durable {
-            vec![StateOp::Put {
-                key: session_key(client_id),
-                value: session_value(expiry, now_ms),
-            }]
+            (
+                vec![StateOp::Put {
+                    key: session_key(client_id),
+                    value: session_value(expiry, now_ms),
+                }],
+                None,
+            )
         } else {
-            Vec::new()
+            (Vec::new(), None)
         }
     }
 
-    /// Ends disconnected sessions whose expiry has passed; returns the state to delete.
-    pub fn expire(&self, now_ms: u64) -> Vec<StateOp> {
+    /// Ends disconnected sessions whose expiry has passed; returns the state to delete and
+    /// their subscribers.
+    pub fn expire(&self, now_ms: u64) -> (Vec<StateOp>, Vec<Arc<Subscriber>>) {
         let mut map = self.inner.lock().expect("session lock");
         let mut ops = Vec::new();
+        let mut ended = Vec::new();
         map.retain(|client, e| {
             let expired = e.attached.is_none()
                 && e.data.expiry != u32::MAX
                 && now_ms.saturating_sub(e.disconnected_at_ms) > u64::from(e.data.expiry) * 1000;
-            if expired && e.data.durable {
-                ops.push(StateOp::DeletePrefix {
-                    prefix: qos2_prefix(client),
-                });
-                ops.push(StateOp::Delete {
-                    key: session_key(client),
-                });
+            if expired {
+                if e.data.durable {
+                    ops.extend(purge_ops(client));
+                }
+                ended.extend(e.data.sub.take());
             }
             !expired
         });
-        ops
+        (ops, ended)
+    }
+
+    /// Whether the will of connection `conn` is still due: its session has not been taken
+    /// by a later connection (it may have ended).
+    pub fn will_due(&self, client_id: &str, conn: u64) -> bool {
+        let map = self.inner.lock().expect("session lock");
+        match map.get(client_id) {
+            None => true,
+            Some(e) => e.attached.is_none() && e.last_conn == conn,
+        }
+    }
+
+    /// Connected clients and disconnected persistent sessions.
+    pub fn counts(&self) -> (usize, usize) {
+        let map = self.inner.lock().expect("session lock");
+        let connected = map.values().filter(|e| e.attached.is_some()).count();
+        (connected, map.len() - connected)
     }
 }
 
@@ -332,8 +408,9 @@ mod tests {
             ..Default::default()
         };
         data.qos2.insert(5);
-        let ops = store.detach("dev", a1.conn, data, true, 1000);
+        let (ops, ended) = store.detach("dev", a1.conn, data, true, 1000);
         assert!(ops.is_empty(), "not durable, nothing to write");
+        assert!(ended.is_none());
         d1_tx.send(true).unwrap();
         let a2 = second.await.unwrap();
         let prev = a2.previous.expect("session continues");

@@ -1,0 +1,826 @@
+//! Delivery to subscribers: messages, each session's bounded outbox, fan-out after commit,
+//! retained messages and the broker's counters.
+//!
+//! A publish is matched against the subscriptions while its append request is built. A
+//! persistent session (session expiry > 0) that gets it at QoS 1 or 2 has a queue entry added
+//! to the same request ([`StateOp::Enqueue`]): a reference to the record's place in the log,
+//! committed atomically with the record, so the payload is stored once. After the commit the
+//! publisher's connection hands the message to each online subscriber's outbox; the
+//! subscriber's connection sends from there within its in-flight window. QoS 0 and
+//! non-persistent sessions live in memory only.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use super::codec::MessageProps;
+use super::subs::{Match, SubscriptionTree};
+use crate::log::appender::StateOp;
+use crate::log::record::{self, BatchHeader, NewRecord, Record};
+use crate::route::TopicFilter;
+
+/// An application message as subscribers receive it.
+#[derive(Debug)]
+pub struct Message {
+    /// Topic name.
+    pub topic: Bytes,
+    /// Body.
+    pub payload: Bytes,
+    /// QoS it was published with.
+    pub qos: u8,
+    /// Retain flag it was published with.
+    pub retain: bool,
+    /// Publisher's client id (empty for the broker's own `$SYS` messages).
+    pub publisher: Arc<str>,
+    /// 5.0 properties passed through.
+    pub props: MessageProps,
+    /// When the edge received it (ms since the Unix epoch).
+    pub received_ms: u64,
+}
+
+impl Message {
+    /// The Message Expiry Interval left at `now_ms`: `None` when the message has expired,
+    /// `Some(None)` when it never expires.
+    pub fn expiry_left(&self, now_ms: u64) -> Option<Option<u32>> {
+        match self.props.message_expiry {
+            None => Some(None),
+            Some(e) => {
+                let elapsed = now_ms.saturating_sub(self.received_ms) / 1000;
+                (elapsed < u64::from(e)).then(|| Some(e - elapsed as u32))
+            }
+        }
+    }
+
+    /// Approximate memory it holds, for the outbox byte bound.
+    pub fn size(&self) -> usize {
+        self.topic.len() + self.payload.len() + 96
+    }
+
+    /// The message a stored record holds.
+    pub fn from_record(r: Record) -> Message {
+        let h = r.headers;
+        Message {
+            topic: Bytes::from(h.mqtt_topic.into_bytes()),
+            payload: r.payload,
+            qos: h.qos,
+            retain: h.retain,
+            publisher: Arc::from(h.client_id),
+            props: MessageProps {
+                payload_format: h.payload_format,
+                message_expiry: h.message_expiry,
+                content_type: h.content_type,
+                response_topic: h.response_topic,
+                correlation_data: h.correlation_data,
+                user_properties: h.user_properties,
+            },
+            received_ms: r.timestamp_ms,
+        }
+    }
+
+    /// Encodes it as a one-record batch (the retained store's value format).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut rec = Vec::with_capacity(self.size());
+        NewRecord {
+            timestamp_ms: self.received_ms,
+            key: &[],
+            mqtt_topic: &self.topic,
+            qos: self.qos,
+            retain: self.retain,
+            client_id: &self.publisher,
+            content_type: self.props.content_type.as_deref(),
+            payload_format: self.props.payload_format,
+            message_expiry: self.props.message_expiry,
+            response_topic: self.props.response_topic.as_deref(),
+            correlation_data: self.props.correlation_data.as_deref(),
+            user_properties: &self.props.user_properties,
+            payload: &self.payload,
+        }
+        .encode_into(&mut rec);
+        let mut out = Vec::with_capacity(rec.len() + record::BATCH_HEADER_LEN);
+        record::encode_batch(
+            BatchHeader {
+                record_count: 1,
+                first_timestamp_ms: self.received_ms,
+                last_timestamp_ms: self.received_ms,
+            },
+            &rec,
+            &mut out,
+        );
+        out
+    }
+
+    /// Decodes [`Message::encode`]'s output.
+    pub fn decode(value: &[u8]) -> Result<Message, record::CorruptBatch> {
+        let mut records = record::decode_batch(0, Bytes::copy_from_slice(value))?;
+        match records.pop() {
+            Some(r) if records.is_empty() => Ok(Message::from_record(r)),
+            _ => Err(record::CorruptBatch::Truncated),
+        }
+    }
+}
+
+/// One message on its way to one session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message.
+    pub msg: Arc<Message>,
+    /// QoS it is delivered with.
+    pub qos: u8,
+    /// Retain flag as delivered.
+    pub retain: bool,
+    /// Subscription identifiers of the matching subscriptions.
+    pub sub_ids: Vec<u32>,
+    /// Seq of its durable queue entry (persistent sessions, QoS 1 and 2).
+    pub seq: Option<u64>,
+    /// Whether it may have been sent before (DUP).
+    pub dup: bool,
+}
+
+/// Bounds of one session's outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxLimits {
+    /// Messages queued in memory for an online session.
+    pub messages: usize,
+    /// Bytes queued in memory for an online session.
+    pub bytes: usize,
+    /// Queue entries kept on disk for a persistent session while it is offline.
+    pub offline_messages: u64,
+}
+
+#[derive(Debug, Default)]
+struct Outbox {
+    queue: VecDeque<Delivery>,
+    bytes: usize,
+    over_since: Option<Instant>,
+}
+
+/// The delivery side of a session: what subscriptions point at. It lives as long as the
+/// session, across connections.
+#[derive(Debug)]
+pub struct Subscriber {
+    /// Client id.
+    pub client_id: Arc<str>,
+    /// A connection is attached and takes deliveries.
+    pub online: AtomicBool,
+    /// The session is persistent: QoS 1 and 2 deliveries get durable queue entries.
+    pub durable: AtomicBool,
+    /// Durable queue entries added while offline (bounded by `offline_messages`).
+    pub offline_queued: AtomicU64,
+    outbox: Mutex<Outbox>,
+    /// Signalled when the outbox gets a message.
+    pub notify: Notify,
+}
+
+impl Subscriber {
+    /// A subscriber for a new session.
+    pub fn new(client_id: Arc<str>, durable: bool) -> Arc<Subscriber> {
+        Arc::new(Subscriber {
+            client_id,
+            online: AtomicBool::new(false),
+            durable: AtomicBool::new(durable),
+            offline_queued: AtomicU64::new(0),
+            outbox: Mutex::new(Outbox::default()),
+            notify: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().expect("outbox lock")
+    }
+
+    /// Queues a delivery for the attached connection. Past the bound QoS 0 is dropped; QoS 1
+    /// and 2 go on to twice the bound (the connection disconnects a session that stays over
+    /// its bound), then are dropped too. Returns false when it was dropped.
+    pub fn push(&self, d: Delivery, limits: &OutboxLimits) -> bool {
+        let mut ob = self.lock();
+        let size = d.msg.size();
+        if ob.queue.len() >= limits.messages || ob.bytes + size > limits.bytes {
+            if ob.over_since.is_none() {
+                ob.over_since = Some(Instant::now());
+            }
+            let hard = ob.queue.len() >= 2 * limits.messages || ob.bytes + size > 2 * limits.bytes;
+            if d.qos == 0 || hard {
+                return false;
+            }
+        }
+        ob.bytes += size;
+        ob.queue.push_back(d);
+        drop(ob);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Takes the next delivery.
+    pub fn pop(&self, limits: &OutboxLimits) -> Option<Delivery> {
+        let mut ob = self.lock();
+        let d = ob.queue.pop_front()?;
+        ob.bytes -= d.msg.size();
+        if ob.queue.len() < limits.messages && ob.bytes <= limits.bytes {
+            ob.over_since = None;
+        }
+        Some(d)
+    }
+
+    /// Puts a delivery back at the front (it could not be sent yet).
+    pub fn unpop(&self, d: Delivery) {
+        let mut ob = self.lock();
+        ob.bytes += d.msg.size();
+        ob.queue.push_front(d);
+    }
+
+    /// How long the outbox has been over its bound.
+    pub fn over_for(&self) -> Option<Duration> {
+        self.lock().over_since.map(|t| t.elapsed())
+    }
+
+    /// Marks the session online (a connection attached) or offline; going offline empties
+    /// the outbox (durable entries stay on disk). Returns the deliveries discarded without a
+    /// durable entry.
+    pub fn set_online(&self, online: bool) -> usize {
+        self.online.store(online, Ordering::Release);
+        let mut ob = self.lock();
+        let lost = ob.queue.iter().filter(|d| d.seq.is_none() && d.qos > 0).count();
+        ob.queue.clear();
+        ob.bytes = 0;
+        ob.over_since = None;
+        if online {
+            self.offline_queued.store(0, Ordering::Relaxed);
+        }
+        lost
+    }
+
+    /// Messages waiting in the outbox.
+    pub fn queued(&self) -> usize {
+        self.lock().queue.len()
+    }
+}
+
+/// A subscriber as a key of the subscription index: equal when it is the same session.
+#[derive(Debug, Clone)]
+pub struct SubRef(pub Arc<Subscriber>);
+
+impl PartialEq for SubRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SubRef {}
+
+impl Hash for SubRef {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (Arc::as_ptr(&self.0) as usize).hash(state);
+    }
+}
+
+/// One session a message goes to, with what its subscriptions ask.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The session.
+    pub sub: Arc<Subscriber>,
+    /// Delivered QoS.
+    pub qos: u8,
+    /// Retain flag as delivered.
+    pub retain: bool,
+    /// Subscription identifiers.
+    pub sub_ids: Vec<u32>,
+    /// Whether a durable queue entry is added for it.
+    pub enqueue: bool,
+    shared: bool,
+}
+
+/// A message and where it goes, applied once its append is committed.
+#[derive(Debug)]
+pub struct Fanout {
+    /// The message.
+    pub msg: Arc<Message>,
+    /// Its targets.
+    pub targets: Vec<Target>,
+}
+
+/// The broker's counters, published under `$SYS`.
+#[derive(Debug)]
+pub struct Stats {
+    /// Start time.
+    pub started: Instant,
+    /// PUBLISH packets received.
+    pub messages_received: AtomicU64,
+    /// PUBLISH packets sent.
+    pub messages_sent: AtomicU64,
+    /// Bytes read from clients.
+    pub bytes_received: AtomicU64,
+    /// Bytes written to clients.
+    pub bytes_sent: AtomicU64,
+    /// Deliveries dropped: QoS 0 past a full outbox, and QoS 1/2 past twice the bound or past
+    /// an offline session's queue bound.
+    pub dropped: AtomicU64,
+    /// Deliveries not sent because the message expired first.
+    pub expired: AtomicU64,
+    /// Deliveries skipped because they exceed the client's Maximum Packet Size.
+    pub oversize: AtomicU64,
+    /// Sessions disconnected for staying over their outbox bound.
+    pub slow_disconnects: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            started: Instant::now(),
+            messages_received: AtomicU64::new(0),
+            messages_sent: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            oversize: AtomicU64::new(0),
+            slow_disconnects: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Subscriptions, retained messages and counters of the node.
+pub struct Hub {
+    tree: RwLock<SubscriptionTree<SubRef>>,
+    /// Subscriptions in the tree (read without the lock: publishing skips matching at 0).
+    count: AtomicU64,
+    retained: RwLock<HashMap<Bytes, Arc<Message>>>,
+    /// Outbox bounds.
+    pub limits: OutboxLimits,
+    /// Counters.
+    pub stats: Stats,
+}
+
+/// Meta key prefix of a client's keys of one kind: `tag | len u16 | client_id`.
+pub fn client_prefix(tag: u8, client_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + client_id.len() + 8);
+    k.push(tag);
+    k.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    k.extend_from_slice(client_id.as_bytes());
+    k
+}
+
+/// Splits a `tag | len | client | rest` key.
+pub fn split_client_key(k: &[u8]) -> Option<(&str, &[u8])> {
+    if k.len() < 3 {
+        return None;
+    }
+    let len = u16::from_be_bytes([k[1], k[2]]) as usize;
+    let client = std::str::from_utf8(k.get(3..3 + len)?).ok()?;
+    Some((client, &k[3 + len..]))
+}
+
+/// Tag of durable subscriptions: `u | client | filter` -> options.
+pub const TAG_SUBSCRIPTION: u8 = b'u';
+/// Tag of queue entries waiting for PUBLISH (or its PUBACK/PUBREC): `o | client | seq`.
+pub const TAG_QUEUED: u8 = b'o';
+/// Tag of QoS 2 deliveries past PUBREC, waiting for PUBCOMP: `O | client | seq`.
+pub const TAG_RELEASED: u8 = b'O';
+/// Tag of retained messages: `r | topic` -> message.
+pub const TAG_RETAINED: u8 = b'r';
+
+/// Key of a queue entry.
+pub fn queue_key(tag: u8, client_id: &str, seq: u64) -> Vec<u8> {
+    let mut k = client_prefix(tag, client_id);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Key of a retained message.
+pub fn retained_key(topic: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + topic.len());
+    k.push(TAG_RETAINED);
+    k.extend_from_slice(topic);
+    k
+}
+
+/// Value of a durable subscription.
+pub fn subscription_value(o: &super::subs::SubOptions) -> Vec<u8> {
+    let flags = u8::from(o.no_local) | (u8::from(o.retain_as_published) << 1) | (o.retain_handling << 2);
+    let mut v = vec![o.qos, flags];
+    v.extend_from_slice(&o.id.unwrap_or(0).to_be_bytes());
+    v
+}
+
+/// Decodes [`subscription_value`].
+pub fn parse_subscription_value(v: &[u8]) -> Option<super::subs::SubOptions> {
+    if v.len() != 6 || v[0] > 2 {
+        return None;
+    }
+    let id = u32::from_be_bytes(v[2..6].try_into().ok()?);
+    Some(super::subs::SubOptions {
+        qos: v[0],
+        no_local: v[1] & 1 != 0,
+        retain_as_published: v[1] & 2 != 0,
+        retain_handling: (v[1] >> 2) & 3,
+        id: (id != 0).then_some(id),
+    })
+}
+
+/// Start of a queue entry's value: `qos u8 | retain u8 | id count u8 | ids u32...`; the
+/// appender appends the record's position.
+pub fn queue_value(qos: u8, retain: bool, sub_ids: &[u32]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(3 + 4 * sub_ids.len() + 16);
+    v.push(qos);
+    v.push(u8::from(retain));
+    let ids = &sub_ids[..sub_ids.len().min(255)];
+    v.push(ids.len() as u8);
+    for id in ids {
+        v.extend_from_slice(&id.to_be_bytes());
+    }
+    v
+}
+
+/// A decoded queue entry value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    /// Delivered QoS.
+    pub qos: u8,
+    /// Retain flag as delivered.
+    pub retain: bool,
+    /// Subscription identifiers.
+    pub sub_ids: Vec<u32>,
+    /// Log topic, partition and offset of the record.
+    pub position: (u32, u32, u64),
+}
+
+/// Decodes a queue entry value.
+pub fn parse_queue_value(v: &[u8]) -> Option<QueueEntry> {
+    let n = *v.get(2)? as usize;
+    let rest = v.get(3 + 4 * n..)?;
+    if rest.len() != 16 || v[0] > 2 {
+        return None;
+    }
+    let sub_ids = (0..n)
+        .map(|i| u32::from_be_bytes(v[3 + 4 * i..7 + 4 * i].try_into().expect("4")))
+        .collect();
+    Some(QueueEntry {
+        qos: v[0],
+        retain: v[1] != 0,
+        sub_ids,
+        position: (
+            u32::from_be_bytes(rest[0..4].try_into().expect("4")),
+            u32::from_be_bytes(rest[4..8].try_into().expect("4")),
+            u64::from_be_bytes(rest[8..16].try_into().expect("8")),
+        ),
+    })
+}
+
+impl Hub {
+    /// An empty router.
+    pub fn new(limits: OutboxLimits) -> Hub {
+        Hub {
+            tree: RwLock::new(SubscriptionTree::new()),
+            count: AtomicU64::new(0),
+            retained: RwLock::new(HashMap::new()),
+            limits,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Adds or replaces a subscription; returns whether it replaced one.
+    pub fn subscribe(
+        &self,
+        sub: &Arc<Subscriber>,
+        filter: &str,
+        opts: super::subs::SubOptions,
+    ) -> bool {
+        let mut tree = self.tree.write().expect("subscription lock");
+        let replaced = tree.subscribe(SubRef(sub.clone()), filter, opts);
+        self.count.store(tree.len() as u64, Ordering::Relaxed);
+        replaced
+    }
+
+    /// Removes a subscription; returns whether it existed.
+    pub fn unsubscribe(&self, sub: &Arc<Subscriber>, filter: &str) -> bool {
+        let mut tree = self.tree.write().expect("subscription lock");
+        let existed = tree.unsubscribe(&SubRef(sub.clone()), filter);
+        self.count.store(tree.len() as u64, Ordering::Relaxed);
+        existed
+    }
+
+    /// Removes every subscription of a session that ended.
+    pub fn remove_session(&self, sub: &Arc<Subscriber>) {
+        let mut tree = self.tree.write().expect("subscription lock");
+        tree.remove_all(&SubRef(sub.clone()));
+        self.count.store(tree.len() as u64, Ordering::Relaxed);
+    }
+
+    /// A session's subscriptions (filter, options).
+    pub fn subscriptions_of(&self, sub: &Arc<Subscriber>) -> Vec<(String, super::subs::SubOptions)> {
+        self.tree
+            .read()
+            .expect("subscription lock")
+            .subscriptions_of(&SubRef(sub.clone()))
+    }
+
+    /// Number of subscriptions.
+    pub fn subscription_count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Finds where a message published to `topic` goes. Targets with a durable queue entry
+    /// come first in `out`, in the order their Enqueue ops must be added.
+    pub fn plan(
+        &self,
+        topic: &str,
+        qos: u8,
+        retain: bool,
+        publisher: &str,
+        scratch: &mut Vec<Match<SubRef>>,
+        out: &mut Vec<Target>,
+    ) {
+        out.clear();
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        scratch.clear();
+        self.tree.read().expect("subscription lock").matches(
+            topic,
+            |s: &SubRef| s.0.online.load(Ordering::Acquire),
+            scratch,
+        );
+        for m in scratch.drain(..) {
+            let shared = m.group.is_some();
+            if m.opts.no_local && !shared && &*m.who.0.client_id == publisher {
+                continue;
+            }
+            let q = qos.min(m.opts.qos);
+            let r = retain && m.opts.retain_as_published;
+            if !shared {
+                if let Some(t) = out
+                    .iter_mut()
+                    .find(|t| !t.shared && Arc::ptr_eq(&t.sub, &m.who.0))
+                {
+                    t.qos = t.qos.max(q);
+                    t.retain |= r;
+                    t.sub_ids.extend(m.opts.id);
+                    continue;
+                }
+            }
+            out.push(Target {
+                sub: m.who.0,
+                qos: q,
+                retain: r,
+                sub_ids: m.opts.id.into_iter().collect(),
+                enqueue: false,
+                shared,
+            });
+        }
+        for t in out.iter_mut() {
+            t.enqueue = t.qos > 0 && t.sub.durable.load(Ordering::Acquire);
+            if t.enqueue && !t.sub.online.load(Ordering::Acquire) {
+                let queued = t.sub.offline_queued.fetch_add(1, Ordering::Relaxed);
+                if queued >= self.limits.offline_messages {
+                    t.sub.offline_queued.fetch_sub(1, Ordering::Relaxed);
+                    t.enqueue = false;
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        // Offline targets without a durable entry get nothing.
+        out.retain(|t| t.enqueue || t.sub.online.load(Ordering::Acquire));
+        out.sort_by_key(|t| !t.enqueue);
+    }
+
+    /// The Enqueue ops of a plan's targets, for record `record` of the request.
+    pub fn enqueue_ops(targets: &[Target], record: u32, ops: &mut Vec<StateOp>) {
+        for t in targets.iter().take_while(|t| t.enqueue) {
+            ops.push(StateOp::Enqueue {
+                prefix: client_prefix(TAG_QUEUED, &t.sub.client_id),
+                record,
+                value: queue_value(t.qos, t.retain, &t.sub_ids),
+            });
+        }
+    }
+
+    /// Hands a committed message to its online targets. `seqs` yields the seqs of the
+    /// request's Enqueue ops in order.
+    pub fn deliver(&self, f: Fanout, seqs: &mut impl Iterator<Item = u64>) {
+        for t in f.targets {
+            let seq = if t.enqueue { seqs.next() } else { None };
+            if !t.sub.online.load(Ordering::Acquire) {
+                continue;
+            }
+            let d = Delivery {
+                msg: f.msg.clone(),
+                qos: t.qos,
+                retain: t.retain,
+                sub_ids: t.sub_ids,
+                seq,
+                dup: false,
+            };
+            if !t.sub.push(d, &self.limits) && seq.is_none() {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Delivers a message that is not in the log (`$SYS`) to online subscribers, at once.
+    pub fn deliver_now(&self, msg: Arc<Message>) {
+        let mut scratch = Vec::new();
+        let mut targets = Vec::new();
+        self.plan(
+            std::str::from_utf8(&msg.topic).unwrap_or_default(),
+            msg.qos,
+            msg.retain,
+            "",
+            &mut scratch,
+            &mut targets,
+        );
+        for t in &mut targets {
+            t.enqueue = false;
+        }
+        self.deliver(Fanout { msg, targets }, &mut std::iter::empty());
+    }
+
+    /// Sets (or with `None` clears) the retained message of a topic.
+    pub fn set_retained(&self, topic: Bytes, msg: Option<Arc<Message>>) {
+        let mut map = self.retained.write().expect("retained lock");
+        match msg {
+            Some(m) => {
+                map.insert(topic, m);
+            }
+            None => {
+                map.remove(&topic);
+            }
+        }
+    }
+
+    /// Retained messages matching a filter (not expired at `now_ms`).
+    pub fn retained_matching(&self, filter: &TopicFilter, now_ms: u64) -> Vec<Arc<Message>> {
+        let map = self.retained.read().expect("retained lock");
+        let mut out: Vec<Arc<Message>> = map
+            .iter()
+            .filter(|(t, m)| {
+                std::str::from_utf8(t).is_ok_and(|t| filter.matches(t))
+                    && m.expiry_left(now_ms).is_some()
+            })
+            .map(|(_, m)| m.clone())
+            .collect();
+        out.sort_by(|a, b| a.topic.cmp(&b.topic));
+        out
+    }
+
+    /// Number of retained messages.
+    pub fn retained_count(&self) -> usize {
+        self.retained.read().expect("retained lock").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::subs::SubOptions;
+
+    fn msg(topic: &str, qos: u8) -> Arc<Message> {
+        Arc::new(Message {
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            payload: Bytes::from_static(b"x"),
+            qos,
+            retain: false,
+            publisher: Arc::from("pub"),
+            props: MessageProps::default(),
+            received_ms: 0,
+        })
+    }
+
+    fn opts(qos: u8, id: Option<u32>) -> SubOptions {
+        SubOptions {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+            id,
+        }
+    }
+
+    #[test]
+    fn overlapping_subscriptions_give_one_copy_at_the_highest_qos_with_every_id() {
+        let router = Hub::new(OutboxLimits {
+            messages: 10,
+            bytes: 1 << 20,
+            offline_messages: 10,
+        });
+        let s = Subscriber::new(Arc::from("s"), false);
+        s.set_online(true);
+        router.subscribe(&s, "a/+", opts(1, Some(1)));
+        router.subscribe(&s, "a/#", opts(2, Some(2)));
+        router.subscribe(&s, "b", opts(2, Some(3)));
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        router.plan("a/b", 2, false, "pub", &mut scratch, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].qos, 2);
+        let mut ids = out[0].sub_ids.clone();
+        ids.sort();
+        assert_eq!(ids, vec![1, 2]);
+        // Delivered QoS is the minimum of the publish and the subscription.
+        router.plan("a/b", 0, false, "pub", &mut scratch, &mut out);
+        assert_eq!(out[0].qos, 0);
+    }
+
+    #[test]
+    fn no_local_skips_the_publisher() {
+        let router = Hub::new(OutboxLimits {
+            messages: 10,
+            bytes: 1 << 20,
+            offline_messages: 10,
+        });
+        let s = Subscriber::new(Arc::from("me"), false);
+        s.set_online(true);
+        let mut o = opts(1, None);
+        o.no_local = true;
+        router.subscribe(&s, "t", o);
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        router.plan("t", 1, false, "me", &mut scratch, &mut out);
+        assert!(out.is_empty());
+        router.plan("t", 1, false, "other", &mut scratch, &mut out);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn full_outbox_drops_qos0_first_and_bounds_qos1_at_twice() {
+        let limits = OutboxLimits {
+            messages: 2,
+            bytes: 1 << 20,
+            offline_messages: 10,
+        };
+        let s = Subscriber::new(Arc::from("s"), false);
+        s.set_online(true);
+        let d = |qos| Delivery {
+            msg: msg("t", qos),
+            qos,
+            retain: false,
+            sub_ids: Vec::new(),
+            seq: None,
+            dup: false,
+        };
+        assert!(s.push(d(0), &limits));
+        assert!(s.push(d(1), &limits));
+        assert!(!s.push(d(0), &limits), "QoS 0 past the bound is dropped");
+        assert!(s.over_for().is_some());
+        assert!(s.push(d(1), &limits));
+        assert!(s.push(d(1), &limits));
+        assert!(!s.push(d(1), &limits), "QoS 1 past twice the bound is dropped");
+        while s.pop(&limits).is_some() {}
+        assert!(s.over_for().is_none());
+    }
+
+    #[test]
+    fn queue_and_subscription_values_round_trip() {
+        let mut v = queue_value(2, true, &[7, 9]);
+        v.extend_from_slice(&3u32.to_be_bytes());
+        v.extend_from_slice(&1u32.to_be_bytes());
+        v.extend_from_slice(&42u64.to_be_bytes());
+        assert_eq!(
+            parse_queue_value(&v),
+            Some(QueueEntry {
+                qos: 2,
+                retain: true,
+                sub_ids: vec![7, 9],
+                position: (3, 1, 42)
+            })
+        );
+        let o = SubOptions {
+            qos: 1,
+            no_local: true,
+            retain_as_published: false,
+            retain_handling: 2,
+            id: Some(5),
+        };
+        assert_eq!(parse_subscription_value(&subscription_value(&o)), Some(o));
+        let (client, rest) = split_client_key(&queue_key(TAG_QUEUED, "dev", 9)).unwrap();
+        assert_eq!((client, rest), ("dev", &9u64.to_be_bytes()[..]));
+    }
+
+    #[test]
+    fn messages_round_trip_through_the_retained_encoding() {
+        let m = Message {
+            topic: Bytes::from_static(b"a/b"),
+            payload: Bytes::from_static(b"hello"),
+            qos: 1,
+            retain: true,
+            publisher: Arc::from("p"),
+            props: MessageProps {
+                payload_format: Some(1),
+                message_expiry: Some(60),
+                content_type: Some("text/plain".into()),
+                response_topic: Some("r".into()),
+                correlation_data: Some(Bytes::from_static(b"c")),
+                user_properties: vec![("k".into(), "v".into())],
+            },
+            received_ms: 1234,
+        };
+        let d = Message::decode(&m.encode()).unwrap();
+        assert_eq!(d.topic, m.topic);
+        assert_eq!(d.payload, m.payload);
+        assert_eq!(d.props, m.props);
+        assert_eq!(d.received_ms, 1234);
+        assert_eq!(m.expiry_left(1234 + 59_000), Some(Some(1)));
+        assert_eq!(m.expiry_left(1234 + 60_000), None);
+    }
+}
