@@ -287,25 +287,34 @@ async fn persistent_311_session_is_present_after_restart_and_expired_v5_session_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribe_is_refused_until_delivery_exists() {
+async fn suback_grants_each_valid_filter_and_refuses_an_invalid_one() {
     let edge = Edge::start("");
-    for (proto, code) in [(Proto::V311, 0x80u8), (Proto::V5, 0x83)] {
+    for (proto, refused) in [(Proto::V311, 0x80u8), (Proto::V5, 0x8F)] {
         let (mut c, _) = RawClient::connect(edge.addr, proto, &ConnectOpts::new("sub"))
             .await
             .unwrap();
         let mut out = BytesMut::new();
         match proto {
             Proto::V311 => {
-                rumqttc::mqttbytes::v4::Subscribe::new("a/#", rumqttc::mqttbytes::QoS::AtLeastOnce)
-                    .write(&mut out)
-                    .unwrap();
+                use rumqttc::mqttbytes::v4::{Subscribe, SubscribeFilter};
+                use rumqttc::mqttbytes::QoS;
+                Subscribe::new_many([
+                    SubscribeFilter::new("a/#".into(), QoS::AtLeastOnce),
+                    SubscribeFilter::new("a/#/b".into(), QoS::AtLeastOnce),
+                    SubscribeFilter::new("c/+".into(), QoS::ExactlyOnce),
+                ])
+                .write(&mut out)
+                .unwrap();
             }
             Proto::V5 => {
-                rumqttc::v5::mqttbytes::v5::Subscribe::new(
-                    rumqttc::v5::mqttbytes::v5::Filter::new(
-                        "a/#",
-                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    ),
+                use rumqttc::v5::mqttbytes::v5::{Filter, Subscribe};
+                use rumqttc::v5::mqttbytes::QoS;
+                Subscribe::new_many(
+                    [
+                        Filter::new("a/#", QoS::AtLeastOnce),
+                        Filter::new("a/#/b", QoS::AtLeastOnce),
+                        Filter::new("c/+", QoS::ExactlyOnce),
+                    ],
                     None,
                 )
                 .write(&mut out)
@@ -314,7 +323,7 @@ async fn subscribe_is_refused_until_delivery_exists() {
         }
         c.send_raw(&out).await.unwrap();
         match c.recv().await.unwrap() {
-            Got::SubAck(_, codes) => assert_eq!(codes, vec![code]),
+            Got::SubAck(_, codes) => assert_eq!(codes, vec![1, refused, 2]),
             other => panic!("{other:?}"),
         }
         // The connection stays usable.

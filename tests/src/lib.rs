@@ -347,6 +347,23 @@ pub enum Got {
     PubComp(u16, u8),
     /// SUBACK with its codes.
     SubAck(u16, Vec<u8>),
+    /// PUBLISH from the edge to a subscriber.
+    Publish {
+        /// Topic (empty when only a 5.0 alias was sent).
+        topic: String,
+        /// Body.
+        payload: Vec<u8>,
+        /// QoS.
+        qos: u8,
+        /// Packet id.
+        pkid: u16,
+        /// DUP flag.
+        dup: bool,
+        /// RETAIN flag.
+        retain: bool,
+    },
+    /// PUBREL from the edge.
+    PubRel(u16),
     /// PINGRESP.
     PingResp,
     /// 5.0 DISCONNECT with its reason code.
@@ -355,6 +372,14 @@ pub enum Got {
     Closed,
     /// Anything else.
     Other(String),
+}
+
+fn qos_of(q: u8) -> rumqttc::mqttbytes::QoS {
+    match q {
+        0 => rumqttc::mqttbytes::QoS::AtMostOnce,
+        1 => rumqttc::mqttbytes::QoS::AtLeastOnce,
+        _ => rumqttc::mqttbytes::QoS::ExactlyOnce,
+    }
 }
 
 /// The fields of a PUBLISH to encode, taken as they are (tests send what a codec would
@@ -560,6 +585,46 @@ impl RawClient {
         self.send_raw(&[0x62, 2, hi, lo]).await
     }
 
+    /// Sends PUBACK (0x40), PUBREC (0x50) or PUBCOMP (0x70) for a packet id.
+    pub async fn ack(&mut self, type_byte: u8, pkid: u16) -> Result<()> {
+        let [hi, lo] = pkid.to_be_bytes();
+        self.send_raw(&[type_byte, 2, hi, lo]).await
+    }
+
+    /// Subscribes to filters at QoS levels; returns the SUBACK codes.
+    pub async fn subscribe(&mut self, pkid: u16, filters: &[(&str, u8)]) -> Result<Vec<u8>> {
+        let mut out = BytesMut::new();
+        match self.proto {
+            Proto::V311 => {
+                let filters = filters.iter().map(|(f, q)| {
+                    v4::SubscribeFilter::new(f.to_string(), qos_of(*q))
+                });
+                v4::Subscribe {
+                    pkid,
+                    filters: filters.collect(),
+                }
+                .write(&mut out)?;
+            }
+            Proto::V5 => {
+                let filters = filters.iter().map(|(f, q)| {
+                    v5::Filter::new(*f, match q {
+                        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                        1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+                    })
+                });
+                let mut s = v5::Subscribe::new_many(filters, None);
+                s.pkid = pkid;
+                s.write(&mut out)?;
+            }
+        }
+        self.send_raw(&out).await?;
+        match self.recv().await? {
+            Got::SubAck(p, codes) if p == pkid => Ok(codes),
+            other => bail!("expected SUBACK {pkid}, got {other:?}"),
+        }
+    }
+
     /// Sends a PINGREQ.
     pub async fn ping(&mut self) -> Result<()> {
         self.send_raw(&[0xC0, 0]).await
@@ -613,6 +678,15 @@ impl RawClient {
                             .collect(),
                     ),
                     v4::Packet::PingResp => Got::PingResp,
+                    v4::Packet::Publish(p) => Got::Publish {
+                        topic: p.topic,
+                        payload: p.payload.to_vec(),
+                        qos: p.qos as u8,
+                        pkid: p.pkid,
+                        dup: p.dup,
+                        retain: p.retain,
+                    },
+                    v4::Packet::PubRel(r) => Got::PubRel(r.pkid),
                     other => Got::Other(format!("{other:?}")),
                 })),
                 Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
@@ -639,7 +713,36 @@ impl RawClient {
                             0x92
                         },
                     ),
-                    v5::Packet::SubAck(s) => Got::SubAck(s.pkid, vec![0x83; s.return_codes.len()]),
+                    v5::Packet::SubAck(s) => Got::SubAck(
+                        s.pkid,
+                        s.return_codes
+                            .iter()
+                            .map(|c| {
+                                use v5::SubscribeReasonCode as C;
+                                match c {
+                                    C::Success(q) => *q as u8,
+                                    C::Failure | C::Unspecified => 0x80,
+                                    C::ImplementationSpecific => 0x83,
+                                    C::NotAuthorized => 0x87,
+                                    C::TopicFilterInvalid => 0x8F,
+                                    C::PkidInUse => 0x91,
+                                    C::QuotaExceeded => 0x97,
+                                    C::SharedSubscriptionsNotSupported => 0x9E,
+                                    C::SubscriptionIdNotSupported => 0xA1,
+                                    C::WildcardSubscriptionsNotSupported => 0xA2,
+                                }
+                            })
+                            .collect(),
+                    ),
+                    v5::Packet::Publish(p) => Got::Publish {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                        qos: p.qos as u8,
+                        pkid: p.pkid,
+                        dup: p.dup,
+                        retain: p.retain,
+                    },
+                    v5::Packet::PubRel(r) => Got::PubRel(r.pkid),
                     v5::Packet::PingResp(_) => Got::PingResp,
                     v5::Packet::Disconnect(d) => Got::Disconnect(d.reason_code as u8),
                     other => Got::Other(format!("{other:?}")),

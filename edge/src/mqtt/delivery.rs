@@ -793,7 +793,8 @@ mod tests {
             id: Some(5),
         };
         assert_eq!(parse_subscription_value(&subscription_value(&o)), Some(o));
-        let (client, rest) = split_client_key(&queue_key(TAG_QUEUED, "dev", 9)).unwrap();
+        let key = queue_key(TAG_QUEUED, "dev", 9);
+        let (client, rest) = split_client_key(&key).unwrap();
         assert_eq!((client, rest), ("dev", &9u64.to_be_bytes()[..]));
     }
 
