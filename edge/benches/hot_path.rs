@@ -34,7 +34,11 @@ fn record(payload: &[u8], out: &mut Vec<u8>) {
         qos: 1,
         retain: false,
         client_id: "sim-dev-42",
-        content_type: None, payload_format: None, message_expiry: None, response_topic: None, correlation_data: None,
+        content_type: None,
+        payload_format: None,
+        message_expiry: None,
+        response_topic: None,
+        correlation_data: None,
         user_properties: &[],
         payload,
     }

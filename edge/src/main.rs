@@ -383,6 +383,10 @@ fn record_json(topic: &str, partition: u32, r: &Record) -> String {
             "retain": r.headers.retain,
             "client_id": r.headers.client_id,
             "content_type": r.headers.content_type,
+            "payload_format": r.headers.payload_format,
+            "message_expiry": r.headers.message_expiry,
+            "response_topic": r.headers.response_topic,
+            "correlation_data": r.headers.correlation_data.as_ref().map(|c| payload_field(c).0),
             "user_properties": r.headers.user_properties,
         },
         "payload": payload,
@@ -405,6 +409,18 @@ fn record_text(topic: &str, partition: u32, r: &Record) -> String {
     );
     if let Some(ct) = &r.headers.content_type {
         line.push_str(&format!(" content_type={ct:?}"));
+    }
+    if let Some(f) = r.headers.payload_format {
+        line.push_str(&format!(" payload_format={f}"));
+    }
+    if let Some(e) = r.headers.message_expiry {
+        line.push_str(&format!(" message_expiry={e}"));
+    }
+    if let Some(rt) = &r.headers.response_topic {
+        line.push_str(&format!(" response_topic={rt:?}"));
+    }
+    if let Some(cd) = &r.headers.correlation_data {
+        line.push_str(&format!(" correlation_data={:?}", payload_field(cd).0));
     }
     for (k, v) in &r.headers.user_properties {
         line.push_str(&format!(" prop:{k}={v:?}"));

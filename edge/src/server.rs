@@ -293,11 +293,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
 
 /// Loads the retained messages into the hub; returns the deletion of those that expired
 /// while the edge was down.
-fn load_retained(
-    log: &Log,
-    hub: &Hub,
-    now_ms: u64,
-) -> Result<Vec<StateOp>, crate::log::LogError> {
+fn load_retained(log: &Log, hub: &Hub, now_ms: u64) -> Result<Vec<StateOp>, crate::log::LogError> {
     let mut purge = Vec::new();
     for (k, v) in log.meta_scan(&[TAG_RETAINED])? {
         match Message::decode(&v) {

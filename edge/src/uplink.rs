@@ -202,7 +202,11 @@ mod tests {
                 qos: 1,
                 retain: false,
                 client_id: "dev",
-                content_type: Some("text/plain"), payload_format: None, message_expiry: None, response_topic: None, correlation_data: None,
+                content_type: Some("text/plain"),
+                payload_format: None,
+                message_expiry: None,
+                response_topic: None,
+                correlation_data: None,
                 user_properties: &props,
                 payload: payload.as_bytes(),
             }

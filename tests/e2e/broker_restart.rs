@@ -149,7 +149,10 @@ async fn mqtt_4_1_0_1_queued_qos1_qos2_and_retained_survive_kill9() {
                 retain: true,
                 qos: 1,
                 ..
-            } => assert_eq!((topic.as_str(), payload.as_slice()), ("status/press-7", &b"running"[..])),
+            } => assert_eq!(
+                (topic.as_str(), payload.as_slice()),
+                ("status/press-7", &b"running"[..])
+            ),
             other => panic!("{other:?}"),
         }
         edge.stop();
@@ -200,7 +203,10 @@ async fn mqtt_4_4_0_1_unacknowledged_qos1_is_resent_with_dup_after_kill9() {
     while let Ok(g) = s.recv_within(Duration::from_millis(700)).await {
         match &g {
             Got::Publish { topic, .. } => {
-                assert!(again.insert(topic.clone(), g.clone()).is_none(), "{topic} twice");
+                assert!(
+                    again.insert(topic.clone(), g.clone()).is_none(),
+                    "{topic} twice"
+                );
             }
             other => panic!("expected PUBLISH, got {other:?}"),
         }

@@ -596,9 +596,9 @@ impl RawClient {
         let mut out = BytesMut::new();
         match self.proto {
             Proto::V311 => {
-                let filters = filters.iter().map(|(f, q)| {
-                    v4::SubscribeFilter::new(f.to_string(), qos_of(*q))
-                });
+                let filters = filters
+                    .iter()
+                    .map(|(f, q)| v4::SubscribeFilter::new(f.to_string(), qos_of(*q)));
                 v4::Subscribe {
                     pkid,
                     filters: filters.collect(),
@@ -607,11 +607,14 @@ impl RawClient {
             }
             Proto::V5 => {
                 let filters = filters.iter().map(|(f, q)| {
-                    v5::Filter::new(*f, match q {
-                        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-                        1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                        _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
-                    })
+                    v5::Filter::new(
+                        *f,
+                        match q {
+                            0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                            1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                            _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+                        },
+                    )
                 });
                 let mut s = v5::Subscribe::new_many(filters, None);
                 s.pkid = pkid;

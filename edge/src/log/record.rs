@@ -407,7 +407,11 @@ mod tests {
             qos: 1,
             retain: true,
             client_id: "c-1",
-            content_type: Some("application/json"), payload_format: None, message_expiry: None, response_topic: None, correlation_data: None,
+            content_type: Some("application/json"),
+            payload_format: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
             user_properties: props,
             payload,
         }

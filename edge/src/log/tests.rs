@@ -41,7 +41,11 @@ fn request(records: &[(u32, &str, u64)], reply: Option<ReplyTo>) -> AppendReques
             qos: 1,
             retain: false,
             client_id: "c",
-            content_type: None, payload_format: None, message_expiry: None, response_topic: None, correlation_data: None,
+            content_type: None,
+            payload_format: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
             user_properties: &[],
             payload: payload.as_bytes(),
         }

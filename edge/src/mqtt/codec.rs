@@ -405,7 +405,9 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
         v5::Packet::Publish(p) => {
             let props = p.properties.unwrap_or_default();
             if !props.subscription_identifiers.is_empty() {
-                return Err(malformed("a PUBLISH from a client carries a Subscription Identifier"));
+                return Err(malformed(
+                    "a PUBLISH from a client carries a Subscription Identifier",
+                ));
             }
             Inbound::Publish(PublishIn {
                 qos: qos_from5(p.qos),

@@ -49,6 +49,8 @@ const READ_CHUNK_MAX: usize = 64 * 1024;
 const WRITE_BUFFER_KEEP: usize = 64 * 1024;
 /// Deliveries are taken from the outbox while less than this is waiting to be written.
 const WRITE_BUFFER_HIGH: usize = 64 * 1024;
+/// Deliveries taken from the outbox under one lock.
+const POP_BATCH: usize = 64;
 /// Queue entries of a persistent session read back from disk at once.
 const REPLAY_PAGE: usize = 256;
 /// Time a closing connection gets to write its last packets to a peer that does not read.
@@ -310,6 +312,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         next_pkid: 0,
         replay_after: None,
         replay: VecDeque::new(),
+        popped: VecDeque::new(),
         replayed: HashSet::new(),
         problem_info: connect.request_problem_info,
         will: connect.will.clone(),
@@ -489,6 +492,8 @@ struct Connection {
     replay_after: Option<Vec<u8>>,
     /// Deliveries read back from the durable queue, sent before the outbox.
     replay: VecDeque<Delivery>,
+    /// Deliveries taken from the outbox, not yet written.
+    popped: VecDeque<Delivery>,
     /// Seqs replayed from disk: the same entries arriving through the outbox are skipped.
     replayed: HashSet<u64>,
     /// 5.0 Request Problem Information.
@@ -898,7 +903,7 @@ impl Connection {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.req_acks.push(Deferred::Ack(PendingAck {
                 kind: AckKind::PubAck,
-                pkid: pkid,
+                pkid,
                 code: reason::SUCCESS,
                 logged: true,
             })),
@@ -912,7 +917,7 @@ impl Connection {
                 self.qos2_pending.insert(pkid);
                 self.req_acks.push(Deferred::Ack(PendingAck {
                     kind: AckKind::PubRec,
-                    pkid: pkid,
+                    pkid,
                     code: reason::SUCCESS,
                     logged: true,
                 }));
@@ -969,8 +974,7 @@ impl Connection {
                 .await
                 .map_err(|_| Close::new(reason::SERVER_SHUTTING_DOWN, "the log is closed"))?,
         );
-        if !acks.is_empty() || !req.state.is_empty() || !fanout.is_empty() || !retained.is_empty()
-        {
+        if !acks.is_empty() || !req.state.is_empty() || !fanout.is_empty() || !retained.is_empty() {
             let ticket = self.next_ticket;
             self.next_ticket += 1;
             req.reply = Some(ReplyTo {
@@ -1012,9 +1016,8 @@ impl Connection {
         for (topic, msg) in p.retained {
             hub.set_retained(topic, msg);
         }
-        let mut seqs = done.seqs.into_iter();
-        for f in p.fanout {
-            hub.deliver(f, &mut seqs);
+        if !p.fanout.is_empty() {
+            hub.deliver(p.fanout, &mut done.seqs.into_iter());
         }
         Ok(())
     }
@@ -1315,19 +1318,26 @@ impl Connection {
                 .filter(|r| r.offset == offset);
             let Some(record) = record else {
                 // Retention or the disk budget deleted the record before it was delivered.
-                self.broker.hub.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.broker
+                    .hub
+                    .stats
+                    .dropped
+                    .fetch_add(1, Ordering::Relaxed);
                 self.req.state.push(StateOp::Delete { key: k });
                 continue;
             };
             self.replayed.insert(seq);
+            // Sent before: unacknowledged when the previous connection ended, or queued
+            // before a restart (whether it went out then is not known).
+            let dup = seq <= self.broker.hub.boot_seq.load(Ordering::Relaxed)
+                || self.sub.sent.lock().expect("sent lock").remove(&seq);
             self.replay.push_back(Delivery {
                 msg: Arc::new(Message::from_record(record)),
                 qos: entry.qos,
                 retain: entry.retain,
                 sub_ids: entry.sub_ids,
                 seq: Some(seq),
-                // It may have been sent before the previous connection ended.
-                dup: true,
+                dup,
             });
         }
     }
@@ -1341,7 +1351,11 @@ impl Connection {
             if let Some(d) = self.replay.pop_front() {
                 return Some(d);
             }
-            let d = self.sub.pop(&self.broker.hub.limits)?;
+            if self.popped.is_empty() {
+                self.sub
+                    .pop_into(&self.broker.hub.limits, POP_BATCH, &mut self.popped);
+            }
+            let d = self.popped.pop_front()?;
             if let Some(seq) = d.seq {
                 if self.replayed.remove(&seq) {
                     continue;
@@ -1436,7 +1450,7 @@ impl Connection {
         if d.seq.is_some_and(|s| self.replayed.contains(&s)) {
             self.replay.push_front(d);
         } else {
-            self.sub.unpop(d);
+            self.popped.push_front(d);
         }
     }
 
@@ -1468,7 +1482,17 @@ impl Connection {
     async fn finish(mut self, conn_id: u64, done: &watch::Sender<bool>) {
         // Whatever is still to be acknowledged by this client stays in the durable queue
         // of a persistent session; the rest of the outbox goes.
-        let lost = self.sub.set_online(false);
+        let lost = self.sub.set_online(false)
+            + self
+                .popped
+                .iter()
+                .filter(|d| d.seq.is_none() && d.qos > 0)
+                .count();
+        {
+            let mut sent = self.sub.sent.lock().expect("sent lock");
+            sent.clear();
+            sent.extend(self.inflight_out.values().filter_map(|f| f.seq));
+        }
         let hub = &self.broker.hub;
         hub.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
         let will = self.will.take().filter(|_| self.publish_will);
@@ -1589,15 +1613,11 @@ fn stage_publish(
         len: (req.buf.len() - start) as u32,
         timestamp_ms: p.now,
     });
+    if !p.retain && hub.subscription_count() == 0 {
+        return None;
+    }
     let topic_text = std::str::from_utf8(&p.topic).unwrap_or_default();
-    hub.plan(
-        topic_text,
-        p.qos,
-        p.retain,
-        p.publisher,
-        scratch,
-        targets,
-    );
+    hub.plan(topic_text, p.qos, p.retain, p.publisher, scratch, targets);
     if targets.is_empty() && !p.retain {
         return None;
     }
@@ -1668,7 +1688,12 @@ async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, will: WillIn) 
     );
     let (tx, mut rx) = mpsc::unbounded_channel();
     req.reply = Some(ReplyTo { tx, ticket: 0 });
-    if broker.appender.send(AppenderMsg::Append(req)).await.is_err() {
+    if broker
+        .appender
+        .send(AppenderMsg::Append(req))
+        .await
+        .is_err()
+    {
         return;
     }
     let Some(done) = rx.recv().await else { return };
@@ -1684,7 +1709,7 @@ async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, will: WillIn) 
         broker.hub.set_retained(topic, msg);
     }
     if let Some(f) = fanout {
-        broker.hub.deliver(f, &mut done.seqs.into_iter());
+        broker.hub.deliver(vec![f], &mut done.seqs.into_iter());
     }
     tracing::debug!(client_id = %client_id, topic = %topic_text, "will published");
 }

@@ -171,6 +171,9 @@ pub struct Subscriber {
     pub durable: AtomicBool,
     /// Durable queue entries added while offline (bounded by `offline_messages`).
     pub offline_queued: AtomicU64,
+    /// Seqs of durable deliveries sent and unacknowledged when the last connection ended
+    /// (resent with DUP set).
+    pub sent: Mutex<std::collections::HashSet<u64>>,
     outbox: Mutex<Outbox>,
     /// Signalled when the outbox gets a message.
     pub notify: Notify,
@@ -184,6 +187,7 @@ impl Subscriber {
             online: AtomicBool::new(false),
             durable: AtomicBool::new(durable),
             offline_queued: AtomicU64::new(0),
+            sent: Mutex::new(std::collections::HashSet::new()),
             outbox: Mutex::new(Outbox::default()),
             notify: Notify::new(),
         })
@@ -197,40 +201,59 @@ impl Subscriber {
     /// and 2 go on to twice the bound (the connection disconnects a session that stays over
     /// its bound), then are dropped too. Returns false when it was dropped.
     pub fn push(&self, d: Delivery, limits: &OutboxLimits) -> bool {
-        let mut ob = self.lock();
-        let size = d.msg.size();
-        if ob.queue.len() >= limits.messages || ob.bytes + size > limits.bytes {
-            if ob.over_since.is_none() {
-                ob.over_since = Some(Instant::now());
-            }
-            let hard = ob.queue.len() >= 2 * limits.messages || ob.bytes + size > 2 * limits.bytes;
-            if d.qos == 0 || hard {
-                return false;
-            }
-        }
-        ob.bytes += size;
-        ob.queue.push_back(d);
-        drop(ob);
-        self.notify.notify_one();
-        true
+        let mut dropped = 0;
+        self.push_many(std::iter::once(d), limits, &mut dropped);
+        dropped == 0
     }
 
-    /// Takes the next delivery.
-    pub fn pop(&self, limits: &OutboxLimits) -> Option<Delivery> {
+    /// Queues deliveries under one lock and one wake-up; counts into `dropped` those dropped
+    /// that have no durable entry to come back from.
+    pub fn push_many(
+        &self,
+        list: impl IntoIterator<Item = Delivery>,
+        limits: &OutboxLimits,
+        dropped: &mut u64,
+    ) {
         let mut ob = self.lock();
-        let d = ob.queue.pop_front()?;
-        ob.bytes -= d.msg.size();
+        let mut added = false;
+        for d in list {
+            let size = d.msg.size();
+            if ob.queue.len() >= limits.messages || ob.bytes + size > limits.bytes {
+                if ob.over_since.is_none() {
+                    ob.over_since = Some(Instant::now());
+                }
+                let hard =
+                    ob.queue.len() >= 2 * limits.messages || ob.bytes + size > 2 * limits.bytes;
+                if d.qos == 0 || hard {
+                    if d.seq.is_none() {
+                        *dropped += 1;
+                    }
+                    continue;
+                }
+            }
+            ob.bytes += size;
+            ob.queue.push_back(d);
+            added = true;
+        }
+        drop(ob);
+        if added {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Takes up to `max` deliveries into `out`.
+    pub fn pop_into(&self, limits: &OutboxLimits, max: usize, out: &mut VecDeque<Delivery>) {
+        let mut ob = self.lock();
+        for _ in 0..max {
+            let Some(d) = ob.queue.pop_front() else {
+                break;
+            };
+            ob.bytes -= d.msg.size();
+            out.push_back(d);
+        }
         if ob.queue.len() < limits.messages && ob.bytes <= limits.bytes {
             ob.over_since = None;
         }
-        Some(d)
-    }
-
-    /// Puts a delivery back at the front (it could not be sent yet).
-    pub fn unpop(&self, d: Delivery) {
-        let mut ob = self.lock();
-        ob.bytes += d.msg.size();
-        ob.queue.push_front(d);
     }
 
     /// How long the outbox has been over its bound.
@@ -244,7 +267,11 @@ impl Subscriber {
     pub fn set_online(&self, online: bool) -> usize {
         self.online.store(online, Ordering::Release);
         let mut ob = self.lock();
-        let lost = ob.queue.iter().filter(|d| d.seq.is_none() && d.qos > 0).count();
+        let lost = ob
+            .queue
+            .iter()
+            .filter(|d| d.seq.is_none() && d.qos > 0)
+            .count();
         ob.queue.clear();
         ob.bytes = 0;
         ob.over_since = None;
@@ -348,6 +375,9 @@ pub struct Hub {
     tree: RwLock<SubscriptionTree<SubRef>>,
     /// Subscriptions in the tree (read without the lock: publishing skips matching at 0).
     count: AtomicU64,
+    /// The largest queue seq found on disk at start: entries up to it may have been sent
+    /// before the restart, so they are resent with DUP set.
+    pub boot_seq: AtomicU64,
     retained: RwLock<HashMap<Bytes, Arc<Message>>>,
     /// Outbox bounds.
     pub limits: OutboxLimits,
@@ -400,7 +430,8 @@ pub fn retained_key(topic: &[u8]) -> Vec<u8> {
 
 /// Value of a durable subscription.
 pub fn subscription_value(o: &super::subs::SubOptions) -> Vec<u8> {
-    let flags = u8::from(o.no_local) | (u8::from(o.retain_as_published) << 1) | (o.retain_handling << 2);
+    let flags =
+        u8::from(o.no_local) | (u8::from(o.retain_as_published) << 1) | (o.retain_handling << 2);
     let mut v = vec![o.qos, flags];
     v.extend_from_slice(&o.id.unwrap_or(0).to_be_bytes());
     v
@@ -476,6 +507,7 @@ impl Hub {
         Hub {
             tree: RwLock::new(SubscriptionTree::new()),
             count: AtomicU64::new(0),
+            boot_seq: AtomicU64::new(0),
             retained: RwLock::new(HashMap::new()),
             limits,
             stats: Stats::default(),
@@ -511,7 +543,10 @@ impl Hub {
     }
 
     /// A session's subscriptions (filter, options).
-    pub fn subscriptions_of(&self, sub: &Arc<Subscriber>) -> Vec<(String, super::subs::SubOptions)> {
+    pub fn subscriptions_of(
+        &self,
+        sub: &Arc<Subscriber>,
+    ) -> Vec<(String, super::subs::SubOptions)> {
         self.tree
             .read()
             .expect("subscription lock")
@@ -598,25 +633,46 @@ impl Hub {
         }
     }
 
-    /// Hands a committed message to its online targets. `seqs` yields the seqs of the
-    /// request's Enqueue ops in order.
-    pub fn deliver(&self, f: Fanout, seqs: &mut impl Iterator<Item = u64>) {
-        for t in f.targets {
-            let seq = if t.enqueue { seqs.next() } else { None };
-            if !t.sub.online.load(Ordering::Acquire) {
-                continue;
+    /// Hands committed messages to their online targets, one outbox lock per subscriber.
+    /// `seqs` yields the seqs of the request's Enqueue ops in order.
+    pub fn deliver(&self, fanouts: Vec<Fanout>, seqs: &mut impl Iterator<Item = u64>) {
+        let mut batches: Vec<(Arc<Subscriber>, Vec<Delivery>)> = Vec::new();
+        let mut last = 0;
+        for f in fanouts {
+            for t in f.targets {
+                let seq = if t.enqueue { seqs.next() } else { None };
+                if !t.sub.online.load(Ordering::Acquire) {
+                    continue;
+                }
+                let d = Delivery {
+                    msg: f.msg.clone(),
+                    qos: t.qos,
+                    retain: t.retain,
+                    sub_ids: t.sub_ids,
+                    seq,
+                    dup: false,
+                };
+                let i = if batches.get(last).is_some_and(|b| Arc::ptr_eq(&b.0, &t.sub)) {
+                    last
+                } else {
+                    match batches.iter().position(|b| Arc::ptr_eq(&b.0, &t.sub)) {
+                        Some(i) => i,
+                        None => {
+                            batches.push((t.sub, Vec::new()));
+                            batches.len() - 1
+                        }
+                    }
+                };
+                batches[i].1.push(d);
+                last = i;
             }
-            let d = Delivery {
-                msg: f.msg.clone(),
-                qos: t.qos,
-                retain: t.retain,
-                sub_ids: t.sub_ids,
-                seq,
-                dup: false,
-            };
-            if !t.sub.push(d, &self.limits) && seq.is_none() {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        }
+        let mut dropped = 0;
+        for (sub, list) in batches {
+            sub.push_many(list, &self.limits, &mut dropped);
+        }
+        if dropped > 0 {
+            self.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
         }
     }
 
@@ -635,7 +691,7 @@ impl Hub {
         for t in &mut targets {
             t.enqueue = false;
         }
-        self.deliver(Fanout { msg, targets }, &mut std::iter::empty());
+        self.deliver(vec![Fanout { msg, targets }], &mut std::iter::empty());
     }
 
     /// Sets (or with `None` clears) the retained message of a topic.
@@ -765,8 +821,13 @@ mod tests {
         assert!(s.over_for().is_some());
         assert!(s.push(d(1), &limits));
         assert!(s.push(d(1), &limits));
-        assert!(!s.push(d(1), &limits), "QoS 1 past twice the bound is dropped");
-        while s.pop(&limits).is_some() {}
+        assert!(
+            !s.push(d(1), &limits),
+            "QoS 1 past twice the bound is dropped"
+        );
+        let mut out = VecDeque::new();
+        s.pop_into(&limits, 100, &mut out);
+        assert_eq!(out.len(), 4);
         assert!(s.over_for().is_none());
     }
 

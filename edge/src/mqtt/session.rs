@@ -185,9 +185,13 @@ impl SessionStore {
         }
         for tag in [TAG_QUEUED, TAG_RELEASED] {
             for (k, _) in log.meta_scan(&[tag])? {
-                let Some((client, _)) = split_client_key(&k) else {
+                let Some((client, rest)) = split_client_key(&k) else {
                     return Err(LogError::CorruptMeta("queue key".into()));
                 };
+                if let Ok(seq) = <[u8; 8]>::try_from(rest) {
+                    hub.boot_seq
+                        .fetch_max(u64::from_be_bytes(seq), Ordering::Relaxed);
+                }
                 match sessions.get(client).and_then(|e| e.data.sub.as_ref()) {
                     Some(sub) => {
                         sub.offline_queued.fetch_add(1, Ordering::Relaxed);
