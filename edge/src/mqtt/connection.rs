@@ -315,6 +315,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         popped: VecDeque::new(),
         replayed: HashSet::new(),
         problem_info: connect.request_problem_info,
+        receives: false,
         will: connect.will.clone(),
         publish_will: true,
         scratch_matches: Vec::new(),
@@ -356,6 +357,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         // restart) and messages queued while offline: PUBRELs first, then the queue.
         conn.resume_released();
         conn.replay_after = Some(client_prefix(TAG_QUEUED, &client_id));
+        conn.receives = true;
     }
 
     let end = conn.run(control_rx).await;
@@ -498,6 +500,8 @@ struct Connection {
     replayed: HashSet<u64>,
     /// 5.0 Request Problem Information.
     problem_info: bool,
+    /// The session has subscribed (or continues a session): its outbox is watched.
+    receives: bool,
     /// The will, until a normal DISCONNECT discards it.
     will: Option<WillIn>,
     /// Whether the will is published when the connection ends.
@@ -571,7 +575,7 @@ impl Connection {
                     }
                 }
                 _ = self.sub.notify.notified() => {}
-                _ = slow_check.tick() => {
+                _ = slow_check.tick(), if self.receives => {
                     let limit = self.broker.config.slow_subscriber_timeout.0;
                     if self.sub.over_for().is_some_and(|d| d >= limit) {
                         self.broker.hub.stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
@@ -1081,6 +1085,7 @@ impl Connection {
     /// SUBSCRIBE: checks each filter, records the subscriptions (durably for a persistent
     /// session, SUBACK once committed) and queues the retained messages they ask for.
     fn on_subscribe(&mut self, s: SubscribeIn, now: u64) -> Result<(), Close> {
+        self.receives = true;
         let cfg = &self.broker.config;
         let hub = &self.broker.hub;
         let mut codes = Vec::with_capacity(s.filters.len());
