@@ -70,6 +70,8 @@ MOSQUITTO_KEYS = {
     "receive_maximum": ("max_inflight_messages", int),
     "max_packet_size": ("max_packet_size", size_bytes),
     "max_queued_messages": ("max_queued_messages", int),
+    # Mosquitto has one bound for connected and disconnected sessions; the edge has two.
+    "max_offline_messages": ("max_queued_messages", int),
     "max_queued_bytes": ("max_queued_bytes", size_bytes),
     "sys_interval": ("sys_interval", seconds),
 }

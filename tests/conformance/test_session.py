@@ -203,12 +203,13 @@ def test_mqtt_3_1_4_3_second_connection_takes_the_session_over(clients, version)
     assert new.wait_payload("to the new one").qos == 1
 
 
-@pytest.mark.broker_config(max_queued_messages=5)
-def test_mqtt_4_1_offline_session_queue_bounded_by_max_queued_messages(clients, version):
+@pytest.mark.broker_config(max_offline_messages=5)
+def test_mqtt_4_1_offline_session_queue_bounded_by_max_offline_messages(clients, version):
     """No MQTT statement: bounding what a session queues is a broker's own limit (it departs
     from [MQTT-4.5.0-1] by design, as Mosquitto's setting of the same name does).
 
-    max_queued_messages 5 and 30 QoS 1 messages for an absent client: the publisher gets
+    max_offline_messages 5 (Mosquitto: max_queued_messages) and 30 QoS 1 messages for an
+    absent client: the publisher gets
     every acknowledgement (a slow subscriber never holds it up), the client gets 5 messages
     on reconnection, each once and in publish order. Which 5 (oldest or newest) is left to
     the broker; Mosquitto keeps the oldest."""

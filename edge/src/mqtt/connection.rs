@@ -223,8 +223,9 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         .await;
     let mut ops = Vec::new();
     let hub = &broker.hub;
-    let (mut data, session_present) = match attachment.previous {
-        Some(prev) if !connect.clean_start => (prev, true),
+    let previous = attachment.previous.or(attachment.expired.clone());
+    let (mut data, session_present) = match previous {
+        Some(prev) if !connect.clean_start && attachment.expired.is_none() => (prev, true),
         prev => {
             if let Some(prev) = prev {
                 if prev.durable {

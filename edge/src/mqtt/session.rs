@@ -24,7 +24,7 @@ use super::delivery::{
     client_prefix, parse_subscription_value, split_client_key, Hub, Subscriber, TAG_QUEUED,
     TAG_RELEASED, TAG_SUBSCRIPTION,
 };
-use crate::log::appender::StateOp;
+use crate::log::appender::{now_ms, StateOp};
 use crate::log::{Log, LogError};
 
 /// Why a connection is asked to end from outside.
@@ -122,6 +122,8 @@ pub struct Attachment {
     pub conn: u64,
     /// The session it continues, if any.
     pub previous: Option<SessionData>,
+    /// A session under this client id that had expired: its state is to be discarded.
+    pub expired: Option<SessionData>,
 }
 
 impl SessionStore {
@@ -245,6 +247,28 @@ impl SessionStore {
                         let _ = a.control.send(Control::TakenOver);
                         Some((a.conn, a.done.clone()))
                     }
+                    Some(entry)
+                        if entry.data.expiry != u32::MAX
+                            && entry.data.expiry != 0
+                            && now_ms().saturating_sub(entry.disconnected_at_ms)
+                                > u64::from(entry.data.expiry) * 1000 =>
+                    {
+                        // Expired, and the periodic sweep has not removed it yet: the new
+                        // connection starts afresh; the caller discards the old state.
+                        let old = std::mem::take(&mut entry.data);
+                        entry.last_conn = conn;
+                        entry.disconnected_at_ms = 0;
+                        entry.attached = Some(Attached {
+                            conn,
+                            control: control.clone(),
+                            done: done.clone(),
+                        });
+                        return Attachment {
+                            conn,
+                            previous: None,
+                            expired: Some(old),
+                        };
+                    }
                     Some(entry) => {
                         entry.last_conn = conn;
                         entry.attached = Some(Attached {
@@ -255,6 +279,7 @@ impl SessionStore {
                         return Attachment {
                             conn,
                             previous: Some(entry.data.clone()),
+                            expired: None,
                         };
                     }
                     None => {
@@ -274,6 +299,7 @@ impl SessionStore {
                         return Attachment {
                             conn,
                             previous: None,
+                            expired: None,
                         };
                     }
                 }
