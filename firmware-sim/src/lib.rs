@@ -60,6 +60,12 @@
 //! (about 3.3 KiB per idle device against ~31 KiB with rumqttc), optionally spreading sockets
 //! over `--source-ips`.
 //!
+//! # Counting subscriber
+//!
+//! See [`subscribe`]: `firmware-sim subscribe` subscribes and counts (and acknowledges) what
+//! arrives as fast as the broker sends it, for fan-out benchmarks and tests; `--no-read` plays
+//! a subscriber that never reads its socket.
+//!
 //! # Flood mode
 //!
 //! See [`flood`]: pre-encoded packets patched in place and written in 64 KiB batches, QoS 0
@@ -85,6 +91,7 @@ pub mod session;
 pub mod sink;
 pub mod source;
 pub mod stats;
+pub mod subscribe;
 pub mod template;
 pub mod verify;
 pub mod wire;

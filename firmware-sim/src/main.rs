@@ -16,6 +16,7 @@ use firmware_sim::plan::{ClassDefaults, FleetPlan};
 use firmware_sim::run::{new_run_id, run, RunOptions};
 use firmware_sim::sink::{serve, SinkOptions};
 use firmware_sim::source::{read_edge_log, read_mqtt, MqttSource};
+use firmware_sim::subscribe::{subscribe, SubscribeOptions};
 use firmware_sim::verify::{Verifier, VerifyReport};
 use firmware_sim::{manifest, report};
 
@@ -50,6 +51,13 @@ enum Command {
     /// missing Kafka topic).
     #[command(after_help = VERIFY_EXAMPLES)]
     Verify(Box<VerifyArgs>),
+    /// Subscribe and count what arrives, as fast as the broker sends it (benchmarks, tests).
+    ///
+    /// Prints one line: received=N rate=R/s bytes=B dup=D disconnect_reason=0x97|none
+    /// elapsed=S closed=yes|no ended=duration|count|idle|closed. Exit 2 when the broker
+    /// refuses the connection or a filter (SUBACK >= 0x80), or on other errors.
+    #[command(after_help = SUBSCRIBE_EXAMPLES)]
+    Subscribe(Box<SubscribeArgs>),
     /// A discarding / acknowledging MQTT endpoint for benchmarks and tests.
     #[command(hide = true)]
     Sink(SinkArgs),
@@ -60,6 +68,11 @@ const VERIFY_EXAMPLES: &str = "Examples:
   firmware-sim verify --manifest run1 --mqtt mqtt://127.0.0.1:1883 --filter 'sensors/#'
   firmware-sim verify --manifest run1 --kafka 127.0.0.1:9092 --kafka-topic plant-7.telemetry \\
       --kafka-wait 2m --report verdict.json";
+
+const SUBSCRIBE_EXAMPLES: &str = "Examples:
+  firmware-sim subscribe --broker mqtt://127.0.0.1:1883 --filter 'sensors/#' --qos 1 --duration 10s
+  firmware-sim subscribe --filter '#' --count 1000000 --report sub.json
+  firmware-sim subscribe --filter '#' --qos 1 --no-read --duration 30s   # a slow subscriber";
 
 fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|e| format!("{e}; write e.g. 10s, 500ms, 2m"))
@@ -321,6 +334,54 @@ struct VerifyConnectArgs {
 }
 
 #[derive(Args)]
+struct SubscribeArgs {
+    /// Broker URL: mqtt://host[:port] (plain TCP only).
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// Topic filter; repeat for several.
+    #[arg(long = "filter", required = true)]
+    filters: Vec<String>,
+    /// QoS asked for every filter: 0, 1 or 2.
+    #[arg(long, default_value_t = 0)]
+    qos: u8,
+    /// MQTT protocol version.
+    #[arg(long, value_enum, default_value = "5")]
+    protocol: Protocol,
+    /// Client id [default: fwsim-sub-PID].
+    #[arg(long)]
+    client_id: Option<String>,
+    /// User name.
+    #[arg(long)]
+    username: Option<String>,
+    /// Password (needs --username).
+    #[arg(long, requires = "username")]
+    password: Option<String>,
+    /// Stop this long after the SUBACK (e.g. 10s, 2m).
+    #[arg(long, value_parser = duration)]
+    duration: Option<Duration>,
+    /// Stop after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop when nothing arrived for this long; with --no-read, the longest it reads at the
+    /// end to see whether the broker closed the connection.
+    #[arg(long, value_parser = duration, default_value = "5s")]
+    idle_timeout: Duration,
+    /// Subscribe, then leave the socket unread until --duration has passed (a deliberately
+    /// slow subscriber); report whether the broker closed the connection.
+    #[arg(long, requires = "duration")]
+    no_read: bool,
+    /// Keep-alive asked for in the CONNECT, with a PINGREQ every half of it; 0s turns it off.
+    #[arg(long, value_parser = duration, default_value = "60s")]
+    keep_alive: Duration,
+    /// Time allowed for TCP, CONNACK and SUBACK.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    connect_timeout: Duration,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct SinkArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:18831")]
@@ -482,6 +543,32 @@ async fn verify_command(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     report_verdict(&args, &verdict)
 }
 
+async fn subscribe_command(args: SubscribeArgs) -> anyhow::Result<ExitCode> {
+    let options = SubscribeOptions {
+        url: BrokerUrl::parse("--broker", &args.broker)?,
+        protocol: args.protocol,
+        credentials: args
+            .username
+            .map(|u| (u, args.password.unwrap_or_default())),
+        client_id: args
+            .client_id
+            .unwrap_or_else(|| format!("fwsim-sub-{}", std::process::id())),
+        filters: args.filters,
+        qos: args.qos,
+        keep_alive: args.keep_alive,
+        connect_timeout: args.connect_timeout,
+        duration: args.duration,
+        count: args.count,
+        idle_timeout: args.idle_timeout,
+        no_read: args.no_read,
+        report_path: args.report,
+    };
+    // One blocking socket read as fast as it can; off the async workers.
+    let report = tokio::task::spawn_blocking(move || subscribe(&options)).await??;
+    println!("{}", report.summary_line());
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Writes the JSON report if asked, prints the table and the summary line, and picks the exit
 /// code.
 fn report_verdict(args: &VerifyArgs, verdict: &VerifyReport) -> anyhow::Result<ExitCode> {
@@ -532,6 +619,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run_command(*args).await,
             Command::Verify(args) => verify_command(*args).await,
+            Command::Subscribe(args) => subscribe_command(*args).await,
             Command::Sink(args) => serve(SinkOptions {
                 listen: args.listen,
                 ack: args.ack,
