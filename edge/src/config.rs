@@ -290,7 +290,7 @@ impl Default for MqttConfig {
             connect_timeout: HumanDuration(Duration::from_secs(10)),
             max_keepalive: HumanDuration(Duration::ZERO),
             max_connections: 100_000,
-            max_inflight_messages: 64,
+            max_inflight_messages: 1024,
             max_queued_messages: 1000,
             max_queued_bytes: ByteSize(16 * 1024 * 1024),
             slow_subscriber_timeout: HumanDuration(Duration::from_secs(10)),

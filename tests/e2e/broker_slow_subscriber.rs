@@ -139,7 +139,7 @@ async fn sys_value(edge: &Edge, topic: &str, accept: impl Fn(u64) -> bool) -> an
 fn run_scenario() -> anyhow::Result<Outcome> {
     let runtime = tokio::runtime::Runtime::new()?;
     let mut edge = Edge::start_with(
-        "max_queued_messages = 1000\nslow_subscriber_timeout = \"2s\"\nsys_interval = \"1s\"",
+        "max_queued_messages = 1000\nmax_inflight_messages = 64\nslow_subscriber_timeout = \"2s\"\nsys_interval = \"1s\"",
         "",
         "",
     );
@@ -397,7 +397,8 @@ fn slow_v5_qos1_subscriber_is_disconnected_with_quota_exceeded() {
     let line = &o.slow[0];
     assert_eq!(summary_word(line, "disconnect_reason"), "0x97", "{line}");
     assert_eq!(summary_word(line, "closed"), "yes", "{line}");
-    // It held no more than the edge's in-flight window: nothing was acknowledged.
+    // It held no more than the edge's in-flight window (max_inflight_messages = 64):
+    // nothing was acknowledged.
     assert!(summary_field(line, "received") <= 64, "{line}");
     assert_cut_off_for_its_queue(o, SLOW[0].client_id);
 }

@@ -24,7 +24,7 @@ use super::codec::{
 };
 use super::delivery::{
     client_prefix, parse_queue_value, queue_key, retained_key, split_client_key,
-    subscription_value, Delivery, Fanout, Hub, Message, Subscriber, Target, TAG_QUEUED,
+    subscription_value, Delivery, Fanouts, Hub, Message, Subscriber, Target, TAG_QUEUED,
     TAG_RELEASED, TAG_SUBSCRIPTION,
 };
 use super::session::{purge_ops, qos2_key, session_key, session_value, Control, SessionData};
@@ -88,7 +88,7 @@ enum Deferred {
 struct PendingReq {
     ticket: u64,
     deferred: Vec<Deferred>,
-    fanout: Vec<Fanout>,
+    fanout: Fanouts,
     retained: Vec<(Bytes, Option<Arc<Message>>)>,
 }
 
@@ -298,7 +298,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         aliases: Vec::new(),
         req: AppendRequest::default(),
         req_acks: Vec::new(),
-        req_fanout: Vec::new(),
+        req_fanout: Fanouts::default(),
         req_retained: Vec::new(),
         route_cache: HashMap::new(),
         taken_over: false,
@@ -473,7 +473,7 @@ struct Connection {
     aliases: Vec<Option<Bytes>>,
     req: AppendRequest,
     req_acks: Vec<Deferred>,
-    req_fanout: Vec<Fanout>,
+    req_fanout: Fanouts,
     req_retained: Vec<(Bytes, Option<Arc<Message>>)>,
     route_cache: HashMap<Bytes, (TopicId, u32, Bytes)>,
     taken_over: bool,
@@ -881,10 +881,11 @@ impl Connection {
             .fetch_add(1, Ordering::Relaxed);
         let qos = p.qos;
         let pkid = p.pkid;
-        let fanout = stage_publish(
+        stage_publish(
             &self.broker.hub,
             &mut self.req,
             &mut self.req_retained,
+            &mut self.req_fanout,
             &mut self.scratch_matches,
             &mut self.scratch_targets,
             (topic_id, partition, &key),
@@ -898,9 +899,6 @@ impl Connection {
                 now,
             },
         );
-        if let Some(f) = fanout {
-            self.req_fanout.push(f);
-        }
         if qos != QoS::AtMostOnce {
             self.awaiting_commit += 1;
         }
@@ -1589,11 +1587,12 @@ fn stage_publish(
     hub: &Hub,
     req: &mut AppendRequest,
     retained: &mut Vec<(Bytes, Option<Arc<Message>>)>,
+    fanouts: &mut Fanouts,
     scratch: &mut Vec<Match<super::delivery::SubRef>>,
     targets: &mut Vec<Target>,
     route: (TopicId, u32, &[u8]),
     p: Staged<'_>,
-) -> Option<Fanout> {
+) {
     let start = req.buf.len();
     NewRecord {
         timestamp_ms: p.now,
@@ -1620,12 +1619,12 @@ fn stage_publish(
         timestamp_ms: p.now,
     });
     if !p.retain && hub.subscription_count() == 0 {
-        return None;
+        return;
     }
     let topic_text = std::str::from_utf8(&p.topic).unwrap_or_default();
     hub.plan(topic_text, p.qos, p.retain, p.publisher, scratch, targets);
     if targets.is_empty() && !p.retain {
-        return None;
+        return;
     }
     let msg = Arc::new(Message {
         topic: p.topic,
@@ -1650,13 +1649,10 @@ fn stage_publish(
         }
     }
     if targets.is_empty() {
-        return None;
+        return;
     }
     Hub::enqueue_ops(targets, record, &mut req.state);
-    Some(Fanout {
-        msg,
-        targets: std::mem::take(targets),
-    })
+    fanouts.push(msg, targets);
 }
 
 /// Publishes a will: logged, retained if asked, delivered, like a client's publish.
@@ -1675,10 +1671,12 @@ async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, will: WillIn) 
     let d = broker.router.route(topic_text, client_id);
     let mut req = AppendRequest::default();
     let mut retained = Vec::new();
-    let fanout = stage_publish(
+    let mut fanout = Fanouts::default();
+    stage_publish(
         &broker.hub,
         &mut req,
         &mut retained,
+        &mut fanout,
         &mut Vec::new(),
         &mut Vec::new(),
         (d.topic, d.partition, &d.key),
@@ -1714,8 +1712,8 @@ async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, will: WillIn) 
     for (topic, msg) in retained {
         broker.hub.set_retained(topic, msg);
     }
-    if let Some(f) = fanout {
-        broker.hub.deliver(vec![f], &mut done.seqs.into_iter());
+    if !fanout.is_empty() {
+        broker.hub.deliver(fanout, &mut done.seqs.into_iter());
     }
     tracing::debug!(client_id = %client_id, topic = %topic_text, "will published");
 }

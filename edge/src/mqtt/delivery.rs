@@ -321,13 +321,25 @@ pub struct Target {
     shared: bool,
 }
 
-/// A message and where it goes, applied once its append is committed.
-#[derive(Debug)]
-pub struct Fanout {
-    /// The message.
-    pub msg: Arc<Message>,
-    /// Its targets.
-    pub targets: Vec<Target>,
+/// Messages of one append request and where each goes, applied once it is committed.
+#[derive(Debug, Default)]
+pub struct Fanouts {
+    /// Each message with the end of its targets in `targets`.
+    items: Vec<(Arc<Message>, usize)>,
+    targets: Vec<Target>,
+}
+
+impl Fanouts {
+    /// Adds a message; takes its targets out of `targets`.
+    pub fn push(&mut self, msg: Arc<Message>, targets: &mut Vec<Target>) {
+        self.targets.append(targets);
+        self.items.push((msg, self.targets.len()));
+    }
+
+    /// Whether there is nothing to deliver.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
 }
 
 /// The broker's counters, published under `$SYS`.
@@ -579,6 +591,32 @@ impl Hub {
             |s: &SubRef| s.0.online.load(Ordering::Acquire),
             scratch,
         );
+        if scratch.len() == 1 {
+            // The common case: one subscription matches.
+            let m = scratch.pop().expect("one match");
+            let shared = m.group.is_some();
+            if m.opts.no_local && !shared && &*m.who.0.client_id == publisher {
+                return;
+            }
+            let q = qos.min(m.opts.qos);
+            let sub = m.who.0;
+            let online = sub.online.load(Ordering::Acquire);
+            let mut enqueue = q > 0 && sub.durable.load(Ordering::Acquire);
+            if enqueue && !online {
+                enqueue = self.reserve_offline(&sub);
+            }
+            if enqueue || online {
+                out.push(Target {
+                    sub,
+                    qos: q,
+                    retain: retain && m.opts.retain_as_published,
+                    sub_ids: m.opts.id.into_iter().collect(),
+                    enqueue,
+                    shared,
+                });
+            }
+            return;
+        }
         for m in scratch.drain(..) {
             let shared = m.group.is_some();
             if m.opts.no_local && !shared && &*m.who.0.client_id == publisher {
@@ -609,17 +647,24 @@ impl Hub {
         for t in out.iter_mut() {
             t.enqueue = t.qos > 0 && t.sub.durable.load(Ordering::Acquire);
             if t.enqueue && !t.sub.online.load(Ordering::Acquire) {
-                let queued = t.sub.offline_queued.fetch_add(1, Ordering::Relaxed);
-                if queued >= self.limits.offline_messages {
-                    t.sub.offline_queued.fetch_sub(1, Ordering::Relaxed);
-                    t.enqueue = false;
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+                t.enqueue = self.reserve_offline(&t.sub);
             }
         }
         // Offline targets without a durable entry get nothing.
         out.retain(|t| t.enqueue || t.sub.online.load(Ordering::Acquire));
         out.sort_by_key(|t| !t.enqueue);
+    }
+
+    /// Takes a place in a disconnected session's durable queue; false (counted as dropped)
+    /// when it is full.
+    fn reserve_offline(&self, sub: &Subscriber) -> bool {
+        let queued = sub.offline_queued.fetch_add(1, Ordering::Relaxed);
+        if queued >= self.limits.offline_messages {
+            sub.offline_queued.fetch_sub(1, Ordering::Relaxed);
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     /// The Enqueue ops of a plan's targets, for record `record` of the request.
@@ -635,17 +680,19 @@ impl Hub {
 
     /// Hands committed messages to their online targets, one outbox lock per subscriber.
     /// `seqs` yields the seqs of the request's Enqueue ops in order.
-    pub fn deliver(&self, fanouts: Vec<Fanout>, seqs: &mut impl Iterator<Item = u64>) {
+    pub fn deliver(&self, fanouts: Fanouts, seqs: &mut impl Iterator<Item = u64>) {
         let mut batches: Vec<(Arc<Subscriber>, Vec<Delivery>)> = Vec::new();
         let mut last = 0;
-        for f in fanouts {
-            for t in f.targets {
+        let mut targets = fanouts.targets.into_iter();
+        let mut at = 0;
+        for (msg, end) in fanouts.items {
+            for t in targets.by_ref().take(end - at) {
                 let seq = if t.enqueue { seqs.next() } else { None };
                 if !t.sub.online.load(Ordering::Acquire) {
                     continue;
                 }
                 let d = Delivery {
-                    msg: f.msg.clone(),
+                    msg: msg.clone(),
                     qos: t.qos,
                     retain: t.retain,
                     sub_ids: t.sub_ids,
@@ -666,6 +713,7 @@ impl Hub {
                 batches[i].1.push(d);
                 last = i;
             }
+            at = end;
         }
         let mut dropped = 0;
         for (sub, list) in batches {
@@ -691,7 +739,9 @@ impl Hub {
         for t in &mut targets {
             t.enqueue = false;
         }
-        self.deliver(vec![Fanout { msg, targets }], &mut std::iter::empty());
+        let mut f = Fanouts::default();
+        f.push(msg, &mut targets);
+        self.deliver(f, &mut std::iter::empty());
     }
 
     /// Sets (or with `None` clears) the retained message of a topic.
