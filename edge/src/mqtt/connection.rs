@@ -883,9 +883,11 @@ impl Connection {
         let pkid = p.pkid;
         stage_publish(
             &self.broker.hub,
-            &mut self.req,
-            &mut self.req_retained,
-            &mut self.req_fanout,
+            Staging {
+                req: &mut self.req,
+                retained: &mut self.req_retained,
+                fanouts: &mut self.req_fanout,
+            },
             &mut self.scratch_matches,
             &mut self.scratch_targets,
             (topic_id, partition, &key),
@@ -1569,6 +1571,14 @@ async fn commit_ops(broker: &Broker, ops: Vec<StateOp>) -> Result<(), String> {
     }
 }
 
+/// Where [`stage_publish`] adds a publish: the request being built and what to do once it
+/// is committed.
+struct Staging<'a> {
+    req: &'a mut AppendRequest,
+    retained: &'a mut Vec<(Bytes, Option<Arc<Message>>)>,
+    fanouts: &'a mut Fanouts,
+}
+
 /// A publish about to be staged.
 struct Staged<'a> {
     topic: Bytes,
@@ -1585,14 +1595,17 @@ struct Staged<'a> {
 /// request is committed.
 fn stage_publish(
     hub: &Hub,
-    req: &mut AppendRequest,
-    retained: &mut Vec<(Bytes, Option<Arc<Message>>)>,
-    fanouts: &mut Fanouts,
+    into: Staging<'_>,
     scratch: &mut Vec<Match<super::delivery::SubRef>>,
     targets: &mut Vec<Target>,
     route: (TopicId, u32, &[u8]),
     p: Staged<'_>,
 ) {
+    let Staging {
+        req,
+        retained,
+        fanouts,
+    } = into;
     let start = req.buf.len();
     NewRecord {
         timestamp_ms: p.now,
@@ -1674,9 +1687,11 @@ async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, will: WillIn) 
     let mut fanout = Fanouts::default();
     stage_publish(
         &broker.hub,
-        &mut req,
-        &mut retained,
-        &mut fanout,
+        Staging {
+            req: &mut req,
+            retained: &mut retained,
+            fanouts: &mut fanout,
+        },
         &mut Vec::new(),
         &mut Vec::new(),
         (d.topic, d.partition, &d.key),
