@@ -255,6 +255,25 @@ pub fn decode(
         Err(mb::Error::PayloadSizeLimitExceeded(n)) => return Err(DecodeError::TooLarge(n)),
         Err(e) => return Err(DecodeError::Malformed(e.to_string())),
     }
+    // Acknowledgements without a reason code are the most frequent packets from a busy
+    // subscriber: read them without the general decoder.
+    if buf.len() >= 4 && buf[1] == 2 {
+        let pkid = u16::from_be_bytes([buf[2], buf[3]]);
+        let ack = match buf[0] {
+            0x40 => Some(Inbound::PubAck(pkid)),
+            0x50 => Some(Inbound::PubRec(pkid, 0)),
+            0x62 => Some(Inbound::PubRel(pkid)),
+            0x70 => Some(Inbound::PubComp(pkid)),
+            _ => None,
+        };
+        if let Some(ack) = ack {
+            if pkid == 0 {
+                return Err(malformed("packet identifier 0"));
+            }
+            let _ = buf.split_to(4);
+            return Ok(Some(ack));
+        }
+    }
     match version {
         Version::V311 => decode_v4(buf, max_packet_size),
         Version::V5 => decode_v5(buf, max_packet_size),
@@ -977,6 +996,28 @@ mod tests {
         match decode(Version::V5, &mut buf, 1024).unwrap().unwrap() {
             Inbound::Disconnect { reason, .. } => assert_eq!(reason, 0),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn short_acks_decode_in_both_versions() {
+        for v in [Version::V311, Version::V5] {
+            let mut buf = BytesMut::from(&[0x40, 2, 0, 7, 0x50, 2, 1, 0, 0x62, 2, 0, 9][..]);
+            assert!(matches!(
+                decode(v, &mut buf, 1024),
+                Ok(Some(Inbound::PubAck(7)))
+            ));
+            assert!(matches!(
+                decode(v, &mut buf, 1024),
+                Ok(Some(Inbound::PubRec(256, 0)))
+            ));
+            assert!(matches!(
+                decode(v, &mut buf, 1024),
+                Ok(Some(Inbound::PubRel(9)))
+            ));
+            assert!(buf.is_empty());
+            let mut zero = BytesMut::from(&[0x70, 2, 0, 0][..]);
+            assert!(decode(v, &mut zero, 1024).is_err());
         }
     }
 

@@ -1310,18 +1310,43 @@ impl Connection {
         if page.len() == REPLAY_PAGE {
             self.replay_after = page.last().map(|(k, _)| k.clone());
         }
+        let mut entries = Vec::with_capacity(page.len());
         for (k, v) in page {
-            let (Some(seq), Some(entry)) = (seq_of(&k), parse_queue_value(&v)) else {
-                tracing::warn!(client_id = %self.client_id, "discarding an unreadable queue entry");
-                self.req.state.push(StateOp::Delete { key: k });
-                continue;
-            };
+            match (seq_of(&k), parse_queue_value(&v)) {
+                (Some(seq), Some(entry)) => entries.push((k, seq, entry)),
+                _ => {
+                    tracing::warn!(client_id = %self.client_id, "discarding an unreadable queue entry");
+                    self.req.state.push(StateOp::Delete { key: k });
+                }
+            }
+        }
+        // Queued records are mostly consecutive in a few partitions: each partition's span
+        // is read once (a stored batch holds many records), not one read per entry.
+        let mut spans: HashMap<(u32, u32), (u64, u64)> = HashMap::new();
+        for (_, _, e) in &entries {
+            let (t, p, o) = e.position;
+            let span = spans.entry((t, p)).or_insert((o, o));
+            span.0 = span.0.min(o);
+            span.1 = span.1.max(o);
+        }
+        let mut records: HashMap<(u32, u32, u64), crate::log::Record> = HashMap::new();
+        for ((t, p), (lo, hi)) in spans {
+            if hi - lo < 4 * REPLAY_PAGE as u64 {
+                if let Ok(read) = log.read(t, p, lo, (hi - lo + 1) as usize) {
+                    records.extend(read.into_iter().map(|r| ((t, p, r.offset), r)));
+                }
+            }
+        }
+        for (k, seq, entry) in entries {
             let (topic, partition, offset) = entry.position;
-            let record = log
-                .read(topic, partition, offset, 1)
-                .ok()
-                .and_then(|mut r| r.pop())
-                .filter(|r| r.offset == offset);
+            let record = match records.remove(&entry.position) {
+                Some(r) => Some(r),
+                None => log
+                    .read(topic, partition, offset, 1)
+                    .ok()
+                    .and_then(|mut r| r.pop())
+                    .filter(|r| r.offset == offset),
+            };
             let Some(record) = record else {
                 // Retention or the disk budget deleted the record before it was delivered.
                 self.broker
@@ -1375,11 +1400,11 @@ impl Connection {
     fn pump(&mut self) -> Result<(), Close> {
         let broker = self.broker.clone();
         let stats = &broker.hub.stats;
+        let now = now_ms();
         while self.wbuf.len() < WRITE_BUFFER_HIGH && self.inflight_out.len() < self.out_limit {
             let Some(d) = self.next_delivery() else {
                 break;
             };
-            let now = now_ms();
             let Some(expiry_left) = d.msg.expiry_left(now) else {
                 stats.expired.fetch_add(1, Ordering::Relaxed);
                 self.forget(&d);
