@@ -247,35 +247,28 @@ impl SessionStore {
                         let _ = a.control.send(Control::TakenOver);
                         Some((a.conn, a.done.clone()))
                     }
-                    Some(entry)
-                        if entry.data.expiry != u32::MAX
+                    Some(entry) => {
+                        // An entry the periodic sweep has not removed yet may have expired:
+                        // the new connection then starts afresh and the caller discards
+                        // the old state.
+                        let expired = entry.data.expiry != u32::MAX
                             && entry.data.expiry != 0
                             && now_ms().saturating_sub(entry.disconnected_at_ms)
-                                > u64::from(entry.data.expiry) * 1000 =>
-                    {
-                        // Expired, and the periodic sweep has not removed it yet: the new
-                        // connection starts afresh; the caller discards the old state.
-                        let old = std::mem::take(&mut entry.data);
-                        entry.last_conn = conn;
-                        entry.disconnected_at_ms = 0;
-                        entry.attached = Some(Attached {
-                            conn,
-                            control: control.clone(),
-                            done: done.clone(),
-                        });
-                        return Attachment {
-                            conn,
-                            previous: None,
-                            expired: Some(old),
-                        };
-                    }
-                    Some(entry) => {
+                                > u64::from(entry.data.expiry) * 1000;
                         entry.last_conn = conn;
                         entry.attached = Some(Attached {
                             conn,
                             control: control.clone(),
                             done: done.clone(),
                         });
+                        if expired {
+                            entry.disconnected_at_ms = 0;
+                            return Attachment {
+                                conn,
+                                previous: None,
+                                expired: Some(std::mem::take(&mut entry.data)),
+                            };
+                        }
                         return Attachment {
                             conn,
                             previous: Some(entry.data.clone()),
