@@ -431,7 +431,7 @@ mod tests {
             ..Default::default()
         };
         data.qos2.insert(5);
-        let (ops, ended) = store.detach("dev", a1.conn, data, true, 1000);
+        let (ops, ended) = store.detach("dev", a1.conn, data, true, now_ms());
         assert!(ops.is_empty(), "not durable, nothing to write");
         assert!(ended.is_none());
         d1_tx.send(true).unwrap();
