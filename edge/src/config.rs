@@ -295,7 +295,7 @@ impl Default for MqttConfig {
             max_queued_bytes: ByteSize(16 * 1024 * 1024),
             slow_subscriber_timeout: HumanDuration(Duration::from_secs(10)),
             max_offline_messages: 100_000,
-            sys_interval: HumanDuration(Duration::from_secs(10)),
+            sys_interval: HumanDuration(Duration::from_secs(5)),
         }
     }
 }
