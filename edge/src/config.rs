@@ -68,6 +68,65 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// The uplink to Kafka. Without this section the edge only logs locally.
     pub cloud: Option<CloudConfig>,
+    /// The admin HTTP endpoint (health, metrics, JSON API).
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the admin HTTP endpoint.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP listener. Unset: `127.0.0.1:8080`, and when that port is
+    /// taken the edge serves MQTT without it (with a warning); set: a bind failure stops the
+    /// edge.
+    pub listen: Option<SocketAddr>,
+    /// `false` turns the admin endpoint off.
+    pub enabled: Option<bool>,
+    /// Bearer token every request must carry (`Authorization: Bearer <token>`); required
+    /// when `listen` is not a loopback address.
+    pub token: Option<String>,
+    /// File holding the token (first line), instead of `token`.
+    pub token_file: Option<PathBuf>,
+}
+
+impl AdminConfig {
+    /// The default admin address.
+    pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:8080";
+
+    /// Where to listen (`None`: turned off) and whether the address was configured.
+    pub fn address(&self) -> Option<(SocketAddr, bool)> {
+        if self.enabled == Some(false) {
+            return None;
+        }
+        Some(match self.listen {
+            Some(a) => (a, true),
+            None => (
+                Self::DEFAULT_LISTEN.parse().expect("literal address"),
+                false,
+            ),
+        })
+    }
+
+    /// The token, read from `token_file` when that is set.
+    pub fn token(&self) -> Result<Option<String>, (&'static str, String)> {
+        match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => Err((
+                "token_file",
+                "set either token or token_file, not both".into(),
+            )),
+            (Some(t), None) => Ok(Some(t.clone())),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| ("token_file", format!("reading {}: {e}", f.display())))?;
+                Ok(text.lines().next().map(|l| l.trim().to_string()))
+            }
+            (None, None) => Ok(None),
+        }
+        .and_then(|t| match t {
+            Some(t) if t.len() < 16 => Err(("token", "must be at least 16 characters".to_string())),
+            t => Ok(t),
+        })
+    }
 }
 
 /// `[cloud]`: mirror the log to an Apache Kafka cluster, exactly once.
@@ -835,6 +894,21 @@ impl Config {
                 }
             })
             .collect();
+        if let Some((addr, _)) = self.admin.address() {
+            let token = self
+                .admin
+                .token()
+                .map_err(|(key, message)| invalid(None, format!("admin.{key}"), message))?;
+            if token.is_none() && !addr.ip().is_loopback() {
+                return Err(invalid(
+                    None,
+                    "admin.token".into(),
+                    format!(
+                        "the admin endpoint listens on {addr}, beyond loopback: set admin.token (or admin.token_file)"
+                    ),
+                ));
+            }
+        }
         if let Some(cloud) = &self.cloud {
             let key_line = |key: &str| -> Option<std::ops::Range<usize>> {
                 let section = text.find("[cloud]")?;

@@ -2,8 +2,10 @@
 //!
 //! Data flows one way: socket ([`mqtt`]) -> route ([`route`]) -> log ([`log`]).
 
+pub mod admin;
 pub mod config;
 pub mod log;
+pub mod metrics;
 pub mod mqtt;
 pub mod route;
 pub mod server;

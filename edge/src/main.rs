@@ -24,6 +24,9 @@ struct Cli {
     /// MQTT listen address (overrides mqtt.listen).
     #[arg(long, global = true, value_name = "ADDR")]
     mqtt_listen: Option<SocketAddr>,
+    /// Admin HTTP listen address (overrides admin.listen).
+    #[arg(long, global = true, value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -134,6 +137,12 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(addr) = cli.mqtt_listen {
         config.mqtt.listen = addr;
+    }
+    if let Some(addr) = cli.admin_listen {
+        config.admin.listen = Some(addr);
+        config.admin.enabled = Some(true);
+        // A non-loopback address needs a token: check again with the override.
+        config.plan("", "--admin-listen")?;
     }
     Ok(config)
 }

@@ -237,7 +237,41 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             config.mqtt.sys_interval.0,
         ))
     });
+    let admin_state = Arc::new(crate::admin::AdminState {
+        broker: broker.clone(),
+        mirror: mirror.clone(),
+        ready: std::sync::atomic::AtomicBool::new(false),
+        token: config.admin.token().map_err(|(key, message)| {
+            crate::config::ConfigError::Invalid {
+                origin: "<config>".into(),
+                line: 0,
+                key: format!("admin.{key}"),
+                message,
+            }
+        })?,
+    });
+    let admin = match config.admin.address() {
+        None => None,
+        Some((addr, explicit)) => match TcpListener::bind(addr).await {
+            Ok(l) => {
+                tracing::info!(admin = %l.local_addr().unwrap_or(addr), "admin HTTP endpoint is serving");
+                Some(tokio::spawn(crate::admin::serve(l, admin_state.clone())))
+            }
+            Err(source) if explicit => {
+                return Err(ServeError::Bind { addr, source });
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "the admin HTTP endpoint is off: cannot listen on the default {addr} ({e}); set admin.listen to choose another address"
+                );
+                None
+            }
+        },
+    };
     let server = tokio::spawn(mqtt::serve(broker.clone(), listener, SHUTDOWN_GRACE));
+    admin_state
+        .ready
+        .store(true, std::sync::atomic::Ordering::Release);
     let fatal = tokio::select! {
         _ = shutdown_signal() => {
             tracing::info!("shutting down: finishing in-flight appends");
@@ -247,6 +281,11 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     };
     let _ = shutdown_tx.send(true);
     let _ = server.await;
+    if let Some(t) = admin {
+        t.abort();
+        let _ = t.await;
+    }
+    drop(admin_state);
     housekeeping.abort();
     if let Some(t) = sys {
         t.abort();

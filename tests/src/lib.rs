@@ -98,6 +98,32 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A plain HTTP/1.1 GET with `Connection: close`; returns the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("no end of HTTP headers")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    Ok((status, body.to_string()))
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -111,6 +137,8 @@ pub struct Edge {
     dir: tempfile::TempDir,
     /// MQTT address.
     pub addr: SocketAddr,
+    /// Admin HTTP address (unless the test's config has its own `[admin]`).
+    pub admin: SocketAddr,
     child: Option<Child>,
     starts: u32,
 }
@@ -131,14 +159,21 @@ impl Edge {
             .expect("temp dir");
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin_section = if extra.contains("[admin]") {
+            String::new()
+        } else {
+            format!("[admin]\nlisten = \"{admin}\"\n")
+        };
         let config = format!(
-            "[mqtt]\nlisten = \"{addr}\"\n{mqtt_extra}\n[storage]\ndata_dir = \"{}\"\n{storage_extra}\n{extra}\n",
+            "[mqtt]\nlisten = \"{addr}\"\n{mqtt_extra}\n[storage]\ndata_dir = \"{}\"\n{storage_extra}\n{admin_section}{extra}\n",
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("edge.toml"), config).unwrap();
         let mut edge = Edge {
             dir,
             addr,
+            admin,
             child: None,
             starts: 0,
         };

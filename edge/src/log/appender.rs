@@ -440,10 +440,16 @@ impl Appender {
             FsyncMode::Always => fjall::PersistMode::SyncData,
             FsyncMode::Interval(_) | FsyncMode::Never => fjall::PersistMode::Buffer,
         };
+        let started = std::time::Instant::now();
         batch
             .durability(Some(mode))
             .commit()
             .map_err(|e| format!("group commit failed: {e}"))?;
+        let records: usize = group.iter().map(|r| r.records.len()).sum();
+        log.counters
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        log.counters.commit_records.observe(records as f64);
 
         for &flat in &self.touched {
             let (t, p) = self.flat[flat];

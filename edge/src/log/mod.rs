@@ -151,7 +151,7 @@ pub struct TopicLog {
 }
 
 /// Node-wide counters of the log.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LogCounters {
     /// Records deleted by age or per-partition byte retention.
     pub retention_removed: AtomicU64,
@@ -159,6 +159,22 @@ pub struct LogCounters {
     pub budget_dropped: AtomicU64,
     /// Publishes refused by the `reject` disk budget policy.
     pub budget_rejected: AtomicU64,
+    /// Records per group commit.
+    pub commit_records: crate::metrics::Histogram,
+    /// Seconds a group commit's write and fsync took.
+    pub commit_seconds: crate::metrics::Histogram,
+}
+
+impl Default for LogCounters {
+    fn default() -> Self {
+        LogCounters {
+            retention_removed: AtomicU64::new(0),
+            budget_dropped: AtomicU64::new(0),
+            budget_rejected: AtomicU64::new(0),
+            commit_records: crate::metrics::Histogram::new(crate::metrics::COUNTS),
+            commit_seconds: crate::metrics::Histogram::new(crate::metrics::SECONDS),
+        }
+    }
 }
 
 /// Disk budget settings.
@@ -463,6 +479,11 @@ impl Log {
             out.push((k.to_vec(), v.to_vec()));
         }
         Ok(out)
+    }
+
+    /// The disk budget, if one is configured.
+    pub fn budget(&self) -> Option<Budget> {
+        self.budget
     }
 
     /// Entries of the meta keyspace under `prefix` (for the MQTT layer's durable state).

@@ -272,6 +272,9 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         data.durable = false;
     }
     sub.durable.store(data.durable, Ordering::Release);
+    broker
+        .sessions
+        .set_subscriber(&client_id, attachment.conn, sub.clone(), data.expiry);
     let lost = sub.set_online(true);
     hub.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
     let (commit_tx, commit_rx) = mpsc::unbounded_channel();

@@ -116,6 +116,23 @@ pub fn session_value(expiry: u32, disconnected_at_ms: u64) -> Vec<u8> {
     v
 }
 
+/// A session as the admin API lists it.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// Client id.
+    pub client_id: String,
+    /// A connection holds it.
+    pub connected: bool,
+    /// It has durable state (session expiry > 0).
+    pub persistent: bool,
+    /// Session Expiry Interval in seconds (`u32::MAX`: never).
+    pub expiry: u32,
+    /// When its client disconnected (ms since the epoch), while disconnected.
+    pub disconnected_at_ms: Option<u64>,
+    /// Its delivery side.
+    pub sub: Option<Arc<Subscriber>>,
+}
+
 /// What a new connection finds when it attaches to a client id.
 pub struct Attachment {
     /// This connection's id in the store.
@@ -387,6 +404,37 @@ impl SessionStore {
             None => true,
             Some(e) => e.attached.is_none() && e.last_conn == conn,
         }
+    }
+
+    /// Records the delivery side of the session connection `conn` holds, so it can be
+    /// listed while the connection runs.
+    pub fn set_subscriber(&self, client_id: &str, conn: u64, sub: Arc<Subscriber>, expiry: u32) {
+        let mut map = self.inner.lock().expect("session lock");
+        if let Some(e) = map.get_mut(client_id) {
+            if e.attached.as_ref().is_some_and(|a| a.conn == conn) {
+                e.data.sub = Some(sub);
+                e.data.durable = expiry > 0;
+                e.data.expiry = expiry;
+            }
+        }
+    }
+
+    /// Every session, by client id.
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let map = self.inner.lock().expect("session lock");
+        let mut out: Vec<SessionInfo> = map
+            .iter()
+            .map(|(client, e)| SessionInfo {
+                client_id: client.clone(),
+                connected: e.attached.is_some(),
+                persistent: e.data.durable,
+                expiry: e.data.expiry,
+                disconnected_at_ms: (e.attached.is_none()).then_some(e.disconnected_at_ms),
+                sub: e.data.sub.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        out
     }
 
     /// Connected clients and disconnected persistent sessions.

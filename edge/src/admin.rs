@@ -1,0 +1,483 @@
+//! The admin HTTP endpoint: `/health`, `/ready`, `/metrics` (Prometheus text format) and a
+//! JSON API under `/api/v1/`. With a token configured every request must carry
+//! `Authorization: Bearer <token>`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::mqtt::Broker;
+
+/// What the admin endpoint reads.
+pub struct AdminState {
+    /// The broker (log, sessions, hub).
+    pub broker: Arc<Broker>,
+    /// The Kafka mirror, when configured.
+    pub mirror: Option<Arc<cloud_sync::Mirror>>,
+    /// Set once the MQTT listener is bound and serving.
+    pub ready: AtomicBool,
+    /// Bearer token required on every request, if any.
+    pub token: Option<String>,
+}
+
+/// The admin routes.
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/topics", get(topics))
+        .route(
+            "/api/v1/topics/{topic}/partitions/{partition}/records",
+            get(records),
+        )
+        .route("/api/v1/clients", get(clients))
+        .route("/api/v1/mirror", get(mirror))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+/// Serves the admin routes on a bound listener until the task is aborted.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    if let Err(e) = axum::serve(listener, router(state)).await {
+        tracing::error!("admin endpoint failed: {e}");
+    }
+}
+
+async fn authorize(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "a valid bearer token is required\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn ready(State(s): State<Arc<AdminState>>) -> Response {
+    if let Some(why) = s.broker.log.poisoned() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the log is failing: {why}\n"),
+        )
+            .into_response();
+    }
+    if !s.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response();
+    }
+    "ready\n".into_response()
+}
+
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The metrics in Prometheus text format.
+pub fn render_metrics(s: &AdminState) -> String {
+    let b = &s.broker;
+    let log = &b.log;
+    let stats = &b.hub.stats;
+    let mut out = String::with_capacity(8192);
+
+    family(
+        &mut out,
+        "tributary_messages_received_total",
+        "counter",
+        "Records appended to each log topic since the log was created.",
+    );
+    for t in log.topics() {
+        let n: u64 = t
+            .partitions
+            .iter()
+            .map(|p| p.end.load(Ordering::Relaxed))
+            .sum();
+        let _ = writeln!(
+            out,
+            "tributary_messages_received_total{{topic=\"{}\"}} {n}",
+            label(&t.name)
+        );
+    }
+    family(
+        &mut out,
+        "tributary_log_bytes",
+        "gauge",
+        "Bytes each log topic holds on disk now.",
+    );
+    for t in log.topics() {
+        let n: u64 = t
+            .partitions
+            .iter()
+            .map(|p| p.bytes.load(Ordering::Relaxed))
+            .sum();
+        let _ = writeln!(
+            out,
+            "tributary_log_bytes{{topic=\"{}\"}} {n}",
+            label(&t.name)
+        );
+    }
+    let counters: [(&str, &str, u64); 11] = [
+        (
+            "tributary_mqtt_publishes_received_total",
+            "PUBLISH packets accepted from clients (and wills) since start.",
+            stats.messages_received.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_mqtt_publishes_sent_total",
+            "PUBLISH packets sent to subscribers since start.",
+            stats.messages_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_mqtt_received_bytes_total",
+            "Bytes read from MQTT clients since start (after CONNECT).",
+            stats.bytes_received.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_mqtt_sent_bytes_total",
+            "Bytes written to MQTT clients since start.",
+            stats.bytes_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_outbound_dropped_total",
+            "Deliveries dropped because a subscriber's queue was full or an offline session's queue bound was reached.",
+            stats.dropped.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_outbound_expired_total",
+            "Deliveries not sent because the message expired first.",
+            stats.expired.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_outbound_oversize_total",
+            "Deliveries skipped because they exceed the client's Maximum Packet Size.",
+            stats.oversize.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_slow_subscriber_disconnects_total",
+            "Subscribers disconnected for staying over their queue bound.",
+            stats.slow_disconnects.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_publishes_rejected_total",
+            "Publishes refused because the disk budget was reached (reject policy).",
+            log.counters.budget_rejected.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_retention_deleted_records_total",
+            "Records deleted by age or byte retention since start.",
+            log.counters.retention_removed.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_budget_dropped_records_total",
+            "Records deleted by the drop-oldest disk budget policy since start.",
+            log.counters.budget_dropped.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, v) in counters {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    let (connected, disconnected) = b.sessions.counts();
+    let gauges: [(&str, &str, u64); 5] = [
+        (
+            "tributary_connections",
+            "Open MQTT connections.",
+            b.connections.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "tributary_sessions_disconnected",
+            "Persistent sessions whose client is not connected.",
+            disconnected as u64,
+        ),
+        (
+            "tributary_subscriptions",
+            "Subscriptions of all sessions.",
+            b.hub.subscription_count(),
+        ),
+        (
+            "tributary_retained_messages",
+            "Retained messages held.",
+            b.hub.retained_count() as u64,
+        ),
+        (
+            "tributary_disk_bytes",
+            "Bytes the log holds (what the disk budget counts).",
+            log.total_bytes(),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        family(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    family(
+        &mut out,
+        "tributary_sessions_connected",
+        "gauge",
+        "Sessions with a connected client.",
+    );
+    let _ = writeln!(out, "tributary_sessions_connected {connected}");
+    if let Some(budget) = log.budget() {
+        family(
+            &mut out,
+            "tributary_disk_budget_bytes",
+            "gauge",
+            "The configured disk budget.",
+        );
+        let _ = writeln!(out, "tributary_disk_budget_bytes {}", budget.bytes);
+    }
+    family(
+        &mut out,
+        "tributary_group_commit_records",
+        "histogram",
+        "Records written per group commit.",
+    );
+    log.counters
+        .commit_records
+        .render("tributary_group_commit_records", &mut out);
+    family(
+        &mut out,
+        "tributary_group_commit_seconds",
+        "histogram",
+        "Time of a group commit's write and fsync.",
+    );
+    log.counters
+        .commit_seconds
+        .render("tributary_group_commit_seconds", &mut out);
+
+    if let Some(m) = &s.mirror {
+        let st = m.status();
+        family(
+            &mut out,
+            "tributary_mirror_link_up",
+            "gauge",
+            "1 while the mirror is mirroring to Kafka, 0 otherwise.",
+        );
+        let up = matches!(st.state, cloud_sync::LinkState::Mirroring);
+        let _ = writeln!(out, "tributary_mirror_link_up {}", u8::from(up));
+        for (name, help, v) in [
+            (
+                "tributary_mirror_records_total",
+                "Records committed to Kafka by this process.",
+                st.records_mirrored,
+            ),
+            (
+                "tributary_mirror_bytes_total",
+                "Bytes committed to Kafka by this process.",
+                st.bytes_mirrored,
+            ),
+            (
+                "tributary_mirror_transactions_total",
+                "Kafka transactions committed by this process.",
+                st.transactions,
+            ),
+        ] {
+            family(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {v}");
+        }
+        family(
+            &mut out,
+            "tributary_mirror_lag_records",
+            "gauge",
+            "Records of each partition not yet in Kafka.",
+        );
+        for p in &st.partitions {
+            let _ = writeln!(
+                out,
+                "tributary_mirror_lag_records{{topic=\"{}\",partition=\"{}\"}} {}",
+                label(&p.topic),
+                p.partition,
+                p.lag_records
+            );
+        }
+        family(
+            &mut out,
+            "tributary_mirror_lost_before_mirror_total",
+            "counter",
+            "Records deleted at the edge (retention, disk budget) before they were mirrored.",
+        );
+        for p in &st.partitions {
+            let _ = writeln!(
+                out,
+                "tributary_mirror_lost_before_mirror_total{{topic=\"{}\",partition=\"{}\"}} {}",
+                label(&p.topic),
+                p.partition,
+                p.lost_before_mirror
+            );
+        }
+    }
+    out
+}
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render_metrics(&s),
+    )
+        .into_response()
+}
+
+async fn topics(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    let topics: Vec<serde_json::Value> = s
+        .broker
+        .log
+        .topics()
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "name": t.name,
+                "partitions": t.partitions.iter().enumerate().map(|(i, p)| serde_json::json!({
+                    "partition": i,
+                    "start_offset": p.start.load(Ordering::Relaxed),
+                    "end_offset": p.end.load(Ordering::Relaxed),
+                    "bytes": p.bytes.load(Ordering::Relaxed),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "topics": topics }))
+}
+
+#[derive(Deserialize)]
+struct RecordsQuery {
+    from: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Largest `limit` of one records request.
+const MAX_RECORDS: usize = 1000;
+
+async fn records(
+    State(s): State<Arc<AdminState>>,
+    Path((topic, partition)): Path<(String, u32)>,
+    Query(q): Query<RecordsQuery>,
+) -> Response {
+    let log = &s.broker.log;
+    let Some(t) = log.topic(&topic) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": format!("no topic {topic:?}") })),
+        )
+            .into_response();
+    };
+    let limit = q.limit.unwrap_or(100).min(MAX_RECORDS);
+    let id = t.id;
+    let log = log.clone();
+    let from = q.from.unwrap_or(0);
+    let read = tokio::task::spawn_blocking(move || log.read(id, partition, from, limit)).await;
+    match read {
+        Ok(Ok(records)) => {
+            let list: Vec<serde_json::Value> = records.iter().map(record_json).collect();
+            Json(serde_json::json!({ "topic": topic, "partition": partition, "records": list }))
+                .into_response()
+        }
+        Ok(Err(e)) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": e.to_string() })),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "error": e.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+fn text_or_base64(bytes: &[u8]) -> (String, &'static str) {
+    use base64::Engine as _;
+    match std::str::from_utf8(bytes) {
+        Ok(t) => (t.to_string(), "utf8"),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+            "base64",
+        ),
+    }
+}
+
+fn record_json(r: &crate::log::Record) -> serde_json::Value {
+    let (payload, encoding) = text_or_base64(&r.payload);
+    let (key, key_encoding) = text_or_base64(&r.key);
+    let h = &r.headers;
+    serde_json::json!({
+        "offset": r.offset,
+        "timestamp_ms": r.timestamp_ms,
+        "key": key,
+        "key_encoding": key_encoding,
+        "mqtt_topic": h.mqtt_topic,
+        "qos": h.qos,
+        "retain": h.retain,
+        "client_id": h.client_id,
+        "content_type": h.content_type,
+        "user_properties": h.user_properties,
+        "payload": payload,
+        "payload_encoding": encoding,
+    })
+}
+
+async fn clients(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    let hub = &s.broker.hub;
+    let list = s.broker.sessions.list();
+    let clients: Vec<serde_json::Value> = list
+        .into_iter()
+        .map(|c| {
+            let subscriptions: Vec<serde_json::Value> = c
+                .sub
+                .as_ref()
+                .map(|sub| hub.subscriptions_of(sub))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(filter, o)| serde_json::json!({ "filter": filter, "qos": o.qos }))
+                .collect();
+            serde_json::json!({
+                "client_id": c.client_id,
+                "connected": c.connected,
+                "persistent": c.persistent,
+                "session_expiry_secs": c.expiry,
+                "disconnected_at_ms": c.disconnected_at_ms,
+                "subscriptions": subscriptions,
+                "queued_in_memory": c.sub.as_ref().map(|s| s.queued()).unwrap_or(0),
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "clients": clients }))
+}
+
+async fn mirror(State(s): State<Arc<AdminState>>) -> Response {
+    match &s.mirror {
+        Some(m) => Json(m.status()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": "no [cloud] section: this edge does not mirror" })),
+        )
+            .into_response(),
+    }
+}
