@@ -252,6 +252,15 @@ impl Edge {
         self.spawn();
     }
 
+    /// The exit status, once the edge has exited (then it no longer counts as running).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().unwrap();
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
     /// SIGTERM, then waits for the exit; returns its status.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("edge is running");
