@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
 
 use crate::route::{KeyTemplate, TopicFilter, TopicId};
@@ -53,7 +53,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration of an edge node.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The MQTT listener and its protocol limits.
@@ -72,8 +72,16 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
+/// Serializes a secret as `"<redacted>"` (for `edge check-config`).
+fn redact<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
 /// `[admin]`: the admin HTTP endpoint.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address of the admin HTTP listener. Unset: `127.0.0.1:8080`, and when that port is
@@ -84,6 +92,7 @@ pub struct AdminConfig {
     pub enabled: Option<bool>,
     /// Bearer token every request must carry (`Authorization: Bearer <token>`); required
     /// when `listen` is not a loopback address.
+    #[serde(serialize_with = "redact")]
     pub token: Option<String>,
     /// File holding the token (first line), instead of `token`.
     pub token_file: Option<PathBuf>,
@@ -134,7 +143,7 @@ impl AdminConfig {
 /// Minimal form: `bootstrap = "kafka-1:9092"` and `site = "plant-7"`. Each log topic `T` is
 /// mirrored to Kafka topic `{site}.{T}` with the same partition count (created when missing;
 /// a Kafka topic with fewer partitions is refused with an error), MQTT metadata as headers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudConfig {
     /// Kafka bootstrap servers, `"host:port"` or `"h1:9092,h2:9092"`.
@@ -189,6 +198,7 @@ pub struct CloudConfig {
     #[serde(default)]
     pub username: Option<String>,
     /// SASL password (prefer `password_file`).
+    #[serde(serialize_with = "redact")]
     #[serde(default)]
     pub password: Option<String>,
     /// File whose first line is the SASL password.
@@ -286,7 +296,7 @@ impl CloudConfig {
 }
 
 /// `[mqtt]`: the MQTT listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// Address and port of the plain-TCP MQTT listener (3.1.1 and 5.0 on the same port).
@@ -360,7 +370,7 @@ impl Default for MqttConfig {
 }
 
 /// `[storage]`: the log on disk.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// Directory of the log. Created if missing; one edge at a time may hold it.
@@ -399,7 +409,7 @@ impl Default for StorageConfig {
 }
 
 /// `[default_route]`: the log topic of publishes that match no route, keyed by MQTT topic.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DefaultRoute {
     /// Log topic name.
@@ -418,7 +428,7 @@ impl Default for DefaultRoute {
 }
 
 /// `[topics.<name>]`: settings of one log topic.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopicConfig {
     /// Number of partitions (default 1). Partitions can be added later, never removed.
@@ -431,7 +441,7 @@ pub struct TopicConfig {
 }
 
 /// `[[routes]]`: one mapping from MQTT topics to a log topic.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// MQTT topic filter (`+` and `#` wildcards) that selects the publishes of this route.
@@ -494,6 +504,12 @@ impl std::str::FromStr for FsyncMode {
     }
 }
 
+impl Serialize for FsyncMode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for FsyncMode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -502,7 +518,7 @@ impl<'de> Deserialize<'de> for FsyncMode {
 }
 
 /// What to do when the disk budget is reached; see `StorageConfig::disk_full_policy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DiskFullPolicy {
     /// Refuse new publishes.
@@ -534,6 +550,32 @@ impl std::str::FromStr for HumanDuration {
         };
         let ms = n.checked_mul(ms_per_unit).ok_or_else(bad)?;
         Ok(HumanDuration(Duration::from_millis(ms)))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        for (unit, per) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
+            if ms >= per && ms % per == 0 {
+                return write!(f, "{}{unit}", ms / per);
+            }
+        }
+        if ms == 0 {
+            return write!(f, "0s");
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -571,6 +613,12 @@ impl std::str::FromStr for ByteSize {
             _ => return Err(bad()),
         };
         n.checked_mul(mult).map(ByteSize).ok_or_else(bad)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
     }
 }
 
@@ -641,6 +689,30 @@ impl RoutePlan {
 
 const EMBEDDED: &str = "<embedded>";
 
+/// The line (1-based) where `section.key` is set in `text`, or 0 when it is not written there
+/// (a default, or a command-line override).
+fn key_line(text: &str, dotted: &str) -> usize {
+    let Some((section, leaf)) = dotted.rsplit_once('.') else {
+        return 0;
+    };
+    let mut in_section = false;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_section = t.trim_matches(|c| c == '[' || c == ']').trim() == section;
+            continue;
+        }
+        if in_section {
+            if let Some(rest) = t.strip_prefix(leaf) {
+                if rest.trim_start().starts_with('=') {
+                    return i + 1;
+                }
+            }
+        }
+    }
+    0
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -674,9 +746,13 @@ impl Config {
     /// `text` and `origin` let errors point at the line; pass "" and "<embedded>" otherwise.
     pub fn plan(&self, text: &str, origin: &str) -> Result<RoutePlan, ConfigError> {
         let invalid = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
+            let line = match span {
+                Some(s) => line_of(text, s.start),
+                None => key_line(text, &key),
+            };
             ConfigError::Invalid {
                 origin: origin.to_string(),
-                line: span.map(|s| line_of(text, s.start)).unwrap_or(0),
+                line,
                 key,
                 message,
             }

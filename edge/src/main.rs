@@ -44,6 +44,12 @@ enum LogFormat {
 enum Command {
     /// Serve MQTT and write the log (the default).
     Serve,
+    /// Validate a config file and print the effective settings (defaults filled in, secrets
+    /// redacted) as TOML. Exit 0 when it is valid, 2 with the key and line when not.
+    CheckConfig {
+        /// The config file.
+        file: PathBuf,
+    },
     /// List the topics of a stopped node with each partition's offsets.
     Topics {
         /// One JSON document instead of a table.
@@ -148,6 +154,13 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        let config = Config::load(file)?;
+        let text = toml::to_string_pretty(&config).context("printing the effective settings")?;
+        print!("{text}");
+        eprintln!("{}: valid", file.display());
+        return Ok(());
+    }
     let config = load_config(&cli)?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
@@ -160,6 +173,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(edge::server::run(config))?;
             Ok(())
         }
+        Command::CheckConfig { .. } => unreachable!("handled before the config is loaded"),
         Command::Topics { json } => topics(&config, json),
         Command::Read {
             topic,

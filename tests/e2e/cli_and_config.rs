@@ -206,3 +206,80 @@ fn offline_commands_refuse_a_directory_without_a_log_and_leave_it_untouched() {
         "nothing was created"
     );
 }
+
+#[test]
+fn check_config_prints_effective_settings_with_secrets_redacted_and_names_bad_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plant.toml");
+    std::fs::write(
+        &file,
+        "[mqtt]\nlisten = \"127.0.0.1:1883\"\nmax_queued_messages = 500\n\
+         [storage]\ndata_dir = \"/var/lib/tributary\"\nfsync = \"interval:10\"\ndisk_budget = \"10GiB\"\n\
+         [[routes]]\nmatch = \"sensors/+/#\"\ntopic = \"telemetry\"\nkey = \"{1}\"\npartitions = 4\n\
+         [cloud]\nbootstrap = \"kafka-1:9092\"\nsite = \"plant-7\"\nsecurity_protocol = \"sasl_ssl\"\n\
+         sasl_mechanism = \"PLAIN\"\nusername = \"edge\"\npassword = \"kafka-s3cret\"\n\
+         [admin]\ntoken = \"admin-s3cret-0123456789\"\n",
+    )
+    .unwrap();
+    let check = |path: &std::path::Path| {
+        Command::new(binary("edge"))
+            .arg("check-config")
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = check(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let effective = String::from_utf8(out.stdout).unwrap();
+    // What the file sets, and the defaults it does not.
+    for line in [
+        "max_queued_messages = 500",
+        "fsync = \"interval:10\"",
+        "disk_budget = 10737418240",
+        "max_inflight_messages = 1024",
+        "sys_interval = \"5s\"",
+        "compression = \"lz4\"",
+        "password = \"<redacted>\"",
+        "token = \"<redacted>\"",
+    ] {
+        assert!(
+            effective.lines().any(|l| l == line),
+            "{line} in\n{effective}"
+        );
+    }
+    assert!(
+        !effective.contains("s3cret"),
+        "secrets are not printed:\n{effective}"
+    );
+    // The output, secrets put back, is itself a valid config that says the same.
+    let again = dir.path().join("effective.toml");
+    let restored = effective
+        .replace("password = \"<redacted>\"", "password = \"kafka-s3cret\"")
+        .replace("token = \"<redacted>\"", "token = \"admin-s3cret-0123456789\"");
+    std::fs::write(&again, restored).unwrap();
+    let out = check(&again);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), effective);
+
+    // A bad value: exit 2, with the file, the line and the key.
+    std::fs::write(
+        &file,
+        "[mqtt]\nlisten = \"127.0.0.1:1883\"\nmax_queued_messages = 0\n",
+    )
+    .unwrap();
+    let out = check(&file);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:3: mqtt.max_queued_messages", file.display())),
+        "{stderr}"
+    );
+}
