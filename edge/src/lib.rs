@@ -7,6 +7,7 @@ pub mod config;
 pub mod log;
 pub mod metrics;
 pub mod mqtt;
+pub mod recent;
 pub mod route;
 pub mod server;
 pub mod sys;

@@ -259,7 +259,10 @@ fn check_config_prints_effective_settings_with_secrets_redacted_and_names_bad_ke
     let again = dir.path().join("effective.toml");
     let restored = effective
         .replace("password = \"<redacted>\"", "password = \"kafka-s3cret\"")
-        .replace("token = \"<redacted>\"", "token = \"admin-s3cret-0123456789\"");
+        .replace(
+            "token = \"<redacted>\"",
+            "token = \"admin-s3cret-0123456789\"",
+        );
     std::fs::write(&again, restored).unwrap();
     let out = check(&again);
     assert!(

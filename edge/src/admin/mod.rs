@@ -32,7 +32,9 @@ pub struct AdminState {
 /// The admin routes.
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
+        .route("/", get(dashboard))
         .route("/health", get(|| async { "ok\n" }))
+        .route("/api/v1/overview", get(overview))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/v1/topics", get(topics))
@@ -55,11 +57,18 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
 
 async fn authorize(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
     if let Some(token) = &s.token {
+        // A browser opening the dashboard cannot set a header: the page may carry the token
+        // as `?token=` and passes it on as a header to the API.
+        let from_query = (req.uri().path() == "/")
+            .then(|| req.uri().query())
+            .flatten()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or(from_query);
         if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), token.as_bytes())) {
             return (
                 StatusCode::UNAUTHORIZED,
@@ -343,6 +352,91 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
         render_metrics(&s),
     )
         .into_response()
+}
+
+async fn dashboard() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
+/// Everything the dashboard shows, in one document.
+pub fn overview_json(s: &AdminState) -> serde_json::Value {
+    let b = &s.broker;
+    let log = &b.log;
+    let stats = &b.hub.stats;
+    let mirror = s.mirror.as_ref().map(|m| m.status());
+    let topics: Vec<serde_json::Value> = log
+        .topics()
+        .iter()
+        .map(|t| {
+            let end: u64 = t
+                .partitions
+                .iter()
+                .map(|p| p.end.load(Ordering::Relaxed))
+                .sum();
+            let bytes: u64 = t
+                .partitions
+                .iter()
+                .map(|p| p.bytes.load(Ordering::Relaxed))
+                .sum();
+            let mirrored = mirror.as_ref().map(|m| {
+                let parts: Vec<_> = m.partitions.iter().filter(|p| p.topic == t.name).collect();
+                (
+                    parts
+                        .iter()
+                        .map(|p| p.mirrored_offset.unwrap_or(p.edge_start_offset))
+                        .sum::<u64>(),
+                    parts.iter().map(|p| p.lag_records).sum::<u64>(),
+                    !parts.is_empty(),
+                )
+            });
+            let mirrored = mirrored.filter(|m| m.2);
+            serde_json::json!({
+                "name": t.name,
+                "partitions": t.partitions.len(),
+                "end_offsets": end,
+                "bytes": bytes,
+                "mirrored": mirrored.map(|m| m.0),
+                "lag_records": mirrored.map(|m| m.1),
+            })
+        })
+        .collect();
+    let (connected, disconnected) = b.sessions.counts();
+    let errors = crate::recent::entries();
+    let errors = &errors[errors.len().saturating_sub(10)..];
+    serde_json::json!({
+        "now_ms": crate::log::appender::now_ms(),
+        "uptime_s": stats.started.elapsed().as_secs(),
+        "messages_received_total": topics.iter().map(|t| t["end_offsets"].as_u64().unwrap_or(0)).sum::<u64>(),
+        "log_bytes": log.total_bytes(),
+        "disk_budget_bytes": log.budget().map(|b| b.bytes),
+        "mqtt": {
+            "connections": b.connections.load(Ordering::Relaxed),
+            "sessions_connected": connected,
+            "sessions_disconnected": disconnected,
+            "subscriptions": b.hub.subscription_count(),
+            "retained": b.hub.retained_count(),
+            "publishes_received": stats.messages_received.load(Ordering::Relaxed),
+            "publishes_sent": stats.messages_sent.load(Ordering::Relaxed),
+            "bytes_received": stats.bytes_received.load(Ordering::Relaxed),
+            "dropped": stats.dropped.load(Ordering::Relaxed),
+        },
+        "topics": topics,
+        "mirror": mirror.as_ref().map(|m| serde_json::json!({
+            "state": m.state,
+            "last_error": m.last_error,
+            "last_healthy_at_ms": m.last_healthy_at_ms,
+            "records_mirrored": m.records_mirrored,
+        })),
+        "errors": errors,
+    })
+}
+
+async fn overview(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    Json(overview_json(&s))
 }
 
 async fn topics(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
