@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use base64::Engine;
 use clap::{Parser, Subcommand, ValueEnum};
 use edge::config::Config;
 use edge::log::{Log, Record};
@@ -391,13 +390,7 @@ fn read(
 }
 
 fn payload_field(bytes: &[u8]) -> (String, &'static str) {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => (s.to_string(), "utf8"),
-        Err(_) => (
-            base64::engine::general_purpose::STANDARD.encode(bytes),
-            "base64",
-        ),
-    }
+    edge::log::record::text_or_base64(bytes)
 }
 
 fn record_json(topic: &str, partition: u32, r: &Record) -> String {

@@ -133,18 +133,17 @@ async fn metrics_and_json_api_report_known_traffic() {
     assert_eq!(http_get(edge.admin, "/api/v1/mirror", None).unwrap().0, 404);
 }
 
-#[test]
-fn a_token_is_enforced_and_required_beyond_loopback() {
-    // Without a token the edge refuses to expose the endpoint beyond loopback.
+/// Starts an edge whose `[admin]` section is `admin`, expecting it to refuse to start;
+/// returns its stderr.
+fn refused_start(admin: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("edge.toml");
     std::fs::write(
         &config,
         format!(
-            "[mqtt]\nlisten = \"127.0.0.1:{}\"\n[storage]\ndata_dir = \"{}\"\n[admin]\nlisten = \"0.0.0.0:{}\"\n",
+            "[mqtt]\nlisten = \"127.0.0.1:{}\"\n[storage]\ndata_dir = \"{}\"\n[admin]\n{admin}\n",
             free_port(),
             dir.path().join("data").display(),
-            free_port()
         ),
     )
     .unwrap();
@@ -155,7 +154,13 @@ fn a_token_is_enforced_and_required_beyond_loopback() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_token_is_enforced_and_required_beyond_loopback() {
+    // Without a token the edge refuses to expose the endpoint beyond loopback.
+    let stderr = refused_start(&format!("listen = \"0.0.0.0:{}\"", free_port()));
     assert!(stderr.contains("admin.token"), "{stderr}");
 
     // With one, every request must carry it.
@@ -189,24 +194,6 @@ fn admin_addr(edge: &Edge) -> std::net::SocketAddr {
 fn a_configured_admin_address_that_cannot_be_bound_stops_the_edge() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("edge.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[mqtt]\nlisten = \"127.0.0.1:{}\"\n[storage]\ndata_dir = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{port}\"\n",
-            free_port(),
-            dir.path().join("data").display(),
-        ),
-    )
-    .unwrap();
-    let out = Command::new(binary("edge"))
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_start(&format!("listen = \"127.0.0.1:{port}\""));
     assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
 }

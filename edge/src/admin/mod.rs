@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
+use crate::log::record::text_or_base64;
 use crate::mqtt::Broker;
 
 /// What the admin endpoint reads.
@@ -503,17 +504,6 @@ async fn records(
             Json(serde_json::json!({ "error": e.to_string() })),
         )
             .into_response(),
-    }
-}
-
-fn text_or_base64(bytes: &[u8]) -> (String, &'static str) {
-    use base64::Engine as _;
-    match std::str::from_utf8(bytes) {
-        Ok(t) => (t.to_string(), "utf8"),
-        Err(_) => (
-            base64::engine::general_purpose::STANDARD.encode(bytes),
-            "base64",
-        ),
     }
 }
 

@@ -200,6 +200,19 @@ impl NewRecord<'_> {
     }
 }
 
+/// Bytes for a JSON field: the text when they are UTF-8 (`"utf8"`), else base64
+/// (`"base64"`).
+pub fn text_or_base64(bytes: &[u8]) -> (String, &'static str) {
+    use base64::Engine as _;
+    match std::str::from_utf8(bytes) {
+        Ok(s) => (s.to_string(), "utf8"),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+            "base64",
+        ),
+    }
+}
+
 fn put_short(out: &mut Vec<u8>, bytes: &[u8]) {
     debug_assert!(bytes.len() <= u16::MAX as usize);
     out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
