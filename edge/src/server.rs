@@ -80,6 +80,8 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         config.storage.fsync,
         config.storage.max_batch_records,
         APPENDER_QUEUE,
+        // Queue entries (waiting or released) end with their seq; new ones come after.
+        hub.boot_seq.load(std::sync::atomic::Ordering::Relaxed) + 1,
         move |why| {
             let _ = fatal_tx.send(Some(why));
         },

@@ -242,6 +242,7 @@ mod tests {
             FsyncMode::Interval(std::time::Duration::from_secs(3600)),
             1000,
             16,
+            1,
             |_| {},
         );
         let source = LogSource(log.clone());
@@ -266,7 +267,7 @@ mod tests {
     fn records_carry_mqtt_metadata_as_headers() {
         let dir = tempfile::tempdir().unwrap();
         let log = open(dir.path());
-        let (tx, thread) = appender::spawn(log.clone(), FsyncMode::Always, 1000, 16, |_| {});
+        let (tx, thread) = appender::spawn(log.clone(), FsyncMode::Always, 1000, 16, 1, |_| {});
         append(&tx, 2);
         tx.blocking_send(AppenderMsg::Shutdown).unwrap();
         drop(tx);

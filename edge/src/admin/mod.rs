@@ -126,15 +126,11 @@ pub fn render_metrics(s: &AdminState) -> String {
         "Records appended to each log topic since the log was created.",
     );
     for t in log.topics() {
-        let n: u64 = t
-            .partitions
-            .iter()
-            .map(|p| p.end.load(Ordering::Relaxed))
-            .sum();
         let _ = writeln!(
             out,
-            "tributary_messages_received_total{{topic=\"{}\"}} {n}",
-            label(&t.name)
+            "tributary_messages_received_total{{topic=\"{}\"}} {}",
+            label(&t.name),
+            t.records_appended()
         );
     }
     family(
@@ -373,16 +369,8 @@ pub fn overview_json(s: &AdminState) -> serde_json::Value {
         .topics()
         .iter()
         .map(|t| {
-            let end: u64 = t
-                .partitions
-                .iter()
-                .map(|p| p.end.load(Ordering::Relaxed))
-                .sum();
-            let bytes: u64 = t
-                .partitions
-                .iter()
-                .map(|p| p.bytes.load(Ordering::Relaxed))
-                .sum();
+            let end = t.records_appended();
+            let bytes = t.bytes();
             let mirrored = mirror.as_ref().map(|m| {
                 let parts: Vec<_> = m.partitions.iter().filter(|p| p.topic == t.name).collect();
                 (

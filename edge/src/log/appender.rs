@@ -69,9 +69,6 @@ pub enum StateOp {
     },
 }
 
-/// First byte of the keys [`StateOp::Enqueue`] writes (session queues).
-pub const QUEUE_PREFIX: &[u8] = b"o";
-
 /// Where the outcome of a request goes.
 #[derive(Debug, Clone)]
 pub struct ReplyTo {
@@ -132,12 +129,14 @@ const MAX_GROUP_BYTES: usize = 8 << 20;
 
 /// Starts the appender thread. It runs until every sender is dropped, then fsyncs and ends.
 /// When a write fails it poisons the log, fails the pending requests, fails every later one
-/// and ends with the error; `on_fatal` is called once with the reason.
+/// and ends with the error; `on_fatal` is called once with the reason. `first_seq` is the
+/// first [`StateOp::Enqueue`] seq it gives out: above every queue entry still stored.
 pub fn spawn(
     log: Arc<Log>,
     fsync: FsyncMode,
     max_batch_records: usize,
     capacity: usize,
+    first_seq: u64,
     on_fatal: impl FnOnce(String) + Send + 'static,
 ) -> (
     mpsc::Sender<AppenderMsg>,
@@ -150,7 +149,7 @@ pub fn spawn(
             // A panic here would otherwise leave the edge accepting publishes it can never
             // write; it is reported like any other fatal log error.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut appender = Appender::new(log, fsync, max_batch_records);
+                let mut appender = Appender::new(log, fsync, max_batch_records, first_seq);
                 appender.run(rx)
             }))
             .unwrap_or_else(|panic| {
@@ -198,7 +197,7 @@ struct Appender {
 }
 
 impl Appender {
-    fn new(log: Arc<Log>, fsync: FsyncMode, max_batch_records: usize) -> Appender {
+    fn new(log: Arc<Log>, fsync: FsyncMode, max_batch_records: usize, first_seq: u64) -> Appender {
         let mut flat = Vec::new();
         let mut topic_base = Vec::new();
         for t in log.topics() {
@@ -208,19 +207,6 @@ impl Appender {
             }
         }
         let n = flat.len();
-        // Queue keys end with their seq; continue after the largest one still stored.
-        let next_seq = log
-            .meta_scan(QUEUE_PREFIX)
-            .map(|entries| {
-                entries
-                    .iter()
-                    .filter(|(k, _)| k.len() >= 9)
-                    .map(|(k, _)| u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8")))
-                    .max()
-                    .unwrap_or(0)
-            })
-            .unwrap_or(0)
-            + 1;
         Appender {
             log,
             fsync,
@@ -231,7 +217,7 @@ impl Appender {
             touched: Vec::new(),
             next_end: vec![0; n],
             next_bytes: vec![0; n],
-            next_seq,
+            next_seq: first_seq,
             offsets: Vec::new(),
         }
     }

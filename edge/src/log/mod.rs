@@ -150,6 +150,24 @@ pub struct TopicLog {
     pub retention_bytes: Option<u64>,
 }
 
+impl TopicLog {
+    /// Records appended to the topic since the log was created (its partitions' end offsets).
+    pub fn records_appended(&self) -> u64 {
+        self.partitions
+            .iter()
+            .map(|p| p.end.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Bytes the topic holds now.
+    pub fn bytes(&self) -> u64 {
+        self.partitions
+            .iter()
+            .map(|p| p.bytes.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
 /// Node-wide counters of the log.
 #[derive(Debug)]
 pub struct LogCounters {

@@ -68,7 +68,8 @@ fn append_all(log: &Arc<Log>, max_batch: usize, reqs: Vec<AppendRequest>) -> Vec
         .build()
         .unwrap();
     rt.block_on(async {
-        let (tx, thread) = appender::spawn(log.clone(), FsyncMode::Always, max_batch, 16, |_| {});
+        let (tx, thread) =
+            appender::spawn(log.clone(), FsyncMode::Always, max_batch, 16, 1, |_| {});
         let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
         let n = reqs.len();
         for (i, mut r) in reqs.into_iter().enumerate() {

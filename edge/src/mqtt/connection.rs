@@ -1580,23 +1580,27 @@ fn seq_of(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(rest.try_into().ok()?))
 }
 
-/// Commits state changes and waits until they are durable.
-async fn commit_ops(broker: &Broker, ops: Vec<StateOp>) -> Result<(), String> {
+/// Sends a request to the appender and waits until it is durable.
+async fn append_and_wait(broker: &Broker, mut req: AppendRequest) -> Result<Committed, String> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let req = AppendRequest {
-        state: ops,
-        reply: Some(ReplyTo { tx, ticket: 0 }),
-        ..Default::default()
-    };
+    req.reply = Some(ReplyTo { tx, ticket: 0 });
     broker
         .appender
         .send(AppenderMsg::Append(req))
         .await
         .map_err(|_| "the log is closed".to_string())?;
-    match rx.recv().await {
-        Some(done) => done.outcome,
-        None => Err("the log is closed".into()),
-    }
+    let done = rx.recv().await.ok_or("the log is closed")?;
+    done.outcome.clone()?;
+    Ok(done)
+}
+
+/// Commits state changes and waits until they are durable.
+async fn commit_ops(broker: &Broker, ops: Vec<StateOp>) -> Result<(), String> {
+    let req = AppendRequest {
+        state: ops,
+        ..Default::default()
+    };
+    append_and_wait(broker, req).await.map(|_| ())
 }
 
 /// Where [`stage_publish`] adds a publish: the request being built and what to do once it
@@ -1733,20 +1737,9 @@ async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, will: WillIn) 
             now: now_ms(),
         },
     );
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    req.reply = Some(ReplyTo { tx, ticket: 0 });
-    if broker
-        .appender
-        .send(AppenderMsg::Append(req))
-        .await
-        .is_err()
-    {
+    let Ok(done) = append_and_wait(broker, req).await else {
         return;
-    }
-    let Some(done) = rx.recv().await else { return };
-    if done.outcome.is_err() {
-        return;
-    }
+    };
     broker
         .hub
         .stats

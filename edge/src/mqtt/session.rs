@@ -77,11 +77,7 @@ pub fn session_key(client_id: &str) -> Vec<u8> {
 
 /// Meta key prefix of a client's QoS 2 markers.
 pub fn qos2_prefix(client_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(3 + client_id.len() + 2);
-    k.push(b'q');
-    k.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    k.extend_from_slice(client_id.as_bytes());
-    k
+    client_prefix(b'q', client_id)
 }
 
 /// Meta key of one QoS 2 marker.
