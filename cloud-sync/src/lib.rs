@@ -15,6 +15,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod metrics;
 pub mod mirror;
 pub mod source;
 pub mod status;

@@ -100,6 +100,8 @@ struct Shared {
     client_errors: Mutex<Vec<String>>,
     source: Arc<dyn PartitionedSource>,
     status: Mutex<MirrorStatus>,
+    /// How long each `commit_transaction` took, successful or not.
+    commit_seconds: crate::metrics::Histogram,
     stop: AtomicBool,
     /// Wakes sleeps early when `stop` is set.
     wake: (Mutex<()>, Condvar),
@@ -258,6 +260,7 @@ impl Mirror {
             source,
             status: Mutex::new(status),
             client_errors: Mutex::new(Vec::new()),
+            commit_seconds: crate::metrics::Histogram::new(crate::metrics::SECONDS),
             stop: AtomicBool::new(false),
             wake: (Mutex::new(()), Condvar::new()),
         });
@@ -280,6 +283,11 @@ impl Mirror {
             thread: Some(thread),
             done,
         })
+    }
+
+    /// Durations of the transaction commits (Kafka's `EndTxn`), in seconds.
+    pub fn commit_latency(&self) -> &crate::metrics::Histogram {
+        &self.shared.commit_seconds
     }
 
     /// A snapshot of where every partition stands, with the source's current ends.
@@ -991,7 +999,11 @@ impl<'a> Session<'a> {
         // The checkpoints: a handful of small records, sent at once without lingering.
         self.wait_acks(true)?;
         let t_cp = Instant::now();
-        self.commit()?;
+        let committed = self.commit();
+        self.shared
+            .commit_seconds
+            .observe(t_cp.elapsed().as_secs_f64());
+        committed?;
         debug!(
             records = count,
             send = ?(t_sent - t_begin),

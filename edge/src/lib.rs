@@ -5,7 +5,6 @@
 pub mod admin;
 pub mod config;
 pub mod log;
-pub mod metrics;
 pub mod mqtt;
 pub mod recent;
 pub mod route;

@@ -4,17 +4,9 @@
 
 use std::process::{Command, Stdio};
 
-use tributary_tests::{binary, free_port, http_get, ConnectOpts, Edge, Got, Proto, RawClient};
-
-/// The value of one series (`name` with its labels, exactly as exposed).
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
+use tributary_tests::{
+    binary, free_port, http_get, http_get_raw, metric, ConnectOpts, Edge, Got, Proto, RawClient,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_json_api_report_known_traffic() {
@@ -57,6 +49,11 @@ async fn metrics_and_json_api_report_known_traffic() {
         25.0
     );
     assert_eq!(metric(&text, "tributary_mqtt_publishes_sent_total"), 25.0);
+    assert_eq!(
+        metric(&text, "tributary_mqtt_acks_sent_total"),
+        25.0,
+        "one PUBACK per publish received (the subscriber's PUBACKs are received, not sent)"
+    );
     assert_eq!(metric(&text, "tributary_subscriptions"), 1.0);
     assert_eq!(metric(&text, "tributary_connections"), 2.0);
     assert_eq!(metric(&text, "tributary_sessions_connected"), 2.0);
@@ -111,6 +108,49 @@ async fn metrics_and_json_api_report_known_traffic() {
             (22, "t23".to_string(), "press-4".to_string()),
         ]
     );
+    let (_, body) = http_get(
+        edge.admin,
+        "/api/v1/topics/mqtt/partitions/0/records?from=20&limit=1&payload=base64",
+        None,
+    )
+    .unwrap();
+    let records: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(records["records"][0]["payload"], "dDIx", "base64 of t21");
+    assert_eq!(records["records"][0]["payload_encoding"], "base64");
+    let (status, body) = http_get(
+        edge.admin,
+        "/api/v1/topics/mqtt/partitions/0/records?payload=hex",
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 400);
+    assert!(body.contains("auto or base64"), "{body}");
+
+    // One record's payload as raw bytes.
+    let (status, head, body) = http_get_raw(
+        edge.admin,
+        "/api/v1/topics/mqtt/partitions/0/records/20/payload",
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body, b"t21");
+    assert!(
+        head.contains("content-type: application/octet-stream"),
+        "{head}"
+    );
+    assert!(
+        head.contains("x-tributary-mqtt-topic: sensors/press-4/temp"),
+        "{head}"
+    );
+    let (status, _, _) = http_get_raw(
+        edge.admin,
+        "/api/v1/topics/mqtt/partitions/0/records/25/payload",
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 404, "offset 25 is not written yet");
+
     let (status, _) =
         http_get(edge.admin, "/api/v1/topics/nope/partitions/0/records", None).unwrap();
     assert_eq!(status, 404);

@@ -12,7 +12,7 @@ use tributary_tests::mirror::{
     cloud_section as cloud, finish, fleet, mirror_status, partitions_sum, verify_kafka,
     wait_mirror_status,
 };
-use tributary_tests::{binary, Edge};
+use tributary_tests::{binary, http_get, metric, Edge};
 
 const ROUTES: &str =
     "[[routes]]\nmatch = \"sensors/+/#\"\ntopic = \"telemetry\"\nkey = \"{1}\"\npartitions = 4\n";
@@ -59,6 +59,29 @@ fn fleet_through_edge_reaches_kafka_exactly_once_and_survives_edge_kill9() {
         assert!(p["error"].is_null());
     }
     assert!(status["last_healthy_at_ms"].as_u64().is_some());
+    // /metrics agrees: this process mirrored every record, and timed each commit.
+    let (_, text) = http_get(edge.admin, "/metrics", None).unwrap();
+    assert_eq!(metric(&text, "tributary_mirror_link_up"), 1.0);
+    assert_eq!(
+        metric(&text, "tributary_mirror_records_total"),
+        expected as f64
+    );
+    let transactions = metric(&text, "tributary_mirror_transactions_total");
+    assert!(transactions >= 1.0, "{text}");
+    assert_eq!(
+        metric(&text, "tributary_mirror_transaction_commit_seconds_count"),
+        transactions,
+        "one commit timed per transaction (none failed in a clean run)"
+    );
+    for p in 0..4 {
+        assert_eq!(
+            metric(
+                &text,
+                &format!("tributary_mirror_lag_records{{topic=\"telemetry\",partition=\"{p}\"}}")
+            ),
+            0.0
+        );
+    }
 
     // kill -9 the edge three times while devices publish and the mirror runs.
     let manifest = work.path().join("crashes");
@@ -166,6 +189,13 @@ fn bad_targets_are_reported_and_ingest_goes_on() {
         err.contains("kafka.invalid") || err.contains("resolve") || err.contains("Timed out"),
         "the error says what failed: {err}"
     );
+    let (_, text) = http_get(edge.admin, "/metrics", None).unwrap();
+    assert_eq!(metric(&text, "tributary_mirror_link_up"), 0.0);
+    assert!(
+        text.contains("tributary_mirror_last_error_timestamp_seconds{error=\""),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "tributary_mirror_records_total"), 0.0);
     publish_acked(&edge, "sensors/dev-2/t", "still-accepted");
     assert!(edge.stop().success());
     let (_, log, _) = edge.cli(&["read", "--json"]);

@@ -100,6 +100,17 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// A plain HTTP/1.1 GET with `Connection: close`; returns the status code and the body.
 pub fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    let (status, _, body) = http_get_raw(addr, path, token)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// GET `path` (HTTP/1.1, `Connection: close`): status, the header block (lowercase names)
+/// and the body's bytes as sent.
+pub fn http_get_raw(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String, Vec<u8>)> {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -112,16 +123,28 @@ pub fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<(u1
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .context("no end of HTTP headers")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
     let status = head
         .split_whitespace()
         .nth(1)
         .context("no status")?
         .parse()?;
-    Ok((status, body.to_string()))
+    Ok((status, head, raw[split + 4..].to_vec()))
+}
+
+/// The value of one series in Prometheus text (`series` is the name with its labels, exactly
+/// as exposed); panics with the whole text when it is absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// A free TCP port on 127.0.0.1.

@@ -43,6 +43,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/api/v1/topics/{topic}/partitions/{partition}/records",
             get(records),
         )
+        .route(
+            "/api/v1/topics/{topic}/partitions/{partition}/records/{offset}/payload",
+            get(payload),
+        )
         .route("/api/v1/clients", get(clients))
         .route("/api/v1/mirror", get(mirror))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
@@ -151,11 +155,16 @@ pub fn render_metrics(s: &AdminState) -> String {
             label(&t.name)
         );
     }
-    let counters: [(&str, &str, u64); 11] = [
+    let counters: [(&str, &str, u64); 12] = [
         (
             "tributary_mqtt_publishes_received_total",
             "PUBLISH packets accepted from clients (and wills) since start.",
             stats.messages_received.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_mqtt_acks_sent_total",
+            "PUBACK, PUBREC and PUBCOMP packets sent for received publishes since start.",
+            stats.acks_sent.load(Ordering::Relaxed),
         ),
         (
             "tributary_mqtt_publishes_sent_total",
@@ -289,6 +298,20 @@ pub fn render_metrics(s: &AdminState) -> String {
         );
         let up = matches!(st.state, cloud_sync::LinkState::Mirroring);
         let _ = writeln!(out, "tributary_mirror_link_up {}", u8::from(up));
+        if let (Some(error), Some(at)) = (&st.last_error, st.last_error_at_ms) {
+            family(
+                &mut out,
+                "tributary_mirror_last_error_timestamp_seconds",
+                "gauge",
+                "When the mirror last failed (Unix time); the message is in the error label.",
+            );
+            let _ = writeln!(
+                out,
+                "tributary_mirror_last_error_timestamp_seconds{{error=\"{}\"}} {}",
+                label(error),
+                at as f64 / 1000.0
+            );
+        }
         for (name, help, v) in [
             (
                 "tributary_mirror_records_total",
@@ -309,6 +332,14 @@ pub fn render_metrics(s: &AdminState) -> String {
             family(&mut out, name, "counter", help);
             let _ = writeln!(out, "{name} {v}");
         }
+        family(
+            &mut out,
+            "tributary_mirror_transaction_commit_seconds",
+            "histogram",
+            "Time Kafka took to commit each mirror transaction.",
+        );
+        m.commit_latency()
+            .render("tributary_mirror_transaction_commit_seconds", &mut out);
         family(
             &mut out,
             "tributary_mirror_lag_records",
@@ -453,6 +484,8 @@ async fn topics(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
 struct RecordsQuery {
     from: Option<u64>,
     limit: Option<usize>,
+    /// `auto` (default: text when UTF-8, else base64) or `base64` (always).
+    payload: Option<String>,
 }
 
 /// Largest `limit` of one records request.
@@ -471,6 +504,19 @@ async fn records(
         )
             .into_response();
     };
+    let always_base64 = match q.payload.as_deref() {
+        None | Some("auto") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({
+                    "error": format!("payload={other:?}: use auto or base64 (or .../records/{{offset}}/payload for the raw bytes)")
+                })),
+            )
+                .into_response()
+        }
+    };
     let limit = q.limit.unwrap_or(100).min(MAX_RECORDS);
     let id = t.id;
     let log = log.clone();
@@ -478,7 +524,10 @@ async fn records(
     let read = tokio::task::spawn_blocking(move || log.read(id, partition, from, limit)).await;
     match read {
         Ok(Ok(records)) => {
-            let list: Vec<serde_json::Value> = records.iter().map(record_json).collect();
+            let list: Vec<serde_json::Value> = records
+                .iter()
+                .map(|r| record_json(r, always_base64))
+                .collect();
             Json(serde_json::json!({ "topic": topic, "partition": partition, "records": list }))
                 .into_response()
         }
@@ -495,8 +544,16 @@ async fn records(
     }
 }
 
-fn record_json(r: &crate::log::Record) -> serde_json::Value {
-    let (payload, encoding) = text_or_base64(&r.payload);
+fn record_json(r: &crate::log::Record, always_base64: bool) -> serde_json::Value {
+    let (payload, encoding) = if always_base64 {
+        use base64::Engine as _;
+        (
+            base64::engine::general_purpose::STANDARD.encode(&r.payload),
+            "base64",
+        )
+    } else {
+        text_or_base64(&r.payload)
+    };
     let (key, key_encoding) = text_or_base64(&r.key);
     let h = &r.headers;
     serde_json::json!({
@@ -513,6 +570,58 @@ fn record_json(r: &crate::log::Record) -> serde_json::Value {
         "payload": payload,
         "payload_encoding": encoding,
     })
+}
+
+/// One record's payload, as stored: the body is the bytes, typed by the record's MQTT 5
+/// content type when it has one.
+async fn payload(
+    State(s): State<Arc<AdminState>>,
+    Path((topic, partition, offset)): Path<(String, u32, u64)>,
+) -> Response {
+    let log = &s.broker.log;
+    let Some(t) = log.topic(&topic) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": format!("no topic {topic:?}") })),
+        )
+            .into_response();
+    };
+    let id = t.id;
+    let log = log.clone();
+    let read = tokio::task::spawn_blocking(move || log.read(id, partition, offset, 1)).await;
+    let failed = |status: StatusCode, error: String| {
+        (status, Json(serde_json::json!({ "error": error }))).into_response()
+    };
+    match read {
+        Ok(Ok(records)) => match records.into_iter().next() {
+            Some(r) if r.offset == offset => {
+                let mut headers = header::HeaderMap::new();
+                let content_type = r
+                    .headers
+                    .content_type
+                    .as_deref()
+                    .and_then(|ct| header::HeaderValue::from_str(ct).ok())
+                    .unwrap_or(header::HeaderValue::from_static(
+                        "application/octet-stream",
+                    ));
+                headers.insert(header::CONTENT_TYPE, content_type);
+                // A topic with control characters cannot be a header value; the JSON
+                // listing has it either way.
+                if let Ok(v) = header::HeaderValue::from_bytes(r.headers.mqtt_topic.as_bytes()) {
+                    headers.insert("x-tributary-mqtt-topic", v);
+                }
+                (headers, r.payload).into_response()
+            }
+            _ => failed(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no record at offset {offset} of {topic}/{partition} (deleted by retention, or not written yet)"
+                ),
+            ),
+        },
+        Ok(Err(e)) => failed(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => failed(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn clients(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {

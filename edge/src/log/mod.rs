@@ -178,9 +178,9 @@ pub struct LogCounters {
     /// Publishes refused by the `reject` disk budget policy.
     pub budget_rejected: AtomicU64,
     /// Records per group commit.
-    pub commit_records: crate::metrics::Histogram,
+    pub commit_records: cloud_sync::metrics::Histogram,
     /// Seconds a group commit's write and fsync took.
-    pub commit_seconds: crate::metrics::Histogram,
+    pub commit_seconds: cloud_sync::metrics::Histogram,
 }
 
 impl Default for LogCounters {
@@ -189,8 +189,8 @@ impl Default for LogCounters {
             retention_removed: AtomicU64::new(0),
             budget_dropped: AtomicU64::new(0),
             budget_rejected: AtomicU64::new(0),
-            commit_records: crate::metrics::Histogram::new(crate::metrics::COUNTS),
-            commit_seconds: crate::metrics::Histogram::new(crate::metrics::SECONDS),
+            commit_records: cloud_sync::metrics::Histogram::new(cloud_sync::metrics::COUNTS),
+            commit_seconds: cloud_sync::metrics::Histogram::new(cloud_sync::metrics::SECONDS),
         }
     }
 }

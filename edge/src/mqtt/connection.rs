@@ -324,6 +324,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         publish_will: true,
         scratch_matches: Vec::new(),
         scratch_targets: Vec::new(),
+        acks_unreported: 0,
     };
     if !ops.is_empty() {
         if let Err(why) = conn.commit_state(ops).await {
@@ -512,6 +513,9 @@ struct Connection {
     publish_will: bool,
     scratch_matches: Vec<Match<super::delivery::SubRef>>,
     scratch_targets: Vec<Target>,
+    /// Acknowledgements written since the node-wide counter was last updated (added once per
+    /// loop turn rather than once per ack, which would contend across connections).
+    acks_unreported: u64,
 }
 
 impl Connection {
@@ -599,7 +603,19 @@ impl Connection {
                 }
             }
             self.pump()?;
+            self.report_acks();
             self.try_flush()?;
+        }
+    }
+
+    fn report_acks(&mut self) {
+        if self.acks_unreported > 0 {
+            self.broker
+                .hub
+                .stats
+                .acks_sent
+                .fetch_add(self.acks_unreported, Ordering::Relaxed);
+            self.acks_unreported = 0;
         }
     }
 
@@ -1044,6 +1060,7 @@ impl Connection {
 
     fn apply_ack(&mut self, ack: PendingAck) {
         codec::write_ack(self.version, ack.kind, ack.pkid, ack.code, &mut self.wbuf);
+        self.acks_unreported += 1;
         if ack.logged {
             self.awaiting_commit -= 1;
         }
@@ -1514,6 +1531,7 @@ impl Connection {
     }
 
     async fn finish(mut self, conn_id: u64, done: &watch::Sender<bool>) {
+        self.report_acks();
         // Whatever is still to be acknowledged by this client stays in the durable queue
         // of a persistent session; the rest of the outbox goes.
         let lost = self.sub.set_online(false)

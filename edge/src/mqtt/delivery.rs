@@ -364,6 +364,8 @@ pub struct Stats {
     pub oversize: AtomicU64,
     /// Sessions disconnected for staying over their outbox bound.
     pub slow_disconnects: AtomicU64,
+    /// PUBACK, PUBREC and PUBCOMP packets written for publishes received.
+    pub acks_sent: AtomicU64,
 }
 
 impl Default for Stats {
@@ -378,6 +380,7 @@ impl Default for Stats {
             expired: AtomicU64::new(0),
             oversize: AtomicU64::new(0),
             slow_disconnects: AtomicU64::new(0),
+            acks_sent: AtomicU64::new(0),
         }
     }
 }
