@@ -616,9 +616,25 @@ impl std::str::FromStr for ByteSize {
     }
 }
 
+impl std::fmt::Display for ByteSize {
+    /// The largest binary unit that divides the size exactly (`"16MiB"`), else bytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+            if self.0 != 0 && self.0.trailing_zeros() >= shift {
+                return write!(f, "{}{unit}", self.0 >> shift);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
 impl Serialize for ByteSize {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(self.0)
+        if self.0 != 0 && self.0.trailing_zeros() >= 10 {
+            s.serialize_str(&self.to_string())
+        } else {
+            s.serialize_u64(self.0)
+        }
     }
 }
 
@@ -1168,6 +1184,20 @@ mod tests {
             Duration::from_secs(7 * 86400)
         );
         assert!("10".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn sizes_print_in_the_largest_exact_unit_and_read_back() {
+        for (n, text) in [
+            (16 << 20, "16MiB"),
+            (3 << 10, "3KiB"),
+            (1536, "1536"),
+            (1000, "1000"),
+            (0, "0"),
+        ] {
+            assert_eq!(ByteSize(n).to_string(), text);
+            assert_eq!(text.parse::<ByteSize>().unwrap(), ByteSize(n));
+        }
     }
 
     #[test]

@@ -239,7 +239,7 @@ fn check_config_prints_effective_settings_with_secrets_redacted_and_names_bad_ke
     for line in [
         "max_queued_messages = 500",
         "fsync = \"interval:10\"",
-        "disk_budget = 10737418240",
+        "disk_budget = \"10GiB\"",
         "max_inflight_messages = 1024",
         "sys_interval = \"5s\"",
         "compression = \"lz4\"",
