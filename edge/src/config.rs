@@ -850,11 +850,15 @@ impl Config {
             return Err(invalid(
                 None,
                 "mqtt.publish_burst".into(),
-                "a burst needs a rate: set mqtt.max_publish_rate too, or remove publish_burst".into(),
+                "a burst needs a rate: set mqtt.max_publish_rate too, or remove publish_burst"
+                    .into(),
             ));
         }
         for (key, zero) in [
-            ("mqtt.max_subscriptions_per_client", m.max_subscriptions_per_client == 0),
+            (
+                "mqtt.max_subscriptions_per_client",
+                m.max_subscriptions_per_client == 0,
+            ),
             ("mqtt.max_inflight_messages", m.max_inflight_messages == 0),
             ("mqtt.max_queued_messages", m.max_queued_messages == 0),
             ("mqtt.max_queued_bytes", m.max_queued_bytes.0 == 0),

@@ -27,8 +27,8 @@ use super::delivery::{
     subscription_value, Delivery, Fanouts, Hub, Message, Subscriber, Target, TAG_QUEUED,
     TAG_RELEASED, TAG_SUBSCRIPTION,
 };
-use super::session::{purge_ops, qos2_key, session_key, session_value, Control, SessionData};
 use super::limits::{PublishRate, RateVerdict, Refused};
+use super::session::{purge_ops, qos2_key, session_key, session_value, Control, SessionData};
 use super::subs::{self, Match, SubOptions};
 use super::Broker;
 use crate::log::appender::{
@@ -229,7 +229,8 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
             Refused::Unavailable,
             reason::SERVER_BUSY,
             "the log is failing".into(),
-        ).await;
+        )
+        .await;
         let _ = writer.write_all(&out).await;
         return;
     }

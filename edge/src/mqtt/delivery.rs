@@ -857,8 +857,14 @@ mod tests {
         });
         let s = Subscriber::new(Arc::from("s"), false);
         let other = Subscriber::new(Arc::from("other"), false);
-        assert_eq!(hub.subscribe_within(&s, "a/#", opts(1, None), 2), Some(false));
-        assert_eq!(hub.subscribe_within(&s, "$share/g/b", opts(1, None), 2), Some(false));
+        assert_eq!(
+            hub.subscribe_within(&s, "a/#", opts(1, None), 2),
+            Some(false)
+        );
+        assert_eq!(
+            hub.subscribe_within(&s, "$share/g/b", opts(1, None), 2),
+            Some(false)
+        );
         assert_eq!(hub.subscribe_within(&s, "c", opts(1, None), 2), None);
         assert_eq!(
             hub.subscribe_within(&s, "a/#", opts(2, None), 2),

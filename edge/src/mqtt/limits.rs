@@ -256,7 +256,10 @@ mod tests {
         let b = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
         assert!(limits.try_take(a, 2));
         assert!(limits.try_take(a, 2));
-        assert!(!limits.try_take(a, 2), "a third connection from one address");
+        assert!(
+            !limits.try_take(a, 2),
+            "a third connection from one address"
+        );
         assert!(limits.try_take(b, 2), "other addresses are not affected");
         assert_eq!(limits.connections_from(a), 2);
         limits.release(a);

@@ -388,7 +388,9 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
 
     /// Whether `who` is subscribed to `filter` (as given, shared ones with their group).
     pub fn holds(&self, who: &S, filter: &str) -> bool {
-        self.filters.get(who).is_some_and(|own| own.contains(filter))
+        self.filters
+            .get(who)
+            .is_some_and(|own| own.contains(filter))
     }
 
     /// Number of subscriptions (a shared subscription counts once per member).
