@@ -69,6 +69,7 @@ async fn metrics_and_json_api_report_known_traffic() {
         "packet_too_large",
         "client_id",
         "unavailable",
+        "connect_memory",
     ] {
         let series = format!("tributary_connections_refused_total{{reason=\"{why}\"}}");
         assert_eq!(metric(&text, &series), 0.0, "{series}");

@@ -27,7 +27,7 @@ use super::delivery::{
     subscription_value, Delivery, Fanouts, Hub, Message, Subscriber, Target, TAG_QUEUED,
     TAG_RELEASED, TAG_SUBSCRIPTION,
 };
-use super::limits::{PublishRate, RateVerdict, Refused};
+use super::limits::{Limits, PublishRate, RateVerdict, Refused, CONNECT_BUFFER_BUDGET};
 use super::session::{purge_ops, qos2_key, session_key, session_value, Control, SessionData};
 use super::subs::{self, Match, SubOptions};
 use super::Broker;
@@ -122,7 +122,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     let max_packet = broker.config.max_packet_size.0 as usize;
     let connect = tokio::time::timeout(
         broker.config.connect_timeout.0,
-        read_connect(&mut reader, &mut rbuf, max_packet),
+        read_connect(&mut reader, &mut rbuf, max_packet, &broker.limits),
     )
     .await;
     let limits = &broker.limits;
@@ -443,7 +443,9 @@ async fn read_connect(
     reader: &mut OwnedReadHalf,
     rbuf: &mut BytesMut,
     max_packet: usize,
+    limits: &Limits,
 ) -> Result<Box<ConnectIn>, Refusal> {
+    let mut share = limits.connect_buffer(CONNECT_BUFFER_BUDGET);
     loop {
         match codec::detect_version(rbuf, max_packet) {
             Ok(Some(version)) => match codec::decode(version, rbuf, max_packet) {
@@ -478,6 +480,16 @@ async fn read_connect(
             Err(e) => return Err(Refusal::malformed(None, e.to_string())),
         }
         rbuf.reserve(512);
+        if !share.hold(rbuf.capacity()) {
+            return Err(Refusal {
+                answer: None,
+                kind: Some(Refused::ConnectMemory),
+                why: format!(
+                    "CONNECT packets being received hold the node's {} MiB for them",
+                    CONNECT_BUFFER_BUDGET >> 20
+                ),
+            });
+        }
         match reader.read_buf(rbuf).await {
             Ok(0) | Err(_) => {
                 return Err(Refusal {

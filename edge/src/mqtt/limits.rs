@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -31,11 +31,23 @@ pub enum Refused {
     ClientId,
     /// The log is failing or the session could not be stored.
     Unavailable,
+    /// The CONNECTs being received hold [`CONNECT_BUFFER_BUDGET`] already.
+    ConnectMemory,
 }
+
+/// Bytes of buffers node-wide that connections may hold for CONNECT packets still being
+/// received, beyond the first [`CONNECT_FREE_BYTES`] of each. A CONNECT may be as large as
+/// `max_packet_size` (a will with a large payload), and it must be whole before it is
+/// decoded: without this cap, a thousand sockets each trickling a 1 MiB CONNECT would hold a
+/// GiB.
+pub const CONNECT_BUFFER_BUDGET: usize = 64 << 20;
+/// What one connection's CONNECT may take without counting against the budget (an ordinary
+/// CONNECT is far smaller).
+pub const CONNECT_FREE_BYTES: usize = 4096;
 
 impl Refused {
     /// Every reason, in the order they are exposed.
-    pub const ALL: [Refused; 7] = [
+    pub const ALL: [Refused; 8] = [
         Refused::PerAddress,
         Refused::MaxConnections,
         Refused::ConnectTimeout,
@@ -43,6 +55,7 @@ impl Refused {
         Refused::PacketTooLarge,
         Refused::ClientId,
         Refused::Unavailable,
+        Refused::ConnectMemory,
     ];
 
     /// The metric label.
@@ -55,6 +68,7 @@ impl Refused {
             Refused::PacketTooLarge => "packet_too_large",
             Refused::ClientId => "client_id",
             Refused::Unavailable => "unavailable",
+            Refused::ConnectMemory => "connect_memory",
         }
     }
 }
@@ -73,6 +87,8 @@ pub struct Limits {
     pub subscriptions_refused: AtomicU64,
     /// Log lines about misbehaving clients.
     pub log_budget: LogBudget,
+    /// Bytes counted against [`CONNECT_BUFFER_BUDGET`] now.
+    connect_bytes: AtomicUsize,
 }
 
 impl Limits {
@@ -117,6 +133,50 @@ impl Limits {
     /// Refusals so far for one reason.
     pub fn refused_count(&self, why: Refused) -> u64 {
         self.refused[why as usize].load(Ordering::Relaxed)
+    }
+
+    /// The share of `budget` one connection's CONNECT buffer holds; nothing until it grows.
+    pub fn connect_buffer(&self, budget: usize) -> ConnectBuffer<'_> {
+        ConnectBuffer {
+            limits: self,
+            budget,
+            held: 0,
+        }
+    }
+}
+
+/// A connection's share of the node-wide budget for CONNECT buffers, given back when dropped.
+#[derive(Debug)]
+pub struct ConnectBuffer<'a> {
+    limits: &'a Limits,
+    budget: usize,
+    held: usize,
+}
+
+impl ConnectBuffer<'_> {
+    /// Accounts a buffer grown to `capacity` bytes; false (and nothing taken) when the budget
+    /// has no room for it.
+    pub fn hold(&mut self, capacity: usize) -> bool {
+        let want = capacity.saturating_sub(CONNECT_FREE_BYTES);
+        if want <= self.held {
+            return true;
+        }
+        let more = want - self.held;
+        let counted = &self.limits.connect_bytes;
+        if counted.fetch_add(more, Ordering::Relaxed) + more > self.budget {
+            counted.fetch_sub(more, Ordering::Relaxed);
+            return false;
+        }
+        self.held = want;
+        true
+    }
+}
+
+impl Drop for ConnectBuffer<'_> {
+    fn drop(&mut self) {
+        self.limits
+            .connect_bytes
+            .fetch_sub(self.held, Ordering::Relaxed);
     }
 }
 
@@ -294,6 +354,27 @@ mod tests {
             assert!(limits.try_take(a, 0));
         }
         assert_eq!(limits.connections_from(a), 0);
+    }
+
+    #[test]
+    fn connect_buffers_share_one_budget_and_give_it_back() {
+        let limits = Limits::default();
+        let budget = 10_000;
+        let mut a = limits.connect_buffer(budget);
+        assert!(a.hold(CONNECT_FREE_BYTES), "the first bytes are free");
+        assert_eq!(limits.connect_bytes.load(Ordering::Relaxed), 0);
+        assert!(a.hold(CONNECT_FREE_BYTES + 6_000));
+        let mut b = limits.connect_buffer(budget);
+        assert!(b.hold(CONNECT_FREE_BYTES + 4_000));
+        assert!(
+            !b.hold(CONNECT_FREE_BYTES + 4_001),
+            "the budget is shared by all connections"
+        );
+        assert_eq!(limits.connect_bytes.load(Ordering::Relaxed), 10_000);
+        drop(a);
+        assert!(b.hold(CONNECT_FREE_BYTES + 9_000), "freed by the first one");
+        drop(b);
+        assert_eq!(limits.connect_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -86,6 +86,28 @@ fn admit(broker: &Arc<Broker>, ip: IpAddr) -> Result<ConnectionGuard, limits::Re
     })
 }
 
+/// Counts a socket closed at accept and logs it, within the log budget.
+fn refused_at_accept(broker: &Broker, peer: std::net::SocketAddr, why: limits::Refused) {
+    broker.limits.refused(why);
+    let Some(held_back) = broker.limits.log_budget.admit() else {
+        return;
+    };
+    let cfg = &broker.config;
+    let because = match why {
+        limits::Refused::PerAddress => format!(
+            "this address holds mqtt.max_connections_per_address = {} connections already \
+             (raise it if many devices share the address, e.g. behind a NAT gateway)",
+            cfg.max_connections_per_address
+        ),
+        _ => format!(
+            "the edge holds mqtt.max_connections = {} connections and {ACCEPT_HEADROOM} more \
+             waiting for their CONNECT",
+            cfg.max_connections
+        ),
+    };
+    tracing::warn!(%peer, held_back, "connection closed at accept: {because}");
+}
+
 /// Accepts connections until shutdown, then waits (up to `grace`) for them to end.
 pub async fn serve(broker: Arc<Broker>, listener: TcpListener, grace: std::time::Duration) {
     let mut shutdown = broker.shutdown.clone();
@@ -99,20 +121,7 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, grace: std::time:
                         Ok(guard) => guard,
                         Err(why) => {
                             drop(stream);
-                            broker.limits.refused(why);
-                            if let Some(held_back) = broker.limits.log_budget.admit() {
-                                let fix = match why {
-                                    limits::Refused::PerAddress => format!(
-                                        "it holds mqtt.max_connections_per_address = {} already",
-                                        broker.config.max_connections_per_address
-                                    ),
-                                    _ => format!(
-                                        "the edge holds mqtt.max_connections = {} (and {ACCEPT_HEADROOM} more waiting for CONNECT)",
-                                        broker.config.max_connections
-                                    ),
-                                };
-                                tracing::warn!(%peer, held_back, "connection closed at accept: {fix}");
-                            }
+                            refused_at_accept(&broker, peer, why);
                             continue;
                         }
                     };
