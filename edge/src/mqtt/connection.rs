@@ -158,6 +158,21 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         }
         Ok(Ok(c)) => c,
     };
+    // Boxed: the state of a whole session is allocated only once a CONNECT has arrived, so a
+    // socket waiting for its CONNECT costs a few hundred bytes.
+    Box::pin(serve_connected(broker, reader, writer, rbuf, peer, connect)).await;
+}
+
+/// Serves a connection from its CONNECT to its end.
+async fn serve_connected(
+    broker: Arc<Broker>,
+    reader: OwnedReadHalf,
+    mut writer: OwnedWriteHalf,
+    rbuf: BytesMut,
+    peer: SocketAddr,
+    connect: Box<ConnectIn>,
+) {
+    let limits = &broker.limits;
     let version = connect.version;
     let refuse = |kind: Refused, code: u8, why: String| async move {
         limits.refused(kind);
@@ -610,7 +625,8 @@ impl Connection {
                 && self.paused_until.is_none();
             let deadline = self.deadline;
             let paused = self.paused_until;
-            let has_deadline = self.keep_alive.is_some();
+            // Not while the edge itself holds off reading (publish rate).
+            let has_deadline = self.keep_alive.is_some() && self.paused_until.is_none();
             let spare = self.prepare_read();
             let unwritten = !self.wbuf.is_empty();
             tokio::select! {
