@@ -440,7 +440,11 @@ async fn hostile_clients_do_not_hurt_honest_devices() {
         random_closed, 20,
         "every random stream was closed by the edge"
     );
-    assert!(flood_accepted > 0, "the flood's CONNECTs were served");
+    assert!(
+        flood_accepted > PER_ADDRESS as u64,
+        "the flood's CONNECTs were served, more of them from one address than its limit: \
+         each connection gave its slot back ({flood_accepted})"
+    );
     assert_eq!(rate_code, Some(0x96), "Message rate too high");
     assert_eq!(
         big_before,
@@ -547,4 +551,65 @@ async fn hostile_clients_do_not_hurt_honest_devices() {
         field("acked"),
         "{summary}"
     );
+}
+
+/// Waits until /metrics shows `series` at `value` (the edge counts asynchronously); fails
+/// after 30 s.
+async fn wait_metric(edge: &Edge, series: &str, value: u64) {
+    for _ in 0..300 {
+        if metric(edge, series) == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{series} never reached {value}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_clients_hear_server_busy_then_sockets_are_closed_at_accept() {
+    raise_fd_limit();
+    let edge = Edge::start_with("max_connections = 2\nconnect_timeout = \"60s\"\n", "", "");
+    let addr = edge.addr;
+    let mut held = Vec::new();
+    for id in ["first", "second"] {
+        let (c, ack) = RawClient::connect(addr, Proto::V5, &ConnectOpts::new(id))
+            .await
+            .unwrap();
+        assert!(matches!(ack, Got::ConnAck { code: 0, .. }), "{ack:?}");
+        held.push(c);
+    }
+    let (mut third, ack) = RawClient::connect(addr, Proto::V5, &ConnectOpts::new("third"))
+        .await
+        .unwrap();
+    assert_eq!(ack.connack(), Some((0x89, false)), "Server busy");
+    assert_eq!(third.until_closed().await.unwrap(), vec![]);
+    wait_metric(&edge, "tributary_connections", 2).await;
+
+    // 64 sockets past the limit are read up to their CONNECT (to hear Server busy); the next
+    // one is closed at accept, without waiting for connect_timeout.
+    let mut waiting = Vec::new();
+    for _ in 0..64 {
+        waiting.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let mut extra = TcpStream::connect(addr).await.unwrap();
+    assert!(closed_by_edge(&mut extra, Duration::from_secs(30)).await);
+    let refused_max = "tributary_connections_refused_total{reason=\"max_connections\"}";
+    assert_eq!(metric(&edge, refused_max), 2, "the CONNACK and the accept");
+    assert_eq!(
+        metric(
+            &edge,
+            "tributary_connections_refused_total{reason=\"connect_timeout\"}"
+        ),
+        0
+    );
+    assert_eq!(metric(&edge, "tributary_connections"), 66);
+
+    // Slots come back as connections close.
+    drop(waiting);
+    drop(held);
+    wait_metric(&edge, "tributary_connections", 0).await;
+    let (_c, ack) = RawClient::connect(addr, Proto::V5, &ConnectOpts::new("again"))
+        .await
+        .unwrap();
+    assert!(matches!(ack, Got::ConnAck { code: 0, .. }), "{ack:?}");
 }
