@@ -319,14 +319,38 @@ pub struct MqttConfig {
     pub max_topic_levels: usize,
     /// Longest client identifier accepted, in bytes.
     pub max_client_id_length: usize,
-    /// Time allowed between TCP accept and a complete CONNECT packet.
+    /// Time allowed between TCP accept and a complete CONNECT packet. It is one deadline for
+    /// the whole packet, so a client trickling its CONNECT a byte at a time is cut too.
     pub connect_timeout: HumanDuration,
     /// Largest keepalive granted; a client asking for more (or for 0) gets this value as the
     /// MQTT 5 Server Keep Alive. `"0s"` grants whatever the client asks.
     pub max_keepalive: HumanDuration,
     /// Most simultaneous client connections; further connections are refused
-    /// (3.1.1: return code 3, 5.0: 0x89 Server busy).
+    /// (3.1.1: return code 3, 5.0: 0x89 Server busy). Sockets beyond it by more than 64 are
+    /// closed at accept, before anything is read, so connections that never send CONNECT
+    /// cannot use up the edge's file descriptors.
     pub max_connections: usize,
+    /// Most simultaneous connections from one source IP address (counted from TCP accept,
+    /// CONNECT or not); further sockets from that address are closed at once. Devices
+    /// behind one NAT gateway share its address: raise this to the size of the largest such
+    /// fleet. `0`: no per-address limit.
+    pub max_connections_per_address: u32,
+    /// Most subscriptions one session may hold; further filters of a SUBSCRIBE get
+    /// 0x97 Quota exceeded (3.1.1: 0x80 Failure) while the others are granted.
+    pub max_subscriptions_per_client: usize,
+    /// Publishes per second one connection may send on average (all QoS). A client over it
+    /// is first slowed down: the edge stops reading its socket until it is back within the
+    /// rate, so TCP flow control holds the client back. One that stays over it for
+    /// `publish_rate_grace` is disconnected (5.0: DISCONNECT 0x96 Message rate too high;
+    /// 3.1.1: closed). `0` (default): no rate limit; the edge's own throughput and the
+    /// in-flight limits bound what a client can do.
+    pub max_publish_rate: u32,
+    /// Publishes a connection may send at once above `max_publish_rate` (the token bucket's
+    /// size). `0`: one second's worth, `max_publish_rate`.
+    pub publish_burst: u32,
+    /// How long a connection may stay over `max_publish_rate` (being slowed down) before it
+    /// is disconnected with 0x96.
+    pub publish_rate_grace: HumanDuration,
     /// QoS 1 and 2 messages the edge sends a subscriber before it waits for acknowledgements
     /// (a 5.0 client's smaller Receive Maximum wins).
     pub max_inflight_messages: u16,
@@ -359,6 +383,11 @@ impl Default for MqttConfig {
             connect_timeout: HumanDuration(Duration::from_secs(10)),
             max_keepalive: HumanDuration(Duration::ZERO),
             max_connections: 100_000,
+            max_connections_per_address: 1000,
+            max_subscriptions_per_client: 1000,
+            max_publish_rate: 0,
+            publish_burst: 0,
+            publish_rate_grace: HumanDuration(Duration::from_secs(10)),
             max_inflight_messages: 1024,
             max_queued_messages: 1000,
             max_queued_bytes: ByteSize(16 * 1024 * 1024),
@@ -826,7 +855,26 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if m.max_publish_rate > 0 && m.publish_rate_grace.0.is_zero() {
+            return Err(invalid(
+                None,
+                "mqtt.publish_rate_grace".into(),
+                "0s would disconnect a client at its first burst over max_publish_rate: give it time to slow down (e.g. \"10s\")".into(),
+            ));
+        }
+        if m.max_publish_rate == 0 && m.publish_burst > 0 {
+            return Err(invalid(
+                None,
+                "mqtt.publish_burst".into(),
+                "a burst needs a rate: set mqtt.max_publish_rate too, or remove publish_burst"
+                    .into(),
+            ));
+        }
         for (key, zero) in [
+            (
+                "mqtt.max_subscriptions_per_client",
+                m.max_subscriptions_per_client == 0,
+            ),
             ("mqtt.max_inflight_messages", m.max_inflight_messages == 0),
             ("mqtt.max_queued_messages", m.max_queued_messages == 0),
             ("mqtt.max_queued_bytes", m.max_queued_bytes.0 == 0),
@@ -1205,6 +1253,36 @@ mod tests {
         let text = "[[routes]]\nmatch = \"a/#\"\ntopic = \"bad topic\"\n";
         let err = Config::parse(text, "e.toml").unwrap_err().to_string();
         assert!(err.contains("routes[0].topic"), "{err}");
+    }
+
+    #[test]
+    fn client_limits_have_safe_defaults() {
+        let m = Config::parse("", "t.toml").unwrap().mqtt;
+        assert_eq!(m.max_connections_per_address, 1000);
+        assert_eq!(m.max_subscriptions_per_client, 1000);
+        assert_eq!(m.max_publish_rate, 0, "no publish rate limit unless asked");
+        assert_eq!(m.publish_rate_grace.0, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn publish_rate_settings_are_checked_together() {
+        let text = "[mqtt]\nmax_publish_rate = 50\npublish_rate_grace = \"0s\"\n";
+        let err = Config::parse(text, "r.toml").unwrap_err().to_string();
+        assert!(err.contains("r.toml:3: mqtt.publish_rate_grace"), "{err}");
+        let text = "[mqtt]\npublish_burst = 10\n";
+        let err = Config::parse(text, "r.toml").unwrap_err().to_string();
+        assert!(err.contains("r.toml:2: mqtt.publish_burst"), "{err}");
+        assert!(err.contains("max_publish_rate"), "{err}");
+        let text = "[mqtt]\nmax_subscriptions_per_client = 0\n";
+        let err = Config::parse(text, "r.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("mqtt.max_subscriptions_per_client: must be at least 1"),
+            "{err}"
+        );
+        let ok = "[mqtt]\nmax_publish_rate = 50\npublish_burst = 200\npublish_rate_grace = \"3s\"\nmax_connections_per_address = 0\n";
+        let m = Config::parse(ok, "r.toml").unwrap().mqtt;
+        assert_eq!((m.max_publish_rate, m.publish_burst), (50, 200));
+        assert_eq!(m.max_connections_per_address, 0);
     }
 
     #[test]

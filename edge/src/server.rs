@@ -191,6 +191,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             mqtt::APPEND_BUDGET_BYTES as usize,
         )),
         connections: AtomicUsize::new(0),
+        limits: Default::default(),
         shutdown: shutdown_rx,
     });
 

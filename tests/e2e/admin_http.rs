@@ -58,6 +58,22 @@ async fn metrics_and_json_api_report_known_traffic() {
     assert_eq!(metric(&text, "tributary_connections"), 2.0);
     assert_eq!(metric(&text, "tributary_sessions_connected"), 2.0);
     assert_eq!(metric(&text, "tributary_outbound_dropped_total"), 0.0);
+    for why in [
+        "per_address",
+        "max_connections",
+        "connect_timeout",
+        "malformed",
+        "packet_too_large",
+        "client_id",
+        "unavailable",
+        "connect_memory",
+    ] {
+        let series = format!("tributary_connections_refused_total{{reason=\"{why}\"}}");
+        assert_eq!(metric(&text, &series), 0.0, "{series}");
+    }
+    assert_eq!(metric(&text, "tributary_publish_rate_limited_total"), 0.0);
+    assert_eq!(metric(&text, "tributary_publish_rate_throttled_total"), 0.0);
+    assert_eq!(metric(&text, "tributary_subscriptions_refused_total"), 0.0);
     assert!(metric(&text, "tributary_log_bytes{topic=\"mqtt\"}") > 0.0);
     // Every commit is in the histograms; 25 acknowledged publishes took at least one.
     let commits = metric(&text, "tributary_group_commit_seconds_count");

@@ -845,6 +845,7 @@ fn connack_code_v5(c: v5::ConnectReturnCode) -> u8 {
         C::UnsupportedProtocolVersion => 0x84,
         C::ClientIdentifierNotValid => 0x85,
         C::ServerBusy => 0x89,
+        C::PacketTooLarge => 0x95,
         C::QuotaExceeded => 0x97,
         other => panic!("unexpected CONNACK code {other:?}"),
     }

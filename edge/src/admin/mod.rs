@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 
 use crate::log::record::text_or_base64;
+use crate::mqtt::limits::{Limits, Refused};
 use crate::mqtt::Broker;
 
 /// What the admin endpoint reads.
@@ -114,6 +115,45 @@ fn label(v: &str) -> String {
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The counters of the client limits (`[mqtt]` max_connections*, max_publish_rate, ...).
+fn render_limit_metrics(limits: &Limits, out: &mut String) {
+    family(
+        out,
+        "tributary_connections_refused_total",
+        "counter",
+        "Connections refused or closed before their session started, by reason.",
+    );
+    for why in Refused::ALL {
+        let _ = writeln!(
+            out,
+            "tributary_connections_refused_total{{reason=\"{}\"}} {}",
+            why.label(),
+            limits.refused_count(why)
+        );
+    }
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 3] = [
+        (
+            "tributary_publish_rate_limited_total",
+            "Connections closed for staying over max_publish_rate (5.0: 0x96 Message rate too high).",
+            &limits.rate_disconnects,
+        ),
+        (
+            "tributary_publish_rate_throttled_total",
+            "Times a connection over max_publish_rate was not read until it was within the rate.",
+            &limits.rate_throttles,
+        ),
+        (
+            "tributary_subscriptions_refused_total",
+            "Subscriptions refused because the session held max_subscriptions_per_client.",
+            &limits.subscriptions_refused,
+        ),
+    ];
+    for (name, help, v) in counters {
+        family(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+    }
 }
 
 /// The metrics in Prometheus text format.
@@ -221,6 +261,7 @@ pub fn render_metrics(s: &AdminState) -> String {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {v}");
     }
+    render_limit_metrics(&b.limits, &mut out);
     let (connected, disconnected) = b.sessions.counts();
     let gauges: [(&str, &str, u64); 5] = [
         (

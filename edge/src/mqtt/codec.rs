@@ -213,7 +213,9 @@ pub fn detect_version(buf: &[u8], max_packet_size: usize) -> Result<Option<Versi
     peek_version(buf)
 }
 
-fn peek_version(buf: &[u8]) -> Result<Option<Version>, DecodeError> {
+/// The protocol of the CONNECT whose start is in `buf`, from its variable header alone (the
+/// rest may be missing or too large). `Ok(None)`: not enough bytes yet.
+pub fn peek_version(buf: &[u8]) -> Result<Option<Version>, DecodeError> {
     // Fixed header: 1 byte + 1..4 bytes of remaining length.
     let mut i = 1;
     while i < buf.len() && i < 5 && buf[i] & 0x80 != 0 {
@@ -571,6 +573,8 @@ pub mod reason {
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
     /// Packet too large.
     pub const PACKET_TOO_LARGE: u8 = 0x95;
+    /// Message rate too high.
+    pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
     /// Quota exceeded.
     pub const QUOTA_EXCEEDED: u8 = 0x97;
 }
@@ -944,6 +948,7 @@ fn disconnect_reason(code: u8) -> Option<v5::DisconnectReasonCode> {
         reason::RECEIVE_MAXIMUM_EXCEEDED => D::ReceiveMaximumExceeded,
         reason::TOPIC_ALIAS_INVALID => D::TopicAliasInvalid,
         reason::PACKET_TOO_LARGE => D::PacketTooLarge,
+        reason::MESSAGE_RATE_TOO_HIGH => D::MessageRateTooHigh,
         reason::QUOTA_EXCEEDED => D::QuotaExceeded,
         reason::NOT_AUTHORIZED => D::NotAuthorized,
         _ => return None,

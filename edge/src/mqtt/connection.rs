@@ -27,6 +27,7 @@ use super::delivery::{
     subscription_value, Delivery, Fanouts, Hub, Message, Subscriber, Target, TAG_QUEUED,
     TAG_RELEASED, TAG_SUBSCRIPTION,
 };
+use super::limits::{Limits, PublishRate, RateVerdict, Refused, CONNECT_BUFFER_BUDGET};
 use super::session::{purge_ops, qos2_key, session_key, session_value, Control, SessionData};
 use super::subs::{self, Match, SubOptions};
 use super::Broker;
@@ -121,15 +122,20 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     let max_packet = broker.config.max_packet_size.0 as usize;
     let connect = tokio::time::timeout(
         broker.config.connect_timeout.0,
-        read_connect(&mut reader, &mut rbuf, max_packet),
+        read_connect(&mut reader, &mut rbuf, max_packet, &broker.limits),
     )
     .await;
+    let limits = &broker.limits;
     let connect = match connect {
         Err(_) => {
+            limits.refused(Refused::ConnectTimeout);
             tracing::debug!(%peer, "no CONNECT in time; closing");
             return;
         }
         Ok(Err(refusal)) => {
+            if let Some(kind) = refusal.kind {
+                limits.refused(kind);
+            }
             if let Some((version, code)) = refusal.answer {
                 let mut out = BytesMut::new();
                 codec::write_connack(
@@ -142,14 +148,34 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
                 );
                 let _ = writer.write_all(&out).await;
             }
-            tracing::info!(%peer, reason = %refusal.why, "connection refused");
+            if refusal.kind.is_none() {
+                tracing::debug!(%peer, reason = %refusal.why, "connection ended");
+            } else if let Some(held_back) = limits.log_budget.admit() {
+                tracing::info!(%peer, reason = %refusal.why, held_back, "connection refused");
+            }
             let _ = writer.shutdown().await;
             return;
         }
         Ok(Ok(c)) => c,
     };
+    // Boxed: the state of a whole session is allocated only once a CONNECT has arrived, so a
+    // socket waiting for its CONNECT costs a few hundred bytes.
+    Box::pin(serve_connected(broker, reader, writer, rbuf, peer, connect)).await;
+}
+
+/// Serves a connection from its CONNECT to its end.
+async fn serve_connected(
+    broker: Arc<Broker>,
+    reader: OwnedReadHalf,
+    mut writer: OwnedWriteHalf,
+    rbuf: BytesMut,
+    peer: SocketAddr,
+    connect: Box<ConnectIn>,
+) {
+    let limits = &broker.limits;
     let version = connect.version;
-    let refuse = |code: u8, why: String| async move {
+    let refuse = |kind: Refused, code: u8, why: String| async move {
+        limits.refused(kind);
         let mut out = BytesMut::new();
         codec::write_connack(
             version,
@@ -160,13 +186,16 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
             },
             &mut out,
         );
-        tracing::info!(%peer, reason = %why, "connection refused");
+        if let Some(held_back) = limits.log_budget.admit() {
+            tracing::info!(%peer, reason = %why, held_back, "connection refused");
+        }
         out
     };
 
     let active = broker.connections.load(Ordering::Relaxed);
     if active > broker.config.max_connections {
         let out = refuse(
+            Refused::MaxConnections,
             reason::SERVER_BUSY,
             format!(
                 "the edge holds its maximum of {} connections",
@@ -183,6 +212,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     let client_id = if connect.client_id.is_empty() {
         if version == Version::V311 && !connect.clean_start {
             let out = refuse(
+                Refused::ClientId,
                 reason::CLIENT_ID_NOT_VALID,
                 "an empty client id needs clean session".into(),
             )
@@ -198,6 +228,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     };
     if client_id.len() > broker.config.max_client_id_length || client_id.contains('\0') {
         let out = refuse(
+            Refused::ClientId,
             reason::CLIENT_ID_NOT_VALID,
             format!(
                 "client id must be 1 to {} bytes without NUL",
@@ -209,7 +240,12 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         return;
     }
     if broker.log.poisoned().is_some() {
-        let out = refuse(reason::SERVER_BUSY, "the log is failing".into()).await;
+        let out = refuse(
+            Refused::Unavailable,
+            reason::SERVER_BUSY,
+            "the log is failing".into(),
+        )
+        .await;
         let _ = writer.write_all(&out).await;
         return;
     }
@@ -325,10 +361,13 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         scratch_matches: Vec::new(),
         scratch_targets: Vec::new(),
         acks_unreported: 0,
+        rate: publish_rate(&broker.config),
+        read_publishes: 0,
+        paused_until: None,
     };
     if !ops.is_empty() {
         if let Err(why) = conn.commit_state(ops).await {
-            let out = refuse(reason::SERVER_BUSY, why).await;
+            let out = refuse(Refused::Unavailable, reason::SERVER_BUSY, why).await;
             let _ = conn.writer.write_all(&out).await;
             conn.publish_will = false;
             conn.finish(attachment.conn, &done_tx).await;
@@ -369,8 +408,8 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     if let Err(close) = &end {
         codec::write_disconnect(version, close.code, &close.why, &mut conn.wbuf);
         let level_info = close.code != reason::SESSION_TAKEN_OVER;
-        if level_info {
-            tracing::info!(%peer, client_id = %client_id, code = format!("{:#04x}", close.code), reason = %close.why, "closing connection");
+        if let Some(held_back) = level_info.then(|| limits.log_budget.admit()).flatten() {
+            tracing::info!(held_back, %peer, client_id = %client_id, code = format!("{:#04x}", close.code), reason = %close.why, "closing connection");
         }
     }
     if let Err(close) = &end {
@@ -387,57 +426,108 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
 struct Refusal {
     /// CONNACK to send before closing, if the protocol is known well enough to answer.
     answer: Option<(Version, u8)>,
+    /// What the edge refused (`None`: the client went away).
+    kind: Option<Refused>,
     why: String,
+}
+
+impl Refusal {
+    fn malformed(answer: Option<(Version, u8)>, why: String) -> Refusal {
+        Refusal {
+            answer,
+            kind: Some(Refused::Malformed),
+            why,
+        }
+    }
+
+    /// A CONNECT over the packet size limit; a 5.0 client hears 0x95 when its header shows
+    /// the protocol (3.1.1 has no return code for it and is just closed).
+    fn too_large(buf: &[u8], size: usize, max_packet: usize) -> Refusal {
+        let answer = match codec::peek_version(buf) {
+            Ok(Some(Version::V5)) => Some((Version::V5, reason::PACKET_TOO_LARGE)),
+            _ => None,
+        };
+        Refusal {
+            answer,
+            kind: Some(Refused::PacketTooLarge),
+            why: format!("CONNECT of {size} bytes exceeds mqtt.max_packet_size = {max_packet}"),
+        }
+    }
 }
 
 async fn read_connect(
     reader: &mut OwnedReadHalf,
     rbuf: &mut BytesMut,
     max_packet: usize,
+    limits: &Limits,
 ) -> Result<Box<ConnectIn>, Refusal> {
+    let mut share = limits.connect_buffer(CONNECT_BUFFER_BUDGET);
     loop {
         match codec::detect_version(rbuf, max_packet) {
             Ok(Some(version)) => match codec::decode(version, rbuf, max_packet) {
                 Ok(Some(Inbound::Connect(c))) => return Ok(c),
                 Ok(Some(_)) => unreachable!("detect_version saw a CONNECT"),
                 Ok(None) => {}
+                Err(codec::DecodeError::TooLarge(n)) => {
+                    return Err(Refusal::too_large(rbuf, n, max_packet))
+                }
                 Err(e) => {
-                    return Err(Refusal {
-                        answer: Some((version, reason::MALFORMED)),
-                        why: e.to_string(),
-                    })
+                    return Err(Refusal::malformed(
+                        Some((version, reason::MALFORMED)),
+                        e.to_string(),
+                    ))
                 }
             },
             Ok(None) => {}
+            Err(codec::DecodeError::TooLarge(n)) => {
+                return Err(Refusal::too_large(rbuf, n, max_packet))
+            }
             Err(codec::DecodeError::UnsupportedProtocol { name, level }) => {
                 let answer = match (name.as_str(), level) {
                     ("MQTT", l) if l > 5 => Some((Version::V5, reason::UNSUPPORTED_PROTOCOL)),
                     ("MQTT" | "MQIsdp", _) => Some((Version::V311, reason::UNSUPPORTED_PROTOCOL)),
                     _ => None,
                 };
-                return Err(Refusal {
+                return Err(Refusal::malformed(
                     answer,
-                    why: format!("unsupported protocol {name:?} level {level}"),
-                });
+                    format!("unsupported protocol {name:?} level {level}"),
+                ));
             }
-            Err(e) => {
-                return Err(Refusal {
-                    answer: None,
-                    why: e.to_string(),
-                })
-            }
+            Err(e) => return Err(Refusal::malformed(None, e.to_string())),
         }
         rbuf.reserve(512);
+        if !share.hold(rbuf.capacity()) {
+            return Err(Refusal {
+                answer: None,
+                kind: Some(Refused::ConnectMemory),
+                why: format!(
+                    "CONNECT packets being received hold the node's {} MiB for them",
+                    CONNECT_BUFFER_BUDGET >> 20
+                ),
+            });
+        }
         match reader.read_buf(rbuf).await {
             Ok(0) | Err(_) => {
                 return Err(Refusal {
                     answer: None,
+                    kind: None,
                     why: "closed before CONNECT".into(),
                 })
             }
             Ok(_) => {}
         }
     }
+}
+
+/// A connection's publish rate limiter, when `max_publish_rate` is set.
+fn publish_rate(cfg: &crate::config::MqttConfig) -> Option<PublishRate> {
+    let rate = cfg.max_publish_rate;
+    let burst = if cfg.publish_burst == 0 {
+        rate
+    } else {
+        cfg.publish_burst
+    };
+    (rate > 0).then(|| PublishRate::new(rate, burst, cfg.publish_rate_grace.0, Instant::now()))
 }
 
 fn rand_id() -> u64 {
@@ -516,6 +606,12 @@ struct Connection {
     /// Acknowledgements written since the node-wide counter was last updated (added once per
     /// loop turn rather than once per ack, which would contend across connections).
     acks_unreported: u64,
+    /// The publish rate limit (`max_publish_rate`), if one is set.
+    rate: Option<PublishRate>,
+    /// PUBLISH packets decoded from the latest socket read.
+    read_publishes: u32,
+    /// Over its publish rate: the socket is not read again before this.
+    paused_until: Option<Instant>,
 }
 
 impl Connection {
@@ -528,10 +624,13 @@ impl Connection {
         slow_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // 3.1.1 has no Receive Maximum: stop reading instead, so memory stays bounded.
-            let can_read = self.awaiting_commit < self.broker.config.receive_maximum as usize
-                || self.version == Version::V5;
+            let can_read = (self.awaiting_commit < self.broker.config.receive_maximum as usize
+                || self.version == Version::V5)
+                && self.paused_until.is_none();
             let deadline = self.deadline;
-            let has_deadline = self.keep_alive.is_some();
+            let paused = self.paused_until;
+            // Not while the edge itself holds off reading (publish rate).
+            let has_deadline = self.keep_alive.is_some() && self.paused_until.is_none();
             let spare = self.prepare_read();
             let unwritten = !self.wbuf.is_empty();
             tokio::select! {
@@ -565,7 +664,13 @@ impl Connection {
                             // Publishes accepted before the end (or before an offending
                             // packet) are still committed and acknowledged.
                             match self.on_bytes().await {
-                                Ok(None) => self.adapt_read_buffer(n, spare),
+                                Ok(None) => {
+                                    self.adapt_read_buffer(n, spare);
+                                    if let Err(close) = self.charge_rate() {
+                                        self.drain_pending().await;
+                                        return Err(close);
+                                    }
+                                }
                                 Ok(Some(end)) => {
                                     self.drain_pending().await;
                                     return end;
@@ -583,6 +688,11 @@ impl Connection {
                     }
                 }
                 _ = self.sub.notify.notified() => {}
+                _ = tokio::time::sleep_until(paused.unwrap_or(deadline)), if paused.is_some() => {
+                    // The client was sending all along (it is the edge that stopped reading).
+                    self.paused_until = None;
+                    self.touch();
+                }
                 _ = slow_check.tick(), if self.receives => {
                     let limit = self.broker.config.slow_subscriber_timeout.0;
                     if self.sub.over_for().is_some_and(|d| d >= limit) {
@@ -616,6 +726,35 @@ impl Connection {
                 .acks_sent
                 .fetch_add(self.acks_unreported, Ordering::Relaxed);
             self.acks_unreported = 0;
+        }
+    }
+
+    /// Charges the publishes of the latest read to the rate limit: pauses reading while the
+    /// client is over its rate, disconnects it once it has stayed over for the grace period.
+    fn charge_rate(&mut self) -> Result<(), Close> {
+        let publishes = std::mem::take(&mut self.read_publishes);
+        let Some(rate) = self.rate.as_mut().filter(|_| publishes > 0) else {
+            return Ok(());
+        };
+        let limits = &self.broker.limits;
+        match rate.charge(publishes, Instant::now()) {
+            RateVerdict::Within => Ok(()),
+            RateVerdict::PauseUntil(until) => {
+                limits.rate_throttles.fetch_add(1, Ordering::Relaxed);
+                self.paused_until = Some(until);
+                Ok(())
+            }
+            RateVerdict::Exceeded => {
+                limits.rate_disconnects.fetch_add(1, Ordering::Relaxed);
+                let cfg = &self.broker.config;
+                Err(Close::new(
+                    reason::MESSAGE_RATE_TOO_HIGH,
+                    format!(
+                        "over mqtt.max_publish_rate = {} publishes per second for mqtt.publish_rate_grace = {:?}",
+                        cfg.max_publish_rate, cfg.publish_rate_grace.0
+                    ),
+                ))
+            }
         }
     }
 
@@ -717,6 +856,7 @@ impl Connection {
             };
             match packet {
                 Inbound::Publish(p) => {
+                    self.read_publishes += 1;
                     if let Err(close) = self.on_publish(p, now) {
                         // What was accepted before the offending packet is still logged.
                         self.send_request().await?;
@@ -1138,7 +1278,18 @@ impl Connection {
                 retain_handling: o.retain_handling,
                 id: s.id,
             };
-            let existed = hub.subscribe(&self.sub, &filter, opts);
+            let max = cfg.max_subscriptions_per_client;
+            let Some(existed) = hub.subscribe_within(&self.sub, &filter, opts, max) else {
+                self.broker
+                    .limits
+                    .subscriptions_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                codes.push(reason::QUOTA_EXCEEDED);
+                problem = Some(format!(
+                    "{filter:?}: this session holds mqtt.max_subscriptions_per_client = {max} subscriptions"
+                ));
+                continue;
+            };
             if self.session.durable {
                 let mut key = client_prefix(TAG_SUBSCRIPTION, &self.client_id);
                 key.extend_from_slice(filter.as_bytes());

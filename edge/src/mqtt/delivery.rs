@@ -542,6 +542,25 @@ impl Hub {
         replaced
     }
 
+    /// Like [`Hub::subscribe`] unless the session holds `max` subscriptions already and
+    /// this filter is not one of them: then `None`, and nothing changes.
+    pub fn subscribe_within(
+        &self,
+        sub: &Arc<Subscriber>,
+        filter: &str,
+        opts: super::subs::SubOptions,
+        max: usize,
+    ) -> Option<bool> {
+        let mut tree = self.tree.write().expect("subscription lock");
+        let who = SubRef(sub.clone());
+        if tree.count_of(&who) >= max && !tree.holds(&who, filter) {
+            return None;
+        }
+        let replaced = tree.subscribe(who, filter, opts);
+        self.count.store(tree.len() as u64, Ordering::Relaxed);
+        Some(replaced)
+    }
+
     /// Removes a subscription; returns whether it existed.
     pub fn unsubscribe(&self, sub: &Arc<Subscriber>, filter: &str) -> bool {
         let mut tree = self.tree.write().expect("subscription lock");
@@ -830,6 +849,39 @@ mod tests {
         // Delivered QoS is the minimum of the publish and the subscription.
         router.plan("a/b", 0, false, "pub", &mut scratch, &mut out);
         assert_eq!(out[0].qos, 0);
+    }
+
+    #[test]
+    fn subscriptions_past_the_per_session_bound_are_refused() {
+        let hub = Hub::new(OutboxLimits {
+            messages: 10,
+            bytes: 1 << 20,
+            offline_messages: 10,
+        });
+        let s = Subscriber::new(Arc::from("s"), false);
+        let other = Subscriber::new(Arc::from("other"), false);
+        assert_eq!(
+            hub.subscribe_within(&s, "a/#", opts(1, None), 2),
+            Some(false)
+        );
+        assert_eq!(
+            hub.subscribe_within(&s, "$share/g/b", opts(1, None), 2),
+            Some(false)
+        );
+        assert_eq!(hub.subscribe_within(&s, "c", opts(1, None), 2), None);
+        assert_eq!(
+            hub.subscribe_within(&s, "a/#", opts(2, None), 2),
+            Some(true),
+            "replacing a held subscription is not a new one"
+        );
+        assert_eq!(
+            hub.subscribe_within(&other, "c", opts(1, None), 2),
+            Some(false),
+            "the bound is per session"
+        );
+        assert_eq!(hub.subscription_count(), 3);
+        assert!(hub.unsubscribe(&s, "a/#"));
+        assert_eq!(hub.subscribe_within(&s, "c", opts(1, None), 2), Some(false));
     }
 
     #[test]

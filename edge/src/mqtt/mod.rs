@@ -3,9 +3,11 @@
 pub mod codec;
 pub mod connection;
 pub mod delivery;
+pub mod limits;
 pub mod session;
 pub mod subs;
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -21,6 +23,9 @@ use session::SessionStore;
 
 /// Bytes of appends that may be queued or being committed at once, node-wide.
 pub const APPEND_BUDGET_BYTES: u32 = 32 << 20;
+/// Sockets accepted beyond `max_connections` and read up to their CONNECT, so that a client
+/// just past the limit hears CONNACK Server busy; beyond these, sockets are closed at accept.
+pub const ACCEPT_HEADROOM: usize = 64;
 
 /// What every connection shares.
 pub struct Broker {
@@ -41,16 +46,66 @@ pub struct Broker {
     pub append_budget: Arc<tokio::sync::Semaphore>,
     /// Open connections.
     pub connections: AtomicUsize,
+    /// Per-address connection counts, refusal counters and other client limits.
+    pub limits: limits::Limits,
     /// Becomes true when the edge shuts down.
     pub shutdown: watch::Receiver<bool>,
 }
 
-struct ConnectionGuard(Arc<Broker>);
+/// An accepted socket's place in the connection counts, given back when it closes.
+struct ConnectionGuard {
+    broker: Arc<Broker>,
+    /// The source address, when it took a per-address slot.
+    address: Option<IpAddr>,
+}
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.broker.connections.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.address {
+            self.broker.limits.release(ip);
+        }
     }
+}
+
+/// Takes a connection slot for a socket from `ip`, or says why it is refused at accept.
+fn admit(broker: &Arc<Broker>, ip: IpAddr) -> Result<ConnectionGuard, limits::Refused> {
+    let cfg = &broker.config;
+    let open = broker.connections.load(Ordering::Relaxed);
+    if open >= cfg.max_connections.saturating_add(ACCEPT_HEADROOM) {
+        return Err(limits::Refused::MaxConnections);
+    }
+    let per_address = cfg.max_connections_per_address;
+    if !broker.limits.try_take(ip, per_address) {
+        return Err(limits::Refused::PerAddress);
+    }
+    broker.connections.fetch_add(1, Ordering::Relaxed);
+    Ok(ConnectionGuard {
+        broker: broker.clone(),
+        address: (per_address > 0).then_some(ip),
+    })
+}
+
+/// Counts a socket closed at accept and logs it, within the log budget.
+fn refused_at_accept(broker: &Broker, peer: std::net::SocketAddr, why: limits::Refused) {
+    broker.limits.refused(why);
+    let Some(held_back) = broker.limits.log_budget.admit() else {
+        return;
+    };
+    let cfg = &broker.config;
+    let because = match why {
+        limits::Refused::PerAddress => format!(
+            "this address holds mqtt.max_connections_per_address = {} connections already \
+             (raise it if many devices share the address, e.g. behind a NAT gateway)",
+            cfg.max_connections_per_address
+        ),
+        _ => format!(
+            "the edge holds mqtt.max_connections = {} connections and {ACCEPT_HEADROOM} more \
+             waiting for their CONNECT",
+            cfg.max_connections
+        ),
+    };
+    tracing::warn!(%peer, held_back, "connection closed at accept: {because}");
 }
 
 /// Accepts connections until shutdown, then waits (up to `grace`) for them to end.
@@ -62,8 +117,14 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, grace: std::time:
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    broker.connections.fetch_add(1, Ordering::Relaxed);
-                    let guard = ConnectionGuard(broker.clone());
+                    let guard = match admit(&broker, peer.ip()) {
+                        Ok(guard) => guard,
+                        Err(why) => {
+                            drop(stream);
+                            refused_at_accept(&broker, peer, why);
+                            continue;
+                        }
+                    };
                     let b = broker.clone();
                     tasks.spawn(async move {
                         connection::serve(b, stream, peer).await;

@@ -381,6 +381,18 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
         }
     }
 
+    /// Number of `who`'s subscriptions.
+    pub fn count_of(&self, who: &S) -> usize {
+        self.filters.get(who).map_or(0, |own| own.len())
+    }
+
+    /// Whether `who` is subscribed to `filter` (as given, shared ones with their group).
+    pub fn holds(&self, who: &S, filter: &str) -> bool {
+        self.filters
+            .get(who)
+            .is_some_and(|own| own.contains(filter))
+    }
+
     /// Number of subscriptions (a shared subscription counts once per member).
     pub fn len(&self) -> usize {
         self.len
