@@ -126,12 +126,7 @@ fn v311_connect(client_id: &str) -> BytesMut {
 fn metric(edge: &Edge, series: &str) -> u64 {
     let (status, text) = http_get(edge.admin, "/metrics", None).unwrap();
     assert_eq!(status, 200);
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    tributary_tests::metric(&text, series) as u64
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {

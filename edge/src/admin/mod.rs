@@ -529,6 +529,15 @@ struct RecordsQuery {
     payload: Option<String>,
 }
 
+/// The answer to a request naming a log topic that does not exist.
+fn no_topic(topic: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({ "error": format!("no topic {topic:?}") })),
+    )
+        .into_response()
+}
+
 /// Largest `limit` of one records request.
 const MAX_RECORDS: usize = 1000;
 
@@ -539,11 +548,7 @@ async fn records(
 ) -> Response {
     let log = &s.broker.log;
     let Some(t) = log.topic(&topic) else {
-        return (
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({ "error": format!("no topic {topic:?}") })),
-        )
-            .into_response();
+        return no_topic(&topic);
     };
     let always_base64 = match q.payload.as_deref() {
         None | Some("auto") => false,
@@ -621,11 +626,7 @@ async fn payload(
 ) -> Response {
     let log = &s.broker.log;
     let Some(t) = log.topic(&topic) else {
-        return (
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({ "error": format!("no topic {topic:?}") })),
-        )
-            .into_response();
+        return no_topic(&topic);
     };
     let id = t.id;
     let log = log.clone();
