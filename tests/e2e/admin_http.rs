@@ -84,6 +84,7 @@ async fn metrics_and_json_api_report_known_traffic() {
     );
     assert!(metric(&text, "tributary_group_commit_records_sum") >= 25.0);
     assert!(text.contains("# TYPE tributary_group_commit_seconds histogram"));
+    tributary_tests::assert_readme_names_metrics(&text);
     assert!(
         !text.contains("tributary_mirror_"),
         "no [cloud], no mirror series"

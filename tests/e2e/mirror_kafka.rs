@@ -196,6 +196,7 @@ fn bad_targets_are_reported_and_ingest_goes_on() {
         "{text}"
     );
     assert_eq!(metric(&text, "tributary_mirror_records_total"), 0.0);
+    tributary_tests::assert_readme_names_metrics(&text);
     publish_acked(&edge, "sensors/dev-2/t", "still-accepted");
     assert!(edge.stop().success());
     let (_, log, _) = edge.cli(&["read", "--json"]);

@@ -147,6 +147,24 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
+/// Panics unless the README names every metric family in this `/metrics` text.
+pub fn assert_readme_names_metrics(text: &str) {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .expect("README.md");
+    let missing: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| !readme.contains(&format!("`{name}")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the README's Admin HTTP section does not name {missing:?}"
+    );
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
