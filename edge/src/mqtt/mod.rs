@@ -43,6 +43,8 @@ pub struct Broker {
     pub connections: AtomicUsize,
     /// Becomes true when the edge shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// Password file, ACL and their counters.
+    pub auth: crate::auth::Auth,
 }
 
 struct ConnectionGuard(Arc<Broker>);
@@ -66,7 +68,7 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, grace: std::time:
                     let guard = ConnectionGuard(broker.clone());
                     let b = broker.clone();
                     tasks.spawn(async move {
-                        connection::serve(b, stream, peer).await;
+                        connection::serve(b, stream, peer, None).await;
                         drop(guard);
                     });
                 }
