@@ -150,9 +150,11 @@ impl AclFile {
                         acl.patterns.push(PatternRule { access, levels });
                     }
                 }
-                other => return Err(err(format!(
+                other => {
+                    return Err(err(format!(
                     "unknown keyword {other:?}: lines start with `user`, `topic`, `pattern` or `#`"
-                ))),
+                )))
+                }
             }
         }
         Ok(acl)

@@ -230,7 +230,10 @@ pub async fn serve(
             let (code, why) = match refusal {
                 LoginRefusal::BadCredentials => (
                     reason::BAD_USER_NAME_OR_PASSWORD,
-                    format!("bad user name or password (user {:?})", connect.username),
+                    match &connect.username {
+                        Some(u) => format!("bad user name or password (user {u:?})"),
+                        None => "a password without a user name".into(),
+                    },
                 ),
                 LoginRefusal::NotAuthorized => (
                     reason::NOT_AUTHORIZED,
