@@ -1259,6 +1259,83 @@ mod tests {
     }
 
     #[test]
+    fn anonymous_access_follows_the_password_file() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert!(c.auth.anonymous_allowed());
+        let c = Config::parse("[auth]\nallow_anonymous = true\n", "t.toml").unwrap();
+        assert!(c.auth.anonymous_allowed());
+        let err = Config::parse("[auth]\nallow_anonymous = false\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config t.toml:2: auth.allow_anonymous:")
+                && err.contains("password_file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn old_allow_anonymous_key_says_where_it_moved() {
+        let err = Config::parse("[mqtt]\nallow_anonymous = true\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config t.toml:2: mqtt.allow_anonymous: moved to the [auth] section"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn auth_files_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        let acl = dir.path().join("acl");
+        std::fs::write(
+            &pw,
+            format!(
+                "bob:{}\n",
+                crate::auth::passwords::hash_password(b"x").unwrap()
+            ),
+        )
+        .unwrap();
+        std::fs::write(&acl, "user bob\ntopic readwrite bob/#\n").unwrap();
+        let text = format!(
+            "[auth]\npassword_file = {:?}\nacl_file = {:?}\n",
+            pw.to_str().unwrap(),
+            acl.to_str().unwrap()
+        );
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert!(!c.auth.anonymous_allowed());
+
+        std::fs::write(&acl, "user bob\ntopic readwrite bob/#/x\n").unwrap();
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.starts_with("config t.toml:3: auth.acl_file: ") && err.contains("acl:2: filter"),
+            "{err}"
+        );
+        std::fs::remove_file(&pw).unwrap();
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.starts_with("config t.toml:2: auth.password_file: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn failure_delay_must_not_exceed_its_cap() {
+        let err = Config::parse(
+            "[auth]\nfailure_delay = \"20s\"\nmax_failure_delay = \"10s\"\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("config t.toml:2: auth.failure_delay:"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn readme_example_configs_load() {
         let readme = include_str!("../../README.md");
         let examples: Vec<&str> = readme

@@ -139,14 +139,14 @@ impl AclFile {
                         )));
                     }
                     if keyword == "topic" {
-                        let levels = parse_filter(filter).map_err(|m| err(m))?;
+                        let levels = parse_filter(filter).map_err(&err)?;
                         let rule = Rule { access, levels };
                         match &current_user {
                             Some(u) => acl.users.entry(u.clone()).or_default().push(rule),
                             None => acl.everyone.push(rule),
                         }
                     } else {
-                        let levels = parse_pattern(filter).map_err(|m| err(m))?;
+                        let levels = parse_pattern(filter).map_err(&err)?;
                         acl.patterns.push(PatternRule { access, levels });
                     }
                 }
@@ -227,7 +227,7 @@ fn parse_pattern(text: &str) -> Result<Vec<PatternLevel>, String> {
             Level::Exact(s) if s.contains("%u") || s.contains("%c") => {
                 let mut pieces = Vec::new();
                 let mut rest = s.as_str();
-                while let Some(at) = rest.find(['%']) {
+                while let Some(at) = rest.find('%') {
                     let marker = &rest[at..];
                     let piece = if marker.starts_with("%u") {
                         Some(Piece::User)
