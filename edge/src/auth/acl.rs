@@ -19,6 +19,8 @@
 //! - a SUBSCRIBE filter is allowed only if one readable rule covers every topic the filter
 //!   can match (`devices/#` is refused when only `devices/%c/#` is readable), and no deny
 //!   rule can match any of those topics;
+//! - `read` is checked again when a message is delivered, so a subscription made under
+//!   rules since revoked (or inherited with a session) delivers only what the rules allow;
 //! - a substituted `%u`/`%c` value containing `+`, `#` or `/` (or `%u` of an anonymous
 //!   client) never widens access: an allow rule using it matches nothing, and a deny rule
 //!   using it denies everything from that level down.
@@ -326,6 +328,22 @@ impl ClientRules {
         false
     }
 
+    /// Whether a message on `topic` may be delivered to the client (checked at delivery, so
+    /// a subscription made under rules since revoked, or a session taken over by another
+    /// user, delivers nothing the current rules do not allow).
+    pub fn may_read(&self, topic: &str) -> bool {
+        for r in &self.rules {
+            if r.access == Access::Deny {
+                if matches_topic(&r.levels, topic) {
+                    return false;
+                }
+            } else if r.access.reads() && matches_topic(&r.levels, topic) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Whether the client may subscribe to `filter` (a valid filter; a shared subscription's
     /// `$share/{group}/` prefix is looked through).
     pub fn may_subscribe(&self, filter: &str) -> bool {
@@ -439,6 +457,9 @@ mod tests {
         assert!(dev_a.may_subscribe("devices/dev-a/commands/#"));
         assert!(!dev_a.may_subscribe("devices/dev-b/commands/#"));
         assert!(!dev_a.may_subscribe("devices/+/commands/#"));
+        assert!(dev_a.may_read("devices/dev-a/commands/reboot"));
+        assert!(!dev_a.may_read("devices/dev-a/x"));
+        assert!(!dev_a.may_read("devices/dev-b/commands/reboot"));
         let dev_b = a.for_client(None, "dev-b");
         assert!(dev_b.may_publish("devices/dev-b/x"));
         assert!(!dev_b.may_publish("devices/dev-a/x"));

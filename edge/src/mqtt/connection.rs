@@ -1518,6 +1518,14 @@ impl Connection {
                 self.forget(&d);
                 continue;
             };
+            if let Some(acl) = &mut self.acl {
+                acl.refresh(&broker.auth, &self.client_id);
+                let topic = std::str::from_utf8(&d.msg.topic).unwrap_or_default();
+                if !acl.rules.may_read(topic) {
+                    self.forget(&d);
+                    continue;
+                }
+            }
             let pkid = if d.qos > 0 {
                 match self.alloc_pkid(d.seq) {
                     Some(p) => p,
