@@ -653,7 +653,12 @@ fn sighup_reloads_the_acl_and_passwords_for_connected_clients() {
         assert_eq!(ack.connack().map(|a| a.0), Some(4));
         let (ok, err) = edge_passwd(&s.passwords, "dev-c", "pass-c", &[]);
         assert!(ok, "{err}");
-        std::fs::write(&s.acl, ACL).unwrap();
+        // dev-a loses fleet/#; watcher may now publish there.
+        std::fs::write(
+            &s.acl,
+            format!("{ACL}\nuser watcher\ntopic write fleet/#\n"),
+        )
+        .unwrap();
         sighup(edge);
         wait_for_log(edge, "password file reloaded", 3);
         let (mut c, ack) = RawClient::connect_as(edge.addr, Proto::V311, &opts, "dev-c", "pass-c")
@@ -667,6 +672,37 @@ fn sighup_reloads_the_acl_and_passwords_for_connected_clients() {
             .await
             .unwrap();
         assert_eq!(a.recv().await.unwrap(), Got::PubAck(6, 0x87));
+        // Its subscription to fleet/# stays, but delivers nothing it may no longer read:
+        // watcher's publish is fanned out before watcher's PUBACK, and dev-a's connection
+        // writes pending deliveries before it answers its next packet, so a delivery would
+        // come before the second PINGRESP.
+        let (mut w, ack) = RawClient::connect_as(
+            edge.addr,
+            Proto::V5,
+            &ConnectOpts::new("watcher-1"),
+            "watcher",
+            "pass-w",
+        )
+        .await
+        .unwrap();
+        assert_eq!(ack.connack(), Some((0, false)));
+        w.publish("fleet/w", 1, 1, b"fleet-news").await.unwrap();
+        assert_eq!(w.recv().await.unwrap(), Got::PubAck(1, 0));
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            a.ping().await.unwrap();
+            loop {
+                match a.recv().await.unwrap() {
+                    Got::PingResp => break,
+                    other => seen.push(other),
+                }
+            }
+        }
+        assert_eq!(
+            seen,
+            Vec::<Got>::new(),
+            "nothing from fleet/# reaches dev-a"
+        );
     });
 }
 
