@@ -394,8 +394,11 @@ async fn reload_auth(broker: Arc<Broker>) {
         }
     };
     while hup.recv().await.is_some() {
-        if let Err(e) = broker.auth.reload() {
-            tracing::error!("reloading auth files on SIGHUP: {e}");
+        let b = broker.clone();
+        match tokio::task::spawn_blocking(move || b.auth.reload()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("reloading auth files on SIGHUP: {e}"),
+            Err(e) => tracing::error!("reloading auth files on SIGHUP: {e}"),
         }
     }
 }
