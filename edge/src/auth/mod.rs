@@ -57,7 +57,8 @@ pub struct Auth {
     /// they hold.
     acl_generation: AtomicU64,
     /// Password checks running at once: each argon2 check takes ~19 MiB and a core for tens
-    /// of milliseconds, so a flood of CONNECTs queues here instead of exhausting memory.
+    /// of milliseconds, so a flood of CONNECTs queues here instead of exhausting memory and
+    /// CPU.
     verifying: Arc<tokio::sync::Semaphore>,
     delays: FailureDelays,
     /// A hash checked for unknown users, so they take as long to refuse as wrong passwords
@@ -88,7 +89,8 @@ impl Auth {
             Some(p) => Some(Arc::new(AclFile::load(p)?)),
             None => None,
         };
-        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // Half the cores at most, so a flood of bad logins cannot starve the publish path.
+        let parallel = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
         let decoy = passwords.as_ref().map(|_| {
             let h = passwords::hash_password(b"decoy").expect("argon2 hashes with defaults");
             StoredHash::parse(&h).expect("our own hash parses")
