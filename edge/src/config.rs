@@ -70,6 +70,60 @@ pub struct Config {
     pub cloud: Option<CloudConfig>,
     /// The admin HTTP endpoint (health, metrics, JSON API).
     pub admin: AdminConfig,
+    /// Who may connect and what they may publish and subscribe to.
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: client authentication (password file) and authorization (ACL file).
+///
+/// Without this section every client may connect and do anything, and the edge warns at
+/// start. Both files are read again on SIGHUP; a file with an error is reported in the log
+/// and the rules in force stay.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Password file: `user:hash` lines, written by `edge passwd FILE USER` (argon2id).
+    /// Files made by Mosquitto's `mosquitto_passwd` (`$6$` and `$7$` hashes) work as they
+    /// are. Once set, clients must log in with a user name and password (5.0: 0x86 Bad user
+    /// name or password; 3.1.1: return code 4) unless `allow_anonymous = true`.
+    pub password_file: Option<PathBuf>,
+    /// ACL file in Mosquitto's `acl_file` syntax: `user NAME` starts a user's block,
+    /// `topic [read|write|readwrite|deny] FILTER` grants within it (or to anonymous clients
+    /// before the first `user` line), `pattern [read|write|readwrite|deny] FILTER` grants to
+    /// every client with `%u` (user name) and `%c` (client id) substituted. `read` allows
+    /// subscribing, `write` publishing; a matching `deny` wins over any allow. Once set,
+    /// everything not allowed is denied: a publish gets 5.0 PUBACK/PUBREC 0x87 (3.1.1: the
+    /// connection is closed), a subscription SUBACK 0x87 (3.1.1: 0x80), a will is refused
+    /// at CONNECT. A substituted value holding `+`, `#` or `/` never widens a rule.
+    pub acl_file: Option<PathBuf>,
+    /// Whether clients without credentials may connect. Default: true without a
+    /// `password_file` (the edge warns at start), false with one. Without a password file a
+    /// user name sent in CONNECT is not verified, so it is ignored (the client is anonymous).
+    pub allow_anonymous: Option<bool>,
+    /// How long a refused CONNECT waits before its CONNACK, for the first failure from an
+    /// address; each further failure from that address within a minute doubles it.
+    pub failure_delay: HumanDuration,
+    /// The most a refused CONNECT waits.
+    pub max_failure_delay: HumanDuration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            password_file: None,
+            acl_file: None,
+            allow_anonymous: None,
+            failure_delay: HumanDuration(Duration::from_millis(500)),
+            max_failure_delay: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether clients without credentials may connect, after defaults.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous.unwrap_or(self.password_file.is_none())
+    }
 }
 
 /// Serializes a secret as `"<redacted>"` (for `edge check-config`).
@@ -301,9 +355,9 @@ impl CloudConfig {
 pub struct MqttConfig {
     /// Address and port of the plain-TCP MQTT listener (3.1.1 and 5.0 on the same port).
     pub listen: SocketAddr,
-    /// Whether clients may connect without credentials. No authentication backend exists yet,
-    /// so this must stay true; the edge logs a warning at start while it is.
-    pub allow_anonymous: bool,
+    /// Moved to `[auth] allow_anonymous`; setting it here is an error that says so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_anonymous: Option<bool>,
     /// Largest MQTT packet accepted, in bytes (`"1MiB"` or a number). Larger packets close the
     /// connection (MQTT 5: DISCONNECT 0x95 Packet too large). Announced to v5 clients.
     pub max_packet_size: ByteSize,
@@ -373,7 +427,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:1883".parse().expect("literal address"),
-            allow_anonymous: true,
+            allow_anonymous: None,
             max_packet_size: ByteSize(1024 * 1024),
             receive_maximum: 1024,
             topic_alias_maximum: 64,
@@ -884,12 +938,39 @@ impl Config {
                 return Err(invalid(None, key.into(), "must be at least 1".into()));
             }
         }
-        if !m.allow_anonymous {
+        if let Some(v) = m.allow_anonymous {
             return Err(invalid(
                 None,
                 "mqtt.allow_anonymous".into(),
-                "false needs an authentication backend, which this edge does not have yet; leave it true".into(),
+                format!("moved to the [auth] section: remove it here and write `allow_anonymous = {v}` under [auth]"),
             ));
+        }
+        let a = &self.auth;
+        if a.password_file.is_none() && a.allow_anonymous == Some(false) {
+            return Err(invalid(
+                None,
+                "auth.allow_anonymous".into(),
+                "false without auth.password_file would refuse every client: set password_file"
+                    .into(),
+            ));
+        }
+        if a.failure_delay.0 > a.max_failure_delay.0 {
+            return Err(invalid(
+                None,
+                "auth.failure_delay".into(),
+                format!(
+                    "{} is longer than auth.max_failure_delay ({})",
+                    a.failure_delay, a.max_failure_delay
+                ),
+            ));
+        }
+        if let Some(p) = &a.password_file {
+            crate::auth::passwords::PasswordFile::load(p)
+                .map_err(|e| invalid(None, "auth.password_file".into(), e.to_string()))?;
+        }
+        if let Some(p) = &a.acl_file {
+            crate::auth::acl::AclFile::load(p)
+                .map_err(|e| invalid(None, "auth.acl_file".into(), e.to_string()))?;
         }
         let s = &self.storage;
         if s.max_batch_records == 0 || s.max_batch_records > 1_000_000 {
@@ -1283,6 +1364,83 @@ mod tests {
         let m = Config::parse(ok, "r.toml").unwrap().mqtt;
         assert_eq!((m.max_publish_rate, m.publish_burst), (50, 200));
         assert_eq!(m.max_connections_per_address, 0);
+    }
+
+    #[test]
+    fn anonymous_access_follows_the_password_file() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert!(c.auth.anonymous_allowed());
+        let c = Config::parse("[auth]\nallow_anonymous = true\n", "t.toml").unwrap();
+        assert!(c.auth.anonymous_allowed());
+        let err = Config::parse("[auth]\nallow_anonymous = false\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config t.toml:2: auth.allow_anonymous:")
+                && err.contains("password_file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn old_allow_anonymous_key_says_where_it_moved() {
+        let err = Config::parse("[mqtt]\nallow_anonymous = true\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config t.toml:2: mqtt.allow_anonymous: moved to the [auth] section"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn auth_files_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        let acl = dir.path().join("acl");
+        std::fs::write(
+            &pw,
+            format!(
+                "bob:{}\n",
+                crate::auth::passwords::hash_password(b"x").unwrap()
+            ),
+        )
+        .unwrap();
+        std::fs::write(&acl, "user bob\ntopic readwrite bob/#\n").unwrap();
+        let text = format!(
+            "[auth]\npassword_file = {:?}\nacl_file = {:?}\n",
+            pw.to_str().unwrap(),
+            acl.to_str().unwrap()
+        );
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert!(!c.auth.anonymous_allowed());
+
+        std::fs::write(&acl, "user bob\ntopic readwrite bob/#/x\n").unwrap();
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.starts_with("config t.toml:3: auth.acl_file: ") && err.contains("acl:2: filter"),
+            "{err}"
+        );
+        std::fs::remove_file(&pw).unwrap();
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.starts_with("config t.toml:2: auth.password_file: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn failure_delay_must_not_exceed_its_cap() {
+        let err = Config::parse(
+            "[auth]\nfailure_delay = \"20s\"\nmax_failure_delay = \"10s\"\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("config t.toml:2: auth.failure_delay:"),
+            "{err}"
+        );
     }
 
     #[test]

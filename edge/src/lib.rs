@@ -3,6 +3,7 @@
 //! Data flows one way: socket ([`mqtt`]) -> route ([`route`]) -> log ([`log`]).
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod log;
 pub mod mqtt;

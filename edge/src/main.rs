@@ -49,6 +49,20 @@ enum Command {
         /// The config file.
         file: PathBuf,
     },
+    /// Add a user to a password file, or change their password (argon2id). The password is
+    /// asked twice without echo on a terminal, or read as one line from standard input;
+    /// never from the command line. The file is created (mode 0600) if missing; other lines,
+    /// comments and mosquitto_passwd hashes included, stay as they are. Send the edge SIGHUP
+    /// to use the new file.
+    Passwd {
+        /// The password file.
+        file: PathBuf,
+        /// The user name.
+        user: String,
+        /// Remove the user instead.
+        #[arg(long)]
+        delete: bool,
+    },
     /// List the topics of a stopped node with each partition's offsets.
     Topics {
         /// One JSON document instead of a table.
@@ -163,6 +177,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Passwd { file, user, delete }) = &cli.command {
+        return passwd(file, user, *delete);
+    }
     if let Some(Command::CheckConfig { file }) = &cli.command {
         let config = Config::load(file)?;
         let text = toml::to_string_pretty(&config).context("printing the effective settings")?;
@@ -182,7 +199,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(edge::server::run(config))?;
             Ok(())
         }
-        Command::CheckConfig { .. } => unreachable!("handled before the config is loaded"),
+        Command::CheckConfig { .. } | Command::Passwd { .. } => {
+            unreachable!("handled before the config is loaded")
+        }
         Command::Topics { json } => topics(&config, json),
         Command::Read {
             topic,
@@ -193,6 +212,101 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => read(&config, topic, partition, from, limit, json),
         Command::MirrorStatus { json } => mirror_status(&config, json),
     }
+}
+
+/// `edge passwd FILE USER [--delete]`.
+fn passwd(file: &std::path::Path, user: &str, delete: bool) -> anyhow::Result<()> {
+    use edge::auth::passwords;
+    use std::io::IsTerminal as _;
+    passwords::validate_user_name(user).map_err(anyhow::Error::msg)?;
+    let existing = match std::fs::read_to_string(file) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => bail!("reading {}: {e}", file.display()),
+    };
+    if let Some(text) = &existing {
+        // Refuse to rewrite a file the edge could not load: the error names the line to fix.
+        passwords::PasswordFile::parse(text, file)?;
+    }
+    let text = existing.unwrap_or_default();
+    let hash = if delete {
+        None
+    } else {
+        let password = if std::io::stdin().is_terminal() {
+            let first = rpassword::prompt_password(format!("password for {user}: "))
+                .context("reading the password")?;
+            let again = rpassword::prompt_password("again: ").context("reading the password")?;
+            if first != again {
+                bail!("the passwords differ; nothing changed");
+            }
+            first
+        } else {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from standard input")?;
+            line.trim_end_matches(['\n', '\r']).to_string()
+        };
+        if password.is_empty() {
+            bail!("the password is empty; nothing changed");
+        }
+        Some(passwords::hash_password(password.as_bytes()).map_err(anyhow::Error::msg)?)
+    };
+    let (new_text, found) = passwords::edit_file_text(&text, user, hash.as_deref());
+    if delete && !found {
+        bail!(
+            "user {user:?} is not in {}; nothing changed",
+            file.display()
+        );
+    }
+    write_atomically(file, new_text.as_bytes())?;
+    eprintln!(
+        "{}: user {user:?} {}",
+        file.display(),
+        match (delete, found) {
+            (true, _) => "deleted",
+            (false, true) => "password changed",
+            (false, false) => "added",
+        }
+    );
+    Ok(())
+}
+
+/// Writes a file through a temporary file in the same directory and a rename, so readers
+/// (the edge on SIGHUP) see the old or the new file, never half of one. A new file gets
+/// mode 0600; an existing one keeps its mode.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file name", path.display()))?;
+    let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o7777);
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(&dir)?.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("writing {}: {e}", path.display());
+    }
+    Ok(())
 }
 
 fn open_stopped(config: &Config) -> anyhow::Result<Log> {

@@ -112,9 +112,21 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         })?;
     let bound = listener.local_addr().unwrap_or(listen);
 
-    if config.mqtt.allow_anonymous {
+    let auth =
+        crate::auth::Auth::new(&config.auth).map_err(|e| crate::config::ConfigError::Invalid {
+            origin: "<config>".into(),
+            line: 0,
+            key: "auth".into(),
+            message: e.to_string(),
+        })?;
+    if auth.anonymous_allowed() {
         tracing::warn!(
-            "anonymous access is allowed: any client that reaches {bound} can connect and publish"
+            "anonymous access is allowed: any client that reaches {bound} can connect{}",
+            if auth.has_acl() {
+                " and do what the ACL file allows everyone"
+            } else {
+                " and publish"
+            }
         );
     }
     let mirror = match &config.cloud {
@@ -193,7 +205,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         connections: AtomicUsize::new(0),
         limits: Default::default(),
         shutdown: shutdown_rx,
+        auth,
     });
+    let auth_reloader = tokio::spawn(reload_auth(broker.clone()));
 
     let housekeeping = {
         let broker = broker.clone();
@@ -301,6 +315,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     }
     drop(admin_state);
     housekeeping.abort();
+    auth_reloader.abort();
     if let Some(t) = sys {
         t.abort();
     }
@@ -366,6 +381,27 @@ fn load_retained(log: &Log, hub: &Hub, now_ms: u64) -> Result<Vec<StateOp>, crat
         tracing::info!(count = hub.retained_count(), "retained messages loaded");
     }
     Ok(purge)
+}
+
+/// Reloads the password and ACL files on each SIGHUP; a file with an error is reported and
+/// the rules in force stay.
+async fn reload_auth(broker: Arc<Broker>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGHUP, auth files will not be reloaded: {e}");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let b = broker.clone();
+        match tokio::task::spawn_blocking(move || b.auth.reload()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("reloading auth files on SIGHUP: {e}"),
+            Err(e) => tracing::error!("reloading auth files on SIGHUP: {e}"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -566,14 +566,38 @@ impl RawClient {
         Ok((c, ack))
     }
 
+    /// Connects with a user name and password and returns the CONNACK.
+    pub async fn connect_as(
+        addr: SocketAddr,
+        proto: Proto,
+        opts: &ConnectOpts,
+        user: &str,
+        password: &str,
+    ) -> Result<(RawClient, Got)> {
+        let mut c = RawClient::open(addr, proto).await?;
+        c.send_connect_login(opts, Some((user, password))).await?;
+        let ack = c.recv().await?;
+        Ok((c, ack))
+    }
+
     /// Sends a CONNECT.
     pub async fn send_connect(&mut self, opts: &ConnectOpts) -> Result<()> {
+        self.send_connect_login(opts, None).await
+    }
+
+    /// Sends a CONNECT with an optional user name and password.
+    pub async fn send_connect_login(
+        &mut self,
+        opts: &ConnectOpts,
+        login: Option<(&str, &str)>,
+    ) -> Result<()> {
         let mut out = BytesMut::new();
         match self.proto {
             Proto::V311 => {
                 let mut c = v4::Connect::new(opts.client_id.clone());
                 c.clean_session = opts.clean;
                 c.keep_alive = opts.keep_alive;
+                c.login = login.map(|(u, p)| v4::Login::new(u, p));
                 c.write(&mut out)?;
             }
             Proto::V5 => {
@@ -585,7 +609,11 @@ impl RawClient {
                     clean_start: opts.clean,
                     properties: Some(props),
                 }
-                .write(&None, &None, &mut out)?;
+                .write(
+                    &None,
+                    &login.map(|(u, p)| v5::Login::new(u, p)),
+                    &mut out,
+                )?;
             }
         }
         self.send_raw(&out).await
@@ -865,6 +893,8 @@ fn connack_code_v5(c: v5::ConnectReturnCode) -> u8 {
         C::ServerBusy => 0x89,
         C::PacketTooLarge => 0x95,
         C::QuotaExceeded => 0x97,
+        C::BadUserNamePassword => 0x86,
+        C::NotAuthorized => 0x87,
         other => panic!("unexpected CONNACK code {other:?}"),
     }
 }
@@ -883,6 +913,7 @@ fn pubrec_code(r: v5::PubRecReason) -> u8 {
     match r {
         v5::PubRecReason::Success => 0,
         v5::PubRecReason::QuotaExceeded => 0x97,
+        v5::PubRecReason::NotAuthorized => 0x87,
         _ => 0x80,
     }
 }

@@ -195,7 +195,7 @@ pub fn render_metrics(s: &AdminState) -> String {
             label(&t.name)
         );
     }
-    let counters: [(&str, &str, u64); 12] = [
+    let counters: &[(&str, &str, u64)] = &[
         (
             "tributary_mqtt_publishes_received_total",
             "PUBLISH packets accepted from clients (and wills) since start.",
@@ -255,6 +255,21 @@ pub fn render_metrics(s: &AdminState) -> String {
             "tributary_budget_dropped_records_total",
             "Records deleted by the drop-oldest disk budget policy since start.",
             log.counters.budget_dropped.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_publishes_denied_total",
+            "Publishes and wills refused by the ACL (never logged).",
+            b.auth.stats.publishes_denied.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_subscriptions_denied_total",
+            "Subscription filters refused by the ACL.",
+            b.auth.stats.subscriptions_denied.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_auth_failures_total",
+            "CONNECTs refused for a bad user name or password or for not being authorized.",
+            b.auth.stats.failures.load(Ordering::Relaxed),
         ),
     ];
     for (name, help, v) in counters {

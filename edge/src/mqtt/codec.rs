@@ -64,6 +64,16 @@ pub struct ConnectIn {
     pub request_problem_info: bool,
     /// Will message.
     pub will: Option<WillIn>,
+    /// User Name (absent or empty: none).
+    pub username: Option<String>,
+    /// Password (absent or empty: none).
+    pub password: Option<String>,
+}
+
+/// User name and password of a CONNECT, an empty one counting as absent.
+fn credentials(username: String, password: String) -> (Option<String>, Option<String>) {
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    (some(username), some(password))
 }
 
 /// The will of a CONNECT.
@@ -293,25 +303,32 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
         Err(e) => return Err(malformed(e)),
     };
     Ok(Some(match packet {
-        v4::Packet::Connect(c) => Inbound::Connect(Box::new(ConnectIn {
-            version: Version::V311,
-            client_id: c.client_id,
-            clean_start: c.clean_session,
-            keep_alive: c.keep_alive,
-            session_expiry: if c.clean_session { 0 } else { u32::MAX },
-            receive_maximum: u16::MAX,
-            max_packet_size: None,
-            topic_alias_maximum: 0,
-            request_problem_info: true,
-            will: c.last_will.map(|w| WillIn {
-                topic: Bytes::from(w.topic.into_bytes()),
-                payload: w.message,
-                qos: w.qos,
-                retain: w.retain,
-                delay: 0,
-                props: MessageProps::default(),
-            }),
-        })),
+        v4::Packet::Connect(c) => {
+            let (username, password) = c
+                .login
+                .map_or((None, None), |l| credentials(l.username, l.password));
+            Inbound::Connect(Box::new(ConnectIn {
+                version: Version::V311,
+                client_id: c.client_id,
+                clean_start: c.clean_session,
+                keep_alive: c.keep_alive,
+                session_expiry: if c.clean_session { 0 } else { u32::MAX },
+                receive_maximum: u16::MAX,
+                max_packet_size: None,
+                topic_alias_maximum: 0,
+                request_problem_info: true,
+                will: c.last_will.map(|w| WillIn {
+                    topic: Bytes::from(w.topic.into_bytes()),
+                    payload: w.message,
+                    qos: w.qos,
+                    retain: w.retain,
+                    delay: 0,
+                    props: MessageProps::default(),
+                }),
+                username,
+                password,
+            }))
+        }
         v4::Packet::Publish(p) => Inbound::Publish(PublishIn {
             qos: p.qos,
             retain: p.retain,
@@ -377,7 +394,9 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
         Err(e) => return Err(malformed(e)),
     };
     Ok(Some(match packet {
-        v5::Packet::Connect(c, will, _login) => {
+        v5::Packet::Connect(c, will, login) => {
+            let (username, password) =
+                login.map_or((None, None), |l| credentials(l.username, l.password));
             let props = c.properties.unwrap_or_default();
             if props.receive_maximum == Some(0) {
                 return Err(malformed("Receive Maximum 0"));
@@ -421,6 +440,8 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
                         },
                     }
                 }),
+                username,
+                password,
             }))
         }
         v5::Packet::Publish(p) => {
@@ -549,6 +570,8 @@ pub mod reason {
     pub const UNSUPPORTED_PROTOCOL: u8 = 0x84;
     /// Client identifier not valid.
     pub const CLIENT_ID_NOT_VALID: u8 = 0x85;
+    /// Bad user name or password (CONNACK).
+    pub const BAD_USER_NAME_OR_PASSWORD: u8 = 0x86;
     /// Server busy.
     pub const SERVER_BUSY: u8 = 0x89;
     /// Server shutting down.
@@ -609,7 +632,7 @@ pub fn write_connack(version: Version, info: &ConnAckInfo, out: &mut BytesMut) {
                 reason::UNSUPPORTED_PROTOCOL => v4::ConnectReturnCode::RefusedProtocolVersion,
                 reason::CLIENT_ID_NOT_VALID => v4::ConnectReturnCode::BadClientId,
                 reason::SERVER_BUSY => v4::ConnectReturnCode::ServiceUnavailable,
-                0x86 => v4::ConnectReturnCode::BadUserNamePassword,
+                reason::BAD_USER_NAME_OR_PASSWORD => v4::ConnectReturnCode::BadUserNamePassword,
                 _ => v4::ConnectReturnCode::NotAuthorized,
             };
             v4::ConnAck::new(code, info.session_present && info.reason == reason::SUCCESS)
@@ -626,6 +649,8 @@ pub fn write_connack(version: Version, info: &ConnAckInfo, out: &mut BytesMut) {
                 reason::SERVER_BUSY => v5::ConnectReturnCode::ServerBusy,
                 reason::PACKET_TOO_LARGE => v5::ConnectReturnCode::PacketTooLarge,
                 reason::QUOTA_EXCEEDED => v5::ConnectReturnCode::QuotaExceeded,
+                reason::BAD_USER_NAME_OR_PASSWORD => v5::ConnectReturnCode::BadUserNamePassword,
+                reason::NOT_AUTHORIZED => v5::ConnectReturnCode::NotAuthorized,
                 _ => v5::ConnectReturnCode::UnspecifiedError,
             };
             let properties = (info.reason == reason::SUCCESS).then(|| v5::ConnAckProperties {

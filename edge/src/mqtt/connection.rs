@@ -31,6 +31,7 @@ use super::limits::{Limits, PublishRate, RateVerdict, Refused, CONNECT_BUFFER_BU
 use super::session::{purge_ops, qos2_key, session_key, session_value, Control, SessionData};
 use super::subs::{self, Match, SubOptions};
 use super::Broker;
+use crate::auth::{ConnAcl, LoginRefusal};
 use crate::log::appender::{
     now_ms, AppendRequest, AppenderMsg, Committed, PendingRecord, ReplyTo, StateOp,
 };
@@ -112,8 +113,14 @@ struct PendingAck {
     logged: bool,
 }
 
-/// Serves one TCP connection to its end.
-pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
+/// Serves one TCP connection to its end. `cert_user` is the identity of a verified client
+/// certificate: the client's user name, without a password.
+pub async fn serve(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    cert_user: Option<String>,
+) {
     let _ = stream.set_nodelay(true);
     let (reader, writer) = stream.into_split();
     let mut rbuf = BytesMut::new();
@@ -160,7 +167,10 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     };
     // Boxed: the state of a whole session is allocated only once a CONNECT has arrived, so a
     // socket waiting for its CONNECT costs a few hundred bytes.
-    Box::pin(serve_connected(broker, reader, writer, rbuf, peer, connect)).await;
+    Box::pin(serve_connected(
+        broker, reader, writer, rbuf, peer, connect, cert_user,
+    ))
+    .await;
 }
 
 /// Serves a connection from its CONNECT to its end.
@@ -171,6 +181,7 @@ async fn serve_connected(
     rbuf: BytesMut,
     peer: SocketAddr,
     connect: Box<ConnectIn>,
+    cert_user: Option<String>,
 ) {
     let limits = &broker.limits;
     let version = connect.version;
@@ -238,6 +249,54 @@ async fn serve_connected(
         .await;
         let _ = writer.write_all(&out).await;
         return;
+    }
+    // Authentication, before the session is touched: a refused client takes nothing over.
+    let auth = &broker.auth;
+    let login = auth
+        .authenticate(
+            connect.username.as_deref(),
+            connect.password.as_deref(),
+            cert_user,
+        )
+        .await;
+    let acl = match login {
+        Ok(user) => auth.client_rules(user.as_deref(), &client_id),
+        Err(refusal) => {
+            let (kind, code, why) = match refusal {
+                LoginRefusal::BadCredentials => (
+                    Refused::BadCredentials,
+                    reason::BAD_USER_NAME_OR_PASSWORD,
+                    match &connect.username {
+                        Some(u) => format!("bad user name or password (user {u:?})"),
+                        None => "a password without a user name".into(),
+                    },
+                ),
+                LoginRefusal::NotAuthorized => (
+                    Refused::NotAuthorized,
+                    reason::NOT_AUTHORIZED,
+                    "anonymous access is off: log in with a user name and password".into(),
+                ),
+            };
+            let delay = auth.record_failure(peer.ip());
+            tokio::time::sleep(delay).await;
+            let out = refuse(kind, code, why).await;
+            let _ = writer.write_all(&out).await;
+            return;
+        }
+    };
+    if let (Some(acl), Some(will)) = (&acl, &connect.will) {
+        let topic = std::str::from_utf8(&will.topic).unwrap_or_default();
+        if !acl.rules.may_publish(topic) {
+            auth.stats.publishes_denied.fetch_add(1, Ordering::Relaxed);
+            let out = refuse(
+                Refused::NotAuthorized,
+                reason::NOT_AUTHORIZED,
+                format!("not authorized to publish the will topic {topic:?}"),
+            )
+            .await;
+            let _ = writer.write_all(&out).await;
+            return;
+        }
     }
     if broker.log.poisoned().is_some() {
         let out = refuse(
@@ -340,6 +399,7 @@ async fn serve_connected(
         req_fanout: Fanouts::default(),
         req_retained: Vec::new(),
         route_cache: HashMap::new(),
+        acl,
         taken_over: false,
         sub,
         out_limit: connect
@@ -569,7 +629,10 @@ struct Connection {
     req_acks: Vec<Deferred>,
     req_fanout: Fanouts,
     req_retained: Vec<(Bytes, Option<Arc<Message>>)>,
-    route_cache: HashMap<Bytes, (TopicId, u32, Bytes)>,
+    /// Per topic: its route, and whether the ACL lets this client publish to it.
+    route_cache: HashMap<Bytes, (TopicId, u32, Bytes, bool)>,
+    /// This client's ACL rules, when an ACL file is configured.
+    acl: Option<ConnAcl>,
     taken_over: bool,
     /// This session's delivery side.
     sub: Arc<Subscriber>,
@@ -961,8 +1024,13 @@ impl Connection {
             }
             None => p.topic.clone(),
         };
+        if let Some(acl) = &mut self.acl {
+            if acl.refresh(&self.broker.auth, &self.client_id) {
+                self.route_cache.clear();
+            }
+        }
         // A topic in the route cache was validated when it was routed.
-        let (topic_id, partition, key) = match self.route_cache.get(&topic) {
+        let (topic_id, partition, key, allowed) = match self.route_cache.get(&topic) {
             Some(hit) => hit.clone(),
             None => {
                 let text = validate_topic(&topic, cfg)?;
@@ -970,7 +1038,8 @@ impl Connection {
                 if self.route_cache.len() >= ROUTE_CACHE_ENTRIES {
                     self.route_cache.clear();
                 }
-                let route = (d.topic, d.partition, Bytes::from(d.key));
+                let allowed = self.acl.as_ref().is_none_or(|a| a.rules.may_publish(text));
+                let route = (d.topic, d.partition, Bytes::from(d.key), allowed);
                 self.route_cache.insert(topic.clone(), route.clone());
                 route
             }
@@ -1008,6 +1077,36 @@ impl Connection {
                 }));
                 return Ok(());
             }
+        }
+
+        if !allowed {
+            self.broker
+                .auth
+                .stats
+                .publishes_denied
+                .fetch_add(1, Ordering::Relaxed);
+            // 3.1.1 cannot say no to a publish: the connection is closed (MQTT-3.3.5-2).
+            if self.version == Version::V311 {
+                return Err(Close::new(
+                    reason::NOT_AUTHORIZED,
+                    format!(
+                        "not authorized to publish to {:?}",
+                        String::from_utf8_lossy(&topic)
+                    ),
+                ));
+            }
+            let kind = match p.qos {
+                QoS::AtMostOnce => return Ok(()),
+                QoS::AtLeastOnce => AckKind::PubAck,
+                QoS::ExactlyOnce => AckKind::PubRec,
+            };
+            self.req_acks.push(Deferred::Ack(PendingAck {
+                kind,
+                pkid: p.pkid,
+                code: reason::NOT_AUTHORIZED,
+                logged: false,
+            }));
+            return Ok(());
         }
 
         if self.broker.log.rejects_publishes() {
@@ -1263,6 +1362,19 @@ impl Connection {
                 codes.push(reason::TOPIC_FILTER_INVALID);
                 problem = Some(format!("{filter:?}: {why}"));
                 continue;
+            }
+            if let Some(acl) = &mut self.acl {
+                acl.refresh(&self.broker.auth, &self.client_id);
+                if !acl.rules.may_subscribe(&filter) {
+                    self.broker
+                        .auth
+                        .stats
+                        .subscriptions_denied
+                        .fetch_add(1, Ordering::Relaxed);
+                    codes.push(reason::NOT_AUTHORIZED);
+                    problem = Some(format!("{filter:?}: not authorized"));
+                    continue;
+                }
             }
             let shared = filter.starts_with("$share/");
             if shared && o.no_local && self.version == Version::V5 {
@@ -1581,6 +1693,14 @@ impl Connection {
                 self.forget(&d);
                 continue;
             };
+            if let Some(acl) = &mut self.acl {
+                acl.refresh(&broker.auth, &self.client_id);
+                let topic = std::str::from_utf8(&d.msg.topic).unwrap_or_default();
+                if !acl.rules.may_read(topic) {
+                    self.forget(&d);
+                    continue;
+                }
+            }
             let pkid = if d.qos > 0 {
                 match self.alloc_pkid(d.seq) {
                     Some(p) => p,
@@ -1698,7 +1818,23 @@ impl Connection {
         }
         let hub = &self.broker.hub;
         hub.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
-        let will = self.will.take().filter(|_| self.publish_will);
+        let mut will = self.will.take().filter(|_| self.publish_will);
+        if let (Some(acl), Some(w)) = (&mut self.acl, &will) {
+            // The will was allowed at CONNECT; an ACL reloaded since then decides now.
+            acl.refresh(&self.broker.auth, &self.client_id);
+            if !acl
+                .rules
+                .may_publish(std::str::from_utf8(&w.topic).unwrap_or_default())
+            {
+                self.broker
+                    .auth
+                    .stats
+                    .publishes_denied
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(client_id = %self.client_id, "the will is no longer allowed by the ACL; not published");
+                will = None;
+            }
+        }
         let expiry = self.session.expiry;
         let data = std::mem::take(&mut self.session);
         let (ops, ended) =

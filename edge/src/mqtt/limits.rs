@@ -33,6 +33,11 @@ pub enum Refused {
     Unavailable,
     /// The CONNECTs being received hold [`CONNECT_BUFFER_BUDGET`] already.
     ConnectMemory,
+    /// Wrong user name or password (5.0: 0x86, 3.1.1: 4).
+    BadCredentials,
+    /// Not allowed in: anonymous while anonymous access is off, or a will the ACL forbids
+    /// (5.0: 0x87, 3.1.1: 5).
+    NotAuthorized,
 }
 
 /// Bytes of buffers node-wide that connections may hold for CONNECT packets still being
@@ -47,7 +52,7 @@ pub const CONNECT_FREE_BYTES: usize = 4096;
 
 impl Refused {
     /// Every reason, in the order they are exposed.
-    pub const ALL: [Refused; 8] = [
+    pub const ALL: [Refused; 10] = [
         Refused::PerAddress,
         Refused::MaxConnections,
         Refused::ConnectTimeout,
@@ -56,6 +61,8 @@ impl Refused {
         Refused::ClientId,
         Refused::Unavailable,
         Refused::ConnectMemory,
+        Refused::BadCredentials,
+        Refused::NotAuthorized,
     ];
 
     /// The metric label.
@@ -69,6 +76,8 @@ impl Refused {
             Refused::ClientId => "client_id",
             Refused::Unavailable => "unavailable",
             Refused::ConnectMemory => "connect_memory",
+            Refused::BadCredentials => "bad_credentials",
+            Refused::NotAuthorized => "not_authorized",
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct Broker {
     pub limits: limits::Limits,
     /// Becomes true when the edge shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// Password file, ACL and their counters.
+    pub auth: crate::auth::Auth,
 }
 
 /// An accepted socket's place in the connection counts, given back when it closes.
@@ -127,7 +129,7 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, grace: std::time:
                     };
                     let b = broker.clone();
                     tasks.spawn(async move {
-                        connection::serve(b, stream, peer).await;
+                        connection::serve(b, stream, peer, None).await;
                         drop(guard);
                     });
                 }
