@@ -70,6 +70,9 @@ pub struct Config {
     pub cloud: Option<CloudConfig>,
     /// The admin HTTP endpoint (health, metrics, JSON API).
     pub admin: AdminConfig,
+    /// A TLS listener for MQTT, beside the plain one. Without this section the edge serves
+    /// plain TCP only.
+    pub tls: Option<TlsConfig>,
 }
 
 /// Serializes a secret as `"<redacted>"` (for `edge check-config`).
@@ -367,6 +370,76 @@ impl Default for MqttConfig {
             sys_interval: HumanDuration(Duration::from_secs(5)),
         }
     }
+}
+
+/// `[tls]`: MQTT over TLS (1.2 and 1.3, rustls), and mutual TLS when `client_ca_file` is set.
+///
+/// Minimal form: `cert_file = "server.pem"` and `key_file = "server.key"`. The TLS listener
+/// shares everything else with the plain one (`[mqtt]` limits, `max_connections`,
+/// `connect_timeout`, which also bounds the TLS handshake). On SIGHUP the edge reads the
+/// certificate, key and client CA files again: new handshakes use them, open connections
+/// stay up; a reload that fails is logged and the previous files stay in use.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address and port of the TLS listener.
+    #[serde(default = "TlsConfig::default_listen")]
+    pub listen: SocketAddr,
+    /// The server's certificate chain (PEM): its own certificate first, then any
+    /// intermediates.
+    pub cert_file: PathBuf,
+    /// The private key of that certificate (PEM: PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key_file: PathBuf,
+    /// CA certificates (PEM) that sign client certificates. When set, every TLS client must
+    /// present a certificate that chains to one of them and is within its validity period
+    /// (mutual TLS); `identity` names the part of it that becomes the client's username.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// With mutual TLS, which part of the client certificate is the client's username (for
+    /// ACLs and the admin API): `"cn"` the subject's Common Name; `"san_dns"`, `"san_email"`
+    /// or `"san_uri"` the first Subject Alternative Name of that kind. A connection whose
+    /// certificate lacks it is closed after the handshake, and the reason logged.
+    #[serde(default)]
+    pub identity: CertIdentity,
+    /// Oldest TLS version offered: `"1.2"` (1.2 and 1.3) or `"1.3"` (1.3 only).
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+impl TlsConfig {
+    /// The default TLS listen address.
+    pub const DEFAULT_LISTEN: &'static str = "0.0.0.0:8883";
+
+    fn default_listen() -> SocketAddr {
+        Self::DEFAULT_LISTEN.parse().expect("literal address")
+    }
+}
+
+/// The part of a client certificate that names the client; see `TlsConfig::identity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertIdentity {
+    /// The subject's Common Name.
+    #[default]
+    Cn,
+    /// The first DNS name among the Subject Alternative Names.
+    SanDns,
+    /// The first e-mail address (rfc822Name) among the Subject Alternative Names.
+    SanEmail,
+    /// The first URI among the Subject Alternative Names.
+    SanUri,
+}
+
+/// Oldest TLS version the listener accepts; see `TlsConfig::min_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
 /// `[storage]`: the log on disk.
@@ -985,6 +1058,12 @@ impl Config {
                 ));
             }
         }
+        if let Some(tls) = &self.tls {
+            // Reads the files and builds the TLS settings once, so that a missing file, bad
+            // PEM or a key that does not match the certificate stops the edge at start.
+            crate::mqtt::tls::server_config(tls)
+                .map_err(|e| invalid(None, format!("tls.{}", e.key), e.message))?;
+        }
         if let Some(cloud) = &self.cloud {
             let key_line = |key: &str| -> Option<std::ops::Range<usize>> {
                 let section = text.find("[cloud]")?;
@@ -1175,6 +1254,48 @@ mod tests {
         let text = "[[routes]]\nmatch = \"a/#\"\ntopic = \"bad topic\"\n";
         let err = Config::parse(text, "e.toml").unwrap_err().to_string();
         assert!(err.contains("routes[0].topic"), "{err}");
+    }
+
+    #[test]
+    fn tls_section_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("s.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("s.key"), key.serialize_pem()).unwrap();
+        let text = format!(
+            "[tls]\ncert_file = \"{0}/s.pem\"\nkey_file = \"{0}/s.key\"\n",
+            dir.path().display()
+        );
+        let c = Config::parse(&text, "t.toml").unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.listen.to_string(), "0.0.0.0:8883");
+        assert_eq!(tls.client_ca_file, None);
+        assert_eq!(tls.identity, CertIdentity::Cn);
+        assert_eq!(tls.min_version, TlsVersion::Tls12);
+        assert!(Config::parse("", "t.toml").unwrap().tls.is_none());
+    }
+
+    #[test]
+    fn missing_tls_file_is_named_with_its_line() {
+        let text = "[mqtt]\nlisten = \"127.0.0.1:1883\"\n[tls]\ncert_file = \"/nonexistent/s.pem\"\nkey_file = \"/nonexistent/s.key\"\n";
+        let err = Config::parse(text, "e.toml").unwrap_err().to_string();
+        assert!(err.starts_with("config e.toml:4: tls.cert_file:"), "{err}");
+        assert!(err.contains("/nonexistent/s.pem"), "{err}");
+    }
+
+    #[test]
+    fn unknown_tls_identity_is_named_with_its_line() {
+        let text = "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\nidentity = \"serial\"\n";
+        let err = Config::parse(text, "e.toml").unwrap_err().to_string();
+        assert!(err.starts_with("config e.toml:4:"), "{err}");
+        assert!(err.contains("san_dns"), "{err}");
+        let text = "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\nmin_version = \"1.1\"\n";
+        let err = Config::parse(text, "e.toml").unwrap_err().to_string();
+        assert!(err.starts_with("config e.toml:4:"), "{err}");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Starting and stopping a serving edge: log, appender, router, sessions, listener.
+//! Starting and stopping a serving edge: log, appender, router, sessions, listeners.
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use crate::log::appender::{self, now_ms, AppendRequest, AppenderMsg, StateOp};
 use crate::log::{Budget, Log, LogError};
 use crate::mqtt::delivery::{Hub, Message, OutboxLimits, TAG_RETAINED};
 use crate::mqtt::session::SessionStore;
+use crate::mqtt::tls::TlsServer;
 use crate::mqtt::{self, Broker};
 use crate::route::Router;
 
@@ -53,8 +54,12 @@ const MIRROR_STOP_GRACE: Duration = Duration::from_secs(2);
 /// Exit status after a second SIGINT/SIGTERM.
 pub const EXIT_SECOND_SIGNAL: i32 = 130;
 
-/// Serves until SIGINT or SIGTERM (or a fatal log error).
+/// Serves until SIGINT or SIGTERM (or a fatal log error); SIGHUP reloads what can be
+/// reloaded (see [`reload`]).
 pub async fn run(config: Config) -> Result<(), ServeError> {
+    // Installed first: SIGHUP's default action would end the process.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("installing the SIGHUP handler");
     let plan = config.route_plan()?;
     let budget = config.storage.disk_budget.map(|b| Budget {
         bytes: b.0,
@@ -111,6 +116,24 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             source,
         })?;
     let bound = listener.local_addr().unwrap_or(listen);
+    let tls = match &config.tls {
+        None => None,
+        Some(tls) => {
+            let server =
+                TlsServer::new(tls.clone()).map_err(|e| crate::config::ConfigError::Invalid {
+                    origin: "<config>".into(),
+                    line: 0,
+                    key: format!("tls.{}", e.key),
+                    message: e.message,
+                })?;
+            let addr = server.listen();
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            Some((listener, Arc::new(server), bound))
+        }
+    };
 
     if config.mqtt.allow_anonymous {
         tracing::warn!(
@@ -172,8 +195,17 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             "topic"
         );
     }
+    tracing::info!(mqtt = %bound, "MQTT listener (plain TCP) is bound");
+    if let Some((_, server, tls_bound)) = &tls {
+        tracing::info!(
+            mqtt_tls = %tls_bound,
+            client_certificates = if server.mutual() { "required (mutual TLS)" } else { "not asked for" },
+            "MQTT listener (TLS) is bound"
+        );
+    }
     tracing::info!(
         mqtt = %bound,
+        mqtt_tls = tls.as_ref().map(|(_, _, b)| tracing::field::display(b)),
         data_dir = %config.storage.data_dir.display(),
         fsync = %config.storage.fsync,
         "edge is serving"
@@ -274,7 +306,18 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             }
         },
     };
-    let server = tokio::spawn(mqtt::serve(broker.clone(), listener, SHUTDOWN_GRACE));
+    let tls_server = tls.as_ref().map(|(_, server, _)| server.clone());
+    let reloads = tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            reload(tls_server.as_deref());
+        }
+    });
+    let server = tokio::spawn(mqtt::serve(
+        broker.clone(),
+        listener,
+        tls.map(|(listener, server, _)| (listener, server)),
+        SHUTDOWN_GRACE,
+    ));
     admin_state
         .ready
         .store(true, std::sync::atomic::Ordering::Release);
@@ -293,6 +336,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         why = fatal_rx.wait_for(|f| f.is_some()) => why.ok().and_then(|w| w.clone()),
     };
     let _ = shutdown_tx.send(true);
+    reloads.abort();
     let _ = server.await;
     if let Some(t) = admin {
         t.abort();
@@ -365,6 +409,23 @@ fn load_retained(log: &Log, hub: &Hub, now_ms: u64) -> Result<Vec<StateOp>, crat
         tracing::info!(count = hub.retained_count(), "retained messages loaded");
     }
     Ok(purge)
+}
+
+/// What SIGHUP does: reads the TLS certificate, key and client CA files again (new
+/// handshakes use them; open connections stay). A reload that fails is logged and changes
+/// nothing.
+pub fn reload(tls: Option<&TlsServer>) {
+    let Some(tls) = tls else {
+        tracing::info!("SIGHUP: nothing to reload (no [tls] section)");
+        return;
+    };
+    // A few small files: read in place rather than on a blocking thread.
+    match tls.reload() {
+        Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA reloaded"),
+        Err(e) => {
+            tracing::error!("SIGHUP: TLS reload failed, the previous certificate stays in use: {e}")
+        }
+    }
 }
 
 async fn shutdown_signal() {

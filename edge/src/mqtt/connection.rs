@@ -7,14 +7,14 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -111,13 +111,19 @@ struct PendingAck {
     logged: bool,
 }
 
-/// Serves one TCP connection to its end.
-pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
-    let (reader, writer) = stream.into_split();
+/// Serves one connection to its end: the two halves of a TCP stream, or of a TLS stream
+/// over one. `cert_user` is the client's identity from its certificate (mutual TLS).
+pub async fn serve<R, W>(
+    broker: Arc<Broker>,
+    mut reader: R,
+    mut writer: W,
+    peer: SocketAddr,
+    cert_user: Option<Arc<str>>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let mut rbuf = BytesMut::new();
-    let mut reader = reader;
-    let mut writer = writer;
     let max_packet = broker.config.max_packet_size.0 as usize;
     let connect = tokio::time::timeout(
         broker.config.connect_timeout.0,
@@ -174,7 +180,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
             ),
         )
         .await;
-        let _ = writer.write_all(&out).await;
+        send_final(&mut writer, &out).await;
         return;
     }
 
@@ -187,7 +193,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
                 "an empty client id needs clean session".into(),
             )
             .await;
-            let _ = writer.write_all(&out).await;
+            send_final(&mut writer, &out).await;
             return;
         }
         let id = format!("auto-{:016x}", rand_id());
@@ -205,12 +211,12 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
             ),
         )
         .await;
-        let _ = writer.write_all(&out).await;
+        send_final(&mut writer, &out).await;
         return;
     }
     if broker.log.poisoned().is_some() {
         let out = refuse(reason::SERVER_BUSY, "the log is failing".into()).await;
-        let _ = writer.write_all(&out).await;
+        send_final(&mut writer, &out).await;
         return;
     }
 
@@ -219,7 +225,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     let (done_tx, done_rx) = watch::channel(false);
     let attachment = broker
         .sessions
-        .attach(&client_id, control_tx, done_rx)
+        .attach(&client_id, cert_user.clone(), control_tx, done_rx)
         .await;
     let mut ops = Vec::new();
     let hub = &broker.hub;
@@ -283,11 +289,13 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         version,
         client_id: client_id.clone(),
         peer,
+        cert_user,
         reader,
         writer,
         rbuf,
         read_chunk: READ_CHUNK_MIN,
         wbuf: BytesMut::new(),
+        unflushed: false,
         keep_alive: None,
         deadline: Instant::now(),
         inflight: data.qos2.len(),
@@ -328,7 +336,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     if !ops.is_empty() {
         if let Err(why) = conn.commit_state(ops).await {
             let out = refuse(reason::SERVER_BUSY, why).await;
-            let _ = conn.writer.write_all(&out).await;
+            send_final(&mut conn.writer, &out).await;
             conn.publish_will = false;
             conn.finish(attachment.conn, &done_tx).await;
             return;
@@ -355,7 +363,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         reason_string: None,
     };
     codec::write_connack(version, &info, &mut conn.wbuf);
-    tracing::debug!(%peer, client_id = %client_id, ?version, session_present, "connected");
+    tracing::debug!(%peer, client_id = %client_id, cert_user = conn.cert_user.as_deref(), ?version, session_present, "connected");
     if session_present && conn.session.durable {
         // Unacknowledged deliveries of the previous connection (or of the edge before a
         // restart) and messages queued while offline: PUBRELs first, then the queue.
@@ -379,8 +387,18 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         }
     }
     let _ = tokio::time::timeout(FINAL_FLUSH, conn.flush()).await;
-    let _ = conn.writer.shutdown().await;
+    let _ = tokio::time::timeout(FINAL_FLUSH, conn.writer.shutdown()).await;
     conn.finish(attachment.conn, &done_tx).await;
+}
+
+/// Writes a last packet (a refusing CONNACK) and closes the connection (over TLS, with a
+/// close_notify), within `FINAL_FLUSH`.
+async fn send_final<W: AsyncWrite + Unpin>(writer: &mut W, out: &[u8]) {
+    let _ = tokio::time::timeout(FINAL_FLUSH, async {
+        writer.write_all(out).await?;
+        writer.shutdown().await
+    })
+    .await;
 }
 
 struct Refusal {
@@ -389,8 +407,8 @@ struct Refusal {
     why: String,
 }
 
-async fn read_connect(
-    reader: &mut OwnedReadHalf,
+async fn read_connect<R: AsyncRead + Unpin>(
+    reader: &mut R,
     rbuf: &mut BytesMut,
     max_packet: usize,
 ) -> Result<Box<ConnectIn>, Refusal> {
@@ -446,17 +464,22 @@ fn rand_id() -> u64 {
     h.finish()
 }
 
-struct Connection {
+struct Connection<R, W> {
     broker: Arc<Broker>,
     version: Version,
     client_id: Arc<str>,
     peer: SocketAddr,
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    /// The client's identity from its TLS certificate (mutual TLS).
+    cert_user: Option<Arc<str>>,
+    reader: R,
+    writer: W,
     rbuf: BytesMut,
     /// Bytes reserved for the next read.
     read_chunk: usize,
     wbuf: BytesMut,
+    /// The writer took all of `wbuf` but may still hold some of it (TLS records buffered in
+    /// rustls): it must be flushed before the peer sees everything.
+    unflushed: bool,
     keep_alive: Option<Duration>,
     deadline: Instant,
     session: SessionData,
@@ -514,7 +537,11 @@ struct Connection {
     scratch_targets: Vec<Target>,
 }
 
-impl Connection {
+impl<R, W> Connection<R, W>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     async fn run(&mut self, mut control: mpsc::UnboundedReceiver<Control>) -> Result<(), Close> {
         let mut shutdown = self.broker.shutdown.clone();
         self.pump()?;
@@ -529,7 +556,7 @@ impl Connection {
             let deadline = self.deadline;
             let has_deadline = self.keep_alive.is_some();
             let spare = self.prepare_read();
-            let unwritten = !self.wbuf.is_empty();
+            let unwritten = !self.wbuf.is_empty() || self.unflushed;
             tokio::select! {
                 biased;
                 Some(done) = self.commit_rx.recv() => self.on_committed(done)?,
@@ -544,9 +571,10 @@ impl Connection {
                     self.drain_pending().await;
                     return Err(Close::new(reason::SERVER_SHUTTING_DOWN, "the edge is shutting down"));
                 }
-                written = self.writer.writable(), if unwritten => {
-                    if let Err(e) = written {
-                        return Err(Close::new(reason::UNSPECIFIED, format!("write failed: {e}")));
+                written = write_some(&mut self.writer, &self.wbuf), if unwritten => {
+                    match written {
+                        Ok(n) => self.wrote(n)?,
+                        Err(e) => return Err(Close::new(reason::UNSPECIFIED, format!("write failed: {e}"))),
                     }
                 }
                 read = self.reader.read_buf(&mut self.rbuf), if can_read => {
@@ -557,6 +585,9 @@ impl Connection {
                         }
                         Ok(n) => {
                             self.touch();
+                            // TLS may have records to send in answer to what was read (a key
+                            // update); a flush sends them. Plain TCP has nothing to flush.
+                            self.unflushed = true;
                             self.broker.hub.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                             // Publishes accepted before the end (or before an offending
                             // packet) are still committed and acknowledged.
@@ -603,25 +634,20 @@ impl Connection {
         }
     }
 
-    /// Writes what the socket takes without waiting.
+    /// Writes (and flushes) what the writer takes without waiting: polled once with a waker
+    /// that does nothing, as the run loop's next `write_some` registers the real one.
     fn try_flush(&mut self) -> Result<(), Close> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
         while !self.wbuf.is_empty() {
-            match self.writer.try_write(&self.wbuf) {
-                Ok(n) => {
-                    self.broker
-                        .hub
-                        .stats
-                        .bytes_sent
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    let _ = self.wbuf.split_to(n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => {
+            match Pin::new(&mut self.writer).poll_write(&mut cx, &self.wbuf) {
+                Poll::Ready(Ok(n)) => self.wrote(n)?,
+                Poll::Ready(Err(e)) => {
                     return Err(Close::new(
                         reason::UNSPECIFIED,
                         format!("write failed: {e}"),
                     ))
                 }
+                Poll::Pending => return Ok(()),
             }
         }
         if self.wbuf.capacity() > WRITE_BUFFER_KEEP {
@@ -629,6 +655,41 @@ impl Connection {
         } else {
             self.wbuf.clear();
         }
+        if self.unflushed {
+            match Pin::new(&mut self.writer).poll_flush(&mut cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => {
+                    return Err(Close::new(
+                        reason::UNSPECIFIED,
+                        format!("write failed: {e}"),
+                    ))
+                }
+                Poll::Pending => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Accounts for `n` bytes of `wbuf` taken by the writer (0 with `wbuf` empty: a flush
+    /// completed).
+    fn wrote(&mut self, n: usize) -> Result<(), Close> {
+        if self.wbuf.is_empty() {
+            self.unflushed = false;
+            return Ok(());
+        }
+        if n == 0 {
+            return Err(Close::new(
+                reason::UNSPECIFIED,
+                "write failed: the connection takes no more bytes",
+            ));
+        }
+        self.broker
+            .hub
+            .stats
+            .bytes_sent
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let _ = self.wbuf.split_to(n);
+        self.unflushed = true;
         Ok(())
     }
 
@@ -655,6 +716,11 @@ impl Connection {
                 self.wbuf.clear();
             }
         }
+        self.writer
+            .flush()
+            .await
+            .map_err(|e| Close::new(reason::UNSPECIFIED, format!("write failed: {e}")))?;
+        self.unflushed = false;
         Ok(())
     }
 
@@ -1567,6 +1633,22 @@ impl Connection {
         }
         tracing::debug!(peer = %self.peer, client_id = %self.client_id, "connection ended");
     }
+}
+
+/// Writes some of `wbuf`, or flushes the writer when `wbuf` is empty; resolves with the bytes
+/// taken (0 for a flush) once the writer makes progress. Nothing is written unless it
+/// resolves, so it may be dropped unfinished.
+fn write_some<'a, W: AsyncWrite + Unpin>(
+    writer: &'a mut W,
+    wbuf: &'a [u8],
+) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        if wbuf.is_empty() {
+            Pin::new(&mut *writer).poll_flush(cx).map_ok(|()| 0)
+        } else {
+            Pin::new(&mut *writer).poll_write(cx, wbuf)
+        }
+    })
 }
 
 /// The packet id of a delivery with a durable queue entry.
