@@ -609,3 +609,100 @@ fn edge_exit(args: &[&str]) -> (ExitStatus, String) {
     let status = child.wait(30);
     (status, std::fs::read_to_string(err_path).unwrap())
 }
+
+/// Clients connected with at least one subscription to `filter`.
+fn subscribed(edge: &Edge, filter: &str) -> bool {
+    let Ok((200, body)) = http_get(edge.admin, "/api/v1/clients", None) else {
+        return false;
+    };
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    list["clients"].as_array().unwrap().iter().any(|c| {
+        c["connected"] == true
+            && c["subscriptions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["filter"] == filter)
+    })
+}
+
+#[test]
+fn fleet_over_mutual_tls_loses_nothing() {
+    let pki = Pki::new();
+    let (_edge, port) = start(&pki, true, "", "");
+    let url = format!("mqtts://127.0.0.1:{port}");
+    let tls_args = |cmd: &mut Command| {
+        cmd.arg("--ca-file")
+            .arg(pki.path("ca.pem"))
+            .arg("--cert")
+            .arg(pki.path("good.pem"))
+            .arg("--key")
+            .arg(pki.path("good.key"));
+    };
+    let manifest = pki.path("manifest");
+    let mut verify = Command::new(binary("firmware-sim"));
+    verify.args([
+        "verify",
+        "--mqtt",
+        &url,
+        "--filter",
+        "sensors/#",
+        "--qos",
+        "1",
+        "--idle",
+        "3s",
+    ]);
+    tls_args(&mut verify);
+    verify
+        .arg("--manifest")
+        .arg(&manifest)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut verify = Proc(verify.spawn().unwrap());
+    wait_until("the verifier has subscribed over TLS", || {
+        subscribed(&_edge, "sensors/#")
+    });
+
+    // Every acknowledged publish also goes out to the verifier: many small TLS writes.
+    let mut fleet = Command::new(binary("firmware-sim"));
+    fleet.args([
+        "run",
+        "--broker",
+        &url,
+        "--devices",
+        "20",
+        "--rate",
+        "100",
+        "--qos",
+        "1",
+        "--duration",
+        "3s",
+    ]);
+    tls_args(&mut fleet);
+    let fleet = fleet.arg("--manifest").arg(&manifest).output().unwrap();
+    assert!(
+        fleet.status.success(),
+        "run over mutual TLS failed: {}",
+        String::from_utf8_lossy(&fleet.stderr)
+    );
+
+    assert!(verify.wait(120).success(), "verify failed");
+    let mut stdout = String::new();
+    verify
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(
+        summary.contains(" lost=0 ") && summary.contains(" duplicates=0 "),
+        "{summary}"
+    );
+    let expected = tributary_tests::summary_field(summary, "expected");
+    assert!(
+        expected > 1000,
+        "a good part of 20 devices x 100/s x 3 s was acknowledged: {summary}"
+    );
+}
