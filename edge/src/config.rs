@@ -322,7 +322,8 @@ pub struct MqttConfig {
     pub max_topic_levels: usize,
     /// Longest client identifier accepted, in bytes.
     pub max_client_id_length: usize,
-    /// Time allowed between TCP accept and a complete CONNECT packet.
+    /// Time allowed between TCP accept and a complete CONNECT packet. On the TLS listener
+    /// the handshake gets this long too, before the CONNECT's own time starts.
     pub connect_timeout: HumanDuration,
     /// Largest keepalive granted; a client asking for more (or for 0) gets this value as the
     /// MQTT 5 Server Keep Alive. `"0s"` grants whatever the client asks.
