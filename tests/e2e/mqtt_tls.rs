@@ -700,3 +700,52 @@ fn fleet_over_mutual_tls_loses_nothing() {
         "a good part of 20 devices x 100/s x 3 s was acknowledged: {summary}"
     );
 }
+
+#[test]
+fn large_messages_reach_a_tls_subscriber_that_paused_reading() {
+    // More than the socket buffers hold while the subscriber does not read: the edge's writes
+    // stop part way with TLS records held in rustls, and must all go out once it reads again,
+    // with nothing else (no keepalive) prompting the edge to write.
+    let pki = Pki::new();
+    let (_edge, port) = start(&pki, false, "", "");
+    let out_path = pki.path("received");
+    let mut sub = Command::new(python());
+    sub.arg(client_script("tls_slow_subscriber.py"))
+        .arg(port.to_string())
+        .arg(pki.path("ca.pem"))
+        .args(["tls/big", "8"])
+        .arg(&out_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut sub = Proc(sub.spawn().expect("python3"));
+    let mut to_sub = sub.0.stdin.take().unwrap();
+    let mut from_sub = BufReader::new(sub.0.stdout.take().unwrap()).lines();
+    assert_eq!(from_sub.next().unwrap().unwrap(), "subscribed");
+
+    let mut expected = Vec::new();
+    for i in 0..8u8 {
+        let body: Vec<u8> = (0..900 * 1024u32)
+            .map(|j| b'a' + ((j % 26) as u8 + i) % 26)
+            .collect();
+        let file = pki.path(&format!("big-{i}"));
+        std::fs::write(&file, &body).unwrap();
+        let mut publish = mosquitto("mosquitto_pub", &pki, port, None);
+        publish
+            .args(["-i", "big-pub", "-q", "1", "-t", "tls/big", "-f"])
+            .arg(&file);
+        assert!(Proc(publish.spawn().unwrap()).wait(60).success());
+        expected.extend_from_slice(&body);
+    }
+
+    writeln!(to_sub, "read now").unwrap();
+    to_sub.flush().unwrap();
+    assert_eq!(
+        from_sub.next().map(|l| l.unwrap()),
+        Some("8".to_string()),
+        "the subscriber got all 8 messages"
+    );
+    assert!(sub.wait(30).success());
+    let got = std::fs::read(&out_path).unwrap();
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "the messages arrived altered");
+}

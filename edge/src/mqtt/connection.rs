@@ -1867,3 +1867,95 @@ fn validate_topic<'a>(topic: &'a [u8], cfg: &crate::config::MqttConfig) -> Resul
     }
     Ok(text)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, FsyncMode};
+    use crate::log::appender;
+    use crate::log::Log;
+    use crate::mqtt::delivery::OutboxLimits;
+    use crate::mqtt::session::SessionStore;
+    use crate::route::Router;
+    use std::sync::atomic::AtomicUsize;
+
+    /// 3.1.1 CONNECT of client "c1", clean session, keepalive 60.
+    const CONNECT: &[u8] = &[
+        0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'c', b'1',
+    ];
+    /// QoS 1 PUBLISH of "hi" to "t/1", packet id 1.
+    const PUBLISH: &[u8] = &[0x32, 9, 0, 3, b't', b'/', b'1', 0, 1, b'h', b'i'];
+
+    /// A broker over a new log in `dir`, as `server::run` builds one (without listeners).
+    type Running = (
+        Arc<Broker>,
+        watch::Sender<bool>,
+        std::thread::JoinHandle<Result<(), String>>,
+    );
+
+    fn broker(dir: &std::path::Path) -> Running {
+        let config = Config::default();
+        let plan = config.route_plan().unwrap();
+        let log = Arc::new(Log::open(dir, Some(&plan.topics), None).unwrap());
+        let hub = Hub::new(OutboxLimits {
+            messages: 1000,
+            bytes: 1 << 20,
+            offline_messages: 1000,
+        });
+        let (sessions, _) = SessionStore::load(&log, &hub, now_ms()).unwrap();
+        let (appender, thread) =
+            appender::spawn(log.clone(), FsyncMode::Never, 1000, 64, 1, |_| {});
+        let router = Router::new(&plan, |name| {
+            let t = log.topic(name).unwrap();
+            (t.id, t.partitions.len() as u32)
+        });
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let broker = Broker {
+            config: config.mqtt.clone(),
+            router,
+            log,
+            appender,
+            sessions,
+            hub,
+            append_budget: Arc::new(tokio::sync::Semaphore::new(
+                super::super::APPEND_BUDGET_BYTES as usize,
+            )),
+            connections: AtomicUsize::new(1),
+            shutdown,
+        };
+        (Arc::new(broker), shutdown_tx, thread)
+    }
+
+    /// What a TLS stream does when the socket is full: the writer takes bytes and holds them
+    /// until it is flushed. The connection must flush, or its peer waits forever.
+    #[tokio::test]
+    async fn packets_reach_a_writer_that_holds_bytes_until_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, _shutdown, appender_thread) = broker(dir.path());
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (reader, writer) = tokio::io::split(server);
+        let writer = tokio::io::BufWriter::new(writer);
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let conn = tokio::spawn(serve(broker.clone(), reader, writer, peer, None));
+
+        let mut got = [0u8; 4];
+        client.write_all(CONNECT).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("the CONNACK was flushed")
+            .unwrap();
+        assert_eq!(got, [0x20, 2, 0, 0]);
+        client.write_all(PUBLISH).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("the PUBACK was flushed")
+            .unwrap();
+        assert_eq!(got, [0x40, 2, 0, 1]);
+
+        drop(client);
+        conn.await.unwrap();
+        let _ = broker.appender.send(AppenderMsg::Shutdown).await;
+        drop(broker);
+        appender_thread.join().unwrap().unwrap();
+    }
+}
