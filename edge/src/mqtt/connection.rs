@@ -1926,15 +1926,53 @@ mod tests {
         (Arc::new(broker), shutdown_tx, thread)
     }
 
+    /// A writer whose flush completes only when polled again after it said Pending (having
+    /// woken the caller), as a TLS stream's flush completes once its full socket drains.
+    struct SlowFlush<W> {
+        inner: W,
+        ready: bool,
+    }
+
+    impl<W: AsyncWrite + Unpin> AsyncWrite for SlowFlush<W> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            if !self.ready {
+                self.ready = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.ready = false;
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
     /// What a TLS stream does when the socket is full: the writer takes bytes and holds them
-    /// until it is flushed. The connection must flush, or its peer waits forever.
+    /// until it is flushed, and the flush itself may have to wait. The connection must see
+    /// the flush through, or its peer waits forever.
     #[tokio::test]
     async fn packets_reach_a_writer_that_holds_bytes_until_flushed() {
         let dir = tempfile::tempdir().unwrap();
         let (broker, _shutdown, appender_thread) = broker(dir.path());
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let (reader, writer) = tokio::io::split(server);
-        let writer = tokio::io::BufWriter::new(writer);
+        let writer = SlowFlush {
+            inner: tokio::io::BufWriter::new(writer),
+            ready: false,
+        };
         let peer = "127.0.0.1:1".parse().unwrap();
         let conn = tokio::spawn(serve(broker.clone(), reader, writer, peer, None));
 
