@@ -421,7 +421,10 @@ pub fn reload(tls: Option<&TlsServer>) {
     };
     // A few small files: read in place rather than on a blocking thread.
     match tls.reload() {
-        Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA reloaded"),
+        Ok(()) => tracing::info!(
+            client_ca = tls.mutual(),
+            "SIGHUP: TLS certificate and key reloaded"
+        ),
         Err(e) => {
             tracing::error!("SIGHUP: TLS reload failed, the previous certificate stays in use: {e}")
         }
