@@ -72,6 +72,9 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Who may connect and what they may publish and subscribe to.
     pub auth: AuthConfig,
+    /// A TLS listener for MQTT, beside the plain one. Without this section the edge serves
+    /// plain TCP only.
+    pub tls: Option<TlsConfig>,
 }
 
 /// `[auth]`: client authentication (password file) and authorization (ACL file).
@@ -97,7 +100,8 @@ pub struct AuthConfig {
     /// at CONNECT. A substituted value holding `+`, `#` or `/` never widens a rule.
     pub acl_file: Option<PathBuf>,
     /// Whether clients without credentials may connect. Default: true without a
-    /// `password_file` (the edge warns at start), false with one. Without a password file a
+    /// `password_file` or `tls.client_ca_file` (the edge warns at start), false with
+    /// either. Without a password file a
     /// user name sent in CONNECT is not verified, so it is ignored (the client is anonymous).
     pub allow_anonymous: Option<bool>,
     /// How long a refused CONNECT waits before its CONNACK, for the first failure from an
@@ -120,9 +124,20 @@ impl Default for AuthConfig {
 }
 
 impl AuthConfig {
-    /// Whether clients without credentials may connect, after defaults.
-    pub fn anonymous_allowed(&self) -> bool {
-        self.allow_anonymous.unwrap_or(self.password_file.is_none())
+    /// Whether clients without credentials may connect, after defaults: not once a password
+    /// file or client certificates (`mutual_tls`) authenticate clients.
+    pub fn anonymous_allowed(&self, mutual_tls: bool) -> bool {
+        self.allow_anonymous
+            .unwrap_or(self.password_file.is_none() && !mutual_tls)
+    }
+}
+
+impl Config {
+    /// Whether TLS clients must present a certificate (which then authenticates them).
+    pub fn mutual_tls(&self) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some())
     }
 }
 
@@ -374,7 +389,9 @@ pub struct MqttConfig {
     /// Longest client identifier accepted, in bytes.
     pub max_client_id_length: usize,
     /// Time allowed between TCP accept and a complete CONNECT packet. It is one deadline for
-    /// the whole packet, so a client trickling its CONNECT a byte at a time is cut too.
+    /// the whole packet, so a client trickling its CONNECT a byte at a time is cut too. On
+    /// the TLS listener the handshake gets this long too, before the CONNECT's own time
+    /// starts.
     pub connect_timeout: HumanDuration,
     /// Largest keepalive granted; a client asking for more (or for 0) gets this value as the
     /// MQTT 5 Server Keep Alive. `"0s"` grants whatever the client asks.
@@ -450,6 +467,76 @@ impl Default for MqttConfig {
             sys_interval: HumanDuration(Duration::from_secs(5)),
         }
     }
+}
+
+/// `[tls]`: MQTT over TLS (1.2 and 1.3, rustls), and mutual TLS when `client_ca_file` is set.
+///
+/// Minimal form: `cert_file = "server.pem"` and `key_file = "server.key"`. The TLS listener
+/// shares everything else with the plain one (`[mqtt]` limits, `max_connections`,
+/// `connect_timeout`, which also bounds the TLS handshake). On SIGHUP the edge reads the
+/// certificate, key and client CA files again: new handshakes use them, open connections
+/// stay up; a reload that fails is logged and the previous files stay in use.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address and port of the TLS listener.
+    #[serde(default = "TlsConfig::default_listen")]
+    pub listen: SocketAddr,
+    /// The server's certificate chain (PEM): its own certificate first, then any
+    /// intermediates.
+    pub cert_file: PathBuf,
+    /// The private key of that certificate (PEM: PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key_file: PathBuf,
+    /// CA certificates (PEM) that sign client certificates. When set, every TLS client must
+    /// present a certificate that chains to one of them and is within its validity period
+    /// (mutual TLS); `identity` names the part of it that becomes the client's username.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// With mutual TLS, which part of the client certificate is the client's username (for
+    /// ACLs and the admin API): `"cn"` the subject's Common Name; `"san_dns"`, `"san_email"`
+    /// or `"san_uri"` the first Subject Alternative Name of that kind. A connection whose
+    /// certificate lacks it is closed after the handshake, and the reason logged.
+    #[serde(default)]
+    pub identity: CertIdentity,
+    /// Oldest TLS version offered: `"1.2"` (1.2 and 1.3) or `"1.3"` (1.3 only).
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+impl TlsConfig {
+    /// The default TLS listen address.
+    pub const DEFAULT_LISTEN: &'static str = "0.0.0.0:8883";
+
+    fn default_listen() -> SocketAddr {
+        Self::DEFAULT_LISTEN.parse().expect("literal address")
+    }
+}
+
+/// The part of a client certificate that names the client; see `TlsConfig::identity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertIdentity {
+    /// The subject's Common Name.
+    #[default]
+    Cn,
+    /// The first DNS name among the Subject Alternative Names.
+    SanDns,
+    /// The first e-mail address (rfc822Name) among the Subject Alternative Names.
+    SanEmail,
+    /// The first URI among the Subject Alternative Names.
+    SanUri,
+}
+
+/// Oldest TLS version the listener accepts; see `TlsConfig::min_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
 /// `[storage]`: the log on disk.
@@ -946,11 +1033,11 @@ impl Config {
             ));
         }
         let a = &self.auth;
-        if a.password_file.is_none() && a.allow_anonymous == Some(false) {
+        if a.password_file.is_none() && a.allow_anonymous == Some(false) && !self.mutual_tls() {
             return Err(invalid(
                 None,
                 "auth.allow_anonymous".into(),
-                "false without auth.password_file would refuse every client: set password_file"
+                "false without auth.password_file or tls.client_ca_file would refuse every client: set one of them"
                     .into(),
             ));
         }
@@ -1129,6 +1216,12 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if let Some(tls) = &self.tls {
+            // Reads the files and builds the TLS settings once, so that a missing file, bad
+            // PEM or a key that does not match the certificate stops the edge at start.
+            crate::mqtt::tls::server_config(tls)
+                .map_err(|e| invalid(None, format!("tls.{}", e.key), e.message))?;
         }
         if let Some(cloud) = &self.cloud {
             let key_line = |key: &str| -> Option<std::ops::Range<usize>> {
@@ -1369,9 +1462,9 @@ mod tests {
     #[test]
     fn anonymous_access_follows_the_password_file() {
         let c = Config::parse("", "t.toml").unwrap();
-        assert!(c.auth.anonymous_allowed());
+        assert!(c.auth.anonymous_allowed(false));
         let c = Config::parse("[auth]\nallow_anonymous = true\n", "t.toml").unwrap();
-        assert!(c.auth.anonymous_allowed());
+        assert!(c.auth.anonymous_allowed(false));
         let err = Config::parse("[auth]\nallow_anonymous = false\n", "t.toml")
             .unwrap_err()
             .to_string();
@@ -1380,6 +1473,38 @@ mod tests {
                 && err.contains("password_file"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn client_certificates_turn_anonymous_access_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("s.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("s.key"), key.serialize_pem()).unwrap();
+        let tls = format!(
+            "[tls]\ncert_file = \"{0}/s.pem\"\nkey_file = \"{0}/s.key\"\n",
+            dir.path().display()
+        );
+        let c = Config::parse(&tls, "t.toml").unwrap();
+        assert!(!c.mutual_tls());
+        assert!(
+            c.auth.anonymous_allowed(c.mutual_tls()),
+            "TLS alone does not authenticate"
+        );
+        let mutual = format!("{tls}client_ca_file = \"{}/s.pem\"\n", dir.path().display());
+        let c = Config::parse(&mutual, "t.toml").unwrap();
+        assert!(c.mutual_tls());
+        assert!(!c.auth.anonymous_allowed(c.mutual_tls()));
+        let c = Config::parse(
+            &format!("{mutual}[auth]\nallow_anonymous = false\n"),
+            "t.toml",
+        )
+        .expect("client certificates let clients in without a password file");
+        assert!(!c.auth.anonymous_allowed(c.mutual_tls()));
     }
 
     #[test]
@@ -1413,7 +1538,7 @@ mod tests {
             acl.to_str().unwrap()
         );
         let c = Config::parse(&text, "t.toml").unwrap();
-        assert!(!c.auth.anonymous_allowed());
+        assert!(!c.auth.anonymous_allowed(false));
 
         std::fs::write(&acl, "user bob\ntopic readwrite bob/#/x\n").unwrap();
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
@@ -1441,6 +1566,48 @@ mod tests {
             err.starts_with("config t.toml:2: auth.failure_delay:"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tls_section_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("s.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("s.key"), key.serialize_pem()).unwrap();
+        let text = format!(
+            "[tls]\ncert_file = \"{0}/s.pem\"\nkey_file = \"{0}/s.key\"\n",
+            dir.path().display()
+        );
+        let c = Config::parse(&text, "t.toml").unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.listen.to_string(), "0.0.0.0:8883");
+        assert_eq!(tls.client_ca_file, None);
+        assert_eq!(tls.identity, CertIdentity::Cn);
+        assert_eq!(tls.min_version, TlsVersion::Tls12);
+        assert!(Config::parse("", "t.toml").unwrap().tls.is_none());
+    }
+
+    #[test]
+    fn missing_tls_file_is_named_with_its_line() {
+        let text = "[mqtt]\nlisten = \"127.0.0.1:1883\"\n[tls]\ncert_file = \"/nonexistent/s.pem\"\nkey_file = \"/nonexistent/s.key\"\n";
+        let err = Config::parse(text, "e.toml").unwrap_err().to_string();
+        assert!(err.starts_with("config e.toml:4: tls.cert_file:"), "{err}");
+        assert!(err.contains("/nonexistent/s.pem"), "{err}");
+    }
+
+    #[test]
+    fn unknown_tls_identity_is_named_with_its_line() {
+        let text = "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\nidentity = \"serial\"\n";
+        let err = Config::parse(text, "e.toml").unwrap_err().to_string();
+        assert!(err.starts_with("config e.toml:4:"), "{err}");
+        assert!(err.contains("san_dns"), "{err}");
+        let text = "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\nmin_version = \"1.1\"\n";
+        let err = Config::parse(text, "e.toml").unwrap_err().to_string();
+        assert!(err.starts_with("config e.toml:4:"), "{err}");
     }
 
     #[test]

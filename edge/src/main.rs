@@ -23,6 +23,9 @@ struct Cli {
     /// MQTT listen address (overrides mqtt.listen).
     #[arg(long, global = true, value_name = "ADDR")]
     mqtt_listen: Option<SocketAddr>,
+    /// MQTT over TLS listen address (overrides tls.listen; the config needs a [tls] section).
+    #[arg(long, global = true, value_name = "ADDR")]
+    tls_listen: Option<SocketAddr>,
     /// Admin HTTP listen address (overrides admin.listen).
     #[arg(long, global = true, value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
@@ -166,6 +169,14 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(addr) = cli.mqtt_listen {
         config.mqtt.listen = addr;
+    }
+    if let Some(addr) = cli.tls_listen {
+        match &mut config.tls {
+            Some(tls) => tls.listen = addr,
+            None => bail!(
+                "--tls-listen {addr}: the config has no [tls] section; add one with cert_file and key_file"
+            ),
+        }
     }
     if let Some(addr) = cli.admin_listen {
         config.admin.listen = Some(addr);

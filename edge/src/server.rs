@@ -1,4 +1,4 @@
-//! Starting and stopping a serving edge: log, appender, router, sessions, listener.
+//! Starting and stopping a serving edge: log, appender, router, sessions, listeners.
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use crate::log::appender::{self, now_ms, AppendRequest, AppenderMsg, StateOp};
 use crate::log::{Budget, Log, LogError};
 use crate::mqtt::delivery::{Hub, Message, OutboxLimits, TAG_RETAINED};
 use crate::mqtt::session::SessionStore;
+use crate::mqtt::tls::TlsServer;
 use crate::mqtt::{self, Broker};
 use crate::route::Router;
 
@@ -53,8 +54,12 @@ const MIRROR_STOP_GRACE: Duration = Duration::from_secs(2);
 /// Exit status after a second SIGINT/SIGTERM.
 pub const EXIT_SECOND_SIGNAL: i32 = 130;
 
-/// Serves until SIGINT or SIGTERM (or a fatal log error).
+/// Serves until SIGINT or SIGTERM (or a fatal log error); SIGHUP reloads what can be
+/// reloaded (see [`reload`]).
 pub async fn run(config: Config) -> Result<(), ServeError> {
+    // Installed first: SIGHUP's default action would end the process.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("installing the SIGHUP handler");
     let plan = config.route_plan()?;
     let budget = config.storage.disk_budget.map(|b| Budget {
         bytes: b.0,
@@ -111,14 +116,33 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             source,
         })?;
     let bound = listener.local_addr().unwrap_or(listen);
+    let tls = match &config.tls {
+        None => None,
+        Some(tls) => {
+            let server =
+                TlsServer::new(tls.clone()).map_err(|e| crate::config::ConfigError::Invalid {
+                    origin: "<config>".into(),
+                    line: 0,
+                    key: format!("tls.{}", e.key),
+                    message: e.message,
+                })?;
+            let addr = server.listen();
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            Some((listener, Arc::new(server), bound))
+        }
+    };
 
-    let auth =
-        crate::auth::Auth::new(&config.auth).map_err(|e| crate::config::ConfigError::Invalid {
+    let auth = crate::auth::Auth::new(&config.auth, config.mutual_tls()).map_err(|e| {
+        crate::config::ConfigError::Invalid {
             origin: "<config>".into(),
             line: 0,
             key: "auth".into(),
             message: e.to_string(),
-        })?;
+        }
+    })?;
     if auth.anonymous_allowed() {
         tracing::warn!(
             "anonymous access is allowed: any client that reaches {bound} can connect{}",
@@ -184,8 +208,17 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             "topic"
         );
     }
+    tracing::info!(mqtt = %bound, "MQTT listener (plain TCP) is bound");
+    if let Some((_, server, tls_bound)) = &tls {
+        tracing::info!(
+            mqtt_tls = %tls_bound,
+            client_certificates = if server.mutual() { "required (mutual TLS)" } else { "not asked for" },
+            "MQTT listener (TLS) is bound"
+        );
+    }
     tracing::info!(
         mqtt = %bound,
+        mqtt_tls = tls.as_ref().map(|(_, _, b)| tracing::field::display(b)),
         data_dir = %config.storage.data_dir.display(),
         fsync = %config.storage.fsync,
         "edge is serving"
@@ -207,7 +240,6 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         shutdown: shutdown_rx,
         auth,
     });
-    let auth_reloader = tokio::spawn(reload_auth(broker.clone()));
 
     let housekeeping = {
         let broker = broker.clone();
@@ -289,7 +321,22 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             }
         },
     };
-    let server = tokio::spawn(mqtt::serve(broker.clone(), listener, SHUTDOWN_GRACE));
+    let tls_server = tls.as_ref().map(|(_, server, _)| server.clone());
+    let reloads = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the password, ACL and TLS files");
+                reload(&broker, tls_server.as_deref()).await;
+            }
+        })
+    };
+    let server = tokio::spawn(mqtt::serve(
+        broker.clone(),
+        listener,
+        tls.map(|(listener, server, _)| (listener, server)),
+        SHUTDOWN_GRACE,
+    ));
     admin_state
         .ready
         .store(true, std::sync::atomic::Ordering::Release);
@@ -308,6 +355,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         why = fatal_rx.wait_for(|f| f.is_some()) => why.ok().and_then(|w| w.clone()),
     };
     let _ = shutdown_tx.send(true);
+    reloads.abort();
     let _ = server.await;
     if let Some(t) = admin {
         t.abort();
@@ -315,7 +363,6 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     }
     drop(admin_state);
     housekeeping.abort();
-    auth_reloader.abort();
     if let Some(t) = sys {
         t.abort();
     }
@@ -383,23 +430,28 @@ fn load_retained(log: &Log, hub: &Hub, now_ms: u64) -> Result<Vec<StateOp>, crat
     Ok(purge)
 }
 
-/// Reloads the password and ACL files on each SIGHUP; a file with an error is reported and
-/// the rules in force stay.
-async fn reload_auth(broker: Arc<Broker>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot listen for SIGHUP, auth files will not be reloaded: {e}");
-            return;
-        }
+/// What SIGHUP does: reads the password and ACL files again (each connection applies the new
+/// rules from its next packet), and the TLS certificate, key and client CA files (new
+/// handshakes use them; open connections stay). A file that fails to load is logged and
+/// what it held before stays in force.
+pub async fn reload(broker: &Arc<Broker>, tls: Option<&TlsServer>) {
+    let b = broker.clone();
+    match tokio::task::spawn_blocking(move || b.auth.reload()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("reloading auth files on SIGHUP: {e}"),
+        Err(e) => tracing::error!("reloading auth files on SIGHUP: {e}"),
+    }
+    let Some(tls) = tls else {
+        return;
     };
-    while hup.recv().await.is_some() {
-        let b = broker.clone();
-        match tokio::task::spawn_blocking(move || b.auth.reload()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!("reloading auth files on SIGHUP: {e}"),
-            Err(e) => tracing::error!("reloading auth files on SIGHUP: {e}"),
+    // A few small files: read in place rather than on a blocking thread.
+    match tls.reload() {
+        Ok(()) => tracing::info!(
+            client_ca = tls.mutual(),
+            "SIGHUP: TLS certificate and key reloaded"
+        ),
+        Err(e) => {
+            tracing::error!("SIGHUP: TLS reload failed, the previous certificate stays in use: {e}")
         }
     }
 }

@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod kafka;
 pub mod mirror;
+pub mod pki;
 
 pub use kafka::{ConsumedRecord, KafkaCluster, PartitionState, ProducedRecord, TimestampType};
 

@@ -697,6 +697,7 @@ async fn clients(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
                 .collect();
             serde_json::json!({
                 "client_id": c.client_id,
+                "username": c.username.as_deref(),
                 "connected": c.connected,
                 "persistent": c.persistent,
                 "session_expiry_secs": c.expiry,

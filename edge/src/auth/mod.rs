@@ -79,8 +79,9 @@ impl std::fmt::Debug for Auth {
 }
 
 impl Auth {
-    /// Loads the configured files.
-    pub fn new(config: &AuthConfig) -> Result<Auth, AuthFileError> {
+    /// Loads the configured files. `mutual_tls`: TLS clients authenticate with certificates
+    /// (so anonymous access is off unless the config allows it).
+    pub fn new(config: &AuthConfig, mutual_tls: bool) -> Result<Auth, AuthFileError> {
         let passwords = match &config.password_file {
             Some(p) => Some(Arc::new(PasswordFile::load(p)?)),
             None => None,
@@ -98,7 +99,7 @@ impl Auth {
         Ok(Auth {
             password_file: config.password_file.clone(),
             acl_file: config.acl_file.clone(),
-            allow_anonymous: config.anonymous_allowed(),
+            allow_anonymous: config.anonymous_allowed(mutual_tls),
             passwords: RwLock::new(passwords),
             acl: RwLock::new(acl),
             acl_generation: AtomicU64::new(0),
@@ -364,7 +365,7 @@ mod tests {
             config.password_file = Some(p);
         }
         config.allow_anonymous = allow_anonymous;
-        Auth::new(&config).unwrap()
+        Auth::new(&config, false).unwrap()
     }
 
     #[tokio::test]
@@ -429,7 +430,7 @@ mod tests {
             acl_file: Some(p.clone()),
             ..AuthConfig::default()
         };
-        let auth = Auth::new(&config).unwrap();
+        let auth = Auth::new(&config, false).unwrap();
         let mut conn = auth.client_rules(None, "dev-a").unwrap();
         assert!(conn.rules.may_publish("devices/dev-a/x"));
         assert!(!conn.refresh(&auth, "dev-a"));

@@ -7,14 +7,14 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -113,19 +113,19 @@ struct PendingAck {
     logged: bool,
 }
 
-/// Serves one TCP connection to its end. `cert_user` is the identity of a verified client
-/// certificate: the client's user name, without a password.
-pub async fn serve(
+/// Serves one connection to its end: the two halves of a TCP stream, or of a TLS stream
+/// over one. `cert_user` is the client's identity from its certificate (mutual TLS).
+pub async fn serve<R, W>(
     broker: Arc<Broker>,
-    stream: TcpStream,
+    mut reader: R,
+    mut writer: W,
     peer: SocketAddr,
-    cert_user: Option<String>,
-) {
-    let _ = stream.set_nodelay(true);
-    let (reader, writer) = stream.into_split();
+    cert_user: Option<Arc<str>>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let mut rbuf = BytesMut::new();
-    let mut reader = reader;
-    let mut writer = writer;
     let max_packet = broker.config.max_packet_size.0 as usize;
     let connect = tokio::time::timeout(
         broker.config.connect_timeout.0,
@@ -153,14 +153,14 @@ pub async fn serve(
                     },
                     &mut out,
                 );
-                let _ = writer.write_all(&out).await;
+                let _ = tokio::time::timeout(FINAL_FLUSH, writer.write_all(&out)).await;
             }
             if refusal.kind.is_none() {
                 tracing::debug!(%peer, reason = %refusal.why, "connection ended");
             } else if let Some(held_back) = limits.log_budget.admit() {
                 tracing::info!(%peer, reason = %refusal.why, held_back, "connection refused");
             }
-            let _ = writer.shutdown().await;
+            let _ = tokio::time::timeout(FINAL_FLUSH, writer.shutdown()).await;
             return;
         }
         Ok(Ok(c)) => c,
@@ -174,15 +174,18 @@ pub async fn serve(
 }
 
 /// Serves a connection from its CONNECT to its end.
-async fn serve_connected(
+async fn serve_connected<R, W>(
     broker: Arc<Broker>,
-    reader: OwnedReadHalf,
-    mut writer: OwnedWriteHalf,
+    reader: R,
+    mut writer: W,
     rbuf: BytesMut,
     peer: SocketAddr,
     connect: Box<ConnectIn>,
-    cert_user: Option<String>,
-) {
+    cert_user: Option<Arc<str>>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let limits = &broker.limits;
     let version = connect.version;
     let refuse = |kind: Refused, code: u8, why: String| async move {
@@ -214,7 +217,7 @@ async fn serve_connected(
             ),
         )
         .await;
-        let _ = writer.write_all(&out).await;
+        send_final(&mut writer, &out).await;
         return;
     }
 
@@ -228,7 +231,7 @@ async fn serve_connected(
                 "an empty client id needs clean session".into(),
             )
             .await;
-            let _ = writer.write_all(&out).await;
+            send_final(&mut writer, &out).await;
             return;
         }
         let id = format!("auto-{:016x}", rand_id());
@@ -247,7 +250,7 @@ async fn serve_connected(
             ),
         )
         .await;
-        let _ = writer.write_all(&out).await;
+        send_final(&mut writer, &out).await;
         return;
     }
     // Authentication, before the session is touched: a refused client takes nothing over.
@@ -256,11 +259,14 @@ async fn serve_connected(
         .authenticate(
             connect.username.as_deref(),
             connect.password.as_deref(),
-            cert_user,
+            cert_user.as_deref().map(str::to_string),
         )
         .await;
-    let acl = match login {
-        Ok(user) => auth.client_rules(user.as_deref(), &client_id),
+    let (username, acl) = match login {
+        Ok(user) => {
+            let acl = auth.client_rules(user.as_deref(), &client_id);
+            (user.map(Arc::<str>::from), acl)
+        }
         Err(refusal) => {
             let (kind, code, why) = match refusal {
                 LoginRefusal::BadCredentials => (
@@ -280,7 +286,7 @@ async fn serve_connected(
             let delay = auth.record_failure(peer.ip());
             tokio::time::sleep(delay).await;
             let out = refuse(kind, code, why).await;
-            let _ = writer.write_all(&out).await;
+            send_final(&mut writer, &out).await;
             return;
         }
     };
@@ -294,7 +300,7 @@ async fn serve_connected(
                 format!("not authorized to publish the will topic {topic:?}"),
             )
             .await;
-            let _ = writer.write_all(&out).await;
+            send_final(&mut writer, &out).await;
             return;
         }
     }
@@ -305,7 +311,7 @@ async fn serve_connected(
             "the log is failing".into(),
         )
         .await;
-        let _ = writer.write_all(&out).await;
+        send_final(&mut writer, &out).await;
         return;
     }
 
@@ -314,7 +320,7 @@ async fn serve_connected(
     let (done_tx, done_rx) = watch::channel(false);
     let attachment = broker
         .sessions
-        .attach(&client_id, control_tx, done_rx)
+        .attach(&client_id, username.clone(), control_tx, done_rx)
         .await;
     let mut ops = Vec::new();
     let hub = &broker.hub;
@@ -378,11 +384,13 @@ async fn serve_connected(
         version,
         client_id: client_id.clone(),
         peer,
+        username,
         reader,
         writer,
         rbuf,
         read_chunk: READ_CHUNK_MIN,
         wbuf: BytesMut::new(),
+        unflushed: false,
         keep_alive: None,
         deadline: Instant::now(),
         inflight: data.qos2.len(),
@@ -428,7 +436,7 @@ async fn serve_connected(
     if !ops.is_empty() {
         if let Err(why) = conn.commit_state(ops).await {
             let out = refuse(Refused::Unavailable, reason::SERVER_BUSY, why).await;
-            let _ = conn.writer.write_all(&out).await;
+            send_final(&mut conn.writer, &out).await;
             conn.publish_will = false;
             conn.finish(attachment.conn, &done_tx).await;
             return;
@@ -455,7 +463,7 @@ async fn serve_connected(
         reason_string: None,
     };
     codec::write_connack(version, &info, &mut conn.wbuf);
-    tracing::debug!(%peer, client_id = %client_id, ?version, session_present, "connected");
+    tracing::debug!(%peer, client_id = %client_id, username = conn.username.as_deref(), ?version, session_present, "connected");
     if session_present && conn.session.durable {
         // Unacknowledged deliveries of the previous connection (or of the edge before a
         // restart) and messages queued while offline: PUBRELs first, then the queue.
@@ -479,8 +487,18 @@ async fn serve_connected(
         }
     }
     let _ = tokio::time::timeout(FINAL_FLUSH, conn.flush()).await;
-    let _ = conn.writer.shutdown().await;
+    let _ = tokio::time::timeout(FINAL_FLUSH, conn.writer.shutdown()).await;
     conn.finish(attachment.conn, &done_tx).await;
+}
+
+/// Writes a last packet (a refusing CONNACK) and closes the connection (over TLS, with a
+/// close_notify), within `FINAL_FLUSH`.
+async fn send_final<W: AsyncWrite + Unpin>(writer: &mut W, out: &[u8]) {
+    let _ = tokio::time::timeout(FINAL_FLUSH, async {
+        writer.write_all(out).await?;
+        writer.shutdown().await
+    })
+    .await;
 }
 
 struct Refusal {
@@ -515,8 +533,8 @@ impl Refusal {
     }
 }
 
-async fn read_connect(
-    reader: &mut OwnedReadHalf,
+async fn read_connect<R: AsyncRead + Unpin>(
+    reader: &mut R,
     rbuf: &mut BytesMut,
     max_packet: usize,
     limits: &Limits,
@@ -597,17 +615,23 @@ fn rand_id() -> u64 {
     h.finish()
 }
 
-struct Connection {
+struct Connection<R, W> {
     broker: Arc<Broker>,
     version: Version,
     client_id: Arc<str>,
     peer: SocketAddr,
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    /// The user the client logged in as: its certificate's identity (mutual TLS) or the
+    /// user name its password was checked for; `None` when anonymous.
+    username: Option<Arc<str>>,
+    reader: R,
+    writer: W,
     rbuf: BytesMut,
     /// Bytes reserved for the next read.
     read_chunk: usize,
     wbuf: BytesMut,
+    /// The writer took all of `wbuf` but may still hold some of it (TLS records buffered in
+    /// rustls): it must be flushed before the peer sees everything.
+    unflushed: bool,
     keep_alive: Option<Duration>,
     deadline: Instant,
     session: SessionData,
@@ -677,7 +701,11 @@ struct Connection {
     paused_until: Option<Instant>,
 }
 
-impl Connection {
+impl<R, W> Connection<R, W>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     async fn run(&mut self, mut control: mpsc::UnboundedReceiver<Control>) -> Result<(), Close> {
         let mut shutdown = self.broker.shutdown.clone();
         self.pump()?;
@@ -695,7 +723,7 @@ impl Connection {
             // Not while the edge itself holds off reading (publish rate).
             let has_deadline = self.keep_alive.is_some() && self.paused_until.is_none();
             let spare = self.prepare_read();
-            let unwritten = !self.wbuf.is_empty();
+            let unwritten = !self.wbuf.is_empty() || self.unflushed;
             tokio::select! {
                 biased;
                 Some(done) = self.commit_rx.recv() => self.on_committed(done)?,
@@ -710,9 +738,10 @@ impl Connection {
                     self.drain_pending().await;
                     return Err(Close::new(reason::SERVER_SHUTTING_DOWN, "the edge is shutting down"));
                 }
-                written = self.writer.writable(), if unwritten => {
-                    if let Err(e) = written {
-                        return Err(Close::new(reason::UNSPECIFIED, format!("write failed: {e}")));
+                written = write_some(&mut self.writer, &self.wbuf), if unwritten => {
+                    match written {
+                        Ok(n) => self.wrote(n)?,
+                        Err(e) => return Err(Close::new(reason::UNSPECIFIED, format!("write failed: {e}"))),
                     }
                 }
                 read = self.reader.read_buf(&mut self.rbuf), if can_read => {
@@ -723,6 +752,9 @@ impl Connection {
                         }
                         Ok(n) => {
                             self.touch();
+                            // TLS may have records to send in answer to what was read (a key
+                            // update); a flush sends them. Plain TCP has nothing to flush.
+                            self.unflushed = true;
                             self.broker.hub.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                             // Publishes accepted before the end (or before an offending
                             // packet) are still committed and acknowledged.
@@ -821,25 +853,20 @@ impl Connection {
         }
     }
 
-    /// Writes what the socket takes without waiting.
+    /// Writes (and flushes) what the writer takes without waiting: polled once with a waker
+    /// that does nothing, as the run loop's next `write_some` registers the real one.
     fn try_flush(&mut self) -> Result<(), Close> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
         while !self.wbuf.is_empty() {
-            match self.writer.try_write(&self.wbuf) {
-                Ok(n) => {
-                    self.broker
-                        .hub
-                        .stats
-                        .bytes_sent
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    let _ = self.wbuf.split_to(n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => {
+            match Pin::new(&mut self.writer).poll_write(&mut cx, &self.wbuf) {
+                Poll::Ready(Ok(n)) => self.wrote(n)?,
+                Poll::Ready(Err(e)) => {
                     return Err(Close::new(
                         reason::UNSPECIFIED,
                         format!("write failed: {e}"),
                     ))
                 }
+                Poll::Pending => return Ok(()),
             }
         }
         if self.wbuf.capacity() > WRITE_BUFFER_KEEP {
@@ -847,6 +874,41 @@ impl Connection {
         } else {
             self.wbuf.clear();
         }
+        if self.unflushed {
+            match Pin::new(&mut self.writer).poll_flush(&mut cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => {
+                    return Err(Close::new(
+                        reason::UNSPECIFIED,
+                        format!("write failed: {e}"),
+                    ))
+                }
+                Poll::Pending => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Accounts for `n` bytes of `wbuf` taken by the writer (0 with `wbuf` empty: a flush
+    /// completed).
+    fn wrote(&mut self, n: usize) -> Result<(), Close> {
+        if self.wbuf.is_empty() {
+            self.unflushed = false;
+            return Ok(());
+        }
+        if n == 0 {
+            return Err(Close::new(
+                reason::UNSPECIFIED,
+                "write failed: the connection takes no more bytes",
+            ));
+        }
+        self.broker
+            .hub
+            .stats
+            .bytes_sent
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let _ = self.wbuf.split_to(n);
+        self.unflushed = true;
         Ok(())
     }
 
@@ -873,6 +935,11 @@ impl Connection {
                 self.wbuf.clear();
             }
         }
+        self.writer
+            .flush()
+            .await
+            .map_err(|e| Close::new(reason::UNSPECIFIED, format!("write failed: {e}")))?;
+        self.unflushed = false;
         Ok(())
     }
 
@@ -1874,6 +1941,22 @@ impl Connection {
     }
 }
 
+/// Writes some of `wbuf`, or flushes the writer when `wbuf` is empty; resolves with the bytes
+/// taken (0 for a flush) once the writer makes progress. Nothing is written unless it
+/// resolves, so it may be dropped unfinished.
+fn write_some<'a, W: AsyncWrite + Unpin>(
+    writer: &'a mut W,
+    wbuf: &'a [u8],
+) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        if wbuf.is_empty() {
+            Pin::new(&mut *writer).poll_flush(cx).map_ok(|()| 0)
+        } else {
+            Pin::new(&mut *writer).poll_write(cx, wbuf)
+        }
+    })
+}
+
 /// The packet id of a delivery with a durable queue entry.
 fn durable_pkid(seq: u64) -> u16 {
     (seq % 65_535) as u16 + 1
@@ -2089,4 +2172,136 @@ fn validate_topic<'a>(topic: &'a [u8], cfg: &crate::config::MqttConfig) -> Resul
         ));
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, FsyncMode};
+    use crate::log::appender;
+    use crate::log::Log;
+    use crate::mqtt::delivery::OutboxLimits;
+    use crate::mqtt::session::SessionStore;
+    use crate::route::Router;
+    use std::sync::atomic::AtomicUsize;
+
+    /// 3.1.1 CONNECT of client "c1", clean session, keepalive 60.
+    const CONNECT: &[u8] = &[
+        0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'c', b'1',
+    ];
+    /// QoS 1 PUBLISH of "hi" to "t/1", packet id 1.
+    const PUBLISH: &[u8] = &[0x32, 9, 0, 3, b't', b'/', b'1', 0, 1, b'h', b'i'];
+
+    /// A broker over a new log in `dir`, as `server::run` builds one (without listeners).
+    type Running = (
+        Arc<Broker>,
+        watch::Sender<bool>,
+        std::thread::JoinHandle<Result<(), String>>,
+    );
+
+    fn broker(dir: &std::path::Path) -> Running {
+        let config = Config::default();
+        let plan = config.route_plan().unwrap();
+        let log = Arc::new(Log::open(dir, Some(&plan.topics), None).unwrap());
+        let hub = Hub::new(OutboxLimits {
+            messages: 1000,
+            bytes: 1 << 20,
+            offline_messages: 1000,
+        });
+        let (sessions, _) = SessionStore::load(&log, &hub, now_ms()).unwrap();
+        let (appender, thread) =
+            appender::spawn(log.clone(), FsyncMode::Never, 1000, 64, 1, |_| {});
+        let router = Router::new(&plan, |name| {
+            let t = log.topic(name).unwrap();
+            (t.id, t.partitions.len() as u32)
+        });
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let broker = Broker {
+            config: config.mqtt.clone(),
+            router,
+            log,
+            appender,
+            sessions,
+            hub,
+            append_budget: Arc::new(tokio::sync::Semaphore::new(
+                super::super::APPEND_BUDGET_BYTES as usize,
+            )),
+            connections: AtomicUsize::new(1),
+            limits: Default::default(),
+            shutdown,
+            auth: crate::auth::Auth::new(&config.auth, false).unwrap(),
+        };
+        (Arc::new(broker), shutdown_tx, thread)
+    }
+
+    /// A writer whose flush completes only when polled again after it said Pending (having
+    /// woken the caller), as a TLS stream's flush completes once its full socket drains.
+    struct SlowFlush<W> {
+        inner: W,
+        ready: bool,
+    }
+
+    impl<W: AsyncWrite + Unpin> AsyncWrite for SlowFlush<W> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            if !self.ready {
+                self.ready = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.ready = false;
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// What a TLS stream does when the socket is full: the writer takes bytes and holds them
+    /// until it is flushed, and the flush itself may have to wait. The connection must see
+    /// the flush through, or its peer waits forever.
+    #[tokio::test]
+    async fn packets_reach_a_writer_that_holds_bytes_until_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, _shutdown, appender_thread) = broker(dir.path());
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (reader, writer) = tokio::io::split(server);
+        let writer = SlowFlush {
+            inner: tokio::io::BufWriter::new(writer),
+            ready: false,
+        };
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let conn = tokio::spawn(serve(broker.clone(), reader, writer, peer, None));
+
+        let mut got = [0u8; 4];
+        client.write_all(CONNECT).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("the CONNACK was flushed")
+            .unwrap();
+        assert_eq!(got, [0x20, 2, 0, 0]);
+        client.write_all(PUBLISH).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("the PUBACK was flushed")
+            .unwrap();
+        assert_eq!(got, [0x40, 2, 0, 1]);
+
+        drop(client);
+        conn.await.unwrap();
+        let _ = broker.appender.send(AppenderMsg::Shutdown).await;
+        drop(broker);
+        appender_thread.join().unwrap().unwrap();
+    }
 }

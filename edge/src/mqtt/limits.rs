@@ -38,6 +38,9 @@ pub enum Refused {
     /// Not allowed in: anonymous while anonymous access is off, or a will the ACL forbids
     /// (5.0: 0x87, 3.1.1: 5).
     NotAuthorized,
+    /// The TLS handshake failed: no or a bad client certificate, no common version or
+    /// cipher, not TLS at all.
+    TlsHandshake,
 }
 
 /// Bytes of buffers node-wide that connections may hold for CONNECT packets still being
@@ -52,7 +55,7 @@ pub const CONNECT_FREE_BYTES: usize = 4096;
 
 impl Refused {
     /// Every reason, in the order they are exposed.
-    pub const ALL: [Refused; 10] = [
+    pub const ALL: [Refused; 11] = [
         Refused::PerAddress,
         Refused::MaxConnections,
         Refused::ConnectTimeout,
@@ -63,6 +66,7 @@ impl Refused {
         Refused::ConnectMemory,
         Refused::BadCredentials,
         Refused::NotAuthorized,
+        Refused::TlsHandshake,
     ];
 
     /// The metric label.
@@ -78,6 +82,7 @@ impl Refused {
             Refused::ConnectMemory => "connect_memory",
             Refused::BadCredentials => "bad_credentials",
             Refused::NotAuthorized => "not_authorized",
+            Refused::TlsHandshake => "tls_handshake",
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The MQTT front end: a TCP listener and one task per connection.
+//! The MQTT front end: a plain TCP listener, optionally a TLS one, and one task per
+//! connection.
 
 pub mod codec;
 pub mod connection;
@@ -6,6 +7,7 @@ pub mod delivery;
 pub mod limits;
 pub mod session;
 pub mod subs;
+pub mod tls;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -110,39 +112,85 @@ fn refused_at_accept(broker: &Broker, peer: std::net::SocketAddr, why: limits::R
     tracing::warn!(%peer, held_back, "connection closed at accept: {because}");
 }
 
-/// Accepts connections until shutdown, then waits (up to `grace`) for them to end.
-pub async fn serve(broker: Arc<Broker>, listener: TcpListener, grace: std::time::Duration) {
+/// Accepts connections on the plain listener and, when given, the TLS one until shutdown,
+/// then waits (up to `grace`) for them to end. Both share `max_connections`.
+pub async fn serve(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    tls: Option<(TcpListener, Arc<tls::TlsServer>)>,
+    grace: std::time::Duration,
+) {
     let mut shutdown = broker.shutdown.clone();
     let mut tasks = JoinSet::new();
     loop {
-        tokio::select! {
+        let accepted = tokio::select! {
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let guard = match admit(&broker, peer.ip()) {
-                        Ok(guard) => guard,
-                        Err(why) => {
-                            drop(stream);
-                            refused_at_accept(&broker, peer, why);
-                            continue;
+            accepted = listener.accept() => accepted.map(|(stream, peer)| (stream, peer, None)),
+            accepted = async { tls.as_ref().expect("guarded").0.accept().await }, if tls.is_some() => {
+                let server = tls.as_ref().map(|(_, server)| server.clone());
+                accepted.map(|(stream, peer)| (stream, peer, server))
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        match accepted {
+            Ok((stream, peer, tls)) => {
+                let guard = match admit(&broker, peer.ip()) {
+                    Ok(guard) => guard,
+                    Err(why) => {
+                        drop(stream);
+                        refused_at_accept(&broker, peer, why);
+                        continue;
+                    }
+                };
+                let b = broker.clone();
+                let _ = stream.set_nodelay(true);
+                tasks.spawn(async move {
+                    match tls {
+                        None => {
+                            let (reader, writer) = stream.into_split();
+                            connection::serve(b, reader, writer, peer, None).await;
                         }
-                    };
-                    let b = broker.clone();
-                    tasks.spawn(async move {
-                        connection::serve(b, stream, peer, None).await;
-                        drop(guard);
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                        Some(tls) => serve_tls(b, &tls, stream, peer).await,
+                    }
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         }
     }
     drop(listener);
+    drop(tls);
     let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
+}
+
+/// Handshakes in the connection's own task (so a slow client never holds up the accept
+/// loop), within `connect_timeout`, then serves MQTT over the TLS stream.
+async fn serve_tls(
+    broker: Arc<Broker>,
+    tls: &tls::TlsServer,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+) {
+    let limit = broker.config.connect_timeout.0;
+    match tokio::time::timeout(limit, tls.accept(stream)).await {
+        Ok(Ok((stream, cert_user))) => {
+            let (reader, writer) = tokio::io::split(stream);
+            connection::serve(broker, reader, writer, peer, cert_user).await;
+        }
+        Ok(Err(e)) => {
+            broker.limits.refused(limits::Refused::TlsHandshake);
+            if let Some(held_back) = broker.limits.log_budget.admit() {
+                tracing::info!(%peer, reason = %e, held_back, "TLS connection refused");
+            }
+        }
+        Err(_) => {
+            broker.limits.refused(limits::Refused::ConnectTimeout);
+            tracing::debug!(%peer, "no TLS handshake in time; closing");
+        }
+    }
 }

@@ -49,6 +49,8 @@ pub struct SessionData {
 
 struct Attached {
     conn: u64,
+    /// The client's authenticated name (from its TLS certificate), if any.
+    username: Option<Arc<str>>,
     control: mpsc::UnboundedSender<Control>,
     done: watch::Receiver<bool>,
 }
@@ -125,6 +127,8 @@ pub struct SessionInfo {
     pub expiry: u32,
     /// When its client disconnected (ms since the epoch), while disconnected.
     pub disconnected_at_ms: Option<u64>,
+    /// The connected client's authenticated name (from its TLS certificate), if any.
+    pub username: Option<Arc<str>>,
     /// Its delivery side.
     pub sub: Option<Arc<Subscriber>>,
 }
@@ -246,6 +250,7 @@ impl SessionStore {
     pub async fn attach(
         &self,
         client_id: &str,
+        username: Option<Arc<str>>,
         control: mpsc::UnboundedSender<Control>,
         done: watch::Receiver<bool>,
     ) -> Attachment {
@@ -271,6 +276,7 @@ impl SessionStore {
                         entry.last_conn = conn;
                         entry.attached = Some(Attached {
                             conn,
+                            username: username.clone(),
                             control: control.clone(),
                             done: done.clone(),
                         });
@@ -295,6 +301,7 @@ impl SessionStore {
                                 data: SessionData::default(),
                                 attached: Some(Attached {
                                     conn,
+                                    username: username.clone(),
                                     control: control.clone(),
                                     done: done.clone(),
                                 }),
@@ -426,6 +433,7 @@ impl SessionStore {
                 persistent: e.data.durable,
                 expiry: e.data.expiry,
                 disconnected_at_ms: (e.attached.is_none()).then_some(e.disconnected_at_ms),
+                username: e.attached.as_ref().and_then(|a| a.username.clone()),
                 sub: e.data.sub.clone(),
             })
             .collect();
@@ -460,14 +468,14 @@ mod tests {
         };
         let (c1, mut r1) = mpsc::unbounded_channel();
         let (d1_tx, d1) = watch::channel(false);
-        let a1 = store.attach("dev", c1, d1).await;
+        let a1 = store.attach("dev", None, c1, d1).await;
         assert!(a1.previous.is_none());
         let store = std::sync::Arc::new(store);
         let s2 = store.clone();
         let second = tokio::spawn(async move {
             let (c2, _r2) = mpsc::unbounded_channel();
             let (_d2_tx, d2) = watch::channel(false);
-            s2.attach("dev", c2, d2).await
+            s2.attach("dev", None, c2, d2).await
         });
         assert_eq!(r1.recv().await, Some(Control::TakenOver));
         let mut data = SessionData {
