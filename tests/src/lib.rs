@@ -212,6 +212,12 @@ impl Edge {
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("edge.toml"), config).unwrap();
+        Edge::start_in(dir, addr, admin)
+    }
+
+    /// Starts an edge from `dir/edge.toml`, written by the caller, whose data directory is
+    /// `dir/data` and whose MQTT and admin listeners are `addr` and `admin`.
+    pub fn start_in(dir: tempfile::TempDir, addr: SocketAddr, admin: SocketAddr) -> Edge {
         let mut edge = Edge {
             dir,
             addr,
