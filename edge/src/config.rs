@@ -1475,20 +1475,26 @@ mod tests {
         );
     }
 
-    #[test]
-    fn client_certificates_turn_anonymous_access_off() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A `[tls]` section naming a self-signed certificate (`s.pem`) and its key (`s.key`),
+    /// written to `dir`.
+    fn tls_section(dir: &std::path::Path) -> String {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
             .unwrap()
             .self_signed(&key)
             .unwrap();
-        std::fs::write(dir.path().join("s.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("s.key"), key.serialize_pem()).unwrap();
-        let tls = format!(
+        std::fs::write(dir.join("s.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("s.key"), key.serialize_pem()).unwrap();
+        format!(
             "[tls]\ncert_file = \"{0}/s.pem\"\nkey_file = \"{0}/s.key\"\n",
-            dir.path().display()
-        );
+            dir.display()
+        )
+    }
+
+    #[test]
+    fn client_certificates_turn_anonymous_access_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = tls_section(dir.path());
         let c = Config::parse(&tls, "t.toml").unwrap();
         assert!(!c.mutual_tls());
         assert!(
@@ -1571,17 +1577,7 @@ mod tests {
     #[test]
     fn tls_section_defaults() {
         let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        std::fs::write(dir.path().join("s.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("s.key"), key.serialize_pem()).unwrap();
-        let text = format!(
-            "[tls]\ncert_file = \"{0}/s.pem\"\nkey_file = \"{0}/s.key\"\n",
-            dir.path().display()
-        );
+        let text = tls_section(dir.path());
         let c = Config::parse(&text, "t.toml").unwrap();
         let tls = c.tls.unwrap();
         assert_eq!(tls.listen.to_string(), "0.0.0.0:8883");

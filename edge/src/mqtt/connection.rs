@@ -1162,17 +1162,7 @@ where
                     ),
                 ));
             }
-            let kind = match p.qos {
-                QoS::AtMostOnce => return Ok(()),
-                QoS::AtLeastOnce => AckKind::PubAck,
-                QoS::ExactlyOnce => AckKind::PubRec,
-            };
-            self.req_acks.push(Deferred::Ack(PendingAck {
-                kind,
-                pkid: p.pkid,
-                code: reason::NOT_AUTHORIZED,
-                logged: false,
-            }));
+            self.refuse_publish(p.qos, p.pkid, reason::NOT_AUTHORIZED);
             return Ok(());
         }
 
@@ -1185,17 +1175,7 @@ where
             if self.version == Version::V311 && p.qos != QoS::AtMostOnce {
                 return Err(Close::new(reason::QUOTA_EXCEEDED, "disk budget reached"));
             }
-            let kind = match p.qos {
-                QoS::AtMostOnce => return Ok(()),
-                QoS::AtLeastOnce => AckKind::PubAck,
-                QoS::ExactlyOnce => AckKind::PubRec,
-            };
-            self.req_acks.push(Deferred::Ack(PendingAck {
-                kind,
-                pkid: p.pkid,
-                code: reason::QUOTA_EXCEEDED,
-                logged: false,
-            }));
+            self.refuse_publish(p.qos, p.pkid, reason::QUOTA_EXCEEDED);
             return Ok(());
         }
 
@@ -1254,6 +1234,22 @@ where
             }
         }
         Ok(())
+    }
+
+    /// Answers a refused QoS 1/2 publish with `code` (after what was accepted before it); a
+    /// refused QoS 0 publish is dropped silently.
+    fn refuse_publish(&mut self, qos: QoS, pkid: u16, code: u8) {
+        let kind = match qos {
+            QoS::AtMostOnce => return,
+            QoS::AtLeastOnce => AckKind::PubAck,
+            QoS::ExactlyOnce => AckKind::PubRec,
+        };
+        self.req_acks.push(Deferred::Ack(PendingAck {
+            kind,
+            pkid,
+            code,
+            logged: false,
+        }));
     }
 
     fn on_pubrel(&mut self, pkid: u16) {
