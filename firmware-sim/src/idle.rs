@@ -141,7 +141,10 @@ pub async fn idle(options: IdleOptions) -> Result<IdleReport, SimError> {
         let attempts_done = attempts_done.clone();
         let total = options.connections;
         tokio::spawn(async move {
-            let permit = gate.acquire_owned().await.expect("the gate is never closed");
+            let permit = gate
+                .acquire_owned()
+                .await
+                .expect("the gate is never closed");
             let opened = connection.open().await;
             drop(permit);
             let ended = |counters: &Counters| {
@@ -228,7 +231,9 @@ impl IdleConnection {
             .connect(self.target)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        stream.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("nodelay: {e}"))?;
         let mut out = BytesMut::with_capacity(64);
         wire::write_connect_with(
             self.protocol,
