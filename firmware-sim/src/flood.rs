@@ -181,10 +181,17 @@ async fn connect(conn: &FloodConnection) -> Result<(TcpStream, Option<u16>), Str
             .map_err(|e| format!("connect to {}: {e}", settings.url.original))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         let mut out = BytesMut::new();
-        wire::write_connect(
+        // The keep-alive is announced (some brokers, rumqttd among them, refuse 0) but no
+        // PINGREQ is needed: a flood connection is never idle for that long.
+        wire::write_connect_with(
             settings.protocol,
-            &conn.identity.client_id,
-            settings.credentials.as_ref(),
+            wire::ConnectFields {
+                client_id: &conn.identity.client_id,
+                credentials: settings.credentials.as_ref(),
+                keep_alive_secs: u16::try_from(settings.keep_alive.as_secs()).unwrap_or(u16::MAX),
+                clean: true,
+                session_expiry_secs: None,
+            },
             &mut out,
         )?;
         stream.write_all(&out).await.map_err(|e| e.to_string())?;

@@ -75,6 +75,7 @@ pub mod broker;
 pub mod device;
 pub mod error;
 pub mod flood;
+pub mod idle;
 pub mod kafka;
 pub mod ledger;
 pub mod lightweight;

@@ -10,6 +10,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use firmware_sim::broker::{
     parse_source_ips, BrokerUrl, ConnectSettings, Protocol, SessionKind, TlsFiles,
 };
+use firmware_sim::idle::{idle, IdleOptions};
 use firmware_sim::kafka::{read_kafka, KafkaSecurity, KafkaSource};
 use firmware_sim::payload::PayloadKind;
 use firmware_sim::plan::{ClassDefaults, FleetPlan};
@@ -58,6 +59,14 @@ enum Command {
     /// refuses the connection or a filter (SUBACK >= 0x80), or on other errors.
     #[command(after_help = SUBSCRIBE_EXAMPLES)]
     Subscribe(Box<SubscribeArgs>),
+    /// Open many idle MQTT connections and hold them (connection-scale benchmarks).
+    ///
+    /// Each connection sends CONNECT with --keep-alive, waits for its CONNACK and then only
+    /// pings. Writes --ready-file once every attempt has ended, and prints one line at the
+    /// end of --hold: connected=N failed=F connect_seconds=S open=N closed=N. Exit 1 when a
+    /// connection failed or was closed by the broker.
+    #[command(after_help = IDLE_EXAMPLES)]
+    Idle(Box<IdleArgs>),
     /// A discarding / acknowledging MQTT endpoint for benchmarks and tests.
     #[command(hide = true)]
     Sink(SinkArgs),
@@ -73,6 +82,10 @@ const SUBSCRIBE_EXAMPLES: &str = "Examples:
   firmware-sim subscribe --broker mqtt://127.0.0.1:1883 --filter 'sensors/#' --qos 1 --duration 10s
   firmware-sim subscribe --filter '#' --count 1000000 --report sub.json
   firmware-sim subscribe --filter '#' --qos 1 --no-read --duration 30s   # a slow subscriber";
+
+const IDLE_EXAMPLES: &str = "Examples:
+  firmware-sim idle --broker mqtt://127.0.0.1:1883 --connections 100000 \\
+      --source-ips 127.0.1.0-127.0.1.255 --hold 30s --ready-file ready.json --report idle.json";
 
 fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|e| format!("{e}; write e.g. 10s, 500ms, 2m"))
@@ -382,6 +395,44 @@ struct SubscribeArgs {
 }
 
 #[derive(Args)]
+struct IdleArgs {
+    /// Broker URL: mqtt://host[:port] (plain TCP only).
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// MQTT protocol version.
+    #[arg(long, value_enum, default_value = "3.1.1")]
+    protocol: Protocol,
+    /// Connections to open.
+    #[arg(long)]
+    connections: u64,
+    /// Bind the sockets to these local IPv4 addresses in turn, e.g. 127.0.1.0-127.0.1.255,
+    /// since one address has only ~28k ports towards one broker.
+    #[arg(long)]
+    source_ips: Option<String>,
+    /// Keep-alive asked for in every CONNECT, with a PINGREQ every half of it.
+    #[arg(long, value_parser = duration, default_value = "60s")]
+    keep_alive: Duration,
+    /// How long to hold the connections once every attempt has ended.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    hold: Duration,
+    /// Most connection attempts in progress at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Time allowed for TCP and CONNACK, per connection.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    connect_timeout: Duration,
+    /// Client ids are this prefix followed by the connection's number.
+    #[arg(long, default_value = "idle-")]
+    client_id_prefix: String,
+    /// Write the report so far (JSON) here as soon as every attempt has ended, before the hold.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Write the final report as JSON to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct SinkArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:18831")]
@@ -569,6 +620,44 @@ async fn subscribe_command(args: SubscribeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn idle_command(args: IdleArgs) -> anyhow::Result<ExitCode> {
+    let options = IdleOptions {
+        broker: BrokerUrl::parse("--broker", &args.broker)?,
+        protocol: args.protocol,
+        connections: args.connections,
+        source_ips: match &args.source_ips {
+            Some(text) => parse_source_ips("--source-ips", text)?,
+            None => Vec::new(),
+        },
+        keep_alive: args.keep_alive,
+        hold: args.hold,
+        connect_concurrency: args.connect_concurrency,
+        connect_timeout: args.connect_timeout,
+        client_id_prefix: args.client_id_prefix,
+        ready_file: args.ready_file,
+    };
+    let report = idle(options).await?;
+    println!(
+        "connected={} failed={} connect_seconds={:.2} open={} closed={}",
+        report.connected,
+        report.failed,
+        report.connect_seconds,
+        report.open_at_end,
+        report.closed_while_held
+    );
+    for (error, count) in &report.errors {
+        eprintln!("{count} x {error}");
+    }
+    if let Some(path) = &args.report {
+        report::write_json(path, &report)?;
+    }
+    Ok(if report.failed == 0 && report.closed_while_held == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
 /// Writes the JSON report if asked, prints the table and the summary line, and picks the exit
 /// code.
 fn report_verdict(args: &VerifyArgs, verdict: &VerifyReport) -> anyhow::Result<ExitCode> {
@@ -620,6 +709,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run_command(*args).await,
             Command::Verify(args) => verify_command(*args).await,
             Command::Subscribe(args) => subscribe_command(*args).await,
+            Command::Idle(args) => idle_command(*args).await,
             Command::Sink(args) => serve(SinkOptions {
                 listen: args.listen,
                 ack: args.ack,
