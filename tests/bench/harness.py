@@ -74,7 +74,7 @@ class Harness:
             return
         if proc.poll() is None:
             try:
-                proc.send_signal(sig)
+                proc.send_signal(getattr(proc, "stop_signal", sig))
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
@@ -128,6 +128,8 @@ class Harness:
                 f.write(RUMQTTD_CONFIG.format(port=self.port, max_connections=max_connections))
             argv = [self.args.rumqttd, "--quiet", "--config", config]
         proc = self.spawn(argv, f"{broker}.log")
+        if broker == "rumqttd":
+            proc.stop_signal = signal.SIGTERM  # it does not end on SIGINT
         deadline = time.time() + 30
         while not port_open(self.port):
             if proc.poll() is not None:
