@@ -112,6 +112,14 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Unlabelled series of one kind, each with its family header: (name, help, value).
+fn series(out: &mut String, kind: &str, list: &[(&str, &str, u64)]) {
+    for (name, help, v) in list {
+        family(out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+}
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -133,27 +141,25 @@ fn render_limit_metrics(limits: &Limits, out: &mut String) {
             limits.refused_count(why)
         );
     }
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 3] = [
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let counters = [
         (
             "tributary_publish_rate_limited_total",
             "Connections closed for staying over max_publish_rate (5.0: 0x96 Message rate too high).",
-            &limits.rate_disconnects,
+            load(&limits.rate_disconnects),
         ),
         (
             "tributary_publish_rate_throttled_total",
             "Times a connection over max_publish_rate was not read until it was within the rate.",
-            &limits.rate_throttles,
+            load(&limits.rate_throttles),
         ),
         (
             "tributary_subscriptions_refused_total",
             "Subscriptions refused because the session held max_subscriptions_per_client.",
-            &limits.subscriptions_refused,
+            load(&limits.subscriptions_refused),
         ),
     ];
-    for (name, help, v) in counters {
-        family(out, name, "counter", help);
-        let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
-    }
+    series(out, "counter", &counters);
 }
 
 /// The metrics in Prometheus text format.
@@ -272,10 +278,7 @@ pub fn render_metrics(s: &AdminState) -> String {
             b.auth.stats.failures.load(Ordering::Relaxed),
         ),
     ];
-    for (name, help, v) in counters {
-        family(&mut out, name, "counter", help);
-        let _ = writeln!(out, "{name} {v}");
-    }
+    series(&mut out, "counter", counters);
     render_limit_metrics(&b.limits, &mut out);
     let (connected, disconnected) = b.sessions.counts();
     let gauges: [(&str, &str, u64); 5] = [
@@ -305,10 +308,7 @@ pub fn render_metrics(s: &AdminState) -> String {
             log.total_bytes(),
         ),
     ];
-    for (name, help, v) in gauges {
-        family(&mut out, name, "gauge", help);
-        let _ = writeln!(out, "{name} {v}");
-    }
+    series(&mut out, "gauge", &gauges);
     family(
         &mut out,
         "tributary_sessions_connected",
@@ -368,7 +368,7 @@ pub fn render_metrics(s: &AdminState) -> String {
                 at as f64 / 1000.0
             );
         }
-        for (name, help, v) in [
+        let mirrored = [
             (
                 "tributary_mirror_records_total",
                 "Records committed to Kafka by this process.",
@@ -384,10 +384,8 @@ pub fn render_metrics(s: &AdminState) -> String {
                 "Kafka transactions committed by this process.",
                 st.transactions,
             ),
-        ] {
-            family(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {v}");
-        }
+        ];
+        series(&mut out, "counter", &mirrored);
         family(
             &mut out,
             "tributary_mirror_transaction_commit_seconds",
