@@ -23,7 +23,7 @@ pub mod status;
 pub use config::{MirrorConfig, Security};
 pub use mirror::{Mirror, MirrorError};
 pub use source::{
-    Header, MemorySource, PartitionBounds, PartitionedSource, SourceError, SourceRecord,
-    SourceTopic,
+    GroupPosition, Header, MemorySource, PartitionBounds, PartitionedSource, SourceError,
+    SourceRecord, SourceTopic,
 };
 pub use status::{LinkState, MirrorStatus, PartitionStatus};

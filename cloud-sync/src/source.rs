@@ -90,6 +90,20 @@ pub enum SourceError {
     },
 }
 
+/// Where a consumer group of the source stands in one partition: every record below
+/// `next_offset` has been processed by the group (durably, at the source).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPosition {
+    /// Group name; the Kafka consumer group it is replicated to has the same id.
+    pub group: String,
+    /// Source topic.
+    pub topic: String,
+    /// Partition number.
+    pub partition: u32,
+    /// First offset the group has not processed.
+    pub next_offset: u64,
+}
+
 /// A partitioned log the mirror reads in order.
 pub trait PartitionedSource: Send + Sync + 'static {
     /// Every topic of the source.
@@ -109,6 +123,12 @@ pub trait PartitionedSource: Send + Sync + 'static {
         max_records: usize,
         out: &mut Vec<SourceRecord>,
     ) -> Result<(), SourceError>;
+
+    /// The committed positions of the source's consumer groups, to be replicated to Kafka.
+    /// A source without groups has none.
+    fn group_positions(&self) -> Vec<GroupPosition> {
+        Vec::new()
+    }
 }
 
 #[derive(Debug, Default)]
