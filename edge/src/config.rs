@@ -75,6 +75,9 @@ pub struct Config {
     /// A TLS listener for MQTT, beside the plain one. Without this section the edge serves
     /// plain TCP only.
     pub tls: Option<TlsConfig>,
+    /// Durable consumer groups over log topics, read by MQTT clients through shared
+    /// subscriptions.
+    pub groups: Vec<GroupConfig>,
 }
 
 /// `[auth]`: client authentication (password file) and authorization (ACL file).
@@ -627,6 +630,37 @@ pub struct RouteConfig {
     /// Partition count of the log topic (may instead be set in `[topics.<name>]`).
     #[serde(default)]
     pub partitions: Option<Spanned<u32>>,
+}
+
+/// `[[groups]]`: a durable consumer group. MQTT clients that subscribe to
+/// `$share/{name}/{filter}` become its members: the group's partitions are shared out among
+/// the online members, each partition to one member, and each member receives its
+/// partitions' records from the log, in offset order, from the group's committed position
+/// (those whose MQTT topic matches its filter). The position advances past records the
+/// member acknowledged, is kept in the data directory, and is replicated to the Kafka
+/// consumer group of the same name when `[cloud]` is set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Group name: the share name members subscribe with, and the Kafka consumer group id.
+    pub name: String,
+    /// Log topics the group reads.
+    pub topics: Vec<String>,
+    /// Where a new group (or a partition it has no position in yet) starts: `"earliest"`,
+    /// the first record held, or `"latest"`, the records appended from then on.
+    #[serde(default)]
+    pub start: GroupStart,
+}
+
+/// Where a group without a stored position starts; see `GroupConfig::start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupStart {
+    /// At the first record the partition holds.
+    #[default]
+    Earliest,
+    /// At the partition's end.
+    Latest,
 }
 
 /// How acknowledgements relate to fsync; see `StorageConfig::fsync`.
@@ -1245,6 +1279,49 @@ impl Config {
                 }
             }
         }
+        for (i, g) in self.groups.iter().enumerate() {
+            let at = |field: &str| {
+                let key = format!("groups[{i}].{field}");
+                let line = text
+                    .match_indices(&format!("\"{}\"", g.name))
+                    .next()
+                    .map(|(b, _)| b..b);
+                (line, key)
+            };
+            if let Err(why) = validate_group_name(&g.name) {
+                let (line, key) = at("name");
+                return Err(invalid(line, key, why));
+            }
+            if self.groups[..i].iter().any(|o| o.name == g.name) {
+                let (line, key) = at("name");
+                return Err(invalid(
+                    line,
+                    key,
+                    format!(
+                        "the group \"{}\" is declared twice: give each group its own name",
+                        g.name
+                    ),
+                ));
+            }
+            if g.topics.is_empty() {
+                let (line, key) = at("topics");
+                return Err(invalid(
+                    line,
+                    key,
+                    "a group reads at least one log topic: list them, e.g. topics = [\"telemetry\"]".into(),
+                ));
+            }
+            for t in &g.topics {
+                if !topics.iter().any(|p| &p.name == t) {
+                    let (line, key) = at("topics");
+                    return Err(invalid(
+                        line,
+                        key,
+                        format!("\"{t}\" is not a topic of this edge (a route, [topics.*] or the default route names its topics)"),
+                    ));
+                }
+            }
+        }
         Ok(RoutePlan {
             routes,
             default_topic: self.default_route.topic.clone(),
@@ -1256,6 +1333,24 @@ impl Config {
     pub fn route_plan(&self) -> Result<RoutePlan, ConfigError> {
         self.plan("", EMBEDDED)
     }
+}
+
+/// A group name is an MQTT share name (no `/`, `+` or `#`) and a Kafka group id.
+fn validate_group_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 200 {
+        return Err(format!(
+            "group name \"{name}\" must have 1 to 200 characters"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| matches!(c, '/' | '+' | '#') || c.is_control() || c.is_whitespace())
+    {
+        return Err(format!(
+            "group name \"{name}\" has {c:?}: members subscribe to $share/{{name}}/{{filter}}, where the name may not hold '/', '+', '#', spaces or control characters"
+        ));
+    }
+    Ok(())
 }
 
 /// Log topic names follow Kafka's rules, so that `{site}.{topic}` is a valid Kafka topic.
@@ -1623,5 +1718,37 @@ mod tests {
         let cloud = Config::parse(examples[1], "README.md").unwrap();
         let m = cloud.cloud.unwrap().mirror_config().unwrap();
         assert_eq!(m.kafka_topic("telemetry"), "plant-7.telemetry");
+    }
+
+    #[test]
+    fn groups_are_checked_at_load() {
+        let base = "[[routes]]\nmatch = \"sensors/+/#\"\ntopic = \"telemetry\"\n";
+        let ok = Config::parse(
+            &format!("{base}[[groups]]\nname = \"alarms\"\ntopics = [\"telemetry\"]\nstart = \"latest\"\n"),
+            "g.toml",
+        )
+        .unwrap();
+        assert_eq!(ok.groups[0].start, GroupStart::Latest);
+        let err = |text: &str| {
+            Config::parse(&format!("{base}{text}"), "g.toml")
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("[[groups]]\nname = \"alarms\"\ntopics = [\"nope\"]\n");
+        assert!(
+            e.contains("groups[0].topics") && e.contains("\"nope\" is not a topic"),
+            "{e}"
+        );
+        let e = err("[[groups]]\nname = \"a/b\"\ntopics = [\"telemetry\"]\n");
+        assert!(e.contains("groups[0].name") && e.contains("'/'"), "{e}");
+        let e = err("[[groups]]\nname = \"a\"\ntopics = []\n");
+        assert!(e.contains("at least one log topic"), "{e}");
+        let e = err("[[groups]]\nname = \"a\"\ntopics = [\"telemetry\"]\n[[groups]]\nname = \"a\"\ntopics = [\"telemetry\"]\n");
+        assert!(
+            e.contains("groups[1].name") && e.contains("declared twice"),
+            "{e}"
+        );
+        let e = err("[[groups]]\nname = \"a\"\ntopics = [\"telemetry\"]\nstart = \"middle\"\n");
+        assert!(e.contains("middle"), "{e}");
     }
 }

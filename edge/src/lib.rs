@@ -1,10 +1,12 @@
 //! Tributary edge node: MQTT in, a durable partitioned log on fjall.
 //!
-//! Data flows one way: socket ([`mqtt`]) -> route ([`route`]) -> log ([`log`]).
+//! Data flows one way: socket ([`mqtt`]) -> route ([`route`]) -> log ([`log`]) -> (fan-out,
+//! consumer [`groups`], mirror).
 
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod groups;
 pub mod log;
 pub mod mqtt;
 pub mod recent;

@@ -99,6 +99,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The durable consumer groups, per partition: committed position, end offset, lag,
+    /// owner and records lost to retention. Works while
+    /// the edge runs (from the status it rewrites every second) and after it stopped.
+    Groups {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<GroupsAction>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupsAction {
+    /// Move a group's positions, on a stopped node.
+    Reset {
+        /// The group.
+        #[arg(long)]
+        group: String,
+        /// `earliest`, `latest`, or an offset (the same in every partition, kept within
+        /// what each partition holds).
+        #[arg(long)]
+        to: edge::groups::ResetTo,
+    },
 }
 
 fn main() -> ExitCode {
@@ -222,6 +246,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => read(&config, topic, partition, from, limit, json),
         Command::MirrorStatus { json } => mirror_status(&config, json),
+        Command::Groups {
+            action: Some(GroupsAction::Reset { group, to }),
+            ..
+        } => groups_reset(&config, &group, to),
+        Command::Groups { json, action: None } => groups(&config, json),
     }
 }
 
@@ -340,7 +369,7 @@ fn mirror_status(config: &Config, json: bool) -> anyhow::Result<()> {
     // status file is at most a second old.
     let running = match Log::open(dir, None, None) {
         Ok(log) => {
-            let source = edge::uplink::LogSource(std::sync::Arc::new(log));
+            let source = edge::uplink::LogSource::new(std::sync::Arc::new(log));
             status.refresh_from(&source);
             false
         }
@@ -405,6 +434,177 @@ fn mirror_status(config: &Config, json: bool) -> anyhow::Result<()> {
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// The groups' reports: from the running edge's status file, or from a stopped node's log.
+fn groups(config: &Config, json: bool) -> anyhow::Result<()> {
+    use edge::groups::{stored_positions, GroupStatus, PartitionPosition};
+    let dir = &config.storage.data_dir;
+    let (running, mut list) = match open_stopped(config) {
+        Ok(log) => {
+            let stored = stored_positions(&log, None)?;
+            let mut names: Vec<String> = config.groups.iter().map(|g| g.name.clone()).collect();
+            for s in &stored {
+                if !names.contains(&s.group) {
+                    names.push(s.group.clone());
+                }
+            }
+            let list = names
+                .into_iter()
+                .map(|name| {
+                    let mut topics: Vec<String> = config
+                        .groups
+                        .iter()
+                        .find(|g| g.name == name)
+                        .map(|g| g.topics.clone())
+                        .unwrap_or_default();
+                    for s in stored.iter().filter(|s| s.group == name) {
+                        if !topics.contains(&s.topic) {
+                            topics.push(s.topic.clone());
+                        }
+                    }
+                    let mut partitions = Vec::new();
+                    for t in &topics {
+                        let Some(tl) = log.topic(t) else { continue };
+                        for (i, p) in tl.partitions.iter().enumerate() {
+                            let end = p.durable_end.load(std::sync::atomic::Ordering::Relaxed);
+                            let committed = stored
+                                .iter()
+                                .find(|s| {
+                                    s.group == name && &s.topic == t && s.partition == i as u32
+                                })
+                                .map(|s| s.committed);
+                            partitions.push(PartitionPosition {
+                                topic: t.clone(),
+                                partition: i as u32,
+                                committed: committed.unwrap_or(0),
+                                end,
+                                lag: committed.map_or(end, |c| end.saturating_sub(c)),
+                                ..Default::default()
+                            });
+                        }
+                    }
+                    GroupStatus {
+                        name,
+                        topics,
+                        partitions,
+                        ..Default::default()
+                    }
+                })
+                .collect::<Vec<_>>();
+            (false, list)
+        }
+        Err(_) if dir.join(edge::groups::STATUS_FILE).exists() => (
+            true,
+            edge::groups::read_status(dir).map_err(anyhow::Error::msg)?,
+        ),
+        Err(e) => return Err(e),
+    };
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if json {
+        let doc = serde_json::json!({ "edge_running": running, "groups": list });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    } else {
+        for g in &list {
+            writeln!(
+                out,
+                "group {} (topics {}; {} members online{})",
+                g.name,
+                g.topics.join(", "),
+                g.members.len(),
+                if running { "" } else { ", edge stopped" }
+            )?;
+            writeln!(
+                out,
+                "  {:<24} {:>4} {:>12} {:>12} {:>10} {:>8}  OWNER",
+                "TOPIC", "PART", "POSITION", "END", "LAG", "LOST"
+            )?;
+            for p in &g.partitions {
+                writeln!(
+                    out,
+                    "  {:<24} {:>4} {:>12} {:>12} {:>10} {:>8}  {}",
+                    p.topic,
+                    p.partition,
+                    p.committed,
+                    p.end,
+                    p.lag,
+                    p.lost,
+                    p.owner.as_deref().unwrap_or("-")
+                )?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Moves a group's stored positions on a stopped node.
+fn groups_reset(config: &Config, group: &str, to: edge::groups::ResetTo) -> anyhow::Result<()> {
+    let log = match open_stopped(config) {
+        Ok(log) => std::sync::Arc::new(log),
+        Err(e) => {
+            if matches!(
+                e.downcast_ref::<edge::log::LogError>(),
+                Some(edge::log::LogError::Locked(_))
+            ) {
+                bail!("the edge is running on {}: stop it first (positions change only on a stopped node)", config.storage.data_dir.display());
+            }
+            return Err(e);
+        }
+    };
+    let mut topics: Vec<String> = config
+        .groups
+        .iter()
+        .find(|g| g.name == group)
+        .map(|g| g.topics.clone())
+        .unwrap_or_default();
+    for s in edge::groups::stored_positions(&log, Some(group))? {
+        if !topics.contains(&s.topic) {
+            topics.push(s.topic);
+        }
+    }
+    if topics.is_empty() {
+        bail!("no group \"{group}\": it is neither declared in the config's [[groups]] nor stored in {}", config.storage.data_dir.display());
+    }
+    let (ops, positions) = edge::groups::reset_ops(&log, group, &topics, to)?;
+    let (tx, thread) = edge::log::appender::spawn(
+        log.clone(),
+        edge::config::FsyncMode::Always,
+        1,
+        4,
+        1,
+        |_| {},
+    );
+    let (reply_tx, mut reply_rx) = tokio::sync::mpsc::unbounded_channel();
+    let sent = tx.blocking_send(edge::log::appender::AppenderMsg::Append(
+        edge::log::appender::AppendRequest {
+            state: ops,
+            reply: Some(edge::log::appender::ReplyTo {
+                tx: reply_tx,
+                ticket: 1,
+            }),
+            ..Default::default()
+        },
+    ));
+    let _ = tx.blocking_send(edge::log::appender::AppenderMsg::Shutdown);
+    drop(tx);
+    let joined = thread.join();
+    sent.map_err(|_| anyhow::anyhow!("the log writer ended before the reset was written"))?;
+    match reply_rx.blocking_recv().map(|c| c.outcome) {
+        Some(Ok(())) => {}
+        Some(Err(why)) => bail!("writing the new positions: {why}"),
+        None => bail!("the log writer ended before the reset was written"),
+    }
+    match joined {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => bail!("closing the log: {why}"),
+        Err(_) => bail!("the log writer panicked"),
+    }
+    for p in positions {
+        println!("{} {}/{} -> {}", p.group, p.topic, p.partition, p.committed);
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, FsyncMode};
+use crate::groups::Groups;
 use crate::log::appender::{self, now_ms, AppendRequest, AppenderMsg, StateOp};
 use crate::log::{Budget, Log, LogError};
 use crate::mqtt::delivery::{Hub, Message, OutboxLimits, TAG_RETAINED};
@@ -51,6 +52,8 @@ const MIRROR_STATUS_EVERY: Duration = Duration::from_secs(1);
 /// grace, the edge exits within 5 s of the signal; an unfinished transaction is aborted by
 /// Kafka and mirrored again at the next start, from the checkpoint).
 const MIRROR_STOP_GRACE: Duration = Duration::from_secs(2);
+/// How often the groups status file is rewritten.
+const GROUPS_STATUS_EVERY: Duration = Duration::from_secs(1);
 /// Exit status after a second SIGINT/SIGTERM.
 pub const EXIT_SECOND_SIGNAL: i32 = 130;
 
@@ -75,6 +78,8 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         bytes: config.mqtt.max_queued_bytes.0 as usize,
         offline_messages: config.mqtt.max_offline_messages,
     });
+    let group_names: Vec<&str> = config.groups.iter().map(|g| g.name.as_str()).collect();
+    hub.declare_durable_groups(&group_names);
     let (sessions, mut purge) = SessionStore::load(&log, &hub, now_ms())?;
     let retained = load_retained(&log, &hub, now_ms())?;
     purge.extend(retained);
@@ -153,6 +158,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             }
         );
     }
+    let groups_cell: Arc<std::sync::OnceLock<Arc<Groups>>> = Arc::default();
     let mirror = match &config.cloud {
         None => {
             tracing::info!("no uplink configured: records stay in the local log");
@@ -175,7 +181,10 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
                 site = %mirror_config.site,
                 "mirroring the log to Kafka"
             );
-            let source = Arc::new(crate::uplink::LogSource(log.clone()));
+            let source = Arc::new(crate::uplink::LogSource::with_groups(
+                log.clone(),
+                groups_cell.clone(),
+            ));
             let previous = crate::uplink::read_status(&config.storage.data_dir).ok();
             let mirror = cloud_sync::Mirror::start_after(mirror_config, source, previous)
                 .map_err(|e| refused("mirror", e.to_string()))?;
@@ -241,6 +250,27 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         auth,
     });
 
+    let groups = Arc::new(Groups::start(&config.groups, &broker)?);
+    let _ = groups_cell.set(groups.clone());
+    let groups_status = (!config.groups.is_empty()).then(|| {
+        let groups = groups.clone();
+        let dir = config.storage.data_dir.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(GROUPS_STATUS_EVERY);
+            loop {
+                tick.tick().await;
+                let status = groups.status();
+                let dir = dir.clone();
+                let written =
+                    tokio::task::spawn_blocking(move || crate::groups::write_status(&dir, &status))
+                        .await;
+                if let Ok(Err(e)) = written {
+                    tracing::warn!("writing the groups status: {e}");
+                }
+            }
+        })
+    });
+
     let housekeeping = {
         let broker = broker.clone();
         let every = config.storage.retention_check_interval.0;
@@ -293,6 +323,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let admin_state = Arc::new(crate::admin::AdminState {
         broker: broker.clone(),
         mirror: mirror.clone(),
+        groups: groups.clone(),
         ready: std::sync::atomic::AtomicBool::new(false),
         token: config.admin.token().map_err(|(key, message)| {
             crate::config::ConfigError::Invalid {
@@ -357,6 +388,24 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let _ = shutdown_tx.send(true);
     reloads.abort();
     let _ = server.await;
+    if let Some(t) = groups_status {
+        t.abort();
+        let _ = t.await;
+    }
+    {
+        // Members are gone; the groups store their last positions before the log closes.
+        let groups = groups.clone();
+        let dir = config.storage.data_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            groups.stop();
+            if !groups.status().is_empty() {
+                if let Err(e) = crate::groups::write_status(&dir, &groups.status()) {
+                    tracing::warn!("writing the groups status: {e}");
+                }
+            }
+        })
+        .await;
+    }
     if let Some(t) = admin {
         t.abort();
         let _ = t.await;

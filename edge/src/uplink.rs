@@ -9,13 +9,14 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cloud_sync::{
     Header, MirrorStatus, PartitionBounds, PartitionedSource, SourceError, SourceRecord,
     SourceTopic,
 };
 
+use crate::groups::Groups;
 use crate::log::record::Record;
 use crate::log::Log;
 
@@ -27,11 +28,25 @@ pub fn status_path(data_dir: &Path) -> PathBuf {
     data_dir.join(STATUS_FILE)
 }
 
-/// The edge log, read by the mirror.
+/// The edge log, read by the mirror, with the positions of its consumer groups.
 #[derive(Debug, Clone)]
-pub struct LogSource(pub Arc<Log>);
+pub struct LogSource {
+    log: Arc<Log>,
+    /// Set once the groups have started (after the mirror, which starts first).
+    groups: Arc<OnceLock<Arc<Groups>>>,
+}
 
 impl LogSource {
+    /// The log alone.
+    pub fn new(log: Arc<Log>) -> LogSource {
+        LogSource::with_groups(log, Arc::default())
+    }
+
+    /// The log and the groups, once `groups` is set.
+    pub fn with_groups(log: Arc<Log>, groups: Arc<OnceLock<Arc<Groups>>>) -> LogSource {
+        LogSource { log, groups }
+    }
+
     fn partition(
         &self,
         topic: &str,
@@ -41,7 +56,7 @@ impl LogSource {
             topic: topic.to_string(),
             partition,
         };
-        let t = self.0.topic(topic).ok_or_else(unknown)?;
+        let t = self.log.topic(topic).ok_or_else(unknown)?;
         let p = t.partitions.get(partition as usize).ok_or_else(unknown)?;
         Ok((t, p))
     }
@@ -49,7 +64,7 @@ impl LogSource {
 
 impl PartitionedSource for LogSource {
     fn topics(&self) -> Vec<SourceTopic> {
-        self.0
+        self.log
             .topics()
             .iter()
             .map(|t| SourceTopic {
@@ -82,7 +97,7 @@ impl PartitionedSource for LogSource {
         let start = p.start.load(Ordering::Acquire);
         let available = end.saturating_sub(from.max(start)) as usize;
         let records = self
-            .0
+            .log
             .read(t.id, partition, from, max_records.min(available))
             .map_err(|e| SourceError::Read {
                 topic: topic.to_string(),
@@ -96,6 +111,10 @@ impl PartitionedSource for LogSource {
                 .map(source_record),
         );
         Ok(())
+    }
+
+    fn group_positions(&self) -> Vec<cloud_sync::GroupPosition> {
+        self.groups.get().map(|g| g.positions()).unwrap_or_default()
     }
 }
 
@@ -245,7 +264,7 @@ mod tests {
             1,
             |_| {},
         );
-        let source = LogSource(log.clone());
+        let source = LogSource::new(log.clone());
         append(&tx, 5);
         assert_eq!(source.bounds("mqtt", 0).unwrap().end, 0);
         let mut out = Vec::new();
@@ -273,7 +292,9 @@ mod tests {
         drop(tx);
         thread.join().unwrap().unwrap();
         let mut out = Vec::new();
-        LogSource(log).read("mqtt", 0, 1, 10, &mut out).unwrap();
+        LogSource::new(log)
+            .read("mqtt", 0, 1, 10, &mut out)
+            .unwrap();
         assert_eq!(out.len(), 1);
         let r = &out[0];
         assert_eq!((r.offset, r.timestamp_ms), (1, 1001));

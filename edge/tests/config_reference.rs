@@ -28,6 +28,8 @@ fn sample(dir: &Path) -> Vec<(&'static str, &'static str, String)> {
         ("topics.example", "", String::new()),
         ("[routes]", "match", "\"sensors/+/#\"".into()),
         ("[routes]", "topic", "\"telemetry\"".into()),
+        ("[groups]", "name", "\"alarms\"".into()),
+        ("[groups]", "topics", "[\"telemetry\"]".into()),
         (
             "tls",
             "cert_file",

@@ -25,6 +25,8 @@ pub struct AdminState {
     pub broker: Arc<Broker>,
     /// The Kafka mirror, when configured.
     pub mirror: Option<Arc<cloud_sync::Mirror>>,
+    /// The durable consumer groups.
+    pub groups: Arc<crate::groups::Groups>,
     /// Set once the MQTT listener is bound and serving.
     pub ready: AtomicBool,
     /// Bearer token required on every request, if any.
@@ -50,6 +52,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/api/v1/clients", get(clients))
         .route("/api/v1/mirror", get(mirror))
+        .route("/api/v1/groups", get(groups))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
@@ -280,6 +283,7 @@ pub fn render_metrics(s: &AdminState) -> String {
     ];
     series(&mut out, "counter", counters);
     render_limit_metrics(&b.limits, &mut out);
+    render_group_metrics(&s.groups.status(), &mut out);
     let (connected, disconnected) = b.sessions.counts();
     let gauges: [(&str, &str, u64); 5] = [
         (
@@ -426,6 +430,74 @@ pub fn render_metrics(s: &AdminState) -> String {
         }
     }
     out
+}
+
+/// The consumer groups' series.
+fn render_group_metrics(groups: &[crate::groups::GroupStatus], out: &mut String) {
+    if groups.is_empty() {
+        return;
+    }
+    type PerGroup = fn(&crate::groups::GroupStatus) -> u64;
+    let per_group: [(&str, &str, &str, PerGroup); 4] = [
+        (
+            "tributary_group_members",
+            "gauge",
+            "Online members of each consumer group.",
+            |g| g.members.len() as u64,
+        ),
+        (
+            "tributary_group_records_delivered_total",
+            "counter",
+            "Records each consumer group handed to its members.",
+            |g| g.delivered,
+        ),
+        (
+            "tributary_group_records_acknowledged_total",
+            "counter",
+            "Records each consumer group's members acknowledged.",
+            |g| g.acknowledged,
+        ),
+        (
+            "tributary_group_records_lost_total",
+            "counter",
+            "Records retention deleted before each consumer group read them.",
+            |g| g.lost,
+        ),
+    ];
+    for (name, kind, help, value) in per_group {
+        family(out, name, kind, help);
+        for g in groups {
+            let _ = writeln!(out, "{name}{{group=\"{}\"}} {}", label(&g.name), value(g));
+        }
+    }
+    type PerPartition = fn(&crate::groups::PartitionPosition) -> u64;
+    let per_partition: [(&str, &str, PerPartition); 2] = [
+        (
+            "tributary_group_position",
+            "Stored position of each consumer group in each partition: every record below it is processed.",
+            |p| p.committed,
+        ),
+        (
+            "tributary_group_lag_records",
+            "Records of each partition a consumer group has not processed.",
+            |p| p.lag,
+        ),
+    ];
+    for (name, help, value) in per_partition {
+        family(out, name, "gauge", help);
+        for g in groups {
+            for p in &g.partitions {
+                let _ = writeln!(
+                    out,
+                    "{name}{{group=\"{}\",topic=\"{}\",partition=\"{}\"}} {}",
+                    label(&g.name),
+                    label(&p.topic),
+                    p.partition,
+                    value(p)
+                );
+            }
+        }
+    }
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
@@ -706,6 +778,10 @@ async fn clients(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
         })
         .collect();
     Json(serde_json::json!({ "clients": clients }))
+}
+
+async fn groups(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "groups": s.groups.status() }))
 }
 
 async fn mirror(State(s): State<Arc<AdminState>>) -> Response {

@@ -24,7 +24,7 @@ use super::codec::{
 };
 use super::delivery::{
     client_prefix, parse_queue_value, queue_key, retained_key, split_client_key,
-    subscription_value, Delivery, Fanouts, Hub, Message, Subscriber, Target, TAG_QUEUED,
+    subscription_value, Delivery, Fanouts, GroupAck, Hub, Message, Subscriber, Target, TAG_QUEUED,
     TAG_RELEASED, TAG_SUBSCRIPTION,
 };
 use super::limits::{Limits, PublishRate, RateVerdict, Refused, CONNECT_BUFFER_BUDGET};
@@ -95,12 +95,14 @@ struct PendingReq {
 }
 
 /// An outbound QoS 1 or 2 PUBLISH awaiting its acknowledgement.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct OutFlight {
     qos: u8,
     seq: Option<u64>,
     /// QoS 2: PUBREC received, PUBREL sent.
     released: bool,
+    /// A durable consumer group's record: reported done at the end of the flow.
+    group: Option<GroupAck>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1490,6 +1492,7 @@ where
                             sub_ids: s.id.into_iter().collect(),
                             seq: None,
                             dup: false,
+                            group: None,
                         });
                     }
                 }
@@ -1532,9 +1535,11 @@ where
     }
 
     fn on_puback(&mut self, pkid: u16) {
-        if let Some(f) = self.inflight_out.get(&pkid).copied() {
-            if f.qos == 1 {
-                self.inflight_out.remove(&pkid);
+        if self.inflight_out.get(&pkid).is_some_and(|f| f.qos == 1) {
+            if let Some(f) = self.inflight_out.remove(&pkid) {
+                if let Some(g) = &f.group {
+                    g.done();
+                }
                 if let Some(seq) = f.seq {
                     self.req.state.push(StateOp::Delete {
                         key: queue_key(TAG_QUEUED, &self.client_id, seq),
@@ -1551,10 +1556,13 @@ where
         if f.qos != 2 {
             return;
         }
-        let f = *f;
+        let f = f.clone();
         if code >= 0x80 {
             // The subscriber refused it: the flow ends here.
             self.inflight_out.remove(&pkid);
+            if let Some(g) = &f.group {
+                g.done();
+            }
             if let Some(seq) = f.seq {
                 self.req.state.push(StateOp::Delete {
                     key: queue_key(TAG_QUEUED, &self.client_id, seq),
@@ -1594,9 +1602,15 @@ where
     }
 
     fn on_pubcomp(&mut self, pkid: u16) {
-        if let Some(f) = self.inflight_out.get(&pkid).copied() {
-            if f.qos == 2 && f.released {
-                self.inflight_out.remove(&pkid);
+        if self
+            .inflight_out
+            .get(&pkid)
+            .is_some_and(|f| f.qos == 2 && f.released)
+        {
+            if let Some(f) = self.inflight_out.remove(&pkid) {
+                if let Some(g) = &f.group {
+                    g.done();
+                }
                 if let Some(seq) = f.seq {
                     self.req.state.push(StateOp::Delete {
                         key: queue_key(TAG_RELEASED, &self.client_id, seq),
@@ -1626,6 +1640,7 @@ where
                     qos: 2,
                     seq: Some(seq),
                     released: true,
+                    group: None,
                 },
             );
             codec::write_ack(
@@ -1715,6 +1730,7 @@ where
                 sub_ids: entry.sub_ids,
                 seq: Some(seq),
                 dup,
+                group: None,
             });
         }
     }
@@ -1823,6 +1839,7 @@ where
                         qos: d.qos,
                         seq: d.seq,
                         released: false,
+                        group: d.group,
                     },
                 );
             }
@@ -1841,6 +1858,9 @@ where
 
     /// Drops a delivery that will not be sent, with its durable entry.
     fn forget(&mut self, d: &Delivery) {
+        if let Some(g) = &d.group {
+            g.done();
+        }
         if let Some(seq) = d.seq {
             self.req.state.push(StateOp::Delete {
                 key: queue_key(TAG_QUEUED, &self.client_id, seq),

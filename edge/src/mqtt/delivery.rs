@@ -139,6 +139,44 @@ pub struct Delivery {
     pub seq: Option<u64>,
     /// Whether it may have been sent before (DUP).
     pub dup: bool,
+    /// For a record of a durable consumer group: where its acknowledgement is reported.
+    pub group: Option<GroupAck>,
+}
+
+/// Where a durable consumer group learns that its members are done with records: the
+/// connection that delivered a record reports its offset here when the member acknowledged
+/// it (PUBACK, PUBCOMP, or a refusing PUBREC) or when the record was not sent for good
+/// (expired, too large for the client, denied by the ACL). The group's engine drains it.
+#[derive(Debug, Default)]
+pub struct AckInbox {
+    offsets: Mutex<Vec<u64>>,
+}
+
+impl AckInbox {
+    /// Moves the reported offsets into `out`.
+    pub fn drain_into(&self, out: &mut Vec<u64>) {
+        out.append(&mut self.offsets.lock().expect("ack inbox lock"));
+    }
+}
+
+/// One group record on its way to a member: done when the member is done with it.
+#[derive(Debug, Clone)]
+pub struct GroupAck {
+    /// The record's partition inbox.
+    pub inbox: Arc<AckInbox>,
+    /// The record's offset.
+    pub offset: u64,
+}
+
+impl GroupAck {
+    /// Reports the record as processed by the member.
+    pub fn done(&self) {
+        self.inbox
+            .offsets
+            .lock()
+            .expect("ack inbox lock")
+            .push(self.offset);
+    }
 }
 
 /// Bounds of one session's outbox.
@@ -177,6 +215,9 @@ pub struct Subscriber {
     outbox: Mutex<Outbox>,
     /// Signalled when the outbox gets a message.
     pub notify: Notify,
+    /// Bumped whenever a connection attaches or detaches: what was pushed to the outbox
+    /// before the change may never have been sent.
+    pub epoch: AtomicU64,
 }
 
 impl Subscriber {
@@ -190,6 +231,7 @@ impl Subscriber {
             sent: Mutex::new(std::collections::HashSet::new()),
             outbox: Mutex::new(Outbox::default()),
             notify: Notify::new(),
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -267,6 +309,7 @@ impl Subscriber {
     pub fn set_online(&self, online: bool) -> usize {
         self.online.store(online, Ordering::Release);
         let mut ob = self.lock();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         let lost = ob
             .queue
             .iter()
@@ -285,6 +328,18 @@ impl Subscriber {
     pub fn queued(&self) -> usize {
         self.lock().queue.len()
     }
+}
+
+/// A session subscribed to a durable consumer group: `$share/{group}/{filter}`.
+#[derive(Debug, Clone)]
+pub struct DurableMember {
+    /// The session.
+    pub sub: Arc<Subscriber>,
+    /// The filter after the share name; the group delivers the records whose MQTT topic it
+    /// matches.
+    pub filter: String,
+    /// Its subscription options (granted QoS, subscription id).
+    pub opts: super::subs::SubOptions,
 }
 
 /// A subscriber as a key of the subscription index: equal when it is the same session.
@@ -394,6 +449,10 @@ pub struct Hub {
     /// before the restart, so they are resent with DUP set.
     pub boot_seq: AtomicU64,
     retained: RwLock<HashMap<Bytes, Arc<Message>>>,
+    /// Members of the durable consumer groups, by group.
+    durable: Mutex<HashMap<Arc<str>, Vec<DurableMember>>>,
+    /// Bumped whenever a durable group gains, loses or changes a member subscription.
+    pub durable_generation: AtomicU64,
     /// Outbox bounds.
     pub limits: OutboxLimits,
     /// Counters.
@@ -524,9 +583,69 @@ impl Hub {
             count: AtomicU64::new(0),
             boot_seq: AtomicU64::new(0),
             retained: RwLock::new(HashMap::new()),
+            durable: Mutex::new(HashMap::new()),
+            durable_generation: AtomicU64::new(0),
             limits,
             stats: Stats::default(),
         }
+    }
+
+    /// Declares the durable consumer groups: `$share/{name}/{filter}` subscriptions to
+    /// them make their sessions group members instead of live shared subscribers. Called
+    /// once, before any subscription is added.
+    pub fn declare_durable_groups(&self, names: &[&str]) {
+        self.tree
+            .write()
+            .expect("subscription lock")
+            .set_durable_groups(names.iter().copied());
+        let mut durable = self.durable.lock().expect("durable lock");
+        for name in names {
+            durable.insert(Arc::from(*name), Vec::new());
+        }
+    }
+
+    /// The members of durable group `name` (sessions and their filters in the group, online
+    /// or not).
+    pub fn durable_members(&self, name: &str) -> Vec<DurableMember> {
+        self.durable
+            .lock()
+            .expect("durable lock")
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Keeps the durable member index in step with a subscription added (`Some(opts)`) or
+    /// removed (`None`).
+    fn track_durable(
+        &self,
+        sub: &Arc<Subscriber>,
+        filter: &str,
+        opts: Option<super::subs::SubOptions>,
+    ) {
+        let (Some(group), inner) = super::subs::split_shared(filter) else {
+            return;
+        };
+        let mut durable = self.durable.lock().expect("durable lock");
+        let Some(members) = durable.get_mut(group) else {
+            return;
+        };
+        let at = members
+            .iter()
+            .position(|m| Arc::ptr_eq(&m.sub, sub) && m.filter == inner);
+        match (at, opts) {
+            (Some(i), Some(opts)) => members[i].opts = opts,
+            (None, Some(opts)) => members.push(DurableMember {
+                sub: sub.clone(),
+                filter: inner.to_string(),
+                opts,
+            }),
+            (Some(i), None) => {
+                members.remove(i);
+            }
+            (None, None) => return,
+        }
+        self.durable_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Adds or replaces a subscription; returns whether it replaced one.
@@ -539,6 +658,8 @@ impl Hub {
         let mut tree = self.tree.write().expect("subscription lock");
         let replaced = tree.subscribe(SubRef(sub.clone()), filter, opts);
         self.count.store(tree.len() as u64, Ordering::Relaxed);
+        drop(tree);
+        self.track_durable(sub, filter, Some(opts));
         replaced
     }
 
@@ -558,6 +679,8 @@ impl Hub {
         }
         let replaced = tree.subscribe(who, filter, opts);
         self.count.store(tree.len() as u64, Ordering::Relaxed);
+        drop(tree);
+        self.track_durable(sub, filter, Some(opts));
         Some(replaced)
     }
 
@@ -566,6 +689,10 @@ impl Hub {
         let mut tree = self.tree.write().expect("subscription lock");
         let existed = tree.unsubscribe(&SubRef(sub.clone()), filter);
         self.count.store(tree.len() as u64, Ordering::Relaxed);
+        drop(tree);
+        if existed {
+            self.track_durable(sub, filter, None);
+        }
         existed
     }
 
@@ -574,6 +701,17 @@ impl Hub {
         let mut tree = self.tree.write().expect("subscription lock");
         tree.remove_all(&SubRef(sub.clone()));
         self.count.store(tree.len() as u64, Ordering::Relaxed);
+        drop(tree);
+        let mut durable = self.durable.lock().expect("durable lock");
+        let mut changed = false;
+        for members in durable.values_mut() {
+            let before = members.len();
+            members.retain(|m| !Arc::ptr_eq(&m.sub, sub));
+            changed |= members.len() != before;
+        }
+        if changed {
+            self.durable_generation.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// A session's subscriptions (filter, options).
@@ -720,6 +858,7 @@ impl Hub {
                     sub_ids: t.sub_ids,
                     seq,
                     dup: false,
+                    group: None,
                 };
                 let i = if batches.get(last).is_some_and(|b| Arc::ptr_eq(&b.0, &t.sub)) {
                     last
@@ -919,6 +1058,7 @@ mod tests {
             sub_ids: Vec::new(),
             seq: None,
             dup: false,
+            group: None,
         };
         assert!(s.push(d(0), &limits));
         assert!(s.push(d(1), &limits));

@@ -58,6 +58,9 @@ struct SharedGroup<S> {
     /// Where the next round-robin pick starts. Atomic because matching runs through `&self`
     /// (under a read lock), and concurrent matches may each advance it.
     cursor: AtomicUsize,
+    /// Backed by a durable consumer group: its members read the log through the group, so
+    /// live publishes are not matched to them.
+    durable: bool,
 }
 
 impl<S: Eq> SharedGroup<S> {
@@ -217,7 +220,7 @@ impl<S: Clone + Eq + Hash> Node<S> {
             opts: *opts,
             group: None,
         }));
-        for (name, shared) in &self.groups {
+        for (name, shared) in self.groups.iter().filter(|(_, g)| !g.durable) {
             if let Some((who, opts)) = shared.pick(eligible) {
                 out.push(Match {
                     who: who.clone(),
@@ -240,7 +243,7 @@ impl<S: Clone + Eq + Hash> Node<S> {
 }
 
 /// Splits `$share/{group}/{filter}` into its group and filter; a plain filter has no group.
-fn split_shared(filter: &str) -> (Option<&str>, &str) {
+pub fn split_shared(filter: &str) -> (Option<&str>, &str) {
     match filter
         .strip_prefix(SHARE_PREFIX)
         .and_then(|rest| rest.split_once('/'))
@@ -258,6 +261,8 @@ pub struct SubscriptionTree<S> {
     /// branches of the trie.
     filters: HashMap<S, HashSet<Box<str>>>,
     len: usize,
+    /// Share names of durable consumer groups (see `SharedGroup::durable`).
+    durable: HashSet<Box<str>>,
 }
 
 impl<S: Clone + Eq + Hash> Default for SubscriptionTree<S> {
@@ -272,7 +277,13 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
             root: Node::new(),
             filters: HashMap::new(),
             len: 0,
+            durable: HashSet::new(),
         }
+    }
+
+    /// Declares the share names backed by durable consumer groups; set before subscribing.
+    pub fn set_durable_groups<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
+        self.durable = names.into_iter().map(Box::from).collect();
     }
 
     /// Adds or replaces `who`'s subscription to `filter`. `filter` is already validated
@@ -292,6 +303,7 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
                     let shared = SharedGroup {
                         members: Vec::new(),
                         cursor: AtomicUsize::new(0),
+                        durable: self.durable.contains(name),
                     };
                     node.groups.insert(name.into(), shared);
                 }

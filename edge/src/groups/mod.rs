@@ -1,0 +1,425 @@
+//! Durable consumer groups: named sets of positions over log partitions, read by MQTT
+//! clients through shared subscriptions (`$share/{group}/{filter}`).
+//!
+//! # On-disk format
+//!
+//! In the log's `meta` keyspace, one entry per group and partition:
+//! `b'g' | group_len u16 | group | topic_len u16 | topic | partition u32` ->
+//! `committed u64 | lease u64` (big-endian). `committed` is the group's position: every record
+//! below it has been processed by the group. `lease` bounds what may have been handed to a
+//! member: nothing at or above it was sent before it was stored.
+//!
+//! # Invariants
+//!
+//! - Positions are written through the appender's group commits, so they are as durable as
+//!   the records, and never ahead of what members acknowledged.
+//! - A stored position only grows, except through `edge groups reset` on a stopped node.
+//! - Records are handed to one member per partition at a time (see [`engine`]).
+//!
+//! # Recovery
+//!
+//! After a crash a group resumes at its stored positions: records acknowledged after the
+//! last stored position are delivered again (at-least-once), with DUP set when they are below
+//! the stored lease and so may have been sent before. A partition without a stored position
+//! starts per the group's `start` setting.
+
+pub mod assign;
+mod engine;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{GroupConfig, GroupStart};
+use crate::log::{Log, LogError};
+use crate::mqtt::Broker;
+
+/// Meta key tag of group positions.
+pub const TAG_GROUP: u8 = b'g';
+
+/// File name of the group status in the data directory, rewritten every second by a running
+/// edge, read by `edge groups` while the edge runs.
+pub const STATUS_FILE: &str = "groups-status.json";
+
+/// Writes the groups status file in `data_dir` (temporary file, then rename).
+pub fn write_status(data_dir: &std::path::Path, status: &[GroupStatus]) -> std::io::Result<()> {
+    let path = data_dir.join(STATUS_FILE);
+    let tmp = data_dir.join(format!("{STATUS_FILE}.tmp"));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// Reads the groups status file a running edge keeps in `data_dir`.
+pub fn read_status(data_dir: &std::path::Path) -> Result<Vec<GroupStatus>, String> {
+    let path = data_dir.join(STATUS_FILE);
+    let text = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The meta key prefix of one group's positions.
+pub fn group_prefix(group: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + group.len());
+    k.push(TAG_GROUP);
+    k.extend_from_slice(&(group.len() as u16).to_be_bytes());
+    k.extend_from_slice(group.as_bytes());
+    k
+}
+
+/// The meta key of a group's position in one partition.
+pub fn position_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
+    let mut k = group_prefix(group);
+    k.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    k.extend_from_slice(topic.as_bytes());
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// The stored value of a position.
+pub fn position_value(committed: u64, lease: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&committed.to_be_bytes());
+    v[8..].copy_from_slice(&lease.to_be_bytes());
+    v
+}
+
+/// A stored position, read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPosition {
+    /// Group name.
+    pub group: String,
+    /// Log topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// First record not processed by the group.
+    pub committed: u64,
+    /// Nothing at or above it was handed out before it was stored.
+    pub lease: u64,
+}
+
+fn parse_position(key: &[u8], value: &[u8]) -> Option<StoredPosition> {
+    let rest = key.strip_prefix(&[TAG_GROUP])?;
+    let (glen, rest) = rest.split_first_chunk::<2>()?;
+    let glen = u16::from_be_bytes(*glen) as usize;
+    let group = std::str::from_utf8(rest.get(..glen)?).ok()?;
+    let rest = &rest[glen..];
+    let (tlen, rest) = rest.split_first_chunk::<2>()?;
+    let tlen = u16::from_be_bytes(*tlen) as usize;
+    let topic = std::str::from_utf8(rest.get(..tlen)?).ok()?;
+    let partition: [u8; 4] = rest.get(tlen..)?.try_into().ok()?;
+    let value: [u8; 16] = value.try_into().ok()?;
+    Some(StoredPosition {
+        group: group.to_string(),
+        topic: topic.to_string(),
+        partition: u32::from_be_bytes(partition),
+        committed: u64::from_be_bytes(value[..8].try_into().expect("8 bytes")),
+        lease: u64::from_be_bytes(value[8..].try_into().expect("8 bytes")),
+    })
+}
+
+/// Every stored position (of `group` only, when given), in key order.
+pub fn stored_positions(log: &Log, group: Option<&str>) -> Result<Vec<StoredPosition>, LogError> {
+    let prefix = match group {
+        Some(g) => group_prefix(g),
+        None => vec![TAG_GROUP],
+    };
+    log.meta_scan(&prefix)?
+        .into_iter()
+        .map(|(k, v)| {
+            parse_position(&k, &v).ok_or_else(|| {
+                LogError::CorruptMeta(format!("group position {:?}", String::from_utf8_lossy(&k)))
+            })
+        })
+        .collect()
+}
+
+/// One partition of a group, as reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionPosition {
+    /// Log topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// The stored position: every record below it is processed.
+    pub committed: u64,
+    /// One past the partition's last durable record.
+    pub end: u64,
+    /// Records not processed yet (`end - committed`).
+    pub lag: u64,
+    /// Client id of the member that owns the partition now.
+    pub owner: Option<String>,
+    /// Records handed to the owner and not acknowledged yet.
+    pub in_flight: u64,
+    /// Records retention deleted before the group read them.
+    pub lost: u64,
+}
+
+/// An online member, as reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Client id.
+    pub client_id: String,
+    /// Partitions it owns.
+    pub partitions: u32,
+    /// Records it holds unacknowledged.
+    pub in_flight: u64,
+}
+
+/// A group, as reported by the admin API, the status file and `edge groups`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// Group name.
+    pub name: String,
+    /// Log topics it reads.
+    pub topics: Vec<String>,
+    /// Online members.
+    pub members: Vec<MemberStatus>,
+    /// Per partition.
+    pub partitions: Vec<PartitionPosition>,
+    /// Records handed to members since the edge started.
+    pub delivered: u64,
+    /// Records acknowledged by members since the edge started.
+    pub acknowledged: u64,
+    /// Records retention deleted before the group read them, since the edge started.
+    pub lost: u64,
+}
+
+struct Running {
+    shared: Arc<engine::Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The groups of a running edge.
+pub struct Groups {
+    running: Mutex<Vec<Running>>,
+    statuses: Vec<Arc<engine::Shared>>,
+    stopped: AtomicBool,
+}
+
+impl std::fmt::Debug for Groups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Groups")
+            .field("groups", &self.statuses.len())
+            .finish()
+    }
+}
+
+impl Groups {
+    /// Starts one engine thread per configured group, from the stored positions.
+    pub fn start(configs: &[GroupConfig], broker: &Arc<Broker>) -> Result<Groups, LogError> {
+        let log = &broker.log;
+        let mut running = Vec::new();
+        let mut statuses = Vec::new();
+        for g in configs {
+            let stored = stored_positions(log, Some(&g.name))?;
+            let mut parts = Vec::new();
+            for topic in &g.topics {
+                let t = log
+                    .topic(topic)
+                    .ok_or_else(|| LogError::UnknownTopic(topic.clone()))?;
+                for (i, state) in t.partitions.iter().enumerate() {
+                    let i = i as u32;
+                    let found = stored
+                        .iter()
+                        .find(|s| &s.topic == topic && s.partition == i);
+                    let (committed, lease) = match found {
+                        Some(s) => (
+                            s.committed.max(state.start.load(Ordering::Acquire)),
+                            Some(s.lease),
+                        ),
+                        None => (
+                            match g.start {
+                                GroupStart::Earliest => state.start.load(Ordering::Acquire),
+                                GroupStart::Latest => state.durable_end.load(Ordering::Acquire),
+                            },
+                            None,
+                        ),
+                    };
+                    parts.push(engine::Part::new(
+                        topic.clone(),
+                        t.id,
+                        i,
+                        state.clone(),
+                        committed,
+                        lease,
+                    ));
+                }
+            }
+            let shared = Arc::new(engine::Shared {
+                status: Mutex::new(GroupStatus::default()),
+                stop: AtomicBool::new(false),
+                delivered: AtomicU64::new(0),
+                acknowledged: AtomicU64::new(0),
+                lost: AtomicU64::new(0),
+            });
+            let engine = engine::Engine::new(
+                Arc::from(g.name.as_str()),
+                g.topics.clone(),
+                broker.clone(),
+                parts,
+                shared.clone(),
+            );
+            let thread = std::thread::Builder::new()
+                .name(format!("group-{}", g.name))
+                .spawn(move || engine.run())
+                .map_err(|e| LogError::Poisoned(format!("starting a group thread: {e}")))?;
+            tracing::info!(group = %g.name, topics = ?g.topics, "consumer group started");
+            statuses.push(shared.clone());
+            running.push(Running {
+                shared,
+                thread: Some(thread),
+            });
+        }
+        Ok(Groups {
+            running: Mutex::new(running),
+            statuses,
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// A snapshot of every group.
+    pub fn status(&self) -> Vec<GroupStatus> {
+        self.statuses
+            .iter()
+            .map(|s| s.status.lock().expect("group status lock").clone())
+            .collect()
+    }
+
+    /// The stored positions, for replication to Kafka.
+    pub fn positions(&self) -> Vec<cloud_sync::GroupPosition> {
+        self.status()
+            .into_iter()
+            .flat_map(|g| {
+                g.partitions
+                    .into_iter()
+                    .map(move |p| cloud_sync::GroupPosition {
+                        group: g.name.clone(),
+                        topic: p.topic,
+                        partition: p.partition,
+                        next_offset: p.committed,
+                    })
+            })
+            .collect()
+    }
+
+    /// Stops the engines after they stored their last positions. Call before the appender
+    /// shuts down.
+    pub fn stop(&self) {
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut running = self.running.lock().expect("groups lock");
+        for r in running.iter() {
+            r.shared.stop.store(true, Ordering::Release);
+        }
+        for r in running.iter_mut() {
+            if let Some(t) = r.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Where `edge groups reset` moves a group's positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The first record each partition holds.
+    Earliest,
+    /// Each partition's end.
+    Latest,
+    /// This offset in every partition (clamped to what the partition holds).
+    Offset(u64),
+}
+
+impl std::str::FromStr for ResetTo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ResetTo, String> {
+        match s {
+            "earliest" => Ok(ResetTo::Earliest),
+            "latest" => Ok(ResetTo::Latest),
+            _ => s.parse().map(ResetTo::Offset).map_err(|_| {
+                format!("\"{s}\": give earliest, latest or an offset (a whole number)")
+            }),
+        }
+    }
+}
+
+/// The stores that move `group`'s positions in every partition of `topics` to `to`, for a
+/// stopped node: returns the state changes and the new positions.
+pub fn reset_ops(
+    log: &Log,
+    group: &str,
+    topics: &[String],
+    to: ResetTo,
+) -> Result<(Vec<crate::log::appender::StateOp>, Vec<StoredPosition>), LogError> {
+    let mut ops = Vec::new();
+    let mut out = Vec::new();
+    for topic in topics {
+        let t = log
+            .topic(topic)
+            .ok_or_else(|| LogError::UnknownTopic(topic.clone()))?;
+        for (i, p) in t.partitions.iter().enumerate() {
+            let start = p.start.load(Ordering::Acquire);
+            let end = p.durable_end.load(Ordering::Acquire);
+            let committed = match to {
+                ResetTo::Earliest => start,
+                ResetTo::Latest => end,
+                ResetTo::Offset(o) => o.clamp(start, end),
+            };
+            let key = position_key(group, topic, i as u32);
+            // The lease stays: records below it may have been sent before.
+            let lease = match log.meta_get(&key)? {
+                Some(v) => parse_position(&key, &v).map_or(committed, |s| s.lease),
+                None => committed,
+            };
+            ops.push(crate::log::appender::StateOp::Put {
+                key,
+                value: position_value(committed, lease).to_vec(),
+            });
+            out.push(StoredPosition {
+                group: group.to_string(),
+                topic: topic.clone(),
+                partition: i as u32,
+                committed,
+                lease,
+            });
+        }
+    }
+    Ok((ops, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_keys_round_trip() {
+        let k = position_key("alarms", "telemetry", 7);
+        let v = position_value(120, 4096);
+        assert_eq!(
+            parse_position(&k, &v),
+            Some(StoredPosition {
+                group: "alarms".into(),
+                topic: "telemetry".into(),
+                partition: 7,
+                committed: 120,
+                lease: 4096,
+            })
+        );
+        assert!(k.starts_with(&group_prefix("alarms")));
+        assert!(!k.starts_with(&group_prefix("alarm")));
+    }
+
+    #[test]
+    fn reset_targets_parse() {
+        assert_eq!("earliest".parse(), Ok(ResetTo::Earliest));
+        assert_eq!("latest".parse(), Ok(ResetTo::Latest));
+        assert_eq!("42".parse(), Ok(ResetTo::Offset(42)));
+        assert!("-1".parse::<ResetTo>().is_err());
+    }
+}
