@@ -133,6 +133,16 @@ struct Member {
     bytes: usize,
 }
 
+/// Lowers the engine thread's CPU priority (nice 10), so that on a busy node ingest wins over
+/// a group draining a backlog; an idle node still gives the group all it wants.
+fn lower_priority() {
+    // SAFETY: plain syscalls on the calling thread's own id.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 /// A roster session seen online: its subscriber, epoch and filters in the group.
 type OnlineMember = (Arc<Subscriber>, u64, Vec<(TopicFilter, SubOptions)>);
 
@@ -195,6 +205,7 @@ impl Engine {
 
     /// Runs until asked to stop, then stores the last positions.
     pub fn run(mut self) {
+        lower_priority();
         loop {
             let stopping = self.shared.stop.load(Ordering::Acquire);
             self.take_replies();
