@@ -38,9 +38,11 @@ const LEASE_AHEAD: u64 = 2048;
 const WRITE_EVERY: Duration = Duration::from_millis(100);
 /// Records read from the log at once per partition.
 const READ_CHUNK: usize = 512;
-/// Sleep between rounds while members are online (acknowledgements and new records are
-/// picked up by polling: cheaper than a wake-up per acknowledgement under load).
+/// Sleep after a round that delivered or took acknowledgements (acknowledgements and new
+/// records are picked up by polling: cheaper than a wake-up per acknowledgement under load).
 const POLL_ACTIVE: Duration = Duration::from_millis(1);
+/// Sleep after a quiet round while members are online: the most a new record waits.
+const POLL_QUIET: Duration = Duration::from_millis(5);
 /// Sleep between rounds while no member is online.
 const POLL_IDLE: Duration = Duration::from_millis(50);
 /// A partition never runs more than this many records ahead of its committed position, so
@@ -207,6 +209,10 @@ impl Engine {
     pub fn run(mut self) {
         lower_priority();
         loop {
+            let before = (
+                self.shared.delivered.load(Ordering::Relaxed),
+                self.shared.acknowledged.load(Ordering::Relaxed),
+            );
             let stopping = self.shared.stop.load(Ordering::Acquire);
             self.take_replies();
             self.refresh_members();
@@ -220,10 +226,17 @@ impl Engine {
             self.deliver();
             self.maybe_write();
             self.publish_status();
+            let busy = before
+                != (
+                    self.shared.delivered.load(Ordering::Relaxed),
+                    self.shared.acknowledged.load(Ordering::Relaxed),
+                );
             std::thread::sleep(if self.members.is_empty() {
                 POLL_IDLE
-            } else {
+            } else if busy {
                 POLL_ACTIVE
+            } else {
+                POLL_QUIET
             });
         }
     }

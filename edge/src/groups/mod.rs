@@ -228,10 +228,9 @@ impl Groups {
                         .iter()
                         .find(|s| &s.topic == topic && s.partition == i);
                     let (committed, lease) = match found {
-                        Some(s) => (
-                            s.committed.max(state.start.load(Ordering::Acquire)),
-                            Some(s.lease),
-                        ),
+                        // Below the partition's start now: the engine counts what
+                        // retention deleted while the edge was down.
+                        Some(s) => (s.committed, Some(s.lease)),
                         None => (
                             match g.start {
                                 GroupStart::Earliest => state.start.load(Ordering::Acquire),
