@@ -15,12 +15,14 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod groups;
 pub mod metrics;
 pub mod mirror;
 pub mod source;
 pub mod status;
 
 pub use config::{MirrorConfig, Security};
+pub use groups::{GroupPartitionStatus, GroupStatus, GroupSyncState};
 pub use mirror::{Mirror, MirrorError};
 pub use source::{
     GroupPosition, Header, MemorySource, PartitionBounds, PartitionedSource, SourceError,
