@@ -112,14 +112,21 @@ impl Translation {
         self.runs.clear();
     }
 
-    /// A session starts from checkpoint `(next_edge_offset, last_kafka_offset)` read from
-    /// Kafka. The history of earlier sessions stays only if this checkpoint is the last one
-    /// it knows (nothing happened in between that it has not seen).
-    pub fn resume(&mut self, next_edge_offset: u64, last_kafka_offset: i64) {
-        if self.checkpoints.back() != Some(&(next_edge_offset, last_kafka_offset)) {
+    /// A session starts from the checkpoints `(next_edge_offset, last_kafka_offset)` read
+    /// from Kafka, oldest first (the compacted topic still holds the recent ones; the last is
+    /// where the mirror resumes). The history of earlier sessions stays only if the last one
+    /// is the last it knows (nothing happened in between that it has not seen); otherwise the
+    /// checkpoints read are all it knows.
+    pub fn resume(&mut self, read: &[(u64, i64)]) {
+        let Some(last) = read.last() else {
             self.clear();
-            self.checkpoints
-                .push_back((next_edge_offset, last_kafka_offset));
+            return;
+        };
+        if self.checkpoints.back() != Some(last) {
+            self.clear();
+            for &(e, k) in &read[read.len().saturating_sub(HISTORY)..] {
+                self.committed(e, k, None);
+            }
         }
     }
 
@@ -546,7 +553,7 @@ mod tests {
     #[test]
     fn checkpoint_only_gives_the_offset_after_the_greatest_checkpoint_at_or_below() {
         let mut t = Translation::default();
-        t.resume(100, 140); // read at session start
+        t.resume(&[(100, 140)]); // read at session start
         t.committed(150, 191, None);
         t.committed(200, 242, None);
         assert_eq!(t.translate(99), None, "below every checkpoint");
@@ -565,7 +572,7 @@ mod tests {
     #[test]
     fn a_run_gives_the_exact_offset_of_the_first_unprocessed_record() {
         let mut t = Translation::default();
-        t.resume(100, 140);
+        t.resume(&[(100, 140)]);
         // Records 100..150 at 142..192 (141 is the previous transaction's marker).
         t.committed(150, 191, run(100, 142, 50));
         assert_eq!(t.translate(100), Some(142), "the run says exactly where record 100 is");
@@ -593,7 +600,7 @@ mod tests {
     #[test]
     fn without_a_run_a_position_falls_back_to_the_checkpoint_below() {
         let mut t = Translation::default();
-        t.resume(100, 140);
+        t.resume(&[(100, 140)]);
         t.committed(150, 195, Run::verified(100, 150, 50, 142, 195, 50));
         assert_eq!(t.translate(120), Some(141));
         assert_eq!(t.translate(150), Some(196));
@@ -602,7 +609,7 @@ mod tests {
     #[test]
     fn a_run_that_does_not_match_its_checkpoint_is_not_kept() {
         let mut t = Translation::default();
-        t.resume(100, 140);
+        t.resume(&[(100, 140)]);
         t.committed(150, 191, run(100, 142, 49));
         assert_eq!(t.translate(120), Some(141));
     }
@@ -657,13 +664,27 @@ mod tests {
     #[test]
     fn resume_keeps_history_only_when_it_continues() {
         let mut t = Translation::default();
-        t.resume(100, 140);
+        t.resume(&[(100, 140)]);
         t.committed(150, 191, run(100, 142, 50));
-        t.resume(150, 191);
+        t.resume(&[(100, 140), (150, 191)]);
         assert_eq!(t.translate(120), Some(162), "same checkpoint: the run is kept");
-        t.resume(150, 300); // the Kafka topic was recreated, say
+        t.resume(&[(150, 300)]); // the Kafka topic was recreated, say
         assert_eq!(t.translate(120), None);
         assert_eq!(t.translate(150), Some(301));
+        t.resume(&[]);
+        assert_eq!(t.translate(150), None, "no checkpoint in Kafka: nothing known");
+    }
+
+    #[test]
+    fn every_checkpoint_read_at_session_start_is_used() {
+        let mut t = Translation::default();
+        // Older checkpoints not compacted away yet, then one from before a topic was
+        // recreated (its offsets go back), then the current ones.
+        t.resume(&[(50, 60), (100, 120), (120, 5), (150, 40), (200, 95)]);
+        assert_eq!(t.translate(60), None, "before the recreation: forgotten");
+        assert_eq!(t.translate(130), Some(6));
+        assert_eq!(t.translate(170), Some(41));
+        assert_eq!(t.translate(200), Some(96));
     }
 
     #[test]

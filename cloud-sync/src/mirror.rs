@@ -723,6 +723,9 @@ impl<'a> Session<'a> {
             .map_err(|e| kafka("assigning the checkpoint partition", e))?;
         let deadline = Instant::now() + config.request_timeout * 2;
         let mut found = 0usize;
+        // Per slot, every checkpoint read, oldest first: group replication translates
+        // through them.
+        let mut read: Vec<Vec<(u64, i64)>> = vec![Vec::new(); self.slots.len()];
         loop {
             if Instant::now() >= deadline {
                 return Err(SessionError::Kafka(format!(
@@ -754,15 +757,17 @@ impl<'a> Session<'a> {
                     if cp.site != config.site {
                         continue;
                     }
-                    if let Some(slot) = self
+                    if let Some((i, slot)) = self
                         .slots
                         .iter_mut()
-                        .find(|s| checkpoint_key(&config.site, &s.topic, s.partition) == key)
+                        .enumerate()
+                        .find(|(_, s)| checkpoint_key(&config.site, &s.topic, s.partition) == key)
                     {
                         if cp.kafka_topic != slot.kafka_topic {
                             // The topic format changed: the new Kafka topic starts over.
                             continue;
                         }
+                        read[i].push((cp.next_edge_offset, cp.last_kafka_offset));
                         slot.committed = cp.next_edge_offset;
                         slot.next = cp.next_edge_offset;
                         slot.checkpointed = true;
@@ -776,15 +781,9 @@ impl<'a> Session<'a> {
             }
         }
         debug!(site = %config.site, "read {found} checkpoint records");
-        // Locked in this order everywhere.
         let mut translations = self.shared.translations.lock().expect("translations lock");
-        let status = self.shared.status.lock().expect("status lock");
-        for slot in &self.slots {
-            let t = &mut translations[slot.status_index];
-            match status.partitions[slot.status_index].last_kafka_offset {
-                Some(k) if slot.checkpointed => t.resume(slot.committed, k),
-                _ => t.clear(),
-            }
+        for (slot, read) in self.slots.iter().zip(&read) {
+            translations[slot.status_index].resume(read);
         }
         Ok(())
     }
