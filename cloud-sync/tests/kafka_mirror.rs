@@ -444,4 +444,14 @@ fn group_positions_replicate_to_kafka() {
         expected.map(|o| Some(o as u64))
     );
     mirror.stop(Duration::from_secs(30));
+    // Kafka's console consumer in the group reads partition 0 from edge offset 50 (20
+    // records seen again) and nothing of partition 1, which the group had processed.
+    let read = cluster
+        .consume_as_group(topic, "audit", Duration::from_secs(10))
+        .unwrap();
+    let values: Vec<&str> = read.iter().map(|r| r.value_str().unwrap()).collect();
+    let again: Vec<String> = (50..150).map(|o| (2 * o).to_string()).collect();
+    assert_eq!(values, again, "{read:?}");
+    // (The committed offset is the transaction marker just before that record.)
+    assert_eq!(read[0].offset as i64, kafka_of[0][50]);
 }
