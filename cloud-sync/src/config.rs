@@ -300,7 +300,11 @@ mod tests {
         c.group_sync_interval = Duration::from_millis(10);
         let err = c.validate().unwrap_err();
         assert_eq!(err.0, "group_sync_interval");
-        assert!(err.1.contains("0s to turn group replication off"), "{}", err.1);
+        assert!(
+            err.1.contains("0s to turn group replication off"),
+            "{}",
+            err.1
+        );
         c.group_sync_interval = Duration::from_millis(100);
         c.validate().unwrap();
     }

@@ -319,7 +319,13 @@ impl Replicator {
                 });
             }
         }
-        let previous = self.shared.status.lock().expect("status lock").groups.clone();
+        let previous = self
+            .shared
+            .status
+            .lock()
+            .expect("status lock")
+            .groups
+            .clone();
         self.consumers.retain(|g, _| groups.contains_key(g));
         let mut done = Vec::with_capacity(groups.len());
         for (group, mut partitions) in groups {
@@ -403,7 +409,11 @@ impl Replicator {
 
         let listed = consumer
             .fetch_group_list(Some(&group), timeout)
-            .map_err(|e| failed(with_client_error(format!("describing the Kafka group: {e}"))))?;
+            .map_err(|e| {
+                failed(with_client_error(format!(
+                    "describing the Kafka group: {e}"
+                )))
+            })?;
         let active = listed
             .groups()
             .iter()
@@ -412,7 +422,11 @@ impl Replicator {
             .map(|g| (g.members().len(), g.state().to_string()));
 
         let mut wanted = TopicPartitionList::new();
-        for p in st.partitions.iter().filter(|p| p.translated_offset.is_some()) {
+        for p in st
+            .partitions
+            .iter()
+            .filter(|p| p.translated_offset.is_some())
+        {
             wanted.add_partition(&p.kafka_topic, p.partition as i32);
         }
         let read_committed = |st: &mut GroupStatus| -> Result<(), Failure> {
@@ -575,7 +589,11 @@ mod tests {
         t.resume(&[(100, 140)]);
         // Records 100..150 at 142..192 (141 is the previous transaction's marker).
         t.committed(150, 191, run(100, 142, 50));
-        assert_eq!(t.translate(100), Some(142), "the run says exactly where record 100 is");
+        assert_eq!(
+            t.translate(100),
+            Some(142),
+            "the run says exactly where record 100 is"
+        );
         assert_eq!(t.translate(101), Some(143));
         assert_eq!(t.translate(149), Some(191));
         assert_eq!(t.translate(150), Some(192));
@@ -591,10 +609,7 @@ mod tests {
         assert_eq!(Run::verified(100, 150, 50, 142, 191, 49), None);
         // Nothing delivered (min still at its initial value).
         assert_eq!(Run::verified(100, 150, 50, i64::MAX, -1, 0), None);
-        assert_eq!(
-            Run::verified(100, 150, 50, 142, 191, 50),
-            run(100, 142, 50)
-        );
+        assert_eq!(Run::verified(100, 150, 50, 142, 191, 50), run(100, 142, 50));
     }
 
     #[test]
@@ -646,13 +661,23 @@ mod tests {
             let below = checkpoints.iter().rev().find(|&&c| c <= g);
             let Some(&c) = below else {
                 let expected = exact.contains(&g).then(|| kafka_of[g as usize]);
-                assert_eq!(t.translate(g), expected, "position {g}: below every checkpoint");
+                assert_eq!(
+                    t.translate(g),
+                    expected,
+                    "position {g}: below every checkpoint"
+                );
                 continue;
             };
             let o = t.translate(g).unwrap();
-            assert!(o > kafka_of[c as usize - 1], "position {g}: {o} repeats before {c}");
+            assert!(
+                o > kafka_of[c as usize - 1],
+                "position {g}: {o} repeats before {c}"
+            );
             if let Some(&first_unprocessed) = kafka_of.get(g as usize) {
-                assert!(o <= first_unprocessed, "position {g}: {o} skips {first_unprocessed}");
+                assert!(
+                    o <= first_unprocessed,
+                    "position {g}: {o} skips {first_unprocessed}"
+                );
                 if exact.contains(&g) {
                     assert_eq!(o, first_unprocessed, "position {g} is covered by a run");
                 }
@@ -667,12 +692,20 @@ mod tests {
         t.resume(&[(100, 140)]);
         t.committed(150, 191, run(100, 142, 50));
         t.resume(&[(100, 140), (150, 191)]);
-        assert_eq!(t.translate(120), Some(162), "same checkpoint: the run is kept");
+        assert_eq!(
+            t.translate(120),
+            Some(162),
+            "same checkpoint: the run is kept"
+        );
         t.resume(&[(150, 300)]); // the Kafka topic was recreated, say
         assert_eq!(t.translate(120), None);
         assert_eq!(t.translate(150), Some(301));
         t.resume(&[]);
-        assert_eq!(t.translate(150), None, "no checkpoint in Kafka: nothing known");
+        assert_eq!(
+            t.translate(150),
+            None,
+            "no checkpoint in Kafka: nothing known"
+        );
     }
 
     #[test]

@@ -757,11 +757,10 @@ impl<'a> Session<'a> {
                     if cp.site != config.site {
                         continue;
                     }
-                    if let Some((i, slot)) = self
-                        .slots
-                        .iter_mut()
-                        .enumerate()
-                        .find(|(_, s)| checkpoint_key(&config.site, &s.topic, s.partition) == key)
+                    if let Some((i, slot)) =
+                        self.slots.iter_mut().enumerate().find(|(_, s)| {
+                            checkpoint_key(&config.site, &s.topic, s.partition) == key
+                        })
                     {
                         if cp.kafka_topic != slot.kafka_topic {
                             // The topic format changed: the new Kafka topic starts over.

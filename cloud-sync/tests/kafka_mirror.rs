@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cloud_sync::{GroupStatus, GroupSyncState, Header, MemorySource, Mirror, MirrorConfig, MirrorStatus};
+use cloud_sync::{
+    GroupStatus, GroupSyncState, Header, MemorySource, Mirror, MirrorConfig, MirrorStatus,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
@@ -302,7 +304,10 @@ fn kafka_member(bootstrap: &str, group: &str, topic: &str) -> BaseConsumer {
     consumer.subscribe(&[topic]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while consumer.assignment().unwrap().count() == 0 {
-        assert!(Instant::now() < deadline, "no partitions assigned within 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "no partitions assigned within 60 s"
+        );
         if let Some(Err(e)) = consumer.poll(Duration::from_millis(100)) {
             panic!("joining {group}: {e}");
         }
@@ -351,7 +356,10 @@ fn group_positions_replicate_to_kafka() {
     let expected = [kafka_of[0][70], kafka_of[1][100]];
     let g = wait_for_group(&mirror, "alarms", "alarms replicated", |g| {
         g.state == GroupSyncState::Replicated
-            && g.partitions.iter().map(|p| p.kafka_offset).collect::<Vec<_>>()
+            && g.partitions
+                .iter()
+                .map(|p| p.kafka_offset)
+                .collect::<Vec<_>>()
                 == expected.map(Some)
     });
     assert!(g.error.is_none(), "{g:?}");
@@ -385,12 +393,19 @@ fn group_positions_replicate_to_kafka() {
         g.partitions[0].edge_offset == 120 && g.state == GroupSyncState::MembersActive
     });
     assert!(
-        g.error.as_deref().unwrap_or_default().contains("active member"),
+        g.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("active member"),
         "{g:?}"
     );
     assert_eq!(g.partitions[0].kafka_offset, Some(expected[0]), "{g:?}");
     let during = described(&cluster, "alarms", topic);
-    assert_eq!(during, expected.map(|o| Some(o as u64)), "nothing committed");
+    assert_eq!(
+        during,
+        expected.map(|o| Some(o as u64)),
+        "nothing committed"
+    );
     drop(member); // leaves the group without committing
 
     // --- once the group is empty again the new position is replicated, and a consumer that
@@ -398,14 +413,20 @@ fn group_positions_replicate_to_kafka() {
     let expected = [kafka_of[0][120], expected[1]];
     wait_for_group(&mirror, "alarms", "replicated after the member left", |g| {
         g.state == GroupSyncState::Replicated
-            && g.partitions.iter().map(|p| p.kafka_offset).collect::<Vec<_>>()
+            && g.partitions
+                .iter()
+                .map(|p| p.kafka_offset)
+                .collect::<Vec<_>>()
                 == expected.map(Some)
     });
     let member = kafka_member(&bootstrap, "alarms", topic);
     let mut first: [Option<(i64, String)>; 2] = [None, None];
     let deadline = Instant::now() + Duration::from_secs(60);
     while first.iter().any(Option::is_none) {
-        assert!(Instant::now() < deadline, "no record within 60 s: {first:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no record within 60 s: {first:?}"
+        );
         match member.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 let slot = &mut first[m.partition() as usize];
@@ -435,7 +456,10 @@ fn group_positions_replicate_to_kafka() {
     let expected = [kafka_of[0][49] + 1, kafka_of[1][149] + 1];
     let g = wait_for_group(&mirror, "audit", "audit replicated", |g| {
         g.state == GroupSyncState::Replicated
-            && g.partitions.iter().map(|p| p.kafka_offset).collect::<Vec<_>>()
+            && g.partitions
+                .iter()
+                .map(|p| p.kafka_offset)
+                .collect::<Vec<_>>()
                 == expected.map(Some)
     });
     assert_eq!(g.partitions[0].edge_offset, 70);

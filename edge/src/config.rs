@@ -1371,9 +1371,12 @@ mod tests {
         let off = format!("{cloud}group_sync_interval = \"0s\"\n");
         let m = Config::parse(&off, "c.toml").unwrap().cloud.unwrap();
         assert!(m.mirror_config().unwrap().group_sync_interval.is_zero());
-        let err = Config::parse(&format!("{cloud}group_sync_interval = \"10ms\"\n"), "c.toml")
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(
+            &format!("{cloud}group_sync_interval = \"10ms\"\n"),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.starts_with("config c.toml:4: cloud.group_sync_interval:"),
             "{err}"

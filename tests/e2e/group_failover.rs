@@ -89,12 +89,9 @@ async fn edge_group_fails_over_to_a_kafka_consumer() {
     // Waves, each mirrored before the next: every wave ends at a checkpoint.
     for wave in 0..WAVES {
         publish_wave(&edge, wave).await;
-        wait_mirror_status(
-            &edge,
-            "wave mirrored",
-            Duration::from_secs(120),
-            |s| mirrored(s, wave + 1),
-        );
+        wait_mirror_status(&edge, "wave mirrored", Duration::from_secs(120), |s| {
+            mirrored(s, wave + 1)
+        });
     }
 
     // Where each message is, from Kafka's own consumer: the mirror keeps each partition's
@@ -136,7 +133,8 @@ async fn edge_group_fails_over_to_a_kafka_consumer() {
 
     // The group acknowledges, in partition 0, the first wave and half the second (a position
     // inside a transaction); in partition 1, the first two waves (a position at a checkpoint).
-    let in_wave = |p: usize, w: usize| wave_ends[p][w] - if w == 0 { 0 } else { wave_ends[p][w - 1] };
+    let in_wave =
+        |p: usize, w: usize| wave_ends[p][w] - if w == 0 { 0 } else { wave_ends[p][w - 1] };
     let position = [wave_ends[0][0] + in_wave(0, 1) / 2, wave_ends[1][1]];
     let mut member = {
         let (mut c, ack) =
@@ -154,10 +152,7 @@ async fn edge_group_fails_over_to_a_kafka_consumer() {
     while acked < to_ack {
         match member.recv_within(Duration::from_secs(60)).await.unwrap() {
             Got::Publish {
-                payload,
-                qos,
-                pkid,
-                ..
+                payload, qos, pkid, ..
             } => {
                 assert_eq!(qos, 1, "group records are delivered at QoS 1");
                 let value = String::from_utf8(payload).unwrap();
