@@ -330,10 +330,18 @@ impl Replicator {
         let mut done = Vec::with_capacity(groups.len());
         for (group, mut partitions) in groups {
             partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-            let committed_at_ms = previous
-                .iter()
-                .find(|g| g.group == group)
-                .and_then(|g| g.committed_at_ms);
+            let before = previous.iter().find(|g| g.group == group);
+            let committed_at_ms = before.and_then(|g| g.committed_at_ms);
+            // What Kafka held at the last look, until this round reads it.
+            for p in &mut partitions {
+                p.kafka_offset = before
+                    .and_then(|g| {
+                        g.partitions
+                            .iter()
+                            .find(|o| o.kafka_topic == p.kafka_topic && o.partition == p.partition)
+                    })
+                    .and_then(|o| o.kafka_offset);
+            }
             let mut st = GroupStatus {
                 group,
                 state: GroupSyncState::Replicated,
@@ -437,7 +445,11 @@ impl Replicator {
                         "reading the Kafka group's committed offsets: {e}"
                     )))
                 })?;
-            for p in &mut st.partitions {
+            for p in st
+                .partitions
+                .iter_mut()
+                .filter(|p| p.translated_offset.is_some())
+            {
                 p.kafka_offset = committed
                     .find_partition(&p.kafka_topic, p.partition as i32)
                     .and_then(|e| match e.offset() {
