@@ -60,6 +60,9 @@ pub struct MirrorConfig {
     pub kafka_properties: BTreeMap<String, String>,
     /// Security settings.
     pub security: Security,
+    /// How often the source's consumer group positions are translated and committed to
+    /// Kafka under the same group ids; zero turns group replication off.
+    pub group_sync_interval: Duration,
 }
 
 impl MirrorConfig {
@@ -85,6 +88,7 @@ impl MirrorConfig {
                 protocol: "plaintext".to_string(),
                 ..Security::default()
             },
+            group_sync_interval: Duration::from_secs(5),
         }
     }
 
@@ -145,6 +149,18 @@ impl MirrorConfig {
         }
         if self.bandwidth == Some(0) {
             return Err(("bandwidth", "0 would never send; leave it unset".into()));
+        }
+        if !self.group_sync_interval.is_zero()
+            && self.group_sync_interval < Duration::from_millis(100)
+        {
+            return Err((
+                "group_sync_interval",
+                format!(
+                    "{:?} would query Kafka's group coordinator nonstop: give at least 100ms, \
+                     or 0s to turn group replication off",
+                    self.group_sync_interval
+                ),
+            ));
         }
         let protocol = self.security.protocol.to_ascii_lowercase();
         if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&protocol.as_str()) {
@@ -273,6 +289,23 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().0, "username");
         c.security.username = Some("u".into());
         c.security.password = Some("p".into());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn group_sync_interval_is_off_or_at_least_100ms() {
+        let mut c = MirrorConfig::new("k:9092", "p");
+        c.group_sync_interval = Duration::ZERO;
+        c.validate().unwrap();
+        c.group_sync_interval = Duration::from_millis(10);
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.0, "group_sync_interval");
+        assert!(
+            err.1.contains("0s to turn group replication off"),
+            "{}",
+            err.1
+        );
+        c.group_sync_interval = Duration::from_millis(100);
         c.validate().unwrap();
     }
 

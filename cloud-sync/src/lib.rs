@@ -1,8 +1,9 @@
 //! cloud-sync: mirrors a partitioned log to Apache Kafka exactly once.
 //!
 //! The edge implements [`PartitionedSource`] over its log and starts a [`Mirror`] when its
-//! config has a `[cloud]` section. See [`mirror`] for the protocol and [`checkpoint`] for
-//! the checkpoint records.
+//! config has a `[cloud]` section. See [`mirror`] for the protocol, [`checkpoint`] for
+//! the checkpoint records and [`groups`] for how the source's consumer group positions are
+//! replicated to Kafka.
 //!
 //! # What lands in Kafka
 //!
@@ -15,12 +16,14 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod groups;
 pub mod metrics;
 pub mod mirror;
 pub mod source;
 pub mod status;
 
 pub use config::{MirrorConfig, Security};
+pub use groups::{GroupPartitionStatus, GroupStatus, GroupSyncState};
 pub use mirror::{Mirror, MirrorError};
 pub use source::{
     GroupPosition, Header, MemorySource, PartitionBounds, PartitionedSource, SourceError,

@@ -26,7 +26,7 @@
 //! Records the source deleted (retention, disk budget) before they were mirrored are
 //! counted per partition as `lost_before_mirror` and logged.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,6 +45,7 @@ use tracing::{debug, info, warn};
 
 use crate::checkpoint::{checkpoint_key, checkpoint_partition, Checkpoint};
 use crate::config::MirrorConfig;
+use crate::groups::{Run, Translation};
 use crate::source::{PartitionedSource, SourceRecord};
 use crate::status::{now_ms, LinkState, MirrorStatus, PartitionStatus};
 
@@ -93,13 +94,15 @@ fn kafka(context: &str, e: KafkaError) -> SessionError {
     SessionError::Kafka(format!("{context}: {e}"))
 }
 
-struct Shared {
-    config: MirrorConfig,
+pub(crate) struct Shared {
+    pub(crate) config: MirrorConfig,
     /// The last error librdkafka reported on its own (authentication, connection), which a
     /// failed request's own error (often just a time-out) does not name.
     client_errors: Mutex<Vec<String>>,
-    source: Arc<dyn PartitionedSource>,
-    status: Mutex<MirrorStatus>,
+    pub(crate) source: Arc<dyn PartitionedSource>,
+    pub(crate) status: Mutex<MirrorStatus>,
+    /// Per status partition, where its edge records are in Kafka (for group replication).
+    pub(crate) translations: Mutex<Vec<Translation>>,
     /// How long each `commit_transaction` took, successful or not.
     commit_seconds: crate::metrics::Histogram,
     stop: AtomicBool,
@@ -108,12 +111,12 @@ struct Shared {
 }
 
 impl Shared {
-    fn stopping(&self) -> bool {
+    pub(crate) fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
     }
 
     /// Sleeps `d`, or less if the mirror is being stopped.
-    fn sleep(&self, d: Duration) {
+    pub(crate) fn sleep(&self, d: Duration) {
         let guard = self.wake.0.lock().expect("wake lock");
         if self.stopping() {
             return;
@@ -160,8 +163,10 @@ impl Shared {
 /// A running mirror. Dropping it stops it.
 pub struct Mirror {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
-    done: Arc<(Mutex<bool>, Condvar)>,
+    /// The mirror thread and, when groups are replicated, the group replicator.
+    threads: Vec<JoinHandle<()>>,
+    /// How many of them are still running.
+    running: Arc<(Mutex<usize>, Condvar)>,
 }
 
 impl std::fmt::Debug for Mirror {
@@ -228,7 +233,10 @@ impl Mirror {
             })
             .collect::<Vec<PartitionStatus>>();
         let mut partitions = partitions;
+        let mut groups = Vec::new();
         if let Some(previous) = previous.filter(|p| p.site == config.site) {
+            // What was last replicated stays on show until the first round.
+            groups = previous.groups;
             for p in &mut partitions {
                 if let Some(old) = previous.partitions.iter().find(|o| {
                     o.topic == p.topic
@@ -254,8 +262,10 @@ impl Mirror {
             records_mirrored: 0,
             bytes_mirrored: 0,
             partitions,
+            groups,
         };
         let shared = Arc::new(Shared {
+            translations: Mutex::new(vec![Translation::default(); status.partitions.len()]),
             config,
             source,
             status: Mutex::new(status),
@@ -264,24 +274,42 @@ impl Mirror {
             stop: AtomicBool::new(false),
             wake: (Mutex::new(()), Condvar::new()),
         });
-        let done = Arc::new((Mutex::new(false), Condvar::new()));
-        let thread = {
+        let running = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let spawn = |name: &str, body: fn(&Arc<Shared>)| {
             let shared = shared.clone();
-            let done = done.clone();
+            let ended = running.clone();
+            *running.0.lock().expect("running lock") += 1;
             std::thread::Builder::new()
-                .name("mirror".into())
+                .name(name.into())
                 .spawn(move || {
-                    run(&shared);
-                    shared.set_state(LinkState::Stopped);
-                    *done.0.lock().expect("done lock") = true;
-                    done.1.notify_all();
+                    body(&shared);
+                    *ended.0.lock().expect("running lock") -= 1;
+                    ended.1.notify_all();
                 })
-                .map_err(MirrorError::Thread)?
+                .map_err(|e| {
+                    *running.0.lock().expect("running lock") -= 1;
+                    MirrorError::Thread(e)
+                })
         };
+        let mut threads = vec![spawn("mirror", |shared| {
+            run(shared);
+            shared.set_state(LinkState::Stopped);
+        })?];
+        if !shared.config.group_sync_interval.is_zero() {
+            match spawn("group-sync", crate::groups::replicate) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    shared.stop.store(true, Ordering::Release);
+                    let _guard = shared.wake.0.lock().expect("wake lock");
+                    shared.wake.1.notify_all();
+                    return Err(e);
+                }
+            }
+        }
         Ok(Mirror {
             shared,
-            thread: Some(thread),
-            done,
+            threads,
+            running,
         })
     }
 
@@ -299,18 +327,18 @@ impl Mirror {
     }
 
     /// Stops the mirror: an open transaction is finished or aborted, and no new one starts.
-    /// Waits up to `grace` for the thread; a thread still blocked on Kafka after that is left
+    /// Waits up to `grace` for its threads; a thread still blocked on Kafka after that is left
     /// to end with the process (the checkpoint in Kafka keeps the mirror exact either way).
     /// Returns the last status.
     pub fn stop(mut self, grace: Duration) -> MirrorStatus {
         self.request_stop();
-        let (lock, cv) = &*self.done;
+        let (lock, cv) = &*self.running;
         let finished = cv
-            .wait_timeout_while(lock.lock().expect("done lock"), grace, |done| !*done)
-            .map(|(done, _)| *done)
+            .wait_timeout_while(lock.lock().expect("running lock"), grace, |n| *n > 0)
+            .map(|(n, _)| *n == 0)
             .unwrap_or(false);
         if finished {
-            if let Some(t) = self.thread.take() {
+            for t in self.threads.drain(..) {
                 let _ = t.join();
             }
         } else {
@@ -318,7 +346,7 @@ impl Mirror {
                 "mirror: still waiting on Kafka after {:?}; leaving it to stop with the process",
                 grace
             );
-            self.thread.take();
+            self.threads.clear();
         }
         self.status()
     }
@@ -353,7 +381,7 @@ fn mirrored_topics(
 /// gives the mirror all it wants. Measured on 2 cores with Kafka on the same cores, a flood
 /// of QoS 1 publishes while the mirror drained at full speed: nice 5 left ingest at 67 % of
 /// its rate without the mirror, nice 15 at 75 %, the mirror's rate unchanged.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     // SAFETY: plain syscalls on the calling thread's own id.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
@@ -415,6 +443,11 @@ struct MirrorContext {
     shared: Arc<Shared>,
     /// Per slot, the highest Kafka offset acknowledged in this transaction (-1: none).
     delivered: Vec<AtomicI64>,
+    /// Per slot, the lowest Kafka offset acknowledged in this transaction (`i64::MAX`: none)
+    /// and how many records were: together with the highest, whether the transaction's
+    /// records of the slot landed at consecutive offsets (see [`Run::verified`]).
+    delivered_min: Vec<AtomicI64>,
+    delivered_count: Vec<AtomicU64>,
     /// The first delivery failure of this transaction.
     failure: Mutex<Option<KafkaError>>,
 }
@@ -436,6 +469,8 @@ impl ProducerContext for MirrorContext {
             Ok(m) => {
                 if slot != CHECKPOINT_SLOT {
                     self.delivered[slot].fetch_max(m.offset(), Ordering::Relaxed);
+                    self.delivered_min[slot].fetch_min(m.offset(), Ordering::Relaxed);
+                    self.delivered_count[slot].fetch_add(1, Ordering::Relaxed);
                 }
             }
             Err((e, _)) => {
@@ -482,6 +517,10 @@ struct Slot {
     refused: Option<String>,
     /// Whether Kafka held a checkpoint for this partition at session start.
     checkpointed: bool,
+    /// First source offset sent in the open transaction.
+    txn_first: u64,
+    /// Records sent in the open transaction.
+    txn_records: u64,
 }
 
 /// A token bucket over record bytes.
@@ -524,7 +563,7 @@ struct Session<'a> {
     bandwidth: Option<Bandwidth>,
 }
 
-fn client_config(config: &MirrorConfig) -> ClientConfig {
+pub(crate) fn client_config(config: &MirrorConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.bootstrap)
         .set("client.id", format!("tributary-{}", config.site))
@@ -559,7 +598,7 @@ fn client_config(config: &MirrorConfig) -> ClientConfig {
     c
 }
 
-fn with_extra(mut c: ClientConfig, config: &MirrorConfig) -> ClientConfig {
+pub(crate) fn with_extra(mut c: ClientConfig, config: &MirrorConfig) -> ClientConfig {
     for (k, v) in &config.kafka_properties {
         c.set(k, v);
     }
@@ -588,12 +627,16 @@ impl<'a> Session<'a> {
                 committed: 0,
                 refused: None,
                 checkpointed: false,
+                txn_first: 0,
+                txn_records: 0,
             });
         }
 
         let context = MirrorContext {
             shared: shared.clone(),
             delivered: (0..slots.len()).map(|_| AtomicI64::new(-1)).collect(),
+            delivered_min: (0..slots.len()).map(|_| AtomicI64::new(i64::MAX)).collect(),
+            delivered_count: (0..slots.len()).map(|_| AtomicU64::new(0)).collect(),
             failure: Mutex::new(None),
         };
         let timeout_ms = config.request_timeout.as_millis().max(1000);
@@ -680,6 +723,9 @@ impl<'a> Session<'a> {
             .map_err(|e| kafka("assigning the checkpoint partition", e))?;
         let deadline = Instant::now() + config.request_timeout * 2;
         let mut found = 0usize;
+        // Per slot, every checkpoint read, oldest first: group replication translates
+        // through them.
+        let mut read: Vec<Vec<(u64, i64)>> = vec![Vec::new(); self.slots.len()];
         loop {
             if Instant::now() >= deadline {
                 return Err(SessionError::Kafka(format!(
@@ -711,15 +757,16 @@ impl<'a> Session<'a> {
                     if cp.site != config.site {
                         continue;
                     }
-                    if let Some(slot) = self
-                        .slots
-                        .iter_mut()
-                        .find(|s| checkpoint_key(&config.site, &s.topic, s.partition) == key)
+                    if let Some((i, slot)) =
+                        self.slots.iter_mut().enumerate().find(|(_, s)| {
+                            checkpoint_key(&config.site, &s.topic, s.partition) == key
+                        })
                     {
                         if cp.kafka_topic != slot.kafka_topic {
                             // The topic format changed: the new Kafka topic starts over.
                             continue;
                         }
+                        read[i].push((cp.next_edge_offset, cp.last_kafka_offset));
                         slot.committed = cp.next_edge_offset;
                         slot.next = cp.next_edge_offset;
                         slot.checkpointed = true;
@@ -733,6 +780,10 @@ impl<'a> Session<'a> {
             }
         }
         debug!(site = %config.site, "read {found} checkpoint records");
+        let mut translations = self.shared.translations.lock().expect("translations lock");
+        for (slot, read) in self.slots.iter().zip(&read) {
+            translations[slot.status_index].resume(read);
+        }
         Ok(())
     }
 
@@ -952,7 +1003,12 @@ impl<'a> Session<'a> {
                     self.count_loss(i, first.offset);
                 }
                 if !touched_flag[i] {
-                    self.producer.context().delivered[i].store(-1, Ordering::Relaxed);
+                    let ctx = self.producer.context();
+                    ctx.delivered[i].store(-1, Ordering::Relaxed);
+                    ctx.delivered_min[i].store(i64::MAX, Ordering::Relaxed);
+                    ctx.delivered_count[i].store(0, Ordering::Relaxed);
+                    self.slots[i].txn_first = first.offset;
+                    self.slots[i].txn_records = 0;
                     touched_flag[i] = true;
                     touched.push(i);
                 }
@@ -961,6 +1017,7 @@ impl<'a> Session<'a> {
                     self.send_record(i, r)?;
                 }
                 count += chunk.len() as u64;
+                self.slots[i].txn_records += chunk.len() as u64;
                 self.slots[i].next = chunk.last().expect("non-empty").offset + 1;
                 progressed = true;
                 if bytes >= budget {
@@ -1013,14 +1070,26 @@ impl<'a> Session<'a> {
             "transaction committed"
         );
 
+        let mut translations = self.shared.translations.lock().expect("translations lock");
         let mut status = self.shared.status.lock().expect("status lock");
         for &i in &touched {
             let slot = &mut self.slots[i];
             slot.committed = slot.next;
+            let last_kafka_offset = ctx.delivered[i].load(Ordering::Relaxed);
+            let run = Run::verified(
+                slot.txn_first,
+                slot.next,
+                slot.txn_records,
+                ctx.delivered_min[i].load(Ordering::Relaxed),
+                last_kafka_offset,
+                ctx.delivered_count[i].load(Ordering::Relaxed),
+            );
+            translations[slot.status_index].committed(slot.next, last_kafka_offset, run);
             let ps = &mut status.partitions[slot.status_index];
             ps.mirrored_offset = Some(slot.next);
-            ps.last_kafka_offset = Some(ctx.delivered[i].load(Ordering::Relaxed));
+            ps.last_kafka_offset = Some(last_kafka_offset);
         }
+        drop(translations);
         status.transactions += 1;
         status.records_mirrored += count;
         status.bytes_mirrored += bytes as u64;

@@ -142,6 +142,8 @@ struct MemoryPartition {
 #[derive(Debug, Default)]
 pub struct MemorySource {
     topics: Mutex<BTreeMap<String, Vec<MemoryPartition>>>,
+    /// Group positions by (group, topic, partition).
+    groups: Mutex<BTreeMap<(String, String, u32), u64>>,
 }
 
 impl MemorySource {
@@ -195,6 +197,15 @@ impl MemorySource {
             p.bytes -= r.wire_bytes() as u64;
         }
         p.start += n as u64;
+    }
+
+    /// Sets the committed position of `group` in `topic`/`partition`, as a consumer group of
+    /// the source would (any value: the mirror must cope with positions that go back).
+    pub fn set_group_position(&self, group: &str, topic: &str, partition: u32, next_offset: u64) {
+        self.groups.lock().expect("source lock").insert(
+            (group.to_string(), topic.to_string(), partition),
+            next_offset,
+        );
     }
 }
 
@@ -253,5 +264,19 @@ impl PartitionedSource for MemorySource {
                 .cloned(),
         );
         Ok(())
+    }
+
+    fn group_positions(&self) -> Vec<GroupPosition> {
+        self.groups
+            .lock()
+            .expect("source lock")
+            .iter()
+            .map(|((group, topic, partition), &next_offset)| GroupPosition {
+                group: group.clone(),
+                topic: topic.clone(),
+                partition: *partition,
+                next_offset,
+            })
+            .collect()
     }
 }

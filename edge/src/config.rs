@@ -285,6 +285,13 @@ pub struct CloudConfig {
     /// Client private key (PEM) for mutual TLS.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// How often the committed positions of the edge's consumer groups (`[[groups]]`) are
+    /// translated into Kafka offsets of the mirrored topics and committed in the cluster
+    /// under the same group ids, so that Kafka consumers of a group resume where the edge
+    /// group was. A group's offsets are committed only while its Kafka group has no active
+    /// members, and never moved backwards. `"0s"` turns this off; otherwise at least `"100ms"`.
+    #[serde(default = "CloudConfig::default_group_sync_interval")]
+    pub group_sync_interval: HumanDuration,
     /// Further librdkafka properties, passed as they are (`[cloud.kafka]`,
     /// `"socket.keepalive.enable" = "true"`); they win over the settings above.
     #[serde(default)]
@@ -319,6 +326,9 @@ impl CloudConfig {
     fn default_security_protocol() -> String {
         "plaintext".into()
     }
+    fn default_group_sync_interval() -> HumanDuration {
+        HumanDuration(Duration::from_secs(5))
+    }
 
     /// The mirror's settings; reads `password_file`.
     pub fn mirror_config(&self) -> Result<cloud_sync::MirrorConfig, (&'static str, String)> {
@@ -337,6 +347,7 @@ impl CloudConfig {
         m.bandwidth = self.bandwidth.map(|b| b.0);
         m.max_backoff = self.max_backoff.0;
         m.request_timeout = self.request_timeout.0;
+        m.group_sync_interval = self.group_sync_interval.0;
         m.kafka_properties = self.kafka.clone();
         let password = match (&self.password, &self.password_file) {
             (Some(_), Some(_)) => {
@@ -1438,6 +1449,31 @@ mod tests {
         .to_string();
         assert!(
             err.contains("cloud.topics") && err.contains("\"nope\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn group_sync_interval_defaults_to_5s_and_is_checked() {
+        let cloud = "[cloud]\nbootstrap = \"k:9092\"\nsite = \"p\"\n";
+        let m = Config::parse(cloud, "c.toml")
+            .unwrap()
+            .cloud
+            .unwrap()
+            .mirror_config()
+            .unwrap();
+        assert_eq!(m.group_sync_interval, Duration::from_secs(5));
+        let off = format!("{cloud}group_sync_interval = \"0s\"\n");
+        let m = Config::parse(&off, "c.toml").unwrap().cloud.unwrap();
+        assert!(m.mirror_config().unwrap().group_sync_interval.is_zero());
+        let err = Config::parse(
+            &format!("{cloud}group_sync_interval = \"10ms\"\n"),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("config c.toml:4: cloud.group_sync_interval:"),
             "{err}"
         );
     }

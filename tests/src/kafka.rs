@@ -175,6 +175,19 @@ pub struct ProducedRecord<'a> {
     pub headers: &'a [(&'a str, &'a str)],
 }
 
+/// One partition of a consumer group as `ConsumerGroupCommand --describe` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPartitionOffset {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// The group's committed offset, `None` when it has none ("-").
+    pub current_offset: Option<u64>,
+    /// The member that owns the partition, `None` when no member does.
+    pub consumer_id: Option<String>,
+}
+
 /// One partition of a topic as the controller describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionState {
@@ -627,6 +640,93 @@ impl KafkaCluster {
             .collect::<Result<Vec<_>>>()?;
         records.sort_by_key(|r| (r.partition, r.offset));
         Ok(records)
+    }
+
+    /// What a consumer of group `group` reads of `topic`, from the group's committed offsets
+    /// (a partition without one starts at its end, the consumer's default), `read_committed`,
+    /// until no record arrives for `idle`; sorted by partition and offset. The console
+    /// consumer joins the group, so it commits what it read when it leaves.
+    pub fn consume_as_group(
+        &self,
+        topic: &str,
+        group: &str,
+        idle: Duration,
+    ) -> Result<Vec<ConsumedRecord>> {
+        let format = self.config_path("consumer-format.properties");
+        let timeout_ms = idle.as_millis().to_string();
+        let out = self.tool_ok(
+            "org.apache.kafka.tools.consumer.ConsoleConsumer",
+            &[
+                "--bootstrap-server",
+                "@BOOTSTRAP@",
+                "--topic",
+                topic,
+                "--group",
+                group,
+                "--isolation-level",
+                "read_committed",
+                "--timeout-ms",
+                &timeout_ms,
+                "--command-property",
+                "allow.auto.create.topics=false",
+                "--formatter-config",
+                &format,
+            ],
+            None,
+        )?;
+        let mut records = out
+            .lines()
+            .map(|line| {
+                parse_consumed_line(line)
+                    .with_context(|| format!("unexpected console consumer line {line:?}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        records.sort_by_key(|r| (r.partition, r.offset));
+        Ok(records)
+    }
+
+    /// The partitions of consumer group `group` with their committed offsets, as
+    /// `ConsumerGroupCommand --describe` shows them; empty when the group does not exist or
+    /// has no offsets. Sorted by topic and partition.
+    pub fn describe_group(&self, group: &str) -> Result<Vec<GroupPartitionOffset>> {
+        let out = self.tools(
+            "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+            &[
+                "--bootstrap-server",
+                "@BOOTSTRAP@",
+                "--describe",
+                "--group",
+                group,
+            ],
+        )?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            if format!("{stdout}{stderr}").contains("does not exist") {
+                return Ok(Vec::new());
+            }
+            bail!(describe_failure(&format!("describing group {group}"), &out));
+        }
+        let mut partitions = Vec::new();
+        for line in stdout.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG CONSUMER-ID HOST CLIENT-ID
+            if fields.len() < 9 || fields[0] != group || fields[2].parse::<u32>().is_err() {
+                continue;
+            }
+            let dash = |f: &str| (f != "-").then(|| f.to_string());
+            partitions.push(GroupPartitionOffset {
+                topic: fields[1].to_string(),
+                partition: fields[2].parse()?,
+                current_offset: dash(fields[3])
+                    .map(|o| o.parse())
+                    .transpose()
+                    .with_context(|| format!("offset in {line:?}"))?,
+                consumer_id: dash(fields[6]),
+            });
+        }
+        partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        Ok(partitions)
     }
 
     /// [`consume_committed`](Self::consume_committed) until it returns at least `count`
