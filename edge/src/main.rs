@@ -100,7 +100,8 @@ enum Command {
         json: bool,
     },
     /// The durable consumer groups, per partition: committed position, end offset, lag,
-    /// owner and records lost to retention. Works while
+    /// owner, records lost to retention and, with a mirror, the Kafka group's offset as last
+    /// replicated. Works while
     /// the edge runs (from the status it rewrites every second) and after it stopped.
     Groups {
         /// One JSON document instead of a table.
@@ -493,6 +494,11 @@ fn groups(config: &Config, json: bool) -> anyhow::Result<()> {
                     }
                 })
                 .collect::<Vec<_>>();
+            let mut list = list;
+            // What the mirror last replicated, when there is a mirror.
+            if let Ok(m) = edge::uplink::read_status(dir) {
+                edge::groups::add_replication(&mut list, &m);
+            }
             (false, list)
         }
         Err(_) if dir.join(edge::groups::STATUS_FILE).exists() => (
@@ -510,27 +516,41 @@ fn groups(config: &Config, json: bool) -> anyhow::Result<()> {
         for g in &list {
             writeln!(
                 out,
-                "group {} (topics {}; {} members online{})",
+                "group {} (topics {}; {} members online{}{})",
                 g.name,
                 g.topics.join(", "),
                 g.members.len(),
-                if running { "" } else { ", edge stopped" }
+                if running { "" } else { ", edge stopped" },
+                match (&g.kafka_state, &g.kafka_error) {
+                    (Some(state), None) => format!(
+                        "; Kafka: {}",
+                        serde_json::to_string(state)?.trim_matches('"')
+                    ),
+                    (Some(state), Some(e)) => format!(
+                        "; Kafka: {} ({e})",
+                        serde_json::to_string(state)?.trim_matches('"')
+                    ),
+                    _ => String::new(),
+                }
             )?;
             writeln!(
                 out,
-                "  {:<24} {:>4} {:>12} {:>12} {:>10} {:>8}  OWNER",
-                "TOPIC", "PART", "POSITION", "END", "LAG", "LOST"
+                "  {:<24} {:>4} {:>12} {:>12} {:>10} {:>8} {:>12}  OWNER",
+                "TOPIC", "PART", "POSITION", "END", "LAG", "LOST", "KAFKA_OFFSET"
             )?;
             for p in &g.partitions {
                 writeln!(
                     out,
-                    "  {:<24} {:>4} {:>12} {:>12} {:>10} {:>8}  {}",
+                    "  {:<24} {:>4} {:>12} {:>12} {:>10} {:>8} {:>12}  {}",
                     p.topic,
                     p.partition,
                     p.committed,
                     p.end,
                     p.lag,
                     p.lost,
+                    p.kafka_offset
+                        .map(|o| o.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     p.owner.as_deref().unwrap_or("-")
                 )?;
             }

@@ -254,12 +254,16 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let _ = groups_cell.set(groups.clone());
     let groups_status = (!config.groups.is_empty()).then(|| {
         let groups = groups.clone();
+        let mirror = mirror.clone();
         let dir = config.storage.data_dir.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(GROUPS_STATUS_EVERY);
             loop {
                 tick.tick().await;
-                let status = groups.status();
+                let mut status = groups.status();
+                if let Some(m) = &mirror {
+                    crate::groups::add_replication(&mut status, &m.status());
+                }
                 let dir = dir.clone();
                 let written =
                     tokio::task::spawn_blocking(move || crate::groups::write_status(&dir, &status))

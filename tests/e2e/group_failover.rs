@@ -229,6 +229,31 @@ async fn edge_group_fails_over_to_a_kafka_consumer() {
         "ConsumerGroupCommand --describe --group alarms"
     );
 
+    // The edge reports the replicated offsets too: admin API, metrics, `edge groups`.
+    let (code, body) = tributary_tests::http_get(edge.admin, "/api/v1/groups", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let api: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let g = &api["groups"][0];
+    assert_eq!(g["kafka_state"], "replicated", "{g}");
+    let offsets: Vec<Option<u64>> = g["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kafka_offset"].as_u64())
+        .collect();
+    assert_eq!(
+        offsets,
+        expected.iter().map(|&o| Some(o)).collect::<Vec<_>>()
+    );
+    let (_, metrics) = tributary_tests::http_get(edge.admin, "/metrics", None).unwrap();
+    for (p, o) in expected.iter().enumerate() {
+        let series = format!(
+            "tributary_group_kafka_offset{{group=\"alarms\",topic=\"telemetry\",partition=\"{p}\"}}"
+        );
+        assert_eq!(tributary_tests::metric(&metrics, &series), *o as f64);
+    }
+    tributary_tests::assert_readme_names_metrics(&metrics);
+
     // The edge is lost; a Kafka consumer of the group takes over from the replicated offsets.
     edge.stop();
     drop(member);

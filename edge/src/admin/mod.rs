@@ -283,7 +283,7 @@ pub fn render_metrics(s: &AdminState) -> String {
     ];
     series(&mut out, "counter", counters);
     render_limit_metrics(&b.limits, &mut out);
-    render_group_metrics(&s.groups.status(), &mut out);
+    render_group_metrics(&group_status(s), &mut out);
     let (connected, disconnected) = b.sessions.counts();
     let gauges: [(&str, &str, u64); 5] = [
         (
@@ -483,6 +483,30 @@ fn render_group_metrics(groups: &[crate::groups::GroupStatus], out: &mut String)
             |p| p.lag,
         ),
     ];
+    if groups
+        .iter()
+        .any(|g| g.partitions.iter().any(|p| p.kafka_offset.is_some()))
+    {
+        family(
+            out,
+            "tributary_group_kafka_offset",
+            "gauge",
+            "The Kafka consumer group's committed offset of each mirrored partition, as last replicated from the edge group.",
+        );
+        for g in groups {
+            for p in &g.partitions {
+                if let Some(o) = p.kafka_offset {
+                    let _ = writeln!(
+                        out,
+                        "tributary_group_kafka_offset{{group=\"{}\",topic=\"{}\",partition=\"{}\"}} {o}",
+                        label(&g.name),
+                        label(&p.topic),
+                        p.partition
+                    );
+                }
+            }
+        }
+    }
     for (name, help, value) in per_partition {
         family(out, name, "gauge", help);
         for g in groups {
@@ -781,7 +805,16 @@ async fn clients(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
 }
 
 async fn groups(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "groups": s.groups.status() }))
+    Json(serde_json::json!({ "groups": group_status(&s) }))
+}
+
+/// The groups, with what the mirror replicated of them.
+fn group_status(s: &AdminState) -> Vec<crate::groups::GroupStatus> {
+    let mut groups = s.groups.status();
+    if let Some(m) = &s.mirror {
+        crate::groups::add_replication(&mut groups, &m.status());
+    }
+    groups
 }
 
 async fn mirror(State(s): State<Arc<AdminState>>) -> Response {

@@ -651,6 +651,7 @@ impl Engine {
                     owner: p.owner.as_deref().map(str::to_string),
                     in_flight: p.outstanding.len() as u64,
                     lost: p.lost,
+                    kafka_offset: None,
                 }
             })
             .collect();
@@ -675,5 +676,7 @@ impl Engine {
         status.delivered = self.shared.delivered.load(Ordering::Relaxed);
         status.acknowledged = self.shared.acknowledged.load(Ordering::Relaxed);
         status.lost = self.shared.lost.load(Ordering::Relaxed);
+        status.kafka_state = None;
+        status.kafka_error = None;
     }
 }

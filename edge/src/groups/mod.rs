@@ -157,6 +157,10 @@ pub struct PartitionPosition {
     pub in_flight: u64,
     /// Records retention deleted before the group read them.
     pub lost: u64,
+    /// The Kafka consumer group's committed offset of the mirrored partition, as the mirror
+    /// last read it after replicating the position (with `[cloud]`).
+    #[serde(default)]
+    pub kafka_offset: Option<i64>,
 }
 
 /// An online member, as reported.
@@ -187,6 +191,31 @@ pub struct GroupStatus {
     pub acknowledged: u64,
     /// Records retention deleted before the group read them, since the edge started.
     pub lost: u64,
+    /// How the last replication of the positions to Kafka went (with `[cloud]`):
+    /// `replicated`, `waiting`, `members_active` or `failed`.
+    #[serde(default)]
+    pub kafka_state: Option<cloud_sync::GroupSyncState>,
+    /// Why the positions are not replicated, if they are not.
+    #[serde(default)]
+    pub kafka_error: Option<String>,
+}
+
+/// Adds to `groups` what the mirror last replicated of them to Kafka.
+pub fn add_replication(groups: &mut [GroupStatus], mirror: &cloud_sync::MirrorStatus) {
+    for g in groups {
+        let Some(r) = mirror.groups.iter().find(|r| r.group == g.name) else {
+            continue;
+        };
+        g.kafka_state = Some(r.state);
+        g.kafka_error = r.error.clone();
+        for p in &mut g.partitions {
+            p.kafka_offset = r
+                .partitions
+                .iter()
+                .find(|q| q.topic == p.topic && q.partition == p.partition)
+                .and_then(|q| q.kafka_offset);
+        }
+    }
 }
 
 struct Running {
