@@ -69,6 +69,8 @@ pub(crate) struct Part {
     /// Since when `owner` waits for another member's records to be done.
     waiting_since: Option<Instant>,
     next_read: u64,
+    /// Records read from the log and not handed out yet, from `next_read` on.
+    ahead: std::collections::VecDeque<crate::log::Record>,
     /// Records below this may have been sent before (DUP): the highest offset handed out,
     /// and after a restart the lease stored before it.
     dup_below: u64,
@@ -106,6 +108,7 @@ impl Part {
             owner: None,
             waiting_since: None,
             next_read: committed,
+            ahead: std::collections::VecDeque::new(),
             // Only records that existed at start can have been sent before it.
             dup_below: stored_lease.unwrap_or(0).min(end),
             lease: stored_lease.unwrap_or(committed).max(committed),
@@ -458,21 +461,31 @@ impl Engine {
             if room == 0 || member.outstanding >= window || member.bytes >= window_bytes {
                 continue;
             }
-            let want = room.min(READ_CHUNK).min((end - p.next_read) as usize);
-            let records = match self
-                .broker
-                .log
-                .read(p.topic_id, p.partition, p.next_read, want)
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(group = %self.name, topic = %p.topic, partition = p.partition, "reading the log: {e}");
-                    continue;
+            let want = room.min((end - p.next_read) as usize);
+            if p.ahead.front().is_none_or(|r| r.offset != p.next_read) {
+                // Read a chunk ahead: a read decodes the whole batch that holds its first
+                // record, so reading just what the window allows would decode the same
+                // batches again and again.
+                p.ahead.clear();
+                let chunk = READ_CHUNK.min((end - p.next_read) as usize);
+                match self
+                    .broker
+                    .log
+                    .read(p.topic_id, p.partition, p.next_read, chunk)
+                {
+                    Ok(r) => p.ahead.extend(r),
+                    Err(e) => {
+                        tracing::error!(group = %self.name, topic = %p.topic, partition = p.partition, "reading the log: {e}");
+                        continue;
+                    }
                 }
-            };
+            }
             let batch = batches.entry(owner.clone()).or_default();
+            let take = want.min(p.ahead.len());
+            let records: Vec<_> = p.ahead.drain(..take).collect();
             for r in records {
                 if r.offset >= end {
+                    p.ahead.clear();
                     break;
                 }
                 p.next_read = r.offset + 1;
