@@ -610,36 +610,7 @@ impl KafkaCluster {
     /// partition and offset. `idle` includes the consumer's group join: give it a few seconds.
     /// A missing topic reads as empty (the consumer does not create it).
     pub fn consume_committed(&self, topic: &str, idle: Duration) -> Result<Vec<ConsumedRecord>> {
-        let format = self.config_path("consumer-format.properties");
-        let timeout_ms = idle.as_millis().to_string();
-        let out = self.tool_ok(
-            "org.apache.kafka.tools.consumer.ConsoleConsumer",
-            &[
-                "--bootstrap-server",
-                "@BOOTSTRAP@",
-                "--topic",
-                topic,
-                "--from-beginning",
-                "--isolation-level",
-                "read_committed",
-                "--timeout-ms",
-                &timeout_ms,
-                "--command-property",
-                "allow.auto.create.topics=false",
-                "--formatter-config",
-                &format,
-            ],
-            None,
-        )?;
-        let mut records = out
-            .lines()
-            .map(|line| {
-                parse_consumed_line(line)
-                    .with_context(|| format!("unexpected console consumer line {line:?}"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        records.sort_by_key(|r| (r.partition, r.offset));
-        Ok(records)
+        self.console_consume(topic, &["--from-beginning"], idle)
     }
 
     /// What a consumer of group `group` reads of `topic`, from the group's committed offsets
@@ -652,26 +623,34 @@ impl KafkaCluster {
         group: &str,
         idle: Duration,
     ) -> Result<Vec<ConsumedRecord>> {
+        self.console_consume(topic, &["--group", group], idle)
+    }
+
+    /// Kafka's console consumer on `topic` with `position` (where it starts), `read_committed`,
+    /// until no record arrives for `idle`; its records sorted by partition and offset.
+    fn console_consume(
+        &self,
+        topic: &str,
+        position: &[&str],
+        idle: Duration,
+    ) -> Result<Vec<ConsumedRecord>> {
         let format = self.config_path("consumer-format.properties");
         let timeout_ms = idle.as_millis().to_string();
+        let mut args = vec!["--bootstrap-server", "@BOOTSTRAP@", "--topic", topic];
+        args.extend_from_slice(position);
+        args.extend_from_slice(&[
+            "--isolation-level",
+            "read_committed",
+            "--timeout-ms",
+            &timeout_ms,
+            "--command-property",
+            "allow.auto.create.topics=false",
+            "--formatter-config",
+            &format,
+        ]);
         let out = self.tool_ok(
             "org.apache.kafka.tools.consumer.ConsoleConsumer",
-            &[
-                "--bootstrap-server",
-                "@BOOTSTRAP@",
-                "--topic",
-                topic,
-                "--group",
-                group,
-                "--isolation-level",
-                "read_committed",
-                "--timeout-ms",
-                &timeout_ms,
-                "--command-property",
-                "allow.auto.create.topics=false",
-                "--formatter-config",
-                &format,
-            ],
+            &args,
             None,
         )?;
         let mut records = out
