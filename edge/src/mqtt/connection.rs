@@ -47,6 +47,10 @@ const ROUTE_CACHE_ENTRIES: usize = 64;
 /// still reads in large chunks.
 const READ_CHUNK_MIN: usize = 1024;
 const READ_CHUNK_MAX: usize = 64 * 1024;
+/// A read this long after the previous one finds a mostly idle connection (a device that
+/// pings or reports now and then): it gives its buffers back once that read is handled. A
+/// connection that keeps sending keeps them.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
 /// Write buffers larger than this are released after they are flushed.
 const WRITE_BUFFER_KEEP: usize = 64 * 1024;
 /// Deliveries are taken from the outbox while less than this is waiting to be written.
@@ -431,6 +435,7 @@ where
         reader,
         writer,
         read_idle: rbuf.is_empty(),
+        give_back: true,
         // An empty buffer is given back: the next read takes one.
         rbuf: if rbuf.is_empty() {
             BytesMut::new()
@@ -442,6 +447,7 @@ where
         unflushed: false,
         keep_alive: None,
         deadline: Instant::now(),
+        last_read: Instant::now(),
         inflight: data.qos2.len(),
         awaiting_commit: 0,
         session: data,
@@ -730,6 +736,9 @@ struct Connection<R, W> {
     /// The connection is idle and `rbuf` holds no allocation: the next read goes through a
     /// buffer on the stack, and only bytes that arrive take a buffer.
     read_idle: bool,
+    /// After a read that came after a quiet spell: the write buffer and the commit channel
+    /// are given back once everything is written and nothing is pending.
+    give_back: bool,
     /// Bytes reserved for the next read.
     read_chunk: usize,
     wbuf: BytesMut,
@@ -738,6 +747,8 @@ struct Connection<R, W> {
     unflushed: bool,
     keep_alive: Option<Duration>,
     deadline: Instant,
+    /// When the socket last gave bytes.
+    last_read: Instant,
     session: SessionData,
     /// QoS 2 packet ids sent to the appender whose commit is not yet reported.
     qos2_pending: HashSet<u16>,
@@ -861,6 +872,8 @@ where
                             return Ok(());
                         }
                         Ok(n) => {
+                            let quiet = self.last_read.elapsed() >= IDLE_AFTER;
+                            self.last_read = Instant::now();
                             self.touch();
                             // TLS may have records to send in answer to what was read (a key
                             // update); a flush sends them. Plain TCP has nothing to flush.
@@ -870,7 +883,7 @@ where
                             // packet) are still committed and acknowledged.
                             match self.on_bytes().await {
                                 Ok(None) => {
-                                    self.adapt_read_buffer(n, spare);
+                                    self.adapt_read_buffer(n, spare, quiet);
                                     if let Err(close) = self.charge_rate() {
                                         self.drain_pending().await;
                                         return Err(close);
@@ -1048,9 +1061,12 @@ where
     }
 
     /// Empties the write buffer once all of it was written, giving back a large one, and any
-    /// one while the connection is idle with nothing pending.
+    /// one (and the commit channel) when the connection is idle with nothing pending.
     fn release_written(&mut self) {
-        let idle = self.read_idle && self.pending.is_empty();
+        let idle = self.give_back && self.pending.is_empty();
+        if idle {
+            self.give_back = false;
+        }
         if self.wbuf.capacity() > WRITE_BUFFER_KEEP || idle {
             self.wbuf = BytesMut::new();
         } else {
@@ -1075,16 +1091,20 @@ where
     }
 
     /// Grows the read size while reads fill the buffer; after a small read that left nothing
-    /// buffered (an idle device's PINGREQ, say), goes back to the minimum and gives the buffer
-    /// back until bytes arrive again. While data keeps flowing the buffer is kept.
-    fn adapt_read_buffer(&mut self, read: usize, offered: usize) {
+    /// buffered, goes back to the minimum and gives a large buffer back. After a small read
+    /// that came after a quiet spell (an idle device's PINGREQ, say), gives any buffer back
+    /// until bytes arrive again.
+    fn adapt_read_buffer(&mut self, read: usize, offered: usize, quiet: bool) {
         self.read_idle = false;
+        self.give_back = quiet;
         if read >= offered {
             self.read_chunk = (self.read_chunk * 2).min(READ_CHUNK_MAX);
         } else if read < READ_CHUNK_MIN / 2 && self.rbuf.is_empty() {
             self.read_chunk = READ_CHUNK_MIN;
-            self.rbuf = BytesMut::new();
-            self.read_idle = true;
+            if quiet || self.rbuf.capacity() > 4 * READ_CHUNK_MIN {
+                self.rbuf = BytesMut::new();
+                self.read_idle = quiet;
+            }
         }
     }
 
@@ -2554,7 +2574,8 @@ mod tests {
         let big: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         let small = b"after idling again".to_vec();
         for (pkid, payload) in [(7u16, &big), (8, &small)] {
-            // A PINGREQ alone: the connection is idle after answering it.
+            // A PINGREQ after a quiet spell: the connection is idle after answering it.
+            tokio::time::sleep(IDLE_AFTER + Duration::from_millis(100)).await;
             client.write_all(&[0xc0, 0]).await.unwrap();
             expect(&mut client, &[0xd0, 0]).await;
             let packet = publish_packet("t/big", pkid, payload);
