@@ -872,8 +872,9 @@ where
                             return Ok(());
                         }
                         Ok(n) => {
-                            let quiet = self.last_read.elapsed() >= IDLE_AFTER;
-                            self.last_read = Instant::now();
+                            let now = Instant::now();
+                            let quiet = now.duration_since(self.last_read) >= IDLE_AFTER;
+                            self.last_read = now;
                             self.touch();
                             // TLS may have records to send in answer to what was read (a key
                             // update); a flush sends them. Plain TCP has nothing to flush.
