@@ -507,7 +507,6 @@ where
         server_keep_alive = Some(max_ka);
     }
     conn.keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-    drop(connect);
     let info = ConnAckInfo {
         session_present,
         reason: reason::SUCCESS,
