@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::codec::{
@@ -28,7 +28,7 @@ use super::delivery::{
     TAG_RELEASED, TAG_SUBSCRIPTION,
 };
 use super::limits::{Limits, PublishRate, RateVerdict, Refused, CONNECT_BUFFER_BUDGET};
-use super::session::{purge_ops, qos2_key, session_key, session_value, Control, SessionData};
+use super::session::{purge_ops, qos2_key, session_key, session_value, Handover, SessionData};
 use super::subs::{self, Match, SubOptions};
 use super::Broker;
 use crate::auth::{ConnAcl, LoginRefusal};
@@ -47,6 +47,10 @@ const ROUTE_CACHE_ENTRIES: usize = 64;
 /// still reads in large chunks.
 const READ_CHUNK_MIN: usize = 1024;
 const READ_CHUNK_MAX: usize = 64 * 1024;
+/// A read this long after the previous one finds a mostly idle connection (a device that
+/// pings or reports now and then): it gives its buffers back once that read is handled. A
+/// connection that keeps sending keeps them.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
 /// Write buffers larger than this are released after they are flushed.
 const WRITE_BUFFER_KEEP: usize = 64 * 1024;
 /// Deliveries are taken from the outbox while less than this is waiting to be written.
@@ -73,6 +77,16 @@ impl Close {
             why: why.into(),
         }
     }
+}
+
+/// Where decoding the buffered bytes stopped.
+enum Decoded {
+    /// No whole packet is left.
+    Drained,
+    /// The request being built is large enough to send before decoding on.
+    RequestFull,
+    /// The client sent DISCONNECT.
+    Disconnected,
 }
 
 /// Something written once the request it belongs to is committed.
@@ -119,11 +133,41 @@ struct PendingAck {
 /// over one. `cert_user` is the client's identity from its certificate (mutual TLS).
 pub async fn serve<R, W>(
     broker: Arc<Broker>,
-    mut reader: R,
-    mut writer: W,
+    reader: R,
+    writer: W,
     peer: SocketAddr,
     cert_user: Option<Arc<str>>,
 ) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    // Each phase is boxed, so that the task (allocated once for the connection's whole life)
+    // holds only a pointer to the phase it is in: a socket waiting for its CONNECT costs a
+    // few hundred bytes, and a connected one keeps no room for the CONNECT phase.
+    let Some((reader, writer, rbuf, connect)) =
+        Box::pin(accept_connect(&broker, reader, writer, peer)).await
+    else {
+        return;
+    };
+    let Some(opened) = Box::pin(open_session(
+        broker, reader, writer, rbuf, peer, connect, cert_user,
+    ))
+    .await
+    else {
+        return;
+    };
+    Box::pin(serve_session(opened)).await;
+}
+
+/// Reads the CONNECT within `connect_timeout`; refuses (and closes) a connection whose
+/// CONNECT is missing, malformed or too large.
+async fn accept_connect<R, W>(
+    broker: &Broker,
+    mut reader: R,
+    mut writer: W,
+    peer: SocketAddr,
+) -> Option<(R, W, BytesMut, Box<ConnectIn>)>
+where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
@@ -139,7 +183,7 @@ pub async fn serve<R, W>(
         Err(_) => {
             limits.refused(Refused::ConnectTimeout);
             tracing::debug!(%peer, "no CONNECT in time; closing");
-            return;
+            return None;
         }
         Ok(Err(refusal)) => {
             if let Some(kind) = refusal.kind {
@@ -163,20 +207,24 @@ pub async fn serve<R, W>(
                 tracing::info!(%peer, reason = %refusal.why, held_back, "connection refused");
             }
             let _ = tokio::time::timeout(FINAL_FLUSH, writer.shutdown()).await;
-            return;
+            return None;
         }
         Ok(Ok(c)) => c,
     };
-    // Boxed: the state of a whole session is allocated only once a CONNECT has arrived, so a
-    // socket waiting for its CONNECT costs a few hundred bytes.
-    Box::pin(serve_connected(
-        broker, reader, writer, rbuf, peer, connect, cert_user,
-    ))
-    .await;
+    Some((reader, writer, rbuf, connect))
 }
 
-/// Serves a connection from its CONNECT to its end.
-async fn serve_connected<R, W>(
+/// A connection with its session open and its CONNACK written, ready to serve.
+struct Opened<R, W> {
+    conn: Connection<R, W>,
+    /// This connection's id in the session store.
+    conn_id: u64,
+    handover: EndsHandover,
+}
+
+/// From a CONNECT to an open session (or a refusal): checks the client, authenticates it,
+/// takes the client id over and continues or starts its session.
+async fn open_session<R, W>(
     broker: Arc<Broker>,
     reader: R,
     mut writer: W,
@@ -184,7 +232,8 @@ async fn serve_connected<R, W>(
     peer: SocketAddr,
     connect: Box<ConnectIn>,
     cert_user: Option<Arc<str>>,
-) where
+) -> Option<Box<Opened<R, W>>>
+where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
@@ -220,7 +269,7 @@ async fn serve_connected<R, W>(
         )
         .await;
         send_final(&mut writer, &out).await;
-        return;
+        return None;
     }
 
     // Client identifier rules.
@@ -234,7 +283,7 @@ async fn serve_connected<R, W>(
             )
             .await;
             send_final(&mut writer, &out).await;
-            return;
+            return None;
         }
         let id = format!("auto-{:016x}", rand_id());
         assigned = (version == Version::V5).then(|| id.clone());
@@ -253,7 +302,7 @@ async fn serve_connected<R, W>(
         )
         .await;
         send_final(&mut writer, &out).await;
-        return;
+        return None;
     }
     // Authentication, before the session is touched: a refused client takes nothing over.
     let auth = &broker.auth;
@@ -289,7 +338,7 @@ async fn serve_connected<R, W>(
             tokio::time::sleep(delay).await;
             let out = refuse(kind, code, why).await;
             send_final(&mut writer, &out).await;
-            return;
+            return None;
         }
     };
     if let (Some(acl), Some(will)) = (&acl, &connect.will) {
@@ -303,7 +352,7 @@ async fn serve_connected<R, W>(
             )
             .await;
             send_final(&mut writer, &out).await;
-            return;
+            return None;
         }
     }
     if broker.log.poisoned().is_some() {
@@ -314,15 +363,14 @@ async fn serve_connected<R, W>(
         )
         .await;
         send_final(&mut writer, &out).await;
-        return;
+        return None;
     }
 
     // Session: take the client id over, then continue or start a session.
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let (done_tx, done_rx) = watch::channel(false);
+    let handover = EndsHandover(Arc::new(Handover::default()));
     let attachment = broker
         .sessions
-        .attach(&client_id, username.clone(), control_tx, done_rx)
+        .attach(&client_id, username.clone(), handover.0.clone())
         .await;
     let mut ops = Vec::new();
     let hub = &broker.hub;
@@ -380,7 +428,6 @@ async fn serve_connected<R, W>(
         .set_subscriber(&client_id, attachment.conn, sub.clone(), data.expiry);
     let lost = sub.set_online(true);
     hub.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
-    let (commit_tx, commit_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         broker: broker.clone(),
         version,
@@ -389,27 +436,35 @@ async fn serve_connected<R, W>(
         username,
         reader,
         writer,
-        rbuf,
+        read_idle: rbuf.is_empty(),
+        give_back: true,
+        // An empty buffer is given back: the next read takes one.
+        rbuf: if rbuf.is_empty() {
+            BytesMut::new()
+        } else {
+            rbuf
+        },
         read_chunk: READ_CHUNK_MIN,
         wbuf: BytesMut::new(),
         unflushed: false,
         keep_alive: None,
         deadline: Instant::now(),
+        last_read: Instant::now(),
         inflight: data.qos2.len(),
         awaiting_commit: 0,
         session: data,
         qos2_pending: HashSet::new(),
         pending: VecDeque::new(),
         next_ticket: 1,
-        commit_tx,
-        commit_rx,
+        commit_tx: None,
+        commit_rx: None,
         aliases: Vec::new(),
         req: AppendRequest::default(),
         req_acks: Vec::new(),
         req_fanout: Fanouts::default(),
         req_retained: Vec::new(),
         route_cache: HashMap::new(),
-        acl,
+        acl: acl.map(Box::new),
         taken_over: false,
         sub,
         out_limit: connect
@@ -426,12 +481,12 @@ async fn serve_connected<R, W>(
         replayed: HashSet::new(),
         problem_info: connect.request_problem_info,
         receives: false,
-        will: connect.will.clone(),
+        will: connect.will.clone().map(own_will),
         publish_will: true,
         scratch_matches: Vec::new(),
         scratch_targets: Vec::new(),
         acks_unreported: 0,
-        rate: publish_rate(&broker.config),
+        rate: publish_rate(&broker.config).map(Box::new),
         read_publishes: 0,
         paused_until: None,
     };
@@ -440,8 +495,8 @@ async fn serve_connected<R, W>(
             let out = refuse(Refused::Unavailable, reason::SERVER_BUSY, why).await;
             send_final(&mut conn.writer, &out).await;
             conn.publish_will = false;
-            conn.finish(attachment.conn, &done_tx).await;
-            return;
+            Box::pin(conn.finish(attachment.conn, &handover.0)).await;
+            return None;
         }
     }
 
@@ -473,8 +528,26 @@ async fn serve_connected<R, W>(
         conn.replay_after = Some(client_prefix(TAG_QUEUED, &client_id));
         conn.receives = true;
     }
+    Some(Box::new(Opened {
+        conn,
+        conn_id: attachment.conn,
+        handover,
+    }))
+}
 
-    let end = conn.run(control_rx).await;
+/// Serves an open session to the connection's end.
+/// (The connection comes boxed: an `async fn` moves its parameters into its body, so a large
+/// one passed by value would take its room in the future twice.)
+async fn serve_session<R, W>(mut opened: Box<Opened<R, W>>)
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let conn = &mut opened.conn;
+    let (version, peer, client_id) = (conn.version, conn.peer, conn.client_id.clone());
+    let broker = conn.broker.clone();
+    let limits = &broker.limits;
+    let end = conn.run(&opened.handover.0).await;
     if let Err(close) = &end {
         codec::write_disconnect(version, close.code, &close.why, &mut conn.wbuf);
         let level_info = close.code != reason::SESSION_TAKEN_OVER;
@@ -490,7 +563,40 @@ async fn serve_connected<R, W>(
     }
     let _ = tokio::time::timeout(FINAL_FLUSH, conn.flush()).await;
     let _ = tokio::time::timeout(FINAL_FLUSH, conn.writer.shutdown()).await;
-    conn.finish(attachment.conn, &done_tx).await;
+    let Opened {
+        conn,
+        conn_id,
+        handover,
+    } = *opened;
+    Box::pin(conn.finish(conn_id, &handover.0)).await;
+}
+
+/// Tells a connection taking the client id over that this one has ended, however its task
+/// ends (also when it is cancelled at shutdown).
+struct EndsHandover(Arc<Handover>);
+
+impl Drop for EndsHandover {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// A will kept for the connection's life, in buffers of its own: the decoded one points into
+/// the buffer the CONNECT was read into, which would stay allocated as long.
+fn own_will(will: WillIn) -> Box<WillIn> {
+    Box::new(WillIn {
+        topic: Bytes::copy_from_slice(&will.topic),
+        payload: Bytes::copy_from_slice(&will.payload),
+        props: MessageProps {
+            correlation_data: will
+                .props
+                .correlation_data
+                .as_deref()
+                .map(Bytes::copy_from_slice),
+            ..will.props
+        },
+        ..will
+    })
 }
 
 /// Writes a last packet (a refusing CONNACK) and closes the connection (over TLS, with a
@@ -628,6 +734,12 @@ struct Connection<R, W> {
     reader: R,
     writer: W,
     rbuf: BytesMut,
+    /// The connection is idle and `rbuf` holds no allocation: the next read goes through a
+    /// buffer on the stack, and only bytes that arrive take a buffer.
+    read_idle: bool,
+    /// After a read that came after a quiet spell: the write buffer and the commit channel
+    /// are given back once everything is written and nothing is pending.
+    give_back: bool,
     /// Bytes reserved for the next read.
     read_chunk: usize,
     wbuf: BytesMut,
@@ -636,6 +748,8 @@ struct Connection<R, W> {
     unflushed: bool,
     keep_alive: Option<Duration>,
     deadline: Instant,
+    /// When the socket last gave bytes.
+    last_read: Instant,
     session: SessionData,
     /// QoS 2 packet ids sent to the appender whose commit is not yet reported.
     qos2_pending: HashSet<u16>,
@@ -647,8 +761,11 @@ struct Connection<R, W> {
     awaiting_commit: usize,
     pending: VecDeque<PendingReq>,
     next_ticket: u64,
-    commit_tx: mpsc::UnboundedSender<Committed>,
-    commit_rx: mpsc::UnboundedReceiver<Committed>,
+    /// Where the appender reports commits; created by the first request that needs a report
+    /// and given back when the connection is idle with nothing pending (an unbounded channel
+    /// allocates about 2 KiB at once).
+    commit_tx: Option<mpsc::UnboundedSender<Committed>>,
+    commit_rx: Option<mpsc::UnboundedReceiver<Committed>>,
     /// 5.0 inbound topic aliases, grown as the client sets them.
     aliases: Vec<Option<Bytes>>,
     req: AppendRequest,
@@ -658,7 +775,7 @@ struct Connection<R, W> {
     /// Per topic: its route, and whether the ACL lets this client publish to it.
     route_cache: HashMap<Bytes, (TopicId, u32, Bytes, bool)>,
     /// This client's ACL rules, when an ACL file is configured.
-    acl: Option<ConnAcl>,
+    acl: Option<Box<ConnAcl>>,
     taken_over: bool,
     /// This session's delivery side.
     sub: Arc<Subscriber>,
@@ -687,7 +804,7 @@ struct Connection<R, W> {
     /// The session has subscribed (or continues a session): its outbox is watched.
     receives: bool,
     /// The will, until a normal DISCONNECT discards it.
-    will: Option<WillIn>,
+    will: Option<Box<WillIn>>,
     /// Whether the will is published when the connection ends.
     publish_will: bool,
     scratch_matches: Vec<Match<super::delivery::SubRef>>,
@@ -696,7 +813,7 @@ struct Connection<R, W> {
     /// loop turn rather than once per ack, which would contend across connections).
     acks_unreported: u64,
     /// The publish rate limit (`max_publish_rate`), if one is set.
-    rate: Option<PublishRate>,
+    rate: Option<Box<PublishRate>>,
     /// PUBLISH packets decoded from the latest socket read.
     read_publishes: u32,
     /// Over its publish rate: the socket is not read again before this.
@@ -708,14 +825,19 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    async fn run(&mut self, mut control: mpsc::UnboundedReceiver<Control>) -> Result<(), Close> {
+    async fn run(&mut self, handover: &Handover) -> Result<(), Close> {
         let mut shutdown = self.broker.shutdown.clone();
         self.pump()?;
         self.try_flush()?;
         self.touch();
-        let mut slow_check = tokio::time::interval(Duration::from_millis(500));
-        slow_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Only a session that receives is checked for being slow (an interval allocates).
+        let mut slow_check = None;
         loop {
+            if self.receives && slow_check.is_none() {
+                let mut every = tokio::time::interval(Duration::from_millis(500));
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                slow_check = Some(every);
+            }
             // 3.1.1 has no Receive Maximum: stop reading instead, so memory stays bounded.
             let can_read = (self.awaiting_commit < self.broker.config.receive_maximum as usize
                 || self.version == Version::V5)
@@ -728,14 +850,12 @@ where
             let unwritten = !self.wbuf.is_empty() || self.unflushed;
             tokio::select! {
                 biased;
-                Some(done) = self.commit_rx.recv() => self.on_committed(done)?,
-                Some(ctl) = control.recv() => match ctl {
-                    Control::TakenOver => {
-                        self.taken_over = true;
-                        self.drain_pending().await;
-                        return Err(Close::new(reason::SESSION_TAKEN_OVER, "another connection took this client id"));
-                    }
-                },
+                Some(done) = recv_committed(&mut self.commit_rx) => self.on_committed(done)?,
+                _ = handover.taken_over() => {
+                    self.taken_over = true;
+                    self.drain_pending().await;
+                    return Err(Close::new(reason::SESSION_TAKEN_OVER, "another connection took this client id"));
+                }
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     self.drain_pending().await;
                     return Err(Close::new(reason::SERVER_SHUTTING_DOWN, "the edge is shutting down"));
@@ -746,13 +866,16 @@ where
                         Err(e) => return Err(Close::new(reason::UNSPECIFIED, format!("write failed: {e}"))),
                     }
                 }
-                read = self.reader.read_buf(&mut self.rbuf), if can_read => {
+                read = read_some(&mut self.reader, &mut self.rbuf, self.read_idle, self.read_chunk), if can_read => {
                     match read {
                         Ok(0) => {
                             self.drain_pending().await;
                             return Ok(());
                         }
                         Ok(n) => {
+                            let now = Instant::now();
+                            let quiet = now.duration_since(self.last_read) >= IDLE_AFTER;
+                            self.last_read = now;
                             self.touch();
                             // TLS may have records to send in answer to what was read (a key
                             // update); a flush sends them. Plain TCP has nothing to flush.
@@ -762,7 +885,7 @@ where
                             // packet) are still committed and acknowledged.
                             match self.on_bytes().await {
                                 Ok(None) => {
-                                    self.adapt_read_buffer(n, spare);
+                                    self.adapt_read_buffer(n, spare, quiet);
                                     if let Err(close) = self.charge_rate() {
                                         self.drain_pending().await;
                                         return Err(close);
@@ -785,12 +908,17 @@ where
                     }
                 }
                 _ = self.sub.notify.notified() => {}
-                _ = tokio::time::sleep_until(paused.unwrap_or(deadline)), if paused.is_some() => {
+                // One timer for both (a timer is a large part of an idle connection's state):
+                // the keep-alive deadline does not run while the edge holds off reading.
+                _ = tokio::time::sleep_until(paused.unwrap_or(deadline)), if paused.is_some() || has_deadline => {
+                    if paused.is_none() {
+                        return Err(Close::new(reason::KEEP_ALIVE_TIMEOUT, "no packet within 1.5 times the keepalive"));
+                    }
                     // The client was sending all along (it is the edge that stopped reading).
                     self.paused_until = None;
                     self.touch();
                 }
-                _ = slow_check.tick(), if self.receives => {
+                _ = async { slow_check.as_mut().expect("created when receives").tick().await }, if self.receives => {
                     let limit = self.broker.config.slow_subscriber_timeout.0;
                     if self.sub.over_for().is_some_and(|d| d >= limit) {
                         self.broker.hub.stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
@@ -804,9 +932,6 @@ where
                             ),
                         ));
                     }
-                }
-                _ = tokio::time::sleep_until(deadline), if has_deadline => {
-                    return Err(Close::new(reason::KEEP_ALIVE_TIMEOUT, "no packet within 1.5 times the keepalive"));
                 }
             }
             self.pump()?;
@@ -871,11 +996,7 @@ where
                 Poll::Pending => return Ok(()),
             }
         }
-        if self.wbuf.capacity() > WRITE_BUFFER_KEEP {
-            self.wbuf = BytesMut::new();
-        } else {
-            self.wbuf.clear();
-        }
+        self.release_written();
         if self.unflushed {
             match Pin::new(&mut self.writer).poll_flush(&mut cx) {
                 Poll::Ready(Ok(())) => self.unflushed = false,
@@ -931,11 +1052,7 @@ where
                 .write_all(&self.wbuf)
                 .await
                 .map_err(|e| Close::new(reason::UNSPECIFIED, format!("write failed: {e}")))?;
-            if self.wbuf.capacity() > WRITE_BUFFER_KEEP {
-                self.wbuf = BytesMut::new();
-            } else {
-                self.wbuf.clear();
-            }
+            self.release_written();
         }
         self.writer
             .flush()
@@ -945,8 +1062,30 @@ where
         Ok(())
     }
 
+    /// Empties the write buffer once all of it was written, giving back a large one, and any
+    /// one (and the commit channel) when the connection is idle with nothing pending.
+    fn release_written(&mut self) {
+        let idle = self.give_back && self.pending.is_empty();
+        if idle {
+            self.give_back = false;
+        }
+        if self.wbuf.capacity() > WRITE_BUFFER_KEEP || idle {
+            self.wbuf = BytesMut::new();
+        } else {
+            self.wbuf.clear();
+        }
+        if idle {
+            // No request is pending, so the appender holds no sender of this channel.
+            self.commit_tx = None;
+            self.commit_rx = None;
+        }
+    }
+
     /// Makes room for the next read; returns the spare capacity offered to it.
     fn prepare_read(&mut self) -> usize {
+        if self.read_idle {
+            return READ_CHUNK_MIN;
+        }
         if self.rbuf.capacity() - self.rbuf.len() < self.read_chunk / 2 {
             self.rbuf.reserve(self.read_chunk);
         }
@@ -954,46 +1093,63 @@ where
     }
 
     /// Grows the read size while reads fill the buffer; after a small read that left nothing
-    /// buffered, goes back to the minimum and gives a large buffer back.
-    fn adapt_read_buffer(&mut self, read: usize, offered: usize) {
+    /// buffered, goes back to the minimum and gives a large buffer back. After a small read
+    /// that came after a quiet spell (an idle device's PINGREQ, say), gives any buffer back
+    /// until bytes arrive again.
+    fn adapt_read_buffer(&mut self, read: usize, offered: usize, quiet: bool) {
+        self.read_idle = false;
+        self.give_back = quiet;
         if read >= offered {
             self.read_chunk = (self.read_chunk * 2).min(READ_CHUNK_MAX);
         } else if read < READ_CHUNK_MIN / 2 && self.rbuf.is_empty() {
             self.read_chunk = READ_CHUNK_MIN;
-            if self.rbuf.capacity() > 4 * READ_CHUNK_MIN {
+            if quiet || self.rbuf.capacity() > 4 * READ_CHUNK_MIN {
                 self.rbuf = BytesMut::new();
+                self.read_idle = quiet;
             }
         }
     }
 
     /// Decodes everything buffered. `Some(end)`: the client ended the connection.
     async fn on_bytes(&mut self) -> Result<Option<Result<(), Close>>, Close> {
+        loop {
+            let step = self.decode_buffered();
+            // Publishes accepted before the end (or before an offending packet) are still
+            // committed and acknowledged. Awaited here, with no packet held, so that this
+            // wait adds little to the future every connection keeps.
+            self.send_request().await?;
+            match step? {
+                Decoded::Drained => return Ok(None),
+                Decoded::RequestFull => {}
+                Decoded::Disconnected => return Ok(Some(Ok(()))),
+            }
+        }
+    }
+
+    /// Decodes buffered packets until none is left whole, the request being built is full
+    /// or the client ends the connection.
+    fn decode_buffered(&mut self) -> Result<Decoded, Close> {
         let max_packet = self.broker.config.max_packet_size.0 as usize;
         let now = now_ms();
         loop {
             let packet = match codec::decode(self.version, &mut self.rbuf, max_packet) {
                 Ok(Some(p)) => p,
-                Ok(None) => break,
+                Ok(None) => return Ok(Decoded::Drained),
                 Err(codec::DecodeError::TooLarge(n)) => {
-                    self.send_request().await?;
                     return Err(Close::new(
                         reason::PACKET_TOO_LARGE,
                         format!("packet of {n} bytes exceeds the maximum of {max_packet}"),
                     ));
                 }
                 Err(e) => {
-                    self.send_request().await?;
                     return Err(Close::new(reason::MALFORMED, e.to_string()));
                 }
             };
             match packet {
                 Inbound::Publish(p) => {
                     self.read_publishes += 1;
-                    if let Err(close) = self.on_publish(p, now) {
-                        // What was accepted before the offending packet is still logged.
-                        self.send_request().await?;
-                        return Err(close);
-                    }
+                    // What was accepted before an offending packet is still logged.
+                    self.on_publish(p, now)?;
                 }
                 Inbound::PubRel(pkid) => self.on_pubrel(pkid),
                 Inbound::PingReq => codec::write_pingresp(&mut self.wbuf),
@@ -1008,7 +1164,6 @@ where
                 } => {
                     // A normal DISCONNECT discards the will; 0x04 asks for it.
                     self.publish_will = code == reason::DISCONNECT_WITH_WILL;
-                    self.send_request().await?;
                     if let Some(e) = session_expiry {
                         if self.session.expiry == 0 && e != 0 {
                             return Err(Close::new(
@@ -1019,24 +1174,21 @@ where
                         self.session.expiry = e;
                     }
                     tracing::debug!(client_id = %self.client_id, code, "client disconnected");
-                    return Ok(Some(Ok(())));
+                    return Ok(Decoded::Disconnected);
                 }
                 Inbound::Connect(_) => {
-                    self.send_request().await?;
                     return Err(Close::new(
                         reason::PROTOCOL_ERROR,
                         "a second CONNECT on one connection",
                     ));
                 }
                 Inbound::Auth => {
-                    self.send_request().await?;
                     return Err(Close::new(
                         reason::PROTOCOL_ERROR,
                         "AUTH without an authentication method",
                     ));
                 }
                 Inbound::ServerOnly(name) => {
-                    self.send_request().await?;
                     return Err(Close::new(
                         reason::PROTOCOL_ERROR,
                         format!("{name} is sent by servers only"),
@@ -1044,11 +1196,9 @@ where
                 }
             }
             if self.req.buf.len() >= MAX_REQUEST_BYTES {
-                self.send_request().await?;
+                return Ok(Decoded::RequestFull);
             }
         }
-        self.send_request().await?;
-        Ok(None)
     }
 
     fn on_publish(&mut self, p: PublishIn, now: u64) -> Result<(), Close> {
@@ -1295,18 +1445,29 @@ where
         // A request larger than the whole budget takes all of it, so it still goes through.
         let budget = &self.broker.append_budget;
         let want = (req.buf.len().max(1) as u32).min(super::APPEND_BUDGET_BYTES);
-        req.permit = Some(
-            budget
-                .clone()
-                .acquire_many_owned(want)
-                .await
-                .map_err(|_| Close::new(reason::SERVER_SHUTTING_DOWN, "the log is closed"))?,
-        );
+        let closed = || Close::new(reason::SERVER_SHUTTING_DOWN, "the log is closed");
+        // The waits are boxed: inline, they would make every connection's task larger by
+        // their size, idle or not, and they happen only under back-pressure.
+        req.permit = Some(match budget.clone().try_acquire_many_owned(want) {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                Box::pin(budget.clone().acquire_many_owned(want))
+                    .await
+                    .map_err(|_| closed())?
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(closed()),
+        });
         if !acks.is_empty() || !req.state.is_empty() || !fanout.is_empty() || !retained.is_empty() {
             let ticket = self.next_ticket;
             self.next_ticket += 1;
+            let commit_rx = &mut self.commit_rx;
+            let tx = self.commit_tx.get_or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                *commit_rx = Some(rx);
+                tx
+            });
             req.reply = Some(ReplyTo {
-                tx: self.commit_tx.clone(),
+                tx: tx.clone(),
                 ticket,
             });
             self.pending.push_back(PendingReq {
@@ -1316,11 +1477,13 @@ where
                 retained,
             });
         }
-        self.broker
-            .appender
-            .send(AppenderMsg::Append(req))
-            .await
-            .map_err(|_| Close::new(reason::SERVER_SHUTTING_DOWN, "the log is closed"))
+        match self.broker.appender.try_send(AppenderMsg::Append(req)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(msg)) => Box::pin(self.broker.appender.send(msg))
+                .await
+                .map_err(|_| closed()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(closed()),
+        }
     }
 
     fn on_committed(&mut self, done: Committed) -> Result<(), Close> {
@@ -1387,24 +1550,31 @@ where
 
     /// Waits for every request already sent to be committed, writing their acks, so the
     /// session state handed on is exact. Stops early if the log fails.
-    async fn drain_pending(&mut self) {
-        let _ = self.send_request().await;
-        while !self.pending.is_empty() {
-            match self.commit_rx.recv().await {
-                Some(done) => {
-                    if self.on_committed(done).is_err() {
-                        break;
+    /// Boxed: it runs once, when the connection ends; inline it would make every
+    /// connection's task larger by its size.
+    fn drain_pending(&mut self) -> Pin<Box<impl std::future::Future<Output = ()> + '_>> {
+        Box::pin(async move {
+            let _ = self.send_request().await;
+            while !self.pending.is_empty() {
+                match recv_committed(&mut self.commit_rx).await {
+                    Some(done) => {
+                        if self.on_committed(done).is_err() {
+                            break;
+                        }
                     }
+                    None => break,
                 }
-                None => break,
             }
-        }
-        let _ = tokio::time::timeout(FINAL_FLUSH, self.flush()).await;
+            let _ = tokio::time::timeout(FINAL_FLUSH, self.flush()).await;
+        })
     }
 
-    /// Commits state changes and waits until they are durable.
-    async fn commit_state(&mut self, ops: Vec<StateOp>) -> Result<(), String> {
-        commit_ops(&self.broker, ops).await
+    /// Commits state changes and waits until they are durable. Boxed, as `drain_pending`.
+    fn commit_state(
+        &mut self,
+        ops: Vec<StateOp>,
+    ) -> Pin<Box<impl std::future::Future<Output = Result<(), String>> + '_>> {
+        Box::pin(commit_ops(&self.broker, ops))
     }
 
     /// SUBSCRIBE: checks each filter, records the subscriptions (durably for a persistent
@@ -1884,7 +2054,8 @@ where
         }
     }
 
-    async fn finish(mut self, conn_id: u64, done: &watch::Sender<bool>) {
+    /// Hands the session back and publishes the will. Callers box it, as `drain_pending`.
+    async fn finish(mut self, conn_id: u64, handover: &Handover) {
         self.report_acks();
         // Whatever is still to be acknowledged by this client stays in the durable queue
         // of a persistent session; the rest of the outbox goes.
@@ -1937,18 +2108,18 @@ where
                 }))
                 .await;
         }
-        let _ = done.send(true);
+        handover.end();
         if let Some(will) = will {
             let delay = will.delay.min(expiry);
             let broker = self.broker.clone();
             let client_id = self.client_id.clone();
             if delay == 0 {
-                publish_will(&broker, &client_id, will).await;
+                publish_will(&broker, &client_id, *will).await;
             } else {
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
                     if broker.sessions.will_due(&client_id, conn_id) {
-                        publish_will(&broker, &client_id, will).await;
+                        publish_will(&broker, &client_id, *will).await;
                     }
                 });
             }
@@ -1971,6 +2142,38 @@ fn write_some<'a, W: AsyncWrite + Unpin>(
             Pin::new(&mut *writer).poll_write(cx, wbuf)
         }
     })
+}
+
+/// Reads into `rbuf`. While the connection is idle (`rbuf` given back), the read goes through
+/// a buffer on the stack and `rbuf` takes `chunk` bytes only once bytes have arrived, so a
+/// connection waiting for its next packet holds no read buffer.
+async fn read_some<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    rbuf: &mut BytesMut,
+    idle: bool,
+    chunk: usize,
+) -> std::io::Result<usize> {
+    if !idle {
+        return reader.read_buf(rbuf).await;
+    }
+    std::future::poll_fn(move |cx| {
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK_MIN];
+        let mut buf = tokio::io::ReadBuf::uninit(&mut stack);
+        std::task::ready!(Pin::new(&mut *reader).poll_read(cx, &mut buf))?;
+        let read = buf.filled();
+        rbuf.reserve(chunk.max(read.len()));
+        rbuf.extend_from_slice(read);
+        Poll::Ready(Ok(read.len()))
+    })
+    .await
+}
+
+/// The next commit report; never resolves while there is no channel (nothing was sent).
+async fn recv_committed(rx: &mut Option<mpsc::UnboundedReceiver<Committed>>) -> Option<Committed> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The packet id of a delivery with a durable queue entry.
@@ -2200,6 +2403,7 @@ mod tests {
     use crate::mqtt::session::SessionStore;
     use crate::route::Router;
     use std::sync::atomic::AtomicUsize;
+    use tokio::sync::watch;
 
     /// 3.1.1 CONNECT of client "c1", clean session, keepalive 60.
     const CONNECT: &[u8] = &[
@@ -2319,5 +2523,133 @@ mod tests {
         let _ = broker.appender.send(AppenderMsg::Shutdown).await;
         drop(broker);
         appender_thread.join().unwrap().unwrap();
+    }
+
+    /// A 3.1.1 QoS 1 PUBLISH.
+    fn publish_packet(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&pkid.to_be_bytes());
+        body.extend_from_slice(payload);
+        let mut packet = vec![0x32];
+        let mut len = body.len();
+        loop {
+            let byte = (len % 128) as u8;
+            len /= 128;
+            packet.push(if len > 0 { byte | 0x80 } else { byte });
+            if len == 0 {
+                break;
+            }
+        }
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    async fn expect(client: &mut tokio::io::DuplexStream, want: &[u8]) {
+        let mut got = vec![0u8; want.len()];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn an_idle_read_takes_a_buffer_only_once_bytes_arrive() {
+        use std::future::Future;
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut rbuf = BytesMut::new();
+        let waker = std::task::Waker::noop();
+        {
+            let read = read_some(&mut server, &mut rbuf, true, 4096);
+            tokio::pin!(read);
+            assert!(read
+                .as_mut()
+                .poll(&mut Context::from_waker(waker))
+                .is_pending());
+        }
+        assert_eq!(rbuf.capacity(), 0, "nothing arrived, nothing allocated");
+        client.write_all(&[0xc0, 0]).await.unwrap();
+        let n = read_some(&mut server, &mut rbuf, true, 4096).await.unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(&rbuf[..], &[0xc0, 0]);
+        assert!(rbuf.capacity() >= 4096, "the read size for what follows");
+    }
+
+    /// An idle connection gives its read buffer and commit channel back; a large packet
+    /// arriving in pieces afterwards is still read whole, logged and acknowledged, and so is
+    /// the next one after the connection idled again.
+    #[tokio::test]
+    async fn publishes_after_idling_are_read_whole_and_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, _shutdown, appender_thread) = broker(dir.path());
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (reader, writer) = tokio::io::split(server);
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let conn = tokio::spawn(serve(broker.clone(), reader, writer, peer, None));
+
+        client.write_all(CONNECT).await.unwrap();
+        expect(&mut client, &[0x20, 2, 0, 0]).await;
+        let big: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let small = b"after idling again".to_vec();
+        for (pkid, payload) in [(7u16, &big), (8, &small)] {
+            // A PINGREQ after a quiet spell: the connection is idle after answering it.
+            tokio::time::sleep(IDLE_AFTER + Duration::from_millis(100)).await;
+            client.write_all(&[0xc0, 0]).await.unwrap();
+            expect(&mut client, &[0xd0, 0]).await;
+            let packet = publish_packet("t/big", pkid, payload);
+            let (a, rest) = packet.split_at(3);
+            let (b, c) = rest.split_at(rest.len() / 2);
+            for piece in [a, b, c] {
+                client.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let [hi, lo] = pkid.to_be_bytes();
+            expect(&mut client, &[0x40, 2, hi, lo]).await;
+        }
+
+        let d = broker.router.route("t/big", "c1");
+        let records = broker.log.read(d.topic, d.partition, 0, 10).unwrap();
+        let payloads: Vec<&[u8]> = records.iter().map(|r| &r.payload[..]).collect();
+        assert_eq!(payloads, [&big[..], &small[..]]);
+
+        drop(client);
+        conn.await.unwrap();
+        let _ = broker.appender.send(AppenderMsg::Shutdown).await;
+        drop(broker);
+        appender_thread.join().unwrap().unwrap();
+    }
+
+    fn future_size<F: FnOnce() -> T, T>(_make: &F) -> usize {
+        std::mem::size_of::<T>()
+    }
+
+    /// What every idle connection holds for its whole life: its task (the `serve` future),
+    /// the boxed `serve_session` future and the `Connection`. Waits that happen once or only
+    /// under back-pressure are boxed apart; awaiting one inline again would show here.
+    #[test]
+    #[allow(unreachable_code, unused_variables, clippy::diverging_sub_expression)]
+    fn a_connections_lasting_state_stays_small() {
+        use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+        type Tcp = Connection<OwnedReadHalf, OwnedWriteHalf>;
+        let serve_size = future_size(&|| {
+            let (reader, writer): (OwnedReadHalf, OwnedWriteHalf) = unimplemented!();
+            serve(unimplemented!(), reader, writer, unimplemented!(), None)
+        });
+        let session_size = future_size(&|| {
+            let opened: Box<Opened<OwnedReadHalf, OwnedWriteHalf>> = unimplemented!();
+            serve_session(opened)
+        });
+        let connection_size = std::mem::size_of::<Tcp>();
+        assert!(serve_size <= 256, "serve future: {serve_size} bytes");
+        assert!(
+            session_size <= 1280,
+            "serve_session future: {session_size} bytes"
+        );
+        assert!(
+            connection_size <= 1152,
+            "Connection: {connection_size} bytes"
+        );
     }
 }

@@ -150,7 +150,9 @@ pub async fn serve(
                             let (reader, writer) = stream.into_split();
                             connection::serve(b, reader, writer, peer, None).await;
                         }
-                        Some(tls) => serve_tls(b, &tls, stream, peer).await,
+                        // Boxed: the task of every connection, plain ones too, would
+                        // otherwise be as large as a TLS handshake in progress.
+                        Some(tls) => Box::pin(serve_tls(b, &tls, stream, peer)).await,
                     }
                     drop(guard);
                 });

@@ -14,11 +14,11 @@
 //! the next start anyway.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::Notify;
 
 use super::delivery::{
     client_prefix, parse_subscription_value, split_client_key, Hub, Subscriber, TAG_QUEUED,
@@ -27,11 +27,51 @@ use super::delivery::{
 use crate::log::appender::{now_ms, StateOp};
 use crate::log::{Log, LogError};
 
-/// Why a connection is asked to end from outside.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
-    /// Another connection took the client id.
-    TakenOver,
+/// How a connection holding a client id is asked to end when another connection takes the
+/// id over, and how the one taking over learns that it has ended. One small allocation per
+/// connection: a channel pair for each direction cost about 900 bytes, a large share of what
+/// an idle connection holds.
+#[derive(Debug, Default)]
+pub struct Handover {
+    taken_over: AtomicBool,
+    ended: AtomicBool,
+    /// Woken on either change; each side waits for its own flag.
+    changed: Notify,
+}
+
+impl Handover {
+    /// Asks the connection to end: another connection took its client id.
+    pub fn take_over(&self) {
+        self.taken_over.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once [`Handover::take_over`] was called.
+    pub async fn taken_over(&self) {
+        Self::wait(&self.changed, &self.taken_over).await
+    }
+
+    /// Tells whoever takes over that the connection has ended and handed its state back.
+    pub fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once [`Handover::end`] was called.
+    pub async fn ended(&self) {
+        Self::wait(&self.changed, &self.ended).await
+    }
+
+    async fn wait(changed: &Notify, flag: &AtomicBool) {
+        loop {
+            // Created before the flag is read: a `notify_waiters` after the read wakes it.
+            let notified = changed.notified();
+            if flag.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// State of a session that survives its connection.
@@ -51,8 +91,7 @@ struct Attached {
     conn: u64,
     /// The client's authenticated name (from its TLS certificate), if any.
     username: Option<Arc<str>>,
-    control: mpsc::UnboundedSender<Control>,
-    done: watch::Receiver<bool>,
+    handover: Arc<Handover>,
 }
 
 struct Entry {
@@ -251,8 +290,7 @@ impl SessionStore {
         &self,
         client_id: &str,
         username: Option<Arc<str>>,
-        control: mpsc::UnboundedSender<Control>,
-        done: watch::Receiver<bool>,
+        handover: Arc<Handover>,
     ) -> Attachment {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         loop {
@@ -262,8 +300,8 @@ impl SessionStore {
                     Some(Entry {
                         attached: Some(a), ..
                     }) => {
-                        let _ = a.control.send(Control::TakenOver);
-                        Some((a.conn, a.done.clone()))
+                        a.handover.take_over();
+                        Some((a.conn, a.handover.clone()))
                     }
                     Some(entry) => {
                         // An entry the periodic sweep has not removed yet may have expired:
@@ -277,8 +315,7 @@ impl SessionStore {
                         entry.attached = Some(Attached {
                             conn,
                             username: username.clone(),
-                            control: control.clone(),
-                            done: done.clone(),
+                            handover: handover.clone(),
                         });
                         if expired {
                             entry.disconnected_at_ms = 0;
@@ -302,8 +339,7 @@ impl SessionStore {
                                 attached: Some(Attached {
                                     conn,
                                     username: username.clone(),
-                                    control: control.clone(),
-                                    done: done.clone(),
+                                    handover: handover.clone(),
                                 }),
                                 disconnected_at_ms: 0,
                                 last_conn: conn,
@@ -317,11 +353,11 @@ impl SessionStore {
                     }
                 }
             };
-            if let Some((old, mut done)) = wait {
+            if let Some((old, held)) = wait {
                 // The old connection ends promptly once told; the timeout only guards against
                 // a connection stuck writing to a peer that stopped reading. Its state then
                 // stays as last handed back.
-                let _ = tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), held.ended()).await;
                 let mut map = self.inner.lock().expect("session lock");
                 if let Some(entry) = map.get_mut(client_id) {
                     if entry.attached.as_ref().is_some_and(|a| a.conn == old) {
@@ -466,18 +502,16 @@ mod tests {
             inner: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
         };
-        let (c1, mut r1) = mpsc::unbounded_channel();
-        let (d1_tx, d1) = watch::channel(false);
-        let a1 = store.attach("dev", None, c1, d1).await;
+        let h1 = Arc::new(Handover::default());
+        let a1 = store.attach("dev", None, h1.clone()).await;
         assert!(a1.previous.is_none());
         let store = std::sync::Arc::new(store);
         let s2 = store.clone();
-        let second = tokio::spawn(async move {
-            let (c2, _r2) = mpsc::unbounded_channel();
-            let (_d2_tx, d2) = watch::channel(false);
-            s2.attach("dev", None, c2, d2).await
-        });
-        assert_eq!(r1.recv().await, Some(Control::TakenOver));
+        let second =
+            tokio::spawn(
+                async move { s2.attach("dev", None, Arc::new(Handover::default())).await },
+            );
+        h1.taken_over().await;
         let mut data = SessionData {
             expiry: 60,
             ..Default::default()
@@ -486,7 +520,7 @@ mod tests {
         let (ops, ended) = store.detach("dev", a1.conn, data, true, now_ms());
         assert!(ops.is_empty(), "not durable, nothing to write");
         assert!(ended.is_none());
-        d1_tx.send(true).unwrap();
+        h1.end();
         let a2 = second.await.unwrap();
         let prev = a2.previous.expect("session continues");
         assert!(prev.qos2.contains(&5));
