@@ -494,3 +494,119 @@ fn an_offline_group_keeps_its_backlog_and_resumes_after_kill9() {
         "nothing lost across kill -9"
     );
 }
+
+#[test]
+fn retention_losses_are_counted_and_positions_can_be_reset() {
+    let config = format!("{GROUP_CONFIG}\n[topics.telemetry]\nretention_bytes = \"32KiB\"\n");
+    let mut edge = Edge::start_with("", "retention_check_interval = \"1s\"\n", &config);
+    let dir = tempfile::tempdir().unwrap();
+    // No member online while retention deletes most of what is published.
+    publish(&edge, "pub-1", 24, 500, "w1");
+    wait_until("retention has deleted records the group never read", || {
+        sum(&group_status(&edge), "lost") > 0
+    });
+    // Retention runs every second: once two checks delete nothing more, the topic is within
+    // its budget and nothing it holds now is deleted later.
+    let mut before = sum(&group_status(&edge), "lost");
+    loop {
+        std::thread::sleep(Duration::from_millis(2500));
+        let now = sum(&group_status(&edge), "lost");
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    let stop = dir.path().join("stop-1");
+    let m1 = Member::start(
+        &edge,
+        dir.path(),
+        "m-1",
+        &["--until-file", stop.to_str().unwrap()],
+    );
+    wait_until("m-1 has processed what is left", || {
+        members_online(&edge) == 1 && drained(&edge)
+    });
+    std::fs::write(&stop, b"").unwrap();
+    let got = m1.finish();
+    let g = group_status(&edge);
+    let lost = sum(&g, "lost");
+    assert_eq!(
+        g["lost"], lost,
+        "the group total is the sum of its partitions"
+    );
+    assert!(
+        lost > 0 && !got.is_empty(),
+        "lost {lost}, received {}",
+        got.len()
+    );
+    let unique: HashSet<&str> = got.iter().map(|r| r.payload.as_str()).collect();
+    assert_eq!(unique.len(), got.len(), "nothing twice");
+    assert_eq!(
+        got.len() as u64 + lost,
+        24 * 500,
+        "every record was either received or counted as lost"
+    );
+    let (_, text) = http_get(edge.admin, "/metrics", None).unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "tributary_group_records_lost_total{group=\"alarms\"}"
+        ),
+        lost as f64
+    );
+
+    // On a stopped node the group goes back to the first record held.
+    edge.stop();
+    let (status, out, err) = edge.cli(&[
+        "--config",
+        edge.config_path().to_str().unwrap(),
+        "groups",
+        "reset",
+        "--group",
+        "alarms",
+        "--to",
+        "earliest",
+    ]);
+    assert!(status.success(), "{err}");
+    assert_eq!(out.lines().count(), 6, "one line per partition: {out}");
+    let (status, out, err) = edge.cli(&[
+        "--config",
+        edge.config_path().to_str().unwrap(),
+        "groups",
+        "--json",
+    ]);
+    assert!(status.success(), "{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["edge_running"], false);
+    let lag: u64 = doc["groups"][0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["lag"].as_u64().unwrap())
+        .sum();
+    assert_eq!(lag, got.len() as u64, "the lag is every record still held");
+    let (status, _, err) = edge.cli(&["groups", "reset", "--group", "alarms", "--to", "x"]);
+    assert!(
+        !status.success() && err.contains("earliest, latest or an offset"),
+        "{err}"
+    );
+
+    edge.restart();
+    let stop = dir.path().join("stop-2");
+    let m2 = Member::start(
+        &edge,
+        dir.path(),
+        "m-2",
+        &["--until-file", stop.to_str().unwrap()],
+    );
+    wait_until("m-2 has processed everything again", || {
+        members_online(&edge) == 1 && drained(&edge)
+    });
+    std::fs::write(&stop, b"").unwrap();
+    let again: HashSet<String> = m2.finish().into_iter().map(|r| r.payload).collect();
+    let first: HashSet<String> = got.into_iter().map(|r| r.payload).collect();
+    assert_eq!(
+        again, first,
+        "after the reset the group reads every record held again"
+    );
+}
