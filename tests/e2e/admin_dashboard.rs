@@ -6,20 +6,7 @@
 use std::process::Command;
 
 use tributary_tests::mirror::fleet;
-use tributary_tests::{http_get, workspace_root, Edge};
-
-fn chromium() -> &'static str {
-    for c in ["chromium", "chromium-browser", "google-chrome"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {c}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            return c;
-        }
-    }
-    panic!("no Chromium on PATH: tests/run installs the Debian package chromium");
-}
+use tributary_tests::{chromium, http_get, workspace_root, Edge};
 
 /// Text of the element with `id` in the dumped DOM.
 fn by_id<'a>(dom: &'a str, id: &str) -> &'a str {

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tributary_tests::{assert_readme_names_metrics, client_script, http_get, metric, python, Edge};
+use tributary_tests::{
+    assert_readme_names_metrics, client_script, dashboard_dom, http_get, metric, python, Edge,
+};
 
 const GROUP_CONFIG: &str = r#"
 [[routes]]
@@ -376,6 +378,16 @@ fn an_offline_group_keeps_its_backlog_and_resumes_after_kill9() {
     let g = group_status(&edge);
     assert_eq!(sum(&g, "lag"), 10_000, "the backlog waits for the group");
     assert_eq!(g["delivered"], 0);
+    // The dashboard shows it too.
+    let (_, body) = http_get(edge.admin, "/api/v1/overview", None).unwrap();
+    let overview: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(overview["groups"][0]["lag_records"], 10_000);
+    let dom = dashboard_dom(edge.admin);
+    let row = &dom[dom
+        .find("data-group=\"alarms\"")
+        .expect("a dashboard row for the group")..];
+    let lag = &row[row.find("class=\"lag\">").unwrap() + 12..];
+    assert_eq!(&lag[..lag.find('<').unwrap()], "10,000", "{row}");
 
     let stop = dir.path().join("stop-1");
     let m1 = Member::start(

@@ -396,6 +396,42 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The Chromium binary on PATH (tests/run installs Debian's `chromium`), for dashboard tests.
+pub fn chromium() -> &'static str {
+    for c in ["chromium", "chromium-browser", "google-chrome"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {c}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return c;
+        }
+    }
+    panic!("no Chromium on PATH: tests/run installs the Debian package chromium");
+}
+
+/// The DOM of the admin dashboard at `admin` after its scripts ran, as headless Chromium
+/// dumps it.
+pub fn dashboard_dom(admin: SocketAddr) -> String {
+    let out = Command::new(chromium())
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            &format!("http://{admin}/"),
+        ])
+        .output()
+        .expect("running Chromium");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("the DOM is UTF-8")
+}
+
 /// The Python interpreter that has paho-mqtt (tests/run installs it).
 pub fn python() -> String {
     std::env::var("TRIBUTARY_PYTHON").unwrap_or_else(|_| "python3".to_string())

@@ -601,6 +601,15 @@ pub fn overview_json(s: &AdminState) -> serde_json::Value {
             "last_healthy_at_ms": m.last_healthy_at_ms,
             "records_mirrored": m.records_mirrored,
         })),
+        "groups": group_status(s).iter().map(|g| serde_json::json!({
+            "name": g.name,
+            "topics": g.topics,
+            "members": g.members.len(),
+            "lag_records": g.partitions.iter().map(|p| p.lag).sum::<u64>(),
+            "in_flight": g.partitions.iter().map(|p| p.in_flight).sum::<u64>(),
+            "lost": g.lost,
+            "kafka_state": g.kafka_state,
+        })).collect::<Vec<_>>(),
         "errors": errors,
     })
 }
