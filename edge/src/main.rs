@@ -454,17 +454,7 @@ fn groups(config: &Config, json: bool) -> anyhow::Result<()> {
             let list = names
                 .into_iter()
                 .map(|name| {
-                    let mut topics: Vec<String> = config
-                        .groups
-                        .iter()
-                        .find(|g| g.name == name)
-                        .map(|g| g.topics.clone())
-                        .unwrap_or_default();
-                    for s in stored.iter().filter(|s| s.group == name) {
-                        if !topics.contains(&s.topic) {
-                            topics.push(s.topic.clone());
-                        }
-                    }
+                    let topics = edge::groups::group_topics(&config.groups, &stored, &name);
                     let mut partitions = Vec::new();
                     for t in &topics {
                         let Some(tl) = log.topic(t) else { continue };
@@ -574,21 +564,12 @@ fn groups_reset(config: &Config, group: &str, to: edge::groups::ResetTo) -> anyh
             return Err(e);
         }
     };
-    let mut topics: Vec<String> = config
-        .groups
-        .iter()
-        .find(|g| g.name == group)
-        .map(|g| g.topics.clone())
-        .unwrap_or_default();
-    for s in edge::groups::stored_positions(&log, Some(group))? {
-        if !topics.contains(&s.topic) {
-            topics.push(s.topic);
-        }
-    }
+    let stored = edge::groups::stored_positions(&log, Some(group))?;
+    let topics = edge::groups::group_topics(&config.groups, &stored, group);
     if topics.is_empty() {
         bail!("no group \"{group}\": it is neither declared in the config's [[groups]] nor stored in {}", config.storage.data_dir.display());
     }
-    let (ops, positions) = edge::groups::reset_ops(&log, group, &topics, to)?;
+    let (ops, positions) = edge::groups::reset_ops(&log, group, &topics, &stored, to)?;
     let (tx, thread) = edge::log::appender::spawn(
         log.clone(),
         edge::config::FsyncMode::Always,

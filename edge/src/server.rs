@@ -402,8 +402,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         let dir = config.storage.data_dir.clone();
         let _ = tokio::task::spawn_blocking(move || {
             groups.stop();
-            if !groups.status().is_empty() {
-                if let Err(e) = crate::groups::write_status(&dir, &groups.status()) {
+            let status = groups.status();
+            if !status.is_empty() {
+                if let Err(e) = crate::groups::write_status(&dir, &status) {
                     tracing::warn!("writing the groups status: {e}");
                 }
             }

@@ -6,7 +6,7 @@
 use std::process::Command;
 
 use tributary_tests::mirror::fleet;
-use tributary_tests::{chromium, http_get, workspace_root, Edge};
+use tributary_tests::{chromium, dashboard_dom, http_get, workspace_root, Edge};
 
 /// Text of the element with `id` in the dumped DOM.
 fn by_id<'a>(dom: &'a str, id: &str) -> &'a str {
@@ -47,24 +47,8 @@ fn dashboard_shows_what_the_api_reports_while_devices_publish() {
     std::fs::create_dir_all(&artifacts).unwrap();
     let url = format!("http://{}/", edge.admin);
     let before = overview(&edge);
-    let dom = Command::new(browser)
-        .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            &url,
-        ])
-        .output()
-        .unwrap();
+    let dom = dashboard_dom(edge.admin);
     let after = overview(&edge);
-    assert!(
-        dom.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dom.stderr)
-    );
-    let dom = String::from_utf8(dom.stdout).unwrap();
     let shot = artifacts.join("dashboard.png");
     let screenshot = Command::new(browser)
         .args([

@@ -113,6 +113,32 @@ fn read_got(path: &Path) -> Vec<Got> {
         .collect()
 }
 
+/// The payloads a member acknowledged, and those it did not.
+fn split_acked(got: &[Got]) -> (HashSet<&str>, HashSet<&str>) {
+    let payloads = |acked: bool| {
+        got.iter()
+            .filter(|r| r.acked == acked)
+            .map(|r| r.payload.as_str())
+            .collect()
+    };
+    (payloads(true), payloads(false))
+}
+
+/// One member alone in the group reads until every partition is processed, then leaves;
+/// what it received, in order.
+fn drain_alone(edge: &Edge, dir: &Path, client_id: &str, what: &str) -> Vec<Got> {
+    let stop = dir.join(format!("{client_id}.stop"));
+    let member = Member::start(
+        edge,
+        dir,
+        client_id,
+        &["--until-file", stop.to_str().unwrap()],
+    );
+    wait_until(what, || members_online(edge) == 1 && drained(edge));
+    std::fs::write(&stop, b"").unwrap();
+    member.finish()
+}
+
 fn publish(edge: &Edge, client_id: &str, devices: u32, per_device: u32, prefix: &str) {
     let out = Command::new(python())
         .arg(client_script("group_member.py"))
@@ -322,16 +348,7 @@ fn a_leaving_members_unacknowledged_records_reach_the_others() {
 
     assert_eq!(left.len(), 200, "m-a left after its 200th record");
     assert_device_order("m-a", &left);
-    let acked_by_leaver: HashSet<&str> = left
-        .iter()
-        .filter(|r| r.acked)
-        .map(|r| r.payload.as_str())
-        .collect();
-    let unacked_by_leaver: HashSet<&str> = left
-        .iter()
-        .filter(|r| !r.acked)
-        .map(|r| r.payload.as_str())
-        .collect();
+    let (acked_by_leaver, unacked_by_leaver) = split_acked(&left);
     assert_eq!((acked_by_leaver.len(), unacked_by_leaver.len()), (50, 150));
 
     let mut by_stayers: HashSet<String> = HashSet::new();
@@ -389,18 +406,7 @@ fn an_offline_group_keeps_its_backlog_and_resumes_after_kill9() {
     let lag = &row[row.find("class=\"lag\">").unwrap() + 12..];
     assert_eq!(&lag[..lag.find('<').unwrap()], "10,000", "{row}");
 
-    let stop = dir.path().join("stop-1");
-    let m1 = Member::start(
-        &edge,
-        dir.path(),
-        "m-1",
-        &["--until-file", stop.to_str().unwrap()],
-    );
-    wait_until("m-1 has processed the backlog", || {
-        members_online(&edge) == 1 && drained(&edge)
-    });
-    std::fs::write(&stop, b"").unwrap();
-    let got = m1.finish();
+    let got = drain_alone(&edge, dir.path(), "m-1", "m-1 has processed the backlog");
     assert_device_order("m-1", &got);
     let payloads: Vec<&str> = got.iter().map(|r| r.payload.as_str()).collect();
     let unique: HashSet<String> = payloads.iter().map(|p| p.to_string()).collect();
@@ -456,30 +462,10 @@ fn an_offline_group_keeps_its_backlog_and_resumes_after_kill9() {
         stored_before,
         "the group resumes from its stored position"
     );
-    let stop = dir.path().join("stop-3");
-    let m3 = Member::start(
-        &edge,
-        dir.path(),
-        "m-3",
-        &["--until-file", stop.to_str().unwrap()],
-    );
-    wait_until("m-3 has processed the rest", || {
-        members_online(&edge) == 1 && drained(&edge)
-    });
-    std::fs::write(&stop, b"").unwrap();
-    let m3 = m3.finish();
+    let m3 = drain_alone(&edge, dir.path(), "m-3", "m-3 has processed the rest");
     assert_device_order("m-3", &m3);
 
-    let acked_by_m2: HashSet<&str> = m2
-        .iter()
-        .filter(|r| r.acked)
-        .map(|r| r.payload.as_str())
-        .collect();
-    let unacked_by_m2: HashSet<&str> = m2
-        .iter()
-        .filter(|r| !r.acked)
-        .map(|r| r.payload.as_str())
-        .collect();
+    let (acked_by_m2, unacked_by_m2) = split_acked(&m2);
     let mut after: HashSet<String> = HashSet::new();
     for r in &m3 {
         assert!(
@@ -528,18 +514,7 @@ fn retention_losses_are_counted_and_positions_can_be_reset() {
         }
         before = now;
     }
-    let stop = dir.path().join("stop-1");
-    let m1 = Member::start(
-        &edge,
-        dir.path(),
-        "m-1",
-        &["--until-file", stop.to_str().unwrap()],
-    );
-    wait_until("m-1 has processed what is left", || {
-        members_online(&edge) == 1 && drained(&edge)
-    });
-    std::fs::write(&stop, b"").unwrap();
-    let got = m1.finish();
+    let got = drain_alone(&edge, dir.path(), "m-1", "m-1 has processed what is left");
     let g = group_status(&edge);
     let lost = sum(&g, "lost");
     assert_eq!(
@@ -604,18 +579,15 @@ fn retention_losses_are_counted_and_positions_can_be_reset() {
     );
 
     edge.restart();
-    let stop = dir.path().join("stop-2");
-    let m2 = Member::start(
+    let again: HashSet<String> = drain_alone(
         &edge,
         dir.path(),
         "m-2",
-        &["--until-file", stop.to_str().unwrap()],
-    );
-    wait_until("m-2 has processed everything again", || {
-        members_online(&edge) == 1 && drained(&edge)
-    });
-    std::fs::write(&stop, b"").unwrap();
-    let again: HashSet<String> = m2.finish().into_iter().map(|r| r.payload).collect();
+        "m-2 has processed everything again",
+    )
+    .into_iter()
+    .map(|r| r.payload)
+    .collect();
     let first: HashSet<String> = got.into_iter().map(|r| r.payload).collect();
     assert_eq!(
         again, first,

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tributary_tests::kafka::KafkaCluster;
-use tributary_tests::mirror::{cloud_section, wait_mirror_status};
+use tributary_tests::mirror::{cloud_section, partitions_sum, wait_mirror_status};
 use tributary_tests::{ConnectOpts, Edge, Got, Proto, RawClient};
 
 const ROUTES: &str =
@@ -69,12 +69,7 @@ async fn publish_wave(edge: &Edge, wave: usize) {
 
 /// The mirror has every record of the first `waves` waves in Kafka.
 fn mirrored(s: &serde_json::Value, waves: usize) -> bool {
-    let logged: u64 = s["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["edge_end_offset"].as_u64().unwrap())
-        .sum();
+    let logged = partitions_sum(s, "telemetry", "edge_end_offset");
     s["lag_records"] == 0 && logged == (waves * DEVICES * PER_WAVE) as u64
 }
 

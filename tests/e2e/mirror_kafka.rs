@@ -19,12 +19,7 @@ const ROUTES: &str =
 
 /// The mirror has no lag and the edge has logged something.
 fn drained(s: &serde_json::Value) -> bool {
-    let logged: u64 = s["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["edge_end_offset"].as_u64().unwrap())
-        .sum();
+    let logged = partitions_sum(s, "telemetry", "edge_end_offset");
     s["lag_records"] == 0 && logged > 0
 }
 

@@ -36,6 +36,9 @@ use crate::route::{TopicFilter, TopicId};
 const LEASE_AHEAD: u64 = 2048;
 /// How often changed positions are stored.
 const WRITE_EVERY: Duration = Duration::from_millis(100);
+/// How often the status (API, status file, replication to Kafka) is refreshed; not every
+/// round, which under load is every millisecond.
+const STATUS_EVERY: Duration = Duration::from_millis(20);
 /// Records read from the log at once per partition.
 const READ_CHUNK: usize = 512;
 /// Sleep after a round that delivered or took acknowledgements (acknowledgements and new
@@ -134,6 +137,8 @@ struct Member {
     /// and what it held was lost.
     epoch: u64,
     filters: Vec<(TopicFilter, SubOptions)>,
+    /// Partitions it owns (set when partitions are shared out).
+    owned: usize,
     outstanding: usize,
     bytes: usize,
 }
@@ -175,6 +180,8 @@ pub(crate) struct Engine {
     pending: Option<(u64, Vec<(u64, u64)>)>,
     next_ticket: u64,
     last_write: Instant,
+    /// When the status was last published for the API and the status file.
+    last_status: Instant,
     /// Where the next delivery round starts, so that no partition is always served last.
     rotate: usize,
     scratch: Vec<u64>,
@@ -203,6 +210,7 @@ impl Engine {
             pending: None,
             next_ticket: 0,
             last_write: Instant::now() - WRITE_EVERY,
+            last_status: Instant::now() - STATUS_EVERY,
             rotate: 0,
             scratch: Vec::new(),
         }
@@ -228,7 +236,9 @@ impl Engine {
             }
             self.deliver();
             self.maybe_write();
-            self.publish_status();
+            if self.last_status.elapsed() >= STATUS_EVERY {
+                self.publish_status();
+            }
             let busy = before
                 != (
                     self.shared.delivered.load(Ordering::Relaxed),
@@ -292,6 +302,7 @@ impl Engine {
                             sub,
                             epoch,
                             filters,
+                            owned: 0,
                             outstanding: 0,
                             bytes: 0,
                         },
@@ -304,7 +315,13 @@ impl Engine {
             let ids: Vec<Arc<str>> = self.members.keys().cloned().collect();
             let current: Vec<Option<Arc<str>>> =
                 self.parts.iter().map(|p| p.owner.clone()).collect();
+            for m in self.members.values_mut() {
+                m.owned = 0;
+            }
             for (p, owner) in self.parts.iter_mut().zip(assign(&current, &ids)) {
+                if let Some(m) = owner.as_ref().and_then(|o| self.members.get_mut(o)) {
+                    m.owned += 1;
+                }
                 if p.owner != owner {
                     p.owner = owner;
                     p.waiting_since = None;
@@ -400,12 +417,6 @@ impl Engine {
         let limits = self.broker.hub.limits;
         let window = (limits.messages / 2).clamp(1, 2048);
         let window_bytes = (limits.bytes / 2).max(1);
-        let mut owned: HashMap<Arc<str>, usize> = HashMap::new();
-        for p in &self.parts {
-            if let Some(o) = &p.owner {
-                *owned.entry(o.clone()).or_default() += 1;
-            }
-        }
         let n = self.parts.len();
         if n == 0 {
             return;
@@ -447,7 +458,7 @@ impl Engine {
             let Some(member) = self.members.get_mut(&owner) else {
                 continue;
             };
-            let share = (window / owned.get(&owner).copied().unwrap_or(1)).max(1);
+            let share = (window / member.owned.max(1)).max(1);
             let end = p
                 .state
                 .durable_end
@@ -648,7 +659,8 @@ impl Engine {
         }
     }
 
-    fn publish_status(&self) {
+    fn publish_status(&mut self) {
+        self.last_status = Instant::now();
         let partitions = self
             .parts
             .iter()
@@ -673,11 +685,7 @@ impl Engine {
             .iter()
             .map(|(id, m)| MemberStatus {
                 client_id: id.to_string(),
-                partitions: self
-                    .parts
-                    .iter()
-                    .filter(|p| p.owner.as_ref() == Some(id))
-                    .count() as u32,
+                partitions: m.owned as u32,
                 in_flight: m.outstanding as u64,
             })
             .collect();

@@ -138,6 +138,26 @@ pub fn stored_positions(log: &Log, group: Option<&str>) -> Result<Vec<StoredPosi
         .collect()
 }
 
+/// The topics of `group`: those the config declares for it, then those it has stored
+/// positions in (a group removed from the config, or a topic removed from a group).
+pub fn group_topics(
+    configs: &[GroupConfig],
+    stored: &[StoredPosition],
+    group: &str,
+) -> Vec<String> {
+    let mut topics: Vec<String> = configs
+        .iter()
+        .find(|g| g.name == group)
+        .map(|g| g.topics.clone())
+        .unwrap_or_default();
+    for s in stored.iter().filter(|s| s.group == group) {
+        if !topics.contains(&s.topic) {
+            topics.push(s.topic.clone());
+        }
+    }
+    topics
+}
+
 /// One partition of a group, as reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionPosition {
@@ -378,11 +398,13 @@ impl std::str::FromStr for ResetTo {
 }
 
 /// The stores that move `group`'s positions in every partition of `topics` to `to`, for a
-/// stopped node: returns the state changes and the new positions.
+/// stopped node whose stored positions are `stored`: returns the state changes and the new
+/// positions.
 pub fn reset_ops(
     log: &Log,
     group: &str,
     topics: &[String],
+    stored: &[StoredPosition],
     to: ResetTo,
 ) -> Result<(Vec<crate::log::appender::StateOp>, Vec<StoredPosition>), LogError> {
     let mut ops = Vec::new();
@@ -399,14 +421,13 @@ pub fn reset_ops(
                 ResetTo::Latest => end,
                 ResetTo::Offset(o) => o.clamp(start, end),
             };
-            let key = position_key(group, topic, i as u32);
             // The lease stays: records below it may have been sent before.
-            let lease = match log.meta_get(&key)? {
-                Some(v) => parse_position(&key, &v).map_or(committed, |s| s.lease),
-                None => committed,
-            };
+            let lease = stored
+                .iter()
+                .find(|s| s.group == group && &s.topic == topic && s.partition == i as u32)
+                .map_or(committed, |s| s.lease);
             ops.push(crate::log::appender::StateOp::Put {
-                key,
+                key: position_key(group, topic, i as u32),
                 value: position_value(committed, lease).to_vec(),
             });
             out.push(StoredPosition {

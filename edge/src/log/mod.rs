@@ -504,11 +504,6 @@ impl Log {
         self.budget
     }
 
-    /// The value of one meta key.
-    pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
-        Ok(self.meta.get(key)?.map(|v| v.to_vec()))
-    }
-
     /// Entries of the meta keyspace under `prefix` (for the MQTT layer's durable state).
     pub fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<MetaEntry>, LogError> {
         let mut out = Vec::new();
