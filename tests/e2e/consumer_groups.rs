@@ -285,6 +285,8 @@ fn three_members_share_six_partitions_and_get_every_record_once() {
     let g = group_status(&edge);
     assert_eq!(g["acknowledged"], 1200);
     assert_eq!(sum(&g, "committed"), 1200);
+    // The members' processes have ended; the edge sees them go within a round.
+    wait_until("the members have left", || members_online(&edge) == 0);
     let (_, text) = http_get(edge.admin, "/metrics", None).unwrap();
     assert_eq!(
         metric(
