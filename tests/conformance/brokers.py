@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -23,7 +24,32 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[2]
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
+    """A free port on 127.0.0.1 below the kernel's ephemeral range, never handed out twice.
+
+    A port from bind(0) is in the range that outgoing connections take their local ports
+    from, so a broker restarted on its old port could find a client's connection on it.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            eph_lo, _ = map(int, f.read().split())
+    except (OSError, ValueError):
+        eph_lo = 32768
+    rng = random.Random()
+    for _ in range(5000):
+        port = rng.randint(10000, max(10001, eph_lo - 1))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -166,8 +166,53 @@ pub fn assert_readme_names_metrics(text: &str) {
     );
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, below the kernel's ephemeral port range, never handed out
+/// twice by one test process.
+///
+/// A port the OS gives for `127.0.0.1:0` comes from the ephemeral range, the same range every
+/// outgoing connection takes its local port from: between a kill and a restart of an edge,
+/// a client connecting anywhere could be given the edge's port, and the restart would fail
+/// with "Address already in use". Below that range only an explicit bind can take a port.
+/// Test binaries run one after another and tests within one share this counter; the start
+/// point is random so that two processes at once rarely meet, and every port is checked free.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (eph_lo, eph_hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // The larger of the ranges outside the ephemeral one, from 10000 up.
+    let below = (10_000, eph_lo.saturating_sub(1));
+    let above: (u32, u32) = (eph_hi + 1, 65_535);
+    let (lo, hi) = if below.1.saturating_sub(below.0) >= above.1.saturating_sub(above.0) {
+        below
+    } else {
+        above
+    };
+    if hi > lo + 1000 {
+        let span = hi - lo;
+        let _ = NEXT.compare_exchange(
+            0,
+            1 + (std::process::id().wrapping_mul(7919)
+                ^ std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0))
+                % span,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        for _ in 0..span {
+            let port = lo + NEXT.fetch_add(1, Ordering::SeqCst) % span;
+            if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+                return port as u16;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
