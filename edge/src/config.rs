@@ -378,6 +378,127 @@ impl CloudConfig {
     }
 }
 
+/// The most `mqtt.max_topic_length` and `mqtt.max_filter_length` may be set to.
+pub const MAX_TOPIC_LENGTH_CEILING: usize = 32 * 1024;
+/// The most `mqtt.max_client_id_length` may be set to. With a topic or filter at its ceiling
+/// and a 3-byte tag and length, a stored key stays under fjall's 65535 bytes.
+pub const MAX_CLIENT_ID_CEILING: usize = 16 * 1024;
+
+/// One limit on what a client sends, as the README's limits table lists it.
+#[derive(Debug, Clone, Copy)]
+pub struct InputLimit {
+    /// The config key.
+    pub key: &'static str,
+    /// What it bounds.
+    pub bounds: &'static str,
+    /// The most the key may be set to (what the stored encoding holds), if it has a ceiling.
+    pub ceiling: Option<u64>,
+    /// What a client over it gets.
+    pub over: &'static str,
+}
+
+/// Every limit on client input that reaches storage or memory, for the README (generated
+/// by edge/tests/config_reference.rs, which also checks each ceiling against the config's
+/// validation).
+pub const INPUT_LIMITS: &[InputLimit] = &[
+    InputLimit {
+        key: "mqtt.max_packet_size",
+        bounds: "every packet: payloads, wills, CONNECTs",
+        ceiling: Some(256 * 1024 * 1024 - 1),
+        over: "5.0: DISCONNECT 0x95 (a CONNECT: CONNACK 0x95); 3.1.1: closed",
+    },
+    InputLimit {
+        key: "mqtt.max_topic_length",
+        bounds: "topic names: PUBLISH, will, response topic",
+        ceiling: Some(MAX_TOPIC_LENGTH_CEILING as u64),
+        over: "5.0: DISCONNECT 0x90 (response topic: 0x95; a will: CONNACK 0x90); 3.1.1: closed",
+    },
+    InputLimit {
+        key: "mqtt.max_topic_levels",
+        bounds: "levels of a topic name or filter",
+        ceiling: None,
+        over: "as for the topic's or filter's length",
+    },
+    InputLimit {
+        key: "mqtt.max_filter_length",
+        bounds: "topic filters of SUBSCRIBE, `$share/{name}/` included",
+        ceiling: Some(MAX_TOPIC_LENGTH_CEILING as u64),
+        over: "that filter refused: SUBACK 0x8F (3.1.1: 0x80); the connection stays",
+    },
+    InputLimit {
+        key: "mqtt.max_client_id_length",
+        bounds: "client identifiers",
+        ceiling: Some(MAX_CLIENT_ID_CEILING as u64),
+        over: "CONNACK 0x85 (3.1.1: return code 2)",
+    },
+    InputLimit {
+        key: "mqtt.max_user_properties",
+        bounds: "user properties of one PUBLISH or will",
+        ceiling: Some(65_535),
+        over: "DISCONNECT 0x95 (a will: CONNACK 0x95)",
+    },
+    InputLimit {
+        key: "mqtt.max_user_properties_bytes",
+        bounds: "total size of one message's user properties",
+        ceiling: None,
+        over: "DISCONNECT 0x95 (a will: CONNACK 0x95)",
+    },
+    InputLimit {
+        key: "mqtt.max_content_type_length",
+        bounds: "Content Type",
+        ceiling: Some(65_535),
+        over: "DISCONNECT 0x95 (a will: CONNACK 0x95)",
+    },
+    InputLimit {
+        key: "mqtt.max_correlation_data_length",
+        bounds: "Correlation Data",
+        ceiling: Some(65_535),
+        over: "DISCONNECT 0x95 (a will: CONNACK 0x95)",
+    },
+    InputLimit {
+        key: "mqtt.max_subscriptions_per_client",
+        bounds: "subscriptions one session holds",
+        ceiling: None,
+        over: "that filter refused: SUBACK 0x97 (3.1.1: 0x80)",
+    },
+    InputLimit {
+        key: "mqtt.receive_maximum",
+        bounds: "unacknowledged QoS 1/2 publishes of one client",
+        ceiling: Some(65_535),
+        over: "DISCONNECT 0x93 (3.1.1: the socket is not read)",
+    },
+    InputLimit {
+        key: "mqtt.max_offline_messages",
+        bounds: "messages stored for one disconnected persistent session",
+        ceiling: None,
+        over: "later ones are not queued, and counted",
+    },
+    InputLimit {
+        key: "mqtt.max_queued_messages",
+        bounds: "messages in memory for one connected subscriber",
+        ceiling: None,
+        over: "QoS 0 dropped and counted; a subscriber over it too long is disconnected",
+    },
+    InputLimit {
+        key: "mqtt.max_queued_bytes",
+        bounds: "bytes in memory for one connected subscriber",
+        ceiling: None,
+        over: "as `max_queued_messages`",
+    },
+    InputLimit {
+        key: "mqtt.max_connections",
+        bounds: "connections of the node",
+        ceiling: None,
+        over: "CONNACK 0x89 (3.1.1: 3); far past it, closed at accept",
+    },
+    InputLimit {
+        key: "mqtt.max_connections_per_address",
+        bounds: "connections from one IP address",
+        ceiling: None,
+        over: "closed at accept",
+    },
+];
+
 /// `[mqtt]`: the MQTT listener.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -396,12 +517,29 @@ pub struct MqttConfig {
     pub receive_maximum: u16,
     /// MQTT 5 Topic Alias Maximum announced to clients (0 disables inbound aliases).
     pub topic_alias_maximum: u16,
-    /// Longest topic name accepted in a PUBLISH, in bytes.
+    /// Longest topic name accepted, in bytes: in a PUBLISH, a will and a response topic.
+    /// Longer ones close the connection (5.0: 0x90 Topic name invalid; a will's: CONNACK
+    /// 0x90). At most 32768, so that every stored key that holds a topic fits its encoding.
     pub max_topic_length: usize,
     /// Most levels (`/`-separated parts) a published topic may have.
     pub max_topic_levels: usize,
-    /// Longest client identifier accepted, in bytes.
+    /// Longest topic filter accepted in a SUBSCRIBE, in bytes, `$share/{name}/` included.
+    /// A longer filter is refused alone (SUBACK 0x8F Topic filter invalid; 3.1.1: 0x80).
+    /// At most 32768.
+    pub max_filter_length: usize,
+    /// Longest client identifier accepted, in bytes (23 to 16384).
     pub max_client_id_length: usize,
+    /// Most MQTT 5 user properties one PUBLISH or will may carry (0 to 65535). More close the
+    /// connection with 0x95 Packet too large (a will's: CONNACK 0x95).
+    pub max_user_properties: usize,
+    /// Largest total size of one message's user properties (names, values and their 2-byte
+    /// length prefixes), with the same refusal.
+    pub max_user_properties_bytes: ByteSize,
+    /// Longest MQTT 5 Content Type accepted, in bytes (at most 65535), with the same refusal.
+    pub max_content_type_length: usize,
+    /// Longest MQTT 5 Correlation Data accepted, in bytes (at most 65535), with the same
+    /// refusal.
+    pub max_correlation_data_length: usize,
     /// Time allowed between TCP accept and a complete CONNECT packet. It is one deadline for
     /// the whole packet, so a client trickling its CONNECT a byte at a time is cut too. On
     /// the TLS listener the handshake gets this long too, before the CONNECT's own time
@@ -464,7 +602,12 @@ impl Default for MqttConfig {
             topic_alias_maximum: 64,
             max_topic_length: 1024,
             max_topic_levels: 32,
+            max_filter_length: 1024,
             max_client_id_length: 256,
+            max_user_properties: 128,
+            max_user_properties_bytes: ByteSize(64 * 1024),
+            max_content_type_length: 256,
+            max_correlation_data_length: 4096,
             connect_timeout: HumanDuration(Duration::from_secs(10)),
             max_keepalive: HumanDuration(Duration::ZERO),
             max_connections: 100_000,
@@ -1006,12 +1149,37 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if m.max_topic_length == 0 || m.max_topic_length > 65_535 {
+        // Stored keys hold a topic or filter after a client id (`u | len | client | filter`)
+        // and fjall keys hold at most 65535 bytes: these ceilings keep every key below it.
+        if m.max_topic_length == 0 || m.max_topic_length > MAX_TOPIC_LENGTH_CEILING {
             return Err(invalid(
                 None,
                 "mqtt.max_topic_length".into(),
-                "must be between 1 and 65535 bytes".into(),
+                format!("must be between 1 and {MAX_TOPIC_LENGTH_CEILING} bytes"),
             ));
+        }
+        if m.max_filter_length == 0 || m.max_filter_length > MAX_TOPIC_LENGTH_CEILING {
+            return Err(invalid(
+                None,
+                "mqtt.max_filter_length".into(),
+                format!("must be between 1 and {MAX_TOPIC_LENGTH_CEILING} bytes"),
+            ));
+        }
+        for (key, value) in [
+            ("mqtt.max_user_properties", m.max_user_properties),
+            ("mqtt.max_content_type_length", m.max_content_type_length),
+            (
+                "mqtt.max_correlation_data_length",
+                m.max_correlation_data_length,
+            ),
+        ] {
+            if value > 65_535 {
+                return Err(invalid(
+                    None,
+                    key.into(),
+                    format!("{value} is more than the 65535 the record encoding holds"),
+                ));
+            }
         }
         if m.max_topic_levels == 0 {
             return Err(invalid(
@@ -1020,11 +1188,11 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if m.max_client_id_length < 23 || m.max_client_id_length > 65_535 {
+        if m.max_client_id_length < 23 || m.max_client_id_length > MAX_CLIENT_ID_CEILING {
             return Err(invalid(
                 None,
                 "mqtt.max_client_id_length".into(),
-                "must be between 23 (the MQTT minimum) and 65535".into(),
+                format!("must be between 23 (the MQTT minimum) and {MAX_CLIENT_ID_CEILING}"),
             ));
         }
         if m.max_keepalive.0.as_secs() > u16::MAX as u64 {
@@ -1551,6 +1719,41 @@ mod tests {
             assert_eq!(ByteSize(n).to_string(), text);
             assert_eq!(text.parse::<ByteSize>().unwrap(), ByteSize(n));
         }
+    }
+
+    #[test]
+    fn length_limits_stop_at_what_stored_keys_hold() {
+        for (key, at, past) in [
+            (
+                "max_topic_length",
+                MAX_TOPIC_LENGTH_CEILING,
+                MAX_TOPIC_LENGTH_CEILING + 1,
+            ),
+            (
+                "max_filter_length",
+                MAX_TOPIC_LENGTH_CEILING,
+                MAX_TOPIC_LENGTH_CEILING + 1,
+            ),
+            (
+                "max_client_id_length",
+                MAX_CLIENT_ID_CEILING,
+                MAX_CLIENT_ID_CEILING + 1,
+            ),
+            ("max_user_properties", 65_535, 65_536),
+            ("max_content_type_length", 65_535, 65_536),
+            ("max_correlation_data_length", 65_535, 65_536),
+        ] {
+            let ok = format!("[mqtt]\n{key} = {at}\n");
+            assert!(Config::parse(&ok, "e.toml").is_ok(), "{key} = {at}");
+            let bad = format!("[mqtt]\n{key} = {past}\n");
+            let err = Config::parse(&bad, "e.toml").unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("mqtt.{key}")),
+                "{key} = {past}: {err}"
+            );
+        }
+        // The longest key the limits allow: tag, length, client id, filter.
+        assert!(3 + MAX_CLIENT_ID_CEILING + MAX_TOPIC_LENGTH_CEILING <= u16::MAX as usize);
     }
 
     #[test]

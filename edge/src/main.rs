@@ -709,6 +709,15 @@ fn read(
             }
         }
     }
+    let corrupt = log
+        .counters
+        .corrupt_batches
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if corrupt > 0 {
+        eprintln!(
+            "edge read: skipped {corrupt} record batch(es) that do not decode (each logged above with its topic, partition and offset); every other record was read"
+        );
+    }
     match out.flush() {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),

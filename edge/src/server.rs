@@ -470,12 +470,8 @@ fn load_retained(log: &Log, hub: &Hub, now_ms: u64) -> Result<Vec<StateOp>, crat
                 hub.set_retained(bytes::Bytes::copy_from_slice(&k[1..]), Some(Arc::new(m)))
             }
             Ok(_) => purge.push(StateOp::Delete { key: k }),
-            Err(e) => {
-                return Err(crate::log::LogError::CorruptMeta(format!(
-                    "retained message of {:?}: {e}",
-                    String::from_utf8_lossy(&k[1..])
-                )))
-            }
+            // Left out, not deleted: `edge check` lists it, `--repair` moves it aside.
+            Err(_) => log.quarantine_meta(&k, "retained message"),
         }
     }
     if hub.retained_count() > 0 {

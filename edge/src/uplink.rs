@@ -229,7 +229,8 @@ mod tests {
                 user_properties: &props,
                 payload: payload.as_bytes(),
             }
-            .encode_into(&mut req.buf);
+            .encode_into(&mut req.buf)
+            .unwrap();
             req.records.push(PendingRecord {
                 topic: 0,
                 partition: 0,

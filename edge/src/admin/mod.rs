@@ -16,7 +16,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 
 use crate::log::record::text_or_base64;
-use crate::mqtt::limits::{Limits, Refused};
+use crate::mqtt::limits::{Limits, PacketRefused, Refused};
 use crate::mqtt::Broker;
 
 /// What the admin endpoint reads.
@@ -142,6 +142,20 @@ fn render_limit_metrics(limits: &Limits, out: &mut String) {
             "tributary_connections_refused_total{{reason=\"{}\"}} {}",
             why.label(),
             limits.refused_count(why)
+        );
+    }
+    family(
+        out,
+        "tributary_packets_refused_total",
+        "counter",
+        "Packets refused for a field over its [mqtt] limit, by the limit.",
+    );
+    for why in PacketRefused::ALL {
+        let _ = writeln!(
+            out,
+            "tributary_packets_refused_total{{reason=\"{}\"}} {}",
+            why.label(),
+            limits.packet_refused_count(why)
         );
     }
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
@@ -282,6 +296,22 @@ pub fn render_metrics(s: &AdminState) -> String {
         ),
     ];
     series(&mut out, "counter", counters);
+    family(
+        &mut out,
+        "tributary_corrupt_entries_total",
+        "counter",
+        "Stored entries that did not decode (each counted once): record batches skipped by every reader, meta entries left out at start.",
+    );
+    for (kind, n) in [
+        ("batch", &log.counters.corrupt_batches),
+        ("meta", &log.counters.corrupt_meta),
+    ] {
+        let _ = writeln!(
+            out,
+            "tributary_corrupt_entries_total{{kind=\"{kind}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
     render_limit_metrics(&b.limits, &mut out);
     render_group_metrics(&group_status(s), &mut out);
     let (connected, disconnected) = b.sessions.counts();

@@ -128,14 +128,19 @@ pub fn stored_positions(log: &Log, group: Option<&str>) -> Result<Vec<StoredPosi
         Some(g) => group_prefix(g),
         None => vec![TAG_GROUP],
     };
-    log.meta_scan(&prefix)?
+    // A position that does not decode is left out: the group starts that partition as a
+    // group new to it would (`start` decides where).
+    Ok(log
+        .meta_scan(&prefix)?
         .into_iter()
-        .map(|(k, v)| {
-            parse_position(&k, &v).ok_or_else(|| {
-                LogError::CorruptMeta(format!("group position {:?}", String::from_utf8_lossy(&k)))
-            })
+        .filter_map(|(k, v)| {
+            let parsed = parse_position(&k, &v);
+            if parsed.is_none() {
+                log.quarantine_meta(&k, "group position");
+            }
+            parsed
         })
-        .collect()
+        .collect())
 }
 
 /// The topics of `group`: those the config declares for it, then those it has stored

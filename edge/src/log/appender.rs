@@ -83,7 +83,8 @@ pub struct ReplyTo {
 pub struct Committed {
     /// The request's ticket.
     pub ticket: u64,
-    /// `Err` with the reason when the log was poisoned; nothing of the request is durable.
+    /// `Err` with the reason when the log was poisoned, or when the request holds a state
+    /// key or value the log cannot store; nothing of the request is durable.
     pub outcome: Result<(), String>,
     /// The seqs of the request's [`StateOp::Enqueue`] ops, in order.
     pub seqs: Vec<u64>,
@@ -169,6 +170,41 @@ pub fn spawn(
     (tx, handle)
 }
 
+/// The longest key fjall stores.
+const MAX_META_KEY: usize = u16::MAX as usize;
+/// The longest value fjall stores.
+const MAX_META_VALUE: usize = u32::MAX as usize;
+
+/// Why a request's state changes cannot be stored, if they cannot: a key or value beyond
+/// what fjall holds. Callers check their inputs' limits first; this is the last line.
+fn oversize_state(req: &AppendRequest) -> Option<String> {
+    req.state.iter().find_map(|op| {
+        let (key_len, value_len) = match op {
+            StateOp::Put { key, value } => (key.len(), value.len()),
+            StateOp::Delete { key } => (key.len(), 0),
+            StateOp::DeletePrefix { prefix } => (prefix.len(), 0),
+            StateOp::Enqueue { prefix, value, .. } => (prefix.len() + 8, value.len() + 16),
+        };
+        (key_len > MAX_META_KEY || value_len > MAX_META_VALUE).then(|| {
+            format!(
+                "a state key of {key_len} bytes or value of {value_len} bytes is more than the log stores ({MAX_META_KEY} / {MAX_META_VALUE})"
+            )
+        })
+    })
+}
+
+/// Answers a request that is not committed, without touching the log.
+fn refuse(req: AppendRequest, why: String) {
+    tracing::warn!(error = %why, "append refused");
+    if let Some(reply) = req.reply {
+        let _ = reply.tx.send(Committed {
+            ticket: reply.ticket,
+            outcome: Err(why),
+            seqs: Vec::new(),
+        });
+    }
+}
+
 struct Builder {
     /// Header placeholder, then the records: becomes the batch value in place.
     value: Vec<u8>,
@@ -230,10 +266,15 @@ impl Appender {
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
-                    AppenderMsg::Append(req) => {
-                        bytes += req.buf.len();
-                        group.push(req);
-                    }
+                    AppenderMsg::Append(req) => match oversize_state(&req) {
+                        None => {
+                            bytes += req.buf.len();
+                            group.push(req);
+                        }
+                        // Refused alone, before it joins a group: fjall asserts on such a key,
+                        // and the panic would poison the log for everyone.
+                        Some(why) => refuse(req, why),
+                    },
                     other => deferred.push(other),
                 }
                 if group.len() < MAX_GROUP_REQUESTS && bytes < MAX_GROUP_BYTES {

@@ -114,7 +114,7 @@ struct OldestBatch<'a> {
     partition: u32,
     key: Vec<u8>,
     len: usize,
-    records: u32,
+    records: u64,
 }
 
 /// Live state of one partition, readable by anyone, changed only by the appender.
@@ -181,6 +181,27 @@ pub struct LogCounters {
     pub commit_records: cloud_sync::metrics::Histogram,
     /// Seconds a group commit's write and fsync took.
     pub commit_seconds: cloud_sync::metrics::Histogram,
+    /// Record batches found undecodable (each counted once) and skipped by readers.
+    pub corrupt_batches: AtomicU64,
+    /// Meta entries found undecodable (each counted once) and left out at start.
+    pub corrupt_meta: AtomicU64,
+    /// Keys of the entries counted above, so that each is counted and logged once.
+    corrupt_seen: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+}
+
+impl LogCounters {
+    /// Counts and logs a corrupt entry the first time it is met; true that first time.
+    fn corrupt(&self, counter: &AtomicU64, key: &[u8]) -> bool {
+        let first = self
+            .corrupt_seen
+            .lock()
+            .map(|mut seen| seen.insert(key.to_vec()))
+            .unwrap_or(true);
+        if first {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        first
+    }
 }
 
 impl Default for LogCounters {
@@ -191,6 +212,9 @@ impl Default for LogCounters {
             budget_rejected: AtomicU64::new(0),
             commit_records: cloud_sync::metrics::Histogram::new(cloud_sync::metrics::COUNTS),
             commit_seconds: cloud_sync::metrics::Histogram::new(cloud_sync::metrics::SECONDS),
+            corrupt_batches: AtomicU64::new(0),
+            corrupt_meta: AtomicU64::new(0),
+            corrupt_seen: Default::default(),
         }
     }
 }
@@ -453,14 +477,15 @@ impl Log {
         for item in self.records.range(range) {
             let (k, v) = item.into_inner()?;
             let base = offset_of_key(&k);
-            let batch = record::decode_batch(base, Bytes::from(v.to_vec())).map_err(|source| {
-                LogError::Corrupt {
-                    topic: t.name.clone(),
-                    partition,
-                    base_offset: base,
-                    source,
+            let batch = match record::decode_batch(base, Bytes::from(v.to_vec())) {
+                Ok(batch) => batch,
+                Err(source) => {
+                    // Quarantined: readers go on with the next batch, and see its records
+                    // as a gap, as they see records retention deleted.
+                    self.quarantine_batch(&t.name, partition, &k, &source);
+                    continue;
                 }
-            })?;
+            };
             for r in batch {
                 if r.offset >= from {
                     out.push(r);
@@ -471,6 +496,51 @@ impl Log {
             }
         }
         Ok(out)
+    }
+
+    /// Counts and logs (once per batch) a record batch that does not decode.
+    pub(crate) fn quarantine_batch(
+        &self,
+        topic: &str,
+        partition: u32,
+        key: &[u8],
+        why: &CorruptBatch,
+    ) {
+        if self.counters.corrupt(&self.counters.corrupt_batches, key) {
+            tracing::error!(
+                topic,
+                partition,
+                base_offset = offset_of_key(key),
+                error = %why,
+                "corrupt record batch: skipped by every reader (quarantined)"
+            );
+        }
+    }
+
+    /// Counts and logs (once per key) a meta entry that does not decode; what it held is
+    /// left out, and the node goes on without it.
+    pub fn quarantine_meta(&self, key: &[u8], what: &str) {
+        if self.counters.corrupt(&self.counters.corrupt_meta, key) {
+            tracing::error!(
+                key = %String::from_utf8_lossy(key).escape_debug(),
+                what,
+                "corrupt meta entry: left out (quarantined)"
+            );
+        }
+    }
+
+    /// The offset after the batch at `key` when its header does not say: the next batch's
+    /// base offset, or the partition's end.
+    fn next_base(&self, topic: TopicId, partition: u32, key: &[u8], end: u64) -> u64 {
+        let base = offset_of_key(key);
+        self.records
+            .range(
+                record_key(topic, partition, base.saturating_add(1))
+                    ..=record_key(topic, partition, u64::MAX),
+            )
+            .next()
+            .and_then(|g| g.key().ok().map(|k| offset_of_key(&k)))
+            .unwrap_or(end)
     }
 
     /// Up to `max` entries of the meta keyspace under `prefix` whose keys are > `after`
@@ -538,21 +608,30 @@ impl Log {
                 let range = record_key(t.id, p, 0)..=record_key(t.id, p, u64::MAX);
                 for item in self.records.range(range) {
                     let (k, v) = item.into_inner()?;
-                    let header = record::decode_header(&v).map_err(|source| LogError::Corrupt {
-                        topic: t.name.clone(),
-                        partition: p,
-                        base_offset: offset_of_key(&k),
-                        source,
-                    })?;
-                    let too_old = cutoff.is_some_and(|c| header.last_timestamp_ms < c);
+                    let base = offset_of_key(&k);
+                    let (count, too_old) = match record::decode_header(&v) {
+                        Ok(h) => (
+                            h.record_count as u64,
+                            cutoff.is_some_and(|c| h.last_timestamp_ms < c),
+                        ),
+                        // Its age is unknown and no reader can use it: at the front of a
+                        // partition with an age limit it goes as the oldest would.
+                        Err(why) => {
+                            self.quarantine_batch(&t.name, p, &k, &why);
+                            (
+                                self.next_base(t.id, p, &k, end).saturating_sub(base),
+                                cutoff.is_some(),
+                            )
+                        }
+                    };
                     let too_big = t.retention_bytes.is_some_and(|cap| bytes > cap);
                     if !too_old && !too_big {
                         break;
                     }
                     batch.remove(&self.records, k.to_vec());
                     bytes -= v.len() as u64;
-                    removed += header.record_count as u64;
-                    start = offset_of_key(&k) + header.record_count as u64;
+                    removed += count;
+                    start = base + count;
                 }
                 if removed > 0 {
                     let total_removed = state.removed.load(Ordering::Relaxed) + removed;
@@ -622,23 +701,28 @@ impl Log {
                     let range = record_key(t.id, p, 0)..=record_key(t.id, p, u64::MAX);
                     if let Some(item) = self.records.range(range).next() {
                         let (k, v) = item.into_inner()?;
-                        let h = record::decode_header(&v).map_err(|source| LogError::Corrupt {
-                            topic: t.name.clone(),
-                            partition: p,
-                            base_offset: offset_of_key(&k),
-                            source,
-                        })?;
+                        // A batch whose header does not decode counts as the oldest: no
+                        // reader can use it, and its records are gone either way.
+                        let (last_timestamp_ms, records) = match record::decode_header(&v) {
+                            Ok(h) => (h.last_timestamp_ms, h.record_count as u64),
+                            Err(why) => {
+                                self.quarantine_batch(&t.name, p, &k, &why);
+                                let end = t.partitions[p as usize].end.load(Ordering::Relaxed);
+                                let next = self.next_base(t.id, p, &k, end);
+                                (0, next.saturating_sub(offset_of_key(&k)))
+                            }
+                        };
                         if oldest
                             .as_ref()
-                            .is_none_or(|o| h.last_timestamp_ms < o.last_timestamp_ms)
+                            .is_none_or(|o| last_timestamp_ms < o.last_timestamp_ms)
                         {
                             oldest = Some(OldestBatch {
-                                last_timestamp_ms: h.last_timestamp_ms,
+                                last_timestamp_ms,
                                 topic: t,
                                 partition: p,
                                 key: k.to_vec(),
                                 len: v.len(),
-                                records: h.record_count,
+                                records,
                             });
                         }
                     }
@@ -657,7 +741,7 @@ impl Log {
             };
             let state = &t.partitions[p as usize];
             let bytes = state.bytes.load(Ordering::Relaxed) - len as u64;
-            let removed = state.removed.load(Ordering::Relaxed) + count as u64;
+            let removed = state.removed.load(Ordering::Relaxed) + count;
             let end = state.end.load(Ordering::Relaxed);
             let mut batch = self.db.batch();
             batch.remove(&self.records, key.clone());
@@ -667,9 +751,9 @@ impl Log {
                 partition_meta_value(end, bytes, removed).to_vec(),
             );
             self.commit_deletions(batch)?;
-            self.pending_front(state, offset_of_key(&key) + count as u64, bytes, removed);
+            self.pending_front(state, offset_of_key(&key) + count, bytes, removed);
             self.total_bytes.fetch_sub(len as u64, Ordering::Relaxed);
-            dropped_records += count as u64;
+            dropped_records += count;
             dropped_bytes += len as u64;
         }
         if dropped_records > 0 {
@@ -739,13 +823,15 @@ fn recover_partition(
     };
     if let Some(item) = records.range(range).next_back() {
         let (k, v) = item.into_inner()?;
-        let h = record::decode_header(&v).map_err(|source| LogError::Corrupt {
-            topic: format!("#{topic}"),
-            partition,
-            base_offset: offset_of_key(&k),
-            source,
-        })?;
-        let last_end = offset_of_key(&k) + h.record_count as u64;
+        // A last batch whose header does not decode leaves the meta's end as the truth;
+        // readers skip and count the batch (see `Log::quarantine_batch`).
+        let last_end = match record::decode_header(&v) {
+            Ok(h) => offset_of_key(&k) + h.record_count as u64,
+            Err(why) => {
+                tracing::error!(topic, partition, base_offset = offset_of_key(&k), error = %why, "the last batch of a partition does not decode; keeping the stored end offset");
+                end.max(offset_of_key(&k))
+            }
+        };
         if last_end != end {
             // Cannot happen while batches and meta share a write batch; if it ever does, the
             // batches are the truth so that no offset is ever assigned twice.

@@ -142,15 +142,38 @@ pub struct NewRecord<'a> {
     pub payload: &'a [u8],
 }
 
+/// A record field longer than its length prefix can hold. Limits checked where input enters
+/// (`[mqtt]` in the config) keep every field far below these; this error is the last line,
+/// so that the log never holds a record its decoder rejects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("record field {field} is {len} bytes (or items), more than its encoding holds ({max})")]
+pub struct RecordTooLarge {
+    /// Which field.
+    pub field: &'static str,
+    /// Its length (bytes, or items for counts).
+    pub len: usize,
+    /// The most its prefix can hold.
+    pub max: usize,
+}
+
 impl NewRecord<'_> {
-    /// Appends the encoded record to `out`. Field lengths must fit their prefixes; the MQTT
-    /// codec guarantees it for everything that comes from a packet.
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
+    /// Appends the encoded record to `out`, or returns an error and leaves `out` as it was
+    /// when a field does not fit its length prefix.
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), RecordTooLarge> {
+        let len_at = out.len();
+        let result = self.encode_fields(out);
+        if result.is_err() {
+            out.truncate(len_at);
+        }
+        result
+    }
+
+    fn encode_fields(&self, out: &mut Vec<u8>) -> Result<(), RecordTooLarge> {
         let len_at = out.len();
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
-        put_short(out, self.key);
-        put_short(out, self.mqtt_topic);
+        put_short(out, "key", self.key)?;
+        put_short(out, "mqtt_topic", self.mqtt_topic)?;
         out.push(self.qos);
         let mut flags = 0;
         if self.retain {
@@ -172,9 +195,9 @@ impl NewRecord<'_> {
             flags |= FLAG_CORRELATION_DATA;
         }
         out.push(flags);
-        put_short(out, self.client_id.as_bytes());
+        put_short(out, "client_id", self.client_id.as_bytes())?;
         if let Some(ct) = self.content_type {
-            put_short(out, ct.as_bytes());
+            put_short(out, "content_type", ct.as_bytes())?;
         }
         if let Some(f) = self.payload_format {
             out.push(f);
@@ -183,21 +206,47 @@ impl NewRecord<'_> {
             out.extend_from_slice(&e.to_be_bytes());
         }
         if let Some(rt) = self.response_topic {
-            put_short(out, rt.as_bytes());
+            put_short(out, "response_topic", rt.as_bytes())?;
         }
         if let Some(cd) = self.correlation_data {
-            put_short(out, cd);
+            put_short(out, "correlation_data", cd)?;
         }
-        out.extend_from_slice(&(self.user_properties.len() as u16).to_be_bytes());
+        let count = checked_len::<u16>("user_property_count", self.user_properties.len())?;
+        out.extend_from_slice(&count.to_be_bytes());
         for (k, v) in self.user_properties {
-            put_short(out, k.as_bytes());
-            put_short(out, v.as_bytes());
+            put_short(out, "user_property", k.as_bytes())?;
+            put_short(out, "user_property", v.as_bytes())?;
         }
-        out.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
+        let payload_len = checked_len::<u32>("payload", self.payload.len())?;
+        out.extend_from_slice(&payload_len.to_be_bytes());
         out.extend_from_slice(self.payload);
-        let len = (out.len() - len_at - 4) as u32;
+        let len = checked_len::<u32>("record", out.len() - len_at - 4)?;
         out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+        Ok(())
     }
+}
+
+/// `len` as the integer type of its length prefix, or the error naming `field`.
+fn checked_len<T: TryFrom<usize> + Bounded>(
+    field: &'static str,
+    len: usize,
+) -> Result<T, RecordTooLarge> {
+    T::try_from(len).map_err(|_| RecordTooLarge {
+        field,
+        len,
+        max: T::MAX_USIZE,
+    })
+}
+
+/// The largest value of a length prefix type, as a `usize`.
+trait Bounded {
+    const MAX_USIZE: usize;
+}
+impl Bounded for u16 {
+    const MAX_USIZE: usize = u16::MAX as usize;
+}
+impl Bounded for u32 {
+    const MAX_USIZE: usize = u32::MAX as usize;
 }
 
 /// Bytes for a JSON field: the text when they are UTF-8 (`"utf8"`), else base64
@@ -213,10 +262,11 @@ pub fn text_or_base64(bytes: &[u8]) -> (String, &'static str) {
     }
 }
 
-fn put_short(out: &mut Vec<u8>, bytes: &[u8]) {
-    debug_assert!(bytes.len() <= u16::MAX as usize);
-    out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+fn put_short(out: &mut Vec<u8>, field: &'static str, bytes: &[u8]) -> Result<(), RecordTooLarge> {
+    let len = checked_len::<u16>(field, bytes.len())?;
+    out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(bytes);
+    Ok(())
 }
 
 /// The header of a batch value.
@@ -428,7 +478,8 @@ mod tests {
             user_properties: props,
             payload,
         }
-        .encode_into(&mut out);
+        .encode_into(&mut out)
+        .unwrap();
         out
     }
 
@@ -522,7 +573,7 @@ mod tests {
                 timestamp_ms: ts, key: &key, mqtt_topic: topic.as_bytes(), qos, retain,
                 client_id: &client, content_type: ct.as_deref(), payload_format: None, message_expiry: None, response_topic: None, correlation_data: None, user_properties: &props,
                 payload: &payload,
-            }.encode_into(&mut body);
+            }.encode_into(&mut body).unwrap();
             let mut value = Vec::new();
             encode_batch(BatchHeader { record_count: 1, first_timestamp_ms: ts, last_timestamp_ms: ts }, &body, &mut value);
             let r = decode_batch(7, Bytes::from(value)).unwrap().pop().unwrap();
@@ -536,6 +587,217 @@ mod tests {
             prop_assert_eq!(r.headers.content_type, ct);
             prop_assert_eq!(r.headers.user_properties, props);
             prop_assert_eq!(&r.payload[..], &payload[..]);
+        }
+    }
+
+    /// A record whose every variable field has length `n` (user properties: `n_props` of
+    /// them, each with a name and value of `prop_len` bytes).
+    fn at_lengths(n: usize, n_props: usize, prop_len: usize) -> (Vec<u8>, Vec<(String, String)>) {
+        let text = "t".repeat(n);
+        let bytes = vec![0xA5; n];
+        let props: Vec<(String, String)> = (0..n_props)
+            .map(|_| ("k".repeat(prop_len), "v".repeat(prop_len)))
+            .collect();
+        let mut out = vec![0xEE; 3];
+        let result = NewRecord {
+            timestamp_ms: 9,
+            key: &bytes,
+            mqtt_topic: text.as_bytes(),
+            qos: 2,
+            retain: true,
+            client_id: &text,
+            content_type: Some(&text),
+            payload_format: Some(1),
+            message_expiry: Some(u32::MAX),
+            response_topic: Some(&text),
+            correlation_data: Some(&bytes),
+            user_properties: &props,
+            payload: &bytes,
+        }
+        .encode_into(&mut out);
+        match result {
+            Ok(()) => (out, props),
+            Err(e) => {
+                assert_eq!(
+                    out,
+                    vec![0xEE; 3],
+                    "a refused record leaves the buffer as it was"
+                );
+                panic!("{e}")
+            }
+        }
+    }
+
+    #[test]
+    fn every_field_round_trips_at_its_encoding_limit() {
+        let max = u16::MAX as usize;
+        let (out, props) = at_lengths(max, 3, max);
+        let mut value = Vec::new();
+        let header = BatchHeader {
+            record_count: 1,
+            first_timestamp_ms: 9,
+            last_timestamp_ms: 9,
+        };
+        encode_batch(header, &out[3..], &mut value);
+        let r = decode_batch(0, Bytes::from(value)).unwrap().pop().unwrap();
+        assert_eq!(r.key.len(), max);
+        assert_eq!(r.headers.mqtt_topic.len(), max);
+        assert_eq!(r.headers.client_id.len(), max);
+        assert_eq!(r.headers.content_type.unwrap().len(), max);
+        assert_eq!(r.headers.response_topic.unwrap().len(), max);
+        assert_eq!(r.headers.correlation_data.unwrap().len(), max);
+        assert_eq!(r.headers.user_properties, props);
+        assert_eq!(r.payload.len(), max);
+    }
+
+    #[test]
+    fn the_most_user_properties_the_count_holds_round_trip() {
+        let (out, props) = at_lengths(1, u16::MAX as usize, 0);
+        let mut value = Vec::new();
+        let header = BatchHeader {
+            record_count: 1,
+            first_timestamp_ms: 9,
+            last_timestamp_ms: 9,
+        };
+        encode_batch(header, &out[3..], &mut value);
+        let r = decode_batch(0, Bytes::from(value)).unwrap().pop().unwrap();
+        assert_eq!(r.headers.user_properties.len(), u16::MAX as usize);
+        assert_eq!(r.headers.user_properties, props);
+    }
+
+    #[test]
+    #[should_panic(expected = "user_property_count is 65536")]
+    fn one_user_property_past_the_count_is_refused() {
+        // The one-packet attack: a PUBLISH with 65,536 user properties used to be written
+        // with a wrapped count, and the whole batch became unreadable.
+        at_lengths(1, u16::MAX as usize + 1, 0);
+    }
+
+    #[test]
+    fn one_byte_past_any_short_field_is_refused_and_writes_nothing() {
+        let long = "x".repeat(u16::MAX as usize + 1);
+        let fields: [(&str, NewRecord<'_>); 6] = {
+            let base = NewRecord {
+                timestamp_ms: 1,
+                key: b"k",
+                mqtt_topic: b"t",
+                qos: 0,
+                retain: false,
+                client_id: "c",
+                content_type: None,
+                payload_format: None,
+                message_expiry: None,
+                response_topic: None,
+                correlation_data: None,
+                user_properties: &[],
+                payload: b"",
+            };
+            [
+                (
+                    "key",
+                    NewRecord {
+                        key: long.as_bytes(),
+                        ..base
+                    },
+                ),
+                (
+                    "mqtt_topic",
+                    NewRecord {
+                        mqtt_topic: long.as_bytes(),
+                        ..base
+                    },
+                ),
+                (
+                    "client_id",
+                    NewRecord {
+                        client_id: &long,
+                        ..base
+                    },
+                ),
+                (
+                    "content_type",
+                    NewRecord {
+                        content_type: Some(&long),
+                        ..base
+                    },
+                ),
+                (
+                    "response_topic",
+                    NewRecord {
+                        response_topic: Some(&long),
+                        ..base
+                    },
+                ),
+                (
+                    "correlation_data",
+                    NewRecord {
+                        correlation_data: Some(long.as_bytes()),
+                        ..base
+                    },
+                ),
+            ]
+        };
+        for (name, rec) in fields {
+            let mut out = b"before".to_vec();
+            let err = rec.encode_into(&mut out).unwrap_err();
+            assert_eq!(err.field, name);
+            assert_eq!(err.len, u16::MAX as usize + 1);
+            assert_eq!(out, b"before", "{name}: nothing written");
+        }
+        let props = vec![("k".to_string(), long.clone())];
+        let mut out = Vec::new();
+        let err = NewRecord {
+            timestamp_ms: 1,
+            key: b"k",
+            mqtt_topic: b"t",
+            qos: 0,
+            retain: false,
+            client_id: "c",
+            content_type: None,
+            payload_format: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: &props,
+            payload: b"",
+        }
+        .encode_into(&mut out)
+        .unwrap_err();
+        assert_eq!(err.field, "user_property");
+        assert!(out.is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Lengths drawn near the limits of every prefix: whatever the encoder accepts, the
+        /// decoder reads back the same; whatever it refuses leaves nothing behind.
+        #[test]
+        fn records_near_the_limits_round_trip_or_are_refused(
+            n in prop_oneof![Just(0usize), 65_530usize..=65_537],
+            n_props in prop_oneof![Just(0usize), 65_534usize..=65_537],
+        ) {
+            let text = "a".repeat(n);
+            let props: Vec<(String, String)> = vec![(String::new(), String::new()); n_props];
+            let mut out = Vec::new();
+            let result = NewRecord {
+                timestamp_ms: 5, key: text.as_bytes(), mqtt_topic: text.as_bytes(), qos: 1, retain: false,
+                client_id: &text, content_type: Some(&text), payload_format: None, message_expiry: None,
+                response_topic: Some(&text), correlation_data: Some(text.as_bytes()), user_properties: &props,
+                payload: text.as_bytes(),
+            }.encode_into(&mut out);
+            let fits = n <= u16::MAX as usize && n_props <= u16::MAX as usize;
+            prop_assert_eq!(result.is_ok(), fits);
+            if !fits {
+                prop_assert!(out.is_empty());
+            } else {
+                let mut value = Vec::new();
+                encode_batch(BatchHeader { record_count: 1, first_timestamp_ms: 5, last_timestamp_ms: 5 }, &out, &mut value);
+                let r = decode_batch(3, Bytes::from(value)).unwrap().pop().unwrap();
+                prop_assert_eq!(r.headers.mqtt_topic.len(), n);
+                prop_assert_eq!(r.headers.correlation_data.map(|c| c.len()), Some(n));
+                prop_assert_eq!(r.headers.user_properties.len(), n_props);
+                prop_assert_eq!(r.payload.len(), n);
+            }
         }
     }
 }

@@ -49,7 +49,8 @@ fn request(records: &[(u32, &str, u64)], reply: Option<ReplyTo>) -> AppendReques
             user_properties: &[],
             payload: payload.as_bytes(),
         }
-        .encode_into(&mut req.buf);
+        .encode_into(&mut req.buf)
+        .unwrap();
         req.records.push(PendingRecord {
             topic: 0,
             partition: *partition,
@@ -277,6 +278,99 @@ fn drop_oldest_budget_deletes_the_oldest_batches_and_counts_them() {
     assert!(dropped > 0);
     let held = payloads(&log, 0, 0).len() + payloads(&log, 1, 0).len();
     assert_eq!(held as u64 + dropped, 10);
+}
+
+/// Replaces the stored batch at `base` of partition 0 with bytes that do not decode.
+fn damage_batch(log: &Log, base: u64) {
+    let key = super::record_key(0, 0, base);
+    let mut value = log
+        .records
+        .get(key)
+        .unwrap()
+        .expect("batch exists")
+        .to_vec();
+    let last = value.len() - 1;
+    value[last] ^= 0xFF;
+    log.records.insert(key, value).unwrap();
+}
+
+#[test]
+fn a_corrupt_batch_is_skipped_by_readers_and_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
+    let recs: Vec<(u32, &str, u64)> = ["a", "b", "c", "d", "e", "f"]
+        .iter()
+        .map(|p| (0, *p, 1))
+        .collect();
+    // Batches of 2: offsets 0-1, 2-3, 4-5.
+    append_all(&log, 2, vec![request(&recs, None)]);
+    damage_batch(&log, 2);
+    let got = payloads(&log, 0, 0);
+    assert_eq!(
+        got,
+        vec![
+            (0, "a".into()),
+            (1, "b".into()),
+            (4, "e".into()),
+            (5, "f".into())
+        ],
+        "the records after the bad batch are read"
+    );
+    // A read that starts inside the bad batch goes on with the next one.
+    assert_eq!(payloads(&log, 0, 3)[0], (4, "e".into()));
+    assert_eq!(log.counters.corrupt_batches.load(Ordering::Relaxed), 1);
+    // Retention and the budget pass it without failing the log.
+    log.enforce_retention(appender::now_ms()).unwrap();
+    assert!(log.poisoned().is_none());
+}
+
+#[test]
+fn a_corrupt_front_batch_goes_with_age_retention_and_its_records_count_as_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(
+        Log::open(
+            dir.path(),
+            Some(&topics(1, Some(Duration::from_secs(60)), None)),
+            None,
+        )
+        .unwrap(),
+    );
+    let now = appender::now_ms();
+    let recs = [
+        (0, "x", now - 120_000),
+        (0, "y", now - 120_000),
+        (0, "z", now),
+    ];
+    append_all(&log, 2, vec![request(&recs, None)]);
+    damage_batch(&log, 0);
+    log.enforce_retention(now).unwrap();
+    assert_eq!(payloads(&log, 0, 0), vec![(2, "z".into())]);
+    let p = &log.topics()[0].partitions[0];
+    assert_eq!(p.start.load(Ordering::Relaxed), 2);
+    assert_eq!(p.removed.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_state_key_fjall_cannot_hold_is_refused_alone_and_the_log_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
+    let mut bad = request(&[(0, "with-bad-key", 1)], None);
+    bad.state.push(StateOp::Put {
+        key: vec![b'u'; 65_536],
+        value: Vec::new(),
+    });
+    let mut fits = request(&[(0, "fine", 1)], None);
+    fits.state.push(StateOp::Put {
+        key: vec![b'u'; 65_535],
+        value: b"v".to_vec(),
+    });
+    let mut done = append_all(&log, 100, vec![bad, fits]);
+    done.sort_by_key(|c| c.ticket);
+    assert!(done[0].outcome.is_err(), "the oversize key is refused");
+    assert!(done[1].outcome.is_ok(), "{:?}", done[1].outcome);
+    assert!(log.poisoned().is_none());
+    assert_eq!(payloads(&log, 0, 0), vec![(0, "fine".into())]);
+    assert_eq!(log.meta_scan(&[b'u'; 65_535]).unwrap().len(), 1);
 }
 
 #[test]

@@ -649,6 +649,7 @@ pub fn write_connack(version: Version, info: &ConnAckInfo, out: &mut BytesMut) {
                 reason::SERVER_BUSY => v5::ConnectReturnCode::ServerBusy,
                 reason::PACKET_TOO_LARGE => v5::ConnectReturnCode::PacketTooLarge,
                 reason::QUOTA_EXCEEDED => v5::ConnectReturnCode::QuotaExceeded,
+                reason::TOPIC_NAME_INVALID => v5::ConnectReturnCode::TopicNameInvalid,
                 reason::BAD_USER_NAME_OR_PASSWORD => v5::ConnectReturnCode::BadUserNamePassword,
                 reason::NOT_AUTHORIZED => v5::ConnectReturnCode::NotAuthorized,
                 _ => v5::ConnectReturnCode::UnspecifiedError,

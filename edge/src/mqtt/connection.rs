@@ -27,7 +27,10 @@ use super::delivery::{
     subscription_value, Delivery, Fanouts, GroupAck, Hub, Message, Subscriber, Target, TAG_QUEUED,
     TAG_RELEASED, TAG_SUBSCRIPTION,
 };
-use super::limits::{Limits, PublishRate, RateVerdict, Refused, CONNECT_BUFFER_BUDGET};
+use super::limits::{
+    check_message_props, Limits, PacketRefused, PublishRate, RateVerdict, Refused,
+    CONNECT_BUFFER_BUDGET,
+};
 use super::session::{purge_ops, qos2_key, session_key, session_value, Handover, SessionData};
 use super::subs::{self, Match, SubOptions};
 use super::Broker;
@@ -35,7 +38,7 @@ use crate::auth::{ConnAcl, LoginRefusal};
 use crate::log::appender::{
     now_ms, AppendRequest, AppenderMsg, Committed, PendingRecord, ReplyTo, StateOp,
 };
-use crate::log::record::NewRecord;
+use crate::log::record::{NewRecord, RecordTooLarge};
 use crate::route::{TopicFilter, TopicId};
 
 /// A request is sent to the appender once it holds this many bytes, even mid-read.
@@ -68,6 +71,8 @@ struct Close {
     /// 5.0 reason code for DISCONNECT (3.1.1 connections are just closed).
     code: u8,
     why: String,
+    /// The limit a packet broke, counted when the connection closes.
+    refused: Option<PacketRefused>,
 }
 
 impl Close {
@@ -75,6 +80,16 @@ impl Close {
         Close {
             code,
             why: why.into(),
+            refused: None,
+        }
+    }
+
+    /// A close for a packet over one of `[mqtt]`'s limits.
+    fn refused(kind: PacketRefused, code: u8, why: impl Into<String>) -> Close {
+        Close {
+            code,
+            why: why.into(),
+            refused: Some(kind),
         }
     }
 }
@@ -303,6 +318,25 @@ where
         .await;
         send_final(&mut writer, &out).await;
         return None;
+    }
+    // The will is stored with the session and published as a record: its fields get the
+    // limits of a PUBLISH. 3.1.1 has no return code for this: the connection is closed.
+    if let Some(will) = &connect.will {
+        let checked = validate_topic(&will.topic, &broker.config)
+            .map(|_| ())
+            .map_err(|c| (c.code, c.why))
+            .and_then(|()| {
+                check_message_props(&will.props, &broker.config)
+                    .map_err(|(_, why)| (reason::PACKET_TOO_LARGE, why))
+            });
+        if let Err((code, why)) = checked {
+            limits.packet_refused(PacketRefused::Will);
+            let out = refuse(Refused::Malformed, code, format!("will: {why}")).await;
+            if version == Version::V5 {
+                send_final(&mut writer, &out).await;
+            }
+            return None;
+        }
     }
     // Authentication, before the session is touched: a refused client takes nothing over.
     let auth = &broker.auth;
@@ -548,6 +582,9 @@ where
     let broker = conn.broker.clone();
     let limits = &broker.limits;
     let end = conn.run(&opened.handover.0).await;
+    if let Some(kind) = end.as_ref().err().and_then(|c| c.refused) {
+        limits.packet_refused(kind);
+    }
     if let Err(close) = &end {
         codec::write_disconnect(version, close.code, &close.why, &mut conn.wbuf);
         let level_info = close.code != reason::SESSION_TAKEN_OVER;
@@ -1203,6 +1240,10 @@ where
 
     fn on_publish(&mut self, p: PublishIn, now: u64) -> Result<(), Close> {
         let cfg = &self.broker.config;
+        if !p.props.is_empty() {
+            check_message_props(&p.props, cfg)
+                .map_err(|(kind, why)| Close::refused(kind, reason::PACKET_TOO_LARGE, why))?;
+        }
         // Topic, through a 5.0 topic alias if one is used.
         let topic: Bytes = match p.topic_alias {
             Some(alias) => {
@@ -1338,7 +1379,7 @@ where
             .fetch_add(1, Ordering::Relaxed);
         let qos = p.qos;
         let pkid = p.pkid;
-        stage_publish(
+        let staged = stage_publish(
             &self.broker.hub,
             Staging {
                 req: &mut self.req,
@@ -1358,6 +1399,13 @@ where
                 now,
             },
         );
+        if let Err(e) = staged {
+            return Err(Close::refused(
+                PacketRefused::Encoding,
+                reason::PACKET_TOO_LARGE,
+                e.to_string(),
+            ));
+        }
         if qos != QoS::AtMostOnce {
             self.awaiting_commit += 1;
         }
@@ -1592,6 +1640,18 @@ where
                     reason::MALFORMED,
                     "subscription options out of range",
                 ));
+            }
+            if filter.len() > cfg.max_filter_length {
+                self.broker
+                    .limits
+                    .packet_refused(PacketRefused::FilterLength);
+                codes.push(reason::TOPIC_FILTER_INVALID);
+                problem = Some(format!(
+                    "a topic filter of {} bytes, the limit (mqtt.max_filter_length) is {}",
+                    filter.len(),
+                    cfg.max_filter_length
+                ));
+                continue;
             }
             if let Err(why) = subs::validate_filter(&filter, cfg.max_topic_levels) {
                 codes.push(reason::TOPIC_FILTER_INVALID);
@@ -2231,7 +2291,8 @@ struct Staged<'a> {
 
 /// Adds a publish to an append request: its record, its change to the retained store and
 /// the durable queue entries of persistent subscribers. Returns what to deliver once the
-/// request is committed.
+/// request is committed. A publish whose fields do not fit the record encoding (the limits
+/// checked on entry keep them far below) adds nothing and returns the error.
 fn stage_publish(
     hub: &Hub,
     into: Staging<'_>,
@@ -2239,7 +2300,7 @@ fn stage_publish(
     targets: &mut Vec<Target>,
     route: (TopicId, u32, &[u8]),
     p: Staged<'_>,
-) {
+) -> Result<(), RecordTooLarge> {
     let Staging {
         req,
         retained,
@@ -2261,7 +2322,28 @@ fn stage_publish(
         user_properties: &p.props.user_properties,
         payload: &p.payload,
     }
-    .encode_into(&mut req.buf);
+    .encode_into(&mut req.buf)?;
+    // Encoded like the record (with an empty key), so it fits when the record does; it is
+    // encoded before anything is added so that a failure leaves the request as it was.
+    let retained_value = if p.retain && !p.payload.is_empty() {
+        match Message::encode_parts(
+            &p.topic,
+            &p.payload,
+            p.qos,
+            p.retain,
+            p.publisher,
+            &p.props,
+            p.now,
+        ) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                req.buf.truncate(start);
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     let record = req.records.len() as u32;
     req.records.push(PendingRecord {
         topic: route.0,
@@ -2271,12 +2353,12 @@ fn stage_publish(
         timestamp_ms: p.now,
     });
     if !p.retain && hub.subscription_count() == 0 {
-        return;
+        return Ok(());
     }
     let topic_text = std::str::from_utf8(&p.topic).unwrap_or_default();
     hub.plan(topic_text, p.qos, p.retain, p.publisher, scratch, targets);
     if targets.is_empty() && !p.retain {
-        return;
+        return Ok(());
     }
     let msg = Arc::new(Message {
         topic: p.topic,
@@ -2292,19 +2374,17 @@ fn stage_publish(
         if msg.payload.is_empty() {
             req.state.push(StateOp::Delete { key });
             retained.push((msg.topic.clone(), None));
-        } else {
-            req.state.push(StateOp::Put {
-                key,
-                value: msg.encode(),
-            });
+        } else if let Some(value) = retained_value {
+            req.state.push(StateOp::Put { key, value });
             retained.push((msg.topic.clone(), Some(msg.clone())));
         }
     }
     if targets.is_empty() {
-        return;
+        return Ok(());
     }
     Hub::enqueue_ops(targets, record, &mut req.state);
     fanouts.push(msg, targets);
+    Ok(())
 }
 
 /// Publishes a will: logged, retained if asked, delivered, like a client's publish.
@@ -2324,7 +2404,7 @@ async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, will: WillIn) 
     let mut req = AppendRequest::default();
     let mut retained = Vec::new();
     let mut fanout = Fanouts::default();
-    stage_publish(
+    let staged = stage_publish(
         &broker.hub,
         Staging {
             req: &mut req,
@@ -2344,6 +2424,11 @@ async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, will: WillIn) 
             now: now_ms(),
         },
     );
+    if let Err(e) = staged {
+        broker.limits.packet_refused(PacketRefused::Encoding);
+        tracing::warn!(client_id = %client_id, error = %e, "will not published");
+        return;
+    }
     let Ok(done) = append_and_wait(broker, req).await else {
         return;
     };
@@ -2375,7 +2460,8 @@ fn validate_topic<'a>(topic: &'a [u8], cfg: &crate::config::MqttConfig) -> Resul
         ));
     }
     if text.len() > cfg.max_topic_length {
-        return Err(Close::new(
+        return Err(Close::refused(
+            PacketRefused::TopicLength,
             reason::TOPIC_NAME_INVALID,
             format!(
                 "topic is {} bytes, the limit is {}",
@@ -2385,7 +2471,8 @@ fn validate_topic<'a>(topic: &'a [u8], cfg: &crate::config::MqttConfig) -> Resul
         ));
     }
     if text.split('/').count() > cfg.max_topic_levels {
-        return Err(Close::new(
+        return Err(Close::refused(
+            PacketRefused::TopicLevels,
             reason::TOPIC_NAME_INVALID,
             format!("topic has more than {} levels", cfg.max_topic_levels),
         ));

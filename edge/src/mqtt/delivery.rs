@@ -82,36 +82,58 @@ impl Message {
         }
     }
 
-    /// Encodes it as a one-record batch (the retained store's value format).
-    pub fn encode(&self) -> Vec<u8> {
-        let mut rec = Vec::with_capacity(self.size());
+    /// Encodes it as a one-record batch (the retained store's value format), or says which
+    /// field does not fit.
+    pub fn encode(&self) -> Result<Vec<u8>, record::RecordTooLarge> {
+        Message::encode_parts(
+            &self.topic,
+            &self.payload,
+            self.qos,
+            self.retain,
+            &self.publisher,
+            &self.props,
+            self.received_ms,
+        )
+    }
+
+    /// [`Message::encode`] of a message not built yet.
+    pub fn encode_parts(
+        topic: &[u8],
+        payload: &[u8],
+        qos: u8,
+        retain: bool,
+        publisher: &str,
+        props: &MessageProps,
+        received_ms: u64,
+    ) -> Result<Vec<u8>, record::RecordTooLarge> {
+        let mut rec = Vec::with_capacity(topic.len() + payload.len() + 96);
         NewRecord {
-            timestamp_ms: self.received_ms,
+            timestamp_ms: received_ms,
             key: &[],
-            mqtt_topic: &self.topic,
-            qos: self.qos,
-            retain: self.retain,
-            client_id: &self.publisher,
-            content_type: self.props.content_type.as_deref(),
-            payload_format: self.props.payload_format,
-            message_expiry: self.props.message_expiry,
-            response_topic: self.props.response_topic.as_deref(),
-            correlation_data: self.props.correlation_data.as_deref(),
-            user_properties: &self.props.user_properties,
-            payload: &self.payload,
+            mqtt_topic: topic,
+            qos,
+            retain,
+            client_id: publisher,
+            content_type: props.content_type.as_deref(),
+            payload_format: props.payload_format,
+            message_expiry: props.message_expiry,
+            response_topic: props.response_topic.as_deref(),
+            correlation_data: props.correlation_data.as_deref(),
+            user_properties: &props.user_properties,
+            payload,
         }
-        .encode_into(&mut rec);
+        .encode_into(&mut rec)?;
         let mut out = Vec::with_capacity(rec.len() + record::BATCH_HEADER_LEN);
         record::encode_batch(
             BatchHeader {
                 record_count: 1,
-                first_timestamp_ms: self.received_ms,
-                last_timestamp_ms: self.received_ms,
+                first_timestamp_ms: received_ms,
+                last_timestamp_ms: received_ms,
             },
             &rec,
             &mut out,
         );
-        out
+        Ok(out)
     }
 
     /// Decodes [`Message::encode`]'s output.
@@ -1122,7 +1144,7 @@ mod tests {
             },
             received_ms: 1234,
         };
-        let d = Message::decode(&m.encode()).unwrap();
+        let d = Message::decode(&m.encode().unwrap()).unwrap();
         assert_eq!(d.topic, m.topic);
         assert_eq!(d.payload, m.payload);
         assert_eq!(d.props, m.props);

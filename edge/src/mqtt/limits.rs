@@ -87,12 +87,140 @@ impl Refused {
     }
 }
 
+/// A field of a packet over its `[mqtt]` limit, found on an open connection (CONNECT's own
+/// fields are counted by [`Refused`]). The label of `tributary_packets_refused_total{reason}`.
+///
+/// Every field that reaches storage has such a limit, below what its encoding can hold, so
+/// that nothing a client sends can make the log hold a value its decoder rejects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketRefused {
+    /// A topic name (PUBLISH, will, response topic) longer than `max_topic_length`.
+    TopicLength,
+    /// A topic name with more than `max_topic_levels` levels.
+    TopicLevels,
+    /// A topic filter longer than `max_filter_length`.
+    FilterLength,
+    /// More user properties than `max_user_properties`.
+    UserProperties,
+    /// User properties larger in total than `max_user_properties_bytes`.
+    UserPropertiesBytes,
+    /// A content type longer than `max_content_type_length`.
+    ContentType,
+    /// Correlation data longer than `max_correlation_data_length`.
+    CorrelationData,
+    /// A will whose topic or properties are over a limit (the CONNECT is refused).
+    Will,
+    /// A field the record encoding cannot hold (the limits above should make this
+    /// impossible; counted so that it would be seen).
+    Encoding,
+}
+
+impl PacketRefused {
+    /// Every reason, in the order they are exposed.
+    pub const ALL: [PacketRefused; 9] = [
+        PacketRefused::TopicLength,
+        PacketRefused::TopicLevels,
+        PacketRefused::FilterLength,
+        PacketRefused::UserProperties,
+        PacketRefused::UserPropertiesBytes,
+        PacketRefused::ContentType,
+        PacketRefused::CorrelationData,
+        PacketRefused::Will,
+        PacketRefused::Encoding,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            PacketRefused::TopicLength => "topic_length",
+            PacketRefused::TopicLevels => "topic_levels",
+            PacketRefused::FilterLength => "filter_length",
+            PacketRefused::UserProperties => "user_properties",
+            PacketRefused::UserPropertiesBytes => "user_properties_bytes",
+            PacketRefused::ContentType => "content_type_length",
+            PacketRefused::CorrelationData => "correlation_data_length",
+            PacketRefused::Will => "will",
+            PacketRefused::Encoding => "encoding",
+        }
+    }
+}
+
+/// Checks the MQTT 5 properties of a message (PUBLISH or will) against `[mqtt]`'s limits.
+/// The response topic is a topic name and gets the topic rules' length limit.
+pub fn check_message_props(
+    props: &super::codec::MessageProps,
+    cfg: &crate::config::MqttConfig,
+) -> Result<(), (PacketRefused, String)> {
+    if props.user_properties.len() > cfg.max_user_properties {
+        return Err((
+            PacketRefused::UserProperties,
+            format!(
+                "{} user properties, the limit (mqtt.max_user_properties) is {}",
+                props.user_properties.len(),
+                cfg.max_user_properties
+            ),
+        ));
+    }
+    let bytes: usize = props
+        .user_properties
+        .iter()
+        .map(|(k, v)| 4 + k.len() + v.len())
+        .sum();
+    if bytes as u64 > cfg.max_user_properties_bytes.0 {
+        return Err((
+            PacketRefused::UserPropertiesBytes,
+            format!(
+                "user properties of {bytes} bytes, the limit (mqtt.max_user_properties_bytes) is {}",
+                cfg.max_user_properties_bytes.0
+            ),
+        ));
+    }
+    if let Some(ct) = &props.content_type {
+        if ct.len() > cfg.max_content_type_length {
+            return Err((
+                PacketRefused::ContentType,
+                format!(
+                    "a content type of {} bytes, the limit (mqtt.max_content_type_length) is {}",
+                    ct.len(),
+                    cfg.max_content_type_length
+                ),
+            ));
+        }
+    }
+    if let Some(rt) = &props.response_topic {
+        if rt.len() > cfg.max_topic_length {
+            return Err((
+                PacketRefused::TopicLength,
+                format!(
+                    "a response topic of {} bytes, the limit (mqtt.max_topic_length) is {}",
+                    rt.len(),
+                    cfg.max_topic_length
+                ),
+            ));
+        }
+    }
+    if let Some(cd) = &props.correlation_data {
+        if cd.len() > cfg.max_correlation_data_length {
+            return Err((
+                PacketRefused::CorrelationData,
+                format!(
+                    "correlation data of {} bytes, the limit (mqtt.max_correlation_data_length) is {}",
+                    cd.len(),
+                    cfg.max_correlation_data_length
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Node-wide state of the client limits.
 #[derive(Debug, Default)]
 pub struct Limits {
     /// Open connections by source address (only while a per-address limit is set).
     per_address: Mutex<HashMap<IpAddr, u32>>,
     refused: [AtomicU64; Refused::ALL.len()],
+    packets_refused: [AtomicU64; PacketRefused::ALL.len()],
     /// Connections closed with 0x96 Message rate too high.
     pub rate_disconnects: AtomicU64,
     /// Times a connection stopped being read because it was over its publish rate.
@@ -142,6 +270,16 @@ impl Limits {
     /// Counts a refusal.
     pub fn refused(&self, why: Refused) {
         self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a packet refused for a field over its limit.
+    pub fn packet_refused(&self, why: PacketRefused) {
+        self.packets_refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Packets refused so far for one reason.
+    pub fn packet_refused_count(&self, why: PacketRefused) -> u64 {
+        self.packets_refused[why as usize].load(Ordering::Relaxed)
     }
 
     /// Refusals so far for one reason.
@@ -321,6 +459,54 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn message_props_are_checked_at_and_past_each_limit() {
+        use crate::config::{ByteSize, MqttConfig};
+        use crate::mqtt::codec::MessageProps;
+        let cfg = MqttConfig {
+            max_user_properties: 3,
+            max_user_properties_bytes: ByteSize(4 * (4 + 2)),
+            max_content_type_length: 5,
+            max_correlation_data_length: 6,
+            max_topic_length: 7,
+            ..MqttConfig::default()
+        };
+        let prop = ("a".to_string(), "b".to_string());
+        let at = MessageProps {
+            user_properties: vec![prop.clone(); 3],
+            content_type: Some("c".repeat(5)),
+            correlation_data: Some(bytes::Bytes::from(vec![0; 6])),
+            response_topic: Some("r".repeat(7)),
+            ..MessageProps::default()
+        };
+        assert_eq!(check_message_props(&at, &cfg), Ok(()));
+        let past = |f: &dyn Fn(&mut MessageProps)| {
+            let mut p = at.clone();
+            f(&mut p);
+            check_message_props(&p, &cfg).unwrap_err().0
+        };
+        assert_eq!(
+            past(&|p| p.user_properties.push(prop.clone())),
+            PacketRefused::UserProperties
+        );
+        assert_eq!(
+            past(&|p| p.user_properties[0].1 = "b".repeat(8)),
+            PacketRefused::UserPropertiesBytes
+        );
+        assert_eq!(
+            past(&|p| p.content_type = Some("c".repeat(6))),
+            PacketRefused::ContentType
+        );
+        assert_eq!(
+            past(&|p| p.correlation_data = Some(bytes::Bytes::from(vec![0; 7]))),
+            PacketRefused::CorrelationData
+        );
+        assert_eq!(
+            past(&|p| p.response_topic = Some("r".repeat(8))),
+            PacketRefused::TopicLength
+        );
     }
 
     #[test]

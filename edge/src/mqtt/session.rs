@@ -192,10 +192,15 @@ impl SessionStore {
     ) -> Result<(SessionStore, Vec<StateOp>), LogError> {
         let mut sessions: HashMap<String, Entry> = HashMap::new();
         let mut purge = Vec::new();
+        // Clients whose session record does not decode: left out, and their other entries
+        // are kept (not purged as orphans), for `edge check` to show.
+        let mut corrupt: HashSet<String> = HashSet::new();
         for (k, v) in log.meta_scan(b"s")? {
             let client = String::from_utf8_lossy(&k[1..]).into_owned();
             if v.len() != 12 {
-                return Err(LogError::CorruptMeta(format!("session {client}")));
+                log.quarantine_meta(&k, "session");
+                corrupt.insert(client);
+                continue;
             }
             let expiry = u32::from_be_bytes(v[0..4].try_into().expect("4 bytes"));
             let disconnected = u64::from_be_bytes(v[4..12].try_into().expect("8 bytes"));
@@ -230,21 +235,26 @@ impl SessionStore {
         // Subscriptions and queue entries of sessions that no longer exist are deleted.
         for (k, v) in log.meta_scan(&[TAG_SUBSCRIPTION])? {
             let Some((client, filter)) = split_client_key(&k) else {
-                return Err(LogError::CorruptMeta("subscription key".into()));
+                log.quarantine_meta(&k, "subscription key");
+                continue;
             };
-            let opts = parse_subscription_value(&v)
-                .ok_or_else(|| LogError::CorruptMeta(format!("subscription of {client}")))?;
+            let Some(opts) = parse_subscription_value(&v) else {
+                log.quarantine_meta(&k, "subscription");
+                continue;
+            };
             match sessions.get(client).and_then(|e| e.data.sub.as_ref()) {
                 Some(sub) => {
                     hub.subscribe(sub, &String::from_utf8_lossy(filter), opts);
                 }
+                None if corrupt.contains(client) => {}
                 None => purge.push(StateOp::Delete { key: k.clone() }),
             }
         }
         for tag in [TAG_QUEUED, TAG_RELEASED] {
             for (k, _) in log.meta_scan(&[tag])? {
                 let Some((client, rest)) = split_client_key(&k) else {
-                    return Err(LogError::CorruptMeta("queue key".into()));
+                    log.quarantine_meta(&k, "queue key");
+                    continue;
                 };
                 if let Ok(seq) = <[u8; 8]>::try_from(rest) {
                     hub.boot_seq
@@ -254,17 +264,18 @@ impl SessionStore {
                     Some(sub) => {
                         sub.offline_queued.fetch_add(1, Ordering::Relaxed);
                     }
+                    None if corrupt.contains(client) => {}
                     None => purge.push(StateOp::Delete { key: k.clone() }),
                 }
             }
         }
         for (k, _) in log.meta_scan(b"q")? {
-            if k.len() < 5 {
-                return Err(LogError::CorruptMeta("qos2 marker".into()));
-            }
-            let len = u16::from_be_bytes([k[1], k[2]]) as usize;
-            if k.len() != 3 + len + 2 {
-                return Err(LogError::CorruptMeta("qos2 marker".into()));
+            let len = k
+                .get(1..3)
+                .map_or(0, |l| u16::from_be_bytes([l[0], l[1]]) as usize);
+            if k.len() < 5 || k.len() != 3 + len + 2 {
+                log.quarantine_meta(&k, "qos2 marker");
+                continue;
             }
             let client = String::from_utf8_lossy(&k[3..3 + len]).into_owned();
             let pkid = u16::from_be_bytes([k[3 + len], k[4 + len]]);
@@ -272,6 +283,7 @@ impl SessionStore {
                 Some(e) => {
                     e.data.qos2.insert(pkid);
                 }
+                None if corrupt.contains(&client) => {}
                 None => purge.push(StateOp::Delete { key: k }),
             }
         }
