@@ -112,6 +112,66 @@ pub struct AuthConfig {
     pub failure_delay: HumanDuration,
     /// The most a refused CONNECT waits.
     pub max_failure_delay: HumanDuration,
+    /// Which client ids a logged-in user may use: `"any"`; `"username"`, the client id
+    /// must equal the user name (from the password file or the client certificate);
+    /// `"username-prefix"`, it must start with `{user}-` or `{user}/`. Otherwise CONNACK
+    /// 0x85 Client identifier not valid (3.1.1: return code 2). Anonymous clients are not
+    /// affected. With `"any"` and an ACL that grants by `%c`, any user can claim any
+    /// device's client id and with it that device's rights: `edge check-config` warns.
+    /// Whatever this says, a session a user started can only be resumed or taken over by
+    /// that same user (0x87 Not authorized; 3.1.1: return code 5).
+    pub client_id: ClientIdPolicy,
+}
+
+/// `auth.client_id`: how client ids are bound to users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientIdPolicy {
+    /// Any client id.
+    #[default]
+    Any,
+    /// The client id is the user name.
+    Username,
+    /// The client id starts with `{user}-` or `{user}/`.
+    UsernamePrefix,
+}
+
+impl AuthConfig {
+    /// Settings that are valid but unsafe, each as a sentence for the operator.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let (ClientIdPolicy::Any, Some(acl)) = (self.client_id, &self.acl_file) {
+            let uses_client_id = std::fs::read_to_string(acl).is_ok_and(|text| {
+                text.lines()
+                    .map(str::trim_start)
+                    .any(|l| l.starts_with("pattern") && l.contains("%c"))
+            });
+            if uses_client_id {
+                out.push(format!(
+                    "auth.acl_file {} grants by %c (client id) while auth.client_id = \"any\": \
+                     any user can connect with a device's client id and get its rights (take \
+                     over its session, read its commands, publish as it); set auth.client_id \
+                     = \"username\" or \"username-prefix\"",
+                    acl.display()
+                ));
+            }
+        }
+        out
+    }
+}
+
+impl ClientIdPolicy {
+    /// Whether `user` (`None`: anonymous) may use `client_id`.
+    pub fn allows(self, user: Option<&str>, client_id: &str) -> bool {
+        let Some(user) = user else { return true };
+        match self {
+            ClientIdPolicy::Any => true,
+            ClientIdPolicy::Username => client_id == user,
+            ClientIdPolicy::UsernamePrefix => client_id
+                .strip_prefix(user)
+                .is_some_and(|rest| rest.starts_with('-') || rest.starts_with('/')),
+        }
+    }
 }
 
 impl Default for AuthConfig {
@@ -122,6 +182,7 @@ impl Default for AuthConfig {
             allow_anonymous: None,
             failure_delay: HumanDuration(Duration::from_millis(500)),
             max_failure_delay: HumanDuration(Duration::from_secs(10)),
+            client_id: ClientIdPolicy::Any,
         }
     }
 }
@@ -384,6 +445,52 @@ pub const MAX_TOPIC_LENGTH_CEILING: usize = 32 * 1024;
 /// and a 3-byte tag and length, a stored key stays under fjall's 65535 bytes.
 pub const MAX_CLIENT_ID_CEILING: usize = 16 * 1024;
 
+/// `mqtt.session_expiry_default`: `"never"` or a duration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionExpiry {
+    /// Kept until a clean session of the same client id ends it.
+    Never,
+    /// Kept this long after the client disconnects.
+    After(Duration),
+}
+
+impl SessionExpiry {
+    /// As an MQTT Session Expiry Interval in seconds (`u32::MAX`: never).
+    pub fn as_interval(self) -> u32 {
+        match self {
+            SessionExpiry::Never => u32::MAX,
+            SessionExpiry::After(d) => u32::try_from(d.as_secs())
+                .unwrap_or(u32::MAX - 1)
+                .clamp(1, u32::MAX - 1),
+        }
+    }
+}
+
+impl Serialize for SessionExpiry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            SessionExpiry::Never => s.serialize_str("never"),
+            SessionExpiry::After(d) => HumanDuration(*d).serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SessionExpiry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "never" {
+            return Ok(SessionExpiry::Never);
+        }
+        let parsed: HumanDuration = text.parse().map_err(serde::de::Error::custom)?;
+        if parsed.0.is_zero() {
+            return Err(serde::de::Error::custom(
+                "a persistent session must be kept for some time: write a duration above 0s, or \"never\"",
+            ));
+        }
+        Ok(SessionExpiry::After(parsed.0))
+    }
+}
+
 /// One limit on what a client sends, as the README's limits table lists it.
 #[derive(Debug, Clone, Copy)]
 pub struct InputLimit {
@@ -466,6 +573,48 @@ pub const INPUT_LIMITS: &[InputLimit] = &[
         bounds: "unacknowledged QoS 1/2 publishes of one client",
         ceiling: Some(65_535),
         over: "DISCONNECT 0x93 (3.1.1: the socket is not read)",
+    },
+    InputLimit {
+        key: "mqtt.max_sessions",
+        bounds: "sessions held, connected or not",
+        ceiling: None,
+        over: "CONNACK 0x97 (3.1.1: return code 3)",
+    },
+    InputLimit {
+        key: "mqtt.session_expiry_default",
+        bounds: "how long a 3.1.1 persistent session outlives its connection",
+        ceiling: None,
+        over: "the session and its queue are deleted",
+    },
+    InputLimit {
+        key: "mqtt.max_retained_messages",
+        bounds: "retained messages held",
+        ceiling: None,
+        over: "the retained publish is refused: 5.0 0x97; 3.1.1: closed",
+    },
+    InputLimit {
+        key: "mqtt.max_retained_bytes",
+        bounds: "bytes of retained messages held",
+        ceiling: None,
+        over: "as `max_retained_messages`",
+    },
+    InputLimit {
+        key: "mqtt.max_will_delay",
+        bounds: "how long a delayed will is held",
+        ceiling: None,
+        over: "published when it runs out",
+    },
+    InputLimit {
+        key: "mqtt.max_pending_wills",
+        bounds: "wills waiting out their delay, node-wide",
+        ceiling: None,
+        over: "the next will is published at once",
+    },
+    InputLimit {
+        key: "mqtt.max_pending_will_bytes",
+        bounds: "bytes of wills waiting out their delay, node-wide",
+        ceiling: None,
+        over: "the next will is published at once",
     },
     InputLimit {
         key: "mqtt.max_offline_messages",
@@ -585,6 +734,34 @@ pub struct MqttConfig {
     /// A subscriber whose queue stays over its bound this long is disconnected (5.0: 0x97
     /// Quota exceeded); a persistent session keeps its queued QoS 1 and 2 messages.
     pub slow_subscriber_timeout: HumanDuration,
+    /// How long a 3.1.1 persistent session (clean session 0) is kept after its client
+    /// disconnects, like Mosquitto's `persistent_client_expiration`: a duration, or
+    /// `"never"`. 3.1.1 has no session expiry of its own, so without this every client id
+    /// that ever connected with clean session 0 keeps its subscriptions and queue forever.
+    pub session_expiry_default: SessionExpiry,
+    /// Most sessions held, connected or not (a persistent session stays after its client
+    /// disconnects, until it expires). A CONNECT that would start one more is refused
+    /// (5.0: CONNACK 0x97 Quota exceeded; 3.1.1: return code 3); clients that hold a
+    /// session keep reconnecting to it.
+    pub max_sessions: usize,
+    /// Most retained messages held (all in memory, and on disk). A retained publish that
+    /// would make one more is refused and nothing of it is stored (5.0: PUBACK/PUBREC 0x97
+    /// Quota exceeded, a QoS 0 one DISCONNECT 0x97; 3.1.1: the connection closes); replacing
+    /// or clearing a topic's retained message is always possible within the byte limit.
+    /// Nothing is ever evicted to make room.
+    pub max_retained_messages: usize,
+    /// Most bytes (topics, payloads, properties) of retained messages held, with the same
+    /// rule.
+    pub max_retained_bytes: ByteSize,
+    /// Longest MQTT 5 Will Delay Interval honoured: a will asking for more is published
+    /// this long after its client went away (if its session has not been taken up again).
+    pub max_will_delay: HumanDuration,
+    /// Most wills waiting out their delay node-wide. A will that finds no room is published
+    /// at once instead of after its delay (counted in `tributary_wills_published_early_total`).
+    pub max_pending_wills: usize,
+    /// Most bytes (topics, payloads, properties) of wills waiting out their delay, with the
+    /// same rule.
+    pub max_pending_will_bytes: ByteSize,
     /// QoS 1 and 2 messages kept on disk for one disconnected persistent session; later
     /// ones are dropped (and counted).
     pub max_offline_messages: u64,
@@ -620,6 +797,13 @@ impl Default for MqttConfig {
             max_queued_messages: 1000,
             max_queued_bytes: ByteSize(16 * 1024 * 1024),
             slow_subscriber_timeout: HumanDuration(Duration::from_secs(10)),
+            session_expiry_default: SessionExpiry::Never,
+            max_sessions: 200_000,
+            max_retained_messages: 100_000,
+            max_retained_bytes: ByteSize(128 * 1024 * 1024),
+            max_will_delay: HumanDuration(Duration::from_secs(24 * 3600)),
+            max_pending_wills: 10_000,
+            max_pending_will_bytes: ByteSize(64 * 1024 * 1024),
             max_offline_messages: 100_000,
             sys_interval: HumanDuration(Duration::from_secs(5)),
         }
@@ -1719,6 +1903,38 @@ mod tests {
             assert_eq!(ByteSize(n).to_string(), text);
             assert_eq!(text.parse::<ByteSize>().unwrap(), ByteSize(n));
         }
+    }
+
+    #[test]
+    fn client_id_policy_binds_ids_to_users_and_leaves_anonymous_alone() {
+        use ClientIdPolicy::*;
+        assert!(Any.allows(Some("alice"), "bob"));
+        assert!(Username.allows(Some("alice"), "alice"));
+        assert!(!Username.allows(Some("alice"), "alice-1"));
+        assert!(UsernamePrefix.allows(Some("alice"), "alice-1"));
+        assert!(UsernamePrefix.allows(Some("alice"), "alice/pump"));
+        assert!(!UsernamePrefix.allows(Some("alice"), "alicex"));
+        assert!(!UsernamePrefix.allows(Some("alice"), "alice"));
+        assert!(!UsernamePrefix.allows(Some("al"), "alice-1"));
+        assert!(
+            Username.allows(None, "anything"),
+            "anonymous clients are not affected"
+        );
+        let c = Config::parse("[auth]\nclient_id = \"username-prefix\"\n", "e.toml").unwrap();
+        assert_eq!(c.auth.client_id, UsernamePrefix);
+        assert!(Config::parse("[auth]\nclient_id = \"user\"\n", "e.toml").is_err());
+    }
+
+    #[test]
+    fn session_expiry_default_takes_never_or_a_positive_duration() {
+        let c = Config::parse("[mqtt]\nsession_expiry_default = \"2h\"\n", "e.toml").unwrap();
+        assert_eq!(c.mqtt.session_expiry_default.as_interval(), 7200);
+        let c = Config::parse("[mqtt]\nsession_expiry_default = \"never\"\n", "e.toml").unwrap();
+        assert_eq!(c.mqtt.session_expiry_default.as_interval(), u32::MAX);
+        let err = Config::parse("[mqtt]\nsession_expiry_default = \"0s\"\n", "e.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("never"), "{err}");
     }
 
     #[test]

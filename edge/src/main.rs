@@ -220,6 +220,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let config = Config::load(file)?;
         let text = toml::to_string_pretty(&config).context("printing the effective settings")?;
         print!("{text}");
+        for warning in config.auth.warnings() {
+            eprintln!("{}: warning: {warning}", file.display());
+        }
         eprintln!("{}: valid", file.display());
         return Ok(());
     }

@@ -148,6 +148,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             message: e.to_string(),
         }
     })?;
+    for warning in config.auth.warnings() {
+        tracing::warn!("{warning}");
+    }
     if auth.anonymous_allowed() {
         tracing::warn!(
             "anonymous access is allowed: any client that reaches {bound} can connect{}",
@@ -246,6 +249,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         )),
         connections: AtomicUsize::new(0),
         limits: Default::default(),
+        wills: Default::default(),
         shutdown: shutdown_rx,
         auth,
     });

@@ -12,85 +12,10 @@
 use std::process::Command;
 use std::time::Duration;
 
+use tributary_tests::raw::{string, user_properties, v5_connect, v5_publish, Will};
 use tributary_tests::{
     client_script, http_get, metric, payloads, python, ConnectOpts, Edge, Got, Proto, RawClient,
 };
-
-/// MQTT variable byte integer.
-fn varint(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return;
-        }
-    }
-}
-
-fn string(s: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&u16::try_from(s.len()).unwrap().to_be_bytes());
-    out.extend_from_slice(s);
-}
-
-/// `count` user properties of `len`-byte names and values.
-fn user_properties(count: usize, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(count * (5 + 2 * len));
-    let text = vec![b'u'; len];
-    for _ in 0..count {
-        out.push(0x26);
-        string(&text, &mut out);
-        string(&text, &mut out);
-    }
-    out
-}
-
-/// A whole packet: fixed header `first`, remaining length, `body`.
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    varint(body.len(), &mut out);
-    out.extend_from_slice(body);
-    out
-}
-
-/// An MQTT 5 PUBLISH with raw `props`.
-fn v5_publish(
-    topic: &str,
-    qos: u8,
-    pkid: u16,
-    retain: bool,
-    props: &[u8],
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(topic.as_bytes(), &mut body);
-    if qos > 0 {
-        body.extend_from_slice(&pkid.to_be_bytes());
-    }
-    varint(props.len(), &mut body);
-    body.extend_from_slice(props);
-    body.extend_from_slice(payload);
-    packet(0x30 | (qos << 1) | u8::from(retain), &body)
-}
-
-/// An MQTT 5 CONNECT (clean start) with a QoS 1 will carrying raw `will_props`.
-fn v5_connect_with_will(client_id: &str, will_topic: &str, will_props: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(b"MQTT", &mut body);
-    body.push(5);
-    body.push(0x02 | 0x04 | (1 << 3));
-    body.extend_from_slice(&60u16.to_be_bytes());
-    body.push(0); // no CONNECT properties
-    string(client_id.as_bytes(), &mut body);
-    varint(will_props.len(), &mut body);
-    body.extend_from_slice(will_props);
-    string(will_topic.as_bytes(), &mut body);
-    string(b"will-payload", &mut body);
-    packet(0x10, &body)
-}
 
 /// Connects an honest 3.1.1 device, publishes one QoS 1 message and waits for its PUBACK:
 /// the edge still serves. Returns the payload.
@@ -255,15 +180,40 @@ async fn each_hostile_packet_is_refused_and_the_edge_keeps_its_log() {
     assert_eq!(refused(&edge, "topic_length"), 2.0);
     acked.push(honest_publish(&edge, &mut n).await);
 
-    // A will with too many user properties: CONNACK 0x95, nothing stored or published.
-    let mut c = RawClient::open(edge.addr, Proto::V5).await.unwrap();
-    c.send_raw(&v5_connect_with_will(
-        "will-attacker",
-        "sensors/will/t",
-        &user_properties(129, 1),
+    // `$` topics are the edge's: 5.0 gets 0x90 and stays connected, 3.1.1 is closed.
+    let (mut c, _) = RawClient::connect(edge.addr, Proto::V5, &ConnectOpts::new("sys-5"))
+        .await
+        .unwrap();
+    c.send_raw(&v5_publish(
+        "$SYS/broker/uptime",
+        1,
+        3,
+        true,
+        &[],
+        b"fake-sys",
     ))
     .await
     .unwrap();
+    assert_eq!(c.recv().await.unwrap(), Got::PubAck(3, 0x90));
+    drop(c);
+    let (mut c, _) = RawClient::connect(edge.addr, Proto::V311, &ConnectOpts::new("sys-3"))
+        .await
+        .unwrap();
+    c.publish("$internal/x", 1, 1, b"fake-sys").await.unwrap();
+    assert_eq!(c.until_closed().await.unwrap(), vec![]);
+    assert_eq!(refused(&edge, "reserved_topic"), 2.0);
+
+    // A will with too many user properties: CONNACK 0x95, nothing stored or published.
+    let mut c = RawClient::open(edge.addr, Proto::V5).await.unwrap();
+    let will = Will {
+        topic: "sensors/will/t",
+        payload: b"will-payload",
+        props: &user_properties(129, 1),
+        qos: 1,
+    };
+    c.send_raw(&v5_connect("will-attacker", None, Some(&will)))
+        .await
+        .unwrap();
     let got = c.until_closed().await.unwrap();
     assert!(
         matches!(got.as_slice(), [Got::ConnAck { code: 0x95, .. }]),
@@ -288,6 +238,7 @@ async fn each_hostile_packet_is_refused_and_the_edge_keeps_its_log() {
         "long-topic",
         "response-topic",
         "will-payload",
+        "fake-sys",
     ] {
         assert!(!stored.iter().any(|s| s == refused), "{refused} was stored");
     }

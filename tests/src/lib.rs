@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub mod kafka;
 pub mod mirror;
 pub mod pki;
+pub mod raw;
 
 pub use kafka::{ConsumedRecord, KafkaCluster, PartitionState, ProducedRecord, TimestampType};
 

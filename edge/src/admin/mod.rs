@@ -313,9 +313,42 @@ pub fn render_metrics(s: &AdminState) -> String {
         );
     }
     render_limit_metrics(&b.limits, &mut out);
+    let (pending_wills, pending_will_bytes) = b.wills.held();
+    series(
+        &mut out,
+        "counter",
+        &[
+            (
+                "tributary_wills_published_early_total",
+                "Delayed wills published at once because max_pending_wills or max_pending_will_bytes was reached.",
+                b.wills.published_early.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_wills_cancelled_total",
+                "Delayed wills not published because a new connection took their session.",
+                b.wills.cancelled.load(Ordering::Relaxed),
+            ),
+        ],
+    );
+    series(
+        &mut out,
+        "gauge",
+        &[
+            (
+                "tributary_pending_wills",
+                "Wills waiting out their Will Delay Interval.",
+                pending_wills as u64,
+            ),
+            (
+                "tributary_pending_will_bytes",
+                "Bytes held by wills waiting out their delay.",
+                pending_will_bytes as u64,
+            ),
+        ],
+    );
     render_group_metrics(&group_status(s), &mut out);
     let (connected, disconnected) = b.sessions.counts();
-    let gauges: [(&str, &str, u64); 5] = [
+    let gauges: [(&str, &str, u64); 6] = [
         (
             "tributary_connections",
             "Open MQTT connections.",
@@ -335,6 +368,11 @@ pub fn render_metrics(s: &AdminState) -> String {
             "tributary_retained_messages",
             "Retained messages held.",
             b.hub.retained_count() as u64,
+        ),
+        (
+            "tributary_retained_bytes",
+            "Bytes (topics, payloads, properties) of the retained messages held, against mqtt.max_retained_bytes.",
+            b.hub.retained_bytes(),
         ),
         (
             "tributary_disk_bytes",

@@ -46,6 +46,28 @@ pub struct AuthStats {
     pub failures: AtomicU64,
 }
 
+/// Logins one source address may have in progress at once (a NAT gateway's fleet
+/// reconnecting together stays far below it unless the password checks are queued up).
+pub const MAX_LOGINS_PER_ADDRESS: u32 = 64;
+
+/// A login's place in its address' share, given back on drop.
+pub struct LoginSlot<'a> {
+    auth: &'a Auth,
+    ip: IpAddr,
+}
+
+impl Drop for LoginSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.auth.logins_per_address.lock().expect("logins lock");
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Authentication and authorization state shared by all connections.
 pub struct Auth {
     password_file: Option<PathBuf>,
@@ -60,7 +82,13 @@ pub struct Auth {
     /// of milliseconds, so a flood of CONNECTs queues here instead of exhausting memory and
     /// CPU.
     verifying: Arc<tokio::sync::Semaphore>,
+    /// Logins in progress (waiting for or in a password check) per source address: each
+    /// address gets a fair share of the queue, so a flood of bogus logins from one place
+    /// cannot keep real devices waiting behind it.
+    logins_per_address: std::sync::Mutex<HashMap<IpAddr, u32>>,
     delays: FailureDelays,
+    /// Which client ids a user may use.
+    pub client_id_policy: crate::config::ClientIdPolicy,
     /// A hash checked for unknown users, so they take as long to refuse as wrong passwords
     /// (made only when a password file is configured).
     decoy: Option<StoredHash>,
@@ -104,6 +132,8 @@ impl Auth {
             acl: RwLock::new(acl),
             acl_generation: AtomicU64::new(0),
             verifying: Arc::new(tokio::sync::Semaphore::new(parallel)),
+            logins_per_address: Default::default(),
+            client_id_policy: config.client_id,
             delays: FailureDelays::new(config.failure_delay.0, config.max_failure_delay.0),
             decoy,
             stats: AuthStats::default(),
@@ -209,6 +239,20 @@ impl Auth {
         } else {
             Err(LoginRefusal::BadCredentials)
         }
+    }
+
+    /// Takes a place for a login from `ip` among the [`MAX_LOGINS_PER_ADDRESS`] one address
+    /// may have in progress; `None` when it has them all (the CONNECT is refused as busy).
+    /// The place is given back when the returned guard drops.
+    pub fn login_slot(&self, ip: IpAddr) -> Option<LoginSlot<'_>> {
+        let ip = ip.to_canonical();
+        let mut map = self.logins_per_address.lock().expect("logins lock");
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_LOGINS_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(LoginSlot { auth: self, ip })
     }
 
     /// Records a refused login from `ip`; returns how long to wait before answering it.

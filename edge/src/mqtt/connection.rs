@@ -33,6 +33,7 @@ use super::limits::{
 };
 use super::session::{purge_ops, qos2_key, session_key, session_value, Handover, SessionData};
 use super::subs::{self, Match, SubOptions};
+use super::will::Admission;
 use super::Broker;
 use crate::auth::{ConnAcl, LoginRefusal};
 use crate::log::appender::{
@@ -159,13 +160,19 @@ pub async fn serve<R, W>(
     // Each phase is boxed, so that the task (allocated once for the connection's whole life)
     // holds only a pointer to the phase it is in: a socket waiting for its CONNECT costs a
     // few hundred bytes, and a connected one keeps no room for the CONNECT phase.
-    let Some((reader, writer, rbuf, connect)) =
+    let Some((reader, writer, rbuf, connect, connect_held)) =
         Box::pin(accept_connect(&broker, reader, writer, peer)).await
     else {
         return;
     };
     let Some(opened) = Box::pin(open_session(
-        broker, reader, writer, rbuf, peer, connect, cert_user,
+        broker,
+        reader,
+        writer,
+        rbuf,
+        peer,
+        (connect, connect_held),
+        cert_user,
     ))
     .await
     else {
@@ -181,7 +188,7 @@ async fn accept_connect<R, W>(
     mut reader: R,
     mut writer: W,
     peer: SocketAddr,
-) -> Option<(R, W, BytesMut, Box<ConnectIn>)>
+) -> Option<(R, W, BytesMut, Box<ConnectIn>, usize)>
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
@@ -226,7 +233,8 @@ where
         }
         Ok(Ok(c)) => c,
     };
-    Some((reader, writer, rbuf, connect))
+    let (connect, held) = connect;
+    Some((reader, writer, rbuf, connect, held))
 }
 
 /// A connection with its session open and its CONNACK written, ready to serve.
@@ -245,7 +253,7 @@ async fn open_session<R, W>(
     mut writer: W,
     rbuf: BytesMut,
     peer: SocketAddr,
-    connect: Box<ConnectIn>,
+    (connect, connect_held): (Box<ConnectIn>, usize),
     cert_user: Option<Arc<str>>,
 ) -> Option<Box<Opened<R, W>>>
 where
@@ -253,6 +261,9 @@ where
     W: AsyncWrite + Unpin + Send,
 {
     let limits = &broker.limits;
+    // The CONNECT's bytes stay counted against the node's CONNECT budget until the login is
+    // decided: a flood of large CONNECTs waiting for password checks is bounded too.
+    let connect_share = limits.connect_buffer_held(CONNECT_BUFFER_BUDGET, connect_held);
     let version = connect.version;
     let refuse = |kind: Refused, code: u8, why: String| async move {
         limits.refused(kind);
@@ -326,6 +337,16 @@ where
             .map(|_| ())
             .map_err(|c| (c.code, c.why))
             .and_then(|()| {
+                if will.topic.starts_with(b"$") {
+                    Err((
+                        reason::TOPIC_NAME_INVALID,
+                        "topics starting with $ are reserved for the edge".to_string(),
+                    ))
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| {
                 check_message_props(&will.props, &broker.config)
                     .map_err(|(_, why)| (reason::PACKET_TOO_LARGE, why))
             });
@@ -339,14 +360,43 @@ where
         }
     }
     // Authentication, before the session is touched: a refused client takes nothing over.
+    // Each address gets a fair share of the password-check queue, and no login waits in it
+    // longer than a CONNECT may take to arrive.
     let auth = &broker.auth;
-    let login = auth
-        .authenticate(
+    let Some(login_slot) = auth.login_slot(peer.ip()) else {
+        let out = refuse(
+            Refused::LoginBusy,
+            reason::SERVER_BUSY,
+            format!(
+                "{} logins from this address are in progress",
+                crate::auth::MAX_LOGINS_PER_ADDRESS
+            ),
+        )
+        .await;
+        send_final(&mut writer, &out).await;
+        return None;
+    };
+    let login = tokio::time::timeout(
+        broker.config.connect_timeout.0,
+        auth.authenticate(
             connect.username.as_deref(),
             connect.password.as_deref(),
             cert_user.as_deref().map(str::to_string),
+        ),
+    )
+    .await;
+    drop(login_slot);
+    drop(connect_share);
+    let Ok(login) = login else {
+        let out = refuse(
+            Refused::LoginBusy,
+            reason::SERVER_BUSY,
+            "the password check queue is full: try again".into(),
         )
         .await;
+        send_final(&mut writer, &out).await;
+        return None;
+    };
     let (username, acl) = match login {
         Ok(user) => {
             let acl = auth.client_rules(user.as_deref(), &client_id);
@@ -375,6 +425,36 @@ where
             return None;
         }
     };
+    if !auth
+        .client_id_policy
+        .allows(username.as_deref(), &client_id)
+    {
+        let out = refuse(
+            Refused::ClientId,
+            reason::CLIENT_ID_NOT_VALID,
+            format!(
+                "user {:?} may not use client id {client_id:?} (auth.client_id = {:?})",
+                username.as_deref().unwrap_or_default(),
+                auth.client_id_policy
+            ),
+        )
+        .await;
+        send_final(&mut writer, &out).await;
+        return None;
+    }
+    // A session a user started is theirs: no one else resumes or takes it over.
+    if let Some(Some(owner)) = broker.sessions.owner_of(&client_id) {
+        if username.as_deref() != Some(&*owner) {
+            let out = refuse(
+                Refused::NotAuthorized,
+                reason::NOT_AUTHORIZED,
+                format!("the session of client id {client_id:?} belongs to another user"),
+            )
+            .await;
+            send_final(&mut writer, &out).await;
+            return None;
+        }
+    }
     if let (Some(acl), Some(will)) = (&acl, &connect.will) {
         let topic = std::str::from_utf8(&will.topic).unwrap_or_default();
         if !acl.rules.may_publish(topic) {
@@ -400,12 +480,34 @@ where
         return None;
     }
 
+    // A client id that holds no session starts one: within mqtt.max_sessions.
+    let (sessions_held, holds_one) = broker.sessions.held(&client_id);
+    if !holds_one && sessions_held >= broker.config.max_sessions {
+        let out = refuse(
+            Refused::MaxSessions,
+            if version == Version::V5 {
+                reason::QUOTA_EXCEEDED
+            } else {
+                reason::SERVER_BUSY
+            },
+            format!(
+                "the edge holds its maximum of {} sessions (mqtt.max_sessions)",
+                broker.config.max_sessions
+            ),
+        )
+        .await;
+        send_final(&mut writer, &out).await;
+        return None;
+    }
+
     // Session: take the client id over, then continue or start a session.
     let handover = EndsHandover(Arc::new(Handover::default()));
     let attachment = broker
         .sessions
         .attach(&client_id, username.clone(), handover.0.clone())
         .await;
+    // A will waiting out its delay is not due once a new connection holds the session.
+    broker.wills.cancel(&client_id);
     let mut ops = Vec::new();
     let hub = &broker.hub;
     let previous = attachment.previous.or(attachment.expired.clone());
@@ -420,7 +522,11 @@ where
                     hub.remove_session(sub);
                 }
             }
-            (SessionData::default(), false)
+            let fresh = SessionData {
+                owner: username.clone(),
+                ..SessionData::default()
+            };
+            (fresh, false)
         }
     };
     let client_id: Arc<str> = Arc::from(client_id);
@@ -428,7 +534,13 @@ where
         .sub
         .get_or_insert_with(|| Subscriber::new(client_id.clone(), false))
         .clone();
-    data.expiry = connect.session_expiry;
+    data.expiry = match version {
+        // 3.1.1 says only "persistent" (u32::MAX): the config says for how long.
+        Version::V311 if connect.session_expiry > 0 => {
+            broker.config.session_expiry_default.as_interval()
+        }
+        _ => connect.session_expiry,
+    };
     if data.expiry > 0 {
         if !data.durable {
             // State so far was kept in memory only; make it durable with the session.
@@ -449,7 +561,7 @@ where
         }
         ops.push(StateOp::Put {
             key: session_key(&client_id),
-            value: session_value(data.expiry, 0),
+            value: session_value(data.expiry, 0, data.owner.as_deref()),
         });
         data.durable = true;
     } else if data.durable {
@@ -457,9 +569,13 @@ where
         data.durable = false;
     }
     sub.durable.store(data.durable, Ordering::Release);
-    broker
-        .sessions
-        .set_subscriber(&client_id, attachment.conn, sub.clone(), data.expiry);
+    broker.sessions.set_subscriber(
+        &client_id,
+        attachment.conn,
+        sub.clone(),
+        data.expiry,
+        data.owner.clone(),
+    );
     let lost = sub.set_online(true);
     hub.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
     let mut conn = Connection {
@@ -683,12 +799,12 @@ async fn read_connect<R: AsyncRead + Unpin>(
     rbuf: &mut BytesMut,
     max_packet: usize,
     limits: &Limits,
-) -> Result<Box<ConnectIn>, Refusal> {
+) -> Result<(Box<ConnectIn>, usize), Refusal> {
     let mut share = limits.connect_buffer(CONNECT_BUFFER_BUDGET);
     loop {
         match codec::detect_version(rbuf, max_packet) {
             Ok(Some(version)) => match codec::decode(version, rbuf, max_packet) {
-                Ok(Some(Inbound::Connect(c))) => return Ok(c),
+                Ok(Some(Inbound::Connect(c))) => return Ok((c, share.keep())),
                 Ok(Some(_)) => unreachable!("detect_version saw a CONNECT"),
                 Ok(None) => {}
                 Err(codec::DecodeError::TooLarge(n)) => {
@@ -1305,6 +1421,16 @@ where
             }
         };
 
+        // `$` topics are the edge's own ($SYS): a client may read them, never write them.
+        let reserved = topic.starts_with(b"$");
+        if reserved && self.version == Version::V311 {
+            return Err(Close::refused(
+                PacketRefused::ReservedTopic,
+                reason::TOPIC_NAME_INVALID,
+                "topics starting with $ are reserved for the edge",
+            ));
+        }
+
         if p.qos != QoS::AtMostOnce {
             let is_resend = p.qos == QoS::ExactlyOnce
                 && (self.qos2_pending.contains(&p.pkid) || self.session.qos2.contains(&p.pkid));
@@ -1339,6 +1465,14 @@ where
             }
         }
 
+        if reserved {
+            self.broker
+                .limits
+                .packet_refused(PacketRefused::ReservedTopic);
+            self.refuse_publish(p.qos, p.pkid, reason::TOPIC_NAME_INVALID);
+            return Ok(());
+        }
+
         if !allowed {
             self.broker
                 .auth
@@ -1370,6 +1504,33 @@ where
             }
             self.refuse_publish(p.qos, p.pkid, reason::QUOTA_EXCEEDED);
             return Ok(());
+        }
+
+        if p.retain && !p.payload.is_empty() {
+            let size = Message::size_of(topic.len(), p.payload.len(), &p.props);
+            if !self.broker.hub.retained_room(
+                &topic,
+                size,
+                cfg.max_retained_messages,
+                cfg.max_retained_bytes.0,
+            ) {
+                let why = format!(
+                    "the retained store is full (mqtt.max_retained_messages = {}, mqtt.max_retained_bytes = {})",
+                    cfg.max_retained_messages, cfg.max_retained_bytes.0
+                );
+                if self.version == Version::V311 || p.qos == QoS::AtMostOnce {
+                    return Err(Close::refused(
+                        PacketRefused::RetainedQuota,
+                        reason::QUOTA_EXCEEDED,
+                        why,
+                    ));
+                }
+                self.broker
+                    .limits
+                    .packet_refused(PacketRefused::RetainedQuota);
+                self.refuse_publish(p.qos, p.pkid, reason::QUOTA_EXCEEDED);
+                return Ok(());
+            }
         }
 
         self.broker
@@ -2170,18 +2331,36 @@ where
         }
         handover.end();
         if let Some(will) = will {
-            let delay = will.delay.min(expiry);
+            let cfg = &self.broker.config;
+            let delay = u64::from(will.delay.min(expiry)).min(cfg.max_will_delay.0.as_secs());
             let broker = self.broker.clone();
             let client_id = self.client_id.clone();
-            if delay == 0 {
-                publish_will(&broker, &client_id, *will).await;
-            } else {
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                    if broker.sessions.will_due(&client_id, conn_id) {
-                        publish_will(&broker, &client_id, *will).await;
-                    }
-                });
+            let admission = (delay > 0).then(|| {
+                broker.wills.admit(
+                    &client_id,
+                    conn_id,
+                    super::will::will_bytes(&will),
+                    cfg.max_pending_wills,
+                    cfg.max_pending_will_bytes.0,
+                )
+            });
+            match admission {
+                None | Some(Admission::PublishNow) => {
+                    publish_will(&broker, &client_id, *will).await;
+                }
+                Some(Admission::Wait(cancelled)) => {
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(delay)) => {
+                                if broker.sessions.will_due(&client_id, conn_id) {
+                                    publish_will(&broker, &client_id, *will).await;
+                                }
+                            }
+                            () = cancelled.notified() => {}
+                        }
+                        broker.wills.release(&client_id, conn_id);
+                    });
+                }
             }
         }
         tracing::debug!(peer = %self.peer, client_id = %self.client_id, "connection ended");
@@ -2376,7 +2555,25 @@ fn stage_publish(
             retained.push((msg.topic.clone(), None));
         } else if let Some(value) = retained_value {
             req.state.push(StateOp::Put { key, value });
-            retained.push((msg.topic.clone(), Some(msg.clone())));
+            // The store keeps a copy: the message's topic and payload are slices of the
+            // connection's read buffer, which a long-lived slice would hold whole.
+            let kept = Message {
+                topic: Bytes::copy_from_slice(&msg.topic),
+                payload: Bytes::copy_from_slice(&msg.payload),
+                qos: msg.qos,
+                retain: msg.retain,
+                publisher: msg.publisher.clone(),
+                props: MessageProps {
+                    correlation_data: msg
+                        .props
+                        .correlation_data
+                        .as_ref()
+                        .map(|c| Bytes::copy_from_slice(c)),
+                    ..msg.props.clone()
+                },
+                received_ms: msg.received_ms,
+            };
+            retained.push((kept.topic.clone(), Some(Arc::new(kept))));
         }
     }
     if targets.is_empty() {
@@ -2388,8 +2585,9 @@ fn stage_publish(
 }
 
 /// Publishes a will: logged, retained if asked, delivered, like a client's publish.
-async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, will: WillIn) {
-    let Ok(topic_text) = std::str::from_utf8(&will.topic) else {
+async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, mut will: WillIn) {
+    let topic_bytes = will.topic.clone();
+    let Ok(topic_text) = std::str::from_utf8(&topic_bytes) else {
         return;
     };
     if validate_topic(&will.topic, &broker.config).is_err() {
@@ -2399,6 +2597,20 @@ async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, will: WillIn) 
     if broker.log.rejects_publishes() {
         tracing::warn!(client_id = %client_id, "disk budget reached: will not published");
         return;
+    }
+    if will.retain && !will.payload.is_empty() {
+        let cfg = &broker.config;
+        let size = Message::size_of(will.topic.len(), will.payload.len(), &will.props);
+        if !broker.hub.retained_room(
+            &will.topic,
+            size,
+            cfg.max_retained_messages,
+            cfg.max_retained_bytes.0,
+        ) {
+            broker.limits.packet_refused(PacketRefused::RetainedQuota);
+            tracing::warn!(client_id = %client_id, topic = %topic_text, "the retained store is full: the will is published but not retained");
+            will.retain = false;
+        }
     }
     let d = broker.router.route(topic_text, client_id);
     let mut req = AppendRequest::default();
@@ -2535,6 +2747,7 @@ mod tests {
             )),
             connections: AtomicUsize::new(1),
             limits: Default::default(),
+            wills: Default::default(),
             shutdown,
             auth: crate::auth::Auth::new(&config.auth, false).unwrap(),
         };

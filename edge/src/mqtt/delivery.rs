@@ -56,9 +56,14 @@ impl Message {
         }
     }
 
-    /// Approximate memory it holds, for the outbox byte bound.
+    /// Approximate memory it holds, for the outbox and retained-store byte bounds.
     pub fn size(&self) -> usize {
-        self.topic.len() + self.payload.len() + 96
+        Message::size_of(self.topic.len(), self.payload.len(), &self.props)
+    }
+
+    /// [`Message::size`] of a message not built yet.
+    pub fn size_of(topic_len: usize, payload_len: usize, props: &MessageProps) -> usize {
+        topic_len + payload_len + 96 + props_size(props)
     }
 
     /// The message a stored record holds.
@@ -144,6 +149,20 @@ impl Message {
             _ => Err(record::CorruptBatch::Truncated),
         }
     }
+}
+
+/// Bytes a message's MQTT 5 properties hold (0 for none, the common case).
+pub fn props_size(p: &MessageProps) -> usize {
+    if p.is_empty() {
+        return 0;
+    }
+    p.content_type.as_ref().map_or(0, String::len)
+        + p.response_topic.as_ref().map_or(0, String::len)
+        + p.correlation_data.as_ref().map_or(0, |c| c.len())
+        + p.user_properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 48)
+            .sum::<usize>()
 }
 
 /// One message on its way to one session.
@@ -471,6 +490,11 @@ pub struct Hub {
     /// before the restart, so they are resent with DUP set.
     pub boot_seq: AtomicU64,
     retained: RwLock<HashMap<Bytes, Arc<Message>>>,
+    /// [`Message::size`] of the retained messages of client topics held, summed (the
+    /// edge's own `$SYS` messages do not count against the clients' limits).
+    retained_bytes: AtomicU64,
+    /// Retained messages of client topics held.
+    retained_clients: AtomicU64,
     /// Members of the durable consumer groups, by group.
     durable: Mutex<HashMap<Arc<str>, Vec<DurableMember>>>,
     /// Bumped whenever a durable group gains, loses or changes a member subscription.
@@ -605,6 +629,8 @@ impl Hub {
             count: AtomicU64::new(0),
             boot_seq: AtomicU64::new(0),
             retained: RwLock::new(HashMap::new()),
+            retained_bytes: AtomicU64::new(0),
+            retained_clients: AtomicU64::new(0),
             durable: Mutex::new(HashMap::new()),
             durable_generation: AtomicU64::new(0),
             limits,
@@ -930,14 +956,49 @@ impl Hub {
     /// Sets (or with `None` clears) the retained message of a topic.
     pub fn set_retained(&self, topic: Bytes, msg: Option<Arc<Message>>) {
         let mut map = self.retained.write().expect("retained lock");
-        match msg {
-            Some(m) => {
-                map.insert(topic, m);
-            }
-            None => {
-                map.remove(&topic);
-            }
+        let client_topic = !topic.starts_with(b"$");
+        let added = msg.as_ref().map(|m| m.size() as u64);
+        let old = match msg {
+            Some(m) => map.insert(topic, m),
+            None => map.remove(&topic),
+        };
+        if !client_topic {
+            return;
         }
+        let removed = old.map(|m| m.size() as u64);
+        // Under the write lock: the sums and the map change together.
+        let bytes = self.retained_bytes.load(Ordering::Relaxed) + added.unwrap_or(0);
+        self.retained_bytes
+            .store(bytes - removed.unwrap_or(0).min(bytes), Ordering::Relaxed);
+        let count = self.retained_clients.load(Ordering::Relaxed) + u64::from(added.is_some());
+        self.retained_clients.store(
+            count - u64::from(removed.is_some()).min(count),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether the retained store has room for a message of `size` bytes
+    /// ([`Message::size`]) on `topic` (replacing the one there, if any) within `max_count`
+    /// messages and `max_bytes` bytes. Checked against what is held when the publish
+    /// arrives.
+    pub fn retained_room(
+        &self,
+        topic: &[u8],
+        size: usize,
+        max_count: usize,
+        max_bytes: u64,
+    ) -> bool {
+        let map = self.retained.read().expect("retained lock");
+        let old = map.get(topic);
+        let count = self.retained_clients.load(Ordering::Relaxed) + u64::from(old.is_none());
+        let held = self.retained_bytes.load(Ordering::Relaxed);
+        let bytes = held - old.map_or(0, |m| m.size() as u64).min(held) + size as u64;
+        count <= max_count as u64 && bytes <= max_bytes
+    }
+
+    /// Bytes ([`Message::size`]) of the retained messages of client topics held.
+    pub fn retained_bytes(&self) -> u64 {
+        self.retained_bytes.load(Ordering::Relaxed)
     }
 
     /// Retained messages matching a filter (not expired at `now_ms`).
@@ -986,6 +1047,27 @@ mod tests {
             retain_handling: 0,
             id,
         }
+    }
+
+    #[test]
+    fn retained_room_counts_client_topics_and_replacements() {
+        let hub = Hub::new(OutboxLimits {
+            messages: 10,
+            bytes: 1 << 20,
+            offline_messages: 10,
+        });
+        let size = msg("a", 0).size();
+        hub.set_retained(Bytes::from_static(b"$SYS/x"), Some(msg("$SYS/x", 0)));
+        hub.set_retained(Bytes::from_static(b"a"), Some(msg("a", 0)));
+        hub.set_retained(Bytes::from_static(b"b"), Some(msg("b", 0)));
+        assert_eq!(hub.retained_bytes(), 2 * size as u64, "$SYS does not count");
+        assert!(!hub.retained_room(b"c", size, 2, u64::MAX), "a third topic");
+        assert!(hub.retained_room(b"a", size, 2, u64::MAX), "a replacement");
+        assert!(hub.retained_room(b"c", size, 3, 3 * size as u64));
+        assert!(!hub.retained_room(b"c", size, 3, 3 * size as u64 - 1));
+        hub.set_retained(Bytes::from_static(b"a"), None);
+        assert_eq!(hub.retained_bytes(), size as u64);
+        assert!(hub.retained_room(b"c", size, 2, u64::MAX));
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub enum Refused {
     Unavailable,
     /// The CONNECTs being received hold [`CONNECT_BUFFER_BUDGET`] already.
     ConnectMemory,
+    /// The login waited too long for a password check, or its source address had
+    /// `MAX_LOGINS_PER_ADDRESS` logins in progress (5.0: 0x89, 3.1.1: 3).
+    LoginBusy,
     /// Wrong user name or password (5.0: 0x86, 3.1.1: 4).
     BadCredentials,
     /// Not allowed in: anonymous while anonymous access is off, or a will the ACL forbids
@@ -41,6 +44,8 @@ pub enum Refused {
     /// The TLS handshake failed: no or a bad client certificate, no common version or
     /// cipher, not TLS at all.
     TlsHandshake,
+    /// A new session past `max_sessions` (5.0: 0x97, 3.1.1: 3).
+    MaxSessions,
 }
 
 /// Bytes of buffers node-wide that connections may hold for CONNECT packets still being
@@ -55,7 +60,7 @@ pub const CONNECT_FREE_BYTES: usize = 4096;
 
 impl Refused {
     /// Every reason, in the order they are exposed.
-    pub const ALL: [Refused; 11] = [
+    pub const ALL: [Refused; 13] = [
         Refused::PerAddress,
         Refused::MaxConnections,
         Refused::ConnectTimeout,
@@ -67,6 +72,8 @@ impl Refused {
         Refused::BadCredentials,
         Refused::NotAuthorized,
         Refused::TlsHandshake,
+        Refused::MaxSessions,
+        Refused::LoginBusy,
     ];
 
     /// The metric label.
@@ -83,6 +90,8 @@ impl Refused {
             Refused::BadCredentials => "bad_credentials",
             Refused::NotAuthorized => "not_authorized",
             Refused::TlsHandshake => "tls_handshake",
+            Refused::MaxSessions => "max_sessions",
+            Refused::LoginBusy => "login_busy",
         }
     }
 }
@@ -110,6 +119,12 @@ pub enum PacketRefused {
     CorrelationData,
     /// A will whose topic or properties are over a limit (the CONNECT is refused).
     Will,
+    /// A publish (or will) to a topic starting with `$`, which are the edge's own (5.0:
+    /// PUBACK/PUBREC 0x90; 3.1.1: closed).
+    ReservedTopic,
+    /// A retained publish the retained store has no room for (`max_retained_messages`,
+    /// `max_retained_bytes`).
+    RetainedQuota,
     /// A field the record encoding cannot hold (the limits above should make this
     /// impossible; counted so that it would be seen).
     Encoding,
@@ -117,7 +132,7 @@ pub enum PacketRefused {
 
 impl PacketRefused {
     /// Every reason, in the order they are exposed.
-    pub const ALL: [PacketRefused; 9] = [
+    pub const ALL: [PacketRefused; 11] = [
         PacketRefused::TopicLength,
         PacketRefused::TopicLevels,
         PacketRefused::FilterLength,
@@ -126,6 +141,8 @@ impl PacketRefused {
         PacketRefused::ContentType,
         PacketRefused::CorrelationData,
         PacketRefused::Will,
+        PacketRefused::ReservedTopic,
+        PacketRefused::RetainedQuota,
         PacketRefused::Encoding,
     ];
 
@@ -140,6 +157,8 @@ impl PacketRefused {
             PacketRefused::ContentType => "content_type_length",
             PacketRefused::CorrelationData => "correlation_data_length",
             PacketRefused::Will => "will",
+            PacketRefused::ReservedTopic => "reserved_topic",
+            PacketRefused::RetainedQuota => "retained_quota",
             PacketRefused::Encoding => "encoding",
         }
     }
@@ -287,6 +306,15 @@ impl Limits {
         self.refused[why as usize].load(Ordering::Relaxed)
     }
 
+    /// A share that already holds `held` bytes (from [`ConnectBuffer::keep`]).
+    pub fn connect_buffer_held(&self, budget: usize, held: usize) -> ConnectBuffer<'_> {
+        ConnectBuffer {
+            limits: self,
+            budget,
+            held,
+        }
+    }
+
     /// The share of `budget` one connection's CONNECT buffer holds; nothing until it grows.
     pub fn connect_buffer(&self, budget: usize) -> ConnectBuffer<'_> {
         ConnectBuffer {
@@ -303,6 +331,15 @@ pub struct ConnectBuffer<'a> {
     limits: &'a Limits,
     budget: usize,
     held: usize,
+}
+
+impl<'a> ConnectBuffer<'a> {
+    /// Ends this share without giving back what it holds, and returns that: the decoded
+    /// CONNECT keeps the buffer's bytes until the login is decided, and
+    /// [`Limits::connect_buffer_held`] takes the same share up again there.
+    pub fn keep(mut self) -> usize {
+        std::mem::take(&mut self.held)
+    }
 }
 
 impl ConnectBuffer<'_> {

@@ -8,6 +8,7 @@ pub mod limits;
 pub mod session;
 pub mod subs;
 pub mod tls;
+pub mod will;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,6 +55,8 @@ pub struct Broker {
     pub shutdown: watch::Receiver<bool>,
     /// Password file, ACL and their counters.
     pub auth: crate::auth::Auth,
+    /// Wills waiting out their delay.
+    pub wills: will::PendingWills,
 }
 
 /// An accepted socket's place in the connection counts, given back when it closes.

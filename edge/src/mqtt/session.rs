@@ -85,6 +85,9 @@ pub struct SessionData {
     pub durable: bool,
     /// Its delivery side (subscriptions point at it).
     pub sub: Option<Arc<Subscriber>>,
+    /// The user who started it (`None`: an anonymous client). Only that user may resume
+    /// or take it over.
+    pub owner: Option<Arc<str>>,
 }
 
 struct Attached {
@@ -145,12 +148,36 @@ pub fn purge_ops(client_id: &str) -> Vec<StateOp> {
     ops
 }
 
-/// The session record value.
-pub fn session_value(expiry: u32, disconnected_at_ms: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(12);
+/// The session record value: `expiry u32 | disconnected_at_ms u64`, then, for a session a
+/// user started, `owner_len u16 | owner`. (Values written before owners were stored are the
+/// 12 bytes alone: sessions without an owner.)
+pub fn session_value(expiry: u32, disconnected_at_ms: u64, owner: Option<&str>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(14 + owner.map_or(0, str::len));
     v.extend_from_slice(&expiry.to_be_bytes());
     v.extend_from_slice(&disconnected_at_ms.to_be_bytes());
+    // A user name comes from a CONNECT's u16-prefixed field or a certificate; one that
+    // does not fit is not stored (the session then has no owner), never written cut.
+    if let Some(owner) = owner {
+        if let Ok(len) = u16::try_from(owner.len()) {
+            v.extend_from_slice(&len.to_be_bytes());
+            v.extend_from_slice(owner.as_bytes());
+        }
+    }
     v
+}
+
+/// Decodes [`session_value`]: expiry, disconnect time, owner.
+pub fn parse_session_value(v: &[u8]) -> Option<(u32, u64, Option<Arc<str>>)> {
+    let expiry = u32::from_be_bytes(v.get(0..4)?.try_into().ok()?);
+    let disconnected = u64::from_be_bytes(v.get(4..12)?.try_into().ok()?);
+    let owner = match v.get(12..) {
+        Some([]) => None,
+        Some([hi, lo, rest @ ..]) if rest.len() == usize::from(u16::from_be_bytes([*hi, *lo])) => {
+            Some(Arc::from(std::str::from_utf8(rest).ok()?))
+        }
+        _ => return None,
+    };
+    Some((expiry, disconnected, owner))
 }
 
 /// A session as the admin API lists it.
@@ -197,13 +224,11 @@ impl SessionStore {
         let mut corrupt: HashSet<String> = HashSet::new();
         for (k, v) in log.meta_scan(b"s")? {
             let client = String::from_utf8_lossy(&k[1..]).into_owned();
-            if v.len() != 12 {
+            let Some((expiry, disconnected, owner)) = parse_session_value(&v) else {
                 log.quarantine_meta(&k, "session");
                 corrupt.insert(client);
                 continue;
-            }
-            let expiry = u32::from_be_bytes(v[0..4].try_into().expect("4 bytes"));
-            let disconnected = u64::from_be_bytes(v[4..12].try_into().expect("8 bytes"));
+            };
             // A session connected at the crash counts as disconnected now.
             let since = if disconnected == 0 {
                 now_ms
@@ -225,6 +250,7 @@ impl SessionStore {
                         qos2: HashSet::new(),
                         durable: true,
                         sub: Some(sub),
+                        owner,
                     },
                     attached: None,
                     disconnected_at_ms: since,
@@ -411,13 +437,14 @@ impl SessionStore {
         }
         let durable = data.durable;
         let expiry = data.expiry;
+        let value = session_value(expiry, now_ms, data.owner.as_deref());
         entry.data = data;
         entry.disconnected_at_ms = now_ms;
         if durable {
             (
                 vec![StateOp::Put {
                     key: session_key(client_id),
-                    value: session_value(expiry, now_ms),
+                    value,
                 }],
                 None,
             )
@@ -459,15 +486,31 @@ impl SessionStore {
 
     /// Records the delivery side of the session connection `conn` holds, so it can be
     /// listed while the connection runs.
-    pub fn set_subscriber(&self, client_id: &str, conn: u64, sub: Arc<Subscriber>, expiry: u32) {
+    pub fn set_subscriber(
+        &self,
+        client_id: &str,
+        conn: u64,
+        sub: Arc<Subscriber>,
+        expiry: u32,
+        owner: Option<Arc<str>>,
+    ) {
         let mut map = self.inner.lock().expect("session lock");
         if let Some(e) = map.get_mut(client_id) {
             if e.attached.as_ref().is_some_and(|a| a.conn == conn) {
                 e.data.sub = Some(sub);
                 e.data.durable = expiry > 0;
                 e.data.expiry = expiry;
+                e.data.owner = owner;
             }
         }
+    }
+
+    /// Who may take up the session of `client_id`: `None` when there is none (anyone may
+    /// start it), `Some(None)` when an anonymous client started it (anyone may), `Some(user)`
+    /// when a user did (that user only).
+    pub fn owner_of(&self, client_id: &str) -> Option<Option<Arc<str>>> {
+        let map = self.inner.lock().expect("session lock");
+        map.get(client_id).map(|e| e.data.owner.clone())
     }
 
     /// Every session, by client id.
@@ -490,6 +533,12 @@ impl SessionStore {
     }
 
     /// Connected clients and disconnected persistent sessions.
+    /// Sessions held (connected or not), and whether `client_id` holds one of them.
+    pub fn held(&self, client_id: &str) -> (usize, bool) {
+        let map = self.inner.lock().expect("session lock");
+        (map.len(), map.contains_key(client_id))
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         let map = self.inner.lock().expect("session lock");
         let connected = map.values().filter(|e| e.attached.is_some()).count();
@@ -500,6 +549,25 @@ impl SessionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_values_round_trip_with_and_without_an_owner() {
+        let v = session_value(60, 1234, Some("alice"));
+        let (e, d, o) = parse_session_value(&v).unwrap();
+        assert_eq!((e, d, o.as_deref()), (60, 1234, Some("alice")));
+        // Written before owners were stored: 12 bytes, no owner.
+        let old = session_value(7, 8, None);
+        assert_eq!(old.len(), 12);
+        assert_eq!(parse_session_value(&old), Some((7, 8, None)));
+        let long = "u".repeat(70_000);
+        assert_eq!(
+            parse_session_value(&session_value(1, 2, Some(&long))),
+            Some((1, 2, None))
+        );
+        for bad in [&v[..11], &v[..13], &v[..v.len() - 1]] {
+            assert_eq!(parse_session_value(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn qos2_keys_of_one_client_share_its_prefix_only() {
