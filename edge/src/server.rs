@@ -306,8 +306,17 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             }
         })
     };
-    let fsync_timer = match config.storage.fsync {
-        FsyncMode::Interval(every) => {
+    // With "never" nothing waits for an fsync, but the mirror and consumer groups only read
+    // what an fsync made durable (see `PartitionState::durable_end`): while one of them
+    // reads, a background fsync every second lets them follow.
+    let readers = config.cloud.is_some() || !config.groups.is_empty();
+    let fsync_every = match config.storage.fsync {
+        FsyncMode::Interval(every) => Some(every),
+        FsyncMode::Never if readers => Some(Duration::from_secs(1)),
+        _ => None,
+    };
+    let fsync_timer = match fsync_every {
+        Some(every) => {
             let tx = appender_tx.clone();
             Some(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);

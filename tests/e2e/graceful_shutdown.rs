@@ -6,7 +6,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tributary_tests::mirror::fleet;
-use tributary_tests::{binary, ConnectOpts, Edge, Got, Proto, RawClient};
+use tributary_tests::{
+    binary, http_get, metric, summary_field, ConnectOpts, Edge, Got, Proto, RawClient,
+};
 
 fn signal(edge: &Edge, sig: i32) {
     // SAFETY: kill(2) with the pid of a child we own; no memory is touched.
@@ -63,7 +65,16 @@ async fn sigterm_under_load_disconnects_with_0x8b_exits_0_and_loses_nothing_ackn
     let (mut watcher, _) = RawClient::connect(edge.addr, Proto::V5, &ConnectOpts::new("watcher"))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Under load: the signal comes once the edge has acknowledged publishes.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, text) = http_get(edge.admin, "/metrics", None).unwrap();
+        if metric(&text, "tributary_mqtt_acks_sent_total") >= 100.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no publishes acknowledged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let signalled = Instant::now();
     signal(&edge, libc::SIGTERM);
@@ -75,6 +86,10 @@ async fn sigterm_under_load_disconnects_with_0x8b_exits_0_and_loses_nothing_ackn
 
     let summary = verify_log(&edge, &manifest);
     eprintln!("{summary}");
+    assert!(
+        summary_field(&summary, "expected") >= 100,
+        "the shutdown happened under load: {summary}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -250,6 +250,11 @@ pub fn render_metrics(s: &AdminState) -> String {
             stats.dropped.load(Ordering::Relaxed),
         ),
         (
+            "tributary_queue_read_errors_total",
+            "Queued deliveries of persistent sessions whose record could not be read (kept on disk for the next attempt, never dropped).",
+            stats.queue_read_errors.load(Ordering::Relaxed),
+        ),
+        (
             "tributary_outbound_expired_total",
             "Deliveries not sent because the message expired first.",
             stats.expired.load(Ordering::Relaxed),

@@ -483,7 +483,7 @@ impl Appender {
             let state = &log.topics[t as usize].partitions[p as usize];
             state.bytes.store(self.next_bytes[flat], Ordering::Relaxed);
             state.end.store(self.next_end[flat], Ordering::Release);
-            if !matches!(self.fsync, FsyncMode::Interval(_)) {
+            if self.fsync == FsyncMode::Always {
                 state
                     .durable_end
                     .store(self.next_end[flat], Ordering::Release);

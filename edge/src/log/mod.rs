@@ -124,10 +124,11 @@ pub struct PartitionState {
     pub start: AtomicU64,
     /// Next offset to be assigned.
     pub end: AtomicU64,
-    /// Records below this offset are on disk for good: with `fsync = "always"` (and
-    /// `"never"`, which never waits) the same as `end`; with `"interval:<ms>"` the `end` of
-    /// the last fsync. Only durable records are mirrored, so Kafka never holds a record that
-    /// a power cut could take from the edge.
+    /// Records below this offset are on disk for good: it moves only after an fsync (each
+    /// group commit with `fsync = "always"`; the timer's with `"interval:<ms>"`, and with
+    /// `"never"` a background one while a mirror or consumer group reads; the fsync at
+    /// open). Only durable records are mirrored or handed to consumer groups, so Kafka and
+    /// a group never hold a record, or an offset, that a power cut could take back.
     pub durable_end: AtomicU64,
     /// Bytes of the batch values held.
     pub bytes: AtomicU64,
@@ -397,6 +398,10 @@ impl Log {
             poisoned: std::sync::Mutex::new(None),
             counters: LogCounters::default(),
         };
+        // What a previous run wrote may still be only in the page cache (it was killed, or
+        // ran with fsync "never"): one fsync now makes it durable before any reader is told
+        // it is (`durable_end`), so no offset handed out can come back with another record.
+        log.db.persist(fjall::PersistMode::SyncAll)?;
         log.refresh_budget_flag();
         Ok(log)
     }

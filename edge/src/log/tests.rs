@@ -280,6 +280,54 @@ fn drop_oldest_budget_deletes_the_oldest_batches_and_counts_them() {
     assert_eq!(held as u64 + dropped, 10);
 }
 
+#[test]
+fn without_fsync_readers_see_records_only_once_an_fsync_made_them_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let p = || &log.topics()[0].partitions[0];
+    rt.block_on(async {
+        let (tx, thread) = appender::spawn(log.clone(), FsyncMode::Never, 100, 16, 1, |_| {});
+        let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
+        let req = request(
+            &[(0, "a", 1), (0, "b", 1)],
+            Some(ReplyTo {
+                tx: reply_tx,
+                ticket: 0,
+            }),
+        );
+        tx.send(AppenderMsg::Append(req)).await.unwrap();
+        assert!(reply_rx.recv().await.unwrap().outcome.is_ok());
+        assert_eq!(p().end.load(Ordering::Acquire), 2);
+        assert_eq!(
+            p().durable_end.load(Ordering::Acquire),
+            0,
+            "acknowledged without an fsync: not durable yet"
+        );
+        tx.send(AppenderMsg::Persist).await.unwrap();
+        tx.send(AppenderMsg::Shutdown).await.unwrap();
+        drop(tx);
+        thread.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        p().durable_end.load(Ordering::Acquire),
+        2,
+        "after the fsync"
+    );
+    drop(log);
+    // Reopened: the open's own fsync makes what is there durable.
+    let log = Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap();
+    assert_eq!(
+        log.topics()[0].partitions[0]
+            .durable_end
+            .load(Ordering::Acquire),
+        2
+    );
+}
+
 /// Replaces the stored batch at `base` of partition 0 with bytes that do not decode.
 fn damage_batch(log: &Log, base: u64) {
     let key = super::record_key(0, 0, base);

@@ -2093,11 +2093,20 @@ where
             let (topic, partition, offset) = entry.position;
             let record = match records.remove(&entry.position) {
                 Some(r) => Some(r),
-                None => log
-                    .read(topic, partition, offset, 1)
-                    .ok()
-                    .and_then(|mut r| r.pop())
-                    .filter(|r| r.offset == offset),
+                None => match log.read(topic, partition, offset, 1) {
+                    Ok(mut r) => r.pop().filter(|r| r.offset == offset),
+                    // Not a deletion: the entry stays on disk and a later connection (or
+                    // restart) tries again.
+                    Err(e) => {
+                        self.broker
+                            .hub
+                            .stats
+                            .queue_read_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(client_id = %self.client_id, topic, partition, offset, "reading a queued record failed; the entry is kept: {e}");
+                        continue;
+                    }
+                },
             };
             let Some(record) = record else {
                 // Retention or the disk budget deleted the record before it was delivered.

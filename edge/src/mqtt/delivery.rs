@@ -462,6 +462,9 @@ pub struct Stats {
     pub slow_disconnects: AtomicU64,
     /// PUBACK, PUBREC and PUBCOMP packets written for publishes received.
     pub acks_sent: AtomicU64,
+    /// Queued deliveries whose record could not be read (an I/O error, not a deletion):
+    /// kept for a later attempt.
+    pub queue_read_errors: AtomicU64,
 }
 
 impl Default for Stats {
@@ -477,6 +480,7 @@ impl Default for Stats {
             oversize: AtomicU64::new(0),
             slow_disconnects: AtomicU64::new(0),
             acks_sent: AtomicU64::new(0),
+            queue_read_errors: AtomicU64::new(0),
         }
     }
 }
