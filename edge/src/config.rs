@@ -101,6 +101,8 @@ pub struct AuthConfig {
     /// everything not allowed is denied: a publish gets 5.0 PUBACK/PUBREC 0x87 (3.1.1: the
     /// connection is closed), a subscription SUBACK 0x87 (3.1.1: 0x80), a will is refused
     /// at CONNECT. A substituted value holding `+`, `#` or `/` never widens a rule.
+    /// `group read NAME` lets the user (or anonymous clients) join durable consumer group
+    /// NAME (`[[groups]]`).
     pub acl_file: Option<PathBuf>,
     /// Whether clients without credentials may connect. Default: true without a
     /// `password_file` or `tls.client_ca_file` (the edge warns at start), false with
@@ -971,12 +973,12 @@ pub struct RouteConfig {
 }
 
 /// `[[groups]]`: a durable consumer group. MQTT clients that subscribe to
-/// `$share/{name}/{filter}` become its members: the group's partitions are shared out among
-/// the online members, each partition to one member, and each member receives its
-/// partitions' records from the log, in offset order, from the group's committed position
-/// (those whose MQTT topic matches its filter). The position advances past records the
-/// member acknowledged, is kept in the data directory, and is replicated to the Kafka
-/// consumer group of the same name when `[cloud]` is set.
+/// `$share/{name}/{filter}` (with the group's own `filter`) become its members: the group's
+/// partitions are shared out among the online members, each partition to one member, and
+/// each member receives its partitions' records from the log, in offset order, from the
+/// group's committed position (those whose MQTT topic matches the group's filter). The
+/// position advances past records the member acknowledged, is kept in the data directory,
+/// and is replicated to the Kafka consumer group of the same name when `[cloud]` is set.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
@@ -988,6 +990,28 @@ pub struct GroupConfig {
     /// the first record held, or `"latest"`, the records appended from then on.
     #[serde(default)]
     pub start: GroupStart,
+    /// The MQTT topic filter of the records the group reads (default `"#"`, all). Members
+    /// join with exactly `$share/{name}/{filter}`; any other filter, or (with an ACL) a
+    /// member without read rights on all of it or without `group read {name}`, is refused
+    /// (SUBACK 0x87; 3.1.1: 0x80). Records outside it are skipped and counted, so no
+    /// record the group should see is ever committed unseen.
+    #[serde(default = "GroupConfig::all")]
+    pub filter: String,
+    /// A member that holds records and acknowledges none of them for this long loses its
+    /// partitions: what it held goes to another member (DUP set), and it gets partitions
+    /// again only after it reconnects.
+    #[serde(default = "GroupConfig::default_ack_timeout")]
+    pub ack_timeout: HumanDuration,
+}
+
+impl GroupConfig {
+    fn all() -> String {
+        "#".into()
+    }
+
+    fn default_ack_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
+    }
 }
 
 /// Where a group without a stored position starts; see `GroupConfig::start`.
@@ -1665,6 +1689,23 @@ impl Config {
                         g.name
                     ),
                 ));
+            }
+            if let Err(why) = crate::mqtt::subs::validate_filter(&g.filter, usize::MAX) {
+                let (line, key) = at("filter");
+                return Err(invalid(line, key, why));
+            }
+            if g.filter.starts_with("$share/") {
+                let (line, key) = at("filter");
+                return Err(invalid(
+                    line,
+                    key,
+                    "the filter of the records the group reads, without $share/: members add it"
+                        .into(),
+                ));
+            }
+            if g.ack_timeout.0.is_zero() {
+                let (line, key) = at("ack_timeout");
+                return Err(invalid(line, key, "must be above 0s".into()));
             }
             if g.topics.is_empty() {
                 let (line, key) = at("topics");

@@ -78,8 +78,12 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         bytes: config.mqtt.max_queued_bytes.0 as usize,
         offline_messages: config.mqtt.max_offline_messages,
     });
-    let group_names: Vec<&str> = config.groups.iter().map(|g| g.name.as_str()).collect();
-    hub.declare_durable_groups(&group_names);
+    let groups: Vec<(&str, &str)> = config
+        .groups
+        .iter()
+        .map(|g| (g.name.as_str(), g.filter.as_str()))
+        .collect();
+    hub.declare_durable_groups(&groups);
     let (sessions, mut purge) = SessionStore::load(&log, &hub, now_ms())?;
     let retained = load_retained(&log, &hub, now_ms())?;
     purge.extend(retained);

@@ -22,6 +22,7 @@ partitions = 6
 [[groups]]
 name = "alarms"
 topics = ["telemetry"]
+filter = "sensors/#"
 "#;
 
 /// One JSON line a member wrote per message.

@@ -511,7 +511,7 @@ fn render_group_metrics(groups: &[crate::groups::GroupStatus], out: &mut String)
         return;
     }
     type PerGroup = fn(&crate::groups::GroupStatus) -> u64;
-    let per_group: [(&str, &str, &str, PerGroup); 4] = [
+    let per_group: [(&str, &str, &str, PerGroup); 6] = [
         (
             "tributary_group_members",
             "gauge",
@@ -535,6 +535,18 @@ fn render_group_metrics(groups: &[crate::groups::GroupStatus], out: &mut String)
             "counter",
             "Records retention deleted before each consumer group read them.",
             |g| g.lost,
+        ),
+        (
+            "tributary_group_records_filtered_total",
+            "counter",
+            "Records outside each consumer group's filter, skipped by design.",
+            |g| g.filtered,
+        ),
+        (
+            "tributary_group_ack_timeouts_total",
+            "counter",
+            "Members that lost their partitions for acknowledging nothing within the group's ack_timeout.",
+            |g| g.ack_timeouts,
         ),
     ];
     for (name, kind, help, value) in per_group {

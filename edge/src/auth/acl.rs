@@ -95,6 +95,10 @@ pub struct AclFile {
     anonymous: Vec<Rule>,
     users: HashMap<String, Vec<Rule>>,
     patterns: Vec<PatternRule>,
+    /// Durable consumer groups that anonymous clients (`group` lines before any `user`)
+    /// and each user may join.
+    anonymous_groups: std::collections::HashSet<String>,
+    user_groups: HashMap<String, std::collections::HashSet<String>>,
 }
 
 impl AclFile {
@@ -152,9 +156,24 @@ impl AclFile {
                         acl.patterns.push(PatternRule { access, levels });
                     }
                 }
+                "group" => {
+                    let name = match rest.split_once(char::is_whitespace) {
+                        Some(("read", name)) if !name.trim().is_empty() => name.trim(),
+                        _ => {
+                            return Err(err(
+                                "`group` grants a durable consumer group: group read NAME".into(),
+                            ))
+                        }
+                    };
+                    let set = match &current_user {
+                        Some(u) => acl.user_groups.entry(u.clone()).or_default(),
+                        None => &mut acl.anonymous_groups,
+                    };
+                    set.insert(name.to_string());
+                }
                 other => {
                     return Err(err(format!(
-                    "unknown keyword {other:?}: lines start with `user`, `topic`, `pattern` or `#`"
+                    "unknown keyword {other:?}: lines start with `user`, `topic`, `pattern`, `group` or `#`"
                 )))
                 }
             }
@@ -179,7 +198,11 @@ impl AclFile {
         }
         // Denies first: both checks stop at the first deny that applies.
         rules.sort_by_key(|r| r.access != Access::Deny);
-        ClientRules { rules }
+        let groups = match user {
+            None => self.anonymous_groups.clone(),
+            Some(u) => self.user_groups.get(u).cloned().unwrap_or_default(),
+        };
+        ClientRules { rules, groups }
     }
 }
 
@@ -309,9 +332,15 @@ fn substitute(
 #[derive(Debug, Clone, Default)]
 pub struct ClientRules {
     rules: Vec<Rule>,
+    groups: std::collections::HashSet<String>,
 }
 
 impl ClientRules {
+    /// Whether the client may join durable consumer group `name` (`group read NAME`).
+    pub fn may_join_group(&self, name: &str) -> bool {
+        self.groups.contains(name)
+    }
+
     /// Whether the client may publish to `topic` (a topic name, no wildcards).
     pub fn may_publish(&self, topic: &str) -> bool {
         for r in &self.rules {
@@ -443,6 +472,29 @@ mod tests {
 
     fn acl(text: &str) -> AclFile {
         AclFile::parse(text, Path::new("acl")).unwrap()
+    }
+
+    #[test]
+    fn group_lines_grant_durable_groups_per_user_and_to_anonymous_clients() {
+        let acl = AclFile::parse(
+            "group read public\nuser alice\ngroup read alarms\ntopic read sensors/#\nuser bob\n",
+            Path::new("acl"),
+        )
+        .unwrap();
+        let alice = acl.for_client(Some("alice"), "a");
+        assert!(alice.may_join_group("alarms"));
+        assert!(
+            !alice.may_join_group("public"),
+            "anonymous grants are for anonymous clients"
+        );
+        assert!(!acl.for_client(Some("bob"), "b").may_join_group("alarms"));
+        assert!(acl.for_client(None, "x").may_join_group("public"));
+        for bad in ["group alarms", "group read", "group write alarms"] {
+            let e = AclFile::parse(bad, Path::new("acl"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("group read NAME"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -141,6 +141,8 @@ struct Member {
     owned: usize,
     outstanding: usize,
     bytes: usize,
+    /// When it last acknowledged a record, or was handed records holding none.
+    last_progress: Instant,
 }
 
 /// Lowers the engine thread's CPU priority (nice 10), so that on a busy node ingest wins over
@@ -163,6 +165,8 @@ pub(crate) struct Shared {
     pub delivered: AtomicU64,
     pub acknowledged: AtomicU64,
     pub lost: AtomicU64,
+    pub filtered: AtomicU64,
+    pub timeouts: AtomicU64,
 }
 
 pub(crate) struct Engine {
@@ -185,6 +189,13 @@ pub(crate) struct Engine {
     /// Where the next delivery round starts, so that no partition is always served last.
     rotate: usize,
     scratch: Vec<u64>,
+    /// See `GroupConfig::ack_timeout`.
+    ack_timeout: Duration,
+    /// Members that timed out, with the epoch they timed out in: left out until their
+    /// connection changes.
+    timed_out: HashMap<Arc<str>, u64>,
+    /// Partitions must be shared out again (a member was removed outside the roster).
+    reassign: bool,
 }
 
 impl Engine {
@@ -213,6 +224,33 @@ impl Engine {
             last_status: Instant::now() - STATUS_EVERY,
             rotate: 0,
             scratch: Vec::new(),
+            ack_timeout: Duration::from_secs(60),
+            timed_out: HashMap::new(),
+            reassign: false,
+        }
+    }
+
+    /// Sets `GroupConfig::ack_timeout`.
+    pub fn with_ack_timeout(mut self, timeout: Duration) -> Engine {
+        self.ack_timeout = timeout;
+        self
+    }
+
+    /// A member holding records that acknowledged none of them for `ack_timeout` loses its
+    /// partitions; what it held is handed out again.
+    fn expire_silent_members(&mut self) {
+        let silent: Vec<(Arc<str>, u64)> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.outstanding > 0 && m.last_progress.elapsed() >= self.ack_timeout)
+            .map(|(id, m)| (id.clone(), m.epoch))
+            .collect();
+        for (id, epoch) in silent {
+            tracing::warn!(group = %self.name, client_id = %id, timeout = ?self.ack_timeout, "a member acknowledged nothing it held within the group's ack_timeout: its partitions and records go to other members until it reconnects");
+            self.shared.timeouts.fetch_add(1, Ordering::Relaxed);
+            self.timed_out.insert(id.clone(), epoch);
+            self.member_left(&id);
+            self.reassign = true;
         }
     }
 
@@ -228,6 +266,7 @@ impl Engine {
             self.take_replies();
             self.refresh_members();
             self.take_acks();
+            self.expire_silent_members();
             self.apply_retention();
             if stopping {
                 self.final_write();
@@ -269,6 +308,9 @@ impl Engine {
             if !m.sub.online.load(Ordering::Acquire) {
                 continue;
             }
+            if self.timed_out.get(&m.sub.client_id) == Some(&epoch) {
+                continue;
+            }
             let Ok(filter) = TopicFilter::parse(&m.filter) else {
                 continue;
             };
@@ -305,13 +347,20 @@ impl Engine {
                             owned: 0,
                             outstanding: 0,
                             bytes: 0,
+                            last_progress: Instant::now(),
                         },
                     );
                     changed = true;
                 }
             }
         }
-        if changed {
+        // A timed-out member that reconnected (another epoch) may join again.
+        self.timed_out.retain(|id, epoch| {
+            self.roster
+                .iter()
+                .any(|m| &m.sub.client_id == id && m.sub.epoch.load(Ordering::Acquire) == *epoch)
+        });
+        if changed || std::mem::take(&mut self.reassign) {
             let ids: Vec<Arc<str>> = self.members.keys().cloned().collect();
             let current: Vec<Option<Arc<str>>> =
                 self.parts.iter().map(|p| p.owner.clone()).collect();
@@ -359,6 +408,7 @@ impl Engine {
                     if let Some(m) = p.holder.as_ref().and_then(|h| self.members.get_mut(h)) {
                         m.outstanding -= 1;
                         m.bytes -= bytes;
+                        m.last_progress = Instant::now();
                     }
                 }
                 if p.done.insert(o) {
@@ -514,7 +564,9 @@ impl Engine {
                     }
                 }
                 let Some(qos) = qos else {
+                    // Outside the group's filter (every member joins with exactly it).
                     p.done.insert(r.offset);
+                    self.shared.filtered.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
                 let offset = r.offset;
@@ -527,6 +579,9 @@ impl Engine {
                     None
                 } else {
                     let size = msg.size();
+                    if member.outstanding == 0 {
+                        member.last_progress = Instant::now();
+                    }
                     p.outstanding.insert(offset, size);
                     p.holder = Some(owner.clone());
                     member.outstanding += 1;
@@ -697,6 +752,8 @@ impl Engine {
         status.delivered = self.shared.delivered.load(Ordering::Relaxed);
         status.acknowledged = self.shared.acknowledged.load(Ordering::Relaxed);
         status.lost = self.shared.lost.load(Ordering::Relaxed);
+        status.filtered = self.shared.filtered.load(Ordering::Relaxed);
+        status.ack_timeouts = self.shared.timeouts.load(Ordering::Relaxed);
         status.kafka_state = None;
         status.kafka_error = None;
     }

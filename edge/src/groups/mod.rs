@@ -216,6 +216,12 @@ pub struct GroupStatus {
     pub acknowledged: u64,
     /// Records retention deleted before the group read them, since the edge started.
     pub lost: u64,
+    /// Records outside the group's filter, skipped by design, since the edge started.
+    #[serde(default)]
+    pub filtered: u64,
+    /// Members that lost their partitions for not acknowledging within `ack_timeout`.
+    #[serde(default)]
+    pub ack_timeouts: u64,
     /// How the last replication of the positions to Kafka went (with `[cloud]`):
     /// `replicated`, `waiting`, `members_active` or `failed`.
     #[serde(default)]
@@ -309,6 +315,8 @@ impl Groups {
                 delivered: AtomicU64::new(0),
                 acknowledged: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
+                filtered: AtomicU64::new(0),
+                timeouts: AtomicU64::new(0),
             });
             let engine = engine::Engine::new(
                 Arc::from(g.name.as_str()),
@@ -316,7 +324,8 @@ impl Groups {
                 broker.clone(),
                 parts,
                 shared.clone(),
-            );
+            )
+            .with_ack_timeout(g.ack_timeout.0);
             let thread = std::thread::Builder::new()
                 .name(format!("group-{}", g.name))
                 .spawn(move || engine.run())

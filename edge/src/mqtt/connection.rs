@@ -1790,8 +1790,9 @@ where
     /// session, SUBACK once committed) and queues the retained messages they ask for.
     fn on_subscribe(&mut self, s: SubscribeIn, now: u64) -> Result<(), Close> {
         self.receives = true;
-        let cfg = &self.broker.config;
-        let hub = &self.broker.hub;
+        let broker = self.broker.clone();
+        let cfg = &broker.config;
+        let hub = &broker.hub;
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         let mut problem = None;
@@ -1831,6 +1832,11 @@ where
                     problem = Some(format!("{filter:?}: not authorized"));
                     continue;
                 }
+            }
+            if let Some(why) = self.group_refusal(&filter) {
+                codes.push(reason::NOT_AUTHORIZED);
+                problem = Some(why);
+                continue;
             }
             let shared = filter.starts_with("$share/");
             if shared && o.no_local && self.version == Version::V5 {
@@ -1903,6 +1909,33 @@ where
             self.req_acks.push(Deferred::Deliver(retained));
         }
         Ok(())
+    }
+
+    /// Why a `$share/{group}/{filter}` subscription may not join durable group `group`, if
+    /// it may not: a filter other than the group's, or (with an ACL) no `group read` grant
+    /// for it. Read rights on the filter are the ordinary subscribe check.
+    fn group_refusal(&mut self, filter: &str) -> Option<String> {
+        let (group, inner) = filter.strip_prefix("$share/")?.split_once('/')?;
+        let expected = self.broker.hub.durable_group_filter(group)?;
+        if inner != &*expected {
+            return Some(format!(
+                "the consumer group {group:?} reads {expected:?}: subscribe to $share/{group}/{expected}"
+            ));
+        }
+        if let Some(acl) = &mut self.acl {
+            acl.refresh(&self.broker.auth, &self.client_id);
+            if !acl.rules.may_join_group(group) {
+                self.broker
+                    .auth
+                    .stats
+                    .subscriptions_denied
+                    .fetch_add(1, Ordering::Relaxed);
+                return Some(format!(
+                    "not authorized to join the consumer group {group:?} (the ACL needs `group read {group}`)"
+                ));
+            }
+        }
+        None
     }
 
     fn on_unsubscribe(&mut self, pkid: u16, filters: Vec<String>) {
@@ -2321,10 +2354,10 @@ where
         }
         let expiry = self.session.expiry;
         let data = std::mem::take(&mut self.session);
-        let (ops, ended) =
-            self.broker
-                .sessions
-                .detach(&self.client_id, conn_id, data, self.taken_over, now_ms());
+        let (ops, ended) = self
+            .broker
+            .sessions
+            .detach(&self.client_id, conn_id, data, now_ms());
         if let Some(sub) = ended {
             hub.remove_session(&sub);
         }

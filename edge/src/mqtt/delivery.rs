@@ -501,6 +501,8 @@ pub struct Hub {
     retained_clients: AtomicU64,
     /// Members of the durable consumer groups, by group.
     durable: Mutex<HashMap<Arc<str>, Vec<DurableMember>>>,
+    /// The topic filter of each durable group (members join with exactly it).
+    durable_filters: RwLock<HashMap<Arc<str>, Arc<str>>>,
     /// Bumped whenever a durable group gains, loses or changes a member subscription.
     pub durable_generation: AtomicU64,
     /// Outbox bounds.
@@ -636,6 +638,7 @@ impl Hub {
             retained_bytes: AtomicU64::new(0),
             retained_clients: AtomicU64::new(0),
             durable: Mutex::new(HashMap::new()),
+            durable_filters: RwLock::new(HashMap::new()),
             durable_generation: AtomicU64::new(0),
             limits,
             stats: Stats::default(),
@@ -645,15 +648,26 @@ impl Hub {
     /// Declares the durable consumer groups: `$share/{name}/{filter}` subscriptions to
     /// them make their sessions group members instead of live shared subscribers. Called
     /// once, before any subscription is added.
-    pub fn declare_durable_groups(&self, names: &[&str]) {
+    pub fn declare_durable_groups(&self, groups: &[(&str, &str)]) {
         self.tree
             .write()
             .expect("subscription lock")
-            .set_durable_groups(names.iter().copied());
+            .set_durable_groups(groups.iter().map(|(name, _)| *name));
         let mut durable = self.durable.lock().expect("durable lock");
-        for name in names {
+        let mut filters = self.durable_filters.write().expect("durable filters lock");
+        for (name, filter) in groups {
             durable.insert(Arc::from(*name), Vec::new());
+            filters.insert(Arc::from(*name), Arc::from(*filter));
         }
+    }
+
+    /// The filter of durable group `name`, if `name` is one.
+    pub fn durable_group_filter(&self, name: &str) -> Option<Arc<str>> {
+        self.durable_filters
+            .read()
+            .expect("durable filters lock")
+            .get(name)
+            .cloned()
     }
 
     /// The members of durable group `name` (sessions and their filters in the group, online

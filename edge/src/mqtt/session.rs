@@ -414,7 +414,6 @@ impl SessionStore {
         client_id: &str,
         conn: u64,
         data: SessionData,
-        taken_over: bool,
         now_ms: u64,
     ) -> (Vec<StateOp>, Option<Arc<Subscriber>>) {
         let mut map = self.inner.lock().expect("session lock");
@@ -425,7 +424,9 @@ impl SessionStore {
             return (Vec::new(), None);
         }
         entry.attached = None;
-        if data.expiry == 0 && !taken_over {
+        // Expiry 0: the session ends with its network connection, also when a new
+        // connection took the client id over (MQTT 5 3.1.2.11.2): the newcomer starts afresh.
+        if data.expiry == 0 {
             let durable = data.durable;
             map.remove(client_id);
             let ops = if durable {
@@ -597,12 +598,38 @@ mod tests {
             ..Default::default()
         };
         data.qos2.insert(5);
-        let (ops, ended) = store.detach("dev", a1.conn, data, true, now_ms());
+        let (ops, ended) = store.detach("dev", a1.conn, data, now_ms());
         assert!(ops.is_empty(), "not durable, nothing to write");
         assert!(ended.is_none());
         h1.end();
         let a2 = second.await.unwrap();
         let prev = a2.previous.expect("session continues");
         assert!(prev.qos2.contains(&5));
+    }
+
+    #[tokio::test]
+    async fn a_session_with_expiry_0_ends_when_taken_over() {
+        let store = std::sync::Arc::new(SessionStore {
+            inner: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+        });
+        let h1 = Arc::new(Handover::default());
+        let a1 = store.attach("dev", None, h1.clone()).await;
+        let s2 = store.clone();
+        let second =
+            tokio::spawn(
+                async move { s2.attach("dev", None, Arc::new(Handover::default())).await },
+            );
+        h1.taken_over().await;
+        let mut data = SessionData::default();
+        data.qos2.insert(5);
+        let (_, ended) = store.detach("dev", a1.conn, data, now_ms());
+        assert!(ended.is_none(), "it had no subscriber");
+        h1.end();
+        let a2 = second.await.unwrap();
+        assert!(
+            a2.previous.is_none(),
+            "the session ended with its connection"
+        );
     }
 }
