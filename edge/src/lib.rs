@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod check;
 pub mod config;
 pub mod groups;
 pub mod log;

@@ -244,6 +244,10 @@ async fn each_hostile_packet_is_refused_and_the_edge_keeps_its_log() {
     }
     let (status, _, stderr) = edge.cli(&["read"]);
     assert!(status.success() && !stderr.contains("corrupt"), "{stderr}");
+    // Every stored entry decodes: sessions, subscriptions, retained messages, batches.
+    let (status, out, err) = edge.cli(&["check"]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains(": 0 do not decode"), "{out}");
     edge.restart();
     acked.push(honest_publish(&edge, &mut n).await);
     assert!(edge.stop().success());
@@ -313,6 +317,14 @@ async fn fields_at_their_ceilings_are_stored_and_survive_a_restart() {
     drop(c);
     assert!(edge.stop().success());
     assert!(payloads(&edge.read_log()).contains(&"at-the-ceiling".to_string()));
+    let (status, out, err) = edge.cli(&["check", "--json"]);
+    assert!(status.success(), "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["bad"], serde_json::json!([]), "{out}");
+    assert!(
+        report["meta_checked"].as_u64().unwrap() >= 3,
+        "session, subscription, retained"
+    );
 }
 
 #[test]

@@ -102,7 +102,7 @@ pub struct StoredPosition {
     pub lease: u64,
 }
 
-fn parse_position(key: &[u8], value: &[u8]) -> Option<StoredPosition> {
+pub(crate) fn parse_position(key: &[u8], value: &[u8]) -> Option<StoredPosition> {
     let rest = key.strip_prefix(&[TAG_GROUP])?;
     let (glen, rest) = rest.split_first_chunk::<2>()?;
     let glen = u16::from_be_bytes(*glen) as usize;

@@ -260,6 +260,16 @@ pub(crate) fn record_key(topic: TopicId, partition: u32, offset: u64) -> [u8; 16
     k
 }
 
+/// (topic, partition, base offset) of a record key.
+fn split_record_key(key: &[u8]) -> (TopicId, u32, u64) {
+    let part = |r: std::ops::Range<usize>| key.get(r).unwrap_or(&[0; 4][..]);
+    (
+        u32::from_be_bytes(part(0..4).try_into().unwrap_or([0; 4])),
+        u32::from_be_bytes(part(4..8).try_into().unwrap_or([0; 4])),
+        offset_of_key(key),
+    )
+}
+
 fn offset_of_key(key: &[u8]) -> u64 {
     u64::from_be_bytes(key[8..16].try_into().expect("record keys are 16 bytes"))
 }
@@ -546,6 +556,96 @@ impl Log {
             .next()
             .and_then(|g| g.key().ok().map(|k| offset_of_key(&k)))
             .unwrap_or(end)
+    }
+
+    /// Decodes every stored record batch, in key order, and calls `found` for each one that
+    /// does not decode: (topic name, partition, base offset, why). Returns the batches
+    /// checked. For `edge check` on a stopped node.
+    pub fn scan_batches(
+        &self,
+        mut found: impl FnMut(&str, u32, u64, CorruptBatch),
+    ) -> Result<u64, LogError> {
+        let mut checked = 0;
+        for item in self.records.iter() {
+            let (k, v) = item.into_inner()?;
+            checked += 1;
+            let (topic, partition, base) = split_record_key(&k);
+            let name = self
+                .topics
+                .get(topic as usize)
+                .map_or_else(|| format!("#{topic}"), |t| t.name.clone());
+            if let Err(why) = record::decode_batch(base, Bytes::from(v.to_vec())) {
+                found(&name, partition, base, why);
+            }
+        }
+        Ok(checked)
+    }
+
+    /// Moves entries that do not decode into the `quarantine` keyspace (key: `b'R'` or
+    /// `b'M'` for the keyspace they came from, then their key; value unchanged), fsynced.
+    /// A record batch moved out leaves a gap that readers treat as deleted records: its
+    /// partition's bytes and removed count are adjusted to match. For `edge check --repair`
+    /// on a stopped node.
+    pub fn quarantine_entries(
+        &self,
+        batches: &[(String, u32, u64)],
+        meta_keys: &[Vec<u8>],
+    ) -> Result<usize, LogError> {
+        let quarantine = self
+            .db
+            .keyspace("quarantine", KeyspaceCreateOptions::default)?;
+        let mut batch = self.db.batch();
+        let mut moved = 0;
+        for (topic, partition, base) in batches {
+            let Some(t) = self.topic(topic) else { continue };
+            let Some(state) = t.partitions.get(*partition as usize) else {
+                continue;
+            };
+            let key = record_key(t.id, *partition, *base);
+            let Some(value) = self.records.get(key)? else {
+                continue;
+            };
+            let end = state.end.load(Ordering::Relaxed);
+            let count = self
+                .next_base(t.id, *partition, &key, end)
+                .saturating_sub(*base);
+            let bytes = state.bytes.load(Ordering::Relaxed)
+                - (value.len() as u64).min(state.bytes.load(Ordering::Relaxed));
+            let removed = state.removed.load(Ordering::Relaxed) + count;
+            let mut qkey = vec![b'R'];
+            qkey.extend_from_slice(&key);
+            batch.insert(&quarantine, qkey, value.to_vec());
+            batch.remove(&self.records, key.to_vec());
+            batch.insert(
+                &self.meta,
+                partition_meta_key(t.id, *partition).to_vec(),
+                partition_meta_value(end, bytes, removed).to_vec(),
+            );
+            self.pending_front(state, state.start.load(Ordering::Relaxed), bytes, removed);
+            moved += 1;
+        }
+        for key in meta_keys {
+            let Some(value) = self.meta.get(key)? else {
+                continue;
+            };
+            let mut qkey = vec![b'M'];
+            qkey.extend_from_slice(key);
+            batch.insert(&quarantine, qkey, value.to_vec());
+            batch.remove(&self.meta, key.clone());
+            moved += 1;
+        }
+        batch
+            .durability(Some(fjall::PersistMode::SyncAll))
+            .commit()?;
+        Ok(moved)
+    }
+
+    /// Writes a raw value into the records or meta keyspace (tests that need a damaged
+    /// entry).
+    #[cfg(test)]
+    pub(crate) fn put_raw(&self, records: bool, key: &[u8], value: &[u8]) {
+        let space = if records { &self.records } else { &self.meta };
+        space.insert(key, value).expect("test write");
     }
 
     /// Up to `max` entries of the meta keyspace under `prefix` whose keys are > `after`
