@@ -60,6 +60,15 @@ pub const EXIT_SECOND_SIGNAL: i32 = 130;
 /// Serves until SIGINT or SIGTERM (or a fatal log error); SIGHUP reloads what can be
 /// reloaded (see [`reload`]).
 pub async fn run(config: Config) -> Result<(), ServeError> {
+    run_observed(config, |_| {}).await
+}
+
+/// [`run`], handing the opened log to `observe` first: the fuzz harness decodes everything
+/// stored after each input (reads run beside the appender).
+pub async fn run_observed(
+    config: Config,
+    observe: impl FnOnce(Arc<Log>),
+) -> Result<(), ServeError> {
     // Installed first: SIGHUP's default action would end the process.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("installing the SIGHUP handler");
@@ -73,6 +82,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         Some(&plan.topics),
         budget,
     )?);
+    observe(log.clone());
     let hub = Hub::new(OutboxLimits {
         messages: config.mqtt.max_queued_messages,
         bytes: config.mqtt.max_queued_bytes.0 as usize,
