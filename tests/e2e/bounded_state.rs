@@ -49,6 +49,14 @@ async fn leave_delayed_will(edge: &Edge, id: &str, payload: &[u8]) {
     assert_eq!(c.recv().await.unwrap().connack(), Some((0, false)));
 }
 
+/// Waits for the next message of `watcher`: a will on `expected`.
+async fn expect_will(watcher: &mut RawClient, expected: &str) {
+    match watcher.recv_within(Duration::from_secs(60)).await.unwrap() {
+        Got::Publish { topic, .. } => assert_eq!(topic, expected),
+        other => panic!("expected the will on {expected}, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_wills_are_bounded_in_count_and_bytes_and_cancelled_by_a_reconnect() {
     let mut edge = Edge::start_with(
@@ -58,6 +66,15 @@ async fn delayed_wills_are_bounded_in_count_and_bytes_and_cancelled_by_a_reconne
     );
     let pending = "tributary_pending_wills";
     let early = "tributary_wills_published_early_total";
+    // Sees the wills that are published.
+    let (mut watcher, _) = RawClient::connect(edge.addr, Proto::V311, &ConnectOpts::new("watcher"))
+        .await
+        .unwrap();
+    assert_eq!(
+        watcher.subscribe(1, &[("wills/#", 0)]).await.unwrap(),
+        vec![0]
+    );
+
     for id in ["w-a", "w-b", "w-c"] {
         leave_delayed_will(&edge, id, id.as_bytes()).await;
     }
@@ -66,6 +83,7 @@ async fn delayed_wills_are_bounded_in_count_and_bytes_and_cancelled_by_a_reconne
 
     // A fourth finds no room: published at once instead of after an hour.
     leave_delayed_will(&edge, "w-d", b"w-d").await;
+    expect_will(&mut watcher, "wills/w-d").await;
     wait_metric(&edge, early, 1.0);
     assert_eq!(metric_of(&edge, pending), 3.0);
 
@@ -80,6 +98,7 @@ async fn delayed_wills_are_bounded_in_count_and_bytes_and_cancelled_by_a_reconne
 
     // A will larger than the bytes left is published at once too.
     leave_delayed_will(&edge, "w-e", &[b'x'; 5000]).await;
+    expect_will(&mut watcher, "wills/w-e").await;
     wait_metric(&edge, early, 2.0);
     assert_eq!(metric_of(&edge, pending), 2.0);
     assert!(metric_of(&edge, "tributary_pending_will_bytes") <= 4096.0);
@@ -213,7 +232,6 @@ async fn sessions_are_bounded_and_311_persistent_sessions_expire_by_the_default(
         2.0
     );
     // ...while a client holding one comes back to it.
-    let left = Instant::now();
     let (c, ack) = RawClient::connect(edge.addr, Proto::V311, &persistent("p-1"))
         .await
         .unwrap();
@@ -221,8 +239,34 @@ async fn sessions_are_bounded_and_311_persistent_sessions_expire_by_the_default(
     drop(c);
 
     // 3.1.1 has no expiry of its own: session_expiry_default = 1s ends the session once
-    // its client has been away that long.
-    while left.elapsed() < Duration::from_millis(2500) {
+    // its client has been away that long. Wait until the edge has seen it go, and then
+    // until more than that second has passed since.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let gone_at = loop {
+        let (_, body) = http_get(edge.admin, "/api/v1/clients", None).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let p1 = doc["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["client_id"] == "p-1")
+            .cloned();
+        if let Some(at) = p1.and_then(|c| c["disconnected_at_ms"].as_u64()) {
+            break at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the edge never saw p-1 go: {doc}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    while now_ms() < gone_at + 1500 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (c, ack) = RawClient::connect(edge.addr, Proto::V311, &persistent("p-1"))
