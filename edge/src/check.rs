@@ -149,6 +149,11 @@ fn check_meta(k: &[u8], v: &[u8]) -> Result<(), (&'static str, String)> {
                 return Err(("retained message", e.to_string()));
             }
         }
+        Some(b'c') => {
+            if k.len() != 1 || v.len() != 16 {
+                return fail("retention clock", "not a jump point and a skew");
+            }
+        }
         Some(&crate::groups::TAG_GROUP) => {
             if crate::groups::parse_position(k, v).is_none() {
                 return fail(

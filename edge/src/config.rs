@@ -906,6 +906,12 @@ pub struct StorageConfig {
     pub max_batch_records: usize,
     /// How often retention (age and bytes) is applied.
     pub retention_check_interval: HumanDuration,
+    /// A forward step of the wall clock larger than this between two retention checks is
+    /// taken as a correction (NTP fixing a gateway that booted with a wrong clock), not as
+    /// time passing: it is logged, and records received before it are aged as that much
+    /// younger, so age retention does not delete everything received before the correction.
+    /// The byte limits and `disk_budget` still apply.
+    pub max_clock_jump: HumanDuration,
 }
 
 impl Default for StorageConfig {
@@ -917,6 +923,7 @@ impl Default for StorageConfig {
             disk_full_policy: DiskFullPolicy::Reject,
             max_batch_records: 1000,
             retention_check_interval: HumanDuration(Duration::from_secs(10)),
+            max_clock_jump: HumanDuration(Duration::from_secs(5 * 60)),
         }
     }
 }

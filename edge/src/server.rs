@@ -82,6 +82,7 @@ pub async fn run_observed(
         Some(&plan.topics),
         budget,
     )?);
+    log.set_max_clock_jump(config.storage.max_clock_jump.0);
     observe(log.clone());
     let hub = Hub::new(OutboxLimits {
         messages: config.mqtt.max_queued_messages,

@@ -32,10 +32,14 @@
 //! start offset) and never scans the log. A group commit whose fsync failed poisons the log:
 //! nothing further is appended or acknowledged and the process exits non-zero.
 
+/// `storage.max_clock_jump` unless set.
+const DEFAULT_MAX_CLOCK_JUMP_MS: u64 = 5 * 60 * 1000;
+
 /// Records held in memory before fjall flushes them to a table; bounds the log's memory.
 const MEMTABLE_BYTES: u64 = 16 << 20;
 
 pub mod appender;
+pub(crate) mod clock;
 pub mod record;
 
 use std::collections::HashMap;
@@ -241,6 +245,8 @@ pub struct Log {
     total_bytes: AtomicU64,
     over_budget: AtomicBool,
     poisoned: std::sync::Mutex<Option<String>>,
+    /// The clock age retention uses (see [`clock`]).
+    retention_clock: std::sync::Mutex<clock::RetentionClock>,
     /// Node-wide counters.
     pub counters: LogCounters,
 }
@@ -395,7 +401,7 @@ impl Log {
                 retention_bytes: s.and_then(|s| s.retention_bytes),
             });
         }
-        let log = Log {
+        let mut log = Log {
             dir: dir.to_path_buf(),
             db,
             records,
@@ -407,7 +413,19 @@ impl Log {
             over_budget: AtomicBool::new(false),
             poisoned: std::sync::Mutex::new(None),
             counters: LogCounters::default(),
+            retention_clock: std::sync::Mutex::new(clock::RetentionClock::new(
+                DEFAULT_MAX_CLOCK_JUMP_MS,
+                None,
+            )),
         };
+        let stored_clock = log
+            .meta
+            .get(clock::CLOCK_KEY)?
+            .and_then(|v| clock::RetentionClock::parse(&v));
+        log.retention_clock = std::sync::Mutex::new(clock::RetentionClock::new(
+            DEFAULT_MAX_CLOCK_JUMP_MS,
+            stored_clock,
+        ));
         // What a previous run wrote may still be only in the page cache (it was killed, or
         // ran with fsync "never"): one fsync now makes it durable before any reader is told
         // it is (`durable_end`), so no offset handed out can come back with another record.
@@ -693,7 +711,33 @@ impl Log {
     /// retention and those beyond its byte retention; then, with the `drop-oldest` policy,
     /// the node's oldest batches until the disk budget holds. Called by the appender only.
     pub(crate) fn enforce_retention(&self, now_ms: u64) -> Result<(), LogError> {
+        self.enforce_retention_at(now_ms, std::time::Instant::now())
+    }
+
+    /// Sets `storage.max_clock_jump`: a forward step of the wall clock larger than this
+    /// between two retention runs is a correction, not time passing (see [`clock`]).
+    pub fn set_max_clock_jump(&self, jump: Duration) {
+        let mut c = self.retention_clock.lock().expect("clock lock");
+        let stored = Some((c.jump_point_ms, c.skew_ms));
+        *c =
+            clock::RetentionClock::new(u64::try_from(jump.as_millis()).unwrap_or(u64::MAX), stored);
+    }
+
+    /// [`Log::enforce_retention`] with the monotonic clock given (tests jump the wall clock).
+    pub(crate) fn enforce_retention_at(
+        &self,
+        now_ms: u64,
+        mono: std::time::Instant,
+    ) -> Result<(), LogError> {
         let mut batch = self.db.batch();
+        let clock = {
+            let mut c = self.retention_clock.lock().expect("clock lock");
+            if c.observe(now_ms, mono) {
+                // Stored at once, so a restart keeps the skew even if nothing is deleted.
+                self.meta.insert(clock::CLOCK_KEY, c.value())?;
+            }
+            clock::RetentionClock::new(0, Some((c.jump_point_ms, c.skew_ms)))
+        };
         let mut removed_records = 0u64;
         let mut freed = 0u64;
         let mut fronts = Vec::new();
@@ -701,9 +745,7 @@ impl Log {
             if t.retention.is_none() && t.retention_bytes.is_none() {
                 continue;
             }
-            let cutoff = t
-                .retention
-                .map(|r| now_ms.saturating_sub(r.as_millis() as u64));
+            let max_age = t.retention.map(|r| r.as_millis() as u64);
             for (p, state) in t.partitions.iter().enumerate() {
                 let p = p as u32;
                 let mut bytes = state.bytes.load(Ordering::Relaxed);
@@ -717,7 +759,7 @@ impl Log {
                     let (count, too_old) = match record::decode_header(&v) {
                         Ok(h) => (
                             h.record_count as u64,
-                            cutoff.is_some_and(|c| h.last_timestamp_ms < c),
+                            max_age.is_some_and(|a| clock.age(now_ms, h.last_timestamp_ms) > a),
                         ),
                         // Its age is unknown and no reader can use it: at the front of a
                         // partition with an age limit it goes as the oldest would.
@@ -725,7 +767,7 @@ impl Log {
                             self.quarantine_batch(&t.name, p, &k, &why);
                             (
                                 self.next_base(t.id, p, &k, end).saturating_sub(base),
-                                cutoff.is_some(),
+                                max_age.is_some(),
                             )
                         }
                     };

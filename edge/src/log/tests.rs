@@ -281,6 +281,52 @@ fn drop_oldest_budget_deletes_the_oldest_batches_and_counts_them() {
 }
 
 #[test]
+fn a_clock_corrected_forward_does_not_age_out_what_was_received_before_and_a_restart_remembers() {
+    let dir = tempfile::tempdir().unwrap();
+    let week = Some(Duration::from_secs(7 * 24 * 3600));
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(1, week, None)), None).unwrap());
+    let mono = std::time::Instant::now();
+    let boot = 1_577_836_800_000; // a gateway that booted thinking it is 2020
+    append_all(
+        &log,
+        1,
+        vec![request(
+            &[(0, "before-1", boot), (0, "before-2", boot + 5_000)],
+            None,
+        )],
+    );
+    log.enforce_retention_at(boot + 10_000, mono + Duration::from_secs(10))
+        .unwrap();
+    // NTP: six years on, twenty seconds after boot.
+    let corrected = boot + 20_000 + 6 * 365 * 24 * 3_600_000;
+    log.enforce_retention_at(corrected, mono + Duration::from_secs(20))
+        .unwrap();
+    append_all(&log, 1, vec![request(&[(0, "after", corrected + 1)], None)]);
+    log.enforce_retention_at(corrected + 10_000, mono + Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(
+        payloads(&log, 0, 0).len(),
+        3,
+        "nothing aged out by the jump"
+    );
+    drop(log);
+
+    // After a restart the jump is remembered: still kept...
+    let log = Log::open(dir.path(), Some(&topics(1, week, None)), None).unwrap();
+    let mono = std::time::Instant::now();
+    log.enforce_retention_at(corrected + 20_000, mono).unwrap();
+    assert_eq!(payloads(&log, 0, 0).len(), 3);
+    // ...until they are a week old by the time that really passed.
+    let week_ms = 7 * 24 * 3_600_000;
+    // A week minus 10 s on: the records from before the jump were received a week and 10 s
+    // ago (20 s before the correction), the one after it less than a week ago.
+    let later = mono + Duration::from_millis(week_ms - 30_000);
+    log.enforce_retention_at(corrected + week_ms - 10_000, later)
+        .unwrap();
+    assert_eq!(payloads(&log, 0, 0), vec![(2, "after".into())]);
+}
+
+#[test]
 fn without_fsync_readers_see_records_only_once_an_fsync_made_them_durable() {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
