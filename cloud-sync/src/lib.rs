@@ -29,4 +29,4 @@ pub use source::{
     GroupPosition, Header, MemorySource, PartitionBounds, PartitionedSource, SourceError,
     SourceRecord, SourceTopic,
 };
-pub use status::{LinkState, MirrorStatus, PartitionStatus};
+pub use status::{ErrorKind, LinkState, MirrorStatus, PartitionStatus};

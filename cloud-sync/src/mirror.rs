@@ -47,7 +47,7 @@ use crate::checkpoint::{checkpoint_key, checkpoint_partition, Checkpoint};
 use crate::config::MirrorConfig;
 use crate::groups::{Run, Translation};
 use crate::source::{PartitionedSource, SourceRecord};
-use crate::status::{now_ms, LinkState, MirrorStatus, PartitionStatus};
+use crate::status::{now_ms, ErrorKind, LinkState, MirrorStatus, PartitionStatus};
 
 /// Records asked of the source per read.
 const READ_CHUNK: usize = 1024;
@@ -84,14 +84,48 @@ enum SessionError {
     /// their Kafka topics were fixed.
     #[error("checking refused topics again")]
     Recheck,
-    #[error("{0}")]
-    Kafka(String),
+    /// Kafka or the mirror's dealings with it failed in step `kind`.
+    #[error("{message}")]
+    Kafka { kind: ErrorKind, message: String },
+    /// Reading the edge's log failed.
     #[error("{0}")]
     Source(#[from] crate::source::SourceError),
 }
 
-fn kafka(context: &str, e: KafkaError) -> SessionError {
-    SessionError::Kafka(format!("{context}: {e}"))
+impl SessionError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            SessionError::Recheck => ErrorKind::Other,
+            SessionError::Kafka { kind, .. } => *kind,
+            SessionError::Source(_) => ErrorKind::Source,
+        }
+    }
+}
+
+/// A failure of `step`, as the mirror was `context`.
+fn kafka(step: ErrorKind, context: &str, e: KafkaError) -> SessionError {
+    SessionError::Kafka {
+        kind: kind_of(step, &e),
+        message: format!("{context}: {e}"),
+    }
+}
+
+/// A failure in `step` that is not Kafka's own error.
+fn failed(kind: ErrorKind, message: String) -> SessionError {
+    SessionError::Kafka { kind, message }
+}
+
+/// `step`, unless `e` says that another producer with this transactional id took over: that
+/// one has its own remedy (two edges must not share a site name), whatever step met it.
+fn kind_of(step: ErrorKind, e: &KafkaError) -> ErrorKind {
+    match e.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::Fenced,
+        ) => ErrorKind::Fenced,
+        _ => step,
+    }
 }
 
 pub(crate) struct Shared {
@@ -128,9 +162,10 @@ impl Shared {
             .expect("wake lock");
     }
 
-    fn record_error(&self, message: String) {
+    fn record_error(&self, kind: ErrorKind, message: String) {
         let mut s = self.status.lock().expect("status lock");
         s.last_error = Some(message);
+        s.last_error_kind = Some(kind);
         s.last_error_at_ms = Some(now_ms());
     }
 
@@ -145,7 +180,7 @@ impl Shared {
         // While a session starts, its own error reports these with what it was doing (and
         // where); once mirroring, they are the first news of trouble.
         if self.status.lock().expect("status lock").state == LinkState::Mirroring {
-            self.record_error(message);
+            self.record_error(client_failure_kind(error), message);
         }
     }
 
@@ -255,6 +290,7 @@ impl Mirror {
             bootstrap: config.bootstrap.clone(),
             state: LinkState::Starting,
             last_error: None,
+            last_error_kind: None,
             last_error_at_ms: None,
             last_healthy_at_ms: None,
             updated_at_ms: now_ms(),
@@ -397,7 +433,10 @@ fn run(shared: &Arc<Shared>) {
     {
         Ok(rt) => rt,
         Err(e) => {
-            shared.record_error(format!("starting the mirror's runtime: {e}"));
+            shared.record_error(
+                ErrorKind::Other,
+                format!("starting the mirror's runtime: {e}"),
+            );
             return;
         }
     };
@@ -429,12 +468,23 @@ fn run(shared: &Arc<Shared>) {
                     "mirror to {} failed: {message}; retrying in {:?}",
                     shared.config.bootstrap, backoff
                 );
-                shared.record_error(message);
+                shared.record_error(e.kind(), message);
                 shared.set_state(LinkState::Retrying);
                 shared.sleep(backoff);
                 backoff = (backoff * 2).min(shared.config.max_backoff.max(MIN_BACKOFF));
             }
         }
+    }
+}
+
+/// The kind of an error librdkafka reported on its own. Those are transport, name resolution,
+/// TLS and authentication failures, which librdkafka retries; a fatal one (the producer
+/// cannot go on) is not a connection problem, and what it was comes with the failed request
+/// that follows.
+fn client_failure_kind(error: &KafkaError) -> ErrorKind {
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::Fatal) => ErrorKind::Other,
+        _ => kind_of(ErrorKind::Connect, error),
     }
 }
 
@@ -651,7 +701,7 @@ impl<'a> Session<'a> {
             .set("queue.buffering.max.kbytes", "262144");
         let producer: BaseProducer<MirrorContext> = with_extra(pc, config)
             .create_with_context(context)
-            .map_err(|e| kafka("creating the Kafka producer", e))?;
+            .map_err(|e| kafka(ErrorKind::Other, "creating the Kafka producer", e))?;
         // Reach the cluster first: a failure here is served as error events (authentication,
         // name resolution), which say more than the admin client's time-out would.
         if let Err(e) = producer
@@ -659,13 +709,18 @@ impl<'a> Session<'a> {
             .fetch_metadata(None, config.request_timeout)
         {
             producer.poll(Duration::from_millis(100));
-            return Err(kafka(&format!("connecting to {}", config.bootstrap), e));
+            return Err(kafka(
+                ErrorKind::Connect,
+                &format!("connecting to {}", config.bootstrap),
+                e,
+            ));
         }
         let checkpoint_partitions = ensure_topics(shared, runtime, &mut slots)?;
         producer
             .init_transactions(config.request_timeout)
             .map_err(|e| {
                 kafka(
+                    ErrorKind::Transaction,
                     &format!(
                         "starting transactions at {} (transactional id \"{}\")",
                         config.bootstrap, config.transactional_id
@@ -710,17 +765,27 @@ impl<'a> Session<'a> {
             .create_with_context(ReportingContext {
                 shared: self.shared.clone(),
             })
-            .map_err(|e| kafka("creating the checkpoint reader", e))?;
+            .map_err(|e| kafka(ErrorKind::Other, "creating the checkpoint reader", e))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(
             &config.checkpoint_topic,
             self.checkpoint_partition,
             Offset::Beginning,
         )
-        .map_err(|e| kafka("assigning the checkpoint partition", e))?;
-        consumer
-            .assign(&tpl)
-            .map_err(|e| kafka("assigning the checkpoint partition", e))?;
+        .map_err(|e| {
+            kafka(
+                ErrorKind::Checkpoint,
+                "assigning the checkpoint partition",
+                e,
+            )
+        })?;
+        consumer.assign(&tpl).map_err(|e| {
+            kafka(
+                ErrorKind::Checkpoint,
+                "assigning the checkpoint partition",
+                e,
+            )
+        })?;
         let deadline = Instant::now() + config.request_timeout * 2;
         let mut found = 0usize;
         // Per slot, every checkpoint read, oldest first: group replication translates
@@ -728,15 +793,19 @@ impl<'a> Session<'a> {
         let mut read: Vec<Vec<(u64, i64)>> = vec![Vec::new(); self.slots.len()];
         loop {
             if Instant::now() >= deadline {
-                return Err(SessionError::Kafka(format!(
-                    "reading checkpoints from {} partition {}: no end of partition within {:?}",
-                    config.checkpoint_topic,
-                    self.checkpoint_partition,
-                    config.request_timeout * 2
-                )));
+                return Err(failed(
+                    ErrorKind::Checkpoint,
+                    format!(
+                        "reading checkpoints from {} partition {}: no end of partition within {:?}",
+                        config.checkpoint_topic,
+                        self.checkpoint_partition,
+                        config.request_timeout * 2
+                    ),
+                ));
             }
             if self.shared.stopping() {
-                return Err(SessionError::Kafka(
+                return Err(failed(
+                    ErrorKind::Checkpoint,
                     "stopped while reading checkpoints".into(),
                 ));
             }
@@ -851,11 +920,12 @@ impl<'a> Session<'a> {
                     abort_backoff = MIN_BACKOFF;
                     last_health = Instant::now();
                 }
-                Err(TxnFailure::Aborted(message)) => {
+                Err(TxnFailure::Aborted(kind, message)) => {
                     warn!("mirror: transaction aborted: {message}; retrying");
-                    self.shared.record_error(message);
-                    self.abort()
-                        .map_err(|e| kafka("aborting a failed transaction", e))?;
+                    self.shared.record_error(kind, message);
+                    self.abort().map_err(|e| {
+                        kafka(ErrorKind::Transaction, "aborting a failed transaction", e)
+                    })?;
                     for slot in &mut self.slots {
                         slot.next = slot.committed;
                     }
@@ -928,7 +998,7 @@ impl<'a> Session<'a> {
                 Some(&self.shared.config.checkpoint_topic),
                 self.shared.config.request_timeout,
             )
-            .map_err(|e| kafka("checking the idle link", e))?;
+            .map_err(|e| kafka(ErrorKind::Connect, "checking the idle link", e))?;
         self.shared.healthy();
         Ok(())
     }
@@ -1138,7 +1208,10 @@ impl<'a> Session<'a> {
                     self.producer.poll(Duration::from_millis(1));
                 }
                 Err((e, _)) => {
-                    return Err(TxnFailure::Aborted(format!("producing to Kafka: {e}")));
+                    return Err(TxnFailure::Aborted(
+                        kind_of(ErrorKind::Produce, &e),
+                        format!("producing to Kafka: {e}"),
+                    ));
                 }
             }
         }
@@ -1151,10 +1224,13 @@ impl<'a> Session<'a> {
         let deadline = Instant::now() + timeout;
         while self.producer.in_flight_count() > 0 {
             if Instant::now() >= deadline {
-                return Err(TxnFailure::Aborted(format!(
-                    "Kafka did not acknowledge {} records within {timeout:?}",
-                    self.producer.in_flight_count(),
-                )));
+                return Err(TxnFailure::Aborted(
+                    ErrorKind::Produce,
+                    format!(
+                        "Kafka did not acknowledge {} records within {timeout:?}",
+                        self.producer.in_flight_count(),
+                    ),
+                ));
             }
             if flush {
                 // SAFETY: the pointer is the live producer's handle; rd_kafka_flush only
@@ -1176,7 +1252,10 @@ impl<'a> Session<'a> {
             .take();
         match failure {
             None => Ok(()),
-            Some(e) => Err(TxnFailure::Aborted(format!("Kafka refused a record: {e}"))),
+            Some(e) => Err(TxnFailure::Aborted(
+                kind_of(ErrorKind::Produce, &e),
+                format!("Kafka refused a record: {e}"),
+            )),
         }
     }
 
@@ -1199,7 +1278,7 @@ impl<'a> Session<'a> {
 /// How a transaction failed.
 enum TxnFailure {
     /// It was (or must be) aborted; the producer can go on.
-    Aborted(String),
+    Aborted(ErrorKind, String),
     /// The producer cannot go on: a new session starts.
     Fatal(SessionError),
 }
@@ -1207,10 +1286,11 @@ enum TxnFailure {
 impl From<KafkaError> for TxnFailure {
     fn from(e: KafkaError) -> TxnFailure {
         match &e {
-            KafkaError::Transaction(t) if t.txn_requires_abort() => {
-                TxnFailure::Aborted(format!("Kafka transaction failed: {e}"))
-            }
-            _ => TxnFailure::Fatal(kafka("Kafka transaction failed", e)),
+            KafkaError::Transaction(t) if t.txn_requires_abort() => TxnFailure::Aborted(
+                kind_of(ErrorKind::Transaction, &e),
+                format!("Kafka transaction failed: {e}"),
+            ),
+            _ => TxnFailure::Fatal(kafka(ErrorKind::Transaction, "Kafka transaction failed", e)),
         }
     }
 }
@@ -1238,7 +1318,7 @@ fn ensure_topics(
         .create_with_context(ReportingContext {
             shared: shared.clone(),
         })
-        .map_err(|e| kafka("creating the Kafka admin client", e))?;
+        .map_err(|e| kafka(ErrorKind::Other, "creating the Kafka admin client", e))?;
     let replication = || TopicReplication::Fixed(config.replication_factor.unwrap_or(-1));
 
     let mut wanted: Vec<(String, u32)> = Vec::new();
@@ -1268,21 +1348,31 @@ fn ensure_topics(
             .await
         })
         .map_err(|_| {
-            SessionError::Kafka(format!(
-                "creating topics at {}: no answer within {:?} (is the cluster reachable?)",
-                config.bootstrap,
-                config.request_timeout * 2
-            ))
+            failed(
+                ErrorKind::Topics,
+                format!(
+                    "creating topics at {}: no answer within {:?} (is the cluster reachable?)",
+                    config.bootstrap,
+                    config.request_timeout * 2
+                ),
+            )
         })?
-        .map_err(|e| kafka(&format!("creating topics at {}", config.bootstrap), e))?;
+        .map_err(|e| {
+            kafka(
+                ErrorKind::Topics,
+                &format!("creating topics at {}", config.bootstrap),
+                e,
+            )
+        })?;
     for r in results {
         match r {
             Ok(topic) => info!("mirror: created Kafka topic {topic}"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(SessionError::Kafka(format!(
-                    "creating Kafka topic {topic}: {code}"
-                )))
+                return Err(failed(
+                    ErrorKind::Topics,
+                    format!("creating Kafka topic {topic}: {code}"),
+                ))
             }
         }
     }
@@ -1293,7 +1383,7 @@ fn ensure_topics(
         let metadata = admin
             .inner()
             .fetch_metadata(None, config.request_timeout)
-            .map_err(|e| kafka("reading topic metadata", e))?;
+            .map_err(|e| kafka(ErrorKind::Topics, "reading topic metadata", e))?;
         let missing: Vec<&str> = wanted
             .iter()
             .map(|(t, _)| t.as_str())
@@ -1309,9 +1399,10 @@ fn ensure_topics(
             break metadata;
         }
         if Instant::now() >= deadline {
-            return Err(SessionError::Kafka(format!(
-                "Kafka topics {missing:?} do not show in the cluster metadata"
-            )));
+            return Err(failed(
+                ErrorKind::Topics,
+                format!("Kafka topics {missing:?} do not show in the cluster metadata"),
+            ));
         }
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -1344,10 +1435,13 @@ fn ensure_topics(
     drop(status);
     let checkpoint_partitions = count_of(&config.checkpoint_topic).unwrap_or(0);
     if checkpoint_partitions == 0 {
-        return Err(SessionError::Kafka(format!(
-            "checkpoint topic {} has no partitions yet",
-            config.checkpoint_topic
-        )));
+        return Err(failed(
+            ErrorKind::Topics,
+            format!(
+                "checkpoint topic {} has no partitions yet",
+                config.checkpoint_topic
+            ),
+        ));
     }
     Ok(checkpoint_partitions as i32)
 }
@@ -1355,6 +1449,66 @@ fn ensure_topics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_is_of_the_step_that_met_it() {
+        let timed_out = KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut);
+        let e = kafka(ErrorKind::Connect, "connecting to k:9092", timed_out);
+        assert_eq!(e.kind(), ErrorKind::Connect);
+        assert!(e.to_string().starts_with("connecting to k:9092: "), "{e}");
+        let refused = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert_eq!(kind_of(ErrorKind::Produce, &refused), ErrorKind::Produce);
+        let source = SessionError::from(crate::source::SourceError::UnknownPartition {
+            topic: "t".into(),
+            partition: 3,
+        });
+        assert_eq!(source.kind(), ErrorKind::Source);
+    }
+
+    #[test]
+    fn a_fenced_producer_is_fenced_whatever_step_met_it() {
+        for code in [
+            RDKafkaErrorCode::ProducerFenced,
+            RDKafkaErrorCode::InvalidProducerEpoch,
+            RDKafkaErrorCode::Fenced,
+        ] {
+            for step in [
+                ErrorKind::Produce,
+                ErrorKind::Transaction,
+                ErrorKind::Connect,
+            ] {
+                assert_eq!(
+                    kind_of(step, &KafkaError::MessageProduction(code)),
+                    ErrorKind::Fenced,
+                    "{code:?} in {step:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn errors_librdkafka_reports_on_its_own_are_connect_unless_fatal() {
+        for code in [
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::Authentication,
+            RDKafkaErrorCode::Resolve,
+        ] {
+            assert_eq!(
+                client_failure_kind(&KafkaError::Global(code)),
+                ErrorKind::Connect,
+                "{code:?}"
+            );
+        }
+        assert_eq!(
+            client_failure_kind(&KafkaError::Global(RDKafkaErrorCode::Fatal)),
+            ErrorKind::Other
+        );
+        assert_eq!(
+            client_failure_kind(&KafkaError::Global(RDKafkaErrorCode::ProducerFenced)),
+            ErrorKind::Fenced
+        );
+    }
 
     #[test]
     fn bandwidth_allows_a_burst_then_asks_to_wait_for_the_rest() {

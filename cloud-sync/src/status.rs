@@ -19,6 +19,61 @@ pub enum LinkState {
     Stopped,
 }
 
+/// Which step of mirroring last failed: a closed set, so that a metric can carry it as a
+/// label (the message itself is free text from Kafka, the network and the mirror).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Reaching the cluster: connecting, name resolution, TLS, authentication, the idle link
+    /// check, and the errors librdkafka reports on its own while mirroring.
+    Connect,
+    /// Creating the Kafka topics or finding them in the cluster's metadata.
+    Topics,
+    /// Reading the site's checkpoints.
+    Checkpoint,
+    /// Producing records: a record Kafka refused or did not acknowledge in time.
+    Produce,
+    /// Starting, beginning, committing or aborting a Kafka transaction.
+    Transaction,
+    /// Another producer with this site's transactional id took over: two edges share a site
+    /// name, or an earlier run of this one is still alive.
+    Fenced,
+    /// Reading the edge's own log.
+    Source,
+    /// Anything else: a Kafka client that could not be created (its settings), the mirror's
+    /// runtime that could not start, or a fatal error librdkafka reported on its own.
+    Other,
+}
+
+impl ErrorKind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [ErrorKind; 8] = [
+        ErrorKind::Connect,
+        ErrorKind::Topics,
+        ErrorKind::Checkpoint,
+        ErrorKind::Produce,
+        ErrorKind::Transaction,
+        ErrorKind::Fenced,
+        ErrorKind::Source,
+        ErrorKind::Other,
+    ];
+
+    /// The name in metric labels and JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Topics => "topics",
+            ErrorKind::Checkpoint => "checkpoint",
+            ErrorKind::Produce => "produce",
+            ErrorKind::Transaction => "transaction",
+            ErrorKind::Fenced => "fenced",
+            ErrorKind::Source => "source",
+            ErrorKind::Other => "other",
+        }
+    }
+}
+
 /// One partition of the mirror.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionStatus {
@@ -61,6 +116,9 @@ pub struct MirrorStatus {
     pub state: LinkState,
     /// Last failure, as reported by Kafka or the mirror.
     pub last_error: Option<String>,
+    /// Which step the last failure was in.
+    #[serde(default)]
+    pub last_error_kind: Option<ErrorKind>,
     /// When it happened (ms since the Unix epoch).
     pub last_error_at_ms: Option<u64>,
     /// Last time a transaction committed or the idle link was confirmed working.
@@ -125,5 +183,20 @@ mod tests {
         let s: MirrorStatus = serde_json::from_str(old).unwrap();
         assert!(s.groups.is_empty());
         assert_eq!(s.records_mirrored, 4);
+        assert_eq!(s.last_error_kind, None);
+    }
+
+    #[test]
+    fn error_kinds_serialize_as_their_labels() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::Value::from(kind.label())
+            );
+            assert!(
+                kind.label().bytes().all(|b| b.is_ascii_lowercase()),
+                "{kind:?}"
+            );
+        }
     }
 }

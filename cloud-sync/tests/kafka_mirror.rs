@@ -249,6 +249,12 @@ fn unreachable_kafka_is_reported_and_retried() {
     config.request_timeout = Duration::from_secs(2);
     let mirror = Mirror::start(config.clone(), source.clone()).unwrap();
     let s = wait_for(&mirror, "an error reported", |s| s.last_error.is_some());
+    assert_eq!(
+        s.last_error_kind,
+        Some(cloud_sync::ErrorKind::Connect),
+        "{:?}",
+        s.last_error
+    );
     assert_eq!(s.records_mirrored, 0);
     assert_eq!(s.lag_records(), 10);
     assert!(s.last_healthy_at_ms.is_none());

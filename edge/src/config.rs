@@ -231,6 +231,14 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// File holding the token (first line), instead of `token`.
     pub token_file: Option<PathBuf>,
+    /// Host names and addresses (without a port) the endpoint answers to, besides
+    /// `localhost`, `127.0.0.1`, `[::1]` and the address of `listen` (unless that is
+    /// `0.0.0.0` or `[::]`), which are always answered. A request whose `Host` header names
+    /// another host, or none, gets 421 Misdirected Request before the token is checked: this
+    /// keeps a web page that points its own name at this machine (DNS rebinding) from reading
+    /// the API through a browser. List the names and addresses that people and scrapers use
+    /// to reach the endpoint, e.g. `["edge-7.plant.local", "192.0.2.7"]`.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl AdminConfig {
@@ -249,6 +257,17 @@ impl AdminConfig {
                 false,
             ),
         })
+    }
+
+    /// The hosts the endpoint answers to.
+    pub fn allowed_hosts(
+        &self,
+    ) -> Result<crate::admin::hosts::AllowedHosts, (&'static str, String)> {
+        let listen = self
+            .address()
+            .map_or(std::net::Ipv4Addr::LOCALHOST.into(), |(addr, _)| addr.ip());
+        crate::admin::hosts::AllowedHosts::new(&self.allowed_hosts, listen)
+            .map_err(|message| ("allowed_hosts", message))
     }
 
     /// The token, read from `token_file` when that is set.
@@ -1631,6 +1650,9 @@ impl Config {
             })
             .collect();
         if let Some((addr, _)) = self.admin.address() {
+            self.admin
+                .allowed_hosts()
+                .map_err(|(key, message)| invalid(None, format!("admin.{key}"), message))?;
             let token = self
                 .admin
                 .token()

@@ -454,7 +454,13 @@ fn mirror_status(config: &Config, json: bool) -> anyhow::Result<()> {
             status.lag_records()
         )?;
         if let Some(e) = &status.last_error {
-            writeln!(out, "last error ({}): {e}", when(status.last_error_at_ms))?;
+            let kind = status.last_error_kind.map_or("", |k| k.label());
+            writeln!(
+                out,
+                "last error ({kind}{}{}): {e}",
+                if kind.is_empty() { "" } else { ", " },
+                when(status.last_error_at_ms)
+            )?;
         }
         writeln!(
             out,

@@ -352,19 +352,19 @@ pub async fn run_observed(
             config.mqtt.sys_interval.0,
         ))
     });
+    let admin_config_error = |(key, message): (&str, String)| crate::config::ConfigError::Invalid {
+        origin: "<config>".into(),
+        line: 0,
+        key: format!("admin.{key}"),
+        message,
+    };
     let admin_state = Arc::new(crate::admin::AdminState {
         broker: broker.clone(),
         mirror: mirror.clone(),
         groups: groups.clone(),
         ready: std::sync::atomic::AtomicBool::new(false),
-        token: config.admin.token().map_err(|(key, message)| {
-            crate::config::ConfigError::Invalid {
-                origin: "<config>".into(),
-                line: 0,
-                key: format!("admin.{key}"),
-                message,
-            }
-        })?,
+        token: config.admin.token().map_err(admin_config_error)?,
+        allowed_hosts: config.admin.allowed_hosts().map_err(admin_config_error)?,
     });
     let admin = match config.admin.address() {
         None => None,

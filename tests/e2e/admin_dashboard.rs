@@ -1,12 +1,15 @@
 //! The dashboard in a real browser: headless Chromium loads `/` while a firmware-sim fleet
 //! publishes, and the page shows what the JSON API reports (connected clients, messages in
 //! the log, a non-zero rate, the topic's row). The screenshot is kept under
-//! target/test-artifacts/.
+//! target/test-artifacts/. Opened with a percent-encoded `?token=`, the page is let in and
+//! reaches the API with the same token.
 
 use std::process::Command;
 
 use tributary_tests::mirror::fleet;
-use tributary_tests::{chromium, dashboard_dom, http_get, workspace_root, Edge};
+use tributary_tests::{
+    chromium, dashboard_dom, dashboard_dom_at, free_port, http_get, workspace_root, Edge,
+};
 
 /// Text of the element with `id` in the dumped DOM.
 fn by_id<'a>(dom: &'a str, id: &str) -> &'a str {
@@ -98,4 +101,27 @@ fn dashboard_shows_what_the_api_reports_while_devices_publish() {
         .unwrap();
     assert!(lo <= end && end <= hi, "row {end}, API {lo}..{hi}");
     assert_eq!(by_id(&dom, "uplink"), "none", "no [cloud] section");
+}
+
+#[test]
+fn dashboard_opened_with_a_percent_encoded_token_reaches_the_api() {
+    // `+`, `/`, `=` and `%` all mean something in a query string.
+    let token = "plant+7/admin=token%41z";
+    let port = free_port();
+    let _edge = Edge::start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{token}\"\n"
+    ));
+    let dom = dashboard_dom_at(&format!(
+        "http://127.0.0.1:{port}/?token=plant%2B7%2Fadmin%3Dtoken%2541z"
+    ));
+    let status = by_id(&dom, "status");
+    assert!(status.starts_with("updated"), "{status}");
+    let polls = dom
+        .split("data-polls=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .map(number)
+        .unwrap_or(0);
+    assert!(polls >= 2, "the page polled {polls} times");
+    assert_eq!(number(by_id(&dom, "connections")), 0);
 }

@@ -1,11 +1,16 @@
 //! The admin HTTP endpoint of a running edge: health and readiness, Prometheus metrics and
-//! the JSON API report known traffic exactly; a token is enforced, and required beyond
-//! loopback; an explicitly configured admin address that cannot be bound stops the edge.
+//! the JSON API report known traffic exactly; a token is enforced (also percent-encoded in
+//! `?token=`), and required beyond loopback; requests naming a host that is not allowed are
+//! refused before anything else; a device's raw payload is served so that a browser neither
+//! renders nor runs it; an explicitly configured admin address that cannot be bound stops the
+//! edge.
 
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
 use tributary_tests::{
-    binary, free_port, http_get, http_get_raw, metric, ConnectOpts, Edge, Got, Proto, RawClient,
+    binary, free_port, http_get, http_get_raw, http_request, metric, ConnectOpts, Edge, Got, Proto,
+    RawClient,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,4 +258,201 @@ fn a_configured_admin_address_that_cannot_be_bound_stops_the_edge() {
     let port = taken.local_addr().unwrap().port();
     let stderr = refused_start(&format!("listen = \"127.0.0.1:{port}\""));
     assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+}
+
+/// GET `path` with `Host: {host}` (none when `host` is `None`, over HTTP/1.0) and a token:
+/// status and body.
+fn get_as(admin: SocketAddr, host: Option<&str>, path: &str, token: Option<&str>) -> (u16, String) {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = match host {
+        Some(h) => format!("GET {path} HTTP/1.1\r\nHost: {h}\r\nConnection: close\r\n{auth}\r\n"),
+        None => format!("GET {path} HTTP/1.0\r\n{auth}\r\n"),
+    };
+    let (status, _, body) = http_request(admin, &request).unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[test]
+fn requests_naming_another_host_are_refused_before_the_token_is_checked() {
+    let token = "plant-7-admin-token-0123456789";
+    let port = free_port();
+    let edge = Edge::start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{token}\"\n"
+    ));
+    let admin = admin_addr(&edge);
+
+    // A DNS-rebinding page names its own host: refused, with or without the token, whatever
+    // the path, and the answer says which key to set.
+    for (host, path, with) in [
+        ("evil.example", "/metrics", Some(token)),
+        ("evil.example:{port}", "/metrics", Some(token)),
+        ("evil.example:{port}", "/metrics", None),
+        ("evil.example:{port}", "/api/v1/topics", Some(token)),
+        ("evil.example:{port}", "/no-such-path", Some(token)),
+        ("localhost.evil.example:{port}", "/health", Some(token)),
+        ("127.0.0.2:{port}", "/health", Some(token)),
+    ] {
+        let host = host.replace("{port}", &port.to_string());
+        let (status, body) = get_as(admin, Some(&host), path, with);
+        assert_eq!(status, 421, "Host: {host} {path}: {body}");
+        assert!(body.contains("admin.allowed_hosts"), "{body}");
+    }
+    // HTTP/1.0 without a Host header names no host: refused the same way.
+    let (status, body) = get_as(admin, None, "/metrics", Some(token));
+    assert_eq!(status, 421, "{body}");
+    assert!(body.contains("admin.allowed_hosts"), "{body}");
+    // An absolute request URI naming another host is refused even with an allowed Host.
+    let (status, _, body) = http_request(
+        admin,
+        &format!(
+            "GET http://evil.example:{port}/metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(status, 421, "{}", String::from_utf8_lossy(&body));
+
+    // The loopback names, with or without the port, in any case, are served; the token is
+    // still checked after the host.
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("LocalHost:{port}"),
+        "localhost".to_string(),
+        format!("[::1]:{port}"),
+    ] {
+        assert_eq!(
+            get_as(admin, Some(&host), "/metrics", Some(token)).0,
+            200,
+            "Host: {host}"
+        );
+        assert_eq!(
+            get_as(admin, Some(&host), "/metrics", None).0,
+            401,
+            "Host: {host}"
+        );
+    }
+}
+
+#[test]
+fn a_configured_allowed_host_is_served_and_others_still_refused() {
+    let port = free_port();
+    let edge = Edge::start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:{port}\"\nallowed_hosts = [\"edge.plant.local\", \"192.0.2.7\"]\n"
+    ));
+    let admin = admin_addr(&edge);
+    for host in [
+        format!("edge.plant.local:{port}"),
+        "Edge.Plant.Local".to_string(),
+        format!("192.0.2.7:{port}"),
+        format!("127.0.0.1:{port}"),
+    ] {
+        let (status, body) = get_as(admin, Some(&host), "/health", None);
+        assert_eq!((status, body.as_str()), (200, "ok\n"), "Host: {host}");
+    }
+    for host in [
+        format!("evil.example:{port}"),
+        format!("edge.plant.local.evil.example:{port}"),
+        format!("192.0.2.8:{port}"),
+    ] {
+        assert_eq!(
+            get_as(admin, Some(&host), "/health", None).0,
+            421,
+            "Host: {host}"
+        );
+    }
+
+    // An entry that is not a host (here with a port) stops the edge at start, naming the key.
+    let stderr = refused_start(&format!(
+        "listen = \"127.0.0.1:{}\"\nallowed_hosts = [\"edge.plant.local:8080\"]",
+        free_port()
+    ));
+    assert!(stderr.contains("admin.allowed_hosts"), "{stderr}");
+    assert!(stderr.contains("without a port"), "{stderr}");
+}
+
+/// An MQTT 5 QoS 1 PUBLISH carrying a Content Type property.
+fn v5_publish_typed(topic: &str, pkid: u16, content_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut props = vec![0x03];
+    props.extend_from_slice(&(content_type.len() as u16).to_be_bytes());
+    props.extend_from_slice(content_type.as_bytes());
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&pkid.to_be_bytes());
+    assert!(props.len() < 128, "one-byte property length");
+    body.push(props.len() as u8);
+    body.extend_from_slice(&props);
+    body.extend_from_slice(payload);
+    assert!(body.len() < 128, "one-byte remaining length");
+    let mut packet = vec![0x32, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_payload_is_served_so_that_no_browser_renders_it() {
+    let edge = Edge::start("");
+    let (mut device, _) = RawClient::connect(edge.addr, Proto::V5, &ConnectOpts::new("mallory"))
+        .await
+        .unwrap();
+    let html = b"<script>fetch('/api/v1/clients')</script>";
+    device
+        .send_raw(&v5_publish_typed("sensors/mallory/t", 1, "text/html", html))
+        .await
+        .unwrap();
+    assert_eq!(device.recv().await.unwrap(), Got::PubAck(1, 0));
+
+    let (status, head, body) = http_get_raw(
+        edge.admin,
+        "/api/v1/topics/mqtt/partitions/0/records/0/payload",
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(body, html, "the bytes as stored");
+    // The device's content type is kept (it is what the device said), but the browser may
+    // not sniff, must run any document sandboxed in an opaque origin, and should download it.
+    for line in [
+        "content-type: text/html",
+        "x-content-type-options: nosniff",
+        "content-security-policy: sandbox",
+        "content-disposition: attachment",
+    ] {
+        assert!(
+            head.lines().any(|l| l.trim() == line),
+            "no {line:?} in\n{head}"
+        );
+    }
+}
+
+#[test]
+fn a_percent_encoded_query_token_is_accepted_and_a_wrong_one_refused() {
+    let token = "plant+7/admin=token%41z";
+    let edge = Edge::start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:{}\"\ntoken = \"{token}\"\n",
+        free_port()
+    ));
+    let admin = admin_addr(&edge);
+    let encoded = "plant%2B7%2Fadmin%3Dtoken%2541z";
+    let (status, body) = http_get(admin, &format!("/?token={encoded}"), None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("<html"), "the dashboard");
+    // The token as written, undecoded: `+` reads as a space and `%41` as `A`.
+    assert_eq!(
+        http_get(admin, &format!("/?token={token}"), None)
+            .unwrap()
+            .0,
+        401
+    );
+    // One character off, encoded the same way.
+    assert_eq!(
+        http_get(admin, "/?token=plant%2B7%2Fadmin%3Dtoken%2541y", None)
+            .unwrap()
+            .0,
+        401
+    );
+    // The header carries the token as it is.
+    assert_eq!(http_get(admin, "/metrics", Some(token)).unwrap().0, 200);
 }

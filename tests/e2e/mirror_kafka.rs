@@ -186,10 +186,12 @@ fn bad_targets_are_reported_and_ingest_goes_on() {
     );
     let (_, text) = http_get(edge.admin, "/metrics", None).unwrap();
     assert_eq!(metric(&text, "tributary_mirror_link_up"), 0.0);
+    // The label is the step that failed, from a closed set; the message stays in the JSON.
     assert!(
-        text.contains("tributary_mirror_last_error_timestamp_seconds{error=\""),
+        text.contains("tributary_mirror_last_error_timestamp_seconds{kind=\"connect\"}"),
         "{text}"
     );
+    assert_eq!(s["last_error_kind"], "connect", "{s:#}");
     assert_eq!(metric(&text, "tributary_mirror_records_total"), 0.0);
     tributary_tests::assert_readme_names_metrics(&text);
     publish_acked(&edge, "sensors/dev-2/t", "still-accepted");

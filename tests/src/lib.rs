@@ -113,16 +113,24 @@ pub fn http_get_raw(
     path: &str,
     token: Option<&str>,
 ) -> Result<(u16, String, Vec<u8>)> {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\r\n"
-    )?;
+    // `Host` as a browser or curl sends it for `http://{addr}/`, which the admin endpoint
+    // answers without configuration.
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\r\n"),
+    )
+}
+
+/// Sends `request` (the request line and headers, written out) and reads the answer to the
+/// end of the connection: status, the header block (lowercase names) and the body's bytes.
+pub fn http_request(addr: SocketAddr, request: &str) -> Result<(u16, String, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let split = raw
@@ -459,6 +467,11 @@ pub fn chromium() -> &'static str {
 /// The DOM of the admin dashboard at `admin` after its scripts ran, as headless Chromium
 /// dumps it.
 pub fn dashboard_dom(admin: SocketAddr) -> String {
+    dashboard_dom_at(&format!("http://{admin}/"))
+}
+
+/// The DOM of the page at `url` (the dashboard, with a query) after its scripts ran.
+pub fn dashboard_dom_at(url: &str) -> String {
     let out = Command::new(chromium())
         .args([
             "--headless=new",
@@ -466,7 +479,7 @@ pub fn dashboard_dom(admin: SocketAddr) -> String {
             "--disable-gpu",
             "--virtual-time-budget=5000",
             "--dump-dom",
-            &format!("http://{admin}/"),
+            url,
         ])
         .output()
         .expect("running Chromium");

@@ -1,6 +1,9 @@
 //! The admin HTTP endpoint: `/health`, `/ready`, `/metrics` (Prometheus text format) and a
-//! JSON API under `/api/v1/`. With a token configured every request must carry
+//! JSON API under `/api/v1/`. A request whose `Host` is not an allowed host is refused before
+//! anything else (see [`hosts`]); with a token configured every request must carry
 //! `Authorization: Bearer <token>`.
+
+pub mod hosts;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +34,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Bearer token required on every request, if any.
     pub token: Option<String>,
+    /// The `Host` header values answered (`admin.allowed_hosts`).
+    pub allowed_hosts: hosts::AllowedHosts,
 }
 
 /// The admin routes.
@@ -54,6 +59,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/v1/mirror", get(mirror))
         .route("/api/v1/groups", get(groups))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        // The outer layer runs first: a misdirected request learns nothing, not even
+        // whether a token is needed.
+        .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state)
 }
 
@@ -64,19 +72,74 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     }
 }
 
+/// Refuses a request whose `Host` (or absolute request URI) names a host not in
+/// `admin.allowed_hosts`, and one that names none (HTTP/1.0 without `Host`).
+async fn check_host(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    match misdirected(&s.allowed_hosts, &req) {
+        None => next.run(req).await,
+        Some(refusal) => refusal,
+    }
+}
+
+/// The refusal of a request to a host that is not allowed, if it is one.
+fn misdirected(allowed: &hosts::AllowedHosts, req: &Request) -> Option<Response> {
+    let mut named = req
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .map(|v| v.to_str().ok())
+        .chain(req.uri().authority().map(|a| Some(a.as_str())));
+    let mut any = false;
+    let refused = named.find(|h| {
+        any = true;
+        !h.is_some_and(|h| allowed.allows(h))
+    });
+    let host = match refused {
+        None if any => return None,
+        None => "a request without a Host header".to_string(),
+        // Printable ASCII (`to_str`), so cutting at any byte is cutting at a character.
+        Some(Some(h)) => format!("the host {:?}", &h[..h.len().min(260)]),
+        Some(None) => "a Host header that is not text".to_string(),
+    };
+    Some(
+        (
+            StatusCode::MISDIRECTED_REQUEST,
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            format!(
+                "this admin endpoint does not answer {host}: add the name this edge is reached by to admin.allowed_hosts in the edge's config (localhost, 127.0.0.1, [::1] and the listen address are always allowed)\n"
+            ),
+        )
+            .into_response(),
+    )
+}
+
+/// The `token` query parameter, decoded as the dashboard's `URLSearchParams` decodes it
+/// (`%XX` escapes, `+` for a space), so that the page is let in with the same token it then
+/// sends to the API.
+fn query_token(uri: &axum::http::Uri) -> Option<String> {
+    #[derive(Deserialize)]
+    struct TokenQuery {
+        token: Option<String>,
+    }
+    Query::<TokenQuery>::try_from_uri(uri).ok()?.0.token
+}
+
 async fn authorize(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
     if let Some(token) = &s.token {
         // A browser opening the dashboard cannot set a header: the page may carry the token
         // as `?token=` and passes it on as a header to the API.
         let from_query = (req.uri().path() == "/")
-            .then(|| req.uri().query())
-            .flatten()
-            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+            .then(|| query_token(req.uri()))
+            .flatten();
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string)
             .or(from_query);
         if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), token.as_bytes())) {
             return (
@@ -431,20 +494,7 @@ pub fn render_metrics(s: &AdminState) -> String {
         );
         let up = matches!(st.state, cloud_sync::LinkState::Mirroring);
         let _ = writeln!(out, "tributary_mirror_link_up {}", u8::from(up));
-        if let (Some(error), Some(at)) = (&st.last_error, st.last_error_at_ms) {
-            family(
-                &mut out,
-                "tributary_mirror_last_error_timestamp_seconds",
-                "gauge",
-                "When the mirror last failed (Unix time); the message is in the error label.",
-            );
-            let _ = writeln!(
-                out,
-                "tributary_mirror_last_error_timestamp_seconds{{error=\"{}\"}} {}",
-                label(error),
-                at as f64 / 1000.0
-            );
-        }
+        render_mirror_last_error(&st, &mut out);
         let mirrored = [
             (
                 "tributary_mirror_records_total",
@@ -503,6 +553,27 @@ pub fn render_metrics(s: &AdminState) -> String {
         }
     }
     out
+}
+
+/// When the mirror last failed, labelled with the step that failed. The message stays out of
+/// the label: it is free text (from Kafka, the network, a broker's name), and every distinct
+/// text would be a new series for Prometheus to keep; `/api/v1/mirror` has it.
+fn render_mirror_last_error(st: &cloud_sync::MirrorStatus, out: &mut String) {
+    let (Some(kind), Some(at)) = (st.last_error_kind, st.last_error_at_ms) else {
+        return;
+    };
+    family(
+        out,
+        "tributary_mirror_last_error_timestamp_seconds",
+        "gauge",
+        "When the mirror last failed (Unix time), by the step that failed: connect, topics, checkpoint, produce, transaction, fenced, source or other; the message is in /api/v1/mirror.",
+    );
+    let _ = writeln!(
+        out,
+        "tributary_mirror_last_error_timestamp_seconds{{kind=\"{}\"}} {}",
+        kind.label(),
+        at as f64 / 1000.0
+    );
 }
 
 /// The consumer groups' series.
@@ -855,6 +926,22 @@ async fn payload(
                 if let Ok(v) = header::HeaderValue::from_bytes(r.headers.mqtt_topic.as_bytes()) {
                     headers.insert("x-tributary-mqtt-topic", v);
                 }
+                // A device chooses both the bytes and their content type: a `text/html`
+                // payload opened in a browser would run its scripts in the admin origin, with
+                // the API at hand. The browser must not sniff a type, must run the document
+                // (if it shows it at all) in an opaque origin, and should save it instead.
+                headers.insert(
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    header::HeaderValue::from_static("nosniff"),
+                );
+                headers.insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    header::HeaderValue::from_static("sandbox"),
+                );
+                headers.insert(
+                    header::CONTENT_DISPOSITION,
+                    header::HeaderValue::from_static("attachment"),
+                );
                 (headers, r.payload).into_response()
             }
             _ => failed(
@@ -919,5 +1006,126 @@ async fn mirror(State(s): State<Arc<AdminState>>) -> Response {
             Json(serde_json::json!({ "error": "no [cloud] section: this edge does not mirror" })),
         )
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token_of(path_and_query: &str) -> Option<String> {
+        query_token(&path_and_query.parse().unwrap())
+    }
+
+    #[test]
+    fn query_token_is_percent_decoded() {
+        assert_eq!(
+            token_of("/?token=a%2Bb%2Fc%3D%3Dd%25e").as_deref(),
+            Some("a+b/c==d%e")
+        );
+        assert_eq!(
+            token_of("/?x=1&token=plain-token-0123456789&y=2").as_deref(),
+            Some("plain-token-0123456789")
+        );
+    }
+
+    #[test]
+    fn query_token_reads_a_plus_as_a_space_like_the_dashboard() {
+        // The page reads the token with URLSearchParams, which takes `+` for a space; the
+        // server must let the page in with the token the page then sends.
+        assert_eq!(token_of("/?token=a+b").as_deref(), Some("a b"));
+    }
+
+    #[test]
+    fn query_without_a_token_gives_none() {
+        assert_eq!(token_of("/"), None);
+        assert_eq!(token_of("/?tokens=x"), None);
+        assert_eq!(token_of("/?token=a&token=b"), None, "ambiguous");
+    }
+
+    fn request(uri: &str, hosts: &[&str]) -> Request {
+        let mut req = Request::builder().uri(uri);
+        for h in hosts {
+            req = req.header(header::HOST, *h);
+        }
+        req.body(axum::body::Body::empty()).unwrap()
+    }
+
+    fn loopback() -> hosts::AllowedHosts {
+        hosts::AllowedHosts::new(&[], std::net::Ipv4Addr::LOCALHOST.into()).unwrap()
+    }
+
+    #[test]
+    fn a_request_naming_an_allowed_host_passes() {
+        assert!(misdirected(&loopback(), &request("/metrics", &["127.0.0.1:8080"])).is_none());
+        assert!(misdirected(&loopback(), &request("/", &["localhost"])).is_none());
+    }
+
+    #[test]
+    fn a_request_naming_another_host_or_none_is_misdirected() {
+        let allowed = loopback();
+        for req in [
+            request("/metrics", &["evil.example:8080"]),
+            request("/metrics", &[]),
+            request("/metrics", &["127.0.0.1:8080", "evil.example"]),
+            request("http://evil.example:8080/metrics", &["127.0.0.1:8080"]),
+        ] {
+            let uri = req.uri().clone();
+            let refused = misdirected(&allowed, &req).expect("refused");
+            assert_eq!(refused.status(), StatusCode::MISDIRECTED_REQUEST, "{uri}");
+        }
+    }
+
+    fn failed_status(kind: cloud_sync::ErrorKind, message: &str) -> cloud_sync::MirrorStatus {
+        cloud_sync::MirrorStatus {
+            site: "plant-7".into(),
+            bootstrap: "kafka-1:9092".into(),
+            state: cloud_sync::LinkState::Retrying,
+            last_error: Some(message.into()),
+            last_error_kind: Some(kind),
+            last_error_at_ms: Some(1_764_143_421_337),
+            last_healthy_at_ms: None,
+            updated_at_ms: 1_764_143_421_400,
+            transactions: 0,
+            records_mirrored: 0,
+            bytes_mirrored: 0,
+            partitions: Vec::new(),
+            groups: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn mirror_error_metric_is_labelled_by_kind_not_message() {
+        let message = "connecting to kafka.invalid:9092: \"resolve\" failed\n{error=\"x\"}";
+        for kind in cloud_sync::ErrorKind::ALL {
+            let mut out = String::new();
+            render_mirror_last_error(&failed_status(kind, message), &mut out);
+            let series: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
+            assert_eq!(
+                series,
+                [format!(
+                    "tributary_mirror_last_error_timestamp_seconds{{kind=\"{}\"}} 1764143421.337",
+                    kind.label()
+                )],
+                "{out}"
+            );
+            assert!(!out.contains("kafka.invalid"), "{out}");
+            let help = out.lines().next().unwrap_or_default();
+            assert!(
+                help.contains(kind.label()),
+                "the help names every kind: {help}"
+            );
+        }
+    }
+
+    #[test]
+    fn mirror_error_metric_is_absent_until_the_mirror_fails() {
+        let mut status = failed_status(cloud_sync::ErrorKind::Connect, "x");
+        status.last_error = None;
+        status.last_error_kind = None;
+        status.last_error_at_ms = None;
+        let mut out = String::new();
+        render_mirror_last_error(&status, &mut out);
+        assert_eq!(out, "");
     }
 }
