@@ -495,7 +495,7 @@ impl Appender {
             log.enforce_budget().map_err(|e| e.to_string())?;
             log.refresh_budget_flag();
         }
-        self.bound_write_buffer();
+        self.bound_write_buffer()?;
         for (req, seqs) in group.drain(..).zip(seqs) {
             if let Some(reply) = req.reply {
                 // A connection that went away no longer needs its acks.
@@ -514,16 +514,25 @@ impl Appender {
     /// disk would hold an ever larger memtable in memory (measured here: 1.1 GiB after 2 GiB
     /// written). Waiting here before the next group commit makes the appender as slow as the
     /// flushes, the append budget fills, and connections stop reading their sockets.
-    fn bound_write_buffer(&self) {
+    fn bound_write_buffer(&self) -> Result<(), String> {
         let db = &self.log.db;
         if db.write_buffer_size() <= WRITE_BUFFER_LIMIT {
-            return;
+            return Ok(());
         }
         let _ = self.log.records.rotate_memtable();
         let started = std::time::Instant::now();
         let mut warned = false;
+        let mut waits = 0u32;
         while db.write_buffer_size() > WRITE_BUFFER_LIMIT {
             std::thread::sleep(std::time::Duration::from_millis(2));
+            waits += 1;
+            // A background flush or compaction that failed (EIO, ENOSPC) poisons fjall and
+            // the buffer never shrinks: fjall says so on the next persist, and the log is
+            // failed instead of waiting forever with acknowledgements stopped.
+            if waits.is_multiple_of(50) {
+                db.persist(fjall::PersistMode::Buffer)
+                    .map_err(|e| format!("the log's background flush or compaction failed: {e}"))?;
+            }
             if !warned && started.elapsed() > std::time::Duration::from_secs(30) {
                 tracing::warn!(
                     bytes = db.write_buffer_size(),
@@ -532,6 +541,7 @@ impl Appender {
                 warned = true;
             }
         }
+        Ok(())
     }
 
     fn flush_builder(&mut self, flat: usize, batch: &mut fjall::OwnedWriteBatch) {
