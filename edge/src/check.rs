@@ -12,7 +12,7 @@ use crate::mqtt::delivery::{
     parse_queue_value, parse_subscription_value, split_client_key, Message, TAG_QUEUED,
     TAG_RELEASED, TAG_RETAINED, TAG_SUBSCRIPTION,
 };
-use crate::mqtt::session::parse_session_value;
+use crate::mqtt::session::{parse_qos2_key, parse_session_value};
 
 /// One entry that does not decode.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -123,10 +123,7 @@ fn check_meta(k: &[u8], v: &[u8]) -> Result<(), (&'static str, String)> {
             }
         }
         Some(b'q') => {
-            let len = k
-                .get(1..3)
-                .map_or(0, |l| u16::from_be_bytes([l[0], l[1]]) as usize);
-            if k.len() < 5 || k.len() != 3 + len + 2 {
+            if parse_qos2_key(k).is_none() {
                 return fail("qos2 marker", "not a client id and a packet id");
             }
         }

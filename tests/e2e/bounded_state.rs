@@ -4,12 +4,13 @@
 //! limit; a session belongs to the user who started it; `auth.client_id` binds client ids to
 //! user names. Each limit is tested at its edge with real connections.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tributary_tests::raw::{v5_connect, v5_publish, will_delay, Will};
-use tributary_tests::{http_get, metric, payloads, ConnectOpts, Edge, Got, Proto, RawClient};
+use tributary_tests::{
+    http_get, metric, mosquitto_passwd, payloads, ConnectOpts, Edge, Got, Proto, RawClient,
+};
 
 fn metric_of(edge: &Edge, series: &str) -> f64 {
     let (status, text) = http_get(edge.admin, "/metrics", None).unwrap();
@@ -274,20 +275,6 @@ async fn sessions_are_bounded_and_311_persistent_sessions_expire_by_the_default(
         .unwrap();
     assert_eq!(ack.connack(), Some((0, false)), "the session expired");
     drop(c);
-}
-
-fn mosquitto_passwd(file: &Path, user: &str, password: &str) {
-    let mut cmd = Command::new("mosquitto_passwd");
-    if !file.exists() {
-        cmd.arg("-c");
-    }
-    let out = cmd
-        .args(["-H", "sha512", "-b"])
-        .arg(file)
-        .args([user, password])
-        .output()
-        .expect("mosquitto_passwd (Debian package mosquitto)");
-    assert!(out.status.success(), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

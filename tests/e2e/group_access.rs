@@ -3,10 +3,9 @@
 //! the group commit past records no member received; a member that never acknowledges loses
 //! its partitions to one that does.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tributary_tests::{http_get, ConnectOpts, Edge, Got, Proto, RawClient};
+use tributary_tests::{http_get, mosquitto_passwd, ConnectOpts, Edge, Got, Proto, RawClient};
 
 const GROUP: &str = r#"
 [[routes]]
@@ -148,18 +147,8 @@ async fn only_the_groups_own_filter_joins_and_nothing_is_committed_unseen() {
 async fn with_an_acl_a_member_needs_a_group_grant() {
     let dir = tempfile::tempdir().unwrap();
     let passwd = dir.path().join("passwd");
-    for (i, user) in ["alice", "bob"].iter().enumerate() {
-        let mut cmd = Command::new("mosquitto_passwd");
-        if i == 0 {
-            cmd.arg("-c");
-        }
-        let out = cmd
-            .args(["-H", "sha512", "-b"])
-            .arg(&passwd)
-            .args([*user, "pw"])
-            .output()
-            .expect("mosquitto_passwd (Debian package mosquitto)");
-        assert!(out.status.success(), "{out:?}");
+    for user in ["alice", "bob"] {
+        mosquitto_passwd(&passwd, user, "pw");
     }
     let acl = dir.path().join("acl");
     std::fs::write(

@@ -228,6 +228,22 @@ pub fn free_port() -> u16 {
         .expect("binding an ephemeral port")
 }
 
+/// Adds `user` with `password` to the password file `file` (created when missing) with
+/// Mosquitto's own `mosquitto_passwd` (SHA-512 hashes: quick to check, unlike argon2).
+pub fn mosquitto_passwd(file: &Path, user: &str, password: &str) {
+    let mut cmd = Command::new("mosquitto_passwd");
+    if !file.exists() {
+        cmd.arg("-c");
+    }
+    let out = cmd
+        .args(["-H", "sha512", "-b"])
+        .arg(file)
+        .args([user, password])
+        .output()
+        .expect("mosquitto_passwd (Debian package mosquitto)");
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// An `edge` process with its own data directory and config, stopped when dropped.
 pub struct Edge {
     dir: tempfile::TempDir,

@@ -2597,24 +2597,7 @@ fn stage_publish(
             retained.push((msg.topic.clone(), None));
         } else if let Some(value) = retained_value {
             req.state.push(StateOp::Put { key, value });
-            // The store keeps a copy: the message's topic and payload are slices of the
-            // connection's read buffer, which a long-lived slice would hold whole.
-            let kept = Message {
-                topic: Bytes::copy_from_slice(&msg.topic),
-                payload: Bytes::copy_from_slice(&msg.payload),
-                qos: msg.qos,
-                retain: msg.retain,
-                publisher: msg.publisher.clone(),
-                props: MessageProps {
-                    correlation_data: msg
-                        .props
-                        .correlation_data
-                        .as_ref()
-                        .map(|c| Bytes::copy_from_slice(c)),
-                    ..msg.props.clone()
-                },
-                received_ms: msg.received_ms,
-            };
+            let kept = msg.detached();
             retained.push((kept.topic.clone(), Some(Arc::new(kept))));
         }
     }

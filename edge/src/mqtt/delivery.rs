@@ -56,6 +56,27 @@ impl Message {
         }
     }
 
+    /// A copy that owns its bytes: topic, payload and correlation data may be slices of a
+    /// connection's read buffer, which a long-lived message (a retained one) would hold whole.
+    pub fn detached(&self) -> Message {
+        Message {
+            topic: Bytes::copy_from_slice(&self.topic),
+            payload: Bytes::copy_from_slice(&self.payload),
+            qos: self.qos,
+            retain: self.retain,
+            publisher: self.publisher.clone(),
+            props: MessageProps {
+                correlation_data: self
+                    .props
+                    .correlation_data
+                    .as_ref()
+                    .map(|c| Bytes::copy_from_slice(c)),
+                ..self.props.clone()
+            },
+            received_ms: self.received_ms,
+        }
+    }
+
     /// Approximate memory it holds, for the outbox and retained-store byte bounds.
     pub fn size(&self) -> usize {
         Message::size_of(self.topic.len(), self.payload.len(), &self.props)

@@ -131,6 +131,15 @@ pub fn qos2_key(client_id: &str, pkid: u16) -> Vec<u8> {
     k
 }
 
+/// Decodes [`qos2_key`]: client id and packet id.
+pub fn parse_qos2_key(k: &[u8]) -> Option<(&str, u16)> {
+    if k.first() != Some(&b'q') {
+        return None;
+    }
+    let (client, pkid) = split_client_key(k)?;
+    Some((client, u16::from_be_bytes(pkid.try_into().ok()?)))
+}
+
 /// Every durable key of a session, to delete when it ends.
 pub fn purge_ops(client_id: &str) -> Vec<StateOp> {
     let mut ops: Vec<StateOp> = [TAG_SUBSCRIPTION, TAG_QUEUED, TAG_RELEASED]
@@ -296,15 +305,11 @@ impl SessionStore {
             }
         }
         for (k, _) in log.meta_scan(b"q")? {
-            let len = k
-                .get(1..3)
-                .map_or(0, |l| u16::from_be_bytes([l[0], l[1]]) as usize);
-            if k.len() < 5 || k.len() != 3 + len + 2 {
+            let Some((client, pkid)) = parse_qos2_key(&k) else {
                 log.quarantine_meta(&k, "qos2 marker");
                 continue;
-            }
-            let client = String::from_utf8_lossy(&k[3..3 + len]).into_owned();
-            let pkid = u16::from_be_bytes([k[3 + len], k[4 + len]]);
+            };
+            let client = client.to_string();
             match sessions.get_mut(&client) {
                 Some(e) => {
                     e.data.qos2.insert(pkid);
@@ -568,6 +573,17 @@ mod tests {
         for bad in [&v[..11], &v[..13], &v[..v.len() - 1]] {
             assert_eq!(parse_session_value(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn qos2_keys_round_trip_and_malformed_ones_do_not_decode() {
+        assert_eq!(
+            parse_qos2_key(&qos2_key("dev-1", 513)),
+            Some(("dev-1", 513))
+        );
+        let k = qos2_key("dev-1", 7);
+        assert_eq!(parse_qos2_key(&k[..k.len() - 1]), None);
+        assert_eq!(parse_qos2_key(b"q"), None);
     }
 
     #[test]
