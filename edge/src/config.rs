@@ -120,8 +120,8 @@ pub struct AuthConfig {
     /// 0x85 Client identifier not valid (3.1.1: return code 2). Anonymous clients are not
     /// affected. With `"any"` and an ACL that grants by `%c`, any user can claim any
     /// device's client id and with it that device's rights: `edge check-config` warns.
-    /// Whatever this says, a session a user started can only be resumed or taken over by
-    /// that same user (0x87 Not authorized; 3.1.1: return code 5).
+    /// Whatever this says, a persistent session a user started can only be resumed or taken
+    /// over by that same user (0x87 Not authorized; 3.1.1: return code 5).
     pub client_id: ClientIdPolicy,
 }
 

@@ -511,12 +511,15 @@ impl SessionStore {
         }
     }
 
-    /// Who may take up the session of `client_id`: `None` when there is none (anyone may
-    /// start it), `Some(None)` when an anonymous client started it (anyone may), `Some(user)`
-    /// when a user did (that user only).
+    /// Who may take up the session of `client_id`: `None` when there is no persistent one
+    /// (anyone may start it; a session with expiry 0 ends when a new connection takes the
+    /// client id, so it hands nothing over), `Some(None)` when an anonymous client started
+    /// it (anyone may), `Some(user)` when a user did (that user only).
     pub fn owner_of(&self, client_id: &str) -> Option<Option<Arc<str>>> {
         let map = self.inner.lock().expect("session lock");
-        map.get(client_id).map(|e| e.data.owner.clone())
+        map.get(client_id)
+            .filter(|e| e.data.expiry > 0)
+            .map(|e| e.data.owner.clone())
     }
 
     /// Every session, by client id.
