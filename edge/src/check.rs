@@ -7,12 +7,8 @@
 
 use serde::Serialize;
 
-use crate::log::{CorruptBatch, Log, LogError};
-use crate::mqtt::delivery::{
-    parse_queue_value, parse_subscription_value, split_client_key, Message, TAG_QUEUED,
-    TAG_RELEASED, TAG_RETAINED, TAG_SUBSCRIPTION,
-};
-use crate::mqtt::session::{parse_qos2_key, parse_session_value};
+use crate::log::{meta, CorruptBatch, Log, LogError};
+use crate::mqtt::delivery::Message;
 
 /// One entry that does not decode.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -102,66 +98,11 @@ pub fn check(log: &Log, repair: bool) -> Result<Report, LogError> {
 
 /// Decodes one meta entry by its tag: `Err((kind, why))` when it does not decode.
 fn check_meta(k: &[u8], v: &[u8]) -> Result<(), (&'static str, String)> {
-    let fail = |kind: &'static str, why: &str| Err((kind, why.to_string()));
-    match k.first() {
-        Some(b't') => {
-            if std::str::from_utf8(&k[1..]).is_err() || v.len() != 8 {
-                return fail("topic", "not a topic name with an id and a partition count");
-            }
-        }
-        Some(b'p') => {
-            if k.len() != 9 || v.len() != 24 {
-                return fail(
-                    "partition",
-                    "not a partition's end, bytes and removed count",
-                );
-            }
-        }
-        Some(b's') => {
-            if parse_session_value(v).is_none() {
-                return fail("session", "not an expiry, a disconnect time and an owner");
-            }
-        }
-        Some(b'q') => {
-            if parse_qos2_key(k).is_none() {
-                return fail("qos2 marker", "not a client id and a packet id");
-            }
-        }
-        Some(&TAG_SUBSCRIPTION) => {
-            if split_client_key(k).is_none() || parse_subscription_value(v).is_none() {
-                return fail("subscription", "not a client id, a filter and its options");
-            }
-        }
-        Some(&(TAG_QUEUED | TAG_RELEASED)) => {
-            let seq_ok = split_client_key(k).is_some_and(|(_, rest)| rest.len() == 8);
-            if !seq_ok || parse_queue_value(v).is_none() {
-                return fail(
-                    "queue entry",
-                    "not a client id, a seq and a record position",
-                );
-            }
-        }
-        Some(&TAG_RETAINED) => {
-            if let Err(e) = Message::decode(v) {
-                return Err(("retained message", e.to_string()));
-            }
-        }
-        Some(b'c') => {
-            if k.len() != 1 || v.len() != 16 {
-                return fail("retention clock", "not a jump point and a skew");
-            }
-        }
-        Some(&crate::groups::TAG_GROUP) => {
-            if crate::groups::parse_position(k, v).is_none() {
-                return fail(
-                    "group position",
-                    "not a group, topic, partition and position",
-                );
-            }
-        }
-        _ => return fail("unknown", "no part of the edge writes a key with this tag"),
-    }
-    Ok(())
+    meta::check_entry(k, v, |batch| {
+        Message::decode_batch(batch)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
 }
 
 #[cfg(test)]
@@ -187,7 +128,7 @@ mod tests {
             &crate::mqtt::session::session_value(60, 0, None),
         );
         log.put_raw(false, b"sbad", b"123");
-        log.put_raw(false, b"rsensors/x", b"\xB7\x01garbage");
+        log.put_raw(false, b"rsensors/x", b"\x01\xB7\x01garbage");
         let mut key = [0u8; 16];
         key[8..16].copy_from_slice(&0u64.to_be_bytes());
         log.put_raw(true, &key, b"not a batch");

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::assign::assign;
-use super::{position_key, position_value, GroupStatus, MemberStatus, PartitionPosition};
-use crate::log::appender::{AppendRequest, AppenderMsg, Committed, ReplyTo, StateOp};
+use super::{position_op, GroupStatus, MemberStatus, PartitionPosition};
+use crate::log::appender::{AppendRequest, AppenderMsg, Committed, ReplyTo};
 use crate::log::PartitionState;
 use crate::mqtt::delivery::{AckInbox, Delivery, GroupAck, Message, Subscriber};
 use crate::mqtt::subs::SubOptions;
@@ -673,10 +673,13 @@ impl Engine {
             } else {
                 p.lease
             };
-            state.push(StateOp::Put {
-                key: position_key(&self.name, &p.topic, p.partition),
-                value: position_value(p.committed, lease).to_vec(),
-            });
+            state.push(position_op(
+                &self.name,
+                &p.topic,
+                p.partition,
+                p.committed,
+                lease,
+            ));
             values.push((p.committed, lease));
         }
         self.next_ticket += 1;

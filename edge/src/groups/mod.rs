@@ -3,9 +3,8 @@
 //!
 //! # On-disk format
 //!
-//! In the log's `meta` keyspace, one entry per group and partition:
-//! `b'g' | group_len u16 | group | topic_len u16 | topic | partition u32` ->
-//! `committed u64 | lease u64` (big-endian). `committed` is the group's position: every record
+//! In the log's `meta` keyspace, one entry per group and partition (key and value in
+//! [`crate::log::meta`]): `committed` and `lease`. `committed` is the group's position: every record
 //! below it has been processed by the group. `lease` bounds what may have been handed to a
 //! member: nothing at or above it was sent before it was stored.
 //!
@@ -33,11 +32,8 @@ use std::thread::JoinHandle;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{GroupConfig, GroupStart};
-use crate::log::{Log, LogError};
+use crate::log::{meta, Log, LogError};
 use crate::mqtt::Broker;
-
-/// Meta key tag of group positions.
-pub const TAG_GROUP: u8 = b'g';
 
 /// File name of the group status in the data directory, rewritten every second by a running
 /// edge, read by `edge groups` while the edge runs.
@@ -61,30 +57,18 @@ pub fn read_status(data_dir: &std::path::Path) -> Result<Vec<GroupStatus>, Strin
     serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// The meta key prefix of one group's positions.
-pub fn group_prefix(group: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(3 + group.len());
-    k.push(TAG_GROUP);
-    k.extend_from_slice(&(group.len() as u16).to_be_bytes());
-    k.extend_from_slice(group.as_bytes());
-    k
-}
-
-/// The meta key of a group's position in one partition.
-pub fn position_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
-    let mut k = group_prefix(group);
-    k.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    k.extend_from_slice(topic.as_bytes());
-    k.extend_from_slice(&partition.to_be_bytes());
-    k
-}
-
-/// The stored value of a position.
-pub fn position_value(committed: u64, lease: u64) -> [u8; 16] {
-    let mut v = [0u8; 16];
-    v[..8].copy_from_slice(&committed.to_be_bytes());
-    v[8..].copy_from_slice(&lease.to_be_bytes());
-    v
+/// Stores a group's position in one partition: `committed` and `lease` (see the module doc).
+pub fn position_op(
+    group: &str,
+    topic: &str,
+    partition: u32,
+    committed: u64,
+    lease: u64,
+) -> crate::log::appender::StateOp {
+    crate::log::appender::StateOp::Put {
+        key: meta::group_position_key(group, topic, partition),
+        value: meta::group_position_value(committed, lease),
+    }
 }
 
 /// A stored position, read back.
@@ -103,30 +87,22 @@ pub struct StoredPosition {
 }
 
 pub(crate) fn parse_position(key: &[u8], value: &[u8]) -> Option<StoredPosition> {
-    let rest = key.strip_prefix(&[TAG_GROUP])?;
-    let (glen, rest) = rest.split_first_chunk::<2>()?;
-    let glen = u16::from_be_bytes(*glen) as usize;
-    let group = std::str::from_utf8(rest.get(..glen)?).ok()?;
-    let rest = &rest[glen..];
-    let (tlen, rest) = rest.split_first_chunk::<2>()?;
-    let tlen = u16::from_be_bytes(*tlen) as usize;
-    let topic = std::str::from_utf8(rest.get(..tlen)?).ok()?;
-    let partition: [u8; 4] = rest.get(tlen..)?.try_into().ok()?;
-    let value: [u8; 16] = value.try_into().ok()?;
+    let (group, topic, partition) = meta::parse_group_position_key(key)?;
+    let (committed, lease) = meta::parse_group_position_value(value)?;
     Some(StoredPosition {
         group: group.to_string(),
         topic: topic.to_string(),
-        partition: u32::from_be_bytes(partition),
-        committed: u64::from_be_bytes(value[..8].try_into().expect("8 bytes")),
-        lease: u64::from_be_bytes(value[8..].try_into().expect("8 bytes")),
+        partition,
+        committed,
+        lease,
     })
 }
 
 /// Every stored position (of `group` only, when given), in key order.
 pub fn stored_positions(log: &Log, group: Option<&str>) -> Result<Vec<StoredPosition>, LogError> {
     let prefix = match group {
-        Some(g) => group_prefix(g),
-        None => vec![TAG_GROUP],
+        Some(g) => meta::group_prefix(g),
+        None => meta::Tag::Group.prefix().to_vec(),
     };
     // A position that does not decode is left out: the group starts that partition as a
     // group new to it would (`start` decides where).
@@ -440,10 +416,7 @@ pub fn reset_ops(
                 .iter()
                 .find(|s| s.group == group && &s.topic == topic && s.partition == i as u32)
                 .map_or(committed, |s| s.lease);
-            ops.push(crate::log::appender::StateOp::Put {
-                key: position_key(group, topic, i as u32),
-                value: position_value(committed, lease).to_vec(),
-            });
+            ops.push(position_op(group, topic, i as u32, committed, lease));
             out.push(StoredPosition {
                 group: group.to_string(),
                 topic: topic.clone(),
@@ -462,8 +435,11 @@ mod tests {
 
     #[test]
     fn position_keys_round_trip() {
-        let k = position_key("alarms", "telemetry", 7);
-        let v = position_value(120, 4096);
+        let crate::log::appender::StateOp::Put { key: k, value: v } =
+            position_op("alarms", "telemetry", 7, 120, 4096)
+        else {
+            panic!("a position is a put");
+        };
         assert_eq!(
             parse_position(&k, &v),
             Some(StoredPosition {
@@ -474,8 +450,8 @@ mod tests {
                 lease: 4096,
             })
         );
-        assert!(k.starts_with(&group_prefix("alarms")));
-        assert!(!k.starts_with(&group_prefix("alarm")));
+        assert!(k.starts_with(&meta::group_prefix("alarms")));
+        assert!(!k.starts_with(&meta::group_prefix("alarm")));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 use super::record::{finish_batch_in_place, BatchHeader, BATCH_HEADER_LEN};
-use super::{partition_meta_key, partition_meta_value, record_key, Log};
+use super::{meta, record_key, Log};
 use crate::config::FsyncMode;
 use crate::route::TopicId;
 
@@ -402,8 +402,8 @@ impl Appender {
             added_bytes += self.next_bytes[flat] - state.bytes.load(Ordering::Relaxed);
             batch.insert(
                 &log.meta,
-                partition_meta_key(t, p).to_vec(),
-                partition_meta_value(
+                meta::partition_key(t, p).to_vec(),
+                meta::partition_value(
                     self.next_end[flat],
                     self.next_bytes[flat],
                     state.removed.load(Ordering::Relaxed),
@@ -415,6 +415,8 @@ impl Appender {
         // A key written twice in one fjall batch would get one sequence number for both
         // versions, so the group's state changes are folded to one final value per key.
         let mut state: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        // Keys given out by `Enqueue` are new (their seq is), so their old size is not looked up.
+        let mut fresh: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
         let mut seqs: Vec<Vec<u64>> = Vec::with_capacity(group.len());
         for (i, req) in group.iter_mut().enumerate() {
             let mut req_seqs = Vec::new();
@@ -433,6 +435,7 @@ impl Appender {
                         value.extend_from_slice(&rec.topic.to_be_bytes());
                         value.extend_from_slice(&rec.partition.to_be_bytes());
                         value.extend_from_slice(&offsets[i][record as usize].to_be_bytes());
+                        fresh.insert(prefix.clone());
                         state.insert(prefix, Some(value));
                     }
                     StateOp::Put { key, value } => {
@@ -456,9 +459,23 @@ impl Appender {
             }
             seqs.push(req_seqs);
         }
+        // The state's bytes after this commit (for the disk budget): each key's new size
+        // against its stored one.
+        let (mut state_added, mut state_freed) = (0u64, 0u64);
         for (k, v) in state {
+            let stored = if fresh.contains(&k) {
+                None
+            } else {
+                log.meta.size_of(&k).map_err(|e| e.to_string())?
+            };
+            if let Some(old) = stored {
+                state_freed += (k.len() + old as usize) as u64;
+            }
             match v {
-                Some(v) => batch.insert(&log.meta, k, v),
+                Some(v) => {
+                    state_added += (k.len() + v.len()) as u64;
+                    batch.insert(&log.meta, k, v)
+                }
                 None => batch.remove(&log.meta, k),
             }
         }
@@ -491,6 +508,12 @@ impl Appender {
         }
         self.touched.clear();
         log.total_bytes.fetch_add(added_bytes, Ordering::Relaxed);
+        if state_added != state_freed {
+            // One writer: a load and a store cannot race another change.
+            let now = log.state_bytes.load(Ordering::Relaxed) + state_added;
+            log.state_bytes
+                .store(now.saturating_sub(state_freed), Ordering::Relaxed);
+        }
         if log.budget.is_some() {
             log.enforce_budget().map_err(|e| e.to_string())?;
             log.refresh_budget_flag();

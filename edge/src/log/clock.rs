@@ -9,13 +9,10 @@
 //! before the jump are aged as that much younger. Records received after it are judged as
 //! usual; the byte limits and the disk budget still apply to everything.
 //!
-//! Stored in the meta keyspace as `b'c'` -> `jump_point_ms u64 | skew_ms u64` (written when
-//! a jump is seen), so a restart keeps judging the records from before the jump fairly.
+//! Stored in the meta keyspace (`c`, see [`super::meta`]) when a jump is seen, so a restart
+//! keeps judging the records from before the jump fairly.
 
 use std::time::Instant;
-
-/// Meta key of the stored skew.
-pub(crate) const CLOCK_KEY: &[u8] = b"c";
 
 /// See the module doc.
 #[derive(Debug)]
@@ -77,21 +74,8 @@ impl RetentionClock {
     }
 
     /// The stored form.
-    pub fn value(&self) -> [u8; 16] {
-        let mut v = [0u8; 16];
-        v[..8].copy_from_slice(&self.jump_point_ms.to_be_bytes());
-        v[8..].copy_from_slice(&self.skew_ms.to_be_bytes());
-        v
-    }
-
-    /// Reads [`RetentionClock::value`].
-    pub fn parse(v: &[u8]) -> Option<(u64, u64)> {
-        let v: [u8; 16] = v.try_into().ok()?;
-        let (a, b) = v.split_at(8);
-        Some((
-            u64::from_be_bytes(a.try_into().ok()?),
-            u64::from_be_bytes(b.try_into().ok()?),
-        ))
+    pub fn value(&self) -> Vec<u8> {
+        super::meta::retention_clock_value(self.jump_point_ms, self.skew_ms)
     }
 }
 
@@ -118,7 +102,10 @@ mod tests {
         // One received after the correction is judged by the clock as it is now.
         assert_eq!(c.age(corrected + HOUR, corrected + 10), HOUR - 10);
         // Stored and read back.
-        let back = RetentionClock::new(1, RetentionClock::parse(&c.value()));
+        let back = RetentionClock::new(
+            1,
+            super::super::meta::parse_retention_clock_value(&c.value()),
+        );
         assert_eq!(
             (back.jump_point_ms, back.skew_ms),
             (c.jump_point_ms, c.skew_ms)

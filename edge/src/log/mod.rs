@@ -7,13 +7,10 @@
 //! - `records`: key `topic_id u32 | partition u32 | base_offset u64`, value a record batch
 //!   (see [`record`]): many records in one value, so that a group commit writes few keys and a
 //!   read from any offset is one seek.
-//! - `meta`:
-//!   - `b't' | name` -> `topic_id u32 | partitions u32`: the topic table.
-//!   - `b'p' | topic_id u32 | partition u32` -> `end_offset u64 | bytes u64 | removed u64`:
-//!     next offset to assign, bytes held by the partition's batch values, and records deleted
-//!     by retention or the disk budget so far.
-//!   - other prefixes belong to the MQTT layer (sessions, QoS 2 state), written through the
-//!     same group commits as records (see [`appender::StateOp`]).
+//! - `meta`: the topic table, each partition's end offset, bytes held and records removed,
+//!   and the state of sessions, retained messages and consumer groups, written through the
+//!   same group commits as records (see [`appender::StateOp`]). [`meta`] defines every key
+//!   and value, with a table of all of them in its header.
 //!
 //! # Invariants
 //!
@@ -40,6 +37,7 @@ const MEMTABLE_BYTES: u64 = 16 << 20;
 
 pub mod appender;
 pub(crate) mod clock;
+pub mod meta;
 pub mod record;
 
 use std::collections::HashMap;
@@ -243,6 +241,9 @@ pub struct Log {
     by_name: HashMap<String, TopicId>,
     budget: Option<Budget>,
     total_bytes: AtomicU64,
+    /// Bytes (keys and values) of the meta keyspace: sessions, subscriptions, queues,
+    /// retained messages, group positions and the log's own entries.
+    state_bytes: AtomicU64,
     over_budget: AtomicBool,
     poisoned: std::sync::Mutex<Option<String>>,
     /// The clock age retention uses (see [`clock`]).
@@ -280,29 +281,6 @@ fn offset_of_key(key: &[u8]) -> u64 {
     u64::from_be_bytes(key[8..16].try_into().expect("record keys are 16 bytes"))
 }
 
-fn topic_meta_key(name: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + name.len());
-    k.push(b't');
-    k.extend_from_slice(name.as_bytes());
-    k
-}
-
-pub(crate) fn partition_meta_key(topic: TopicId, partition: u32) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = b'p';
-    k[1..5].copy_from_slice(&topic.to_be_bytes());
-    k[5..9].copy_from_slice(&partition.to_be_bytes());
-    k
-}
-
-pub(crate) fn partition_meta_value(end: u64, bytes: u64, removed: u64) -> [u8; 24] {
-    let mut v = [0u8; 24];
-    v[0..8].copy_from_slice(&end.to_be_bytes());
-    v[8..16].copy_from_slice(&bytes.to_be_bytes());
-    v[16..24].copy_from_slice(&removed.to_be_bytes());
-    v
-}
-
 impl Log {
     /// Opens (creating if needed) the log in `dir`. With `topics`, makes sure each configured
     /// topic exists with at least its configured partitions; topics on disk that the config no
@@ -321,18 +299,17 @@ impl Log {
             KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
         })?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        meta::migrate(&db, &meta)?;
 
         // The topic table as stored.
         let mut stored: Vec<(String, TopicId, u32)> = Vec::new();
-        for item in meta.prefix(b"t") {
+        for item in meta.prefix(meta::Tag::Topic.prefix()) {
             let (k, v) = item.into_inner()?;
-            let name = String::from_utf8(k[1..].to_vec())
-                .map_err(|_| LogError::CorruptMeta("topic name is not UTF-8".into()))?;
-            if v.len() != 8 {
-                return Err(LogError::CorruptMeta(format!("topic {name}")));
-            }
-            let id = u32::from_be_bytes(v[0..4].try_into().expect("4 bytes"));
-            let parts = u32::from_be_bytes(v[4..8].try_into().expect("4 bytes"));
+            let name = meta::parse_topic_key(&k)
+                .ok_or_else(|| LogError::CorruptMeta("topic name is not UTF-8".into()))?
+                .to_string();
+            let (id, parts) = meta::parse_topic_value(&v)
+                .ok_or_else(|| LogError::CorruptMeta(format!("topic {name}")))?;
             stored.push((name, id, parts));
         }
         let mut next_id = stored.iter().map(|t| t.1 + 1).max().unwrap_or(0);
@@ -352,7 +329,7 @@ impl Log {
                 Some(t) if t.2 < planned.partitions => {
                     tracing::info!(topic = %t.0, from = t.2, to = planned.partitions, "adding partitions");
                     t.2 = planned.partitions;
-                    batch.insert(&meta, topic_meta_key(&t.0), topic_meta_value(t.1, t.2));
+                    batch.insert(&meta, meta::topic_key(&t.0), meta::topic_value(t.1, t.2));
                     changed = true;
                 }
                 Some(_) => {}
@@ -360,8 +337,8 @@ impl Log {
                     stored.push((planned.name.clone(), next_id, planned.partitions));
                     batch.insert(
                         &meta,
-                        topic_meta_key(&planned.name),
-                        topic_meta_value(next_id, planned.partitions),
+                        meta::topic_key(&planned.name),
+                        meta::topic_value(next_id, planned.partitions),
                     );
                     next_id += 1;
                     changed = true;
@@ -372,6 +349,14 @@ impl Log {
             batch
                 .durability(Some(fjall::PersistMode::SyncAll))
                 .commit()?;
+        }
+
+        // What client state holds counts toward the disk budget like records do: summed once
+        // here, then kept up to date by the appender.
+        let mut state_bytes = 0u64;
+        for item in meta.iter() {
+            let (k, v) = item.into_inner()?;
+            state_bytes += (k.len() + v.len()) as u64;
         }
 
         stored.sort_by_key(|t| t.1);
@@ -410,6 +395,7 @@ impl Log {
             by_name,
             budget,
             total_bytes: AtomicU64::new(total),
+            state_bytes: AtomicU64::new(state_bytes),
             over_budget: AtomicBool::new(false),
             poisoned: std::sync::Mutex::new(None),
             counters: LogCounters::default(),
@@ -420,8 +406,8 @@ impl Log {
         };
         let stored_clock = log
             .meta
-            .get(clock::CLOCK_KEY)?
-            .and_then(|v| clock::RetentionClock::parse(&v));
+            .get(meta::RETENTION_CLOCK_KEY)?
+            .and_then(|v| meta::parse_retention_clock_value(&v));
         log.retention_clock = std::sync::Mutex::new(clock::RetentionClock::new(
             DEFAULT_MAX_CLOCK_JUMP_MS,
             stored_clock,
@@ -449,6 +435,17 @@ impl Log {
         self.total_bytes.load(Ordering::Relaxed)
     }
 
+    /// Bytes of the node's other durable state (sessions, subscriptions, queued deliveries,
+    /// retained messages, group positions): keys and values of the meta keyspace.
+    pub fn state_bytes(&self) -> u64 {
+        self.state_bytes.load(Ordering::Relaxed)
+    }
+
+    /// What the disk budget counts: record batches and all other durable state.
+    pub fn budget_bytes(&self) -> u64 {
+        self.total_bytes() + self.state_bytes()
+    }
+
     /// Whether new publishes must be refused (disk budget reached with the `reject` policy).
     pub fn rejects_publishes(&self) -> bool {
         self.over_budget.load(Ordering::Relaxed)
@@ -471,7 +468,7 @@ impl Log {
             Some(Budget {
                 bytes,
                 policy: DiskFullPolicy::Reject,
-            }) => self.total_bytes() >= bytes,
+            }) => self.budget_bytes() >= bytes,
             _ => false,
         };
         self.over_budget.store(over, Ordering::Relaxed);
@@ -636,8 +633,8 @@ impl Log {
             batch.remove(&self.records, key.to_vec());
             batch.insert(
                 &self.meta,
-                partition_meta_key(t.id, *partition).to_vec(),
-                partition_meta_value(end, bytes, removed).to_vec(),
+                meta::partition_key(t.id, *partition).to_vec(),
+                meta::partition_value(end, bytes, removed).to_vec(),
             );
             self.pending_front(state, state.start.load(Ordering::Relaxed), bytes, removed);
             moved += 1;
@@ -734,7 +731,7 @@ impl Log {
             let mut c = self.retention_clock.lock().expect("clock lock");
             if c.observe(now_ms, mono) {
                 // Stored at once, so a restart keeps the skew even if nothing is deleted.
-                self.meta.insert(clock::CLOCK_KEY, c.value())?;
+                self.meta.insert(meta::RETENTION_CLOCK_KEY, c.value())?;
             }
             clock::RetentionClock::new(0, Some((c.jump_point_ms, c.skew_ms)))
         };
@@ -784,8 +781,8 @@ impl Log {
                     let total_removed = state.removed.load(Ordering::Relaxed) + removed;
                     batch.insert(
                         &self.meta,
-                        partition_meta_key(t.id, p).to_vec(),
-                        partition_meta_value(end, bytes, total_removed).to_vec(),
+                        meta::partition_key(t.id, p).to_vec(),
+                        meta::partition_value(end, bytes, total_removed).to_vec(),
                     );
                     freed += state.bytes.load(Ordering::Relaxed) - bytes;
                     removed_records += removed;
@@ -829,7 +826,10 @@ impl Log {
             })
     }
 
-    /// With the `drop-oldest` policy, deletes the node's oldest batches until the log fits.
+    /// With the `drop-oldest` policy, deletes the node's oldest batches until the log and
+    /// the other durable state fit. State is never dropped: when it alone is over the
+    /// budget, every record goes and a warning says so (the state limits in `[mqtt]` are
+    /// meant to keep it well below the budget).
     pub(crate) fn enforce_budget(&self) -> Result<(), LogError> {
         let Some(Budget {
             bytes: cap,
@@ -840,7 +840,7 @@ impl Log {
         };
         let mut dropped_records = 0u64;
         let mut dropped_bytes = 0u64;
-        while self.total_bytes() > cap {
+        while self.budget_bytes() > cap {
             // The partition whose first batch is oldest.
             let mut oldest: Option<OldestBatch> = None;
             for t in &self.topics {
@@ -894,14 +894,21 @@ impl Log {
             batch.remove(&self.records, key.clone());
             batch.insert(
                 &self.meta,
-                partition_meta_key(t.id, p).to_vec(),
-                partition_meta_value(end, bytes, removed).to_vec(),
+                meta::partition_key(t.id, p).to_vec(),
+                meta::partition_value(end, bytes, removed).to_vec(),
             );
             self.commit_deletions(batch)?;
             self.pending_front(state, offset_of_key(&key) + count, bytes, removed);
             self.total_bytes.fetch_sub(len as u64, Ordering::Relaxed);
             dropped_records += count;
             dropped_bytes += len as u64;
+        }
+        if self.budget_bytes() > cap && self.total_bytes() == 0 && dropped_records > 0 {
+            tracing::warn!(
+                state_bytes = self.state_bytes(),
+                budget = cap,
+                "sessions, queues and retained messages alone are over the disk budget: no record can be kept (lower the [mqtt] state limits or raise storage.disk_budget)"
+            );
         }
         if dropped_records > 0 {
             self.counters
@@ -936,30 +943,15 @@ impl Log {
     }
 }
 
-fn topic_meta_value(id: TopicId, partitions: u32) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8);
-    v.extend_from_slice(&id.to_be_bytes());
-    v.extend_from_slice(&partitions.to_be_bytes());
-    v
-}
-
 fn recover_partition(
     records: &Keyspace,
     meta: &Keyspace,
     topic: TopicId,
     partition: u32,
 ) -> Result<PartitionState, LogError> {
-    let (mut end, bytes, removed) = match meta.get(partition_meta_key(topic, partition))? {
-        Some(v) if v.len() == 24 => (
-            u64::from_be_bytes(v[0..8].try_into().expect("8 bytes")),
-            u64::from_be_bytes(v[8..16].try_into().expect("8 bytes")),
-            u64::from_be_bytes(v[16..24].try_into().expect("8 bytes")),
-        ),
-        Some(_) => {
-            return Err(LogError::CorruptMeta(format!(
-                "partition {topic}/{partition}"
-            )))
-        }
+    let (mut end, bytes, removed) = match meta.get(meta::partition_key(topic, partition))? {
+        Some(v) => meta::parse_partition_value(&v)
+            .ok_or_else(|| LogError::CorruptMeta(format!("partition {topic}/{partition}")))?,
         None => (0, 0, 0),
     };
     let range = record_key(topic, partition, 0)..=record_key(topic, partition, u64::MAX);

@@ -595,3 +595,94 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn durable_state_counts_toward_the_disk_budget_and_is_given_back_when_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Budget {
+        bytes: 64 << 10,
+        policy: DiskFullPolicy::Reject,
+    };
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), Some(budget)).unwrap());
+    let before = log.state_bytes();
+    assert!(!log.rejects_publishes());
+    // 100 retained-message-sized values of 1 KiB: over the 64 KiB budget with no record.
+    let mut fill = request(&[], None);
+    for i in 0..100u32 {
+        fill.state.push(StateOp::Put {
+            key: format!("rstate/{i:03}").into_bytes(),
+            value: vec![7; 1024],
+        });
+    }
+    append_all(&log, 1000, vec![fill]);
+    assert!(log.state_bytes() >= before + 100 * 1024);
+    assert_eq!(log.total_bytes(), 0, "no record was written");
+    assert!(log.rejects_publishes(), "state alone fills the budget");
+    // Overwriting a key counts its new size only once.
+    let mut again = request(&[], None);
+    again.state.push(StateOp::Put {
+        key: b"rstate/000".to_vec(),
+        value: vec![7; 1024],
+    });
+    let full = log.state_bytes();
+    append_all(&log, 1000, vec![again]);
+    assert_eq!(log.state_bytes(), full);
+    // Deleting the state gives its bytes back.
+    let mut clear = request(&[], None);
+    clear.state.push(StateOp::DeletePrefix {
+        prefix: b"rstate/".to_vec(),
+    });
+    append_all(&log, 1000, vec![clear]);
+    assert_eq!(log.state_bytes(), before);
+    assert!(!log.rejects_publishes());
+    // A restart sums the same.
+    let stored = log.state_bytes();
+    drop(log);
+    let log = Log::open(dir.path(), Some(&topics(1, None, None)), Some(budget)).unwrap();
+    assert_eq!(log.state_bytes(), stored);
+}
+
+#[test]
+fn a_data_directory_from_before_the_format_byte_opens_with_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
+        let mut req = request(&[(0, "kept", 1)], None);
+        req.state.extend(crate::mqtt::session::purge_ops("none"));
+        req.state
+            .push(crate::mqtt::session::qos2_marker_op("dev", 9));
+        append_all(&log, 1000, vec![req]);
+    }
+    // Rewrite the meta keyspace as the previous version stored it: no format byte, no layout
+    // marker.
+    {
+        let db = fjall::Database::builder(dir.path()).open().unwrap();
+        let meta = db
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        let entries: Vec<_> = meta
+            .iter()
+            .map(|i| {
+                let (k, v) = i.into_inner().unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect();
+        for (k, v) in entries {
+            if k == b"V" {
+                meta.remove(k).unwrap();
+            } else {
+                meta.insert(k, v[1..].to_vec()).unwrap();
+            }
+        }
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let log = Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap();
+    assert_eq!(payloads(&log, 0, 0), vec![(0, "kept".into())]);
+    assert_eq!(log.topics()[0].partitions[0].end.load(Ordering::Relaxed), 1);
+    let markers = log.meta_scan(&super::meta::Tag::Qos2.prefix()).unwrap();
+    assert_eq!(markers.len(), 1);
+    assert_eq!(super::meta::parse_qos2_key(&markers[0].0), Some(("dev", 9)));
+    assert!(super::meta::is_marker_value(&markers[0].1));
+    let report = crate::check::check(&log, false).unwrap();
+    assert!(report.bad.is_empty(), "{report:?}");
+}

@@ -547,7 +547,7 @@ where
             for &pkid in &data.qos2 {
                 ops.push(StateOp::Put {
                     key: qos2_key(&client_id, pkid),
-                    value: Vec::new(),
+                    value: crate::log::meta::marker_value(),
                 });
             }
             for (filter, opts) in hub.subscriptions_of(&sub) {
@@ -1582,7 +1582,7 @@ where
                 if self.session.durable {
                     self.req.state.push(StateOp::Put {
                         key: qos2_key(&self.client_id, pkid),
-                        value: Vec::new(),
+                        value: crate::log::meta::marker_value(),
                     });
                 }
                 self.qos2_pending.insert(pkid);
@@ -2006,7 +2006,7 @@ where
                 });
                 self.req.state.push(StateOp::Put {
                     key: queue_key(TAG_RELEASED, &self.client_id, seq),
-                    value: Vec::new(),
+                    value: crate::log::meta::marker_value(),
                 });
                 self.req_acks.push(Deferred::Ack(PendingAck {
                     kind: AckKind::PubRel,

@@ -150,6 +150,7 @@ impl Message {
         }
         .encode_into(&mut rec)?;
         let mut out = Vec::with_capacity(rec.len() + record::BATCH_HEADER_LEN);
+        out.push(meta::VALUE_FORMAT);
         record::encode_batch(
             BatchHeader {
                 record_count: 1,
@@ -164,7 +165,13 @@ impl Message {
 
     /// Decodes [`Message::encode`]'s output.
     pub fn decode(value: &[u8]) -> Result<Message, record::CorruptBatch> {
-        let mut records = record::decode_batch(0, Bytes::copy_from_slice(value))?;
+        Message::decode_batch(meta::value_body(value).ok_or(record::CorruptBatch::Truncated)?)
+    }
+
+    /// Decodes the one-record batch of a stored retained message (its value past the
+    /// format byte).
+    pub fn decode_batch(batch: &[u8]) -> Result<Message, record::CorruptBatch> {
+        let mut records = record::decode_batch(0, Bytes::copy_from_slice(batch))?;
         match records.pop() {
             Some(r) if records.is_empty() => Ok(Message::from_record(r)),
             _ => Err(record::CorruptBatch::Truncated),
@@ -532,120 +539,77 @@ pub struct Hub {
     pub stats: Stats,
 }
 
-/// Meta key prefix of a client's keys of one kind: `tag | len u16 | client_id`.
-pub fn client_prefix(tag: u8, client_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(3 + client_id.len() + 8);
-    k.push(tag);
-    k.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    k.extend_from_slice(client_id.as_bytes());
-    k
-}
+// The durable keys and values of deliveries are defined in `log::meta`; these name them for
+// the MQTT layer.
+use crate::log::meta::{self, Tag};
+pub use crate::log::meta::{parse_queue_value, QueueEntry};
 
-/// Splits a `tag | len | client | rest` key.
+/// Tag of durable subscriptions.
+pub const TAG_SUBSCRIPTION: Tag = Tag::Subscription;
+/// Tag of queue entries waiting for PUBLISH (or its PUBACK/PUBREC).
+pub const TAG_QUEUED: Tag = Tag::Queued;
+/// Tag of QoS 2 deliveries past PUBREC, waiting for PUBCOMP.
+pub const TAG_RELEASED: Tag = Tag::Released;
+
+/// Tag of retained messages, as a key prefix.
+pub const TAG_RETAINED: u8 = Tag::Retained as u8;
+
+/// Splits a `tag | client | rest` key into the client id and the rest.
 pub fn split_client_key(k: &[u8]) -> Option<(&str, &[u8])> {
-    if k.len() < 3 {
-        return None;
-    }
-    let len = u16::from_be_bytes([k[1], k[2]]) as usize;
-    let client = std::str::from_utf8(k.get(3..3 + len)?).ok()?;
-    Some((client, &k[3 + len..]))
+    meta::split_client_key(k).map(|(_, client, rest)| (client, rest))
 }
 
-/// Tag of durable subscriptions: `u | client | filter` -> options.
-pub const TAG_SUBSCRIPTION: u8 = b'u';
-/// Tag of queue entries waiting for PUBLISH (or its PUBACK/PUBREC): `o | client | seq`.
-pub const TAG_QUEUED: u8 = b'o';
-/// Tag of QoS 2 deliveries past PUBREC, waiting for PUBCOMP: `O | client | seq`.
-pub const TAG_RELEASED: u8 = b'O';
-/// Tag of retained messages: `r | topic` -> message.
-pub const TAG_RETAINED: u8 = b'r';
+/// Meta key prefix of a client's keys of one kind.
+pub fn client_prefix(tag: Tag, client_id: &str) -> Vec<u8> {
+    meta::client_prefix(tag, client_id)
+}
 
 /// Key of a queue entry.
-pub fn queue_key(tag: u8, client_id: &str, seq: u64) -> Vec<u8> {
-    let mut k = client_prefix(tag, client_id);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
+pub fn queue_key(tag: Tag, client_id: &str, seq: u64) -> Vec<u8> {
+    meta::queue_key(tag, client_id, seq)
+}
+
+/// The seq of a queue entry's key.
+pub fn queue_seq(key: &[u8]) -> Option<u64> {
+    meta::parse_queue_key(key).map(|(_, _, seq)| seq)
 }
 
 /// Key of a retained message.
 pub fn retained_key(topic: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + topic.len());
-    k.push(TAG_RETAINED);
-    k.extend_from_slice(topic);
-    k
+    meta::retained_key(topic)
+}
+
+/// Key of a durable subscription.
+pub fn subscription_key(client_id: &str, filter: &str) -> Vec<u8> {
+    meta::subscription_key(client_id, filter)
 }
 
 /// Value of a durable subscription.
 pub fn subscription_value(o: &super::subs::SubOptions) -> Vec<u8> {
-    let flags =
-        u8::from(o.no_local) | (u8::from(o.retain_as_published) << 1) | (o.retain_handling << 2);
-    let mut v = vec![o.qos, flags];
-    v.extend_from_slice(&o.id.unwrap_or(0).to_be_bytes());
-    v
+    meta::subscription_value(&meta::StoredSubscription {
+        qos: o.qos,
+        no_local: o.no_local,
+        retain_as_published: o.retain_as_published,
+        retain_handling: o.retain_handling,
+        id: o.id,
+    })
 }
 
 /// Decodes [`subscription_value`].
 pub fn parse_subscription_value(v: &[u8]) -> Option<super::subs::SubOptions> {
-    if v.len() != 6 || v[0] > 2 {
-        return None;
-    }
-    let id = u32::from_be_bytes(v[2..6].try_into().ok()?);
+    let o = meta::parse_subscription_value(v)?;
     Some(super::subs::SubOptions {
-        qos: v[0],
-        no_local: v[1] & 1 != 0,
-        retain_as_published: v[1] & 2 != 0,
-        retain_handling: (v[1] >> 2) & 3,
-        id: (id != 0).then_some(id),
+        qos: o.qos,
+        no_local: o.no_local,
+        retain_as_published: o.retain_as_published,
+        retain_handling: o.retain_handling,
+        id: o.id,
     })
 }
 
-/// Start of a queue entry's value: `qos u8 | retain u8 | id count u8 | ids u32...`; the
-/// appender appends the record's position.
+/// Start of a queue entry's value; the appender appends the record's position.
 pub fn queue_value(qos: u8, retain: bool, sub_ids: &[u32]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(3 + 4 * sub_ids.len() + 16);
-    v.push(qos);
-    v.push(u8::from(retain));
-    let ids = &sub_ids[..sub_ids.len().min(255)];
-    v.push(ids.len() as u8);
-    for id in ids {
-        v.extend_from_slice(&id.to_be_bytes());
-    }
-    v
-}
-
-/// A decoded queue entry value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueEntry {
-    /// Delivered QoS.
-    pub qos: u8,
-    /// Retain flag as delivered.
-    pub retain: bool,
-    /// Subscription identifiers.
-    pub sub_ids: Vec<u32>,
-    /// Log topic, partition and offset of the record.
-    pub position: (u32, u32, u64),
-}
-
-/// Decodes a queue entry value.
-pub fn parse_queue_value(v: &[u8]) -> Option<QueueEntry> {
-    let n = *v.get(2)? as usize;
-    let rest = v.get(3 + 4 * n..)?;
-    if rest.len() != 16 || v[0] > 2 {
-        return None;
-    }
-    let sub_ids = (0..n)
-        .map(|i| u32::from_be_bytes(v[3 + 4 * i..7 + 4 * i].try_into().expect("4")))
-        .collect();
-    Some(QueueEntry {
-        qos: v[0],
-        retain: v[1] != 0,
-        sub_ids,
-        position: (
-            u32::from_be_bytes(rest[0..4].try_into().expect("4")),
-            u32::from_be_bytes(rest[4..8].try_into().expect("4")),
-            u64::from_be_bytes(rest[8..16].try_into().expect("8")),
-        ),
-    })
+    meta::queue_value_head(qos, retain, sub_ids)
 }
 
 impl Hub {

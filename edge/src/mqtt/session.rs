@@ -1,13 +1,11 @@
 //! MQTT sessions: which connection holds a client id, and the session state that outlives a
 //! connection.
 //!
-//! Durable state lives in the log's meta keyspace and is written through the appender, in
-//! the same group commits as records:
-//!
-//! - `b's' | client_id` -> `expiry_secs u32 | disconnected_at_ms u64` (0 while connected)
-//! - `b'q' | len u16 | client_id | pkid u16` -> empty: a QoS 2 PUBLISH with this packet id
-//!   is in the log and its PUBREL has not arrived. A resent PUBLISH with that id is not
-//!   logged again, across restarts too.
+//! Durable state lives in the log's meta keyspace (keys and values in [`crate::log::meta`])
+//! and is written through the appender, in the same group commits as records: the session
+//! record (expiry, disconnect time, owner), and a QoS 2 marker per packet id whose PUBLISH is
+//! in the log and whose PUBREL has not arrived, so that a resent PUBLISH with that id is not
+//! logged again, across restarts too.
 //!
 //! Only sessions with a non-zero expiry are written: a session with expiry 0 ends with its
 //! network connection, and a crash ends every connection, so its state would be discarded at
@@ -20,11 +18,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::delivery::{
-    client_prefix, parse_subscription_value, split_client_key, Hub, Subscriber, TAG_QUEUED,
-    TAG_RELEASED, TAG_SUBSCRIPTION,
-};
+use super::delivery::{parse_subscription_value, Hub, Subscriber};
 use crate::log::appender::{now_ms, StateOp};
+use crate::log::meta::{self, Tag};
+pub use crate::log::meta::{parse_qos2_key, parse_session_value};
 use crate::log::{Log, LogError};
 
 /// How a connection holding a client id is asked to end when another connection takes the
@@ -113,80 +110,64 @@ pub struct SessionStore {
 
 /// Meta key of a session record.
 pub fn session_key(client_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + client_id.len());
-    k.push(b's');
-    k.extend_from_slice(client_id.as_bytes());
-    k
+    meta::session_key(client_id)
 }
 
 /// Meta key prefix of a client's QoS 2 markers.
 pub fn qos2_prefix(client_id: &str) -> Vec<u8> {
-    client_prefix(b'q', client_id)
+    meta::client_prefix(Tag::Qos2, client_id)
 }
 
 /// Meta key of one QoS 2 marker.
 pub fn qos2_key(client_id: &str, pkid: u16) -> Vec<u8> {
-    let mut k = qos2_prefix(client_id);
-    k.extend_from_slice(&pkid.to_be_bytes());
-    k
+    meta::qos2_key(client_id, pkid)
 }
 
-/// Decodes [`qos2_key`]: client id and packet id.
-pub fn parse_qos2_key(k: &[u8]) -> Option<(&str, u16)> {
-    if k.first() != Some(&b'q') {
-        return None;
+/// Records that a QoS 2 PUBLISH with `pkid` is in the log and its PUBREL has not arrived.
+pub fn qos2_marker_op(client_id: &str, pkid: u16) -> StateOp {
+    StateOp::Put {
+        key: meta::qos2_key(client_id, pkid),
+        value: meta::marker_value(),
     }
-    let (client, pkid) = split_client_key(k)?;
-    Some((client, u16::from_be_bytes(pkid.try_into().ok()?)))
+}
+
+/// Ends a QoS 2 marker: the PUBREL arrived.
+pub fn qos2_release_op(client_id: &str, pkid: u16) -> StateOp {
+    StateOp::Delete {
+        key: meta::qos2_key(client_id, pkid),
+    }
+}
+
+/// Stores a session record.
+pub fn session_put_op(
+    client_id: &str,
+    expiry: u32,
+    disconnected_at_ms: u64,
+    owner: Option<&str>,
+) -> StateOp {
+    StateOp::Put {
+        key: meta::session_key(client_id),
+        value: session_value(expiry, disconnected_at_ms, owner),
+    }
 }
 
 /// Every durable key of a session, to delete when it ends.
 pub fn purge_ops(client_id: &str) -> Vec<StateOp> {
-    let mut ops: Vec<StateOp> = [TAG_SUBSCRIPTION, TAG_QUEUED, TAG_RELEASED]
-        .iter()
-        .map(|&t| StateOp::DeletePrefix {
-            prefix: client_prefix(t, client_id),
+    let mut ops: Vec<StateOp> = [Tag::Subscription, Tag::Queued, Tag::Released, Tag::Qos2]
+        .into_iter()
+        .map(|t| StateOp::DeletePrefix {
+            prefix: meta::client_prefix(t, client_id),
         })
         .collect();
-    ops.push(StateOp::DeletePrefix {
-        prefix: qos2_prefix(client_id),
-    });
     ops.push(StateOp::Delete {
-        key: session_key(client_id),
+        key: meta::session_key(client_id),
     });
     ops
 }
 
-/// The session record value: `expiry u32 | disconnected_at_ms u64`, then, for a session a
-/// user started, `owner_len u16 | owner`. (Values written before owners were stored are the
-/// 12 bytes alone: sessions without an owner.)
+/// The session record value (see [`crate::log::meta`]).
 pub fn session_value(expiry: u32, disconnected_at_ms: u64, owner: Option<&str>) -> Vec<u8> {
-    let mut v = Vec::with_capacity(14 + owner.map_or(0, str::len));
-    v.extend_from_slice(&expiry.to_be_bytes());
-    v.extend_from_slice(&disconnected_at_ms.to_be_bytes());
-    // A user name comes from a CONNECT's u16-prefixed field or a certificate; one that
-    // does not fit is not stored (the session then has no owner), never written cut.
-    if let Some(owner) = owner {
-        if let Ok(len) = u16::try_from(owner.len()) {
-            v.extend_from_slice(&len.to_be_bytes());
-            v.extend_from_slice(owner.as_bytes());
-        }
-    }
-    v
-}
-
-/// Decodes [`session_value`]: expiry, disconnect time, owner.
-pub fn parse_session_value(v: &[u8]) -> Option<(u32, u64, Option<Arc<str>>)> {
-    let expiry = u32::from_be_bytes(v.get(0..4)?.try_into().ok()?);
-    let disconnected = u64::from_be_bytes(v.get(4..12)?.try_into().ok()?);
-    let owner = match v.get(12..) {
-        Some([]) => None,
-        Some([hi, lo, rest @ ..]) if rest.len() == usize::from(u16::from_be_bytes([*hi, *lo])) => {
-            Some(Arc::from(std::str::from_utf8(rest).ok()?))
-        }
-        _ => return None,
-    };
-    Some((expiry, disconnected, owner))
+    meta::session_value(expiry, disconnected_at_ms, owner)
 }
 
 /// A session as the admin API lists it.
@@ -231,8 +212,8 @@ impl SessionStore {
         // Clients whose session record does not decode: left out, and their other entries
         // are kept (not purged as orphans), for `edge check` to show.
         let mut corrupt: HashSet<String> = HashSet::new();
-        for (k, v) in log.meta_scan(b"s")? {
-            let client = String::from_utf8_lossy(&k[1..]).into_owned();
+        for (k, v) in log.meta_scan(&Tag::Session.prefix())? {
+            let client = String::from_utf8_lossy(k.get(1..).unwrap_or_default()).into_owned();
             let Some((expiry, disconnected, owner)) = parse_session_value(&v) else {
                 log.quarantine_meta(&k, "session");
                 corrupt.insert(client);
@@ -268,8 +249,8 @@ impl SessionStore {
             );
         }
         // Subscriptions and queue entries of sessions that no longer exist are deleted.
-        for (k, v) in log.meta_scan(&[TAG_SUBSCRIPTION])? {
-            let Some((client, filter)) = split_client_key(&k) else {
+        for (k, v) in log.meta_scan(&Tag::Subscription.prefix())? {
+            let Some((client, filter)) = meta::parse_subscription_key(&k) else {
                 log.quarantine_meta(&k, "subscription key");
                 continue;
             };
@@ -279,22 +260,19 @@ impl SessionStore {
             };
             match sessions.get(client).and_then(|e| e.data.sub.as_ref()) {
                 Some(sub) => {
-                    hub.subscribe(sub, &String::from_utf8_lossy(filter), opts);
+                    hub.subscribe(sub, filter, opts);
                 }
                 None if corrupt.contains(client) => {}
                 None => purge.push(StateOp::Delete { key: k.clone() }),
             }
         }
-        for tag in [TAG_QUEUED, TAG_RELEASED] {
-            for (k, _) in log.meta_scan(&[tag])? {
-                let Some((client, rest)) = split_client_key(&k) else {
+        for tag in [Tag::Queued, Tag::Released] {
+            for (k, _) in log.meta_scan(&tag.prefix())? {
+                let Some((_, client, seq)) = meta::parse_queue_key(&k) else {
                     log.quarantine_meta(&k, "queue key");
                     continue;
                 };
-                if let Ok(seq) = <[u8; 8]>::try_from(rest) {
-                    hub.boot_seq
-                        .fetch_max(u64::from_be_bytes(seq), Ordering::Relaxed);
-                }
+                hub.boot_seq.fetch_max(seq, Ordering::Relaxed);
                 match sessions.get(client).and_then(|e| e.data.sub.as_ref()) {
                     Some(sub) => {
                         sub.offline_queued.fetch_add(1, Ordering::Relaxed);
@@ -304,7 +282,7 @@ impl SessionStore {
                 }
             }
         }
-        for (k, _) in log.meta_scan(b"q")? {
+        for (k, _) in log.meta_scan(&Tag::Qos2.prefix())? {
             let Some((client, pkid)) = parse_qos2_key(&k) else {
                 log.quarantine_meta(&k, "qos2 marker");
                 continue;
@@ -443,17 +421,11 @@ impl SessionStore {
         }
         let durable = data.durable;
         let expiry = data.expiry;
-        let value = session_value(expiry, now_ms, data.owner.as_deref());
+        let op = session_put_op(client_id, expiry, now_ms, data.owner.as_deref());
         entry.data = data;
         entry.disconnected_at_ms = now_ms;
         if durable {
-            (
-                vec![StateOp::Put {
-                    key: session_key(client_id),
-                    value,
-                }],
-                None,
-            )
+            (vec![op], None)
         } else {
             (Vec::new(), None)
         }
@@ -564,16 +536,16 @@ mod tests {
         let v = session_value(60, 1234, Some("alice"));
         let (e, d, o) = parse_session_value(&v).unwrap();
         assert_eq!((e, d, o.as_deref()), (60, 1234, Some("alice")));
-        // Written before owners were stored: 12 bytes, no owner.
-        let old = session_value(7, 8, None);
-        assert_eq!(old.len(), 12);
-        assert_eq!(parse_session_value(&old), Some((7, 8, None)));
+        // Without an owner: the format byte and 12 bytes.
+        let plain = session_value(7, 8, None);
+        assert_eq!(plain.len(), 13);
+        assert_eq!(parse_session_value(&plain), Some((7, 8, None)));
         let long = "u".repeat(70_000);
         assert_eq!(
             parse_session_value(&session_value(1, 2, Some(&long))),
             Some((1, 2, None))
         );
-        for bad in [&v[..11], &v[..13], &v[..v.len() - 1]] {
+        for bad in [&v[..12], &v[..14], &v[..v.len() - 1], &v[1..]] {
             assert_eq!(parse_session_value(bad), None, "{bad:?}");
         }
     }
