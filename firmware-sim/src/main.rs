@@ -681,6 +681,7 @@ fn raise_open_file_limit() {
         rlim_max: 0,
     };
     // SAFETY: getrlimit and setrlimit only read and write the struct passed by pointer.
+    #[allow(unsafe_code)]
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
         {

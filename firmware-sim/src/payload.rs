@@ -120,8 +120,12 @@ pub fn decode(payload: &[u8]) -> Option<Stamp> {
         if payload[4] != VERSION {
             return None;
         }
-        let u32_at = |at: usize| u32::from_be_bytes(payload[at..at + 4].try_into().unwrap());
-        let u64_at = |at: usize| u64::from_be_bytes(payload[at..at + 8].try_into().unwrap());
+        // Slices of exactly 4 and 8 bytes, inside the HEADER_LEN checked above.
+        let u32_at =
+            |at: usize| u32::from_be_bytes(payload[at..at + 4].try_into().expect("a 4-byte slice"));
+        let u64_at = |at: usize| {
+            u64::from_be_bytes(payload[at..at + 8].try_into().expect("an 8-byte slice"))
+        };
         return Some(Stamp {
             run: RunId(u32_at(8)),
             device: DeviceRef::Index(u32_at(12)),

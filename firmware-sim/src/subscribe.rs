@@ -759,6 +759,7 @@ fn encode_subscribe(
 /// CPU time (user + system) of this process so far; 0 if the system does not tell.
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage only writes the struct passed by pointer, which is zeroed and ours.
+    #[allow(unsafe_code)]
     let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
         if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {

@@ -1,4 +1,5 @@
 //! Bad input fails fast with a message that names the option or file.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::process::Command;
 

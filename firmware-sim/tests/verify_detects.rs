@@ -1,6 +1,7 @@
 //! End to end through the binary: `run` against the built-in recording sink (a stand-in for the
 //! edge that writes `edge read --json` lines), then `verify --edge-log` on the recording as is
 //! and on doctored copies with a lost, a duplicated and a reordered record.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

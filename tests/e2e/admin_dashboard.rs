@@ -3,6 +3,7 @@
 //! the log, a non-zero rate, the topic's row). The screenshot is kept under
 //! target/test-artifacts/. Opened with a percent-encoded `?token=`, the page is let in and
 //! reaches the API with the same token.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::process::Command;
 

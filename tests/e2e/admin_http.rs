@@ -4,6 +4,7 @@
 //! refused before anything else; a device's raw payload is served so that a browser neither
 //! renders nor runs it; an explicitly configured admin address that cannot be bound stops the
 //! edge.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};

@@ -3,6 +3,7 @@
 //! Delayed wills, retained messages, sessions and 3.1.1 persistent sessions each have a
 //! limit; a session belongs to the user who started it; `auth.client_id` binds client ids to
 //! user names. Each limit is tested at its edge with real connections.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -2,6 +2,7 @@
 //! QoS 2 messages, its unfinished QoS 2 flow and the retained store come back after the edge
 //! is killed and restarted, delivered as MQTT requires (raw client, so packet ids, DUP and
 //! RETAIN flags are visible).
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -20,6 +20,7 @@
 //!
 //! Meanwhile a subscriber on `other/#` gets every one of 1000 QoS 1 messages a separate
 //! publisher sends to `other/x`.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;

@@ -1,4 +1,5 @@
 //! The binary as an operator meets it: flags, config errors, and the offline CLI.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::process::Command;
 
@@ -101,9 +102,7 @@ async fn flags_override_embedded_defaults_and_offline_cli_reads_back() {
         String::from_utf8_lossy(&busy.stderr)
     );
 
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
+    assert!(tributary_tests::signal(child.id(), libc::SIGTERM));
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

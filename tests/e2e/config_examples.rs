@@ -5,6 +5,7 @@
 //! `edge check-config` accepts each one; then each runs, and a device publishes through it:
 //! to the plant gateway over mutual TLS with a certificate from the device CA (its CN is its
 //! user name for the ACL), to the vehicle edge with a password.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! The connection life cycle as a client sees it: CONNACK codes and client id rules, session
 //! take-over, keepalive, Receive Maximum, topic aliases, QoS 2 state across a crash, and
 //! session expiry.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::time::Duration;
 

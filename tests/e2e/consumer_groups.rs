@@ -2,6 +2,7 @@
 //! against the release edge: partitions shared out one owner each, every record exactly once
 //! when all acknowledge, a leaving member's unacknowledged records redelivered to the others
 //! with DUP, a backlog kept for an offline group, and resumption after kill -9.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};

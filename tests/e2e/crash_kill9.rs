@@ -3,6 +3,7 @@
 //! every acknowledged QoS 1 message is in the log at least once and every QoS 2 message at
 //! most once (exactly once if its PUBREC arrived), with the QoS 2 clients resending over their
 //! persistent sessions as the spec requires.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

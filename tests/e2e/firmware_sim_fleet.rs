@@ -1,6 +1,7 @@
 //! A fleet of 1,000 simulated devices publishes QoS 1 to the edge for 10 s; `firmware-sim
 //! verify` then reads the edge's log back and finds nothing lost and nothing duplicated. A
 //! doctored copy of the log proves that the verifier would have noticed.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::process::Command;
 

@@ -1,6 +1,7 @@
 //! firmware-sim is broker-agnostic: against Eclipse Mosquitto over TLS (a CA made here with
 //! openssl), a fleet publishes QoS 1 and `verify --mqtt` subscribes over TLS and finds every
 //! acknowledged message.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,6 +1,7 @@
 //! SIGTERM under QoS 1 load: 5.0 clients get DISCONNECT 0x8B, the edge exits 0, and every
 //! acknowledged message is in the log afterwards (firmware-sim verify). A second signal ends
 //! the edge at once (exit status 130), still with every acknowledged message in the log.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -11,10 +12,7 @@ use tributary_tests::{
 };
 
 fn signal(edge: &Edge, sig: i32) {
-    // SAFETY: kill(2) with the pid of a child we own; no memory is touched.
-    unsafe {
-        libc::kill(edge.pid() as i32, sig);
-    }
+    assert!(tributary_tests::signal(edge.pid(), sig));
 }
 
 /// Waits for the edge to exit (at most `limit`, a guard against a hang); returns its status

@@ -2,6 +2,7 @@
 //! filter (and, with an ACL, read rights and a `group read` grant), so no subscriber can make
 //! the group commit past records no member received; a member that never acknowledges loses
 //! its partitions to one that does.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::time::{Duration, Instant};
 

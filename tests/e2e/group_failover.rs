@@ -6,6 +6,7 @@
 //! acknowledged is there, and the records it sees again are at most those after the last
 //! mirror checkpoint at or below the group's position (the records are published in waves,
 //! each mirrored before the next, so that checkpoints exist below the position).
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -11,6 +11,7 @@
 //! bound while under attack; silent sockets, the slow CONNECT and the random bytes are all
 //! closed by the edge; the oversized packets get 0x95, the fast publisher 0x96, the
 //! subscription past the per-client bound 0x97, and /metrics counts each refusal.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
@@ -58,21 +59,6 @@ fn mqtt_config() -> String {
          max_queued_messages = 200\n\
          slow_subscriber_timeout = \"3s\"\n"
     )
-}
-
-/// Lets this process hold the silent sockets whatever its soft descriptor limit.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max.min(16384);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }
 
 /// A TCP connection to `to` from the loopback address 127.0.0.`host`.
@@ -324,7 +310,7 @@ async fn oversized(addr: SocketAddr) -> (Vec<Got>, Vec<Got>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_clients_do_not_hurt_honest_devices() {
-    raise_fd_limit();
+    tributary_tests::raise_open_files(16384);
     let mut edge = Edge::start_with(&mqtt_config(), "", "");
     let addr = edge.addr;
     let pid = edge.pid();
@@ -568,7 +554,7 @@ async fn wait_metric(edge: &Edge, series: &str, value: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_connections_clients_hear_server_busy_then_sockets_are_closed_at_accept() {
-    raise_fd_limit();
+    tributary_tests::raise_open_files(16384);
     let edge = Edge::start_with("max_connections = 2\nconnect_timeout = \"60s\"\n", "", "");
     let addr = edge.addr;
     // The harness's readiness probe was a connection too.

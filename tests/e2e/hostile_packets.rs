@@ -8,6 +8,7 @@
 //! enters. After each packet the test checks that an honest QoS 1 publisher is still served;
 //! at the end that `edge read` reads every acknowledged record and none of the refused ones,
 //! and that a restart comes up.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::process::Command;
 use std::time::Duration;

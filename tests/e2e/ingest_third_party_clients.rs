@@ -2,6 +2,7 @@
 //! QoS 0, 1 and 2, then reads the log back with `edge read --json` and checks that every
 //! message is there once, on the partition Kafka's partitioner would choose, with its MQTT
 //! metadata.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::collections::HashMap;
 use std::io::Write;

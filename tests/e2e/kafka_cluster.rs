@@ -3,6 +3,7 @@
 //! `read_committed` witness; a 3-node cluster keeps serving through a node's kill -9 and
 //! restart; committed data survives a kill -9 of every node and the cluster comes back on the
 //! same ports.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};

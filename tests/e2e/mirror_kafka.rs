@@ -3,6 +3,7 @@
 //! (read_committed) find every acknowledged message once, in per-device order, with its MQTT
 //! headers; kill -9 of the edge while it mirrors changes nothing; bad targets are reported
 //! while the edge keeps ingesting.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::process::Command;
 use std::time::{Duration, Instant};

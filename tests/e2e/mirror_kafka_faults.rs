@@ -2,6 +2,7 @@
 //! faults: one broker killed and restarted while mirroring; then every broker down for 60 s
 //! while devices keep publishing. The edge keeps accepting, the backlog drains when Kafka is
 //! back, and every acknowledged message is in Kafka exactly once (read_committed).
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::time::{Duration, Instant};
 

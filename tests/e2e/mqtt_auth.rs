@@ -3,6 +3,7 @@
 //! Mosquitto's syntax where each device may only publish under `devices/%c/#`; clients are
 //! the byte-level harness client (exact codes), mosquitto_pub/mosquitto_sub and paho-mqtt.
 //! Denied publishes never reach the log (read back with `edge read`).
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -579,10 +580,7 @@ fn wait_for_log(edge: &Edge, what: &str, n: usize) {
 }
 
 fn sighup(edge: &Edge) {
-    // SAFETY: kill(2) with the pid of the edge this test started.
-    unsafe {
-        libc::kill(edge.pid() as i32, libc::SIGHUP);
-    }
+    assert!(tributary_tests::signal(edge.pid(), libc::SIGHUP));
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! The suite itself is checked against Mosquitto with
 //! `CONFORMANCE_BROKER=mosquitto python3 -m pytest tests/conformance`; this test passes
 //! `CONFORMANCE_BROKER` through, so the same switch applies to it.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::process::Command;
 

@@ -5,6 +5,7 @@
 //! The tests run against the edge. With `CONFORMANCE_BROKER=mosquitto` they run against
 //! Mosquitto instead, the reference broker the conformance suite (tests/conformance) is
 //! checked against, so that a failure can be told apart from a wrong test.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -103,7 +104,7 @@ macro_rules! rumqttc_client {
             use $qos as QoS;
             use $suback_code as SubAckCode;
 
-            pub fn qos(n: u8) -> QoS {
+            pub(super) fn qos(n: u8) -> QoS {
                 match n {
                     0 => QoS::AtMostOnce,
                     1 => QoS::AtLeastOnce,
@@ -112,13 +113,13 @@ macro_rules! rumqttc_client {
             }
 
             /// A connected client whose event loop runs in a task and reports here.
-            pub struct Connection {
-                pub client: Client,
-                pub events: mpsc::UnboundedReceiver<Event>,
-                pub session_present: bool,
+            pub(super) struct Connection {
+                pub(super) client: Client,
+                pub(super) events: mpsc::UnboundedReceiver<Event>,
+                pub(super) session_present: bool,
             }
 
-            pub async fn connect(addr: SocketAddr, id: &str, persistent: bool) -> Connection {
+            pub(super) async fn connect(addr: SocketAddr, id: &str, persistent: bool) -> Connection {
                 let mut $opts = Options::new(id, addr.ip().to_string(), addr.port());
                 $opts.set_keep_alive(Duration::from_secs(30));
                 if persistent $make_persistent
@@ -153,7 +154,7 @@ macro_rules! rumqttc_client {
             }
 
             impl Connection {
-                pub async fn subscribe(&mut self, filter: &str, q: u8) {
+                pub(super) async fn subscribe(&mut self, filter: &str, q: u8) {
                     self.client.subscribe(filter, qos(q)).await.unwrap();
                     loop {
                         if let Event::Incoming(Packet::SubAck(ack)) =
@@ -170,7 +171,7 @@ macro_rules! rumqttc_client {
                 }
 
                 /// Publishes and waits for the acknowledgement (QoS 0: for the send).
-                pub async fn publish(&mut self, topic: &str, q: u8, payload: &str) {
+                pub(super) async fn publish(&mut self, topic: &str, q: u8, payload: &str) {
                     self.client
                         .publish(topic, qos(q), false, payload.as_bytes().to_vec())
                         .await
@@ -186,7 +187,7 @@ macro_rules! rumqttc_client {
                 }
 
                 /// The next `count` messages received.
-                pub async fn receive(&mut self, count: usize) -> Vec<Received> {
+                pub(super) async fn receive(&mut self, count: usize) -> Vec<Received> {
                     let mut got = Vec::new();
                     while got.len() < count {
                         if let Event::Incoming(Packet::Publish(p)) =
@@ -203,7 +204,7 @@ macro_rules! rumqttc_client {
                 }
 
                 /// Sends DISCONNECT and waits until the event loop has sent it.
-                pub async fn disconnect(mut self) {
+                pub(super) async fn disconnect(mut self) {
                     self.client.disconnect().await.unwrap();
                     while let Ok(Some(event)) =
                         tokio::time::timeout(WAIT, self.events.recv()).await

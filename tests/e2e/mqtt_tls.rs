@@ -2,6 +2,7 @@
 //! against the edge's TLS listener, with certificates made here with rcgen. Client
 //! certificates without one, from another CA or expired are refused; a good one names the
 //! client; SIGHUP swaps the server certificate while open connections keep publishing.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -479,9 +480,7 @@ fn sighup_reloads_the_certificate_and_keeps_connections() {
 }
 
 fn sighup(edge: &Edge) {
-    // SAFETY: kill(2) with the PID of the edge this test started; no memory is touched.
-    let r = unsafe { libc::kill(edge.pid() as i32, libc::SIGHUP) };
-    assert_eq!(r, 0);
+    assert!(tributary_tests::signal(edge.pid(), libc::SIGHUP));
 }
 
 #[test]

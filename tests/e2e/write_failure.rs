@@ -2,6 +2,7 @@
 //! mount namespace, so no privileges are needed) and is filled until a write fails with
 //! ENOSPC. It then acknowledges nothing more, says why and exits non-zero; once space is
 //! freed, every message it did acknowledge is in the log.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::collections::HashSet;
 use std::process::{Command, Stdio};

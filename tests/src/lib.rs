@@ -2,6 +2,7 @@
 //! processes on loopback ports, reads their logs back, and speaks raw MQTT where a test
 //! needs byte-level control (bad input, exact packet ids across a crash). Real Kafka clusters
 //! for the mirror's tests are in [`kafka`].
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -382,10 +383,7 @@ impl Edge {
     /// SIGTERM, then waits for the exit; returns its status.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("edge is running");
-        // SAFETY: kill(2) with a pid we own; no memory is touched.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
+        signal(child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -1033,5 +1031,32 @@ fn pubrec_code(r: v5::PubRecReason) -> u8 {
         v5::PubRecReason::QuotaExceeded => 0x97,
         v5::PubRecReason::NotAuthorized => 0x87,
         _ => 0x80,
+    }
+}
+
+/// Sends `sig` to the process `pid` (one this test started); true if it was delivered.
+pub fn signal(pid: u32, sig: i32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::kill(pid, sig) };
+    r == 0
+}
+
+/// Raises this process's open-file limit to `want` (or the hard limit, if lower).
+pub fn raise_open_files(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in, which is ours.
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max.min(want);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
