@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use edge::config::{Config, FsyncMode};
-use edge::log::appender::{self, AppendRequest, AppenderMsg, PendingRecord, ReplyTo};
+use edge::log::appender::{self, AppendRequest, PendingRecord, ReplyTo};
 use edge::log::record::{decode_batch, encode_batch, BatchHeader, NewRecord};
 use edge::log::Log;
 use edge::mqtt::codec::{decode, Version};
@@ -155,13 +155,13 @@ fn group_commit(c: &mut Criterion) {
                 ..Default::default()
             };
             rt.block_on(async {
-                tx.send(AppenderMsg::Append(req)).await.unwrap();
+                tx.append(req).await.unwrap();
                 reply_rx.recv().await.unwrap().outcome.unwrap();
             })
         })
     });
     g.finish();
-    rt.block_on(async { tx.send(AppenderMsg::Shutdown).await.unwrap() });
+    rt.block_on(tx.shutdown());
     drop(tx);
     thread.join().unwrap().unwrap();
 }

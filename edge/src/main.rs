@@ -632,25 +632,15 @@ fn groups_reset(config: &Config, group: &str, to: edge::groups::ResetTo) -> anyh
         1,
         |_| {},
     );
-    let (reply_tx, mut reply_rx) = tokio::sync::mpsc::unbounded_channel();
-    let sent = tx.blocking_send(edge::log::appender::AppenderMsg::Append(
-        edge::log::appender::AppendRequest {
-            state: ops,
-            reply: Some(edge::log::appender::ReplyTo {
-                tx: reply_tx,
-                ticket: 1,
-            }),
-            ..Default::default()
-        },
-    ));
-    let _ = tx.blocking_send(edge::log::appender::AppenderMsg::Shutdown);
+    let written = tx.blocking_commit(edge::log::appender::AppendRequest {
+        state: ops,
+        ..Default::default()
+    });
+    tx.blocking_shutdown();
     drop(tx);
     let joined = thread.join();
-    sent.map_err(|_| anyhow::anyhow!("the log writer ended before the reset was written"))?;
-    match reply_rx.blocking_recv().map(|c| c.outcome) {
-        Some(Ok(())) => {}
-        Some(Err(why)) => bail!("writing the new positions: {why}"),
-        None => bail!("the log writer ended before the reset was written"),
+    if let Err(why) = written {
+        bail!("writing the new positions: {why}");
     }
     match joined {
         Ok(Ok(())) => {}

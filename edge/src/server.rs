@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, FsyncMode};
 use crate::groups::Groups;
-use crate::log::appender::{self, now_ms, AppendRequest, AppenderMsg, StateOp};
+use crate::log::appender::{self, now_ms, CommitError, StateOp};
 use crate::log::{Budget, Log, LogError};
 use crate::mqtt::delivery::{Hub, Message, OutboxLimits, TAG_RETAINED};
 use crate::mqtt::session::SessionStore;
@@ -37,7 +37,7 @@ pub enum ServeError {
     },
     /// A write to the log failed while serving; nothing after it was acknowledged.
     #[error("the log failed and the edge stopped: {0}")]
-    Fatal(String),
+    Fatal(CommitError),
 }
 
 /// Appender queue length, in requests; the bytes they hold are bounded separately by
@@ -99,7 +99,7 @@ pub async fn run_observed(
     let retained = load_retained(&log, &hub, now_ms())?;
     purge.extend(retained);
 
-    let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
+    let (fatal_tx, mut fatal_rx) = watch::channel::<Option<CommitError>>(None);
     let (appender_tx, appender_thread) = appender::spawn(
         log.clone(),
         config.storage.fsync,
@@ -116,12 +116,9 @@ pub async fn run_observed(
             entries = purge.len(),
             "discarding session state that expired while the edge was down"
         );
-        let _ = appender_tx
-            .send(AppenderMsg::Append(AppendRequest {
-                state: purge,
-                ..Default::default()
-            }))
-            .await;
+        if let Err(e) = appender_tx.commit_state(purge).await {
+            tracing::warn!(error = %e, "discarding expired session state failed");
+        }
     }
 
     let router = Router::new(&plan, |name| {
@@ -309,13 +306,13 @@ pub async fn run_observed(
                 if !expired.is_empty() {
                     let _ = broker
                         .appender
-                        .send(AppenderMsg::Append(AppendRequest {
+                        .append(appender::AppendRequest {
                             state: expired,
                             ..Default::default()
-                        }))
+                        })
                         .await;
                 }
-                if broker.appender.send(AppenderMsg::Retention).await.is_err() {
+                if broker.appender.apply_retention().await.is_err() {
                     break;
                 }
             }
@@ -337,7 +334,7 @@ pub async fn run_observed(
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tick.tick().await;
-                    if tx.send(AppenderMsg::Persist).await.is_err() {
+                    if tx.persist().await.is_err() {
                         break;
                     }
                 }
@@ -469,7 +466,7 @@ pub async fn run_observed(
     if let Some(t) = fsync_timer {
         t.abort();
     }
-    let _ = appender_tx.send(AppenderMsg::Shutdown).await;
+    appender_tx.shutdown().await;
     drop(appender_tx);
     drop(broker);
     let result = tokio::task::spawn_blocking(move || appender_thread.join())
@@ -484,7 +481,9 @@ pub async fn run_observed(
             Ok(())
         }
         Ok(Err(why)) => Err(ServeError::Fatal(why)),
-        Err(_) => Err(ServeError::Fatal("the appender thread panicked".into())),
+        Err(_) => Err(ServeError::Fatal(CommitError::Storage(
+            "the appender thread panicked".into(),
+        ))),
     }
 }
 

@@ -204,11 +204,11 @@ pub fn read_status(data_dir: &Path) -> Result<MirrorStatus, String> {
 mod tests {
     use super::*;
     use crate::config::FsyncMode;
-    use crate::log::appender::{self, AppendRequest, AppenderMsg, PendingRecord, ReplyTo};
+    use crate::log::appender::{self, AppendRequest, Appender, PendingRecord};
     use crate::log::record::NewRecord;
 
     /// Appends `n` records to partition 0 of the default topic and waits for the commit.
-    fn append(tx: &tokio::sync::mpsc::Sender<AppenderMsg>, n: usize) {
+    fn append(tx: &Appender, n: usize) {
         let mut req = AppendRequest::default();
         let props = [("site".to_string(), "7".to_string())];
         for i in 0..n {
@@ -239,13 +239,7 @@ mod tests {
                 timestamp_ms: 1000 + i as u64,
             });
         }
-        let (reply_tx, mut reply_rx) = tokio::sync::mpsc::unbounded_channel();
-        req.reply = Some(ReplyTo {
-            tx: reply_tx,
-            ticket: 0,
-        });
-        tx.blocking_send(AppenderMsg::Append(req)).unwrap();
-        reply_rx.blocking_recv().unwrap().outcome.unwrap();
+        tx.blocking_commit(req).unwrap();
     }
 
     fn open(dir: &Path) -> Arc<Log> {
@@ -271,8 +265,8 @@ mod tests {
         let mut out = Vec::new();
         source.read("mqtt", 0, 0, 100, &mut out).unwrap();
         assert!(out.is_empty(), "unsynced records must not be mirrored");
-        tx.blocking_send(AppenderMsg::Persist).unwrap();
-        tx.blocking_send(AppenderMsg::Shutdown).unwrap();
+        tx.blocking_persist().unwrap();
+        tx.blocking_shutdown();
         drop(tx);
         thread.join().unwrap().unwrap();
         assert_eq!(source.bounds("mqtt", 0).unwrap().end, 5);
@@ -289,7 +283,7 @@ mod tests {
         let log = open(dir.path());
         let (tx, thread) = appender::spawn(log.clone(), FsyncMode::Always, 1000, 16, 1, |_| {});
         append(&tx, 2);
-        tx.blocking_send(AppenderMsg::Shutdown).unwrap();
+        tx.blocking_shutdown();
         drop(tx);
         thread.join().unwrap().unwrap();
         let mut out = Vec::new();

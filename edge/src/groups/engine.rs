@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use super::assign::assign;
 use super::{position_op, GroupStatus, MemberStatus, PartitionPosition};
-use crate::log::appender::{AppendRequest, AppenderMsg, Committed, ReplyTo};
+use crate::log::appender::{AppendRequest, Committed, ReplyTo};
 use crate::log::PartitionState;
 use crate::mqtt::delivery::{AckInbox, Delivery, GroupAck, Message, Subscriber};
 use crate::mqtt::subs::SubOptions;
@@ -691,12 +691,7 @@ impl Engine {
             }),
             ..Default::default()
         };
-        if self
-            .broker
-            .appender
-            .blocking_send(AppenderMsg::Append(req))
-            .is_ok()
-        {
+        if self.broker.appender.blocking_append(req).is_ok() {
             self.pending = Some((self.next_ticket, values));
         }
         self.last_write = Instant::now();

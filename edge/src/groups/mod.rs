@@ -305,7 +305,7 @@ impl Groups {
             let thread = std::thread::Builder::new()
                 .name(format!("group-{}", g.name))
                 .spawn(move || engine.run())
-                .map_err(|e| LogError::Poisoned(format!("starting a group thread: {e}")))?;
+                .map_err(LogError::Thread)?;
             tracing::info!(group = %g.name, topics = ?g.topics, "consumer group started");
             statuses.push(shared.clone());
             running.push(Running {

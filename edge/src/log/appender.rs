@@ -83,9 +83,9 @@ pub struct ReplyTo {
 pub struct Committed {
     /// The request's ticket.
     pub ticket: u64,
-    /// `Err` with the reason when the log was poisoned, or when the request holds a state
-    /// key or value the log cannot store; nothing of the request is durable.
-    pub outcome: Result<(), String>,
+    /// `Err` when the log failed (now or earlier: it is then poisoned), or when the request
+    /// holds a state key or value the log cannot store; nothing of the request is durable.
+    pub outcome: Result<(), CommitError>,
     /// The seqs of the request's [`StateOp::Enqueue`] ops, in order.
     pub seqs: Vec<u64>,
 }
@@ -106,9 +106,178 @@ pub struct AppendRequest {
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// Why a request was not committed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommitError {
+    /// The disk (or the user's quota) is full: a write failed with ENOSPC or EDQUOT. The log
+    /// is poisoned.
+    #[error("the disk is full: {0}")]
+    DiskFull(Arc<str>),
+    /// A write or fsync failed with an I/O error (EIO, a removed device, ...). The log is
+    /// poisoned.
+    #[error("a write to the disk failed: {0}")]
+    Io(Arc<str>),
+    /// The storage engine failed for another reason (it found damage, or the appender
+    /// panicked). The log is poisoned.
+    #[error("the log failed: {0}")]
+    Storage(Arc<str>),
+    /// This request holds state the log cannot store; nothing of it was written, and the log
+    /// goes on with the next request.
+    #[error("refused: {0}")]
+    Refused(Arc<str>),
+    /// The log is closed: the node is shutting down, or the appender has ended.
+    #[error("the log is closed")]
+    Closed,
+}
+
+impl CommitError {
+    /// Classifies a storage error, with what was being done.
+    pub(crate) fn from_fjall(doing: &str, e: &fjall::Error) -> CommitError {
+        let message: Arc<str> = Arc::from(format!("{doing}: {e}"));
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = source {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                return match io.raw_os_error() {
+                    Some(libc::ENOSPC | libc::EDQUOT) => CommitError::DiskFull(message),
+                    _ if io.kind() == std::io::ErrorKind::StorageFull => {
+                        CommitError::DiskFull(message)
+                    }
+                    _ => CommitError::Io(message),
+                };
+            }
+            source = err.source();
+        }
+        CommitError::Storage(message)
+    }
+
+    /// Classifies an error of the log.
+    pub(crate) fn from_log(doing: &str, e: &super::LogError) -> CommitError {
+        match e {
+            super::LogError::Storage(e) => CommitError::from_fjall(doing, e),
+            super::LogError::Poisoned(earlier) => earlier.clone(),
+            other => CommitError::Storage(Arc::from(format!("{doing}: {other}"))),
+        }
+    }
+
+    /// Whether the log is poisoned by it (everything but a refusal of one request).
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, CommitError::Refused(_))
+    }
+}
+
+/// The way into the log for everyone but the appender thread: a handle to its queue,
+/// cheap to clone. Requests go in order; their outcomes come back in the same order.
+#[derive(Debug, Clone)]
+pub struct Appender {
+    tx: mpsc::Sender<AppenderMsg>,
+}
+
+/// Why [`Appender::try_append`] did not queue a request.
+#[derive(Debug)]
+pub enum TryAppendError {
+    /// The queue is full; the request is handed back (wait with [`Appender::append`]).
+    Full(AppendRequest),
+    /// The log is closed.
+    Closed,
+}
+
+impl Appender {
+    /// Queues a request without waiting for room; its outcome goes to its `reply`.
+    pub fn try_append(&self, req: AppendRequest) -> Result<(), TryAppendError> {
+        match self.tx.try_send(AppenderMsg::Append(req)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(AppenderMsg::Append(req))) => {
+                Err(TryAppendError::Full(req))
+            }
+            Err(_) => Err(TryAppendError::Closed),
+        }
+    }
+
+    /// Queues a request, waiting for room (the backpressure of the whole node); its outcome
+    /// goes to its `reply`.
+    pub async fn append(&self, req: AppendRequest) -> Result<(), CommitError> {
+        self.tx
+            .send(AppenderMsg::Append(req))
+            .await
+            .map_err(|_| CommitError::Closed)
+    }
+
+    /// [`Appender::append`] from a thread outside the async runtime.
+    pub fn blocking_append(&self, req: AppendRequest) -> Result<(), CommitError> {
+        self.tx
+            .blocking_send(AppenderMsg::Append(req))
+            .map_err(|_| CommitError::Closed)
+    }
+
+    /// Commits a request and waits until it is durable (or failed).
+    pub async fn commit(&self, mut req: AppendRequest) -> Result<Committed, CommitError> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        req.reply = Some(ReplyTo { tx, ticket: 0 });
+        self.append(req).await?;
+        let done = rx.recv().await.ok_or(CommitError::Closed)?;
+        done.outcome.clone()?;
+        Ok(done)
+    }
+
+    /// Commits state changes alone and waits until they are durable.
+    pub async fn commit_state(&self, state: Vec<StateOp>) -> Result<(), CommitError> {
+        self.commit(AppendRequest {
+            state,
+            ..Default::default()
+        })
+        .await
+        .map(drop)
+    }
+
+    /// [`Appender::commit`] from a thread outside the async runtime.
+    pub fn blocking_commit(&self, mut req: AppendRequest) -> Result<Committed, CommitError> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        req.reply = Some(ReplyTo { tx, ticket: 0 });
+        self.tx
+            .blocking_send(AppenderMsg::Append(req))
+            .map_err(|_| CommitError::Closed)?;
+        let done = rx.blocking_recv().ok_or(CommitError::Closed)?;
+        done.outcome.clone()?;
+        Ok(done)
+    }
+
+    /// Asks for retention and the disk budget to be applied now.
+    pub async fn apply_retention(&self) -> Result<(), CommitError> {
+        self.send(AppenderMsg::Retention).await
+    }
+
+    /// Asks for an fsync now (the `interval` fsync mode's timer).
+    pub async fn persist(&self) -> Result<(), CommitError> {
+        self.send(AppenderMsg::Persist).await
+    }
+
+    /// [`Appender::persist`] from a thread outside the async runtime.
+    pub fn blocking_persist(&self) -> Result<(), CommitError> {
+        self.tx
+            .blocking_send(AppenderMsg::Persist)
+            .map_err(|_| CommitError::Closed)
+    }
+
+    /// Commits everything already queued, refuses anything later, fsyncs and ends the
+    /// appender thread (join its handle to know how it ended).
+    pub async fn shutdown(&self) {
+        let _ = self.send(AppenderMsg::Shutdown).await;
+    }
+
+    /// [`Appender::shutdown`] from a thread outside the async runtime.
+    pub fn blocking_shutdown(&self) {
+        let _ = self.tx.blocking_send(AppenderMsg::Shutdown);
+    }
+
+    async fn send(&self, msg: AppenderMsg) -> Result<(), CommitError> {
+        self.tx.send(msg).await.map_err(|_| CommitError::Closed)
+    }
+}
+
 /// What the appender thread is asked to do.
 #[derive(Debug)]
-pub enum AppenderMsg {
+enum AppenderMsg {
     /// Append and, per the fsync mode, make durable.
     Append(AppendRequest),
     /// Apply retention and the disk budget now.
@@ -138,11 +307,8 @@ pub fn spawn(
     max_batch_records: usize,
     capacity: usize,
     first_seq: u64,
-    on_fatal: impl FnOnce(String) + Send + 'static,
-) -> (
-    mpsc::Sender<AppenderMsg>,
-    std::thread::JoinHandle<Result<(), String>>,
-) {
+    on_fatal: impl FnOnce(CommitError) + Send + 'static,
+) -> (Appender, std::thread::JoinHandle<Result<(), CommitError>>) {
     let (tx, rx) = mpsc::channel(capacity);
     let handle = std::thread::Builder::new()
         .name("log-appender".into())
@@ -150,8 +316,8 @@ pub fn spawn(
             // A panic here would otherwise leave the edge accepting publishes it can never
             // write; it is reported like any other fatal log error.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut appender = Appender::new(log, fsync, max_batch_records, first_seq);
-                appender.run(rx)
+                let mut writer = Writer::new(log, fsync, max_batch_records, first_seq);
+                writer.run(rx)
             }))
             .unwrap_or_else(|panic| {
                 let what = panic
@@ -159,7 +325,9 @@ pub fn spawn(
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".to_string());
-                Err(format!("the log appender panicked: {what}"))
+                Err(CommitError::Storage(Arc::from(format!(
+                    "the log appender panicked: {what}"
+                ))))
             });
             if let Err(why) = &result {
                 on_fatal(why.clone());
@@ -167,7 +335,7 @@ pub fn spawn(
             result
         })
         .expect("spawning the appender thread");
-    (tx, handle)
+    (Appender { tx }, handle)
 }
 
 /// The longest key fjall stores.
@@ -177,7 +345,7 @@ const MAX_META_VALUE: usize = u32::MAX as usize;
 
 /// Why a request's state changes cannot be stored, if they cannot: a key or value beyond
 /// what fjall holds. Callers check their inputs' limits first; this is the last line.
-fn oversize_state(req: &AppendRequest) -> Option<String> {
+fn oversize_state(req: &AppendRequest) -> Option<CommitError> {
     req.state.iter().find_map(|op| {
         let (key_len, value_len) = match op {
             StateOp::Put { key, value } => (key.len(), value.len()),
@@ -186,15 +354,15 @@ fn oversize_state(req: &AppendRequest) -> Option<String> {
             StateOp::Enqueue { prefix, value, .. } => (prefix.len() + 8, value.len() + 16),
         };
         (key_len > MAX_META_KEY || value_len > MAX_META_VALUE).then(|| {
-            format!(
+            CommitError::Refused(Arc::from(format!(
                 "a state key of {key_len} bytes or value of {value_len} bytes is more than the log stores ({MAX_META_KEY} / {MAX_META_VALUE})"
-            )
+            )))
         })
     })
 }
 
 /// Answers a request that is not committed, without touching the log.
-fn refuse(req: AppendRequest, why: String) {
+fn refuse(req: AppendRequest, why: CommitError) {
     tracing::warn!(error = %why, "append refused");
     if let Some(reply) = req.reply {
         let _ = reply.tx.send(Committed {
@@ -213,7 +381,8 @@ struct Builder {
     last_ts: u64,
 }
 
-struct Appender {
+/// The appender thread's state.
+struct Writer {
     log: Arc<Log>,
     fsync: FsyncMode,
     max_batch_records: u32,
@@ -232,8 +401,8 @@ struct Appender {
     offsets: Vec<u64>,
 }
 
-impl Appender {
-    fn new(log: Arc<Log>, fsync: FsyncMode, max_batch_records: usize, first_seq: u64) -> Appender {
+impl Writer {
+    fn new(log: Arc<Log>, fsync: FsyncMode, max_batch_records: usize, first_seq: u64) -> Writer {
         let mut flat = Vec::new();
         let mut topic_base = Vec::new();
         for t in log.topics() {
@@ -243,7 +412,7 @@ impl Appender {
             }
         }
         let n = flat.len();
-        Appender {
+        Writer {
             log,
             fsync,
             max_batch_records: max_batch_records as u32,
@@ -258,7 +427,7 @@ impl Appender {
         }
     }
 
-    fn run(&mut self, mut rx: mpsc::Receiver<AppenderMsg>) -> Result<(), String> {
+    fn run(&mut self, mut rx: mpsc::Receiver<AppenderMsg>) -> Result<(), CommitError> {
         let mut group: Vec<AppendRequest> = Vec::new();
         let mut deferred: Vec<AppenderMsg> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
@@ -291,8 +460,11 @@ impl Appender {
                     AppenderMsg::Retention => self
                         .log
                         .enforce_retention(now_ms())
-                        .map_err(|e| e.to_string()),
-                    AppenderMsg::Persist => self.log.persist().map_err(|e| e.to_string()),
+                        .map_err(|e| CommitError::from_log("applying retention", &e)),
+                    AppenderMsg::Persist => self
+                        .log
+                        .persist()
+                        .map_err(|e| CommitError::from_log("fsync", &e)),
                     AppenderMsg::Shutdown => {
                         // Messages already queued are still received after close().
                         rx.close();
@@ -305,16 +477,18 @@ impl Appender {
                 }
             }
         }
-        self.log.persist().map_err(|e| e.to_string())
+        self.log
+            .persist()
+            .map_err(|e| CommitError::from_log("the final fsync", &e))
     }
 
     /// Poisons the log and fails this group and everything that arrives later.
     fn fail_all(
         &mut self,
-        why: String,
+        why: CommitError,
         group: &mut Vec<AppendRequest>,
         rx: &mut mpsc::Receiver<AppenderMsg>,
-    ) -> String {
+    ) -> CommitError {
         self.log.poison(why.clone());
         tracing::error!(error = %why, "log write failed: the log is poisoned, no further publishes are acknowledged");
         let fail = |req: AppendRequest| {
@@ -336,7 +510,7 @@ impl Appender {
         why
     }
 
-    fn commit(&mut self, group: &mut Vec<AppendRequest>) -> Result<(), String> {
+    fn commit(&mut self, group: &mut Vec<AppendRequest>) -> Result<(), CommitError> {
         let log = Arc::clone(&self.log);
         let mut batch = log.db.batch();
         let mut offsets: Vec<Vec<u64>> = Vec::new();
@@ -450,7 +624,9 @@ impl Appender {
                                 *v = None;
                             }
                         }
-                        let stored = log.meta_scan(&prefix).map_err(|e| e.to_string())?;
+                        let stored = log
+                            .meta_scan(&prefix)
+                            .map_err(|e| CommitError::from_log("reading state", &e))?;
                         for (k, _) in stored {
                             state.insert(k, None);
                         }
@@ -466,7 +642,9 @@ impl Appender {
             let stored = if fresh.contains(&k) {
                 None
             } else {
-                log.meta.size_of(&k).map_err(|e| e.to_string())?
+                log.meta
+                    .size_of(&k)
+                    .map_err(|e| CommitError::from_fjall("reading state", &e))?
             };
             if let Some(old) = stored {
                 state_freed += (k.len() + old as usize) as u64;
@@ -488,7 +666,7 @@ impl Appender {
         batch
             .durability(Some(mode))
             .commit()
-            .map_err(|e| format!("group commit failed: {e}"))?;
+            .map_err(|e| CommitError::from_fjall("group commit", &e))?;
         let records: usize = group.iter().map(|r| r.records.len()).sum();
         log.counters
             .commit_seconds
@@ -515,7 +693,8 @@ impl Appender {
                 .store(now.saturating_sub(state_freed), Ordering::Relaxed);
         }
         if log.budget.is_some() {
-            log.enforce_budget().map_err(|e| e.to_string())?;
+            log.enforce_budget()
+                .map_err(|e| CommitError::from_log("applying the disk budget", &e))?;
             log.refresh_budget_flag();
         }
         self.bound_write_buffer()?;
@@ -537,7 +716,7 @@ impl Appender {
     /// disk would hold an ever larger memtable in memory (measured here: 1.1 GiB after 2 GiB
     /// written). Waiting here before the next group commit makes the appender as slow as the
     /// flushes, the append budget fills, and connections stop reading their sockets.
-    fn bound_write_buffer(&self) -> Result<(), String> {
+    fn bound_write_buffer(&self) -> Result<(), CommitError> {
         let db = &self.log.db;
         if db.write_buffer_size() <= WRITE_BUFFER_LIMIT {
             return Ok(());
@@ -553,8 +732,9 @@ impl Appender {
             // the buffer never shrinks: fjall says so on the next persist, and the log is
             // failed instead of waiting forever with acknowledgements stopped.
             if waits.is_multiple_of(50) {
-                db.persist(fjall::PersistMode::Buffer)
-                    .map_err(|e| format!("the log's background flush or compaction failed: {e}"))?;
+                db.persist(fjall::PersistMode::Buffer).map_err(|e| {
+                    CommitError::from_fjall("the log's background flush or compaction", &e)
+                })?;
             }
             if !warned && started.elapsed() > std::time::Duration::from_secs(30) {
                 tracing::warn!(
@@ -592,4 +772,45 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(code: i32) -> fjall::Error {
+        fjall::Error::Io(std::io::Error::from_raw_os_error(code))
+    }
+
+    #[test]
+    fn storage_errors_are_told_apart_by_their_cause() {
+        assert!(matches!(
+            CommitError::from_fjall("group commit", &io(libc::ENOSPC)),
+            CommitError::DiskFull(m) if m.starts_with("group commit")
+        ));
+        assert!(matches!(
+            CommitError::from_fjall("fsync", &io(libc::EDQUOT)),
+            CommitError::DiskFull(_)
+        ));
+        assert!(matches!(
+            CommitError::from_fjall("fsync", &io(libc::EIO)),
+            CommitError::Io(_)
+        ));
+        // Wrapped by the LSM tree: found through the source chain.
+        let nested = fjall::Error::Storage(lsm_tree_io(libc::ENOSPC));
+        assert!(matches!(
+            CommitError::from_fjall("flush", &nested),
+            CommitError::DiskFull(_)
+        ));
+        assert!(matches!(
+            CommitError::from_fjall("open", &fjall::Error::Poisoned),
+            CommitError::Storage(_)
+        ));
+        assert!(CommitError::from_fjall("x", &io(libc::EIO)).is_fatal());
+        assert!(!CommitError::Refused("too long".into()).is_fatal());
+    }
+
+    fn lsm_tree_io(code: i32) -> fjall::LsmError {
+        fjall::LsmError::Io(std::io::Error::from_raw_os_error(code))
+    }
 }

@@ -101,9 +101,12 @@ pub enum LogError {
         /// Partitions it has.
         count: u32,
     },
+    /// A thread of the log's readers (a consumer group) could not be started.
+    #[error("starting a thread: {0}")]
+    Thread(std::io::Error),
     /// An earlier write or fsync failed; the log accepts nothing more.
     #[error("the log is poisoned by an earlier write failure: {0}")]
-    Poisoned(String),
+    Poisoned(appender::CommitError),
 }
 
 /// A key and value of the meta keyspace.
@@ -245,7 +248,7 @@ pub struct Log {
     /// retained messages, group positions and the log's own entries.
     state_bytes: AtomicU64,
     over_budget: AtomicBool,
-    poisoned: std::sync::Mutex<Option<String>>,
+    poisoned: std::sync::Mutex<Option<appender::CommitError>>,
     /// The clock age retention uses (see [`clock`]).
     retention_clock: std::sync::Mutex<clock::RetentionClock>,
     /// Node-wide counters.
@@ -452,11 +455,11 @@ impl Log {
     }
 
     /// Why the log is poisoned, if it is.
-    pub fn poisoned(&self) -> Option<String> {
+    pub fn poisoned(&self) -> Option<appender::CommitError> {
         self.poisoned.lock().expect("poison lock").clone()
     }
 
-    pub(crate) fn poison(&self, why: String) {
+    pub(crate) fn poison(&self, why: appender::CommitError) {
         let mut p = self.poisoned.lock().expect("poison lock");
         if p.is_none() {
             *p = Some(why);
@@ -821,7 +824,10 @@ impl Log {
             .durability(Some(fjall::PersistMode::Buffer))
             .commit()
             .map_err(|e| {
-                self.poison(format!("deleting old records failed: {e}"));
+                self.poison(appender::CommitError::from_fjall(
+                    "deleting old records",
+                    &e,
+                ));
                 LogError::Storage(e)
             })
     }
@@ -932,7 +938,7 @@ impl Log {
             .flat_map(|t| t.partitions.iter().map(|p| p.end.load(Ordering::Acquire)))
             .collect();
         self.db.persist(fjall::PersistMode::SyncAll).map_err(|e| {
-            self.poison(format!("fsync failed: {e}"));
+            self.poison(appender::CommitError::from_fjall("fsync", &e));
             LogError::Storage(e)
         })?;
         let partitions = self.topics.iter().flat_map(|t| t.partitions.iter());

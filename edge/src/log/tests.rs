@@ -7,9 +7,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use tokio::sync::mpsc;
 
-use super::appender::{
-    self, AppendRequest, AppenderMsg, Committed, PendingRecord, ReplyTo, StateOp,
-};
+use super::appender::{self, AppendRequest, Committed, PendingRecord, ReplyTo, StateOp};
 use super::record::NewRecord;
 use super::{Budget, Log};
 use crate::config::{DiskFullPolicy, FsyncMode, PlannedTopic};
@@ -78,13 +76,13 @@ fn append_all(log: &Arc<Log>, max_batch: usize, reqs: Vec<AppendRequest>) -> Vec
                 tx: reply_tx.clone(),
                 ticket: i as u64,
             });
-            tx.send(AppenderMsg::Append(r)).await.unwrap();
+            tx.append(r).await.unwrap();
         }
         let mut out = Vec::new();
         for _ in 0..n {
             out.push(reply_rx.recv().await.unwrap());
         }
-        tx.send(AppenderMsg::Shutdown).await.unwrap();
+        tx.shutdown().await;
         drop(tx);
         thread.join().unwrap().unwrap();
         out
@@ -345,7 +343,7 @@ fn without_fsync_readers_see_records_only_once_an_fsync_made_them_durable() {
                 ticket: 0,
             }),
         );
-        tx.send(AppenderMsg::Append(req)).await.unwrap();
+        tx.append(req).await.unwrap();
         assert!(reply_rx.recv().await.unwrap().outcome.is_ok());
         assert_eq!(p().end.load(Ordering::Acquire), 2);
         assert_eq!(
@@ -353,8 +351,8 @@ fn without_fsync_readers_see_records_only_once_an_fsync_made_them_durable() {
             0,
             "acknowledged without an fsync: not durable yet"
         );
-        tx.send(AppenderMsg::Persist).await.unwrap();
-        tx.send(AppenderMsg::Shutdown).await.unwrap();
+        tx.persist().await.unwrap();
+        tx.shutdown().await;
         drop(tx);
         thread.join().unwrap().unwrap();
     });

@@ -37,7 +37,7 @@ use super::will::Admission;
 use super::Broker;
 use crate::auth::{ConnAcl, LoginRefusal};
 use crate::log::appender::{
-    now_ms, AppendRequest, AppenderMsg, Committed, PendingRecord, ReplyTo, StateOp,
+    now_ms, AppendRequest, CommitError, Committed, PendingRecord, ReplyTo, StateOp, TryAppendError,
 };
 use crate::log::record::{NewRecord, RecordTooLarge};
 use crate::route::{TopicFilter, TopicId};
@@ -642,7 +642,7 @@ where
     };
     if !ops.is_empty() {
         if let Err(why) = conn.commit_state(ops).await {
-            let out = refuse(Refused::Unavailable, reason::SERVER_BUSY, why).await;
+            let out = refuse(Refused::Unavailable, reason::SERVER_BUSY, why.to_string()).await;
             send_final(&mut conn.writer, &out).await;
             conn.publish_will = false;
             Box::pin(conn.finish(attachment.conn, &handover.0)).await;
@@ -1686,12 +1686,12 @@ where
                 retained,
             });
         }
-        match self.broker.appender.try_send(AppenderMsg::Append(req)) {
+        match self.broker.appender.try_append(req) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(msg)) => Box::pin(self.broker.appender.send(msg))
+            Err(TryAppendError::Full(req)) => Box::pin(self.broker.appender.append(req))
                 .await
                 .map_err(|_| closed()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(closed()),
+            Err(TryAppendError::Closed) => Err(closed()),
         }
     }
 
@@ -1782,8 +1782,8 @@ where
     fn commit_state(
         &mut self,
         ops: Vec<StateOp>,
-    ) -> Pin<Box<impl std::future::Future<Output = Result<(), String>> + '_>> {
-        Box::pin(commit_ops(&self.broker, ops))
+    ) -> Pin<Box<impl std::future::Future<Output = Result<(), CommitError>> + '_>> {
+        Box::pin(self.broker.appender.commit_state(ops))
     }
 
     /// SUBSCRIBE: checks each filter, records the subscriptions (durably for a persistent
@@ -2365,10 +2365,10 @@ where
             let _ = self
                 .broker
                 .appender
-                .send(AppenderMsg::Append(AppendRequest {
+                .append(AppendRequest {
                     state: ops,
                     ..Default::default()
-                }))
+                })
                 .await;
         }
         handover.end();
@@ -2466,29 +2466,6 @@ fn durable_pkid(seq: u64) -> u16 {
 fn seq_of(key: &[u8]) -> Option<u64> {
     let (_, rest) = split_client_key(key)?;
     Some(u64::from_be_bytes(rest.try_into().ok()?))
-}
-
-/// Sends a request to the appender and waits until it is durable.
-async fn append_and_wait(broker: &Broker, mut req: AppendRequest) -> Result<Committed, String> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    req.reply = Some(ReplyTo { tx, ticket: 0 });
-    broker
-        .appender
-        .send(AppenderMsg::Append(req))
-        .await
-        .map_err(|_| "the log is closed".to_string())?;
-    let done = rx.recv().await.ok_or("the log is closed")?;
-    done.outcome.clone()?;
-    Ok(done)
-}
-
-/// Commits state changes and waits until they are durable.
-async fn commit_ops(broker: &Broker, ops: Vec<StateOp>) -> Result<(), String> {
-    let req = AppendRequest {
-        state: ops,
-        ..Default::default()
-    };
-    append_and_wait(broker, req).await.map(|_| ())
 }
 
 /// Where [`stage_publish`] adds a publish: the request being built and what to do once it
@@ -2666,7 +2643,7 @@ async fn publish_will(broker: &Arc<Broker>, client_id: &Arc<str>, mut will: Will
         tracing::warn!(client_id = %client_id, error = %e, "will not published");
         return;
     }
-    let Ok(done) = append_and_wait(broker, req).await else {
+    let Ok(done) = broker.appender.commit(req).await else {
         return;
     };
     broker
@@ -2740,7 +2717,7 @@ mod tests {
     type Running = (
         Arc<Broker>,
         watch::Sender<bool>,
-        std::thread::JoinHandle<Result<(), String>>,
+        std::thread::JoinHandle<Result<(), CommitError>>,
     );
 
     fn broker(dir: &std::path::Path) -> Running {
@@ -2845,7 +2822,7 @@ mod tests {
 
         drop(client);
         conn.await.unwrap();
-        let _ = broker.appender.send(AppenderMsg::Shutdown).await;
+        let _ = broker.appender.shutdown().await;
         drop(broker);
         appender_thread.join().unwrap().unwrap();
     }
@@ -2941,7 +2918,7 @@ mod tests {
 
         drop(client);
         conn.await.unwrap();
-        let _ = broker.appender.send(AppenderMsg::Shutdown).await;
+        let _ = broker.appender.shutdown().await;
         drop(broker);
         appender_thread.join().unwrap().unwrap();
     }

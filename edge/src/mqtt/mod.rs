@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::MqttConfig;
-use crate::log::appender::AppenderMsg;
+use crate::log::appender::Appender;
 use crate::log::Log;
 use crate::route::Router;
 use session::SessionStore;
@@ -38,8 +38,8 @@ pub struct Broker {
     pub router: Router,
     /// The log (read side, budget state).
     pub log: Arc<Log>,
-    /// The appender's queue.
-    pub appender: mpsc::Sender<AppenderMsg>,
+    /// The way into the log.
+    pub appender: Appender,
     /// Sessions by client id.
     pub sessions: SessionStore,
     /// Subscriptions, retained messages, delivery counters.
