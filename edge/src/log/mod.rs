@@ -234,6 +234,39 @@ pub struct Budget {
     pub policy: DiskFullPolicy,
 }
 
+/// `storage.min_free`: free space the data directory's file system keeps. Below it the
+/// node refuses new publishes (and goes on serving readers) until space is back, so fjall
+/// never meets a full disk mid-write.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFree {
+    /// At least this many bytes free.
+    Bytes(u64),
+    /// At least this share (0 to 100) of the file system free.
+    Percent(f64),
+}
+
+impl MinFree {
+    /// The bytes to keep free on a file system of `total` bytes.
+    pub fn bytes_of(self, total: u64) -> u64 {
+        match self {
+            MinFree::Bytes(b) => b,
+            MinFree::Percent(p) => (total as f64 * p.clamp(0.0, 100.0) / 100.0) as u64,
+        }
+    }
+}
+
+/// Space on the data directory's file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSpace {
+    /// Bytes an unprivileged writer can still use.
+    pub available: u64,
+    /// Size of the file system.
+    pub total: u64,
+}
+
+/// How often the appender looks at the free space while it commits.
+const FREE_SPACE_EVERY: Duration = Duration::from_millis(100);
+
 /// The log of one edge node.
 pub struct Log {
     dir: PathBuf,
@@ -248,6 +281,11 @@ pub struct Log {
     /// retained messages, group positions and the log's own entries.
     state_bytes: AtomicU64,
     over_budget: AtomicBool,
+    /// `storage.min_free`, and whether the free space was below it at the last look.
+    min_free: std::sync::Mutex<Option<MinFree>>,
+    low_disk: AtomicBool,
+    /// Free space at the last look (for metrics), and when that was.
+    disk_space: std::sync::Mutex<Option<(DiskSpace, std::time::Instant)>>,
     poisoned: std::sync::Mutex<Option<appender::CommitError>>,
     /// The clock age retention uses (see [`clock`]).
     retention_clock: std::sync::Mutex<clock::RetentionClock>,
@@ -400,6 +438,9 @@ impl Log {
             total_bytes: AtomicU64::new(total),
             state_bytes: AtomicU64::new(state_bytes),
             over_budget: AtomicBool::new(false),
+            min_free: std::sync::Mutex::new(None),
+            low_disk: AtomicBool::new(false),
+            disk_space: std::sync::Mutex::new(None),
             poisoned: std::sync::Mutex::new(None),
             counters: LogCounters::default(),
             retention_clock: std::sync::Mutex::new(clock::RetentionClock::new(
@@ -449,9 +490,77 @@ impl Log {
         self.total_bytes() + self.state_bytes()
     }
 
-    /// Whether new publishes must be refused (disk budget reached with the `reject` policy).
+    /// Whether new publishes must be refused: the disk budget is reached with the `reject`
+    /// policy, or the file system is below `storage.min_free`.
     pub fn rejects_publishes(&self) -> bool {
-        self.over_budget.load(Ordering::Relaxed)
+        self.over_budget.load(Ordering::Relaxed) || self.low_disk.load(Ordering::Relaxed)
+    }
+
+    /// Whether the file system was below `storage.min_free` at the last look.
+    pub fn low_disk(&self) -> bool {
+        self.low_disk.load(Ordering::Relaxed)
+    }
+
+    /// Sets `storage.min_free` and looks at the free space at once.
+    pub fn set_min_free(&self, min_free: Option<MinFree>) {
+        *self.min_free.lock().expect("min_free lock") = min_free;
+        self.check_free_space();
+    }
+
+    /// The free space at the last look, if the file system told.
+    pub fn disk_space(&self) -> Option<DiskSpace> {
+        self.disk_space
+            .lock()
+            .expect("disk space lock")
+            .map(|(space, _)| space)
+    }
+
+    /// The data directory's file system's free space now.
+    fn measure_disk_space(&self) -> Option<DiskSpace> {
+        let st = rustix::fs::statvfs(&self.dir).ok()?;
+        let unit = st.f_frsize.max(1);
+        Some(DiskSpace {
+            available: st.f_bavail.saturating_mul(unit),
+            total: st.f_blocks.saturating_mul(unit),
+        })
+    }
+
+    /// Looks at the free space (at most every 100 ms unless `force`) and refuses or accepts
+    /// publishes by `storage.min_free`.
+    pub(crate) fn check_free_space_every(&self, force: bool) {
+        let due = force
+            || self
+                .disk_space
+                .lock()
+                .expect("disk space lock")
+                .is_none_or(|(_, at)| at.elapsed() >= FREE_SPACE_EVERY);
+        if due {
+            self.check_free_space();
+        }
+    }
+
+    fn check_free_space(&self) {
+        let Some(space) = self.measure_disk_space() else {
+            return;
+        };
+        *self.disk_space.lock().expect("disk space lock") =
+            Some((space, std::time::Instant::now()));
+        let min_free = *self.min_free.lock().expect("min_free lock");
+        let low = min_free.is_some_and(|m| space.available < m.bytes_of(space.total));
+        let was = self.low_disk.swap(low, Ordering::Relaxed);
+        if low && !was {
+            tracing::warn!(
+                available = space.available,
+                min_free = min_free.map(|m| m.bytes_of(space.total)),
+                dir = %self.dir.display(),
+                "the data directory's disk is below storage.min_free: new publishes are refused until space is back (readers, the mirror and consumer groups go on)"
+            );
+        } else if was && !low {
+            tracing::info!(
+                available = space.available,
+                "the data directory's disk has space again: publishes are accepted"
+            );
+        }
     }
 
     /// Why the log is poisoned, if it is.
@@ -810,6 +919,7 @@ impl Log {
         }
         self.enforce_budget()?;
         self.refresh_budget_flag();
+        self.check_free_space_every(true);
         Ok(())
     }
 

@@ -684,3 +684,24 @@ fn a_data_directory_from_before_the_format_byte_opens_with_its_state() {
     let report = crate::check::check(&log, false).unwrap();
     assert!(report.bad.is_empty(), "{report:?}");
 }
+
+#[test]
+fn publishes_are_refused_below_min_free_and_accepted_again_when_space_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap();
+    assert!(!log.rejects_publishes(), "no floor set");
+    let space = log.disk_space();
+    assert!(space.is_none(), "not looked at before a floor is set");
+    // A floor of the whole file system can never be met.
+    log.set_min_free(Some(super::MinFree::Percent(100.0)));
+    let space = log.disk_space().expect("statvfs of the data directory");
+    assert!(space.total > 0 && space.available <= space.total);
+    assert!(log.low_disk() && log.rejects_publishes());
+    // Space "comes back": a floor below what is free.
+    log.set_min_free(Some(super::MinFree::Bytes(space.available / 2)));
+    assert!(!log.low_disk() && !log.rejects_publishes());
+    log.set_min_free(Some(super::MinFree::Bytes(u64::MAX)));
+    assert!(log.rejects_publishes());
+    log.set_min_free(None);
+    assert!(!log.rejects_publishes());
+}
