@@ -28,11 +28,13 @@
 //!
 //! The default is the journaled mode because fjall (3.1.13, with lsm-tree 3.1.10), the
 //! store the edge's log lives in, fsyncs the directory after most names it creates
-//! (journal files, tables, the version file written by temp file and rename) but relies
-//! on journaled-metadata behaviour elsewhere: `create_dir_all` of nested folders fsyncs
-//! only the innermost folder (and sometimes its parent), and the deletion of old journals
-//! and tables is never followed by a directory fsync. Under the strict mode a fresh
-//! database can lose its keyspace folder after a cut even though every write was synced.
+//! (journal files, tables, the version file written by temp file and rename) but not all:
+//! a new keyspace folder `keyspaces/<id>` is made with `create_dir_all` and `keyspaces/`
+//! is never fsynced, and old journals and tables are deleted without a directory fsync.
+//! Under the strict mode a new keyspace is gone after a cut, with every key synced into
+//! it (the test `strict_mode_loses_a_new_fjall_keyspace_because_fjall_never_fsyncs_its_parent`
+//! shows it); ext4 and XFS keep it, since their journal commits the folder's creation
+//! with the next fsync of anything.
 //!
 //! What fjall does, and so what this file system needs: it preallocates every 64 MiB
 //! journal with `set_len` (ftruncate, not fallocate, so the budget below does not charge
