@@ -4,7 +4,8 @@
 //! in this process, and the returned handle injects faults into it: a power cut, EIO from
 //! fsync or write, ENOSPC past a byte budget, slow fsync. Tests run the real edge (or
 //! fjall directly) on the mount point, kill it, cut the power and start it again on the
-//! same directory. The `faultfs` binary offers the same over a control socket.
+//! same directory. The `faultfs` binary offers the same over a control socket (its
+//! documentation gives the protocol), for a mount held by another process.
 //!
 //! # The power-cut model
 //!
