@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, UNIX_EPOCH};
 
 const ROOT: u64 = fuser::FUSE_ROOT_ID;
+/// The parent of a node that lost its name; no inode has this number.
+const DETACHED: u64 = 0;
 /// Attributes and entries are not cached by the kernel: every change goes through this
 /// file system anyway, and a zero TTL keeps nothing stale to reason about.
 const TTL: Duration = Duration::ZERO;
@@ -195,7 +197,12 @@ impl State {
     /// Forgets the name of `parent/name` (removed or replaced) and frees its space.
     fn unname(&mut self, parent: u64, name: &OsStr, meta: &Metadata) {
         let data_end = match self.index.remove(&(parent, name.to_os_string())) {
-            Some(ino) => self.nodes.get(&ino).map_or(0, Node::data_end),
+            Some(ino) => self.nodes.get_mut(&ino).map_or(0, |node| {
+                // Still open perhaps, but nameless: its path must not resolve to whatever
+                // takes the name next.
+                node.parent = DETACHED;
+                node.data_end()
+            }),
             None => measured_data_end(meta),
         };
         if meta.is_file() {

@@ -161,3 +161,82 @@ fn power_cut_refuses_while_a_file_is_open() {
     m.fs.power_cut().expect("power cut once closed");
     assert!(!m.path("open").exists());
 }
+
+#[test]
+fn mmap_reader_sees_pending_data_and_then_the_durable_data_after_power_cut() {
+    // fjall reads with pread today; a reader that maps the file must work all the same.
+    fn mapped(path: &std::path::Path, len: usize) -> Vec<u8> {
+        use std::os::fd::AsRawFd;
+        let file = fs::File::open(path).expect("open");
+        // SAFETY: a private read-only mapping of `len` bytes of an open file, copied out
+        // and unmapped before the file is closed.
+        unsafe {
+            let at = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(
+                at,
+                libc::MAP_FAILED,
+                "mmap: {}",
+                std::io::Error::last_os_error()
+            );
+            let copy = std::slice::from_raw_parts(at.cast::<u8>(), len).to_vec();
+            libc::munmap(at, len);
+            copy
+        }
+    }
+    let mut m = Mounted::journaled();
+    let path = m.path("file");
+    write_file(&path, b"durable!", true);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .write_all_at(b"PENDING!", 0)
+        .expect("write");
+    assert_eq!(mapped(&path, 8), b"PENDING!");
+    m.fs.power_cut().expect("power cut");
+    assert_eq!(mapped(&path, 8), b"durable!");
+}
+
+#[test]
+fn power_cut_waits_for_a_process_on_the_mount_to_be_killed() {
+    // The intended use: a process works on the mount, the test kills it with SIGKILL,
+    // waits for it, and cuts the power.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut m = Mounted::journaled();
+    let mut writer = Killed(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"exec 3>"$0/held"; printf unsynced >&3; printf ready; exec sleep 600"#)
+            .arg(m.fs.mountpoint())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start a writer"),
+    );
+    let mut ready = [0u8; 5];
+    std::io::Read::read_exact(writer.0.stdout.as_mut().expect("stdout"), &mut ready)
+        .expect("the writer says it is ready");
+    assert_eq!(fs::read(m.path("held")).expect("read"), b"unsynced");
+
+    let err =
+        m.fs.power_cut()
+            .expect_err("the writer still holds the mount");
+    assert!(err.to_string().contains("still uses it"), "{err}");
+
+    writer.0.kill().expect("kill -9 the writer");
+    writer.0.wait().expect("wait for the writer");
+    m.fs.power_cut().expect("power cut");
+    assert!(!m.path("held").exists());
+}
