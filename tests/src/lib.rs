@@ -17,6 +17,7 @@ use rumqttc::v5::mqttbytes::v5;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod kafka;
+pub mod load;
 pub mod mirror;
 pub mod pki;
 pub mod raw;
