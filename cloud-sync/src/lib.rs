@@ -17,7 +17,6 @@
 // Each module depends only on those above it. First, what knows nothing of Kafka's client:
 pub mod checkpoint;
 pub mod config;
-pub mod metrics;
 pub mod source;
 pub mod status;
 pub mod translation;

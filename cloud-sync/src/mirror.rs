@@ -31,6 +31,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::Histogram;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -263,7 +264,7 @@ impl Mirror {
     }
 
     /// Durations of the transaction commits (Kafka's `EndTxn`), in seconds.
-    pub fn commit_latency(&self) -> &crate::metrics::Histogram {
+    pub fn commit_latency(&self) -> &Histogram {
         &self.shared.commit_seconds
     }
 

@@ -5,10 +5,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::config::MirrorConfig;
 use crate::source::PartitionedSource;
 use crate::status::{now_ms, ErrorKind, LinkState, MirrorStatus};
 use crate::translation::Translation;
+
+/// Bucket upper bounds of the transaction commit durations, in seconds (100 µs to 10 s).
+const COMMIT_SECONDS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
 
 /// How many distinct errors librdkafka reports on its own are kept for a session's failure.
 const CLIENT_ERRORS_KEPT: usize = 4;
@@ -24,7 +32,7 @@ pub(crate) struct Shared {
     /// Per status partition, where its edge records are in Kafka (for group replication).
     pub(crate) translations: Mutex<Vec<Translation>>,
     /// How long each `commit_transaction` took, successful or not.
-    pub(crate) commit_seconds: crate::metrics::Histogram,
+    pub(crate) commit_seconds: Histogram,
     stop: AtomicBool,
     /// Wakes sleeps early when `stop` is set.
     wake: (Mutex<()>, Condvar),
@@ -43,7 +51,7 @@ impl Shared {
             source,
             status: Mutex::new(status),
             client_errors: Mutex::new(Vec::new()),
-            commit_seconds: crate::metrics::Histogram::new(crate::metrics::SECONDS),
+            commit_seconds: Histogram::new(COMMIT_SECONDS),
             stop: AtomicBool::new(false),
             wake: (Mutex::new(()), Condvar::new()),
         }
@@ -116,5 +124,41 @@ impl Shared {
         let mut s = self.status.lock().expect("status lock");
         s.state = LinkState::Mirroring;
         s.last_healthy_at_ms = Some(now_ms());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::prometheus_text::encode;
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+
+    #[test]
+    fn commit_durations_count_into_cumulative_buckets_from_100_microseconds_to_10_seconds() {
+        let h = Histogram::new(COMMIT_SECONDS);
+        for seconds in [0.00005, 0.0003, 0.0003, 7.0, 12.0] {
+            h.observe(seconds);
+        }
+        let mut registry = Registry::default();
+        registry.register("c", "Commits", h);
+        let mut out = String::new();
+        encode(&mut out, &registry).unwrap();
+        let buckets: Vec<&str> = out.lines().filter(|l| l.starts_with("c_bucket")).collect();
+        assert_eq!(buckets.len(), COMMIT_SECONDS.len() + 1, "{out}");
+        assert_eq!(buckets[0], "c_bucket{le=\"0.0001\"} 1");
+        assert_eq!(buckets[1], "c_bucket{le=\"0.00025\"} 1");
+        assert_eq!(buckets[2], "c_bucket{le=\"0.0005\"} 3");
+        assert_eq!(buckets[14], "c_bucket{le=\"5\"} 3");
+        assert_eq!(buckets[15], "c_bucket{le=\"10\"} 4");
+        assert_eq!(buckets[16], "c_bucket{le=\"+Inf\"} 5");
+        assert!(out.contains("\nc_count 5\n"), "{out}");
+        let sum: f64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("c_sum "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sum - 19.00065).abs() < 1e-9, "{out}");
     }
 }
