@@ -2,8 +2,8 @@
 //!
 //! The edge implements [`PartitionedSource`] over its log and starts a [`Mirror`] when its
 //! config has a `[cloud]` section. See [`mirror`] for the protocol, [`checkpoint`] for
-//! the checkpoint records and [`groups`] for how the source's consumer group positions are
-//! replicated to Kafka.
+//! the checkpoint records, [`translation`] for how edge offsets map to Kafka offsets and
+//! [`groups`] for how the source's consumer group positions are replicated to Kafka.
 //!
 //! # What lands in Kafka
 //!
@@ -14,19 +14,27 @@
 //! `mqtt.response_topic` and `mqtt.correlation_data` (when set) and then each MQTT 5 user property under its own name. Readers use
 //! `isolation.level=read_committed`.
 
+// Each module depends only on those above it. First, what knows nothing of Kafka's client:
 pub mod checkpoint;
 pub mod config;
-pub mod groups;
-pub mod metrics;
-pub mod mirror;
 pub mod source;
 pub mod status;
+pub mod translation;
+// the state the mirror's threads share;
+mod shared;
+// the Kafka clients' common ground;
+mod kafka;
+// the group replicator, and the mirror that starts it.
+pub mod groups;
+pub mod mirror;
 
 pub use config::{MirrorConfig, Security};
-pub use groups::{GroupPartitionStatus, GroupStatus, GroupSyncState};
 pub use mirror::{Mirror, MirrorError};
 pub use source::{
     GroupPosition, Header, MemorySource, PartitionBounds, PartitionedSource, SourceError,
     SourceRecord, SourceTopic,
 };
-pub use status::{ErrorKind, LinkState, MirrorStatus, PartitionStatus};
+pub use status::{
+    ErrorKind, GroupPartitionStatus, GroupStatus, GroupSyncState, LinkState, MirrorStatus,
+    PartitionStatus,
+};

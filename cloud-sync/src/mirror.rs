@@ -26,14 +26,14 @@
 //! Records the source deleted (retention, disk budget) before they were mirrored are
 //! counted per partition as `lost_before_mirror` and logged.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::Histogram;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, Message, OwnedHeaders};
@@ -45,9 +45,14 @@ use tracing::{debug, info, warn};
 
 use crate::checkpoint::{checkpoint_key, checkpoint_partition, Checkpoint};
 use crate::config::MirrorConfig;
-use crate::groups::{Run, Translation};
+use crate::groups;
+use crate::kafka::{
+    client_config, kind_of, lower_priority, report_client_error, with_extra, ReportingContext,
+};
+use crate::shared::Shared;
 use crate::source::{PartitionedSource, SourceRecord};
 use crate::status::{now_ms, ErrorKind, LinkState, MirrorStatus, PartitionStatus};
+use crate::translation::Run;
 
 /// Records asked of the source per read.
 const READ_CHUNK: usize = 1024;
@@ -113,86 +118,6 @@ fn kafka(step: ErrorKind, context: &str, e: KafkaError) -> SessionError {
 /// A failure in `step` that is not Kafka's own error.
 fn failed(kind: ErrorKind, message: String) -> SessionError {
     SessionError::Kafka { kind, message }
-}
-
-/// `step`, unless `e` says that another producer with this transactional id took over: that
-/// one has its own remedy (two edges must not share a site name), whatever step met it.
-fn kind_of(step: ErrorKind, e: &KafkaError) -> ErrorKind {
-    match e.rdkafka_error_code() {
-        Some(
-            RDKafkaErrorCode::ProducerFenced
-            | RDKafkaErrorCode::InvalidProducerEpoch
-            | RDKafkaErrorCode::Fenced,
-        ) => ErrorKind::Fenced,
-        _ => step,
-    }
-}
-
-pub(crate) struct Shared {
-    pub(crate) config: MirrorConfig,
-    /// The last error librdkafka reported on its own (authentication, connection), which a
-    /// failed request's own error (often just a time-out) does not name.
-    client_errors: Mutex<Vec<String>>,
-    pub(crate) source: Arc<dyn PartitionedSource>,
-    pub(crate) status: Mutex<MirrorStatus>,
-    /// Per status partition, where its edge records are in Kafka (for group replication).
-    pub(crate) translations: Mutex<Vec<Translation>>,
-    /// How long each `commit_transaction` took, successful or not.
-    commit_seconds: crate::metrics::Histogram,
-    stop: AtomicBool,
-    /// Wakes sleeps early when `stop` is set.
-    wake: (Mutex<()>, Condvar),
-}
-
-impl Shared {
-    pub(crate) fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-    }
-
-    /// Sleeps `d`, or less if the mirror is being stopped.
-    pub(crate) fn sleep(&self, d: Duration) {
-        let guard = self.wake.0.lock().expect("wake lock");
-        if self.stopping() {
-            return;
-        }
-        let _ = self
-            .wake
-            .1
-            .wait_timeout_while(guard, d, |_| !self.stopping())
-            .expect("wake lock");
-    }
-
-    fn record_error(&self, kind: ErrorKind, message: String) {
-        let mut s = self.status.lock().expect("status lock");
-        s.last_error = Some(message);
-        s.last_error_kind = Some(kind);
-        s.last_error_at_ms = Some(now_ms());
-    }
-
-    fn client_failure(&self, error: &KafkaError, reason: &str) {
-        warn!("kafka: {reason} ({error})");
-        let message = format!("kafka: {reason}");
-        let mut seen = self.client_errors.lock().expect("client error lock");
-        if !seen.contains(&message) && seen.len() < 4 {
-            seen.push(message.clone());
-        }
-        drop(seen);
-        // While a session starts, its own error reports these with what it was doing (and
-        // where); once mirroring, they are the first news of trouble.
-        if self.status.lock().expect("status lock").state == LinkState::Mirroring {
-            self.record_error(client_failure_kind(error), message);
-        }
-    }
-
-    fn set_state(&self, state: LinkState) {
-        self.status.lock().expect("status lock").state = state;
-    }
-
-    fn healthy(&self) {
-        let mut s = self.status.lock().expect("status lock");
-        s.state = LinkState::Mirroring;
-        s.last_healthy_at_ms = Some(now_ms());
-    }
 }
 
 /// A running mirror. Dropping it stops it.
@@ -300,16 +225,7 @@ impl Mirror {
             partitions,
             groups,
         };
-        let shared = Arc::new(Shared {
-            translations: Mutex::new(vec![Translation::default(); status.partitions.len()]),
-            config,
-            source,
-            status: Mutex::new(status),
-            client_errors: Mutex::new(Vec::new()),
-            commit_seconds: crate::metrics::Histogram::new(crate::metrics::SECONDS),
-            stop: AtomicBool::new(false),
-            wake: (Mutex::new(()), Condvar::new()),
-        });
+        let shared = Arc::new(Shared::new(config, source, status));
         let running = Arc::new((Mutex::new(0usize), Condvar::new()));
         let spawn = |name: &str, body: fn(&Arc<Shared>)| {
             let shared = shared.clone();
@@ -332,12 +248,10 @@ impl Mirror {
             shared.set_state(LinkState::Stopped);
         })?];
         if !shared.config.group_sync_interval.is_zero() {
-            match spawn("group-sync", crate::groups::replicate) {
+            match spawn("group-sync", groups::replicate) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    shared.stop.store(true, Ordering::Release);
-                    let _guard = shared.wake.0.lock().expect("wake lock");
-                    shared.wake.1.notify_all();
+                    shared.request_stop();
                     return Err(e);
                 }
             }
@@ -350,7 +264,7 @@ impl Mirror {
     }
 
     /// Durations of the transaction commits (Kafka's `EndTxn`), in seconds.
-    pub fn commit_latency(&self) -> &crate::metrics::Histogram {
+    pub fn commit_latency(&self) -> &Histogram {
         &self.shared.commit_seconds
     }
 
@@ -388,9 +302,7 @@ impl Mirror {
     }
 
     fn request_stop(&self) {
-        self.shared.stop.store(true, Ordering::Release);
-        let _guard = self.shared.wake.0.lock().expect("wake lock");
-        self.shared.wake.1.notify_all();
+        self.shared.request_stop();
     }
 }
 
@@ -412,19 +324,6 @@ fn mirrored_topics(
         .collect()
 }
 
-/// Lowers the calling thread's CPU priority (nice 15), so that on a busy node ingest wins over
-/// the mirror; threads it starts (librdkafka's) inherit the priority. An idle node still
-/// gives the mirror all it wants. Measured on 2 cores with Kafka on the same cores, a flood
-/// of QoS 1 publishes while the mirror drained at full speed: nice 5 left ingest at 67 % of
-/// its rate without the mirror, nice 15 at 75 %, the mirror's rate unchanged.
-pub(crate) fn lower_priority() {
-    // SAFETY: plain syscalls on the calling thread's own id.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 15);
-    }
-}
-
 fn run(shared: &Arc<Shared>) {
     lower_priority();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -444,11 +343,7 @@ fn run(shared: &Arc<Shared>) {
     while !shared.stopping() {
         shared.set_state(LinkState::Starting);
         let started = Instant::now();
-        shared
-            .client_errors
-            .lock()
-            .expect("client error lock")
-            .clear();
+        shared.clear_client_errors();
         match Session::run(shared, &runtime) {
             Ok(()) => break,
             Err(SessionError::Recheck) => continue,
@@ -456,8 +351,7 @@ fn run(shared: &Arc<Shared>) {
                 if started.elapsed() >= HEALTHY_SESSION {
                     backoff = MIN_BACKOFF;
                 }
-                let client =
-                    std::mem::take(&mut *shared.client_errors.lock().expect("client error lock"));
+                let client = shared.take_client_errors();
                 let message = if client.is_empty() {
                     e.to_string()
                 } else {
@@ -474,17 +368,6 @@ fn run(shared: &Arc<Shared>) {
                 backoff = (backoff * 2).min(shared.config.max_backoff.max(MIN_BACKOFF));
             }
         }
-    }
-}
-
-/// The kind of an error librdkafka reported on its own. Those are transport, name resolution,
-/// TLS and authentication failures, which librdkafka retries; a fatal one (the producer
-/// cannot go on) is not a connection problem, and what it was comes with the failed request
-/// that follows.
-fn client_failure_kind(error: &KafkaError) -> ErrorKind {
-    match error.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::Fatal) => ErrorKind::Other,
-        _ => kind_of(ErrorKind::Connect, error),
     }
 }
 
@@ -507,7 +390,7 @@ const CHECKPOINT_SLOT: usize = usize::MAX;
 
 impl ClientContext for MirrorContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        self.shared.client_failure(&error, reason);
+        report_client_error(&self.shared, &error, reason);
     }
 }
 
@@ -532,25 +415,6 @@ impl ProducerContext for MirrorContext {
         }
     }
 }
-
-/// Global errors of the admin and consumer clients go to the status as well.
-struct ReportingContext {
-    shared: Arc<Shared>,
-}
-
-impl ClientContext for ReportingContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error, KafkaError::PartitionEOF(_))
-            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
-        {
-            // The checkpoint reader's end of partition is news, not an error.
-            return;
-        }
-        self.shared.client_failure(&error, reason);
-    }
-}
-
-impl rdkafka::consumer::ConsumerContext for ReportingContext {}
 
 /// One source partition of a session.
 struct Slot {
@@ -611,48 +475,6 @@ struct Session<'a> {
     slots: Vec<Slot>,
     checkpoint_partition: i32,
     bandwidth: Option<Bandwidth>,
-}
-
-pub(crate) fn client_config(config: &MirrorConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.bootstrap)
-        .set("client.id", format!("tributary-{}", config.site))
-        .set(
-            "security.protocol",
-            config.security.protocol.to_ascii_lowercase(),
-        )
-        .set(
-            "socket.timeout.ms",
-            config.request_timeout.as_millis().to_string(),
-        )
-        .set_log_level(RDKafkaLogLevel::Warning);
-    let s = &config.security;
-    if let Some(m) = &s.sasl_mechanism {
-        c.set("sasl.mechanism", m);
-    }
-    if let Some(u) = &s.username {
-        c.set("sasl.username", u);
-    }
-    if let Some(p) = &s.password {
-        c.set("sasl.password", p);
-    }
-    if let Some(f) = &s.ca_file {
-        c.set("ssl.ca.location", f.display().to_string());
-    }
-    if let Some(f) = &s.cert_file {
-        c.set("ssl.certificate.location", f.display().to_string());
-    }
-    if let Some(f) = &s.key_file {
-        c.set("ssl.key.location", f.display().to_string());
-    }
-    c
-}
-
-pub(crate) fn with_extra(mut c: ClientConfig, config: &MirrorConfig) -> ClientConfig {
-    for (k, v) in &config.kafka_properties {
-        c.set(k, v);
-    }
-    c
 }
 
 impl<'a> Session<'a> {
@@ -1463,51 +1285,6 @@ mod tests {
             partition: 3,
         });
         assert_eq!(source.kind(), ErrorKind::Source);
-    }
-
-    #[test]
-    fn a_fenced_producer_is_fenced_whatever_step_met_it() {
-        for code in [
-            RDKafkaErrorCode::ProducerFenced,
-            RDKafkaErrorCode::InvalidProducerEpoch,
-            RDKafkaErrorCode::Fenced,
-        ] {
-            for step in [
-                ErrorKind::Produce,
-                ErrorKind::Transaction,
-                ErrorKind::Connect,
-            ] {
-                assert_eq!(
-                    kind_of(step, &KafkaError::MessageProduction(code)),
-                    ErrorKind::Fenced,
-                    "{code:?} in {step:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn errors_librdkafka_reports_on_its_own_are_connect_unless_fatal() {
-        for code in [
-            RDKafkaErrorCode::AllBrokersDown,
-            RDKafkaErrorCode::BrokerTransportFailure,
-            RDKafkaErrorCode::Authentication,
-            RDKafkaErrorCode::Resolve,
-        ] {
-            assert_eq!(
-                client_failure_kind(&KafkaError::Global(code)),
-                ErrorKind::Connect,
-                "{code:?}"
-            );
-        }
-        assert_eq!(
-            client_failure_kind(&KafkaError::Global(RDKafkaErrorCode::Fatal)),
-            ErrorKind::Other
-        );
-        assert_eq!(
-            client_failure_kind(&KafkaError::Global(RDKafkaErrorCode::ProducerFenced)),
-            ErrorKind::Fenced
-        );
     }
 
     #[test]

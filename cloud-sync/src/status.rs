@@ -1,8 +1,8 @@
-//! What the mirror reports about itself: per partition how far it is, and the link's health.
+//! What the mirror reports about itself: per partition how far it is, the link's health, and
+//! how the source's consumer groups were last replicated to Kafka.
 
 use serde::{Deserialize, Serialize};
 
-use crate::groups::GroupStatus;
 use crate::source::PartitionedSource;
 
 /// The mirror's state as a whole.
@@ -161,6 +161,54 @@ impl MirrorStatus {
     pub fn lag_records(&self) -> u64 {
         self.partitions.iter().map(|p| p.lag_records).sum()
     }
+}
+
+/// How a group's replication went in its last round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupSyncState {
+    /// Kafka holds the translated offsets (or later ones) of every partition translated.
+    Replicated,
+    /// Nothing to commit yet: no checkpoint is at or below the group's positions.
+    Waiting,
+    /// The Kafka group has active members; the edge does not commit for it.
+    MembersActive,
+    /// Kafka failed; the next round tries again.
+    Failed,
+}
+
+/// One partition of a replicated group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupPartitionStatus {
+    /// Source topic.
+    pub topic: String,
+    /// Kafka topic.
+    pub kafka_topic: String,
+    /// Partition number.
+    pub partition: u32,
+    /// The group's committed position at the edge (first offset not processed).
+    pub edge_offset: u64,
+    /// The Kafka offset that position translates to; `None` while nothing can be committed.
+    pub translated_offset: Option<i64>,
+    /// The offset Kafka holds for the group, as read after the last round's commit.
+    pub kafka_offset: Option<i64>,
+}
+
+/// One group of the source, as last replicated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// Group name, the same as the Kafka group id.
+    pub group: String,
+    /// How the last round went.
+    pub state: GroupSyncState,
+    /// Why the offsets are not replicated, if they are not.
+    pub error: Option<String>,
+    /// When the last round ran (ms since the Unix epoch).
+    pub updated_at_ms: u64,
+    /// When offsets were last committed to Kafka for this group.
+    pub committed_at_ms: Option<u64>,
+    /// Per partition, ordered by topic then partition.
+    pub partitions: Vec<GroupPartitionStatus>,
 }
 
 /// Milliseconds since the Unix epoch.

@@ -4,8 +4,8 @@
 //! `Authorization: Bearer <token>`.
 
 pub mod hosts;
+pub mod metrics;
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -19,7 +19,6 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 
 use crate::log::record::text_or_base64;
-use crate::mqtt::limits::{Limits, PacketRefused, Refused};
 use crate::mqtt::Broker;
 
 /// What the admin endpoint reads.
@@ -40,12 +39,17 @@ pub struct AdminState {
 
 /// The admin routes.
 pub fn router(state: Arc<AdminState>) -> Router {
+    // Built once: its collectors read the live state at each scrape.
+    let metrics = Arc::new(metrics::registry(&state));
     Router::new()
         .route("/", get(dashboard))
         .route("/health", get(|| async { "ok\n" }))
         .route("/api/v1/overview", get(overview))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics_response(&metrics))),
+        )
         .route("/api/v1/topics", get(topics))
         .route(
             "/api/v1/topics/{topic}/partitions/{partition}/records",
@@ -171,519 +175,10 @@ async fn ready(State(s): State<Arc<AdminState>>) -> Response {
     "ready\n".into_response()
 }
 
-/// Escapes a Prometheus label value.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// Unlabelled series of one kind, each with its family header: (name, help, value).
-fn series(out: &mut String, kind: &str, list: &[(&str, &str, u64)]) {
-    for (name, help, v) in list {
-        family(out, name, kind, help);
-        let _ = writeln!(out, "{name} {v}");
-    }
-}
-
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// The counters of the client limits (`[mqtt]` max_connections*, max_publish_rate, ...).
-fn render_limit_metrics(limits: &Limits, out: &mut String) {
-    family(
-        out,
-        "tributary_connections_refused_total",
-        "counter",
-        "Connections refused or closed before their session started, by reason.",
-    );
-    for why in Refused::ALL {
-        let _ = writeln!(
-            out,
-            "tributary_connections_refused_total{{reason=\"{}\"}} {}",
-            why.label(),
-            limits.refused_count(why)
-        );
-    }
-    family(
-        out,
-        "tributary_packets_refused_total",
-        "counter",
-        "Packets refused for a field over its [mqtt] limit, by the limit.",
-    );
-    for why in PacketRefused::ALL {
-        let _ = writeln!(
-            out,
-            "tributary_packets_refused_total{{reason=\"{}\"}} {}",
-            why.label(),
-            limits.packet_refused_count(why)
-        );
-    }
-    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let counters = [
-        (
-            "tributary_publish_rate_limited_total",
-            "Connections closed for staying over max_publish_rate (5.0: 0x96 Message rate too high).",
-            load(&limits.rate_disconnects),
-        ),
-        (
-            "tributary_publish_rate_throttled_total",
-            "Times a connection over max_publish_rate was not read until it was within the rate.",
-            load(&limits.rate_throttles),
-        ),
-        (
-            "tributary_subscriptions_refused_total",
-            "Subscriptions refused because the session held max_subscriptions_per_client.",
-            load(&limits.subscriptions_refused),
-        ),
-    ];
-    series(out, "counter", &counters);
-}
-
-/// The metrics in Prometheus text format.
-pub fn render_metrics(s: &AdminState) -> String {
-    let b = &s.broker;
-    let log = &b.log;
-    let stats = &b.hub.stats;
-    let mut out = String::with_capacity(8192);
-
-    family(
-        &mut out,
-        "tributary_messages_received_total",
-        "counter",
-        "Records appended to each log topic since the log was created.",
-    );
-    for t in log.topics() {
-        let _ = writeln!(
-            out,
-            "tributary_messages_received_total{{topic=\"{}\"}} {}",
-            label(&t.name),
-            t.records_appended()
-        );
-    }
-    family(
-        &mut out,
-        "tributary_log_bytes",
-        "gauge",
-        "Bytes each log topic holds on disk now.",
-    );
-    for t in log.topics() {
-        let n: u64 = t
-            .partitions
-            .iter()
-            .map(|p| p.bytes.load(Ordering::Relaxed))
-            .sum();
-        let _ = writeln!(
-            out,
-            "tributary_log_bytes{{topic=\"{}\"}} {n}",
-            label(&t.name)
-        );
-    }
-    let counters: &[(&str, &str, u64)] = &[
-        (
-            "tributary_mqtt_publishes_received_total",
-            "PUBLISH packets accepted from clients (and wills) since start.",
-            stats.messages_received.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_mqtt_acks_sent_total",
-            "PUBACK, PUBREC and PUBCOMP packets sent for received publishes since start.",
-            stats.acks_sent.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_mqtt_publishes_sent_total",
-            "PUBLISH packets sent to subscribers since start.",
-            stats.messages_sent.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_mqtt_received_bytes_total",
-            "Bytes read from MQTT clients since start (after CONNECT).",
-            stats.bytes_received.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_mqtt_sent_bytes_total",
-            "Bytes written to MQTT clients since start.",
-            stats.bytes_sent.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_outbound_dropped_total",
-            "Deliveries dropped because a subscriber's queue was full or an offline session's queue bound was reached.",
-            stats.dropped.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_queue_read_errors_total",
-            "Queued deliveries of persistent sessions whose record could not be read (kept on disk for the next attempt, never dropped).",
-            stats.queue_read_errors.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_outbound_expired_total",
-            "Deliveries not sent because the message expired first.",
-            stats.expired.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_outbound_oversize_total",
-            "Deliveries skipped because they exceed the client's Maximum Packet Size.",
-            stats.oversize.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_slow_subscriber_disconnects_total",
-            "Subscribers disconnected for staying over their queue bound.",
-            stats.slow_disconnects.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_publishes_rejected_total",
-            "Publishes refused because the disk budget was reached (reject policy).",
-            log.counters.budget_rejected.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_retention_deleted_records_total",
-            "Records deleted by age or byte retention since start.",
-            log.counters.retention_removed.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_budget_dropped_records_total",
-            "Records deleted by the drop-oldest disk budget policy since start.",
-            log.counters.budget_dropped.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_publishes_denied_total",
-            "Publishes and wills refused by the ACL (never logged).",
-            b.auth.stats.publishes_denied.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_subscriptions_denied_total",
-            "Subscription filters refused by the ACL.",
-            b.auth.stats.subscriptions_denied.load(Ordering::Relaxed),
-        ),
-        (
-            "tributary_auth_failures_total",
-            "CONNECTs refused for a bad user name or password or for not being authorized.",
-            b.auth.stats.failures.load(Ordering::Relaxed),
-        ),
-    ];
-    series(&mut out, "counter", counters);
-    family(
-        &mut out,
-        "tributary_corrupt_entries_total",
-        "counter",
-        "Stored entries that did not decode (each counted once): record batches skipped by every reader, meta entries left out at start.",
-    );
-    for (kind, n) in [
-        ("batch", &log.counters.corrupt_batches),
-        ("meta", &log.counters.corrupt_meta),
-    ] {
-        let _ = writeln!(
-            out,
-            "tributary_corrupt_entries_total{{kind=\"{kind}\"}} {}",
-            n.load(Ordering::Relaxed)
-        );
-    }
-    render_limit_metrics(&b.limits, &mut out);
-    let (pending_wills, pending_will_bytes) = b.wills.held();
-    series(
-        &mut out,
-        "counter",
-        &[
-            (
-                "tributary_wills_published_early_total",
-                "Delayed wills published at once because max_pending_wills or max_pending_will_bytes was reached.",
-                b.wills.published_early.load(Ordering::Relaxed),
-            ),
-            (
-                "tributary_wills_cancelled_total",
-                "Delayed wills not published because a new connection took their session.",
-                b.wills.cancelled.load(Ordering::Relaxed),
-            ),
-        ],
-    );
-    series(
-        &mut out,
-        "gauge",
-        &[
-            (
-                "tributary_pending_wills",
-                "Wills waiting out their Will Delay Interval.",
-                pending_wills as u64,
-            ),
-            (
-                "tributary_pending_will_bytes",
-                "Bytes held by wills waiting out their delay.",
-                pending_will_bytes as u64,
-            ),
-        ],
-    );
-    render_group_metrics(&group_status(s), &mut out);
-    let (connected, disconnected) = b.sessions.counts();
-    let gauges: [(&str, &str, u64); 6] = [
-        (
-            "tributary_connections",
-            "Open MQTT connections.",
-            b.connections.load(Ordering::Relaxed) as u64,
-        ),
-        (
-            "tributary_sessions_disconnected",
-            "Persistent sessions whose client is not connected.",
-            disconnected as u64,
-        ),
-        (
-            "tributary_subscriptions",
-            "Subscriptions of all sessions.",
-            b.hub.subscription_count(),
-        ),
-        (
-            "tributary_retained_messages",
-            "Retained messages held.",
-            b.hub.retained_count() as u64,
-        ),
-        (
-            "tributary_retained_bytes",
-            "Bytes (topics, payloads, properties) of the retained messages held, against mqtt.max_retained_bytes.",
-            b.hub.retained_bytes(),
-        ),
-        (
-            "tributary_disk_bytes",
-            "Bytes the log holds (what the disk budget counts).",
-            log.total_bytes(),
-        ),
-    ];
-    series(&mut out, "gauge", &gauges);
-    family(
-        &mut out,
-        "tributary_sessions_connected",
-        "gauge",
-        "Sessions with a connected client.",
-    );
-    let _ = writeln!(out, "tributary_sessions_connected {connected}");
-    if let Some(budget) = log.budget() {
-        family(
-            &mut out,
-            "tributary_disk_budget_bytes",
-            "gauge",
-            "The configured disk budget.",
-        );
-        let _ = writeln!(out, "tributary_disk_budget_bytes {}", budget.bytes);
-    }
-    family(
-        &mut out,
-        "tributary_group_commit_records",
-        "histogram",
-        "Records written per group commit.",
-    );
-    log.counters
-        .commit_records
-        .render("tributary_group_commit_records", &mut out);
-    family(
-        &mut out,
-        "tributary_group_commit_seconds",
-        "histogram",
-        "Time of a group commit's write and fsync.",
-    );
-    log.counters
-        .commit_seconds
-        .render("tributary_group_commit_seconds", &mut out);
-
-    if let Some(m) = &s.mirror {
-        let st = m.status();
-        family(
-            &mut out,
-            "tributary_mirror_link_up",
-            "gauge",
-            "1 while the mirror is mirroring to Kafka, 0 otherwise.",
-        );
-        let up = matches!(st.state, cloud_sync::LinkState::Mirroring);
-        let _ = writeln!(out, "tributary_mirror_link_up {}", u8::from(up));
-        render_mirror_last_error(&st, &mut out);
-        let mirrored = [
-            (
-                "tributary_mirror_records_total",
-                "Records committed to Kafka by this process.",
-                st.records_mirrored,
-            ),
-            (
-                "tributary_mirror_bytes_total",
-                "Bytes committed to Kafka by this process.",
-                st.bytes_mirrored,
-            ),
-            (
-                "tributary_mirror_transactions_total",
-                "Kafka transactions committed by this process.",
-                st.transactions,
-            ),
-        ];
-        series(&mut out, "counter", &mirrored);
-        family(
-            &mut out,
-            "tributary_mirror_transaction_commit_seconds",
-            "histogram",
-            "Time Kafka took to commit each mirror transaction.",
-        );
-        m.commit_latency()
-            .render("tributary_mirror_transaction_commit_seconds", &mut out);
-        family(
-            &mut out,
-            "tributary_mirror_lag_records",
-            "gauge",
-            "Records of each partition not yet in Kafka.",
-        );
-        for p in &st.partitions {
-            let _ = writeln!(
-                out,
-                "tributary_mirror_lag_records{{topic=\"{}\",partition=\"{}\"}} {}",
-                label(&p.topic),
-                p.partition,
-                p.lag_records
-            );
-        }
-        family(
-            &mut out,
-            "tributary_mirror_lost_before_mirror_total",
-            "counter",
-            "Records deleted at the edge (retention, disk budget) before they were mirrored.",
-        );
-        for p in &st.partitions {
-            let _ = writeln!(
-                out,
-                "tributary_mirror_lost_before_mirror_total{{topic=\"{}\",partition=\"{}\"}} {}",
-                label(&p.topic),
-                p.partition,
-                p.lost_before_mirror
-            );
-        }
-    }
-    out
-}
-
-/// When the mirror last failed, labelled with the step that failed. The message stays out of
-/// the label: it is free text (from Kafka, the network, a broker's name), and every distinct
-/// text would be a new series for Prometheus to keep; `/api/v1/mirror` has it.
-fn render_mirror_last_error(st: &cloud_sync::MirrorStatus, out: &mut String) {
-    let (Some(kind), Some(at)) = (st.last_error_kind, st.last_error_at_ms) else {
-        return;
-    };
-    family(
-        out,
-        "tributary_mirror_last_error_timestamp_seconds",
-        "gauge",
-        "When the mirror last failed (Unix time), by the step that failed: connect, topics, checkpoint, produce, transaction, fenced, source or other; the message is in /api/v1/mirror.",
-    );
-    let _ = writeln!(
-        out,
-        "tributary_mirror_last_error_timestamp_seconds{{kind=\"{}\"}} {}",
-        kind.label(),
-        at as f64 / 1000.0
-    );
-}
-
-/// The consumer groups' series.
-fn render_group_metrics(groups: &[crate::groups::GroupStatus], out: &mut String) {
-    if groups.is_empty() {
-        return;
-    }
-    type PerGroup = fn(&crate::groups::GroupStatus) -> u64;
-    let per_group: [(&str, &str, &str, PerGroup); 6] = [
-        (
-            "tributary_group_members",
-            "gauge",
-            "Online members of each consumer group.",
-            |g| g.members.len() as u64,
-        ),
-        (
-            "tributary_group_records_delivered_total",
-            "counter",
-            "Records each consumer group handed to its members.",
-            |g| g.delivered,
-        ),
-        (
-            "tributary_group_records_acknowledged_total",
-            "counter",
-            "Records each consumer group's members acknowledged.",
-            |g| g.acknowledged,
-        ),
-        (
-            "tributary_group_records_lost_total",
-            "counter",
-            "Records retention deleted before each consumer group read them.",
-            |g| g.lost,
-        ),
-        (
-            "tributary_group_records_filtered_total",
-            "counter",
-            "Records outside each consumer group's filter, skipped by design.",
-            |g| g.filtered,
-        ),
-        (
-            "tributary_group_ack_timeouts_total",
-            "counter",
-            "Members that lost their partitions for acknowledging nothing within the group's ack_timeout.",
-            |g| g.ack_timeouts,
-        ),
-    ];
-    for (name, kind, help, value) in per_group {
-        family(out, name, kind, help);
-        for g in groups {
-            let _ = writeln!(out, "{name}{{group=\"{}\"}} {}", label(&g.name), value(g));
-        }
-    }
-    type PerPartition = fn(&crate::groups::PartitionPosition) -> u64;
-    let per_partition: [(&str, &str, PerPartition); 2] = [
-        (
-            "tributary_group_position",
-            "Stored position of each consumer group in each partition: every record below it is processed.",
-            |p| p.committed,
-        ),
-        (
-            "tributary_group_lag_records",
-            "Records of each partition a consumer group has not processed.",
-            |p| p.lag,
-        ),
-    ];
-    if groups
-        .iter()
-        .any(|g| g.partitions.iter().any(|p| p.kafka_offset.is_some()))
-    {
-        family(
-            out,
-            "tributary_group_kafka_offset",
-            "gauge",
-            "The Kafka consumer group's committed offset of each mirrored partition, as last replicated from the edge group.",
-        );
-        for g in groups {
-            for p in &g.partitions {
-                if let Some(o) = p.kafka_offset {
-                    let _ = writeln!(
-                        out,
-                        "tributary_group_kafka_offset{{group=\"{}\",topic=\"{}\",partition=\"{}\"}} {o}",
-                        label(&g.name),
-                        label(&p.topic),
-                        p.partition
-                    );
-                }
-            }
-        }
-    }
-    for (name, help, value) in per_partition {
-        family(out, name, "gauge", help);
-        for g in groups {
-            for p in &g.partitions {
-                let _ = writeln!(
-                    out,
-                    "{name}{{group=\"{}\",topic=\"{}\",partition=\"{}\"}} {}",
-                    label(&g.name),
-                    label(&p.topic),
-                    p.partition,
-                    value(p)
-                );
-            }
-        }
-    }
-}
-
-async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+fn metrics_response(registry: &prometheus_client::registry::Registry) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render_metrics(&s),
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        metrics::render(registry),
     )
         .into_response()
 }
@@ -757,7 +252,7 @@ pub fn overview_json(s: &AdminState) -> serde_json::Value {
             "last_healthy_at_ms": m.last_healthy_at_ms,
             "records_mirrored": m.records_mirrored,
         })),
-        "groups": group_status(s).iter().map(|g| serde_json::json!({
+        "groups": group_status(&s.groups, s.mirror.as_deref()).iter().map(|g| serde_json::json!({
             "name": g.name,
             "topics": g.topics,
             "members": g.members.len(),
@@ -986,16 +481,19 @@ async fn clients(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
 }
 
 async fn groups(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "groups": group_status(&s) }))
+    Json(serde_json::json!({ "groups": group_status(&s.groups, s.mirror.as_deref()) }))
 }
 
 /// The groups, with what the mirror replicated of them.
-fn group_status(s: &AdminState) -> Vec<crate::groups::GroupStatus> {
-    let mut groups = s.groups.status();
-    if let Some(m) = &s.mirror {
-        crate::groups::add_replication(&mut groups, &m.status());
+fn group_status(
+    groups: &crate::groups::Groups,
+    mirror: Option<&cloud_sync::Mirror>,
+) -> Vec<crate::groups::GroupStatus> {
+    let mut status = groups.status();
+    if let Some(m) = mirror {
+        crate::groups::add_replication(&mut status, &m.status());
     }
-    groups
+    status
 }
 
 async fn mirror(State(s): State<Arc<AdminState>>) -> Response {
@@ -1074,58 +572,5 @@ mod tests {
             let refused = misdirected(&allowed, &req).expect("refused");
             assert_eq!(refused.status(), StatusCode::MISDIRECTED_REQUEST, "{uri}");
         }
-    }
-
-    fn failed_status(kind: cloud_sync::ErrorKind, message: &str) -> cloud_sync::MirrorStatus {
-        cloud_sync::MirrorStatus {
-            site: "plant-7".into(),
-            bootstrap: "kafka-1:9092".into(),
-            state: cloud_sync::LinkState::Retrying,
-            last_error: Some(message.into()),
-            last_error_kind: Some(kind),
-            last_error_at_ms: Some(1_764_143_421_337),
-            last_healthy_at_ms: None,
-            updated_at_ms: 1_764_143_421_400,
-            transactions: 0,
-            records_mirrored: 0,
-            bytes_mirrored: 0,
-            partitions: Vec::new(),
-            groups: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn mirror_error_metric_is_labelled_by_kind_not_message() {
-        let message = "connecting to kafka.invalid:9092: \"resolve\" failed\n{error=\"x\"}";
-        for kind in cloud_sync::ErrorKind::ALL {
-            let mut out = String::new();
-            render_mirror_last_error(&failed_status(kind, message), &mut out);
-            let series: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
-            assert_eq!(
-                series,
-                [format!(
-                    "tributary_mirror_last_error_timestamp_seconds{{kind=\"{}\"}} 1764143421.337",
-                    kind.label()
-                )],
-                "{out}"
-            );
-            assert!(!out.contains("kafka.invalid"), "{out}");
-            let help = out.lines().next().unwrap_or_default();
-            assert!(
-                help.contains(kind.label()),
-                "the help names every kind: {help}"
-            );
-        }
-    }
-
-    #[test]
-    fn mirror_error_metric_is_absent_until_the_mirror_fails() {
-        let mut status = failed_status(cloud_sync::ErrorKind::Connect, "x");
-        status.last_error = None;
-        status.last_error_kind = None;
-        status.last_error_at_ms = None;
-        let mut out = String::new();
-        render_mirror_last_error(&status, &mut out);
-        assert_eq!(out, "");
     }
 }

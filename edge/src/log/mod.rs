@@ -184,9 +184,9 @@ pub struct LogCounters {
     /// Publishes refused by the `reject` disk budget policy.
     pub budget_rejected: AtomicU64,
     /// Records per group commit.
-    pub commit_records: cloud_sync::metrics::Histogram,
+    pub commit_records: prometheus_client::metrics::histogram::Histogram,
     /// Seconds a group commit's write and fsync took.
-    pub commit_seconds: cloud_sync::metrics::Histogram,
+    pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
     /// Record batches found undecodable (each counted once) and skipped by readers.
     pub corrupt_batches: AtomicU64,
     /// Meta entries found undecodable (each counted once) and left out at start.
@@ -216,8 +216,14 @@ impl Default for LogCounters {
             retention_removed: AtomicU64::new(0),
             budget_dropped: AtomicU64::new(0),
             budget_rejected: AtomicU64::new(0),
-            commit_records: cloud_sync::metrics::Histogram::new(cloud_sync::metrics::COUNTS),
-            commit_seconds: cloud_sync::metrics::Histogram::new(cloud_sync::metrics::SECONDS),
+            commit_records: prometheus_client::metrics::histogram::Histogram::new([
+                1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+                10000.0, 100000.0,
+            ]),
+            commit_seconds: prometheus_client::metrics::histogram::Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0,
+            ]),
             corrupt_batches: AtomicU64::new(0),
             corrupt_meta: AtomicU64::new(0),
             corrupt_seen: Default::default(),
