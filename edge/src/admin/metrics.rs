@@ -169,7 +169,7 @@ impl Collector for LogMetrics {
         for (name, help, value) in [
             (
                 "tributary_publishes_rejected",
-                "Publishes refused because the disk budget was reached (reject policy).",
+                "Publishes refused because the disk budget was reached (reject policy) or the disk was below storage.min_free.",
                 load(&c.budget_rejected),
             ),
             (
@@ -197,8 +197,28 @@ impl Collector for LogMetrics {
         gauge(
             e,
             "tributary_disk_bytes",
-            "Bytes the log holds (what the disk budget counts).",
+            "Bytes the log's record batches hold.",
             log.total_bytes(),
+        )?;
+        gauge(
+            e,
+            "tributary_state_bytes",
+            "Bytes of sessions, subscriptions, queued deliveries, retained messages and group positions; the disk budget counts them with the records.",
+            log.state_bytes(),
+        )?;
+        if let Some(space) = log.disk_space() {
+            gauge(
+                e,
+                "tributary_disk_free_bytes",
+                "Free bytes on the data directory's file system at the last look.",
+                space.available,
+            )?;
+        }
+        gauge(
+            e,
+            "tributary_disk_low",
+            "1 while the data directory's file system is below storage.min_free (publishes are refused).",
+            u64::from(log.low_disk()),
         )?;
         if let Some(budget) = log.budget() {
             gauge(
