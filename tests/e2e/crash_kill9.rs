@@ -24,13 +24,27 @@ async fn acknowledged_messages_survive_repeated_kill_9() {
     for (proto, name) in [(Proto::V311, "v311"), (Proto::V5, "v5")] {
         let (s, l) = (stop.clone(), q1.clone());
         tasks.push(tokio::spawn(async move {
-            qos1_publisher(addr, proto, &format!("crash-q1-{name}"), "sensors/crash/q1", s, l)
-                .await
+            qos1_publisher(
+                addr,
+                proto,
+                &format!("crash-q1-{name}"),
+                "sensors/crash/q1",
+                s,
+                l,
+            )
+            .await
         }));
         let (s, l) = (stop.clone(), q2.clone());
         tasks.push(tokio::spawn(async move {
-            qos2_publisher(addr, proto, &format!("crash-q2-{name}"), "sensors/crash/q2", s, l)
-                .await
+            qos2_publisher(
+                addr,
+                proto,
+                &format!("crash-q2-{name}"),
+                "sensors/crash/q2",
+                s,
+                l,
+            )
+            .await
         }));
     }
 

@@ -255,6 +255,8 @@ pub struct Edge {
     pub admin: SocketAddr,
     child: Option<Child>,
     starts: u32,
+    /// The data directory, when the config puts it elsewhere than `dir/data`.
+    data: Option<PathBuf>,
 }
 
 impl Edge {
@@ -290,12 +292,23 @@ impl Edge {
     /// Starts an edge from `dir/edge.toml`, written by the caller, whose data directory is
     /// `dir/data` and whose MQTT and admin listeners are `addr` and `admin`.
     pub fn start_in(dir: tempfile::TempDir, addr: SocketAddr, admin: SocketAddr) -> Edge {
+        Edge::start_in_at(dir, addr, admin, None)
+    }
+
+    /// [`Edge::start_in`] for a config whose data directory is `data` (a mount, say).
+    pub fn start_in_at(
+        dir: tempfile::TempDir,
+        addr: SocketAddr,
+        admin: SocketAddr,
+        data: Option<PathBuf>,
+    ) -> Edge {
         let mut edge = Edge {
             dir,
             addr,
             admin,
             child: None,
             starts: 0,
+            data,
         };
         edge.spawn();
         edge
@@ -313,7 +326,9 @@ impl Edge {
 
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     fn stderr_path(&self, n: u32) -> PathBuf {

@@ -238,4 +238,3 @@ pub async fn qos2_publisher(
         }
     }
 }
-

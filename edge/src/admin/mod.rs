@@ -336,7 +336,8 @@ async fn records(
     let id = t.id;
     let log = log.clone();
     let from = q.from.unwrap_or(0);
-    let read = tokio::task::spawn_blocking(move || log.read(id, partition, from, limit)).await;
+    let read =
+        tokio::task::spawn_blocking(move || log.read_durable(id, partition, from, limit)).await;
     match read {
         Ok(Ok(records)) => {
             let list: Vec<serde_json::Value> = records
@@ -399,7 +400,8 @@ async fn payload(
     };
     let id = t.id;
     let log = log.clone();
-    let read = tokio::task::spawn_blocking(move || log.read(id, partition, offset, 1)).await;
+    let read =
+        tokio::task::spawn_blocking(move || log.read_durable(id, partition, offset, 1)).await;
     let failed = |status: StatusCode, error: String| {
         (status, Json(serde_json::json!({ "error": error }))).into_response()
     };

@@ -592,6 +592,27 @@ impl Log {
         self.over_budget.store(over, Ordering::Relaxed);
     }
 
+    /// [`Log::read`] of durable records only (below `durable_end`): what outside readers get,
+    /// so that no offset they were shown can come back after a power cut with another record.
+    pub fn read_durable(
+        &self,
+        topic: TopicId,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        let durable = self
+            .topics
+            .get(topic as usize)
+            .and_then(|t| t.partitions.get(partition as usize))
+            .map(|p| p.durable_end.load(Ordering::Acquire));
+        let mut records = self.read(topic, partition, from, max)?;
+        if let Some(durable) = durable {
+            records.retain(|r| r.offset < durable);
+        }
+        Ok(records)
+    }
+
     /// Reads up to `max` records of one partition starting at offset `from` (or at the first
     /// record still held, if `from` was deleted).
     pub fn read(
