@@ -13,5 +13,6 @@ pub mod mqtt;
 pub mod recent;
 pub mod route;
 pub mod server;
+pub mod startup;
 pub mod sys;
 pub mod uplink;

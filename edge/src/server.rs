@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{Config, FsyncMode};
+use crate::config::{Config, FsyncMode, Source};
 use crate::groups::Groups;
 use crate::log::appender::{self, now_ms, AppendRequest, AppenderMsg, StateOp};
 use crate::log::{Budget, Log, LogError};
@@ -16,6 +16,7 @@ use crate::mqtt::session::SessionStore;
 use crate::mqtt::tls::TlsServer;
 use crate::mqtt::{self, Broker};
 use crate::route::Router;
+use crate::startup::{AdminAccess, LoadedConfig};
 
 /// Why the edge could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +59,8 @@ const GROUPS_STATUS_EVERY: Duration = Duration::from_secs(1);
 pub const EXIT_SECOND_SIGNAL: i32 = 130;
 
 /// Serves until SIGINT or SIGTERM (or a fatal log error); SIGHUP reloads what can be
-/// reloaded (see [`reload`]).
+/// reloaded (see [`reload`]). `config` is checked and its files read first; errors name no
+/// line (see [`serve`] for a config loaded from its file).
 pub async fn run(config: Config) -> Result<(), ServeError> {
     run_observed(config, |_| {}).await
 }
@@ -69,10 +71,31 @@ pub async fn run_observed(
     config: Config,
     observe: impl FnOnce(Arc<Log>),
 ) -> Result<(), ServeError> {
+    let loaded = crate::startup::prepare(config, &Source::embedded())?;
+    serve_observed(loaded, observe).await
+}
+
+/// Serves a configuration loaded by [`crate::startup::load`] until SIGINT or SIGTERM (or a
+/// fatal log error).
+pub async fn serve(loaded: LoadedConfig) -> Result<(), ServeError> {
+    serve_observed(loaded, |_| {}).await
+}
+
+async fn serve_observed(
+    loaded: LoadedConfig,
+    observe: impl FnOnce(Arc<Log>),
+) -> Result<(), ServeError> {
     // Installed first: SIGHUP's default action would end the process.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("installing the SIGHUP handler");
-    let plan = config.route_plan()?;
+    let LoadedConfig {
+        config,
+        plan,
+        auth: auth_files,
+        tls,
+        admin: admin_access,
+        mirror: mirror_config,
+    } = loaded;
     let budget = config.storage.disk_budget.map(|b| Budget {
         bytes: b.0,
         policy: config.storage.disk_full_policy,
@@ -136,34 +159,25 @@ pub async fn run_observed(
             source,
         })?;
     let bound = listener.local_addr().unwrap_or(listen);
-    let tls = match &config.tls {
-        None => None,
-        Some(tls) => {
-            let server =
-                TlsServer::new(tls.clone()).map_err(|e| crate::config::ConfigError::Invalid {
-                    origin: "<config>".into(),
-                    line: 0,
-                    key: format!("tls.{}", e.key),
-                    message: e.message,
-                })?;
-            let addr = server.listen();
+    let tls = match (tls, &config.tls) {
+        (Some(server), Some(tls_config)) => {
+            let addr = tls_config.listen;
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServeError::Bind { addr, source })?;
             let bound = listener.local_addr().unwrap_or(addr);
             Some((listener, Arc::new(server), bound))
         }
+        _ => None,
     };
 
-    let auth = crate::auth::Auth::new(&config.auth, config.mutual_tls()).map_err(|e| {
-        crate::config::ConfigError::Invalid {
-            origin: "<config>".into(),
-            line: 0,
-            key: "auth".into(),
-            message: e.to_string(),
-        }
-    })?;
-    for warning in config.auth.warnings() {
+    let auth = crate::auth::Auth::with_files(
+        &config.auth,
+        config.mutual_tls(),
+        auth_files.passwords,
+        auth_files.acl,
+    );
+    for warning in auth_files.warnings {
         tracing::warn!("{warning}");
     }
     if auth.anonymous_allowed() {
@@ -177,23 +191,20 @@ pub async fn run_observed(
         );
     }
     let groups_cell: Arc<std::sync::OnceLock<Arc<Groups>>> = Arc::default();
-    let mirror = match &config.cloud {
+    let mirror = match mirror_config {
         None => {
             tracing::info!("no uplink configured: records stay in the local log");
             None
         }
-        Some(cloud) => {
-            // `Config::plan` checked the section already; what can still fail here is
-            // reading `password_file` or starting the mirror's thread.
+        Some(mirror_config) => {
+            // Start-up checked the section already; what can still fail here is starting
+            // the mirror's thread.
             let refused = |key: &str, message: String| crate::config::ConfigError::Invalid {
                 origin: "<config>".into(),
                 line: 0,
                 key: format!("cloud.{key}"),
                 message,
             };
-            let mirror_config = cloud
-                .mirror_config()
-                .map_err(|(key, message)| refused(key, message))?;
             tracing::info!(
                 bootstrap = %mirror_config.bootstrap,
                 site = %mirror_config.site,
@@ -352,19 +363,26 @@ pub async fn run_observed(
             config.mqtt.sys_interval.0,
         ))
     });
-    let admin_config_error = |(key, message): (&str, String)| crate::config::ConfigError::Invalid {
-        origin: "<config>".into(),
-        line: 0,
-        key: format!("admin.{key}"),
-        message,
+    let admin_access = match admin_access {
+        Some(access) => access,
+        // With the endpoint off, start-up read nothing for it; the token and hosts are
+        // still checked, as they always were, though nothing serves them.
+        None => AdminAccess::read(&config.admin).map_err(|(key, message)| {
+            crate::config::ConfigError::Invalid {
+                origin: "<config>".into(),
+                line: 0,
+                key: format!("admin.{key}"),
+                message,
+            }
+        })?,
     };
     let admin_state = Arc::new(crate::admin::AdminState {
         broker: broker.clone(),
         mirror: mirror.clone(),
         groups: groups.clone(),
         ready: std::sync::atomic::AtomicBool::new(false),
-        token: config.admin.token().map_err(admin_config_error)?,
-        allowed_hosts: config.admin.allowed_hosts().map_err(admin_config_error)?,
+        token: admin_access.token,
+        allowed_hosts: admin_access.allowed_hosts,
     });
     let admin = match config.admin.address() {
         None => None,

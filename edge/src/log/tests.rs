@@ -12,7 +12,8 @@ use super::appender::{
 };
 use super::record::NewRecord;
 use super::{Budget, Log};
-use crate::config::{DiskFullPolicy, FsyncMode, PlannedTopic};
+use crate::config::{DiskFullPolicy, FsyncMode};
+use crate::route::PlannedTopic;
 
 fn topics(
     partitions: u32,
