@@ -10,6 +10,7 @@ pub mod config;
 pub mod groups;
 pub mod log;
 pub mod mqtt;
+pub mod node;
 pub mod recent;
 pub mod route;
 pub mod server;
