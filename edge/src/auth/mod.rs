@@ -401,6 +401,24 @@ mod tests {
     }
 
     #[test]
+    fn acl_granting_by_client_id_warns_while_any_user_may_take_any_client_id() {
+        let config = AuthConfig {
+            acl_file: Some("acl".into()),
+            ..Default::default()
+        };
+        let by_client_id = "user bob\ntopic read bob/#\n  pattern readwrite devices/%c/#\n";
+        let said = warnings(&config, Some(by_client_id));
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(said[0].contains("auth.acl_file acl grants by %c"));
+        assert!(warnings(&config, Some("pattern read devices/%u/#\n")).is_empty());
+        let bound = AuthConfig {
+            client_id: ClientIdPolicy::Username,
+            ..config
+        };
+        assert!(warnings(&bound, Some(by_client_id)).is_empty());
+    }
+
+    #[test]
     fn failure_delay_doubles_to_its_cap() {
         let d = FailureDelays::new(Duration::from_millis(500), Duration::from_secs(10));
         let t = Instant::now();
