@@ -108,7 +108,7 @@ fn check_meta(k: &[u8], v: &[u8]) -> Result<(), (&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PlannedTopic;
+    use crate::route::PlannedTopic;
 
     #[test]
     fn bad_entries_are_listed_and_repair_moves_them_out_of_the_way() {

@@ -7,8 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use edge::config::Config;
+use edge::config::{Config, Source};
 use edge::log::{Log, Record};
+use edge::startup::{self, LoadedConfig};
 
 /// Tributary edge: MQTT in, a durable partitioned log on disk.
 #[derive(Parser, Debug)]
@@ -198,11 +199,15 @@ fn raise_open_file_limit() {
     }
 }
 
-fn load_config(cli: &Cli) -> anyhow::Result<Config> {
-    let mut config = match &cli.config {
-        Some(path) => Config::load(path)?,
-        None => Config::embedded(),
+/// The config of `--config` (or the embedded defaults) with every file it names loaded, and
+/// the command-line overrides applied.
+fn load_config(cli: &Cli) -> anyhow::Result<LoadedConfig> {
+    let source = match &cli.config {
+        Some(path) => Source::read(path)?,
+        None => Source::embedded(),
     };
+    let mut loaded = startup::load(&source)?;
+    let config = &mut loaded.config;
     if let Some(dir) = &cli.data_dir {
         config.storage.data_dir = dir.clone();
     }
@@ -221,9 +226,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         config.admin.listen = Some(addr);
         config.admin.enabled = Some(true);
         // A non-loopback address needs a token: check again with the override.
-        config.plan("", "--admin-listen")?;
+        loaded.admin = startup::admin_access(&loaded.config, &Source::new("", "--admin-listen"))?;
     }
-    Ok(config)
+    Ok(loaded)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -231,16 +236,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return passwd(file, user, *delete);
     }
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        let config = Config::load(file)?;
-        let text = toml::to_string_pretty(&config).context("printing the effective settings")?;
+        let loaded = startup::load(&Source::read(file)?)?;
+        let text =
+            toml::to_string_pretty(&loaded.config).context("printing the effective settings")?;
         print!("{text}");
-        for warning in config.auth.warnings() {
+        for warning in loaded.warnings() {
             eprintln!("{}: warning: {warning}", file.display());
         }
         eprintln!("{}: valid", file.display());
         return Ok(());
     }
-    let config = load_config(&cli)?;
+    let loaded = load_config(&cli)?;
+    let config = &loaded.config;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             raise_open_file_limit();
@@ -249,27 +256,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .thread_name("edge")
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(edge::server::run(config))?;
+            runtime.block_on(edge::server::serve(loaded))?;
             Ok(())
         }
         Command::CheckConfig { .. } | Command::Passwd { .. } => {
             unreachable!("handled before the config is loaded")
         }
-        Command::Topics { json } => topics(&config, json),
-        Command::Check { repair, json } => check(&config, repair, json),
+        Command::Topics { json } => topics(config, json),
+        Command::Check { repair, json } => check(config, repair, json),
         Command::Read {
             topic,
             partition,
             from,
             limit,
             json,
-        } => read(&config, topic, partition, from, limit, json),
-        Command::MirrorStatus { json } => mirror_status(&config, json),
+        } => read(config, topic, partition, from, limit, json),
+        Command::MirrorStatus { json } => mirror_status(config, json),
         Command::Groups {
             action: Some(GroupsAction::Reset { group, to }),
             ..
-        } => groups_reset(&config, &group, to),
-        Command::Groups { json, action: None } => groups(&config, json),
+        } => groups_reset(config, &group, to),
+        Command::Groups { json, action: None } => groups(config, json),
     }
 }
 

@@ -5,7 +5,10 @@
 //! `murmur2(key) & 0x7fffffff mod partitions`, exactly Kafka's default partitioner, so a key
 //! lands on the same partition number at the edge and in the mirrored Kafka topic.
 
-use crate::config::RoutePlan;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError, Source};
 
 /// An MQTT topic filter, split into levels.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -289,11 +292,259 @@ pub fn murmur2(data: &[u8]) -> i32 {
     h as i32
 }
 
+/// The validated routing table derived from the config, ready for the router.
+#[derive(Debug, Clone)]
+pub struct RoutePlan {
+    /// Routes in match order.
+    pub routes: Vec<PlannedRoute>,
+    /// The default topic's name.
+    pub default_topic: String,
+    /// Every log topic with its partition count and retention, in a stable order.
+    pub topics: Vec<PlannedTopic>,
+}
+
+/// One validated route.
+#[derive(Debug, Clone)]
+pub struct PlannedRoute {
+    /// Parsed filter.
+    pub filter: TopicFilter,
+    /// Log topic name.
+    pub topic: String,
+    /// Parsed key template.
+    pub key: KeyTemplate,
+}
+
+/// One log topic as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTopic {
+    /// Name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: u32,
+    /// Age retention.
+    pub retention: Option<Duration>,
+    /// Per-partition byte retention.
+    pub retention_bytes: Option<u64>,
+}
+
+impl RoutePlan {
+    /// Validates the topics and routes of `config` and derives the routing table; errors
+    /// point into `source`.
+    pub fn new(config: &Config, source: &Source) -> Result<RoutePlan, ConfigError> {
+        let invalid = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
+            source.invalid(span, key, message)
+        };
+        // Partition counts: from [topics.X], from routes to X, from [default_route]; all
+        // that are given must agree.
+        let mut partitions: BTreeMap<String, (u32, String)> = BTreeMap::new();
+        let mut set_partitions = |topic: &str,
+                                  n: u32,
+                                  span: Option<std::ops::Range<usize>>,
+                                  key: String|
+         -> Result<(), ConfigError> {
+            if n == 0 || n > 100_000 {
+                return Err(invalid(
+                    span,
+                    key,
+                    format!("{n} partitions: a topic has 1 to 100000"),
+                ));
+            }
+            match partitions.get(topic) {
+                Some((existing, from)) if *existing != n => Err(invalid(
+                    span,
+                    key,
+                    format!("topic \"{topic}\" gets {n} partitions here but {existing} from {from}: make them agree"),
+                )),
+                Some(_) => Ok(()),
+                None => {
+                    partitions.insert(topic.to_string(), (n, key));
+                    Ok(())
+                }
+            }
+        };
+        for (name, t) in &config.topics {
+            validate_topic_name(name)
+                .map_err(|msg| invalid(None, format!("topics.{name}"), msg))?;
+            if let Some(p) = &t.partitions {
+                set_partitions(
+                    name,
+                    *p.get_ref(),
+                    Some(p.span()),
+                    format!("topics.{name}.partitions"),
+                )?;
+            }
+            if let Some(r) = t.retention {
+                if r.0.is_zero() {
+                    return Err(invalid(
+                        None,
+                        format!("topics.{name}.retention"),
+                        "0 would delete everything at once: remove the key to keep records by age forever".into(),
+                    ));
+                }
+            }
+        }
+        validate_topic_name(&config.default_route.topic)
+            .map_err(|msg| invalid(None, "default_route.topic".into(), msg))?;
+        if let Some(p) = config.default_route.partitions {
+            set_partitions(
+                &config.default_route.topic,
+                p,
+                None,
+                "default_route.partitions".into(),
+            )?;
+        }
+
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for (i, r) in config.routes.iter().enumerate() {
+            let filter = TopicFilter::parse(r.filter.get_ref())
+                .map_err(|msg| invalid(Some(r.filter.span()), format!("routes[{i}].match"), msg))?;
+            validate_topic_name(r.topic.get_ref())
+                .map_err(|msg| invalid(Some(r.topic.span()), format!("routes[{i}].topic"), msg))?;
+            let key = match &r.key {
+                None => {
+                    KeyTemplate::parse("{topic}", &filter).expect("the default template is valid")
+                }
+                Some(k) => KeyTemplate::parse(k.get_ref(), &filter).map_err(|msg| {
+                    invalid(
+                        Some(k.span()),
+                        format!("routes[{i}].key \"{}\"", k.get_ref()),
+                        msg,
+                    )
+                })?,
+            };
+            if let Some(p) = &r.partitions {
+                set_partitions(
+                    r.topic.get_ref(),
+                    *p.get_ref(),
+                    Some(p.span()),
+                    format!("routes[{i}].partitions"),
+                )?;
+            }
+            routes.push(PlannedRoute {
+                filter,
+                topic: r.topic.get_ref().clone(),
+                key,
+            });
+        }
+
+        let mut names: Vec<String> = Vec::new();
+        let mut push = |n: &str| {
+            if !names.iter().any(|x| x == n) {
+                names.push(n.to_string());
+            }
+        };
+        push(&config.default_route.topic);
+        for r in &routes {
+            push(&r.topic);
+        }
+        for n in config.topics.keys() {
+            push(n);
+        }
+        let topics: Vec<PlannedTopic> = names
+            .into_iter()
+            .map(|name| {
+                let tc = config.topics.get(&name);
+                PlannedTopic {
+                    partitions: partitions.get(&name).map(|p| p.0).unwrap_or(1),
+                    retention: tc.and_then(|t| t.retention).map(|d| d.0),
+                    retention_bytes: tc.and_then(|t| t.retention_bytes).map(|b| b.0),
+                    name,
+                }
+            })
+            .collect();
+        Ok(RoutePlan {
+            routes,
+            default_topic: config.default_route.topic.clone(),
+            topics,
+        })
+    }
+
+    /// Resolves a topic name to the id a new, empty log gives it (plan order) and its
+    /// partition count: for a router without a log, in tests and benchmarks.
+    pub fn ids_in_plan_order(&self) -> impl Fn(&str) -> (TopicId, u32) + '_ {
+        move |name| {
+            let i = self
+                .topics
+                .iter()
+                .position(|t| t.name == name)
+                .expect("the plan names every topic its routes use");
+            (i as u32, self.topics[i].partitions)
+        }
+    }
+}
+
+impl Config {
+    /// The routing table of a config that was already validated by `Config::parse` or
+    /// built in code (errors name no line).
+    pub fn route_plan(&self) -> Result<RoutePlan, ConfigError> {
+        RoutePlan::new(self, &Source::embedded())
+    }
+}
+
+/// Log topic names follow Kafka's rules, so that `{site}.{topic}` is a valid Kafka topic.
+fn validate_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 200 {
+        return Err(format!(
+            "topic name \"{name}\" must have 1 to 200 characters"
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("topic name \"{name}\" is not allowed"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "topic name \"{name}\" has '{c}': use letters, digits, '.', '_' and '-' as Kafka topic names do"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use proptest::prelude::*;
+
+    /// Parses `text` and builds its routing table, as the edge does at start.
+    fn plan(text: &str, origin: &str) -> Result<RoutePlan, ConfigError> {
+        let source = Source::new(text, origin);
+        RoutePlan::new(&source.parse()?, &source)
+    }
+
+    #[test]
+    fn embedded_defaults_route_everything_to_the_mqtt_topic() {
+        let plan = Config::parse("", "t.toml").unwrap().route_plan().unwrap();
+        assert_eq!(plan.default_topic, "mqtt");
+        assert_eq!(plan.topics.len(), 1);
+    }
+
+    #[test]
+    fn key_level_beyond_filter_names_route_and_line() {
+        let text = "\n[[routes]]\nmatch = \"sensors/+\"\ntopic = \"telemetry\"\nkey = \"{9}\"\n";
+        let err = plan(text, "edge.toml").unwrap_err().to_string();
+        assert!(
+            err.starts_with("config edge.toml:5: routes[0].key \"{9}\""),
+            "{err}"
+        );
+        assert!(err.contains("2 levels"), "{err}");
+    }
+
+    #[test]
+    fn disagreeing_partition_counts_are_rejected() {
+        let text = "[topics.telemetry]\npartitions = 8\n[[routes]]\nmatch = \"a/#\"\ntopic = \"telemetry\"\npartitions = 4\n";
+        let err = plan(text, "e.toml").unwrap_err().to_string();
+        assert!(err.contains("routes[0].partitions"), "{err}");
+        assert!(err.contains("8"), "{err}");
+    }
+
+    #[test]
+    fn invalid_log_topic_name_is_rejected() {
+        let text = "[[routes]]\nmatch = \"a/#\"\ntopic = \"bad topic\"\n";
+        let err = plan(text, "e.toml").unwrap_err().to_string();
+        assert!(err.contains("routes[0].topic"), "{err}");
+    }
 
     /// Values printed by Kafka 4.4.0's own `Utils.murmur2` and `toPositive(h) % n`.
     const KAFKA: &[(&str, i32, u32, u32)] = &[

@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use cloud_sync::{
     Header, MirrorStatus, PartitionBounds, PartitionedSource, SourceError, SourceRecord,
@@ -32,18 +32,18 @@ pub fn status_path(data_dir: &Path) -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct LogSource {
     log: Arc<Log>,
-    /// Set once the groups have started (after the mirror, which starts first).
-    groups: Arc<OnceLock<Arc<Groups>>>,
+    /// The consumer groups whose positions the mirror replicates.
+    groups: Option<Arc<Groups>>,
 }
 
 impl LogSource {
     /// The log alone.
     pub fn new(log: Arc<Log>) -> LogSource {
-        LogSource::with_groups(log, Arc::default())
+        LogSource::with_groups(log, None)
     }
 
-    /// The log and the groups, once `groups` is set.
-    pub fn with_groups(log: Arc<Log>, groups: Arc<OnceLock<Arc<Groups>>>) -> LogSource {
+    /// The log and the groups.
+    pub fn with_groups(log: Arc<Log>, groups: Option<Arc<Groups>>) -> LogSource {
         LogSource { log, groups }
     }
 
@@ -114,7 +114,10 @@ impl PartitionedSource for LogSource {
     }
 
     fn group_positions(&self) -> Vec<cloud_sync::GroupPosition> {
-        self.groups.get().map(|g| g.positions()).unwrap_or_default()
+        self.groups
+            .as_ref()
+            .map(|g| g.positions())
+            .unwrap_or_default()
     }
 }
 

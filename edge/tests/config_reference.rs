@@ -53,13 +53,13 @@ struct Field {
     doc: String,
 }
 
-/// A config struct: its doc comment and fields, as written in `src/config.rs`.
+/// A config struct: its doc comment and fields, as written in `src/config/`.
 struct Struct {
     doc: String,
     fields: Vec<Field>,
 }
 
-/// Reads the structs of `src/config.rs`: doc comments, serde renames, field types.
+/// Reads the structs of the config module: doc comments, serde renames, field types.
 fn parse_structs(source: &str) -> BTreeMap<String, Struct> {
     let mut out = BTreeMap::new();
     let mut doc: Vec<String> = Vec::new();
@@ -189,11 +189,25 @@ fn cell(text: &str) -> String {
     text.replace('|', "\\|")
 }
 
+/// The text of the config module: `src/config/`'s files, in name order.
+fn config_source() -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|path| std::fs::read_to_string(path).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The reference as it should read in the README.
 fn reference() -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let source = std::fs::read_to_string(root.join("src/config.rs")).unwrap();
-    let structs = parse_structs(&source);
+    let structs = parse_structs(&config_source());
     let files = tempfile::tempdir().unwrap();
     let sample = sample(files.path());
     let text = sample_text(&sample, None);
@@ -208,7 +222,7 @@ fn reference() -> String {
         let (ty, prefix) = section_of(&section.name, &section.ty);
         let Some(s) = structs.get(&ty) else {
             panic!(
-                "section {} has type {ty}, not a struct of config.rs",
+                "section {} has type {ty}, not a struct of src/config/",
                 section.name
             )
         };
@@ -254,7 +268,7 @@ fn reference() -> String {
                     None => "unset".to_string(),
                 }
             };
-            assert!(!f.doc.is_empty(), "{key} has no doc comment in config.rs");
+            assert!(!f.doc.is_empty(), "{key} has no doc comment in src/config/");
             out.push_str(&format!(
                 "| `{key}` | {} | {} |\n",
                 cell(&default),

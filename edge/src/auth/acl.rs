@@ -104,11 +104,17 @@ pub struct AclFile {
 impl AclFile {
     /// Reads and parses an ACL file.
     pub fn load(path: &Path) -> Result<AclFile, AuthFileError> {
+        Self::load_with_text(path).map(|(acl, _)| acl)
+    }
+
+    /// Reads and parses an ACL file; returns the text too.
+    pub fn load_with_text(path: &Path) -> Result<(AclFile, String), AuthFileError> {
         let text = std::fs::read_to_string(path).map_err(|source| AuthFileError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, path)
+        let acl = Self::parse(&text, path)?;
+        Ok((acl, text))
     }
 
     /// Parses ACL text; `path` names it in errors.

@@ -18,7 +18,31 @@ use std::time::{Duration, Instant};
 use acl::{AclFile, ClientRules};
 use passwords::{AuthFileError, PasswordFile, StoredHash};
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, ClientIdPolicy};
+
+/// Settings that are valid but unsafe, each as a sentence for the operator; `acl_text` is
+/// the text of `config.acl_file` as loaded.
+pub fn warnings(config: &AuthConfig, acl_text: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
+    if let (ClientIdPolicy::Any, Some(acl), Some(text)) =
+        (config.client_id, &config.acl_file, acl_text)
+    {
+        let uses_client_id = text
+            .lines()
+            .map(str::trim_start)
+            .any(|l| l.starts_with("pattern") && l.contains("%c"));
+        if uses_client_id {
+            out.push(format!(
+                "auth.acl_file {} grants by %c (client id) while auth.client_id = \"any\": \
+                 any user can connect with a device's client id and get its rights (take \
+                 over its session, read its commands, publish as it); set auth.client_id \
+                 = \"username\" or \"username-prefix\"",
+                acl.display()
+            ));
+        }
+    }
+    out
+}
 
 /// Failed logins from one address are forgotten after this long without another.
 const FAILURE_QUIET: Duration = Duration::from_secs(60);
@@ -88,7 +112,7 @@ pub struct Auth {
     logins_per_address: std::sync::Mutex<HashMap<IpAddr, u32>>,
     delays: FailureDelays,
     /// Which client ids a user may use.
-    pub client_id_policy: crate::config::ClientIdPolicy,
+    pub client_id_policy: ClientIdPolicy,
     /// A hash checked for unknown users, so they take as long to refuse as wrong passwords
     /// (made only when a password file is configured).
     decoy: Option<StoredHash>,
@@ -111,20 +135,33 @@ impl Auth {
     /// (so anonymous access is off unless the config allows it).
     pub fn new(config: &AuthConfig, mutual_tls: bool) -> Result<Auth, AuthFileError> {
         let passwords = match &config.password_file {
-            Some(p) => Some(Arc::new(PasswordFile::load(p)?)),
+            Some(p) => Some(PasswordFile::load(p)?),
             None => None,
         };
         let acl = match &config.acl_file {
-            Some(p) => Some(Arc::new(AclFile::load(p)?)),
+            Some(p) => Some(AclFile::load(p)?),
             None => None,
         };
+        Ok(Auth::with_files(config, mutual_tls, passwords, acl))
+    }
+
+    /// Authentication over files already loaded from `config`'s `password_file` and
+    /// `acl_file` (which [`Auth::reload`] reads again).
+    pub fn with_files(
+        config: &AuthConfig,
+        mutual_tls: bool,
+        passwords: Option<PasswordFile>,
+        acl: Option<AclFile>,
+    ) -> Auth {
+        let passwords = passwords.map(Arc::new);
+        let acl = acl.map(Arc::new);
         // Half the cores at most, so a flood of bad logins cannot starve the publish path.
         let parallel = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
         let decoy = passwords.as_ref().map(|_| {
             let h = passwords::hash_password(b"decoy").expect("argon2 hashes with defaults");
             StoredHash::parse(&h).expect("our own hash parses")
         });
-        Ok(Auth {
+        Auth {
             password_file: config.password_file.clone(),
             acl_file: config.acl_file.clone(),
             allow_anonymous: config.anonymous_allowed(mutual_tls),
@@ -137,7 +174,7 @@ impl Auth {
             delays: FailureDelays::new(config.failure_delay.0, config.max_failure_delay.0),
             decoy,
             stats: AuthStats::default(),
-        })
+        }
     }
 
     /// Whether clients without credentials may connect.
@@ -361,6 +398,24 @@ mod tests {
 
     fn ip(n: u32) -> IpAddr {
         IpAddr::V4(Ipv4Addr::from(n))
+    }
+
+    #[test]
+    fn acl_granting_by_client_id_warns_while_any_user_may_take_any_client_id() {
+        let config = AuthConfig {
+            acl_file: Some("acl".into()),
+            ..Default::default()
+        };
+        let by_client_id = "user bob\ntopic read bob/#\n  pattern readwrite devices/%c/#\n";
+        let said = warnings(&config, Some(by_client_id));
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(said[0].contains("auth.acl_file acl grants by %c"));
+        assert!(warnings(&config, Some("pattern read devices/%u/#\n")).is_empty());
+        let bound = AuthConfig {
+            client_id: ClientIdPolicy::Username,
+            ..config
+        };
+        assert!(warnings(&bound, Some(by_client_id)).is_empty());
     }
 
     #[test]

@@ -49,7 +49,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
-use crate::config::{DiskFullPolicy, PlannedTopic};
+use crate::config::DiskFullPolicy;
+use crate::route::PlannedTopic;
 use crate::route::TopicId;
 pub use record::{CorruptBatch, Record, RecordHeaders};
 

@@ -10,7 +10,8 @@ use tokio::sync::mpsc;
 use super::appender::{self, AppendRequest, Committed, PendingRecord, ReplyTo, StateOp};
 use super::record::NewRecord;
 use super::{Budget, Log};
-use crate::config::{DiskFullPolicy, FsyncMode, PlannedTopic};
+use crate::config::{DiskFullPolicy, FsyncMode};
+use crate::route::PlannedTopic;
 
 fn topics(
     partitions: u32,

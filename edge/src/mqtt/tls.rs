@@ -6,7 +6,6 @@
 //! connections see and leaves open ones as they are. A reload that fails keeps the config
 //! in use.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -78,11 +77,6 @@ impl TlsServer {
     /// Whether clients must present a certificate (mutual TLS).
     pub fn mutual(&self) -> bool {
         self.config.client_ca_file.is_some()
-    }
-
-    /// The configured listen address.
-    pub fn listen(&self) -> SocketAddr {
-        self.config.listen
     }
 
     /// Runs the server side of the handshake; returns the stream and, with mutual TLS, the

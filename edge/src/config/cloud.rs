@@ -1,0 +1,195 @@
+//! `[cloud]`: the mirror to Kafka, and its translation into `cloud_sync::MirrorConfig`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{redact, ByteSize, HumanDuration};
+
+/// `[cloud]`: mirror the log to an Apache Kafka cluster, exactly once.
+///
+/// Minimal form: `bootstrap = "kafka-1:9092"` and `site = "plant-7"`. Each log topic `T` is
+/// mirrored to Kafka topic `{site}.{T}` with the same partition count (created when missing;
+/// a Kafka topic with fewer partitions is refused with an error), MQTT metadata as headers.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Kafka bootstrap servers, `"host:port"` or `"h1:9092,h2:9092"`.
+    pub bootstrap: String,
+    /// Name of this edge site, part of every Kafka topic name and of the checkpoint keys.
+    /// Letters, digits, '.', '_' and '-'. Two edges must never share a site name.
+    pub site: String,
+    /// Kafka topic name of a log topic; `{site}` and `{topic}` are replaced.
+    #[serde(default = "CloudConfig::default_topic_format")]
+    pub topic_format: String,
+    /// Log topics to mirror (default: all).
+    #[serde(default)]
+    pub topics: Option<Vec<String>>,
+    /// Compacted Kafka topic where the mirror keeps its checkpoints (shared by sites).
+    #[serde(default = "CloudConfig::default_checkpoint_topic")]
+    pub checkpoint_topic: String,
+    /// Kafka transactional id (default `tributary-mirror-{site}`).
+    #[serde(default)]
+    pub transactional_id: Option<String>,
+    /// Replication factor of the Kafka topics the mirror creates (default: the cluster's).
+    #[serde(default)]
+    pub replication_factor: Option<i32>,
+    /// Compression of record batches: `"none"`, `"gzip"`, `"snappy"`, `"lz4"`, `"zstd"`.
+    #[serde(default = "CloudConfig::default_compression")]
+    pub compression: String,
+    /// Largest Kafka record batch (librdkafka `batch.size`).
+    #[serde(default = "CloudConfig::default_batch_size")]
+    pub batch_size: ByteSize,
+    /// How long the producer waits to fill a batch (librdkafka `linger.ms`).
+    #[serde(default = "CloudConfig::default_linger")]
+    pub linger: HumanDuration,
+    /// Most record bytes in one Kafka transaction; larger transactions drain a backlog with
+    /// less overhead, smaller ones make records visible to read_committed readers sooner.
+    #[serde(default = "CloudConfig::default_transaction_size")]
+    pub transaction_size: ByteSize,
+    /// Cap on record bytes sent per second (`"2MiB"`); unset: as fast as the link allows.
+    #[serde(default)]
+    pub bandwidth: Option<ByteSize>,
+    /// Longest wait between attempts while Kafka is unreachable (the backoff doubles).
+    #[serde(default = "CloudConfig::default_max_backoff")]
+    pub max_backoff: HumanDuration,
+    /// How long a Kafka request (transaction start, commit, metadata) may take.
+    #[serde(default = "CloudConfig::default_request_timeout")]
+    pub request_timeout: HumanDuration,
+    /// `"plaintext"` (default), `"ssl"`, `"sasl_plaintext"` or `"sasl_ssl"`.
+    #[serde(default = "CloudConfig::default_security_protocol")]
+    pub security_protocol: String,
+    /// `"PLAIN"`, `"SCRAM-SHA-256"` or `"SCRAM-SHA-512"` (with a sasl_* protocol).
+    #[serde(default)]
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// SASL password (prefer `password_file`).
+    #[serde(serialize_with = "redact")]
+    #[serde(default)]
+    pub password: Option<String>,
+    /// File whose first line is the SASL password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// CA certificates (PEM) to verify the brokers with (`ssl`, `sasl_ssl`).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// How often the committed positions of the edge's consumer groups (`[[groups]]`) are
+    /// translated into Kafka offsets of the mirrored topics and committed in the cluster
+    /// under the same group ids, so that Kafka consumers of a group resume where the edge
+    /// group was. A group's offsets are committed only while its Kafka group has no active
+    /// members, and never moved backwards. `"0s"` turns this off; otherwise at least `"100ms"`.
+    #[serde(default = "CloudConfig::default_group_sync_interval")]
+    pub group_sync_interval: HumanDuration,
+    /// Further librdkafka properties, passed as they are (`[cloud.kafka]`,
+    /// `"socket.keepalive.enable" = "true"`); they win over the settings above.
+    #[serde(default)]
+    pub kafka: BTreeMap<String, String>,
+}
+
+impl CloudConfig {
+    fn default_topic_format() -> String {
+        "{site}.{topic}".into()
+    }
+    fn default_checkpoint_topic() -> String {
+        "tributary.checkpoints".into()
+    }
+    fn default_compression() -> String {
+        "lz4".into()
+    }
+    fn default_batch_size() -> ByteSize {
+        ByteSize(1024 * 1024)
+    }
+    fn default_linger() -> HumanDuration {
+        HumanDuration(Duration::from_millis(5))
+    }
+    fn default_transaction_size() -> ByteSize {
+        ByteSize(64 * 1024 * 1024)
+    }
+    fn default_max_backoff() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+    fn default_request_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+    fn default_security_protocol() -> String {
+        "plaintext".into()
+    }
+    fn default_group_sync_interval() -> HumanDuration {
+        HumanDuration(Duration::from_secs(5))
+    }
+
+    /// The mirror's settings; reads `password_file`.
+    pub fn mirror_config(&self) -> Result<cloud_sync::MirrorConfig, (&'static str, String)> {
+        let mut m = cloud_sync::MirrorConfig::new(&self.bootstrap, &self.site);
+        m.topic_format = self.topic_format.clone();
+        m.topics = self.topics.clone();
+        m.checkpoint_topic = self.checkpoint_topic.clone();
+        if let Some(id) = &self.transactional_id {
+            m.transactional_id = id.clone();
+        }
+        m.replication_factor = self.replication_factor;
+        m.compression = self.compression.clone();
+        m.batch_bytes = self.batch_size.0 as usize;
+        m.linger = self.linger.0;
+        m.transaction_bytes = self.transaction_size.0 as usize;
+        m.bandwidth = self.bandwidth.map(|b| b.0);
+        m.max_backoff = self.max_backoff.0;
+        m.request_timeout = self.request_timeout.0;
+        m.group_sync_interval = self.group_sync_interval.0;
+        m.kafka_properties = self.kafka.clone();
+        let password = match (&self.password, &self.password_file) {
+            (Some(_), Some(_)) => {
+                return Err((
+                    "password_file",
+                    "give password or password_file, not both".into(),
+                ))
+            }
+            (Some(p), None) => Some(p.clone()),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| ("password_file", format!("{}: {e}", f.display())))?;
+                Some(text.lines().next().unwrap_or_default().to_string())
+            }
+            (None, None) => None,
+        };
+        m.security = cloud_sync::Security {
+            protocol: self.security_protocol.clone(),
+            sasl_mechanism: self.sasl_mechanism.clone(),
+            username: self.username.clone(),
+            password,
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        };
+        m.validate()?;
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+
+    #[test]
+    fn minimal_cloud_section_mirrors_everything_with_defaults() {
+        let c = Config::parse(
+            "[cloud]\nbootstrap = \"127.0.0.1:19092\"\nsite = \"plant-7\"\n",
+            "c.toml",
+        )
+        .unwrap();
+        let m = c.cloud.unwrap().mirror_config().unwrap();
+        assert_eq!(m.kafka_topic("telemetry"), "plant-7.telemetry");
+        assert_eq!(m.transactional_id, "tributary-mirror-plant-7");
+        assert_eq!(m.topics, None);
+    }
+}

@@ -1,0 +1,177 @@
+//! `[storage]`: where the log lives, when acknowledgements wait for fsync, and how much it
+//! may hold.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize, Serializer};
+
+use super::{ByteSize, HumanDuration, Invalid};
+
+/// `[storage]`: the log on disk.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory of the log. Created if missing; one edge at a time may hold it.
+    pub data_dir: PathBuf,
+    /// When an acknowledgement is sent relative to the disk:
+    /// `"always"` (default): PUBACK/PUBREC only after the group commit is fsynced, so an
+    /// acknowledged message survives kill -9 and power loss.
+    /// `"interval:<ms>"`: acknowledged once written to the OS, fsynced every <ms>; survives
+    /// kill -9, a power cut loses up to <ms> of acknowledged messages.
+    /// `"never"`: written to the OS, fsynced only when the OS decides; survives kill -9, a
+    /// power cut loses whatever the OS had not written back (typically up to 30 s).
+    pub fsync: FsyncMode,
+    /// Node-wide cap on the bytes held by the log (record bytes as stored). Unset: no cap.
+    pub disk_budget: Option<ByteSize>,
+    /// What happens when the log reaches `disk_budget`: `"reject"` refuses new publishes
+    /// (5.0: PUBACK 0x97 Quota exceeded; 3.1.1: the connection is closed without an ack), or
+    /// `"drop-oldest"` deletes the oldest records of the node, counted and logged.
+    pub disk_full_policy: DiskFullPolicy,
+    /// Most records stored in one batch value; bigger group commits are split.
+    pub max_batch_records: usize,
+    /// How often retention (age and bytes) is applied.
+    pub retention_check_interval: HumanDuration,
+    /// A forward step of the wall clock larger than this between two retention checks is
+    /// taken as a correction (NTP fixing a gateway that booted with a wrong clock), not as
+    /// time passing: it is logged, and records received before it are aged as that much
+    /// younger, so age retention does not delete everything received before the correction.
+    /// The byte limits and `disk_budget` still apply.
+    pub max_clock_jump: HumanDuration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            fsync: FsyncMode::Always,
+            disk_budget: None,
+            disk_full_policy: DiskFullPolicy::Reject,
+            max_batch_records: 1000,
+            retention_check_interval: HumanDuration(Duration::from_secs(10)),
+            max_clock_jump: HumanDuration(Duration::from_secs(5 * 60)),
+        }
+    }
+}
+
+impl StorageConfig {
+    /// Checks the batch size, the retention interval and the budget.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let s = self;
+        if s.max_batch_records == 0 || s.max_batch_records > 1_000_000 {
+            return Err(Invalid::new(
+                "storage.max_batch_records",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if s.retention_check_interval.0.is_zero() {
+            return Err(Invalid::new(
+                "storage.retention_check_interval",
+                "must be longer than 0",
+            ));
+        }
+        if let Some(b) = s.disk_budget {
+            if b.0 == 0 {
+                return Err(Invalid::new(
+                    "storage.disk_budget",
+                    "0 would refuse every publish: remove the key for no budget",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How acknowledgements relate to fsync; see `StorageConfig::fsync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncMode {
+    /// fsync every group commit before acknowledging it.
+    Always,
+    /// Write to the OS before acknowledging, fsync on a timer.
+    Interval(Duration),
+    /// Write to the OS before acknowledging, never fsync explicitly.
+    Never,
+}
+
+impl fmt::Display for FsyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FsyncMode::Always => write!(f, "always"),
+            FsyncMode::Interval(d) => write!(f, "interval:{}", d.as_millis()),
+            FsyncMode::Never => write!(f, "never"),
+        }
+    }
+}
+
+impl std::str::FromStr for FsyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(FsyncMode::Always),
+            "never" => Ok(FsyncMode::Never),
+            other => {
+                let ms = other.strip_prefix("interval:").ok_or_else(|| {
+                    format!("\"{other}\" is not a fsync mode: use \"always\", \"interval:<ms>\" or \"never\"")
+                })?;
+                let ms: u64 = ms.parse().map_err(|_| {
+                    format!(
+                        "\"{other}\": the interval must be whole milliseconds, as \"interval:10\""
+                    )
+                })?;
+                if ms == 0 {
+                    return Err("\"interval:0\": the interval must be at least 1 ms".into());
+                }
+                Ok(FsyncMode::Interval(Duration::from_millis(ms)))
+            }
+        }
+    }
+}
+
+impl Serialize for FsyncMode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for FsyncMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// What to do when the disk budget is reached; see `StorageConfig::disk_full_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskFullPolicy {
+    /// Refuse new publishes.
+    Reject,
+    /// Delete the oldest records of the node.
+    DropOldest,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+    use super::*;
+
+    #[test]
+    fn bad_fsync_mode_is_explained() {
+        let err = Config::parse("[storage]\nfsync = \"sometimes\"\n", "e.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("e.toml:2"), "{err}");
+        assert!(err.contains("interval:<ms>"), "{err}");
+    }
+
+    #[test]
+    fn fsync_interval_parses() {
+        let c = Config::parse("[storage]\nfsync = \"interval:25\"\n", "t").unwrap();
+        assert_eq!(
+            c.storage.fsync,
+            FsyncMode::Interval(Duration::from_millis(25))
+        );
+    }
+}
