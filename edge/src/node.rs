@@ -216,6 +216,13 @@ async fn start_log(
         budget,
     )?);
     log.set_max_clock_jump(config.storage.max_clock_jump.0);
+    log.set_min_free(config.storage.min_free.floor());
+    if let Some(space) = log.disk_space().filter(|_| log.low_disk()) {
+        tracing::warn!(
+            available = space.available,
+            "starting below storage.min_free: the edge serves readers and refuses publishes until space is back"
+        );
+    }
     observe(log.clone());
     let hub = Hub::new(OutboxLimits {
         messages: config.mqtt.max_queued_messages,
@@ -350,10 +357,7 @@ where
 /// waits for an fsync, but the mirror and consumer groups only read what an fsync made
 /// durable (see `PartitionState::durable_end`): while one of them reads, a background fsync
 /// every second lets them follow.
-fn start_fsync_timer(
-    config: &Config,
-    appender: &Appender,
-) -> Option<JoinHandle<()>> {
+fn start_fsync_timer(config: &Config, appender: &Appender) -> Option<JoinHandle<()>> {
     let readers = config.cloud.is_some() || !config.groups.is_empty();
     let period = match config.storage.fsync {
         FsyncMode::Interval(period) => period,

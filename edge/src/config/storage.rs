@@ -24,8 +24,17 @@ pub struct StorageConfig {
     /// `"never"`: written to the OS, fsynced only when the OS decides; survives kill -9, a
     /// power cut loses whatever the OS had not written back (typically up to 30 s).
     pub fsync: FsyncMode,
-    /// Node-wide cap on the bytes held by the log (record bytes as stored). Unset: no cap.
+    /// Node-wide cap on the bytes the node stores: record batches as stored plus the keys
+    /// and values of its other durable state (sessions, subscriptions, queued deliveries,
+    /// retained messages, group positions). Unset: no cap.
     pub disk_budget: Option<ByteSize>,
+    /// Free space the data directory's file system keeps: a size (`"256MiB"`) or a share of
+    /// the file system (`"5%"`). Below it new publishes are refused (5.0: PUBACK/PUBREC 0x97
+    /// Quota exceeded; 3.1.1: the connection is closed without an ack) while subscribers,
+    /// consumer groups, the mirror and the admin API go on; retention keeps running, and
+    /// publishes are accepted again by themselves once space is back. So the log never meets
+    /// a full disk in the middle of a write. `"0"` turns the floor off.
+    pub min_free: MinFreeSetting,
     /// What happens when the log reaches `disk_budget`: `"reject"` refuses new publishes
     /// (5.0: PUBACK 0x97 Quota exceeded; 3.1.1: the connection is closed without an ack), or
     /// `"drop-oldest"` deletes the oldest records of the node, counted and logged.
@@ -48,6 +57,7 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./data"),
             fsync: FsyncMode::Always,
             disk_budget: None,
+            min_free: MinFreeSetting::Bytes(ByteSize(256 << 20)),
             disk_full_policy: DiskFullPolicy::Reject,
             max_batch_records: 1000,
             retention_check_interval: HumanDuration(Duration::from_secs(10)),
@@ -72,6 +82,14 @@ impl StorageConfig {
                 "must be longer than 0",
             ));
         }
+        if let MinFreeSetting::Percent(p) = s.min_free {
+            if !(0.0..100.0).contains(&p) {
+                return Err(Invalid::new(
+                    "storage.min_free",
+                    "a share of the disk must be at least 0% and below 100%",
+                ));
+            }
+        }
         if let Some(b) = s.disk_budget {
             if b.0 == 0 {
                 return Err(Invalid::new(
@@ -81,6 +99,76 @@ impl StorageConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// `storage.min_free`: bytes, or a percent of the file system.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFreeSetting {
+    /// At least this many bytes free.
+    Bytes(ByteSize),
+    /// At least this share of the file system free, in percent.
+    Percent(f64),
+}
+
+impl MinFreeSetting {
+    /// The floor for the log, `None` when it is off (0).
+    pub fn floor(self) -> Option<crate::log::MinFree> {
+        match self {
+            MinFreeSetting::Bytes(ByteSize(0)) => None,
+            MinFreeSetting::Bytes(b) => Some(crate::log::MinFree::Bytes(b.0)),
+            MinFreeSetting::Percent(p) if p <= 0.0 => None,
+            MinFreeSetting::Percent(p) => Some(crate::log::MinFree::Percent(p)),
+        }
+    }
+}
+
+impl std::str::FromStr for MinFreeSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().strip_suffix('%') {
+            Some(p) => p
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|p| p.is_finite())
+                .map(MinFreeSetting::Percent)
+                .ok_or_else(|| format!("\"{s}\" is not a percent: write it as \"5%\"")),
+            None => s.parse().map(MinFreeSetting::Bytes),
+        }
+    }
+}
+
+impl fmt::Display for MinFreeSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MinFreeSetting::Bytes(b) => write!(f, "{b}"),
+            MinFreeSetting::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl Serialize for MinFreeSetting {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MinFreeSetting::Bytes(b) => b.serialize(s),
+            MinFreeSetting::Percent(_) => s.serialize_str(&self.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MinFreeSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(MinFreeSetting::Bytes(ByteSize(n))),
+            Raw::Text(s) => s.parse().map_err(de::Error::custom),
+        }
     }
 }
 
@@ -173,5 +261,36 @@ mod tests {
             c.storage.fsync,
             FsyncMode::Interval(Duration::from_millis(25))
         );
+    }
+
+    #[test]
+    fn min_free_takes_a_size_or_a_percent() {
+        let c = Config::parse("", "t").unwrap();
+        assert_eq!(
+            c.storage.min_free.floor(),
+            Some(crate::log::MinFree::Bytes(256 << 20)),
+            "on by default"
+        );
+        let c = Config::parse("[storage]\nmin_free = \"5%\"\n", "t").unwrap();
+        assert_eq!(
+            c.storage.min_free.floor(),
+            Some(crate::log::MinFree::Percent(5.0))
+        );
+        let c = Config::parse("[storage]\nmin_free = \"1GiB\"\n", "t").unwrap();
+        assert_eq!(
+            c.storage.min_free.floor(),
+            Some(crate::log::MinFree::Bytes(1 << 30))
+        );
+        let c = Config::parse("[storage]\nmin_free = 0\n", "t").unwrap();
+        assert_eq!(c.storage.min_free.floor(), None);
+        for bad in ["\"100%\"", "\"-1%\"", "\"lots\"", "\"x%\""] {
+            let err = Config::parse(&format!("[storage]\nmin_free = {bad}\n"), "e.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("min_free") || err.contains("e.toml:2"),
+                "{bad}: {err}"
+            );
+        }
     }
 }

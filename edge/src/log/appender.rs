@@ -692,7 +692,7 @@ impl Writer {
             log.state_bytes
                 .store(now.saturating_sub(state_freed), Ordering::Relaxed);
         }
-        log.check_free_space_every(false);
+        log.check_free_space_every(added_bytes, false);
         if log.budget.is_some() {
             log.enforce_budget()
                 .map_err(|e| CommitError::from_log("applying the disk budget", &e))?;

@@ -271,8 +271,11 @@ pub struct DiskSpace {
     pub total: u64,
 }
 
-/// How often the appender looks at the free space while it commits.
+/// How often the appender looks at the free space while it commits: every 100 ms, and
+/// after every 1 MiB of batches, so a fast writer cannot run far past the floor between
+/// two looks.
 const FREE_SPACE_EVERY: Duration = Duration::from_millis(100);
+const FREE_SPACE_EVERY_BYTES: u64 = 1 << 20;
 
 /// The log of one edge node.
 pub struct Log {
@@ -293,6 +296,8 @@ pub struct Log {
     low_disk: AtomicBool,
     /// Free space at the last look (for metrics), and when that was.
     disk_space: std::sync::Mutex<Option<(DiskSpace, std::time::Instant)>>,
+    /// Batch bytes written since that look.
+    written_since_look: AtomicU64,
     poisoned: std::sync::Mutex<Option<appender::CommitError>>,
     /// The clock age retention uses (see [`clock`]).
     retention_clock: std::sync::Mutex<clock::RetentionClock>,
@@ -448,6 +453,7 @@ impl Log {
             min_free: std::sync::Mutex::new(None),
             low_disk: AtomicBool::new(false),
             disk_space: std::sync::Mutex::new(None),
+            written_since_look: AtomicU64::new(0),
             poisoned: std::sync::Mutex::new(None),
             counters: LogCounters::default(),
             retention_clock: std::sync::Mutex::new(clock::RetentionClock::new(
@@ -532,10 +538,15 @@ impl Log {
         })
     }
 
-    /// Looks at the free space (at most every 100 ms unless `force`) and refuses or accepts
-    /// publishes by `storage.min_free`.
-    pub(crate) fn check_free_space_every(&self, force: bool) {
+    /// Looks at the free space (after `written` more bytes, at most every 100 ms or 1 MiB
+    /// unless `force`) and refuses or accepts publishes by `storage.min_free`.
+    pub(crate) fn check_free_space_every(&self, written: u64, force: bool) {
+        let since = self
+            .written_since_look
+            .fetch_add(written, Ordering::Relaxed)
+            + written;
         let due = force
+            || since >= FREE_SPACE_EVERY_BYTES
             || self
                 .disk_space
                 .lock()
@@ -547,6 +558,7 @@ impl Log {
     }
 
     fn check_free_space(&self) {
+        self.written_since_look.store(0, Ordering::Relaxed);
         let Some(space) = self.measure_disk_space() else {
             return;
         };
@@ -947,7 +959,7 @@ impl Log {
         }
         self.enforce_budget()?;
         self.refresh_budget_flag();
-        self.check_free_space_every(true);
+        self.check_free_space_every(0, true);
         Ok(())
     }
 
