@@ -1,6 +1,7 @@
 //! A full disk poisons the log: the edge gets a small private tmpfs (in its own user and
-//! mount namespace, so no privileges are needed) and is filled until a write fails with
-//! ENOSPC. It then acknowledges nothing more, says why and exits non-zero; once space is
+//! mount namespace, so no privileges are needed), with `storage.min_free` off (it would
+//! refuse publishes before the disk fills: see disk_full.rs), and is filled until a write
+//! fails with ENOSPC. It then acknowledges nothing more, says why and exits non-zero; once space is
 //! freed, every message it did acknowledge is in the log.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
@@ -31,10 +32,11 @@ async fn full_disk_stops_acks_and_keeps_what_was_acked() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let edge = binary("edge");
+    std::fs::write(d.join("edge.toml"), "[storage]\nmin_free = 0\n").unwrap();
     let script = format!(
         r#"set -u
 mount -t tmpfs -o size=40m tmpfs {d}/data
-{edge} --mqtt-listen {addr} --data-dir {d}/data/log 2>{d}/edge.err
+{edge} --config {d}/edge.toml --mqtt-listen {addr} --data-dir {d}/data/log 2>{d}/edge.err
 echo $? > {d}/edge.rc
 mount -o remount,size=512m {d}/data
 {edge} read --json --data-dir {d}/data/log >{d}/log.jsonl 2>{d}/read.err
@@ -113,6 +115,8 @@ echo $? > {d}/read.rc
         stderr.contains("poisoned") || stderr.contains("log write failed"),
         "{stderr}"
     );
+    // The cause is told apart from other write failures (a typed CommitError::DiskFull).
+    assert!(stderr.contains("the disk is full"), "{stderr}");
     assert_eq!(
         read("read.rc").trim(),
         "0",

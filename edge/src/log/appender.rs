@@ -134,6 +134,13 @@ pub enum CommitError {
 impl CommitError {
     /// Classifies a storage error, with what was being done.
     pub(crate) fn from_fjall(doing: &str, e: &fjall::Error) -> CommitError {
+        if matches!(e, fjall::Error::Poisoned) {
+            // fjall poisons itself when a background write (journal fsync, memtable flush,
+            // compaction) fails; it has logged the I/O error, and refuses every write since.
+            return CommitError::Io(Arc::from(format!(
+                "{doing}: the storage engine's background write failed earlier (its I/O error is logged above) and it refuses every write since"
+            )));
+        }
         let message: Arc<str> = Arc::from(format!("{doing}: {e}"));
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
         while let Some(err) = source {
@@ -804,7 +811,11 @@ mod tests {
             CommitError::DiskFull(_)
         ));
         assert!(matches!(
-            CommitError::from_fjall("open", &fjall::Error::Poisoned),
+            CommitError::from_fjall("group commit", &fjall::Error::Poisoned),
+            CommitError::Io(m) if m.contains("background write failed")
+        ));
+        assert!(matches!(
+            CommitError::from_fjall("open", &fjall::Error::Unrecoverable),
             CommitError::Storage(_)
         ));
         assert!(CommitError::from_fjall("x", &io(libc::EIO)).is_fatal());
