@@ -182,6 +182,12 @@ async fn acknowledged_messages_and_handed_out_offsets_survive_repeated_power_cut
             .expect("publishers finish")
             .unwrap();
     }
+    assert!(
+        edge.stderr()
+            .contains("log recovered to its last durable commit"),
+        "the edge says at start what it recovered to:\n{}",
+        edge.stderr()
+    );
     assert!(edge.stop().success(), "{}", edge.stderr());
     let log = edge.read_log();
     fs.unmount()

@@ -20,6 +20,8 @@ pub struct Ledger {
     pub acked: HashSet<String>,
     /// Every payload ever sent.
     pub sent: HashSet<String>,
+    /// When each QoS 1 acknowledgement arrived, in order.
+    pub acked_at: Vec<(String, std::time::Instant)>,
     /// Connections that found their session present after a restart.
     pub resumed: usize,
 }
@@ -137,7 +139,9 @@ pub async fn qos1_publisher(
                     let p = window
                         .remove(&pkid)
                         .expect("PUBACK for a packet id in flight");
-                    ledger.lock().unwrap().acked.insert(p);
+                    let mut l = ledger.lock().unwrap();
+                    l.acked_at.push((p.clone(), std::time::Instant::now()));
+                    l.acked.insert(p);
                 }
                 Ok(Got::Closed) | Err(_) => continue 'outer,
                 Ok(other) => panic!("{id}: unexpected {other:?}"),

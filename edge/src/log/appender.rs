@@ -593,6 +593,14 @@ impl Writer {
             );
         }
 
+        // When this commit was made: after a power cut, the newest one that survived says
+        // how far back the log went (logged at open).
+        batch.insert(
+            &log.meta,
+            meta::LAST_COMMIT_KEY.to_vec(),
+            meta::last_commit_value(now_ms()).to_vec(),
+        );
+
         // A key written twice in one fjall batch would get one sequence number for both
         // versions, so the group's state changes are folded to one final value per key.
         let mut state: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();

@@ -22,6 +22,7 @@
 //! | `O` | `O \| client str16 \| seq u64` | empty | QoS 2 deliveries past PUBREC, waiting for PUBCOMP |
 //! | `r` | `r \| topic` | a one-record batch ([`super::record`]) | retained messages |
 //! | `g` | `g \| group str16 \| topic str16 \| partition u32` | `committed u64 \| lease u64` | consumer group positions |
+//! | `f` | `f` | `unix_ms u64` | the appender, each group commit: after a crash, when the last commit that survived was made |
 //!
 //! A queue entry is `qos u8 | retain u8 | n u8 | subscription_id u32 × n | topic_id u32 |
 //! partition u32 | offset u64`: where the record is in the log, never a copy of it. The
@@ -87,11 +88,13 @@ pub enum Tag {
     Retained = b'r',
     /// A consumer group position.
     Group = b'g',
+    /// The wall time of the latest group commit.
+    LastCommit = b'f',
 }
 
 impl Tag {
     /// Every tag, in the order of the table above.
-    pub const ALL: [Tag; 11] = [
+    pub const ALL: [Tag; 12] = [
         Tag::Layout,
         Tag::Topic,
         Tag::Partition,
@@ -103,6 +106,7 @@ impl Tag {
         Tag::Released,
         Tag::Retained,
         Tag::Group,
+        Tag::LastCommit,
     ];
 
     /// The tag of a stored key, if it is one of ours.
@@ -129,6 +133,7 @@ impl Tag {
             Tag::Queued | Tag::Released => "queue entry",
             Tag::Retained => "retained message",
             Tag::Group => "group position",
+            Tag::LastCommit => "last commit time",
         }
     }
 }
@@ -289,6 +294,25 @@ pub fn retention_clock_value(jump_point_ms: u64, skew_ms: u64) -> Vec<u8> {
 pub fn parse_retention_clock_value(v: &[u8]) -> Option<(u64, u64)> {
     let b = value_body(v)?;
     (b.len() == 16).then_some((u64_at(b, 0)?, u64_at(b, 8)?))
+}
+
+// ---- last commit ----
+
+/// The last commit time's one key.
+pub const LAST_COMMIT_KEY: [u8; 1] = [Tag::LastCommit as u8];
+
+/// The wall time (ms since the Unix epoch) of a group commit.
+pub fn last_commit_value(unix_ms: u64) -> [u8; 9] {
+    let mut v = [0u8; 9];
+    v[0] = VALUE_FORMAT;
+    v[1..].copy_from_slice(&unix_ms.to_be_bytes());
+    v
+}
+
+/// Decodes [`last_commit_value`].
+pub fn parse_last_commit_value(v: &[u8]) -> Option<u64> {
+    let b = value_body(v)?;
+    (b.len() == 8).then_some(u64_at(b, 0)?)
 }
 
 // ---- sessions ----
@@ -610,6 +634,7 @@ pub fn check_entry(
         Tag::Group => {
             parse_group_position_key(k).is_some() && parse_group_position_value(v).is_some()
         }
+        Tag::LastCommit => k.len() == 1 && parse_last_commit_value(v).is_some(),
     };
     if ok {
         Ok(())
@@ -626,6 +651,7 @@ pub fn check_entry(
             Tag::Released => "not a client id and a seq",
             Tag::Retained => "not a retained message",
             Tag::Group => "not a group, topic, partition and position",
+            Tag::LastCommit => "not a time",
         })
     }
 }

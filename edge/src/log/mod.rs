@@ -353,6 +353,11 @@ impl Log {
         })?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         meta::migrate(&db, &meta)?;
+        if meta.get(meta::LAST_COMMIT_KEY)?.is_none() {
+            // Present from the start (0: no commit yet), so the appender only ever
+            // overwrites it with a value of the same size.
+            meta.insert(meta::LAST_COMMIT_KEY, meta::last_commit_value(0))?;
+        }
 
         // The topic table as stored.
         let mut stored: Vec<(String, TopicId, u32)> = Vec::new();
@@ -474,7 +479,57 @@ impl Log {
         // it is (`durable_end`), so no offset handed out can come back with another record.
         log.db.persist(fjall::PersistMode::SyncAll)?;
         log.refresh_budget_flag();
+        log.report_recovery();
         Ok(log)
+    }
+
+    /// Logs what the log holds after opening: each partition's offsets and when the newest
+    /// commit that survived was made (after a power cut, how far back the log went).
+    fn report_recovery(&self) {
+        let last_commit = self
+            .meta
+            .get(meta::LAST_COMMIT_KEY)
+            .ok()
+            .flatten()
+            .and_then(|v| meta::parse_last_commit_value(&v))
+            .filter(|&at| at > 0);
+        let mut ranges = String::new();
+        let mut records = 0u64;
+        let mut partitions = 0usize;
+        for t in &self.topics {
+            for (p, state) in t.partitions.iter().enumerate() {
+                let (start, end) = (
+                    state.start.load(Ordering::Relaxed),
+                    state.end.load(Ordering::Relaxed),
+                );
+                records += end - start;
+                partitions += 1;
+                // Enough to read; the full list is in `edge topics`.
+                if partitions <= 32 {
+                    use std::fmt::Write as _;
+                    let _ = write!(
+                        ranges,
+                        "{}{}/{p}: {start}..{end}",
+                        if ranges.is_empty() { "" } else { ", " },
+                        t.name
+                    );
+                }
+            }
+        }
+        if partitions > 32 {
+            ranges.push_str(", ...");
+        }
+        match last_commit {
+            Some(at) => tracing::info!(
+                partitions,
+                records,
+                last_commit_unix_ms = at,
+                last_commit_age_s = appender::now_ms().saturating_sub(at) / 1000,
+                offsets = %ranges,
+                "log recovered to its last durable commit"
+            ),
+            None => tracing::info!(partitions, records, offsets = %ranges, "log opened"),
+        }
     }
 
     /// Every topic, by id.
