@@ -1,6 +1,8 @@
 //! Settings of a mirror. `edge` fills them from its `[cloud]` config section, where each
 //! setting is documented for users; this module only checks that they fit together.
 
+#![deny(clippy::expect_used, clippy::indexing_slicing)]
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;

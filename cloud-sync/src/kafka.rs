@@ -1,6 +1,8 @@
 //! The Kafka clients' common ground, shared by the mirror and the group replicator: their
 //! settings, their threads' priority, and what a Kafka error means for the mirror's status.
 
+#![deny(clippy::expect_used, clippy::indexing_slicing)]
+
 use std::sync::Arc;
 
 use rdkafka::client::ClientContext;
@@ -64,6 +66,7 @@ pub(crate) fn with_extra(mut c: ClientConfig, config: &MirrorConfig) -> ClientCo
 /// its rate without the mirror, nice 15 at 75 %, the mirror's rate unchanged.
 pub(crate) fn lower_priority() {
     // SAFETY: plain syscalls on the calling thread's own id.
+    #[allow(unsafe_code)]
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         libc::setpriority(libc::PRIO_PROCESS, tid, 15);

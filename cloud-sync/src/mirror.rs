@@ -1057,6 +1057,7 @@ impl<'a> Session<'a> {
             if flush {
                 // SAFETY: the pointer is the live producer's handle; rd_kafka_flush only
                 // waits (delivery reports are events here, served by `poll` below).
+                #[allow(unsafe_code)]
                 unsafe {
                     rdkafka::bindings::rd_kafka_flush(self.producer.client().native_ptr(), 1);
                 }

@@ -1,6 +1,8 @@
 //! What the mirror reports about itself: per partition how far it is, the link's health, and
 //! how the source's consumer groups were last replicated to Kafka.
 
+#![deny(clippy::expect_used, clippy::indexing_slicing)]
+
 use serde::{Deserialize, Serialize};
 
 use crate::source::PartitionedSource;

@@ -18,6 +18,8 @@
 //! history is bounded, so a position far behind the mirror falls back to the oldest
 //! checkpoints kept, or to nothing.
 
+#![deny(clippy::expect_used, clippy::indexing_slicing)]
+
 use std::collections::VecDeque;
 
 /// How many committed transactions of a partition [`Translation`] remembers.
@@ -100,7 +102,10 @@ impl Translation {
         };
         if self.checkpoints.back() != Some(last) {
             self.clear();
-            for &(e, k) in &read[read.len().saturating_sub(HISTORY)..] {
+            for &(e, k) in read
+                .get(read.len().saturating_sub(HISTORY)..)
+                .unwrap_or_default()
+            {
                 self.committed(e, k, None);
             }
         }
@@ -152,7 +157,9 @@ impl Translation {
             return Some(run.first_kafka_offset + (g - run.first_edge_offset) as i64);
         }
         let i = self.checkpoints.partition_point(|&(e, _)| e <= g);
-        i.checked_sub(1).map(|i| self.checkpoints[i].1 + 1)
+        i.checked_sub(1)
+            .and_then(|i| self.checkpoints.get(i))
+            .map(|&(_, k)| k + 1)
     }
 }
 

@@ -2,6 +2,7 @@
 //! in-memory source: exactly once, in order, resumed from the checkpoint, losses counted,
 //! a target topic with too few partitions refused; the source's consumer group positions
 //! replicated to Kafka as committed offsets of the same group.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::borrow::Cow;
 use std::collections::HashMap;
