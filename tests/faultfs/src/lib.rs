@@ -73,6 +73,9 @@
 //! no libfuse or fusermount3 (tests/run installs Debian's `fuse3` all the same, for
 //! users who mount without root).
 
+// Mounting, unmounting and statvfs go through libc; each site states its SAFETY.
+#![allow(unsafe_code)]
+
 mod fs;
 mod namespace;
 mod overlay;
@@ -105,7 +108,9 @@ pub enum Error {
          mount point must be an existing directory)"
     )]
     Mount {
+        /// Where it was to be mounted.
         mountpoint: PathBuf,
+        /// What the kernel said.
         source: io::Error,
     },
     /// Something still uses the mount: a process working in it, or an open file.
@@ -114,17 +119,26 @@ pub enum Error {
          it: kill the processes working on the mount and wait for them first)"
     )]
     Busy {
+        /// The mount point.
         mountpoint: PathBuf,
+        /// What the kernel said.
         source: io::Error,
     },
     /// The backing directory could not be prepared or rolled back.
     #[error("backing directory {backing}: {source}")]
-    Backing { backing: PathBuf, source: io::Error },
+    Backing {
+        /// The backing directory.
+        backing: PathBuf,
+        /// What failed.
+        source: io::Error,
+    },
     /// A power cut could not undo some directory changes (strict mode only); the list
     /// names them. The file system is mounted again all the same.
     #[error("power cut at {mountpoint} left changes it could not undo: {}", problems.join("; "))]
     Revert {
+        /// The mount point.
         mountpoint: PathBuf,
+        /// What could not be undone.
         problems: Vec<String>,
     },
 }
@@ -165,6 +179,7 @@ impl FaultFs {
         Self::mount_with(backing, mountpoint, Durability::default())
     }
 
+    /// [`FaultFs::mount`] with the given [`Durability`] of directory changes.
     pub fn mount_with(
         backing: impl AsRef<Path>,
         mountpoint: impl AsRef<Path>,
@@ -192,10 +207,12 @@ impl FaultFs {
         Ok(mounted)
     }
 
+    /// Where it is mounted.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
     }
 
+    /// The directory holding what survives a power cut.
     pub fn backing(&self) -> &Path {
         &self.backing
     }

@@ -1,4 +1,6 @@
 //! The `faultfs` binary, driven through its control socket as another process would.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a failed unwrap is the report
+#![allow(unsafe_code)] // signals to the test's own children; SAFETY at each site
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -1,4 +1,5 @@
 //! Injected faults: EIO from fsync and write, ENOSPC past the budget, slow fsync.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a failed unwrap is the report
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! and loses those it only handed to the OS, once the power is cut. The crash is a drop
 //! of the database while fsync fails, so that fjall's persist-on-drop cannot sync the
 //! buffered keys (a kill -9 of a process would leave them unsynced the same way).
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a failed unwrap is the report
 
 mod common;
 

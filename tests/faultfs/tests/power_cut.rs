@@ -1,4 +1,6 @@
 //! A power cut keeps what was fsynced and loses the rest, data and names alike.
+#![allow(clippy::unwrap_used, unreachable_pub)] // test code: a failed unwrap is the report
+#![allow(unsafe_code)] // signals to the test's own children; SAFETY at each site
 
 mod common;
 
