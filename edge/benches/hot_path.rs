@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the ingest hot path: routing, record encoding, batch decoding, MQTT
 //! PUBLISH decoding and one group commit. `cargo bench -p edge`; the system benchmark is
 //! tests/bench/ingest.
+#![allow(clippy::unwrap_used)] // test and benchmark code: a failed unwrap is the report
 
 use std::sync::Arc;
 

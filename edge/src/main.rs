@@ -179,6 +179,7 @@ fn init_tracing(format: LogFormat) {
 /// below what it serves, so it asks for the hard limit.
 fn raise_open_file_limit() {
     // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    #[allow(unsafe_code)]
     unsafe {
         let mut lim = libc::rlimit {
             rlim_cur: 0,

@@ -2,6 +2,7 @@
 //! its default (taken from the loaded defaults, not written by hand) and its doc comment.
 //! This test regenerates it and fails when the README differs; `TRIBUTARY_BLESS=1 cargo
 //! test -p edge --test config_reference` writes the new reference into the README.
+#![allow(clippy::unwrap_used)] // test and benchmark code: a failed unwrap is the report
 
 use std::collections::BTreeMap;
 use std::path::Path;

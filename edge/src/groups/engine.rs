@@ -89,7 +89,7 @@ pub(crate) struct Part {
 
 impl Part {
     /// A partition starting at `committed`, with `lease` stored before (`None`: new).
-    pub fn new(
+    pub(super) fn new(
         topic: String,
         topic_id: TopicId,
         partition: u32,
@@ -149,6 +149,7 @@ struct Member {
 /// a group draining a backlog; an idle node still gives the group all it wants.
 fn lower_priority() {
     // SAFETY: plain syscalls on the calling thread's own id.
+    #[allow(unsafe_code)]
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         libc::setpriority(libc::PRIO_PROCESS, tid, 10);
@@ -199,7 +200,7 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    pub fn new(
+    pub(super) fn new(
         name: Arc<str>,
         topics: Vec<String>,
         broker: Arc<Broker>,
@@ -231,7 +232,7 @@ impl Engine {
     }
 
     /// Sets `GroupConfig::ack_timeout`.
-    pub fn with_ack_timeout(mut self, timeout: Duration) -> Engine {
+    pub(super) fn with_ack_timeout(mut self, timeout: Duration) -> Engine {
         self.ack_timeout = timeout;
         self
     }
@@ -255,7 +256,7 @@ impl Engine {
     }
 
     /// Runs until asked to stop, then stores the last positions.
-    pub fn run(mut self) {
+    pub(super) fn run(mut self) {
         lower_priority();
         loop {
             let before = (

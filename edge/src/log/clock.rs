@@ -28,7 +28,7 @@ pub(crate) struct RetentionClock {
 impl RetentionClock {
     /// A clock that takes a forward jump of more than `max_jump_ms` as a correction, with a
     /// skew stored before (`(jump_point_ms, skew_ms)`).
-    pub fn new(max_jump_ms: u64, stored: Option<(u64, u64)>) -> RetentionClock {
+    pub(crate) fn new(max_jump_ms: u64, stored: Option<(u64, u64)>) -> RetentionClock {
         let (jump_point_ms, skew_ms) = stored.unwrap_or((0, 0));
         RetentionClock {
             max_jump_ms,
@@ -40,7 +40,7 @@ impl RetentionClock {
 
     /// Takes the clocks of this retention run; returns true when it saw a new forward jump
     /// (the skew changed and is to be stored).
-    pub fn observe(&mut self, wall_ms: u64, mono: Instant) -> bool {
+    pub(crate) fn observe(&mut self, wall_ms: u64, mono: Instant) -> bool {
         let previous = self.last.replace((wall_ms, mono));
         let Some((last_wall, last_mono)) = previous else {
             return false;
@@ -64,7 +64,7 @@ impl RetentionClock {
 
     /// The age in ms, at wall time `now_ms`, of a batch whose newest record was received at
     /// `last_ts_ms`.
-    pub fn age(&self, now_ms: u64, last_ts_ms: u64) -> u64 {
+    pub(crate) fn age(&self, now_ms: u64, last_ts_ms: u64) -> u64 {
         let age = now_ms.saturating_sub(last_ts_ms);
         if last_ts_ms < self.jump_point_ms {
             age.saturating_sub(self.skew_ms)
@@ -74,7 +74,7 @@ impl RetentionClock {
     }
 
     /// The stored form.
-    pub fn value(&self) -> Vec<u8> {
+    pub(crate) fn value(&self) -> Vec<u8> {
         super::meta::retention_clock_value(self.jump_point_ms, self.skew_ms)
     }
 }

@@ -520,6 +520,7 @@ impl SessionStore {
         (map.len(), map.contains_key(client_id))
     }
 
+    /// Sessions with a connection attached, and sessions without one.
     pub fn counts(&self) -> (usize, usize) {
         let map = self.inner.lock().expect("session lock");
         let connected = map.values().filter(|e| e.attached.is_some()).count();

@@ -272,6 +272,7 @@ impl<S: Clone + Eq + Hash> Default for SubscriptionTree<S> {
 }
 
 impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
+    /// An empty tree.
     pub fn new() -> Self {
         SubscriptionTree {
             root: Node::new(),
@@ -410,6 +411,7 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
         self.len
     }
 
+    /// Whether it holds no subscription.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
