@@ -12,6 +12,8 @@
 //! Stored in the meta keyspace (`c`, see [`super::meta`]) when a jump is seen, so a restart
 //! keeps judging the records from before the jump fairly.
 
+#![deny(clippy::expect_used, clippy::indexing_slicing)]
+
 use std::time::Instant;
 
 /// See the module doc.

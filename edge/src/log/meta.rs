@@ -50,6 +50,8 @@
 //! have no `V` key: [`migrate`] rewrites every value with the byte in front, and writes `V`, in
 //! one write batch, fsynced, before anything else reads them.
 
+#![deny(clippy::expect_used, clippy::indexing_slicing)]
+
 use std::sync::Arc;
 
 use fjall::{Database, Keyspace};
