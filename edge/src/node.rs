@@ -40,7 +40,7 @@ use crate::config::{Config, ConfigError, FsyncMode};
 use crate::groups::Groups;
 use crate::log::appender::{self, now_ms, AppendRequest, Appender, CommitError, StateOp};
 use crate::log::{Budget, Log, LogError};
-use crate::mqtt::delivery::{Hub, Message, OutboxLimits, TAG_RETAINED};
+use crate::mqtt::delivery::{self, Hub, Message, OutboxLimits};
 use crate::mqtt::session::SessionStore;
 use crate::mqtt::tls::TlsServer;
 use crate::mqtt::{self, Broker};
@@ -307,14 +307,14 @@ impl Storage {
 /// while the edge was down.
 fn load_retained(log: &Log, hub: &Hub, now_ms: u64) -> Result<Vec<StateOp>, LogError> {
     let mut purge = Vec::new();
-    for (k, v) in log.meta_scan(&[TAG_RETAINED])? {
+    for (topic, v) in delivery::stored_retained(log)? {
         match Message::decode(&v) {
             Ok(m) if m.expiry_left(now_ms).is_some() => {
-                hub.set_retained(bytes::Bytes::copy_from_slice(&k[1..]), Some(Arc::new(m)))
+                hub.set_retained(bytes::Bytes::from(topic), Some(Arc::new(m)))
             }
-            Ok(_) => purge.push(StateOp::Delete { key: k }),
+            Ok(_) => purge.push(delivery::clear_retained_op(&topic)),
             // Left out, not deleted: `edge check` lists it, `--repair` moves it aside.
-            Err(_) => log.quarantine_meta(&k, "retained message"),
+            Err(_) => delivery::quarantine_retained(log, &topic),
         }
     }
     if hub.retained_count() > 0 {

@@ -539,49 +539,135 @@ pub struct Hub {
     pub stats: Stats,
 }
 
-// The durable keys and values of deliveries are defined in `log::meta`; these name them for
-// the MQTT layer.
+// The durable keys and values of deliveries are defined in `log::meta`; the MQTT layer
+// changes them through the typed operations below and never builds a key itself.
 use crate::log::meta::{self, Tag};
 pub use crate::log::meta::{parse_queue_value, QueueEntry};
+use crate::log::{Log, LogError};
 
-/// Tag of durable subscriptions.
-pub const TAG_SUBSCRIPTION: Tag = Tag::Subscription;
-/// Tag of queue entries waiting for PUBLISH (or its PUBACK/PUBREC).
-pub const TAG_QUEUED: Tag = Tag::Queued;
-/// Tag of QoS 2 deliveries past PUBREC, waiting for PUBCOMP.
-pub const TAG_RELEASED: Tag = Tag::Released;
-
-/// Tag of retained messages, as a key prefix.
-pub const TAG_RETAINED: u8 = Tag::Retained as u8;
-
-/// Splits a `tag | client | rest` key into the client id and the rest.
-pub fn split_client_key(k: &[u8]) -> Option<(&str, &[u8])> {
-    meta::split_client_key(k).map(|(_, client, rest)| (client, rest))
+/// Stores a durable subscription of a persistent session.
+pub fn subscribe_op(client_id: &str, filter: &str, o: &super::subs::SubOptions) -> StateOp {
+    StateOp::Put {
+        key: meta::subscription_key(client_id, filter),
+        value: subscription_value(o),
+    }
 }
 
-/// Meta key prefix of a client's keys of one kind.
-pub fn client_prefix(tag: Tag, client_id: &str) -> Vec<u8> {
-    meta::client_prefix(tag, client_id)
+/// Deletes a durable subscription.
+pub fn unsubscribe_op(client_id: &str, filter: &str) -> StateOp {
+    StateOp::Delete {
+        key: meta::subscription_key(client_id, filter),
+    }
 }
 
-/// Key of a queue entry.
-pub fn queue_key(tag: Tag, client_id: &str, seq: u64) -> Vec<u8> {
-    meta::queue_key(tag, client_id, seq)
+/// Queues a record of the request for a persistent session (see [`StateOp::Enqueue`]).
+pub fn enqueue_op(client_id: &str, record: u32, qos: u8, retain: bool, sub_ids: &[u32]) -> StateOp {
+    StateOp::Enqueue {
+        prefix: meta::client_prefix(Tag::Queued, client_id),
+        record,
+        value: meta::queue_value_head(qos, retain, sub_ids),
+    }
 }
 
-/// The seq of a queue entry's key.
-pub fn queue_seq(key: &[u8]) -> Option<u64> {
-    meta::parse_queue_key(key).map(|(_, _, seq)| seq)
+/// Ends a queue entry: delivered and acknowledged, refused, dropped or deleted by retention.
+pub fn dequeue_op(client_id: &str, seq: u64) -> StateOp {
+    StateOp::Delete {
+        key: meta::queue_key(Tag::Queued, client_id, seq),
+    }
 }
 
-/// Key of a retained message.
-pub fn retained_key(topic: &[u8]) -> Vec<u8> {
-    meta::retained_key(topic)
+/// Records that the subscriber received a QoS 2 delivery (PUBREC), so that a new connection
+/// resends the PUBREL, not the PUBLISH. Comes with [`dequeue_op`] of the same seq.
+pub fn release_op(client_id: &str, seq: u64) -> StateOp {
+    StateOp::Put {
+        key: meta::queue_key(Tag::Released, client_id, seq),
+        value: meta::marker_value(),
+    }
 }
 
-/// Key of a durable subscription.
-pub fn subscription_key(client_id: &str, filter: &str) -> Vec<u8> {
-    meta::subscription_key(client_id, filter)
+/// Ends a released QoS 2 delivery (PUBCOMP).
+pub fn complete_op(client_id: &str, seq: u64) -> StateOp {
+    StateOp::Delete {
+        key: meta::queue_key(Tag::Released, client_id, seq),
+    }
+}
+
+/// Stores a retained message (`value` from [`Message::encode_parts`]).
+pub fn retain_op(topic: &[u8], value: Vec<u8>) -> StateOp {
+    StateOp::Put {
+        key: meta::retained_key(topic),
+        value,
+    }
+}
+
+/// Deletes a retained message.
+pub fn clear_retained_op(topic: &[u8]) -> StateOp {
+    StateOp::Delete {
+        key: meta::retained_key(topic),
+    }
+}
+
+/// A retained message as stored: its topic and its value (what [`Message::decode`] reads).
+pub type StoredRetained = (Vec<u8>, Vec<u8>);
+
+/// Every stored retained message.
+pub fn stored_retained(log: &Log) -> Result<Vec<StoredRetained>, LogError> {
+    Ok(log
+        .meta_scan(&Tag::Retained.prefix())?
+        .into_iter()
+        .map(|(k, v)| (k.get(1..).unwrap_or_default().to_vec(), v))
+        .collect())
+}
+
+/// Sets aside a stored retained message that does not decode (see [`Log::quarantine_meta`]).
+pub fn quarantine_retained(log: &Log, topic: &[u8]) {
+    log.quarantine_meta(&meta::retained_key(topic), "retained message");
+}
+
+/// The seqs of a session's QoS 2 deliveries past PUBREC.
+pub fn released_seqs(log: &Log, client_id: &str) -> Result<Vec<u64>, LogError> {
+    Ok(log
+        .meta_scan(&meta::client_prefix(Tag::Released, client_id))?
+        .into_iter()
+        .filter_map(|(k, _)| meta::parse_queue_key(&k).map(|(_, _, seq)| seq))
+        .collect())
+}
+
+/// Where reading a session's durable queue goes on: at its start, or after an entry.
+#[derive(Debug, Clone, Default)]
+pub struct QueueCursor(Option<Vec<u8>>);
+
+/// A page of a session's durable queue, in seq order.
+#[derive(Debug, Default)]
+pub struct QueuePage {
+    /// The entries that decode: (seq, entry).
+    pub entries: Vec<(u64, QueueEntry)>,
+    /// Where the next page starts, when this one was full.
+    pub next: Option<QueueCursor>,
+}
+
+/// Reads up to `max` entries of a session's queue from `cursor`. An entry that does not
+/// decode is quarantined (counted, logged once, left on disk for `edge check`), never
+/// deleted, and the page goes on past it.
+pub fn read_queue(
+    log: &Log,
+    client_id: &str,
+    cursor: &QueueCursor,
+    max: usize,
+) -> Result<QueuePage, LogError> {
+    let prefix = meta::client_prefix(Tag::Queued, client_id);
+    let page = log.meta_page(&prefix, cursor.0.as_deref(), max)?;
+    let next = (page.len() == max)
+        .then(|| page.last().map(|(k, _)| QueueCursor(Some(k.clone()))))
+        .flatten();
+    let mut entries = Vec::with_capacity(page.len());
+    for (k, v) in page {
+        match (meta::parse_queue_key(&k), parse_queue_value(&v)) {
+            (Some((_, _, seq)), Some(entry)) => entries.push((seq, entry)),
+            _ => log.quarantine_meta(&k, "queue entry"),
+        }
+    }
+    Ok(QueuePage { entries, next })
 }
 
 /// Value of a durable subscription.
@@ -605,11 +691,6 @@ pub fn parse_subscription_value(v: &[u8]) -> Option<super::subs::SubOptions> {
         retain_handling: o.retain_handling,
         id: o.id,
     })
-}
-
-/// Start of a queue entry's value; the appender appends the record's position.
-pub fn queue_value(qos: u8, retain: bool, sub_ids: &[u32]) -> Vec<u8> {
-    meta::queue_value_head(qos, retain, sub_ids)
 }
 
 impl Hub {
@@ -881,11 +962,13 @@ impl Hub {
     /// The Enqueue ops of a plan's targets, for record `record` of the request.
     pub fn enqueue_ops(targets: &[Target], record: u32, ops: &mut Vec<StateOp>) {
         for t in targets.iter().take_while(|t| t.enqueue) {
-            ops.push(StateOp::Enqueue {
-                prefix: client_prefix(TAG_QUEUED, &t.sub.client_id),
+            ops.push(enqueue_op(
+                &t.sub.client_id,
                 record,
-                value: queue_value(t.qos, t.retain, &t.sub_ids),
-            });
+                t.qos,
+                t.retain,
+                &t.sub_ids,
+            ));
         }
     }
 
@@ -1185,7 +1268,7 @@ mod tests {
 
     #[test]
     fn queue_and_subscription_values_round_trip() {
-        let mut v = queue_value(2, true, &[7, 9]);
+        let mut v = meta::queue_value_head(2, true, &[7, 9]);
         v.extend_from_slice(&3u32.to_be_bytes());
         v.extend_from_slice(&1u32.to_be_bytes());
         v.extend_from_slice(&42u64.to_be_bytes());
@@ -1206,9 +1289,10 @@ mod tests {
             id: Some(5),
         };
         assert_eq!(parse_subscription_value(&subscription_value(&o)), Some(o));
-        let key = queue_key(TAG_QUEUED, "dev", 9);
-        let (client, rest) = split_client_key(&key).unwrap();
-        assert_eq!((client, rest), ("dev", &9u64.to_be_bytes()[..]));
+        let StateOp::Delete { key } = dequeue_op("dev", 9) else {
+            panic!("a dequeue deletes");
+        };
+        assert_eq!(meta::parse_queue_key(&key), Some((Tag::Queued, "dev", 9)));
     }
 
     #[test]

@@ -108,21 +108,6 @@ pub struct SessionStore {
     next_conn: AtomicU64,
 }
 
-/// Meta key of a session record.
-pub fn session_key(client_id: &str) -> Vec<u8> {
-    meta::session_key(client_id)
-}
-
-/// Meta key prefix of a client's QoS 2 markers.
-pub fn qos2_prefix(client_id: &str) -> Vec<u8> {
-    meta::client_prefix(Tag::Qos2, client_id)
-}
-
-/// Meta key of one QoS 2 marker.
-pub fn qos2_key(client_id: &str, pkid: u16) -> Vec<u8> {
-    meta::qos2_key(client_id, pkid)
-}
-
 /// Records that a QoS 2 PUBLISH with `pkid` is in the log and its PUBREL has not arrived.
 pub fn qos2_marker_op(client_id: &str, pkid: u16) -> StateOp {
     StateOp::Put {
@@ -549,6 +534,12 @@ mod tests {
         for bad in [&v[..12], &v[..14], &v[..v.len() - 1], &v[1..]] {
             assert_eq!(parse_session_value(bad), None, "{bad:?}");
         }
+    }
+
+    use crate::log::meta::qos2_key;
+
+    fn qos2_prefix(client_id: &str) -> Vec<u8> {
+        meta::client_prefix(Tag::Qos2, client_id)
     }
 
     #[test]
