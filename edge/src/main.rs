@@ -521,7 +521,7 @@ fn groups(config: &Config, json: bool) -> anyhow::Result<()> {
                     for t in &topics {
                         let Some(tl) = log.topic(t) else { continue };
                         for (i, p) in tl.partitions.iter().enumerate() {
-                            let end = p.durable_end.load(std::sync::atomic::Ordering::Relaxed);
+                            let end = p.durable_end();
                             let committed = stored
                                 .iter()
                                 .find(|s| {
@@ -663,7 +663,6 @@ fn groups_reset(config: &Config, group: &str, to: edge::groups::ResetTo) -> anyh
 
 fn topics(config: &Config, json: bool) -> anyhow::Result<()> {
     let log = open_stopped(config)?;
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
         let doc: Vec<serde_json::Value> = log
@@ -674,10 +673,10 @@ fn topics(config: &Config, json: bool) -> anyhow::Result<()> {
                     "topic": t.name,
                     "partitions": t.partitions.iter().enumerate().map(|(i, p)| serde_json::json!({
                         "partition": i,
-                        "start_offset": load(&p.start),
-                        "end_offset": load(&p.end),
-                        "bytes": load(&p.bytes),
-                        "removed_records": load(&p.removed),
+                        "start_offset": p.start(),
+                        "end_offset": p.end(),
+                        "bytes": p.bytes(),
+                        "removed_records": p.removed(),
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -696,9 +695,9 @@ fn topics(config: &Config, json: bool) -> anyhow::Result<()> {
                     "{:<32} {:>9} {:>14} {:>14} {:>14}",
                     t.name,
                     i,
-                    load(&p.start),
-                    load(&p.end),
-                    load(&p.bytes)
+                    p.start(),
+                    p.end(),
+                    p.bytes()
                 )?;
             }
         }

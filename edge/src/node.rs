@@ -619,7 +619,7 @@ fn announce(config: &Config, log: &Log, listeners: &Listeners) {
         tracing::info!(
             topic = %t.name,
             partitions = t.partitions.len(),
-            end_offsets = ?t.partitions.iter().map(|p| p.end.load(Ordering::Relaxed)).collect::<Vec<_>>(),
+            end_offsets = ?t.partitions.iter().map(|p| p.end()).collect::<Vec<_>>(),
             "topic"
         );
     }

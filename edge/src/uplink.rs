@@ -8,7 +8,6 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cloud_sync::{
@@ -76,11 +75,11 @@ impl PartitionedSource for LogSource {
 
     fn bounds(&self, topic: &str, partition: u32) -> Result<PartitionBounds, SourceError> {
         let (_, p) = self.partition(topic, partition)?;
-        let end = p.durable_end.load(Ordering::Acquire);
+        let end = p.durable_end();
         Ok(PartitionBounds {
-            start: p.start.load(Ordering::Acquire).min(end),
+            start: p.start().min(end),
             end,
-            bytes: p.bytes.load(Ordering::Relaxed),
+            bytes: p.bytes(),
         })
     }
 
@@ -93,8 +92,8 @@ impl PartitionedSource for LogSource {
         out: &mut Vec<SourceRecord>,
     ) -> Result<(), SourceError> {
         let (t, p) = self.partition(topic, partition)?;
-        let end = p.durable_end.load(Ordering::Acquire);
-        let start = p.start.load(Ordering::Acquire);
+        let end = p.durable_end();
+        let start = p.start();
         let available = end.saturating_sub(from.max(start)) as usize;
         let records = self
             .log

@@ -156,11 +156,7 @@ impl Collector for LogMetrics {
             "tributary_log_bytes",
             "Bytes each log topic holds on disk now.",
             log.topics().iter().map(|t| {
-                let bytes: u64 = t
-                    .partitions
-                    .iter()
-                    .map(|p| p.bytes.load(Ordering::Relaxed))
-                    .sum();
+                let bytes: u64 = t.partitions.iter().map(|p| p.bytes()).sum();
                 ([("topic", t.name.as_str())], bytes)
             }),
         )?;

@@ -280,9 +280,9 @@ async fn topics(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
                 "name": t.name,
                 "partitions": t.partitions.iter().enumerate().map(|(i, p)| serde_json::json!({
                     "partition": i,
-                    "start_offset": p.start.load(Ordering::Relaxed),
-                    "end_offset": p.end.load(Ordering::Relaxed),
-                    "bytes": p.bytes.load(Ordering::Relaxed),
+                    "start_offset": p.start(),
+                    "end_offset": p.end(),
+                    "bytes": p.bytes(),
                 })).collect::<Vec<_>>(),
             })
         })

@@ -97,7 +97,7 @@ impl Part {
         committed: u64,
         stored_lease: Option<u64>,
     ) -> Part {
-        let end = state.durable_end.load(Ordering::Acquire);
+        let end = state.durable_end();
         Part {
             topic,
             topic_id,
@@ -427,7 +427,7 @@ impl Engine {
     /// Records retention removed before the group read them are counted and skipped.
     fn apply_retention(&mut self) {
         for p in &mut self.parts {
-            let start = p.state.start.load(Ordering::Acquire);
+            let start = p.state.start();
             if start <= p.committed {
                 continue;
             }
@@ -512,8 +512,7 @@ impl Engine {
             let share = (window / member.owned.max(1)).max(1);
             let end = p
                 .state
-                .durable_end
-                .load(Ordering::Acquire)
+                .durable_end()
                 .min(p.lease)
                 .min(p.committed + MAX_SPAN);
             if p.next_read >= end {
@@ -656,8 +655,7 @@ impl Engine {
             return;
         }
         let starved = self.parts.iter().any(|p| {
-            p.next_read + LEASE_AHEAD / 2 >= p.lease
-                && p.state.durable_end.load(Ordering::Acquire) > p.next_read
+            p.next_read + LEASE_AHEAD / 2 >= p.lease && p.state.durable_end() > p.next_read
         });
         let changed = self.parts.iter().any(|p| p.stored != Some(p.committed));
         if starved || (changed && self.last_write.elapsed() >= WRITE_EVERY) {
@@ -719,7 +717,7 @@ impl Engine {
             .parts
             .iter()
             .map(|p| {
-                let end = p.state.durable_end.load(Ordering::Acquire);
+                let end = p.state.durable_end();
                 let committed = p.stored.unwrap_or(p.committed);
                 PartitionPosition {
                     topic: p.topic.clone(),

@@ -269,8 +269,8 @@ impl Groups {
                         Some(s) => (s.committed, Some(s.lease)),
                         None => (
                             match g.start {
-                                GroupStart::Earliest => state.start.load(Ordering::Acquire),
-                                GroupStart::Latest => state.durable_end.load(Ordering::Acquire),
+                                GroupStart::Earliest => state.start(),
+                                GroupStart::Latest => state.durable_end(),
                             },
                             None,
                         ),
@@ -404,8 +404,8 @@ pub fn reset_ops(
             .topic(topic)
             .ok_or_else(|| LogError::UnknownTopic(topic.clone()))?;
         for (i, p) in t.partitions.iter().enumerate() {
-            let start = p.start.load(Ordering::Acquire);
-            let end = p.durable_end.load(Ordering::Acquire);
+            let start = p.start();
+            let end = p.durable_end();
             let committed = match to {
                 ResetTo::Earliest => start,
                 ResetTo::Latest => end,

@@ -123,23 +123,51 @@ struct OldestBatch<'a> {
     records: u64,
 }
 
-/// Live state of one partition, readable by anyone, changed only by the appender.
+/// Live state of one partition, readable by anyone through its getters, changed only by the
+/// log (the appender thread, retention and the fsyncs): the fields are private to `log`.
 #[derive(Debug, Default)]
 pub struct PartitionState {
     /// First offset still held.
-    pub start: AtomicU64,
+    start: AtomicU64,
     /// Next offset to be assigned.
-    pub end: AtomicU64,
+    end: AtomicU64,
     /// Records below this offset are on disk for good: it moves only after an fsync (each
     /// group commit with `fsync = "always"`; the timer's with `"interval:<ms>"`, and with
     /// `"never"` a background one while a mirror or consumer group reads; the fsync at
     /// open). Only durable records are mirrored or handed to consumer groups, so Kafka and
     /// a group never hold a record, or an offset, that a power cut could take back.
-    pub durable_end: AtomicU64,
+    durable_end: AtomicU64,
     /// Bytes of the batch values held.
-    pub bytes: AtomicU64,
+    bytes: AtomicU64,
     /// Records deleted so far by retention or the disk budget.
-    pub removed: AtomicU64,
+    removed: AtomicU64,
+}
+
+impl PartitionState {
+    /// First offset still held.
+    pub fn start(&self) -> u64 {
+        self.start.load(Ordering::Acquire)
+    }
+
+    /// Next offset to be assigned.
+    pub fn end(&self) -> u64 {
+        self.end.load(Ordering::Acquire)
+    }
+
+    /// Records below this offset are on disk for good (see the field).
+    pub fn durable_end(&self) -> u64 {
+        self.durable_end.load(Ordering::Acquire)
+    }
+
+    /// Bytes of the batch values held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Records deleted so far by retention or the disk budget.
+    pub fn removed(&self) -> u64 {
+        self.removed.load(Ordering::Relaxed)
+    }
 }
 
 /// One topic of the log.
