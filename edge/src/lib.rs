@@ -3,17 +3,17 @@
 //! Data flows one way: socket ([`mqtt`]) -> route ([`route`]) -> log ([`log`]) -> (fan-out,
 //! consumer [`groups`], mirror).
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod auth;
 pub mod check;
 pub mod config;
 pub mod groups;
 pub mod log;
 pub mod mqtt;
-pub mod node;
+pub(crate) mod node;
 pub mod recent;
 pub mod route;
 pub mod server;
 pub mod startup;
-pub mod sys;
+pub(crate) mod sys;
 pub mod uplink;

@@ -85,7 +85,7 @@ const MIRROR_STOP_GRACE: Duration = Duration::from_secs(2);
 const GROUPS_STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// A started edge node.
-pub struct Node {
+pub(crate) struct Node {
     data_dir: PathBuf,
     storage: Storage,
     fsync_timer: Option<JoinHandle<()>>,
@@ -101,7 +101,7 @@ impl Node {
     /// Starts every part of the node (see the module documentation for the order), handing
     /// the opened log to `observe` first: the fuzz harness decodes everything stored after
     /// each input (reads run beside the appender).
-    pub async fn start(
+    pub(crate) async fn start(
         loaded: LoadedConfig,
         observe: impl FnOnce(Arc<Log>),
     ) -> Result<Node, ServeError> {
@@ -142,7 +142,7 @@ impl Node {
     }
 
     /// Waits until a write to the log fails; returns why.
-    pub async fn failed(&mut self) -> Option<CommitError> {
+    pub(crate) async fn failed(&mut self) -> Option<CommitError> {
         self.storage
             .fatal
             .wait_for(|f| f.is_some())
@@ -153,7 +153,7 @@ impl Node {
 
     /// Stops every part (see the module documentation for the order) and closes the log.
     /// `fatal`: the log failure that ended serving, if one did.
-    pub async fn shutdown(self, fatal: Option<CommitError>) -> Result<(), ServeError> {
+    pub(crate) async fn shutdown(self, fatal: Option<CommitError>) -> Result<(), ServeError> {
         let Node {
             data_dir,
             storage,

@@ -13,7 +13,7 @@ use crate::mqtt::delivery::Message;
 use crate::mqtt::Broker;
 
 /// The `$SYS` topics and their current values.
-pub fn snapshot(broker: &Broker) -> Vec<(&'static str, String)> {
+pub(crate) fn snapshot(broker: &Broker) -> Vec<(&'static str, String)> {
     let hub = &broker.hub;
     let s = &hub.stats;
     let (connected, disconnected) = broker.sessions.counts();
@@ -62,7 +62,7 @@ pub fn snapshot(broker: &Broker) -> Vec<(&'static str, String)> {
 }
 
 /// Publishes the snapshot now and then every `every`, until aborted.
-pub async fn publish_every(broker: Arc<Broker>, every: Duration) {
+pub(crate) async fn publish_every(broker: Arc<Broker>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;

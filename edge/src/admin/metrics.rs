@@ -26,10 +26,10 @@ use crate::mqtt::limits::{PacketRefused, Refused};
 use crate::mqtt::Broker;
 
 /// The `Content-Type` of `/metrics`.
-pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Every family `/metrics` shows, over the state `s` reads.
-pub fn registry(s: &AdminState) -> Registry {
+pub(crate) fn registry(s: &AdminState) -> Registry {
     let mut registry = Registry::default();
     register_log_histograms(&mut registry, &s.broker.log.counters);
     registry.register_collector(Box::new(LogMetrics(s.broker.log.clone())));
@@ -66,7 +66,7 @@ fn register_log_histograms(registry: &mut Registry, log: &crate::log::LogCounter
 }
 
 /// The families of `registry` with their current values.
-pub fn render(registry: &Registry) -> String {
+pub(crate) fn render(registry: &Registry) -> String {
     let mut out = String::with_capacity(16 * 1024);
     // Writing to a String never fails, and the collectors fail only when writing fails.
     prometheus_text::encode(&mut out, registry).expect("encoding metrics into a String");

@@ -3,8 +3,8 @@
 //! anything else (see [`hosts`]); with a token configured every request must carry
 //! `Authorization: Bearer <token>`.
 
-pub mod hosts;
-pub mod metrics;
+pub(crate) mod hosts;
+pub(crate) mod metrics;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use crate::log::record::text_or_base64;
 use crate::mqtt::Broker;
 
 /// What the admin endpoint reads.
-pub struct AdminState {
+pub(crate) struct AdminState {
     /// The broker (log, sessions, hub).
     pub broker: Arc<Broker>,
     /// The Kafka mirror, when configured.
@@ -38,7 +38,7 @@ pub struct AdminState {
 }
 
 /// The admin routes.
-pub fn router(state: Arc<AdminState>) -> Router {
+pub(crate) fn router(state: Arc<AdminState>) -> Router {
     // Built once: its collectors read the live state at each scrape.
     let metrics = Arc::new(metrics::registry(&state));
     Router::new()
@@ -70,7 +70,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
 }
 
 /// Serves the admin routes on a bound listener until the task is aborted.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     if let Err(e) = axum::serve(listener, router(state)).await {
         tracing::error!("admin endpoint failed: {e}");
     }
@@ -192,7 +192,7 @@ async fn dashboard() -> Response {
 }
 
 /// Everything the dashboard shows, in one document.
-pub fn overview_json(s: &AdminState) -> serde_json::Value {
+pub(crate) fn overview_json(s: &AdminState) -> serde_json::Value {
     let b = &s.broker;
     let log = &b.log;
     let stats = &b.hub.stats;

@@ -180,7 +180,7 @@ impl Message {
 }
 
 /// Bytes a message's MQTT 5 properties hold (0 for none, the common case).
-pub fn props_size(p: &MessageProps) -> usize {
+pub(crate) fn props_size(p: &MessageProps) -> usize {
     if p.is_empty() {
         return 0;
     }
@@ -542,11 +542,11 @@ pub struct Hub {
 // The durable keys and values of deliveries are defined in `log::meta`; the MQTT layer
 // changes them through the typed operations below and never builds a key itself.
 use crate::log::meta::{self, Tag};
-pub use crate::log::meta::{parse_queue_value, QueueEntry};
+pub(crate) use crate::log::meta::{parse_queue_value, QueueEntry};
 use crate::log::{Log, LogError};
 
 /// Stores a durable subscription of a persistent session.
-pub fn subscribe_op(client_id: &str, filter: &str, o: &super::subs::SubOptions) -> StateOp {
+pub(crate) fn subscribe_op(client_id: &str, filter: &str, o: &super::subs::SubOptions) -> StateOp {
     StateOp::Put {
         key: meta::subscription_key(client_id, filter),
         value: subscription_value(o),
@@ -554,14 +554,20 @@ pub fn subscribe_op(client_id: &str, filter: &str, o: &super::subs::SubOptions) 
 }
 
 /// Deletes a durable subscription.
-pub fn unsubscribe_op(client_id: &str, filter: &str) -> StateOp {
+pub(crate) fn unsubscribe_op(client_id: &str, filter: &str) -> StateOp {
     StateOp::Delete {
         key: meta::subscription_key(client_id, filter),
     }
 }
 
 /// Queues a record of the request for a persistent session (see [`StateOp::Enqueue`]).
-pub fn enqueue_op(client_id: &str, record: u32, qos: u8, retain: bool, sub_ids: &[u32]) -> StateOp {
+pub(crate) fn enqueue_op(
+    client_id: &str,
+    record: u32,
+    qos: u8,
+    retain: bool,
+    sub_ids: &[u32],
+) -> StateOp {
     StateOp::Enqueue {
         prefix: meta::client_prefix(Tag::Queued, client_id),
         record,
@@ -570,7 +576,7 @@ pub fn enqueue_op(client_id: &str, record: u32, qos: u8, retain: bool, sub_ids: 
 }
 
 /// Ends a queue entry: delivered and acknowledged, refused, dropped or deleted by retention.
-pub fn dequeue_op(client_id: &str, seq: u64) -> StateOp {
+pub(crate) fn dequeue_op(client_id: &str, seq: u64) -> StateOp {
     StateOp::Delete {
         key: meta::queue_key(Tag::Queued, client_id, seq),
     }
@@ -578,7 +584,7 @@ pub fn dequeue_op(client_id: &str, seq: u64) -> StateOp {
 
 /// Records that the subscriber received a QoS 2 delivery (PUBREC), so that a new connection
 /// resends the PUBREL, not the PUBLISH. Comes with [`dequeue_op`] of the same seq.
-pub fn release_op(client_id: &str, seq: u64) -> StateOp {
+pub(crate) fn release_op(client_id: &str, seq: u64) -> StateOp {
     StateOp::Put {
         key: meta::queue_key(Tag::Released, client_id, seq),
         value: meta::marker_value(),
@@ -586,14 +592,14 @@ pub fn release_op(client_id: &str, seq: u64) -> StateOp {
 }
 
 /// Ends a released QoS 2 delivery (PUBCOMP).
-pub fn complete_op(client_id: &str, seq: u64) -> StateOp {
+pub(crate) fn complete_op(client_id: &str, seq: u64) -> StateOp {
     StateOp::Delete {
         key: meta::queue_key(Tag::Released, client_id, seq),
     }
 }
 
 /// Stores a retained message (`value` from [`Message::encode_parts`]).
-pub fn retain_op(topic: &[u8], value: Vec<u8>) -> StateOp {
+pub(crate) fn retain_op(topic: &[u8], value: Vec<u8>) -> StateOp {
     StateOp::Put {
         key: meta::retained_key(topic),
         value,
@@ -601,17 +607,17 @@ pub fn retain_op(topic: &[u8], value: Vec<u8>) -> StateOp {
 }
 
 /// Deletes a retained message.
-pub fn clear_retained_op(topic: &[u8]) -> StateOp {
+pub(crate) fn clear_retained_op(topic: &[u8]) -> StateOp {
     StateOp::Delete {
         key: meta::retained_key(topic),
     }
 }
 
 /// A retained message as stored: its topic and its value (what [`Message::decode`] reads).
-pub type StoredRetained = (Vec<u8>, Vec<u8>);
+pub(crate) type StoredRetained = (Vec<u8>, Vec<u8>);
 
 /// Every stored retained message.
-pub fn stored_retained(log: &Log) -> Result<Vec<StoredRetained>, LogError> {
+pub(crate) fn stored_retained(log: &Log) -> Result<Vec<StoredRetained>, LogError> {
     Ok(log
         .meta_scan(&Tag::Retained.prefix())?
         .into_iter()
@@ -620,12 +626,12 @@ pub fn stored_retained(log: &Log) -> Result<Vec<StoredRetained>, LogError> {
 }
 
 /// Sets aside a stored retained message that does not decode (see [`Log::quarantine_meta`]).
-pub fn quarantine_retained(log: &Log, topic: &[u8]) {
+pub(crate) fn quarantine_retained(log: &Log, topic: &[u8]) {
     log.quarantine_meta(&meta::retained_key(topic), "retained message");
 }
 
 /// The seqs of a session's QoS 2 deliveries past PUBREC.
-pub fn released_seqs(log: &Log, client_id: &str) -> Result<Vec<u64>, LogError> {
+pub(crate) fn released_seqs(log: &Log, client_id: &str) -> Result<Vec<u64>, LogError> {
     Ok(log
         .meta_scan(&meta::client_prefix(Tag::Released, client_id))?
         .into_iter()
@@ -635,11 +641,11 @@ pub fn released_seqs(log: &Log, client_id: &str) -> Result<Vec<u64>, LogError> {
 
 /// Where reading a session's durable queue goes on: at its start, or after an entry.
 #[derive(Debug, Clone, Default)]
-pub struct QueueCursor(Option<Vec<u8>>);
+pub(crate) struct QueueCursor(Option<Vec<u8>>);
 
 /// A page of a session's durable queue, in seq order.
 #[derive(Debug, Default)]
-pub struct QueuePage {
+pub(crate) struct QueuePage {
     /// The entries that decode: (seq, entry).
     pub entries: Vec<(u64, QueueEntry)>,
     /// Where the next page starts, when this one was full.
@@ -649,7 +655,7 @@ pub struct QueuePage {
 /// Reads up to `max` entries of a session's queue from `cursor`. An entry that does not
 /// decode is quarantined (counted, logged once, left on disk for `edge check`), never
 /// deleted, and the page goes on past it.
-pub fn read_queue(
+pub(crate) fn read_queue(
     log: &Log,
     client_id: &str,
     cursor: &QueueCursor,
@@ -671,7 +677,7 @@ pub fn read_queue(
 }
 
 /// Value of a durable subscription.
-pub fn subscription_value(o: &super::subs::SubOptions) -> Vec<u8> {
+pub(crate) fn subscription_value(o: &super::subs::SubOptions) -> Vec<u8> {
     meta::subscription_value(&meta::StoredSubscription {
         qos: o.qos,
         no_local: o.no_local,
@@ -682,7 +688,7 @@ pub fn subscription_value(o: &super::subs::SubOptions) -> Vec<u8> {
 }
 
 /// Decodes [`subscription_value`].
-pub fn parse_subscription_value(v: &[u8]) -> Option<super::subs::SubOptions> {
+pub(crate) fn parse_subscription_value(v: &[u8]) -> Option<super::subs::SubOptions> {
     let o = meta::parse_subscription_value(v)?;
     Some(super::subs::SubOptions {
         qos: o.qos,

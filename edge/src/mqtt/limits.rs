@@ -53,10 +53,10 @@ pub enum Refused {
 /// `max_packet_size` (a will with a large payload), and it must be whole before it is
 /// decoded: without this cap, a thousand sockets each trickling a 1 MiB CONNECT would hold a
 /// GiB.
-pub const CONNECT_BUFFER_BUDGET: usize = 64 << 20;
+pub(crate) const CONNECT_BUFFER_BUDGET: usize = 64 << 20;
 /// What one connection's CONNECT may take without counting against the budget (an ordinary
 /// CONNECT is far smaller).
-pub const CONNECT_FREE_BYTES: usize = 4096;
+pub(crate) const CONNECT_FREE_BYTES: usize = 4096;
 
 impl Refused {
     /// Every reason, in the order they are exposed.
@@ -166,7 +166,7 @@ impl PacketRefused {
 
 /// Checks the MQTT 5 properties of a message (PUBLISH or will) against `[mqtt]`'s limits.
 /// The response topic is a topic name and gets the topic rules' length limit.
-pub fn check_message_props(
+pub(crate) fn check_message_props(
     props: &super::codec::MessageProps,
     cfg: &crate::config::MqttConfig,
 ) -> Result<(), (PacketRefused, String)> {
@@ -425,7 +425,7 @@ impl LogBudget {
 
 /// What a connection's publish rate limiter says after a read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RateVerdict {
+pub(crate) enum RateVerdict {
     /// Within the rate: keep reading.
     Within,
     /// Over the rate: do not read the socket again before this instant (TCP flow control
@@ -439,7 +439,7 @@ pub enum RateVerdict {
 /// number of publishes that read held (the bucket may go into debt: those publishes are
 /// already read and are accepted; the debt is paid by not reading for a while).
 #[derive(Debug)]
-pub struct PublishRate {
+pub(crate) struct PublishRate {
     /// Publishes per second.
     rate: f64,
     /// Bucket size: the burst allowed above the rate.
@@ -454,7 +454,7 @@ pub struct PublishRate {
 
 impl PublishRate {
     /// A full bucket for `rate` publishes per second with room for `burst`.
-    pub fn new(rate: u32, burst: u32, grace: Duration, now: Instant) -> PublishRate {
+    pub(crate) fn new(rate: u32, burst: u32, grace: Duration, now: Instant) -> PublishRate {
         let burst = f64::from(burst.max(1));
         PublishRate {
             rate: f64::from(rate.max(1)),
@@ -467,7 +467,7 @@ impl PublishRate {
     }
 
     /// Charges `publishes` read at `now`.
-    pub fn charge(&mut self, publishes: u32, now: Instant) -> RateVerdict {
+    pub(crate) fn charge(&mut self, publishes: u32, now: Instant) -> RateVerdict {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.refilled = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);

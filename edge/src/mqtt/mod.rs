@@ -2,13 +2,13 @@
 //! connection.
 
 pub mod codec;
-pub mod connection;
-pub mod delivery;
-pub mod limits;
-pub mod session;
-pub mod subs;
+pub(crate) mod connection;
+pub(crate) mod delivery;
+pub(crate) mod limits;
+pub(crate) mod session;
+pub(crate) mod subs;
 pub mod tls;
-pub mod will;
+pub(crate) mod will;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

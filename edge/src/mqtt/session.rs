@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use super::delivery::{parse_subscription_value, Hub, Subscriber};
 use crate::log::appender::{now_ms, StateOp};
 use crate::log::meta::{self, Tag};
-pub use crate::log::meta::{parse_qos2_key, parse_session_value};
+pub(crate) use crate::log::meta::{parse_qos2_key, parse_session_value};
 use crate::log::{Log, LogError};
 
 /// How a connection holding a client id is asked to end when another connection takes the
@@ -109,7 +109,7 @@ pub struct SessionStore {
 }
 
 /// Records that a QoS 2 PUBLISH with `pkid` is in the log and its PUBREL has not arrived.
-pub fn qos2_marker_op(client_id: &str, pkid: u16) -> StateOp {
+pub(crate) fn qos2_marker_op(client_id: &str, pkid: u16) -> StateOp {
     StateOp::Put {
         key: meta::qos2_key(client_id, pkid),
         value: meta::marker_value(),
@@ -117,14 +117,14 @@ pub fn qos2_marker_op(client_id: &str, pkid: u16) -> StateOp {
 }
 
 /// Ends a QoS 2 marker: the PUBREL arrived.
-pub fn qos2_release_op(client_id: &str, pkid: u16) -> StateOp {
+pub(crate) fn qos2_release_op(client_id: &str, pkid: u16) -> StateOp {
     StateOp::Delete {
         key: meta::qos2_key(client_id, pkid),
     }
 }
 
 /// Stores a session record.
-pub fn session_put_op(
+pub(crate) fn session_put_op(
     client_id: &str,
     expiry: u32,
     disconnected_at_ms: u64,
@@ -137,7 +137,7 @@ pub fn session_put_op(
 }
 
 /// Every durable key of a session, to delete when it ends.
-pub fn purge_ops(client_id: &str) -> Vec<StateOp> {
+pub(crate) fn purge_ops(client_id: &str) -> Vec<StateOp> {
     let mut ops: Vec<StateOp> = [Tag::Subscription, Tag::Queued, Tag::Released, Tag::Qos2]
         .into_iter()
         .map(|t| StateOp::DeletePrefix {
@@ -151,7 +151,7 @@ pub fn purge_ops(client_id: &str) -> Vec<StateOp> {
 }
 
 /// The session record value (see [`crate::log::meta`]).
-pub fn session_value(expiry: u32, disconnected_at_ms: u64, owner: Option<&str>) -> Vec<u8> {
+pub(crate) fn session_value(expiry: u32, disconnected_at_ms: u64, owner: Option<&str>) -> Vec<u8> {
     meta::session_value(expiry, disconnected_at_ms, owner)
 }
 

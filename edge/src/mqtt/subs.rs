@@ -243,7 +243,7 @@ impl<S: Clone + Eq + Hash> Node<S> {
 }
 
 /// Splits `$share/{group}/{filter}` into its group and filter; a plain filter has no group.
-pub fn split_shared(filter: &str) -> (Option<&str>, &str) {
+pub(crate) fn split_shared(filter: &str) -> (Option<&str>, &str) {
     match filter
         .strip_prefix(SHARE_PREFIX)
         .and_then(|rest| rest.split_once('/'))
@@ -255,7 +255,7 @@ pub fn split_shared(filter: &str) -> (Option<&str>, &str) {
 
 /// Subscriptions of all sessions, keyed by a session handle `S` (cheap to clone, e.g.
 /// `Arc<str>` or `u64`).
-pub struct SubscriptionTree<S> {
+pub(crate) struct SubscriptionTree<S> {
     root: Node<S>,
     /// Each session's filter texts as given, so that removing a session visits only its own
     /// branches of the trie.
@@ -273,7 +273,7 @@ impl<S: Clone + Eq + Hash> Default for SubscriptionTree<S> {
 
 impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
     /// An empty tree.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         SubscriptionTree {
             root: Node::new(),
             filters: HashMap::new(),
@@ -283,7 +283,7 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
     }
 
     /// Declares the share names backed by durable consumer groups; set before subscribing.
-    pub fn set_durable_groups<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
+    pub(crate) fn set_durable_groups<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
         self.durable = names.into_iter().map(Box::from).collect();
     }
 
@@ -291,7 +291,7 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
     /// (see [`validate_filter`]) and may be a shared one `$share/{group}/{filter}`.
     /// Returns true if it replaced an existing subscription of `who` to the same filter text
     /// (for a shared filter: same group and same filter).
-    pub fn subscribe(&mut self, who: S, filter: &str, opts: SubOptions) -> bool {
+    pub(crate) fn subscribe(&mut self, who: S, filter: &str, opts: SubOptions) -> bool {
         let (group, inner) = split_shared(filter);
         let mut node = &mut self.root;
         for level in inner.split('/') {
@@ -329,7 +329,7 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
     }
 
     /// Removes `who`'s subscription to `filter`; returns whether it existed.
-    pub fn unsubscribe(&mut self, who: &S, filter: &str) -> bool {
+    pub(crate) fn unsubscribe(&mut self, who: &S, filter: &str) -> bool {
         let Some(own) = self.filters.get_mut(who) else {
             return false;
         };
@@ -344,7 +344,7 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
     }
 
     /// Removes every subscription of `who`.
-    pub fn remove_all(&mut self, who: &S) {
+    pub(crate) fn remove_all(&mut self, who: &S) {
         let Some(own) = self.filters.remove(who) else {
             return;
         };
@@ -364,7 +364,7 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
     }
 
     /// `who`'s subscriptions as (filter text as given, options), in any order.
-    pub fn subscriptions_of(&self, who: &S) -> Vec<(String, SubOptions)> {
+    pub(crate) fn subscriptions_of(&self, who: &S) -> Vec<(String, SubOptions)> {
         let Some(own) = self.filters.get(who) else {
             return Vec::new();
         };
@@ -395,25 +395,20 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
     }
 
     /// Number of `who`'s subscriptions.
-    pub fn count_of(&self, who: &S) -> usize {
+    pub(crate) fn count_of(&self, who: &S) -> usize {
         self.filters.get(who).map_or(0, |own| own.len())
     }
 
     /// Whether `who` is subscribed to `filter` (as given, shared ones with their group).
-    pub fn holds(&self, who: &S, filter: &str) -> bool {
+    pub(crate) fn holds(&self, who: &S, filter: &str) -> bool {
         self.filters
             .get(who)
             .is_some_and(|own| own.contains(filter))
     }
 
     /// Number of subscriptions (a shared subscription counts once per member).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    /// Whether it holds no subscription.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Appends to `out` every subscription matching the topic name `topic`:
@@ -425,7 +420,12 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
     ///
     /// Topics starting with `$` are not matched by filters whose first level is `+` or `#`
     /// (MQTT-4.7.2-1).
-    pub fn matches(&self, topic: &str, eligible: impl Fn(&S) -> bool, out: &mut Vec<Match<S>>) {
+    pub(crate) fn matches(
+        &self,
+        topic: &str,
+        eligible: impl Fn(&S) -> bool,
+        out: &mut Vec<Match<S>>,
+    ) {
         self.root
             .collect(topic.split('/'), topic.starts_with('$'), &eligible, out);
     }
@@ -441,7 +441,7 @@ impl<S: Clone + Eq + Hash> SubscriptionTree<S> {
 /// U+0000; `#` only as the whole last level; `+` only as a whole level;
 /// `$share/{group}/{filter}`: group non-empty without `+`, `#` or `/`, and a non-empty valid
 /// filter after it. `max_levels` bounds the level count of the filter part.
-pub fn validate_filter(filter: &str, max_levels: usize) -> Result<(), String> {
+pub(crate) fn validate_filter(filter: &str, max_levels: usize) -> Result<(), String> {
     if filter.is_empty() {
         return Err("the topic filter is empty".to_string());
     }
@@ -717,7 +717,7 @@ mod tests {
         // What is left belongs to session 100 only.
         assert_eq!(tree.len(), filters.len());
         tree.remove_all(&100);
-        assert!(tree.is_empty());
+        assert_eq!(tree.len(), 0);
         assert_eq!(tree.len(), 0);
         assert_eq!(tree.node_count(), 0);
         assert!(tree.filters.is_empty());
@@ -821,7 +821,7 @@ mod tests {
         assert!(!tree.unsubscribe(&2, "a"));
         assert_eq!(picks(&tree, "a", 2, |_| true), vec![2, 2]);
         assert!(tree.unsubscribe(&2, "$share/g/a"));
-        assert!(tree.is_empty());
+        assert_eq!(tree.len(), 0);
         assert_eq!(tree.node_count(), 0);
     }
 
@@ -1022,7 +1022,7 @@ mod tests {
                     tree.unsubscribe(who, filter);
                 }
             }
-            prop_assert!(tree.is_empty());
+            prop_assert_eq!(tree.len(), 0);
             prop_assert_eq!(tree.node_count(), 0);
             prop_assert!(tree.filters.is_empty());
         }

@@ -48,7 +48,7 @@ pub enum Admission {
 }
 
 /// Bytes a will holds while it waits: what the client controls, plus a fixed overhead.
-pub fn will_bytes(will: &WillIn) -> usize {
+pub(crate) fn will_bytes(will: &WillIn) -> usize {
     let props = &will.props;
     will.topic.len()
         + will.payload.len()

@@ -66,7 +66,7 @@ enum Decoded {
 
 /// Serves one connection to its end: the two halves of a TCP stream, or of a TLS stream
 /// over one. `cert_user` is the client's identity from its certificate (mutual TLS).
-pub async fn serve<R, W>(
+pub(crate) async fn serve<R, W>(
     broker: Arc<Broker>,
     reader: R,
     writer: W,
