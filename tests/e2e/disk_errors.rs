@@ -5,29 +5,14 @@
 //! acknowledgements stopped; restarted on a healthy disk, it holds everything it acknowledged.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tributary_faultfs::FaultFs;
-use tributary_tests::{free_port, payloads, ConnectOpts, Edge, Got, Proto, RawClient};
+use tributary_tests::{payloads, ConnectOpts, Edge, Got, Proto, RawClient};
 
 fn start_edge(data: &Path, fsync: &str) -> Edge {
-    let dir = tempfile::Builder::new()
-        .prefix("tributary-disk-errors-")
-        .tempdir()
-        .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    std::fs::write(
-        dir.path().join("edge.toml"),
-        format!(
-            "[mqtt]\nlisten = \"{addr}\"\n\n[storage]\ndata_dir = \"{}\"\nfsync = \"{fsync}\"\n\n[admin]\nlisten = \"{admin}\"\n",
-            data.display()
-        ),
-    )
-    .unwrap();
-    Edge::start_in_at(dir, addr, admin, Some(data.to_path_buf()))
+    Edge::start_on(data, &format!("fsync = \"{fsync}\""), "")
 }
 
 /// A mount of the fault file system in a fresh temporary directory.

@@ -4,15 +4,12 @@
 //! writer, and on the fault-injecting file system's byte budget.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tributary_faultfs::FaultFs;
-use tributary_tests::{
-    free_port, http_get, metric, payloads, ConnectOpts, Edge, Got, Proto, RawClient,
-};
+use tributary_tests::{http_get, metric, payloads, ConnectOpts, Edge, Got, Proto, RawClient};
 
 /// A tmpfs of `size` mounted on `dir` for the test's life.
 struct Tmpfs(PathBuf);
@@ -41,22 +38,11 @@ impl Drop for Tmpfs {
 }
 
 fn start_edge(data: &Path, min_free: &str) -> Edge {
-    let dir = tempfile::Builder::new()
-        .prefix("tributary-disk-full-")
-        .tempdir()
-        .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    std::fs::write(
-        dir.path().join("edge.toml"),
-        format!(
-            "[mqtt]\nlisten = \"{addr}\"\n\n[storage]\ndata_dir = \"{}\"\nmin_free = \"{min_free}\"\n\
-             retention_check_interval = \"1s\"\n\n[admin]\nlisten = \"{admin}\"\n",
-            data.display()
-        ),
+    Edge::start_on(
+        data,
+        &format!("min_free = \"{min_free}\"\nretention_check_interval = \"1s\""),
+        "",
     )
-    .unwrap();
-    Edge::start_in_at(dir, addr, admin, Some(data.to_path_buf()))
 }
 
 /// Publishes QoS 1 (5.0) until the edge answers 0x97; returns the payloads it acknowledged.

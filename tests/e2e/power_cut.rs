@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tributary_faultfs::FaultFs;
 use tributary_tests::load::{qos1_publisher, qos2_publisher, Ledger};
-use tributary_tests::{free_port, http_get, Edge, Proto};
+use tributary_tests::{http_get, Edge, Proto};
 
 const PARTITIONS: u32 = 4;
 const CUTS: usize = 5;
@@ -94,24 +94,14 @@ async fn acknowledged_messages_and_handed_out_offsets_survive_repeated_power_cut
     let mut fs = FaultFs::mount(&backing, &data)
         .expect("mounting the fault-injecting file system (needs root and /dev/fuse)");
 
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let edge_dir = tempfile::Builder::new()
-        .prefix("tributary-power-cut-edge-")
-        .tempdir()
-        .unwrap();
-    std::fs::write(
-        edge_dir.path().join("edge.toml"),
-        format!(
-            "[mqtt]\nlisten = \"{addr}\"\n\n[storage]\ndata_dir = \"{}\"\nfsync = \"always\"\n\n\
-             [admin]\nlisten = \"{admin}\"\n\n[[routes]]\nmatch = \"sensors/#\"\ntopic = \"telemetry\"\n\
-             key = \"{{client_id}}\"\npartitions = {PARTITIONS}\n",
-            data.display()
+    let mut edge = Edge::start_on(
+        &data,
+        "fsync = \"always\"",
+        &format!(
+            "[[routes]]\nmatch = \"sensors/#\"\ntopic = \"telemetry\"\nkey = \"{{client_id}}\"\npartitions = {PARTITIONS}\n"
         ),
-    )
-    .unwrap();
-    // Its config and logs stay off the mount: only the data directory loses power.
-    let mut edge = Edge::start_in_at(edge_dir, addr, admin, Some(data.clone()));
+    );
+    let (addr, admin) = (edge.addr, edge.admin);
 
     let stop = Arc::new(AtomicBool::new(false));
     let q1 = Arc::new(Mutex::new(Ledger::default()));

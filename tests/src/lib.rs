@@ -295,6 +295,24 @@ impl Edge {
         Edge::start_in_at(dir, addr, admin, None)
     }
 
+    /// Starts an edge whose data directory is `data` (a mount, say), with extra `[storage]`
+    /// keys and other sections (with an `[admin]` on its own port); its config and logs live
+    /// in a temporary directory of their own, off that data directory.
+    pub fn start_on(data: &Path, storage_extra: &str, extra: &str) -> Edge {
+        let dir = tempfile::Builder::new()
+            .prefix("tributary-edge-")
+            .tempdir()
+            .expect("temp dir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = format!(
+            "[mqtt]\nlisten = \"{addr}\"\n\n[storage]\ndata_dir = \"{}\"\n{storage_extra}\n\n[admin]\nlisten = \"{admin}\"\n\n{extra}\n",
+            data.display()
+        );
+        std::fs::write(dir.path().join("edge.toml"), config).unwrap();
+        Edge::start_in_at(dir, addr, admin, Some(data.to_path_buf()))
+    }
+
     /// [`Edge::start_in`] for a config whose data directory is `data` (a mount, say).
     pub fn start_in_at(
         dir: tempfile::TempDir,
