@@ -257,6 +257,9 @@ pub struct Edge {
     starts: u32,
     /// The data directory, when the config puts it elsewhere than `dir/data`.
     data: Option<PathBuf>,
+    /// The harness wrote the `[admin]` section, so `admin` is where `/ready` answers: a
+    /// start waits for it (every part started), not only for the MQTT port (bound early).
+    admin_known: bool,
 }
 
 impl Edge {
@@ -286,7 +289,10 @@ impl Edge {
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("edge.toml"), config).unwrap();
-        Edge::start_in(dir, addr, admin)
+        let mut edge = Edge::new(dir, addr, admin, None);
+        edge.admin_known = !extra.contains("[admin]");
+        edge.spawn();
+        edge
     }
 
     /// Starts an edge from `dir/edge.toml`, written by the caller, whose data directory is
@@ -310,7 +316,10 @@ impl Edge {
             data.display()
         );
         std::fs::write(dir.path().join("edge.toml"), config).unwrap();
-        Edge::start_in_at(dir, addr, admin, Some(data.to_path_buf()))
+        let mut edge = Edge::new(dir, addr, admin, Some(data.to_path_buf()));
+        edge.admin_known = true;
+        edge.spawn();
+        edge
     }
 
     /// [`Edge::start_in`] for a config whose data directory is `data` (a mount, say).
@@ -320,16 +329,26 @@ impl Edge {
         admin: SocketAddr,
         data: Option<PathBuf>,
     ) -> Edge {
-        let mut edge = Edge {
+        let mut edge = Edge::new(dir, addr, admin, data);
+        edge.spawn();
+        edge
+    }
+
+    fn new(
+        dir: tempfile::TempDir,
+        addr: SocketAddr,
+        admin: SocketAddr,
+        data: Option<PathBuf>,
+    ) -> Edge {
+        Edge {
             dir,
             addr,
             admin,
             child: None,
             starts: 0,
             data,
-        };
-        edge.spawn();
-        edge
+            admin_known: false,
+        }
     }
 
     /// Process id of the running edge.
@@ -372,7 +391,14 @@ impl Edge {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            // The MQTT port is bound before the groups, the mirror and the admin API start;
+            // with the admin API known, "started" means /ready answers 200.
+            let up = if self.admin_known {
+                matches!(http_get(self.admin, "/ready", None), Ok((200, _)))
+            } else {
+                TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+            };
+            if up {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
