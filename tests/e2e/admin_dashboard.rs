@@ -39,7 +39,9 @@ fn dashboard_shows_what_the_api_reports_while_devices_publish() {
     let browser = chromium();
     let edge = Edge::start("");
     let work = tempfile::tempdir().unwrap();
-    let run = fleet(&edge, &work.path().join("run"), 20, 20, 12);
+    // Long enough to be still publishing while the page samples its rate on a loaded
+    // machine; stopped (by its pid) once the page has been read.
+    let mut run = fleet(&edge, &work.path().join("run"), 20, 20, 300);
     // Wait until all 20 devices are connected and publishing.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while overview(&edge)["mqtt"]["connections"] != 20 {
@@ -71,7 +73,8 @@ fn dashboard_shows_what_the_api_reports_while_devices_publish() {
         screenshot.status.success() && shot.exists(),
         "no screenshot"
     );
-    let _ = run.wait_with_output();
+    let _ = run.kill();
+    let _ = run.wait();
 
     // The page polled the API more than once (rates need two samples).
     let polls = dom
