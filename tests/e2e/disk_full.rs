@@ -136,6 +136,17 @@ async fn a_filling_tmpfs_refuses_publishes_before_enospc_and_recovers_by_itself(
         "the edge keeps running on a low disk"
     );
 
+    // A restart on the low disk comes up, serves, and refuses publishes from the start.
+    assert!(edge.stop().success(), "{}", edge.stderr());
+    edge.restart();
+    assert!(
+        edge.stderr().contains("starting below storage.min_free"),
+        "{}",
+        edge.stderr()
+    );
+    assert_eq!(disk_low(&edge), 1.0);
+    assert!(publish_until_refused(&edge, "restarted").await.is_empty());
+
     // Space comes back: the edge accepts again without a restart.
     std::fs::remove_file(&filler).unwrap();
     let after = publish_until_accepted(&edge, "after").await;
