@@ -275,22 +275,8 @@ async fn with_an_fsync_interval_a_power_cut_loses_only_the_last_interval() {
     std::fs::create_dir_all(&data).unwrap();
     let mut fs = FaultFs::mount(&backing, &data)
         .expect("mounting the fault-injecting file system (needs root and /dev/fuse)");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let edge_dir = tempfile::Builder::new()
-        .prefix("tributary-power-cut-edge-")
-        .tempdir()
-        .unwrap();
-    std::fs::write(
-        edge_dir.path().join("edge.toml"),
-        format!(
-            "[mqtt]\nlisten = \"{addr}\"\n\n[storage]\ndata_dir = \"{}\"\nfsync = \"interval:{INTERVAL_MS}\"\n\n\
-             [admin]\nlisten = \"{admin}\"\n",
-            data.display()
-        ),
-    )
-    .unwrap();
-    let mut edge = Edge::start_in_at(edge_dir, addr, admin, Some(data.clone()));
+    let mut edge = Edge::start_on(&data, &format!("fsync = \"interval:{INTERVAL_MS}\""), "");
+    let addr = edge.addr;
     let stop = Arc::new(AtomicBool::new(false));
     let q1 = Arc::new(Mutex::new(Ledger::default()));
     let none = Arc::new(Mutex::new(Ledger::default()));
