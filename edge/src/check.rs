@@ -125,7 +125,7 @@ mod tests {
         log.put_raw(
             false,
             b"sgood",
-            &crate::mqtt::session::session_value(60, 0, None),
+            &meta::session_value(60, 0, None),
         );
         log.put_raw(false, b"sbad", b"123");
         log.put_raw(false, b"rsensors/x", b"\x01\xB7\x01garbage");

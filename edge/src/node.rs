@@ -353,6 +353,18 @@ where
     })
 }
 
+/// One rewrite of a status file in `dir`, off the async threads; a failure is logged.
+async fn write_status_file(
+    what: &'static str,
+    dir: std::path::PathBuf,
+    write: impl FnOnce(&std::path::Path) -> std::io::Result<()> + Send + 'static,
+) -> ControlFlow<()> {
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || write(&dir)).await {
+        tracing::warn!("writing the {what} status: {e}");
+    }
+    ControlFlow::Continue(())
+}
+
 /// Step 2: with `fsync = "interval:<ms>"`, an fsync every interval. With `"never"` nothing
 /// waits for an fsync, but the mirror and consumer groups only read what an fsync made
 /// durable (see `PartitionState::durable_end`): while one of them reads, a background fsync
@@ -489,16 +501,9 @@ impl GroupsPart {
             if let Some(m) = &mirror {
                 crate::groups::add_replication(&mut status, &m.status());
             }
-            let dir = dir.clone();
-            async move {
-                let written =
-                    tokio::task::spawn_blocking(move || crate::groups::write_status(&dir, &status))
-                        .await;
-                if let Ok(Err(e)) = written {
-                    tracing::warn!("writing the groups status: {e}");
-                }
-                ControlFlow::Continue(())
-            }
+            write_status_file("groups", dir.clone(), move |dir| {
+                crate::groups::write_status(dir, &status)
+            })
         }));
     }
 
@@ -570,16 +575,9 @@ fn start_mirror(
         let dir = config.storage.data_dir.clone();
         every(MIRROR_STATUS_EVERY, FirstRun::Now, move || {
             let status = mirror.status();
-            let dir = dir.clone();
-            async move {
-                let written =
-                    tokio::task::spawn_blocking(move || crate::uplink::write_status(&dir, &status))
-                        .await;
-                if let Ok(Err(e)) = written {
-                    tracing::warn!("writing the mirror status: {e}");
-                }
-                ControlFlow::Continue(())
-            }
+            write_status_file("mirror", dir.clone(), move |dir| {
+                crate::uplink::write_status(dir, &status)
+            })
         })
     };
     Ok(MirrorPart {

@@ -6,47 +6,17 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tributary_tests::load::{qos1_publisher, qos2_publisher, Ledger};
-use tributary_tests::{Edge, Proto};
+use tributary_tests::load::Fleet;
+use tributary_tests::Edge;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_repeated_kill_9() {
     let mut edge = Edge::start("[[routes]]\nmatch = \"sensors/#\"\ntopic = \"telemetry\"\nkey = \"{client_id}\"\npartitions = 4\n");
     let addr = edge.addr;
-    let stop = Arc::new(AtomicBool::new(false));
-    let q1 = Arc::new(Mutex::new(Ledger::default()));
-    let q2 = Arc::new(Mutex::new(Ledger::default()));
-    let mut tasks = Vec::new();
-    for (proto, name) in [(Proto::V311, "v311"), (Proto::V5, "v5")] {
-        let (s, l) = (stop.clone(), q1.clone());
-        tasks.push(tokio::spawn(async move {
-            qos1_publisher(
-                addr,
-                proto,
-                &format!("crash-q1-{name}"),
-                "sensors/crash/q1",
-                s,
-                l,
-            )
-            .await
-        }));
-        let (s, l) = (stop.clone(), q2.clone());
-        tasks.push(tokio::spawn(async move {
-            qos2_publisher(
-                addr,
-                proto,
-                &format!("crash-q2-{name}"),
-                "sensors/crash/q2",
-                s,
-                l,
-            )
-            .await
-        }));
-    }
+    let fleet = Fleet::both_qos(addr, "crash", "sensors/crash");
+    let (q1, q2) = (fleet.q1.clone(), fleet.q2.clone());
 
     let mut acked_before_kill = Vec::new();
     for _round in 0..4 {
@@ -60,13 +30,7 @@ async fn acknowledged_messages_survive_repeated_kill_9() {
         edge.restart();
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        tokio::time::timeout(Duration::from_secs(60), t)
-            .await
-            .expect("publishers finish")
-            .unwrap();
-    }
+    fleet.finish(Duration::from_secs(60)).await;
     assert!(edge.stop().success(), "{}", edge.stderr());
 
     // Publishing made progress between every two kills, so each kill hit a live stream.

@@ -8,25 +8,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tributary_faultfs::FaultFs;
-use tributary_tests::{payloads, ConnectOpts, Edge, Got, Proto, RawClient};
+use tributary_tests::{fault_mount, payloads, ConnectOpts, Edge, Got, Proto, RawClient};
 
 fn start_edge(data: &Path, fsync: &str) -> Edge {
     Edge::start_on(data, &format!("fsync = \"{fsync}\""), "")
-}
-
-/// A mount of the fault file system in a fresh temporary directory.
-fn mount() -> (tempfile::TempDir, FaultFs, std::path::PathBuf) {
-    let root = tempfile::Builder::new()
-        .prefix("tributary-eio-")
-        .tempdir()
-        .unwrap();
-    let (backing, data) = (root.path().join("backing"), root.path().join("data"));
-    std::fs::create_dir_all(&backing).unwrap();
-    std::fs::create_dir_all(&data).unwrap();
-    let fs = FaultFs::mount(&backing, &data)
-        .expect("mounting the fault-injecting file system (needs root and /dev/fuse)");
-    (root, fs, data)
 }
 
 /// Publishes QoS 1 with `body` until one is not acknowledged (the connection closes or
@@ -80,7 +65,7 @@ fn exits_2(edge: &mut Edge) -> String {
 }
 
 /// After the failure: a healthy disk again, a restart, every acknowledged payload there.
-fn restart_holds(mut edge: Edge, fs: &FaultFs, acked: &[String]) {
+fn restart_holds(mut edge: Edge, fs: &tributary_faultfs::FaultFs, acked: &[String]) {
     fs.fail_fsync(false);
     fs.fail_writes(false);
     edge.restart();
@@ -92,7 +77,7 @@ fn restart_holds(mut edge: Edge, fs: &FaultFs, acked: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eio_from_fsync_in_the_group_commit_poisons_the_log_and_exits_2() {
-    let (_root, fs, data) = mount();
+    let (_root, fs, data) = fault_mount("tributary-eio-");
     let mut edge = start_edge(&data, "always");
     let mut acked = publish_healthy(&edge, 20, "healthy").await;
     fs.fail_fsync(true);
@@ -104,7 +89,7 @@ async fn eio_from_fsync_in_the_group_commit_poisons_the_log_and_exits_2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eio_from_write_poisons_the_log_and_exits_2() {
-    let (_root, fs, data) = mount();
+    let (_root, fs, data) = fault_mount("tributary-eio-");
     let mut edge = start_edge(&data, "always");
     let mut acked = publish_healthy(&edge, 20, "healthy").await;
     fs.fail_writes(true);
@@ -116,7 +101,7 @@ async fn eio_from_write_poisons_the_log_and_exits_2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eio_in_the_background_flush_stops_the_edge_instead_of_stalling_it() {
-    let (_root, fs, data) = mount();
+    let (_root, fs, data) = fault_mount("tributary-eio-");
     // With "never" no group commit fsyncs: the first fsync to fail is fjall's own, when it
     // flushes a full memtable (16 MiB) to a table in the background.
     let mut edge = start_edge(&data, "never");

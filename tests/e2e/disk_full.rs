@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tributary_faultfs::FaultFs;
-use tributary_tests::{http_get, metric, payloads, ConnectOpts, Edge, Got, Proto, RawClient};
+use tributary_tests::{
+    fault_mount, http_get, metric, payloads, ConnectOpts, Edge, Got, Proto, RawClient,
+};
 
 /// A tmpfs of `size` mounted on `dir` for the test's life.
 struct Tmpfs(PathBuf);
@@ -164,15 +165,7 @@ async fn a_filling_tmpfs_refuses_publishes_before_enospc_and_recovers_by_itself(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_byte_budget_on_the_fault_file_system_is_met_with_refusals_not_enospc() {
-    let root = tempfile::Builder::new()
-        .prefix("tributary-enospc-")
-        .tempdir()
-        .unwrap();
-    let (backing, data) = (root.path().join("backing"), root.path().join("data"));
-    std::fs::create_dir_all(&backing).unwrap();
-    std::fs::create_dir_all(&data).unwrap();
-    let fs = FaultFs::mount(&backing, &data)
-        .expect("mounting the fault-injecting file system (needs root and /dev/fuse)");
+    let (_root, fs, data) = fault_mount("tributary-enospc-");
     let mut edge = start_edge(&data, "40MiB");
     publish_until_accepted(&edge, "before").await;
     // The file system ends 64 MiB past what is used now: its statfs says so, and a write

@@ -11,13 +11,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tributary_faultfs::FaultFs;
-use tributary_tests::load::{qos1_publisher, qos2_publisher, Ledger};
-use tributary_tests::{http_get, Edge, Proto};
+use tributary_tests::load::{Fleet, Ledger};
+use tributary_tests::{fault_mount, http_get, Edge};
 
 const PARTITIONS: u32 = 4;
 const CUTS: usize = 5;
@@ -83,16 +81,7 @@ impl Moments {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_and_handed_out_offsets_survive_repeated_power_cuts() {
-    let dir = tempfile::Builder::new()
-        .prefix("tributary-power-cut-")
-        .tempdir()
-        .unwrap();
-    let backing = dir.path().join("backing");
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&backing).unwrap();
-    std::fs::create_dir_all(&data).unwrap();
-    let mut fs = FaultFs::mount(&backing, &data)
-        .expect("mounting the fault-injecting file system (needs root and /dev/fuse)");
+    let (_root, mut fs, data) = fault_mount("tributary-power-cut-");
 
     let mut edge = Edge::start_on(
         &data,
@@ -103,36 +92,8 @@ async fn acknowledged_messages_and_handed_out_offsets_survive_repeated_power_cut
     );
     let (addr, admin) = (edge.addr, edge.admin);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let q1 = Arc::new(Mutex::new(Ledger::default()));
-    let q2 = Arc::new(Mutex::new(Ledger::default()));
-    let mut tasks = Vec::new();
-    for (proto, name) in [(Proto::V311, "v311"), (Proto::V5, "v5")] {
-        let (s, l) = (stop.clone(), q1.clone());
-        tasks.push(tokio::spawn(async move {
-            qos1_publisher(
-                addr,
-                proto,
-                &format!("cut-q1-{name}"),
-                "sensors/cut/q1",
-                s,
-                l,
-            )
-            .await
-        }));
-        let (s, l) = (stop.clone(), q2.clone());
-        tasks.push(tokio::spawn(async move {
-            qos2_publisher(
-                addr,
-                proto,
-                &format!("cut-q2-{name}"),
-                "sensors/cut/q2",
-                s,
-                l,
-            )
-            .await
-        }));
-    }
+    let fleet = Fleet::both_qos(addr, "cut", "sensors/cut");
+    let (q1, q2) = (fleet.q1.clone(), fleet.q2.clone());
 
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -165,13 +126,7 @@ async fn acknowledged_messages_and_handed_out_offsets_survive_repeated_power_cut
         edge.restart();
     }
     wait_for_progress(&q1, &q2, (200, 50)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t)
-            .await
-            .expect("publishers finish")
-            .unwrap();
-    }
+    fleet.finish(Duration::from_secs(120)).await;
     assert!(
         edge.stderr()
             .contains("log recovered to its last durable commit"),
@@ -266,35 +221,11 @@ async fn acknowledged_messages_and_handed_out_offsets_survive_repeated_power_cut
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_an_fsync_interval_a_power_cut_loses_only_the_last_interval() {
     const INTERVAL_MS: u64 = 200;
-    let dir = tempfile::Builder::new()
-        .prefix("tributary-power-cut-interval-")
-        .tempdir()
-        .unwrap();
-    let (backing, data) = (dir.path().join("backing"), dir.path().join("data"));
-    std::fs::create_dir_all(&backing).unwrap();
-    std::fs::create_dir_all(&data).unwrap();
-    let mut fs = FaultFs::mount(&backing, &data)
-        .expect("mounting the fault-injecting file system (needs root and /dev/fuse)");
+    let (_root, mut fs, data) = fault_mount("tributary-power-cut-interval-");
     let mut edge = Edge::start_on(&data, &format!("fsync = \"interval:{INTERVAL_MS}\""), "");
     let addr = edge.addr;
-    let stop = Arc::new(AtomicBool::new(false));
-    let q1 = Arc::new(Mutex::new(Ledger::default()));
-    let none = Arc::new(Mutex::new(Ledger::default()));
-    let mut tasks = Vec::new();
-    for i in 0..2 {
-        let (s, l) = (stop.clone(), q1.clone());
-        tasks.push(tokio::spawn(async move {
-            qos1_publisher(
-                addr,
-                Proto::V5,
-                &format!("interval-{i}"),
-                "sensors/cut/i",
-                s,
-                l,
-            )
-            .await
-        }));
-    }
+    let fleet = Fleet::qos1(addr, "interval", "sensors/cut/i", 2);
+    let (q1, none) = (fleet.q1.clone(), fleet.q2.clone());
     // Per cut: when its edge was dead (kill -9 done) and when the next one was started.
     let mut killed_at = Vec::new();
     let mut restarted_at = Vec::new();
@@ -312,13 +243,7 @@ async fn with_an_fsync_interval_a_power_cut_loses_only_the_last_interval() {
         edge.restart();
     }
     wait_for_progress(&q1, &none, (100, 0)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t)
-            .await
-            .expect("publishers finish")
-            .unwrap();
-    }
+    fleet.finish(Duration::from_secs(120)).await;
     assert!(edge.stop().success(), "{}", edge.stderr());
     let stored: std::collections::HashSet<String> = tributary_tests::payloads(&edge.read_log())
         .into_iter()

@@ -1120,3 +1120,19 @@ pub fn raise_open_files(want: u64) {
         }
     }
 }
+
+/// The fault-injecting file system (`tests/faultfs`) mounted on a fresh data directory: the
+/// temporary directory holding the backing store and the mount point (drop it last), the
+/// mount, and the data directory to give the edge.
+pub fn fault_mount(prefix: &str) -> (tempfile::TempDir, tributary_faultfs::FaultFs, PathBuf) {
+    let root = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temp dir");
+    let (backing, data) = (root.path().join("backing"), root.path().join("data"));
+    std::fs::create_dir_all(&backing).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    let fs = tributary_faultfs::FaultFs::mount(&backing, &data)
+        .expect("mounting the fault-injecting file system (needs root and /dev/fuse)");
+    (root, fs, data)
+}

@@ -242,3 +242,69 @@ pub async fn qos2_publisher(
         }
     }
 }
+
+/// Publishers of a crash test sharing a stop flag and two ledgers: QoS 1 ones into `q1`,
+/// QoS 2 ones (over persistent sessions) into `q2`.
+pub struct Fleet {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Acknowledgements of the QoS 1 publishers.
+    pub q1: Arc<Mutex<Ledger>>,
+    /// Acknowledgements of the QoS 2 publishers.
+    pub q2: Arc<Mutex<Ledger>>,
+}
+
+impl Fleet {
+    fn empty() -> Fleet {
+        Fleet {
+            stop: Arc::new(AtomicBool::new(false)),
+            tasks: Vec::new(),
+            q1: Arc::new(Mutex::new(Ledger::default())),
+            q2: Arc::new(Mutex::new(Ledger::default())),
+        }
+    }
+
+    /// For MQTT 3.1.1 and 5.0 each, a QoS 1 publisher `{name}-q1-{version}` to `{topic}/q1`
+    /// and a QoS 2 publisher `{name}-q2-{version}` to `{topic}/q2`.
+    pub fn both_qos(addr: std::net::SocketAddr, name: &str, topic: &str) -> Fleet {
+        let mut fleet = Fleet::empty();
+        for (proto, version) in [(Proto::V311, "v311"), (Proto::V5, "v5")] {
+            let (stop, ledger) = (fleet.stop.clone(), fleet.q1.clone());
+            let (id, t) = (format!("{name}-q1-{version}"), format!("{topic}/q1"));
+            fleet.tasks.push(tokio::spawn(async move {
+                qos1_publisher(addr, proto, &id, &t, stop, ledger).await
+            }));
+            let (stop, ledger) = (fleet.stop.clone(), fleet.q2.clone());
+            let (id, t) = (format!("{name}-q2-{version}"), format!("{topic}/q2"));
+            fleet.tasks.push(tokio::spawn(async move {
+                qos2_publisher(addr, proto, &id, &t, stop, ledger).await
+            }));
+        }
+        fleet
+    }
+
+    /// `count` MQTT 5.0 QoS 1 publishers `{name}-{i}` to `topic`.
+    pub fn qos1(addr: std::net::SocketAddr, name: &str, topic: &str, count: usize) -> Fleet {
+        let mut fleet = Fleet::empty();
+        for i in 0..count {
+            let (stop, ledger) = (fleet.stop.clone(), fleet.q1.clone());
+            let (id, t) = (format!("{name}-{i}"), topic.to_string());
+            fleet.tasks.push(tokio::spawn(async move {
+                qos1_publisher(addr, Proto::V5, &id, &t, stop, ledger).await
+            }));
+        }
+        fleet
+    }
+
+    /// Stops publishing and waits (up to `within`) for every publisher to finish its
+    /// messages in flight.
+    pub async fn finish(self, within: Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            tokio::time::timeout(within, t)
+                .await
+                .expect("publishers finish")
+                .expect("a publisher panicked");
+        }
+    }
+}

@@ -701,7 +701,11 @@ impl Log {
             .topics
             .get(topic as usize)
             .and_then(|t| t.partitions.get(partition as usize))
-            .map(|p| p.durable_end.load(Ordering::Acquire));
+            .map(|p| p.durable_end());
+        // Nothing durable to read at `from`: no read at all.
+        if durable.is_some_and(|d| from >= d) {
+            return Ok(Vec::new());
+        }
         let mut records = self.read(topic, partition, from, max)?;
         if let Some(durable) = durable {
             records.retain(|r| r.offset < durable);

@@ -132,7 +132,7 @@ pub(crate) fn session_put_op(
 ) -> StateOp {
     StateOp::Put {
         key: meta::session_key(client_id),
-        value: session_value(expiry, disconnected_at_ms, owner),
+        value: meta::session_value(expiry, disconnected_at_ms, owner),
     }
 }
 
@@ -148,11 +148,6 @@ pub(crate) fn purge_ops(client_id: &str) -> Vec<StateOp> {
         key: meta::session_key(client_id),
     });
     ops
-}
-
-/// The session record value (see [`crate::log::meta`]).
-pub(crate) fn session_value(expiry: u32, disconnected_at_ms: u64, owner: Option<&str>) -> Vec<u8> {
-    meta::session_value(expiry, disconnected_at_ms, owner)
 }
 
 /// A session as the admin API lists it.
@@ -519,16 +514,16 @@ mod tests {
 
     #[test]
     fn session_values_round_trip_with_and_without_an_owner() {
-        let v = session_value(60, 1234, Some("alice"));
+        let v = meta::session_value(60, 1234, Some("alice"));
         let (e, d, o) = parse_session_value(&v).unwrap();
         assert_eq!((e, d, o.as_deref()), (60, 1234, Some("alice")));
         // Without an owner: the format byte and 12 bytes.
-        let plain = session_value(7, 8, None);
+        let plain = meta::session_value(7, 8, None);
         assert_eq!(plain.len(), 13);
         assert_eq!(parse_session_value(&plain), Some((7, 8, None)));
         let long = "u".repeat(70_000);
         assert_eq!(
-            parse_session_value(&session_value(1, 2, Some(&long))),
+            parse_session_value(&meta::session_value(1, 2, Some(&long))),
             Some((1, 2, None))
         );
         for bad in [&v[..12], &v[..14], &v[..v.len() - 1], &v[1..]] {
