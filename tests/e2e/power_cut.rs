@@ -287,3 +287,387 @@ async fn with_an_fsync_interval_a_power_cut_loses_only_the_last_interval() {
         q1.acked_at.len()
     );
 }
+
+/// What the keeper's retained publishes and the group member saw, shared with the test.
+#[derive(Default)]
+struct StateLedger {
+    /// Highest acknowledged sequence number per retained topic.
+    retained_acked: BTreeMap<usize, u64>,
+    /// Every retained publish acknowledged: (topic index, sequence).
+    keeper_acked: Vec<(usize, u64)>,
+    /// Highest sequence number sent per retained topic.
+    retained_sent: BTreeMap<usize, u64>,
+    /// Payloads the group member received (and acknowledged).
+    group_got: std::collections::HashSet<String>,
+    /// Connections of the group member and the keeper after a restart.
+    reconnects: usize,
+}
+
+const RETAINED_TOPICS: usize = 4;
+
+async fn connect_v5(
+    addr: SocketAddr,
+    opts: &tributary_tests::ConnectOpts,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Option<(tributary_tests::RawClient, bool)> {
+    use tributary_tests::{Got, Proto, RawClient};
+    loop {
+        if let Ok((
+            c,
+            Got::ConnAck {
+                code: 0,
+                session_present,
+                ..
+            },
+        )) = RawClient::connect(addr, Proto::V5, opts).await
+        {
+            return Some((c, session_present));
+        }
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes QoS 1 retained messages `keep-{topic}-{seq}` to `state/dev{topic}` one at a
+/// time, round-robin over the topics, recording each acknowledgement.
+async fn keeper(
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ledger: std::sync::Arc<Mutex<StateLedger>>,
+) {
+    use std::sync::atomic::Ordering;
+    use tributary_tests::{ConnectOpts, Got, Proto, Pub, RawClient};
+    let opts = ConnectOpts::new("keeper");
+    let mut seq = 0u64;
+    let mut first = true;
+    'outer: while !stop.load(Ordering::Relaxed) {
+        let Some((mut c, _)) = connect_v5(addr, &opts, &stop).await else {
+            break;
+        };
+        if !first {
+            ledger.lock().unwrap().reconnects += 1;
+        }
+        first = false;
+        while !stop.load(Ordering::Relaxed) {
+            let topic = (seq as usize) % RETAINED_TOPICS;
+            let name = format!("state/dev{topic}");
+            let payload = format!("keep-{topic}-{seq}");
+            let mut out = bytes::BytesMut::new();
+            RawClient::encode_publish(
+                Proto::V5,
+                &Pub {
+                    topic: name.as_bytes(),
+                    qos: 1,
+                    pkid: 1,
+                    dup: false,
+                    payload: payload.as_bytes(),
+                    alias: None,
+                },
+                &mut out,
+            );
+            out[0] |= 0x01; // RETAIN
+            ledger.lock().unwrap().retained_sent.insert(topic, seq);
+            if c.send_raw(&out).await.is_err() {
+                seq += 1;
+                continue 'outer;
+            }
+            match c.recv_within(Duration::from_secs(5)).await {
+                Ok(Got::PubAck(1, 0)) => {
+                    let mut l = ledger.lock().unwrap();
+                    l.retained_acked.insert(topic, seq);
+                    l.keeper_acked.push((topic, seq));
+                }
+                Ok(Got::Closed) | Err(_) => {
+                    seq += 1;
+                    continue 'outer;
+                }
+                Ok(other) => panic!("keeper: unexpected {other:?}"),
+            }
+            seq += 1;
+            // A pace, so the offline session's queue stays far below its bound.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// A member of consumer group `g`: joins with `$share/g/sensors/#`, acknowledges every
+/// record at once and records its payload, reconnecting across restarts.
+async fn group_member(
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ledger: std::sync::Arc<Mutex<StateLedger>>,
+) {
+    use std::sync::atomic::Ordering;
+    use tributary_tests::{ConnectOpts, Got};
+    let opts = ConnectOpts::new("member");
+    let mut first = true;
+    'outer: while !stop.load(Ordering::Relaxed) {
+        let Some((mut c, _)) = connect_v5(addr, &opts, &stop).await else {
+            break;
+        };
+        if !first {
+            ledger.lock().unwrap().reconnects += 1;
+        }
+        first = false;
+        match c.subscribe(1, &[("$share/g/sensors/#", 1)]).await {
+            Ok(codes) if codes == [1] => {}
+            Ok(codes) => panic!("the group member was refused: {codes:?}"),
+            Err(_) => continue 'outer,
+        }
+        while !stop.load(Ordering::Relaxed) {
+            match c.recv_within(Duration::from_millis(500)).await {
+                Ok(Got::Publish {
+                    payload, qos, pkid, ..
+                }) => {
+                    let payload = String::from_utf8(payload).unwrap();
+                    ledger.lock().unwrap().group_got.insert(payload);
+                    if qos > 0 && c.ack(0x40, pkid).await.is_err() {
+                        continue 'outer;
+                    }
+                }
+                Ok(Got::Closed) => continue 'outer,
+                Ok(other) => panic!("group member: unexpected {other:?}"),
+                // Nothing for a while: look at the stop flag again.
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Connects the offline subscriber `sleeper` (persistent session, QoS 1 on `state/#`) and
+/// returns every message it receives until `enough` says it has all it should, or the
+/// deadline passes.
+async fn drain_sleeper(
+    addr: SocketAddr,
+    clean: bool,
+    enough: impl Fn(&std::collections::HashSet<String>) -> bool,
+) -> (bool, std::collections::HashSet<String>) {
+    use tributary_tests::{ConnectOpts, Got, Proto, RawClient};
+    let mut opts = ConnectOpts::new("sleeper");
+    opts.clean = clean;
+    opts.session_expiry = Some(3600);
+    let (mut c, ack) = RawClient::connect(addr, Proto::V5, &opts).await.unwrap();
+    let Some((0, present)) = ack.connack() else {
+        panic!("sleeper refused: {ack:?}")
+    };
+    let mut got = std::collections::HashSet::new();
+    if clean {
+        assert_eq!(c.subscribe(1, &[("state/#", 1)]).await.unwrap(), [1]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !enough(&got) && Instant::now() < deadline {
+        match c.recv_within(Duration::from_secs(1)).await {
+            Ok(Got::Publish {
+                payload, qos, pkid, ..
+            }) => {
+                got.insert(String::from_utf8(payload).unwrap());
+                if qos > 0 {
+                    c.ack(0x40, pkid).await.unwrap();
+                }
+            }
+            Ok(Got::Closed) => panic!("the edge closed the sleeper's connection"),
+            Ok(other) => panic!("sleeper: unexpected {other:?}"),
+            Err(_) => {}
+        }
+    }
+    // Leave the session in place: DISCONNECT 0x00 keeps it (expiry from CONNECT).
+    c.send_raw(&[0xE0, 0]).await.unwrap();
+    (present, got)
+}
+
+/// Reads every retained message with a fresh subscriber: topic index -> sequence.
+async fn retained_now(addr: SocketAddr) -> BTreeMap<usize, u64> {
+    use tributary_tests::{ConnectOpts, Got, Proto, RawClient};
+    let (mut c, ack) = RawClient::connect(addr, Proto::V5, &ConnectOpts::new("look"))
+        .await
+        .unwrap();
+    assert_eq!(ack.connack(), Some((0, false)));
+    assert_eq!(c.subscribe(1, &[("state/#", 0)]).await.unwrap(), [0]);
+    let mut out = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.len() < RETAINED_TOPICS && Instant::now() < deadline {
+        match c.recv_within(Duration::from_secs(1)).await {
+            Ok(Got::Publish {
+                payload, retain, ..
+            }) if retain => {
+                let p = String::from_utf8(payload).unwrap();
+                let mut parts = p.split('-').skip(1);
+                let topic: usize = parts.next().unwrap().parse().unwrap();
+                let seq: u64 = parts.next().unwrap().parse().unwrap();
+                out.insert(topic, seq);
+            }
+            // Live copies (RETAIN 0) of the keeper's newer publishes.
+            Ok(Got::Publish { .. }) | Err(_) => {}
+            Ok(other) => panic!("retained reader: unexpected {other:?}"),
+        }
+    }
+    c.send_raw(&[0xE0, 0]).await.unwrap();
+    out
+}
+
+/// Retained messages, an offline persistent session's queue and a consumer group's
+/// positions across power cuts at random moments, under QoS 1 and QoS 2 load. With
+/// `fsync = "always"`: after every cut each retained topic holds its last acknowledged
+/// value or a later one; at the end the offline session is still there and receives every
+/// acknowledged message of its subscription; and the group received every record of the
+/// final log (its position never passed a record it was not given) and nothing else (it
+/// was never given a record a cut took back). With `"never"` acknowledged messages may be
+/// lost, but the group still receives only records that survived.
+async fn state_across_power_cuts(fsync: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let always = fsync == "always";
+    let (_root, mut fs, data) = fault_mount("tributary-power-cut-state-");
+    let mut edge = Edge::start_on(
+        &data,
+        &format!("fsync = \"{fsync}\""),
+        &format!(
+            "[[routes]]\nmatch = \"sensors/#\"\ntopic = \"telemetry\"\nkey = \"{{client_id}}\"\npartitions = {PARTITIONS}\n\n\
+             [[routes]]\nmatch = \"state/#\"\ntopic = \"state\"\n\n\
+             [[groups]]\nname = \"g\"\ntopics = [\"telemetry\"]\nfilter = \"sensors/#\"\n"
+        ),
+    );
+    let addr = edge.addr;
+    // The offline subscriber's session, before anything is published.
+    let (_, got) = drain_sleeper(addr, true, |_| true).await;
+    assert!(got.is_empty());
+
+    // With "never" a cut may take a persistent session back, which the QoS 2 publishers
+    // count as a failure: QoS 1 publishers only there.
+    let (fleet, q2_progress) = if always {
+        (Fleet::both_qos(addr, "state", "sensors/state"), 50)
+    } else {
+        (Fleet::qos1(addr, "state", "sensors/state/q1", 2), 0)
+    };
+    let (q1, q2) = (fleet.q1.clone(), fleet.q2.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let ledger = Arc::new(Mutex::new(StateLedger::default()));
+    let keeper_task = tokio::spawn(keeper(addr, stop.clone(), ledger.clone()));
+    let member_task = tokio::spawn(group_member(addr, stop.clone(), ledger.clone()));
+
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("power cut moments seeded with {seed}");
+    let mut moments = Moments(seed);
+    const STATE_CUTS: usize = 4;
+    for cut in 0..STATE_CUTS {
+        wait_for_progress(&q1, &q2, (200, q2_progress)).await;
+        tokio::time::sleep(Duration::from_millis(moments.next_ms(300))).await;
+        edge.kill9();
+        fs.power_cut().expect("power cut");
+        let acked = ledger.lock().unwrap().retained_acked.clone();
+        edge.restart();
+        let now = retained_now(addr).await;
+        if always {
+            for (topic, seq) in &acked {
+                let kept = now.get(topic).copied();
+                assert!(
+                    kept.is_some_and(|k| k >= *seq),
+                    "after power cut {cut}, retained state/dev{topic} is {kept:?}: older than its last acknowledged value {seq}"
+                );
+            }
+        }
+    }
+    wait_for_progress(&q1, &q2, (200, q2_progress)).await;
+    fleet.finish(Duration::from_secs(120)).await;
+    stop.store(true, Ordering::Relaxed);
+    keeper_task.await.unwrap();
+    member_task.await.unwrap();
+
+    // Everything published is in the log now (read with the edge stopped); the group gets
+    // the rest of it after one more start.
+    assert!(edge.stop().success(), "{}", edge.stderr());
+    let log = edge.read_log();
+    edge.restart();
+    let telemetry: std::collections::HashSet<String> = log
+        .iter()
+        .filter(|r| r["topic"] == "telemetry")
+        .map(|r| r["payload"].as_str().unwrap().to_string())
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let member_task = tokio::spawn(group_member(addr, stop.clone(), ledger.clone()));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !telemetry.is_subset(&ledger.lock().unwrap().group_got) {
+        assert!(
+            Instant::now() < deadline,
+            "the group never received {} records of the log",
+            telemetry
+                .difference(&ledger.lock().unwrap().group_got)
+                .count()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    member_task.await.unwrap();
+
+    let ledger = ledger.lock().unwrap();
+    let phantom: Vec<_> = ledger.group_got.difference(&telemetry).collect();
+    assert!(
+        phantom.is_empty(),
+        "the group was given {} records that a power cut took back, e.g. {:?}",
+        phantom.len(),
+        &phantom[..phantom.len().min(5)]
+    );
+    assert!(
+        ledger.reconnects >= 2 * STATE_CUTS,
+        "keeper and member reconnected after every cut"
+    );
+
+    let (q1, q2) = (q1.lock().unwrap(), q2.lock().unwrap());
+    let keeper_acked: Vec<String> = ledger
+        .keeper_acked
+        .iter()
+        .map(|(t, s)| format!("keep-{t}-{s}"))
+        .collect();
+    if always {
+        for ledger in [&q1, &q2] {
+            let lost = ledger.acked.difference(&telemetry).count();
+            assert_eq!(lost, 0, "acknowledged messages lost with fsync always");
+        }
+        let wanted: std::collections::HashSet<String> = keeper_acked.iter().cloned().collect();
+        let (present, got) = drain_sleeper(addr, false, |got| wanted.is_subset(got)).await;
+        assert!(
+            present,
+            "the offline persistent session survived {STATE_CUTS} power cuts"
+        );
+        let missing: Vec<_> = wanted.difference(&got).collect();
+        assert!(
+            missing.is_empty(),
+            "the offline session's queue lost {} acknowledged messages, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        let last = retained_now(addr).await;
+        assert_eq!(
+            last, ledger.retained_acked,
+            "with the keeper stopped, each retained topic holds its last acknowledged value"
+        );
+    }
+    assert!(edge.stop().success(), "{}", edge.stderr());
+    fs.unmount()
+        .expect("unmounting the fault-injecting file system");
+    eprintln!(
+        "fsync {fsync}: {STATE_CUTS} power cuts; acknowledged QoS 1 {}, QoS 2 {}, retained {}; \
+         the group received {} records, all in the final log of {} telemetry records",
+        q1.acked.len(),
+        q2.acked.len(),
+        keeper_acked.len(),
+        ledger.group_got.len(),
+        telemetry.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_queues_and_group_positions_survive_power_cuts() {
+    state_across_power_cuts("always").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fsync_never_a_group_is_only_given_records_that_survive_a_power_cut() {
+    state_across_power_cuts("never").await;
+}
