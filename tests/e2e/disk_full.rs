@@ -124,6 +124,23 @@ async fn a_filling_tmpfs_refuses_publishes_before_enospc_and_recovers_by_itself(
     let mut edge = start_edge(&data, "32MiB");
     let first = publish_until_accepted(&edge, "before").await;
     assert_eq!(disk_low(&edge), 0.0);
+    // The tmpfs holds nothing but the data directory: what the edge says its files occupy
+    // is what the file system has in use (both move while the edge writes: a tolerance).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, text) = http_get(edge.admin, "/metrics", None).unwrap();
+        assert_eq!(status, 200);
+        let reported = metric(&text, "tributary_data_dir_bytes");
+        let used = df_bytes(&data, "used") as f64;
+        if (reported - used).abs() <= (1 << 20) as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tributary_data_dir_bytes {reported} is not what the tmpfs has in use ({used})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Another writer fills the disk to 8 MiB free: below the floor, not yet full.
     let space = available_bytes(&data);
@@ -205,8 +222,13 @@ async fn a_byte_budget_on_the_fault_file_system_is_met_with_refusals_not_enospc(
 
 /// Bytes available on the file system holding `dir`.
 fn available_bytes(dir: &Path) -> u64 {
+    df_bytes(dir, "avail")
+}
+
+/// One of `df`'s byte columns (`avail`, `used`) for the file system of `dir`.
+fn df_bytes(dir: &Path, column: &str) -> u64 {
     let out = Command::new("df")
-        .args(["--output=avail", "-B1"])
+        .args([&format!("--output={column}"), "-B1"])
         .arg(dir)
         .output()
         .unwrap();

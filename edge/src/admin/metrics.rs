@@ -202,6 +202,14 @@ impl Collector for LogMetrics {
             "Bytes of sessions, subscriptions, queued deliveries, retained messages and group positions; the disk budget counts them with the records.",
             log.state_bytes(),
         )?;
+        if let Some(bytes) = log.data_dir_bytes() {
+            gauge(
+                e,
+                "tributary_data_dir_bytes",
+                "Bytes the data directory's files occupy on disk (fjall's journals and tables, deleted records not yet compacted away included), summed at most every second.",
+                bytes,
+            )?;
+        }
         if let Some(space) = log.disk_space() {
             gauge(
                 e,

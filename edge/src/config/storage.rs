@@ -26,7 +26,11 @@ pub struct StorageConfig {
     pub fsync: FsyncMode,
     /// Node-wide cap on the bytes the node stores: record batches as stored plus the keys
     /// and values of its other durable state (sessions, subscriptions, queued deliveries,
-    /// retained messages, group positions). Unset: no cap.
+    /// retained messages, group positions). Unset: no cap. The files on disk are larger by
+    /// the storage engine's own overhead: its journals (pre-allocated, 64 MiB each) and
+    /// deleted records whose space compaction has not reclaimed yet; the
+    /// `tributary_data_dir_bytes` metric shows what the data directory really occupies, and
+    /// `storage.min_free` is what keeps the disk itself from filling.
     pub disk_budget: Option<ByteSize>,
     /// Free space the data directory's file system keeps: a size (`"256MiB"`) or a share of
     /// the file system (`"5%"`). Below it new publishes are refused (5.0: PUBACK/PUBREC 0x97

@@ -305,6 +305,32 @@ pub struct DiskSpace {
 const FREE_SPACE_EVERY: Duration = Duration::from_millis(100);
 const FREE_SPACE_EVERY_BYTES: u64 = 1 << 20;
 
+/// How often the data directory's files are summed up ([`Log::data_dir_bytes`]): a walk of
+/// every file, so rarer than the free-space look.
+const FOOTPRINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Bytes the files under `dir` occupy on disk (allocated blocks, so a pre-allocated journal
+/// counts in full and a sparse file only for what it holds). Files that vanish during the
+/// walk (a compaction removing a table) are skipped.
+fn footprint(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut bytes = 0u64;
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        bytes = bytes.saturating_add(if meta.is_dir() {
+            footprint(&entry.path())
+        } else {
+            meta.blocks().saturating_mul(512)
+        });
+    }
+    bytes
+}
+
 /// The log of one edge node.
 pub struct Log {
     dir: PathBuf,
@@ -326,6 +352,8 @@ pub struct Log {
     disk_space: std::sync::Mutex<Option<(DiskSpace, std::time::Instant)>>,
     /// Batch bytes written since that look.
     written_since_look: AtomicU64,
+    /// What the data directory's files occupy on disk, and when it was last summed.
+    footprint: std::sync::Mutex<Option<(u64, std::time::Instant)>>,
     poisoned: std::sync::Mutex<Option<appender::CommitError>>,
     /// The clock age retention uses (see [`clock`]).
     retention_clock: std::sync::Mutex<clock::RetentionClock>,
@@ -487,6 +515,7 @@ impl Log {
             low_disk: AtomicBool::new(false),
             disk_space: std::sync::Mutex::new(None),
             written_since_look: AtomicU64::new(0),
+            footprint: std::sync::Mutex::new(None),
             poisoned: std::sync::Mutex::new(None),
             counters: LogCounters::default(),
             retention_clock: std::sync::Mutex::new(clock::RetentionClock::new(
@@ -611,6 +640,32 @@ impl Log {
             .map(|(space, _)| space)
     }
 
+    /// What the data directory's files occupy on disk at the last look (at most a second
+    /// old while the edge writes): fjall's journals and tables, including deleted records
+    /// whose space compaction has not yet reclaimed, and the edge's own files. The disk
+    /// budget counts the bytes the log and its state hold ([`Log::budget_bytes`]); this is
+    /// what the disk really gives them.
+    pub fn data_dir_bytes(&self) -> Option<u64> {
+        self.footprint
+            .lock()
+            .expect("footprint lock")
+            .map(|(bytes, _)| bytes)
+    }
+
+    fn refresh_footprint(&self, force: bool) {
+        let due = force
+            || self
+                .footprint
+                .lock()
+                .expect("footprint lock")
+                .is_none_or(|(_, at)| at.elapsed() >= FOOTPRINT_EVERY);
+        if due {
+            let bytes = footprint(&self.dir);
+            *self.footprint.lock().expect("footprint lock") =
+                Some((bytes, std::time::Instant::now()));
+        }
+    }
+
     /// The data directory's file system's free space now.
     fn measure_disk_space(&self) -> Option<DiskSpace> {
         let st = rustix::fs::statvfs(&self.dir).ok()?;
@@ -642,6 +697,7 @@ impl Log {
 
     fn check_free_space(&self) {
         self.written_since_look.store(0, Ordering::Relaxed);
+        self.refresh_footprint(false);
         let Some(space) = self.measure_disk_space() else {
             return;
         };
