@@ -605,7 +605,7 @@ async fn state_across_power_cuts(fsync: &str) {
     stop.store(true, Ordering::Relaxed);
     member_task.await.unwrap();
 
-    let ledger = ledger.lock().unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
     let phantom: Vec<_> = ledger.group_got.difference(&telemetry).collect();
     assert!(
         phantom.is_empty(),
@@ -618,7 +618,8 @@ async fn state_across_power_cuts(fsync: &str) {
         "keeper and member reconnected after every cut"
     );
 
-    let (q1, q2) = (q1.lock().unwrap(), q2.lock().unwrap());
+    let q1 = std::mem::take(&mut *q1.lock().unwrap());
+    let q2 = std::mem::take(&mut *q2.lock().unwrap());
     let keeper_acked: Vec<String> = ledger
         .keeper_acked
         .iter()
