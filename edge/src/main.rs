@@ -11,27 +11,57 @@ use edge::config::{Config, Source};
 use edge::log::{Log, Record};
 use edge::startup::{self, LoadedConfig};
 
+const EXAMPLES: &str = "\
+Every option can also come from the environment: TRIBUTARY_CONFIG, TRIBUTARY_DATA_DIR,
+TRIBUTARY_MQTT_LISTEN, TRIBUTARY_TLS_LISTEN, TRIBUTARY_ADMIN_LISTEN, TRIBUTARY_LOG_FORMAT
+(a command-line option wins over its variable).
+
+Examples:
+  edge                                          serve with the embedded defaults (MQTT on 0.0.0.0:1883, data in ./data)
+  edge --config /etc/tributary/edge.toml        serve with a config file
+  edge check-config --config edge.toml          validate a config and print the effective settings
+  TRIBUTARY_DATA_DIR=/data edge --log-format json   a container: data directory from the environment, JSON logs
+  edge passwd /etc/tributary/passwd sensor-17   add a user to a password file
+  edge read --config edge.toml --topic telemetry --json   print the records of a stopped node
+  edge mirror-status --config edge.toml         where the Kafka mirror stands";
+
 /// Tributary edge: MQTT in, a durable partitioned log on disk.
 #[derive(Parser, Debug)]
-#[command(name = "edge", version, about)]
+#[command(name = "edge", version, about, after_help = EXAMPLES)]
 struct Cli {
     /// TOML config file; without it the embedded defaults apply.
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, env = "TRIBUTARY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Data directory (overrides storage.data_dir).
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, global = true, env = "TRIBUTARY_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// MQTT listen address (overrides mqtt.listen).
-    #[arg(long, global = true, value_name = "ADDR")]
+    #[arg(
+        long,
+        global = true,
+        env = "TRIBUTARY_MQTT_LISTEN",
+        value_name = "ADDR"
+    )]
     mqtt_listen: Option<SocketAddr>,
     /// MQTT over TLS listen address (overrides tls.listen; the config needs a [tls] section).
-    #[arg(long, global = true, value_name = "ADDR")]
+    #[arg(long, global = true, env = "TRIBUTARY_TLS_LISTEN", value_name = "ADDR")]
     tls_listen: Option<SocketAddr>,
     /// Admin HTTP listen address (overrides admin.listen).
-    #[arg(long, global = true, value_name = "ADDR")]
+    #[arg(
+        long,
+        global = true,
+        env = "TRIBUTARY_ADMIN_LISTEN",
+        value_name = "ADDR"
+    )]
     admin_listen: Option<SocketAddr>,
     /// Log output format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(
+        long,
+        global = true,
+        env = "TRIBUTARY_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
@@ -50,8 +80,8 @@ enum Command {
     /// Validate a config file and print the effective settings (defaults filled in, secrets
     /// redacted) as TOML. Exit 0 when it is valid, 2 with the key and line when not.
     CheckConfig {
-        /// The config file.
-        file: PathBuf,
+        /// The config file (or give it with --config, like every other command).
+        file: Option<PathBuf>,
     },
     /// Add a user to a password file, or change their password (argon2id). The password is
     /// asked twice without echo on a terminal, or read as one line from standard input;
@@ -237,7 +267,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return passwd(file, user, *delete);
     }
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        let loaded = startup::load(&Source::read(file)?)?;
+        let file = match (file, &cli.config) {
+            (Some(given), Some(config)) if given != config => bail!(
+                "check-config was given two config files: {} and --config {}",
+                given.display(),
+                config.display()
+            ),
+            (Some(file), _) | (None, Some(file)) => file.clone(),
+            (None, None) => bail!(
+                "check-config needs a config file: edge check-config --config FILE (or TRIBUTARY_CONFIG)"
+            ),
+        };
+        let loaded = load_config(&Cli {
+            config: Some(file.clone()),
+            command: None,
+            ..cli
+        })?;
         let text =
             toml::to_string_pretty(&loaded.config).context("printing the effective settings")?;
         print!("{text}");

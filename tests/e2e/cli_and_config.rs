@@ -285,3 +285,135 @@ fn check_config_prints_effective_settings_with_secrets_redacted_and_names_bad_ke
         "{stderr}"
     );
 }
+
+/// A container sets everything from the environment: every command-line option has a
+/// `TRIBUTARY_*` variable (the option wins over it), durations combine units as `"1h30m"`,
+/// and `check-config` takes `--config` (or `TRIBUTARY_CONFIG`) like every other command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_come_from_the_environment_and_durations_combine_units() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        "[storage]\nretention_check_interval = \"1h30m\"\n\n[topics.telemetry]\nretention = \"1d 12h\"\n\n\
+         [[routes]]\nmatch = \"sensors/#\"\ntopic = \"telemetry\"\n",
+    )
+    .unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let env = [
+        ("TRIBUTARY_CONFIG", config.display().to_string()),
+        ("TRIBUTARY_DATA_DIR", data.display().to_string()),
+        ("TRIBUTARY_MQTT_LISTEN", format!("127.0.0.1:{port}")),
+        ("TRIBUTARY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}")),
+        ("TRIBUTARY_LOG_FORMAT", "json".to_string()),
+    ];
+
+    // check-config reads the file from the environment and prints the effective settings,
+    // durations in their shortest exact form.
+    let out = Command::new(binary("edge"))
+        .arg("check-config")
+        .envs(env.clone())
+        .output()
+        .unwrap();
+    let effective = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "retention_check_interval = \"1h30m\"".to_string(),
+        "retention = \"1d12h\"".to_string(),
+        format!("data_dir = \"{}\"", data.display()),
+        format!("listen = \"127.0.0.1:{port}\""),
+    ] {
+        assert!(
+            effective.lines().any(|l| l == line),
+            "{line} in\n{effective}"
+        );
+    }
+    // An option wins over its variable.
+    let out = Command::new(binary("edge"))
+        .args(["check-config", "--data-dir", "/srv/other"])
+        .envs(env.clone())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l == "data_dir = \"/srv/other\""));
+    // Without a file anywhere, check-config says how to give one.
+    let out = Command::new(binary("edge"))
+        .arg("check-config")
+        .env_remove("TRIBUTARY_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--config FILE"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A duration with a unit missing is refused, naming the file and line.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[storage]\nretention_check_interval = \"1h30\"\n").unwrap();
+    let out = Command::new(binary("edge"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:2") && stderr.contains("is not a duration"),
+        "{stderr}"
+    );
+
+    // The server itself: listener, admin and data directory from the environment.
+    let child = Command::new(binary("edge"))
+        .envs(env.clone())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut c = loop {
+        if let Ok((c, Got::ConnAck { code: 0, .. })) =
+            RawClient::connect(addr, Proto::V5, &ConnectOpts::new("env")).await
+        {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edge never listened on TRIBUTARY_MQTT_LISTEN"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    c.publish("sensors/env", 1, 1, b"from-env").await.unwrap();
+    assert_eq!(c.recv().await.unwrap(), Got::PubAck(1, 0));
+    let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let (status, _) = tributary_tests::http_get(admin, "/ready", None).unwrap();
+    assert_eq!(status, 200);
+    assert!(tributary_tests::signal(child.id(), libc::SIGTERM));
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.lines().any(|l| l.starts_with('{')),
+        "TRIBUTARY_LOG_FORMAT=json gives JSON logs:\n{stderr}"
+    );
+    // The offline reader finds the record through the same variables.
+    let out = Command::new(binary("edge"))
+        .args(["read", "--json"])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("from-env"));
+
+    // The help names the variables and has examples.
+    let help = Command::new(binary("edge")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for wanted in ["TRIBUTARY_DATA_DIR", "Examples:", "check-config --config"] {
+        assert!(help.contains(wanted), "{wanted} in\n{help}");
+    }
+}

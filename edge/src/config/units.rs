@@ -6,49 +6,53 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
-/// A duration written as `"500ms"`, `"10s"`, `"5m"`, `"12h"` or `"7d"`.
+/// A duration in humantime syntax: `"500ms"`, `"10s"`, `"5m"`, `"12h"`, `"7d"`, or units
+/// combined, as `"1h30m"` or `"1h 30m"` (the same syntax as firmware-sim's options).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
 impl std::str::FromStr for HumanDuration {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (digits, unit) = s.split_at(split);
-        let bad = || {
-            format!("\"{s}\" is not a duration: write a whole number and a unit, as \"500ms\", \"10s\", \"5m\", \"12h\" or \"7d\"")
+        let t = s.trim();
+        // humantime reads a trailing bare number ("1h30") as if a unit followed it: refuse
+        // it rather than guess.
+        let parsed = if t.ends_with(|c: char| c.is_ascii_digit()) {
+            Err("a unit is missing at the end".to_string())
+        } else {
+            humantime::parse_duration(t).map_err(|e| e.to_string())
         };
-        let n: u64 = digits.parse().map_err(|_| bad())?;
-        let ms_per_unit = match unit {
-            "ms" => 1,
-            "s" => 1000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            _ => return Err(bad()),
-        };
-        let ms = n.checked_mul(ms_per_unit).ok_or_else(bad)?;
-        Ok(HumanDuration(Duration::from_millis(ms)))
+        parsed
+            .map(HumanDuration)
+            .map_err(|e| {
+                format!("\"{s}\" is not a duration ({e}): write a number and a unit, as \"500ms\", \"10s\", \"5m\", \"12h\" or \"7d\", or several, as \"1h30m\"")
+            })
     }
 }
 
 impl fmt::Display for HumanDuration {
+    /// The shortest form that reads back as the same duration: `"7d"`, `"1h30m"`, `"1500ms"`
+    /// becomes `"1s500ms"`, zero `"0s"`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
-        for (unit, per) in [
-            ("d", 86_400_000),
-            ("h", 3_600_000),
-            ("m", 60_000),
-            ("s", 1000),
-        ] {
-            if ms >= per && ms.is_multiple_of(per) {
-                return write!(f, "{}{unit}", ms / per);
-            }
-        }
-        if ms == 0 {
+        let mut ns = self.0.as_nanos();
+        if ns == 0 {
             return write!(f, "0s");
         }
-        write!(f, "{ms}ms")
+        for (unit, per) in [
+            ("d", 86_400_000_000_000u128),
+            ("h", 3_600_000_000_000),
+            ("m", 60_000_000_000),
+            ("s", 1_000_000_000),
+            ("ms", 1_000_000),
+            ("us", 1_000),
+            ("ns", 1),
+        ] {
+            if ns >= per {
+                write!(f, "{}{unit}", ns / per)?;
+                ns %= per;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -146,6 +150,30 @@ mod tests {
             Duration::from_secs(7 * 86400)
         );
         assert!("10".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn durations_combine_units_and_print_back_to_the_same_value() {
+        for (text, ms, printed) in [
+            ("1h30m", 5_400_000, "1h30m"),
+            ("1h 30m", 5_400_000, "1h30m"),
+            ("90m", 5_400_000, "1h30m"),
+            ("1500ms", 1500, "1s500ms"),
+            ("2days", 172_800_000, "2d"),
+            ("0s", 0, "0s"),
+        ] {
+            let d: HumanDuration = text.parse().unwrap();
+            assert_eq!(d.0, Duration::from_millis(ms), "{text}");
+            assert_eq!(d.to_string(), printed, "{text}");
+            assert_eq!(printed.parse::<HumanDuration>().unwrap(), d, "{printed}");
+        }
+        for bad in ["10", "1h30", "soon", "-5s", ""] {
+            let e = bad.parse::<HumanDuration>().unwrap_err();
+            assert!(
+                e.contains("is not a duration") && e.contains("1h30m"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
