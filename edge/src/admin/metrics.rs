@@ -32,6 +32,7 @@ pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 pub(crate) fn registry(s: &AdminState) -> Registry {
     let mut registry = Registry::default();
     register_log_histograms(&mut registry, &s.broker.log.counters);
+    registry.register_collector(Box::new(ProcessMetrics));
     registry.register_collector(Box::new(LogMetrics(s.broker.log.clone())));
     registry.register_collector(Box::new(BrokerMetrics(s.broker.clone())));
     registry.register_collector(Box::new(GroupMetrics {
@@ -63,6 +64,80 @@ fn register_log_histograms(registry: &mut Registry, log: &crate::log::LogCounter
         "Time of a group commit's write and fsync",
         log.commit_seconds.clone(),
     );
+}
+
+/// The commit the binary was built from (`git rev-parse` at build time, or the
+/// `TRIBUTARY_COMMIT` variable of the build; `"unknown"` outside a git checkout).
+const COMMIT: &str = env!("TRIBUTARY_COMMIT");
+
+/// `tributary_build_info` and the standard `process_*` families of the edge's own process
+/// (the one exception to the `tributary_` prefix: dashboards and alerts expect these names).
+/// Read from `/proc/self` at each scrape; a family whose source cannot be read is left out.
+#[derive(Debug)]
+struct ProcessMetrics;
+
+impl Collector for ProcessMetrics {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        gauges(
+            &mut e,
+            "tributary_build_info",
+            "The edge's version and the commit it was built from; always 1.",
+            [(
+                [("version", env!("CARGO_PKG_VERSION")), ("commit", COMMIT)],
+                1u64,
+            )],
+        )?;
+        let process = super::process::process_stats();
+        if let Some(cpu) = process.cpu_seconds {
+            ConstCounter::new(cpu).encode(e.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time the edge has used, in seconds.",
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        if let Some(rss) = process.resident_bytes {
+            gauge(
+                &mut e,
+                "process_resident_memory_bytes",
+                "Resident memory of the edge process, in bytes.",
+                rss,
+            )?;
+        }
+        if let Some(vm) = process.virtual_bytes {
+            gauge(
+                &mut e,
+                "process_virtual_memory_bytes",
+                "Virtual memory size of the edge process, in bytes.",
+                vm,
+            )?;
+        }
+        if let Some(fds) = process.open_fds {
+            gauge(
+                &mut e,
+                "process_open_fds",
+                "Open file descriptors of the edge process (connections included).",
+                fds,
+            )?;
+        }
+        if let Some(max) = process.max_fds {
+            gauge(
+                &mut e,
+                "process_max_fds",
+                "The edge process's limit on open file descriptors.",
+                max,
+            )?;
+        }
+        if let Some(start) = process.start_time_seconds {
+            gauge(
+                &mut e,
+                "process_start_time_seconds",
+                "When the edge process started, in seconds since the Unix epoch.",
+                start,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// The families of `registry` with their current values.

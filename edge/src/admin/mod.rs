@@ -5,6 +5,7 @@
 
 pub(crate) mod hosts;
 pub(crate) mod metrics;
+pub(crate) mod process;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
