@@ -14,6 +14,7 @@ pub(crate) mod node;
 pub mod recent;
 pub mod route;
 pub mod server;
+pub(crate) mod service;
 pub mod startup;
 pub(crate) mod sys;
 pub mod uplink;

@@ -95,6 +95,8 @@ pub(crate) struct Node {
     housekeeping: Vec<JoinHandle<()>>,
     admin: AdminPart,
     serving: Serving,
+    /// Pings systemd's watchdog while the log is healthy (with `WatchdogSec=`).
+    watchdog: Option<JoinHandle<()>>,
 }
 
 impl Node {
@@ -128,6 +130,9 @@ impl Node {
         let admin = start_admin(&config, admin, &broker, &groups.groups, &mirror).await?;
         let serving = start_serving(hangup, &broker, listeners, shutdown);
         admin.state.ready.store(true, Ordering::Release);
+        crate::service::ready();
+        let watchdog =
+            crate::service::start_watchdog(storage.appender.clone(), storage.log.clone());
         Ok(Node {
             data_dir: config.storage.data_dir.clone(),
             storage,
@@ -138,6 +143,7 @@ impl Node {
             housekeeping,
             admin,
             serving,
+            watchdog,
         })
     }
 
@@ -164,7 +170,12 @@ impl Node {
             housekeeping,
             admin,
             serving,
+            watchdog,
         } = self;
+        crate::service::stopping();
+        if let Some(w) = watchdog {
+            w.abort();
+        }
         serving.stop().await;
         groups.stop(&data_dir).await;
         admin.stop().await;
