@@ -125,6 +125,15 @@ mod tests {
         log.put_raw(false, b"sgood", &meta::session_value(60, 0, None));
         log.put_raw(false, b"sbad", b"123");
         log.put_raw(false, b"rsensors/x", b"\x01\xB7\x01garbage");
+        // A will whose record does not decode.
+        let will = meta::will_value(&meta::StoredWill {
+            disconnected_at_ms: 0,
+            delay_secs: 0,
+            user: None,
+            batch: b"not a batch",
+        })
+        .unwrap();
+        log.put_raw(false, &meta::will_key("dev", 1), &will);
         let mut key = [0u8; 16];
         key[8..16].copy_from_slice(&0u64.to_be_bytes());
         log.put_raw(true, &key, b"not a batch");
@@ -134,14 +143,14 @@ mod tests {
         kinds.sort_unstable();
         assert_eq!(
             kinds,
-            vec!["batch", "retained message", "session"],
+            vec!["batch", "retained message", "session", "will"],
             "{report:?}"
         );
         assert_eq!(report.moved, 0);
         assert!(report.bad.iter().any(|b| b.at == "t/0@0"));
 
         let repaired = check(&log, true).unwrap();
-        assert_eq!(repaired.moved, 3);
+        assert_eq!(repaired.moved, 4);
         let again = check(&log, false).unwrap();
         assert!(again.bad.is_empty(), "{again:?}");
         assert_eq!(

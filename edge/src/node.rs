@@ -16,7 +16,9 @@
 //!    groups' and the mirror's status files.
 //! 7. [`start_housekeeping`]: session expiry and retention, and the `$SYS` topics.
 //! 8. [`start_admin`]: the admin HTTP endpoint.
-//! 9. [`start_serving`]: MQTT connections, and SIGHUP reloads.
+//! 9. The wills stored when the previous run stopped: those due are published (before any
+//!    client connects), the others wait out their delay.
+//! 10. [`start_serving`]: MQTT connections, and SIGHUP reloads.
 //!
 //! [`Node::shutdown`] stops them in reverse order with one exception: the consumer groups
 //! stop right after the listeners (their members are gone then), because they store their
@@ -43,6 +45,7 @@ use crate::log::{Budget, Log, LogError};
 use crate::mqtt::delivery::{self, Hub, Message, OutboxLimits};
 use crate::mqtt::session::SessionStore;
 use crate::mqtt::tls::TlsServer;
+use crate::mqtt::will;
 use crate::mqtt::{self, Broker};
 use crate::route::{RoutePlan, Router};
 use crate::startup::{AdminAccess, AuthFiles, LoadedConfig};
@@ -118,7 +121,8 @@ impl Node {
             admin,
             mirror,
         } = loaded;
-        let (storage, ingest) = start_log(&config, &plan, observe).await?;
+        let (storage, mut ingest) = start_log(&config, &plan, observe).await?;
+        let stored_wills = std::mem::take(&mut ingest.wills.wills);
         let fsync_timer = start_fsync_timer(&config, &storage.appender);
         let listeners = bind_listeners(&config, tls).await?;
         let (broker, shutdown) = start_auth(&config, auth, &listeners, &storage, ingest);
@@ -128,6 +132,7 @@ impl Node {
         announce(&config, &storage.log, &listeners);
         let housekeeping = start_housekeeping(&config, &broker);
         let admin = start_admin(&config, admin, &broker, &groups.groups, &mirror).await?;
+        mqtt::connection::restore_wills(&broker, stored_wills).await;
         let serving = start_serving(hangup, &broker, listeners, shutdown);
         admin.state.ready.store(true, Ordering::Release);
         crate::service::ready();
@@ -208,6 +213,8 @@ struct Ingest {
     hub: Hub,
     sessions: SessionStore,
     router: Router,
+    /// The wills stored when the previous run stopped.
+    wills: will::Loaded,
 }
 
 /// Step 1: opens the log, loads the sessions and retained messages it holds (discarding
@@ -247,6 +254,11 @@ async fn start_log(
         .collect();
     hub.declare_durable_groups(&groups);
     let (sessions, mut purge) = SessionStore::load(&log, &hub, now_ms())?;
+    // The previous run was up at least until its last commit (read before this run's first).
+    let now = now_ms();
+    let down_at = log.last_commit_ms().filter(|&at| at <= now).unwrap_or(now);
+    let mut wills = will::load(&log, down_at, config.mqtt.max_will_delay.0)?;
+    purge.append(&mut wills.purge);
     let retained = load_retained(&log, &hub, now_ms())?;
     purge.extend(retained);
 
@@ -286,6 +298,7 @@ async fn start_log(
             hub,
             sessions,
             router,
+            wills,
         },
     ))
 }
@@ -477,7 +490,7 @@ fn start_auth(
         )),
         connections: AtomicUsize::new(0),
         limits: Default::default(),
-        wills: Default::default(),
+        wills: will::PendingWills::new(ingest.wills.max_id),
         shutdown: shutdown_rx,
         auth,
     });

@@ -23,18 +23,23 @@
 //! | `r` | `r \| topic` | a one-record batch ([`super::record`]) | retained messages |
 //! | `g` | `g \| group str16 \| topic str16 \| partition u32` | `committed u64 \| lease u64` | consumer group positions |
 //! | `f` | `f` | `unix_ms u64` | the appender, each group commit: after a crash, when the last commit that survived was made |
+//! | `w` | `w \| client str16 \| will_id u64` | `disconnected_at_ms u64 \| delay_secs u32 \| has_user u8 [\| user str16] \| batch` | a connection's will, from its CONNACK until it is published or can no longer be due |
 //!
 //! A queue entry is `qos u8 | retain u8 | n u8 | subscription_id u32 × n | topic_id u32 |
 //! partition u32 | offset u64`: where the record is in the log, never a copy of it. The
 //! appender appends the position (see [`super::appender::StateOp::Enqueue`]); `seq` comes from
 //! a node-wide counter that grows in commit order.
 //!
+//! A will's `batch` is the will as a one-record batch ([`super::record`], as a retained
+//! message is stored); `disconnected_at_ms` is 0 while its connection is open; `delay_secs` is
+//! the delay it waits once its connection has ended (already capped by the session expiry).
+//!
 //! Session flags in `u`: bit 0 no-local, bit 1 retain-as-published, bits 2-3 retain handling;
 //! subscription id 0 means none.
 //!
 //! # Invariants
 //!
-//! - Keys of one client (`q`, `u`, `o`, `O`) share the prefix `tag | client str16`, so one
+//! - Keys of one client (`q`, `u`, `o`, `O`, `w`) share the prefix `tag | client str16`, so one
 //!   prefix delete ends a session, and a client id can never be the prefix of another's.
 //! - A key longer than fjall holds (64 KiB) is never written: the appender refuses the
 //!   request whole (its `oversize_state`), so a `str16` length that would not fit never reaches
@@ -92,11 +97,13 @@ pub enum Tag {
     Group = b'g',
     /// The wall time of the latest group commit.
     LastCommit = b'f',
+    /// A connection's will.
+    Will = b'w',
 }
 
 impl Tag {
     /// Every tag, in the order of the table above.
-    pub const ALL: [Tag; 12] = [
+    pub const ALL: [Tag; 13] = [
         Tag::Layout,
         Tag::Topic,
         Tag::Partition,
@@ -109,6 +116,7 @@ impl Tag {
         Tag::Retained,
         Tag::Group,
         Tag::LastCommit,
+        Tag::Will,
     ];
 
     /// The tag of a stored key, if it is one of ours.
@@ -136,6 +144,7 @@ impl Tag {
             Tag::Retained => "retained message",
             Tag::Group => "group position",
             Tag::LastCommit => "last commit time",
+            Tag::Will => "will",
         }
     }
 }
@@ -599,14 +608,88 @@ pub fn parse_group_position_value(v: &[u8]) -> Option<(u64, u64)> {
     (b.len() == 16).then_some((u64_at(b, 0)?, u64_at(b, 8)?))
 }
 
+// ---- wills ----
+
+/// `w | client | will_id`.
+pub fn will_key(client_id: &str, will_id: u64) -> Vec<u8> {
+    let mut k = client_prefix(Tag::Will, client_id);
+    k.extend_from_slice(&will_id.to_be_bytes());
+    k
+}
+
+/// Decodes [`will_key`]: client id and will id.
+pub fn parse_will_key(k: &[u8]) -> Option<(&str, u64)> {
+    match split_client_key(k)? {
+        (Tag::Will, client, id) => Some((client, u64::from_be_bytes(id.try_into().ok()?))),
+        _ => None,
+    }
+}
+
+/// A stored will, decoded: when its connection ended, its delay, the user its client
+/// logged in as, and the will itself as a one-record batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredWill<'a> {
+    /// When its connection ended (ms since the Unix epoch); 0 while it is open.
+    pub disconnected_at_ms: u64,
+    /// Seconds it waits once its connection has ended.
+    pub delay_secs: u32,
+    /// The user the client logged in as (the ACL is asked again before it is published).
+    pub user: Option<&'a str>,
+    /// The will as a one-record batch.
+    pub batch: &'a [u8],
+}
+
+/// Encodes a [`StoredWill`]. A user name longer than a `str16` holds is refused (`None`)
+/// rather than stored cut; user names are capped far below that where they enter.
+pub fn will_value(w: &StoredWill<'_>) -> Option<Vec<u8>> {
+    let user_len = w.user.map_or(0, str::len);
+    if user_len > usize::from(u16::MAX) {
+        return None;
+    }
+    let mut v = value_with_capacity(13 + 2 + user_len + w.batch.len());
+    v.extend_from_slice(&w.disconnected_at_ms.to_be_bytes());
+    v.extend_from_slice(&w.delay_secs.to_be_bytes());
+    v.push(u8::from(w.user.is_some()));
+    if let Some(user) = w.user {
+        push_str16(&mut v, user.as_bytes());
+    }
+    v.extend_from_slice(w.batch);
+    Some(v)
+}
+
+/// Decodes [`will_value`] (the batch is returned as stored, for its own decoder).
+pub fn parse_will_value(v: &[u8]) -> Option<StoredWill<'_>> {
+    let b = value_body(v)?;
+    let disconnected_at_ms = u64_at(b, 0)?;
+    let delay_secs = u32_at(b, 8)?;
+    let (user, batch) = match b.get(12..)?.split_first()? {
+        (0, rest) => (None, rest),
+        (1, rest) => {
+            let (user, rest) = split_str16(rest)?;
+            (Some(user), rest)
+        }
+        _ => return None,
+    };
+    if batch.is_empty() {
+        return None;
+    }
+    Some(StoredWill {
+        disconnected_at_ms,
+        delay_secs,
+        user,
+        batch,
+    })
+}
+
 // ---- checking ----
 
 /// Decodes one stored entry by its tag: `Err((kind, why))` when it does not decode. Used by
-/// `edge check` and the fuzz oracle; a retained message's record is checked by `retained`.
+/// `edge check` and the fuzz oracle; the one-record batch of a retained message or a will is
+/// checked by `one_record`.
 pub fn check_entry(
     k: &[u8],
     v: &[u8],
-    retained: impl FnOnce(&[u8]) -> Result<(), String>,
+    one_record: impl FnOnce(&[u8]) -> Result<(), String>,
 ) -> Result<(), (&'static str, String)> {
     let Some(tag) = Tag::of(k) else {
         return Err((
@@ -631,7 +714,16 @@ pub fn check_entry(
             let Some(body) = value_body(v) else {
                 return fail("no format byte");
             };
-            return retained(body).map_err(|why| (tag.kind(), why));
+            return one_record(body).map_err(|why| (tag.kind(), why));
+        }
+        Tag::Will => {
+            if parse_will_key(k).is_none() {
+                return fail("not a client id and a will id");
+            }
+            let Some(will) = parse_will_value(v) else {
+                return fail("not a disconnect time, a delay, a user and a will");
+            };
+            return one_record(will.batch).map_err(|why| (tag.kind(), why));
         }
         Tag::Group => {
             parse_group_position_key(k).is_some() && parse_group_position_value(v).is_some()
@@ -654,6 +746,7 @@ pub fn check_entry(
             Tag::Retained => "not a retained message",
             Tag::Group => "not a group, topic, partition and position",
             Tag::LastCommit => "not a time",
+            Tag::Will => "not a will",
         })
     }
 }
@@ -721,6 +814,33 @@ mod tests {
         assert_eq!(
             check_entry(b"rx", &retained_value(b"batch"), |_| Err("no".into())).unwrap_err(),
             ("retained message", "no".to_string())
+        );
+    }
+
+    #[test]
+    fn a_will_is_checked_with_its_record_and_a_too_long_user_is_refused() {
+        let w = StoredWill {
+            disconnected_at_ms: 0,
+            delay_secs: 5,
+            user: Some("alice"),
+            batch: b"batch",
+        };
+        let k = will_key("dev", 3);
+        let v = will_value(&w).unwrap();
+        assert!(check_entry(&k, &v, |b| (b == b"batch").then_some(()).ok_or("x".into())).is_ok());
+        assert_eq!(
+            check_entry(&k, &v, |_| Err("bad record".into())).unwrap_err(),
+            ("will", "bad record".to_string())
+        );
+        assert_eq!(check_entry(&k, &v[..10], |_| Ok(())).unwrap_err().0, "will");
+        assert_eq!(check_entry(b"w\x00", &v, |_| Ok(())).unwrap_err().0, "will");
+        let long = "u".repeat(65_536);
+        assert_eq!(
+            will_value(&StoredWill {
+                user: Some(&long),
+                ..w
+            }),
+            None
         );
     }
 
@@ -853,6 +973,31 @@ mod tests {
             prop_assert!(k.starts_with(&group_prefix(&group)));
             prop_assert_eq!(parse_group_position_key(&k), Some((group.as_str(), topic.as_str(), partition)));
             prop_assert_eq!(parse_group_position_value(&group_position_value(committed, lease)), Some((committed, lease)));
+        }
+
+        #[test]
+        fn wills_round_trip(
+            client in client_id(),
+            will_id: u64,
+            disconnected_at_ms: u64,
+            delay_secs: u32,
+            user in proptest::option::of(prop_oneof![
+                "[a-zA-Z0-9@.-]{0,64}",
+                // The longest user name a str16 holds.
+                Just("u".repeat(65_535)),
+            ]),
+            batch in proptest::collection::vec(any::<u8>(), 1..300),
+        ) {
+            let k = will_key(&client, will_id);
+            prop_assert!(k.starts_with(&client_prefix(Tag::Will, &client)));
+            prop_assert_eq!(parse_will_key(&k), Some((client.as_str(), will_id)));
+            prop_assert_eq!(parse_queue_key(&k), None);
+            let w = StoredWill { disconnected_at_ms, delay_secs, user: user.as_deref(), batch: &batch };
+            let v = will_value(&w).unwrap();
+            prop_assert_eq!(parse_will_value(&v), Some(w));
+            // Cut before its will, it does not decode.
+            let cut = 13 + user.as_ref().map_or(0, |u| 2 + u.len());
+            prop_assert_eq!(parse_will_value(&v[..cut]), None);
         }
 
         #[test]

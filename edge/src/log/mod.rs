@@ -543,13 +543,7 @@ impl Log {
     /// Logs what the log holds after opening: each partition's offsets and when the newest
     /// commit that survived was made (after a power cut, how far back the log went).
     fn report_recovery(&self) {
-        let last_commit = self
-            .meta
-            .get(meta::LAST_COMMIT_KEY)
-            .ok()
-            .flatten()
-            .and_then(|v| meta::parse_last_commit_value(&v))
-            .filter(|&at| at > 0);
+        let last_commit = self.last_commit_ms();
         let mut ranges = String::new();
         let mut records = 0u64;
         let mut partitions = 0usize;
@@ -587,6 +581,18 @@ impl Log {
             ),
             None => tracing::info!(partitions, records, offsets = %ranges, "log opened"),
         }
+    }
+
+    /// When the newest group commit stored was made (ms since the Unix epoch), if any was.
+    /// Read before the appender starts, it is the last moment the previous run is known to
+    /// have been up.
+    pub fn last_commit_ms(&self) -> Option<u64> {
+        self.meta
+            .get(meta::LAST_COMMIT_KEY)
+            .ok()
+            .flatten()
+            .and_then(|v| meta::parse_last_commit_value(&v))
+            .filter(|&at| at > 0)
     }
 
     /// Every topic, by id.

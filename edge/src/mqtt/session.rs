@@ -43,6 +43,11 @@ impl Handover {
         self.changed.notify_waiters();
     }
 
+    /// Whether [`Handover::take_over`] was called.
+    pub fn is_taken_over(&self) -> bool {
+        self.taken_over.load(Ordering::Acquire)
+    }
+
     /// Resolves once [`Handover::take_over`] was called.
     pub async fn taken_over(&self) {
         Self::wait(&self.changed, &self.taken_over).await

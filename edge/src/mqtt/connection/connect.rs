@@ -15,12 +15,14 @@ use tokio::time::Instant;
 use super::types::{validate_topic, Client, EndsHandover, ReceiveLimits, FINAL_FLUSH};
 use crate::auth::{ConnAcl, LoginRefusal};
 use crate::log::appender::now_ms;
+use crate::log::meta::StoredWill;
 use crate::mqtt::codec::{self, reason, ConnAckInfo, ConnectIn, Inbound, Version, WillIn};
 use crate::mqtt::delivery::{subscribe_op, Subscriber};
 use crate::mqtt::limits::{
     check_message_props, Limits, PacketRefused, PublishRate, Refused, CONNECT_BUFFER_BUDGET,
 };
 use crate::mqtt::session::{purge_ops, qos2_marker_op, session_put_op, Handover, SessionData};
+use crate::mqtt::will;
 use crate::mqtt::Broker;
 
 /// Reads the CONNECT within `connect_timeout`; refuses (and closes) a connection whose
@@ -94,6 +96,10 @@ pub(super) struct Accepted<R, W> {
     /// 1.5 times the keepalive, if there is one.
     pub(super) keep_alive: Option<Duration>,
     pub(super) will: Option<WillIn>,
+    /// The id of the will's stored entry.
+    pub(super) will_id: Option<u64>,
+    /// The user the client logged in as.
+    pub(super) username: Option<Arc<str>>,
     /// The publish rate limit (`max_publish_rate`), if one is set.
     pub(super) rate: Option<Box<PublishRate>>,
     pub(super) receive_limits: ReceiveLimits,
@@ -231,6 +237,28 @@ where
             return Opening::Refused;
         }
     }
+    // The will as it is stored with the session (checked here, before anything is taken over).
+    let will_batch = match connect
+        .will
+        .as_ref()
+        .map(|w| will::encode_batch(&client_id, w, now_ms()))
+    {
+        None => None,
+        Some(Ok(batch)) => Some(batch),
+        Some(Err(why)) => {
+            limits.packet_refused(PacketRefused::Will);
+            let out = refuse(
+                Refused::Malformed,
+                reason::PACKET_TOO_LARGE,
+                format!("will: {why}"),
+            )
+            .await;
+            if version == Version::V5 {
+                send_final(&mut writer, &out).await;
+            }
+            return Opening::Refused;
+        }
+    };
     // Authentication, before the session is touched: a refused client takes nothing over.
     // Each address gets a fair share of the password-check queue, and no login waits in it
     // longer than a CONNECT may take to arrive.
@@ -378,9 +406,12 @@ where
         .sessions
         .attach(&client_id, username.clone(), handover.0.clone())
         .await;
-    // A will waiting out its delay is not due once a new connection holds the session.
-    broker.wills.cancel(&client_id);
     let mut ops = Vec::new();
+    // A will waiting out its delay is not due once a new connection holds the session: its
+    // entry goes in this connection's commit.
+    if let Some(id) = broker.wills.cancel(&client_id) {
+        ops.push(will::delete_op(&client_id, id));
+    }
     let hub = &broker.hub;
     let previous = attachment.previous.or(attachment.expired.clone());
     let (mut data, session_present) = match previous {
@@ -434,6 +465,23 @@ where
         ops.extend(purge_ops(&client_id));
         data.durable = false;
     }
+    // The will is stored with the session, durable before the CONNACK (last: after any
+    // purge of the session's earlier state).
+    let mut will_id = None;
+    if let (Some(w), Some(batch)) = (&connect.will, &will_batch) {
+        let id = broker.wills.next_will_id();
+        let delay = will::effective_delay(w.delay, data.expiry, broker.config.max_will_delay.0);
+        let stored = StoredWill {
+            disconnected_at_ms: 0,
+            delay_secs: delay,
+            user: username.as_deref(),
+            batch,
+        };
+        if let Some(op) = will::put_op(&client_id, id, &stored) {
+            ops.push(op);
+            will_id = Some(id);
+        }
+    }
     sub.durable.store(data.durable, Ordering::Release);
     broker.sessions.set_subscriber(
         &client_id,
@@ -461,6 +509,8 @@ where
         acl: acl.map(Box::new),
         keep_alive: None,
         will: connect.will.clone(),
+        will_id: None,
+        username: username.clone(),
         rate: publish_rate(&broker.config).map(Box::new),
         receive_limits: ReceiveLimits {
             inflight: connect
@@ -482,6 +532,7 @@ where
             return Opening::Abandoned(accepted);
         }
     }
+    accepted.will_id = will_id;
 
     // Keepalive: the client's value, capped by the configured maximum (announced to 5.0).
     let max_ka = broker.config.max_keepalive.0.as_secs() as u16;

@@ -49,7 +49,8 @@ use crate::auth::ConnAcl;
 use crate::log::appender::{now_ms, AppendRequest, Committed};
 use connect::{Accepted, Opening};
 use inbound::InboundBatch;
-use last_will::LastWill;
+pub(crate) use last_will::restore as restore_wills;
+use last_will::{LastWill, Settled};
 use outbound::OutboundWindow;
 use socket::Socket;
 use types::{Client, Close, Deferred, EndsHandover, FINAL_FLUSH};
@@ -159,6 +160,8 @@ impl<R, W> Opened<R, W> {
             acl,
             keep_alive,
             will,
+            will_id,
+            username,
             rate,
             receive_limits,
             resume: _,
@@ -180,7 +183,7 @@ impl<R, W> Opened<R, W> {
                 read_publishes: 0,
                 paused_until: None,
                 outbound: OutboundWindow::new(receive_limits),
-                will: LastWill::new(will),
+                will: LastWill::new(will, will_id, username),
             },
             conn_id,
             handover,
@@ -231,12 +234,18 @@ where
         }
     }
     if let Err(close) = &end {
-        // The edge going down is not the client's failure.
+        // The edge closes the connection without the client's DISCONNECT: the will is due
+        // (MQTT 5 3.1.2.5), and one with a delay waits it out across the restart.
         if close.code == reason::SERVER_SHUTTING_DOWN {
-            conn.will.cancel();
+            conn.will.on_shutdown();
         }
     }
     let _ = tokio::time::timeout(FINAL_FLUSH, conn.flush()).await;
+    if let Some(delete) = conn.will.discarded_entry(&client_id) {
+        // Before the socket closes: a client that saw the close after its DISCONNECT knows
+        // that no restart of the edge publishes its will.
+        let _ = broker.appender.commit_state(vec![delete]).await;
+    }
     let _ = tokio::time::timeout(FINAL_FLUSH, conn.socket.shutdown()).await;
     let Opened {
         conn,
@@ -615,21 +624,31 @@ where
         })
     }
 
-    /// Hands the session back and publishes the will. Callers box it, as `drain_pending`.
+    /// Hands the session back and settles the will: what becomes of it is committed (or
+    /// queued to the appender) before a connection taking the client id over goes on, so
+    /// that its own commit comes after. Callers box it, as `drain_pending`.
     async fn finish(mut self, conn_id: u64, handover: &Handover) {
         self.inbound.report_acks(&self.client);
         let lost = self.outbound.close(&self.client);
         let client = &self.client;
         let hub = &client.broker.hub;
         hub.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
-        let will = self.will.take_due(client, &mut self.acl);
-        let expiry = self.session.expiry;
+        let mut will_ops = Vec::new();
+        let settled = self.will.settle(
+            client,
+            &mut self.acl,
+            conn_id,
+            self.session.expiry,
+            handover.is_taken_over(),
+            &mut will_ops,
+        );
         let data = std::mem::take(&mut self.session);
-        let (ops, ended) =
+        let (mut ops, ended) =
             client
                 .broker
                 .sessions
                 .detach(&client.client_id, conn_id, data, now_ms());
+        ops.extend(will_ops);
         if let Some(sub) = ended {
             hub.remove_session(&sub);
         }
@@ -643,10 +662,16 @@ where
                 })
                 .await;
         }
-        handover.end();
-        if let Some(will) = will {
-            last_will::release(&client.broker, &client.client_id, conn_id, expiry, will).await;
+        match settled {
+            Settled::Done => {}
+            Settled::PublishNow(will, stored) => {
+                last_will::publish_will(&client.broker, &client.client_id, *will, stored).await;
+            }
+            Settled::Wait(waiting) => {
+                last_will::wait_then_publish(&client.broker, &client.client_id, conn_id, waiting);
+            }
         }
+        handover.end();
         tracing::debug!(peer = %client.peer, client_id = %client.client_id, "connection ended");
     }
 }
