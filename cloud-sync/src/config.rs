@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The checkpoint topic every site shared before each had its own.
+pub const LEGACY_CHECKPOINT_TOPIC: &str = "tributary.checkpoints";
+
 /// What a Kafka record adds to the MQTT packet it comes from, at most: the key (a copy of the
 /// MQTT topic or a part of it, up to 64 KiB), the client id and the header names, and the
 /// record batch's framing.
@@ -76,11 +79,17 @@ pub struct MirrorConfig {
     pub topic_format: String,
     /// Source topics to mirror; `None` mirrors all.
     pub topics: Option<Vec<String>>,
-    /// Compacted Kafka topic holding the checkpoints.
+    /// Compacted Kafka topic holding this site's checkpoints, written by no other site (a
+    /// read_committed reader cannot pass another producer's open transaction).
     pub checkpoint_topic: String,
+    /// The topic all sites shared for their checkpoints before each had its own: read once,
+    /// while the site's own topic holds none of its checkpoints (the first start after the
+    /// upgrade); `None` reads none.
+    pub legacy_checkpoint_topic: Option<String>,
     /// Kafka transactional id; one mirror at a time may use it (a newer one fences older).
     pub transactional_id: String,
-    /// Replication factor of the topics the mirror creates; `None` uses the cluster default.
+    /// Replication factor of the topics the mirror creates; `None`: the cluster's default,
+    /// except for the checkpoint topic, which gets min(3, brokers).
     pub replication_factor: Option<i32>,
     /// librdkafka `compression.type`: `none`, `gzip`, `snappy`, `lz4` or `zstd`.
     pub compression: String,
@@ -129,7 +138,8 @@ impl MirrorConfig {
             site: site.to_string(),
             topic_format: "{site}.{topic}".to_string(),
             topics: None,
-            checkpoint_topic: "tributary.checkpoints".to_string(),
+            checkpoint_topic: format!("tributary.checkpoints.{site}"),
+            legacy_checkpoint_topic: Some(LEGACY_CHECKPOINT_TOPIC.to_string()),
             transactional_id: format!("tributary-mirror-{site}"),
             replication_factor: None,
             compression: "lz4".to_string(),

@@ -599,7 +599,7 @@ impl<'a> Session<'a> {
                 e,
             ));
         }
-        let checkpoint_partitions = ensure_topics(shared, runtime, &mut slots)?;
+        let topics = ensure_topics(shared, runtime, &mut slots)?;
         producer
             .init_transactions(config.request_timeout)
             .map_err(|e| {
@@ -613,7 +613,7 @@ impl<'a> Session<'a> {
                 )
             })?;
 
-        let checkpoint_partition = checkpoint_partition(&config.site, checkpoint_partitions);
+        let checkpoint_partition = checkpoint_partition(&config.site, topics.checkpoint_partitions);
         let mut session = Session {
             shared,
             producer,
@@ -624,7 +624,7 @@ impl<'a> Session<'a> {
             dead_letter_topic: config.dead_letter_topic(),
             diverted: Vec::new(),
         };
-        session.load_checkpoints()?;
+        session.load_checkpoints(topics.legacy_partitions)?;
         session.position(source)?;
         shared.healthy();
         if after_failure {
@@ -640,7 +640,83 @@ impl<'a> Session<'a> {
     }
 
     /// Reads the site's checkpoints (read_committed) to find where each partition resumes.
-    fn load_checkpoints(&mut self) -> Result<(), SessionError> {
+    /// While its own topic holds none, the checkpoints of the site in the shared topic of
+    /// earlier versions (with `legacy_partitions` partitions, if it exists) are read instead
+    /// and copied to its own topic in a transaction of their own, so the next start reads
+    /// its own topic only.
+    fn load_checkpoints(&mut self, legacy_partitions: Option<i32>) -> Result<(), SessionError> {
+        let config = &self.shared.config;
+        let own = (config.checkpoint_topic.clone(), self.checkpoint_partition);
+        let mut read = self.read_checkpoints(&own.0, own.1)?;
+        if read.iter().all(Vec::is_empty) {
+            if let (Some(legacy), Some(partitions)) =
+                (&config.legacy_checkpoint_topic, legacy_partitions)
+            {
+                let partition = checkpoint_partition(&config.site, partitions);
+                read = self.read_checkpoints(legacy, partition)?;
+                let found: usize = read.iter().map(Vec::len).sum();
+                if found > 0 {
+                    info!(
+                        site = %config.site,
+                        "mirror: read {found} checkpoints of this site from {legacy} (the topic \
+                         all sites shared before); copying them to {}",
+                        config.checkpoint_topic
+                    );
+                    self.copy_checkpoints().map_err(|e| match e {
+                        TxnFailure::Aborted(kind, message) => SessionError::Kafka { kind, message },
+                        TxnFailure::Fatal(e) => e,
+                    })?;
+                }
+            }
+        }
+        let mut translations = self.shared.translations.lock().expect("translations lock");
+        for (slot, read) in self.slots.iter().zip(&read) {
+            translations[slot.status_index].resume(read);
+        }
+        Ok(())
+    }
+
+    /// Writes the checkpoint of every partition that has one, in a transaction of its own.
+    fn copy_checkpoints(&mut self) -> Result<(), TxnFailure> {
+        self.producer
+            .begin_transaction()
+            .map_err(TxnFailure::from)?;
+        let config = &self.shared.config;
+        for slot in self.slots.iter().filter(|s| s.checkpointed) {
+            let checkpoint = Checkpoint {
+                site: config.site.clone(),
+                topic: slot.topic.clone(),
+                partition: slot.partition,
+                kafka_topic: slot.kafka_topic.clone(),
+                next_edge_offset: slot.committed,
+                last_kafka_offset: slot.last_kafka_offset,
+            };
+            let key = checkpoint.key();
+            let value = checkpoint.value();
+            let record =
+                BaseRecord::with_opaque_to(&config.checkpoint_topic, Box::new(Sent::Checkpoint))
+                    .partition(self.checkpoint_partition)
+                    .key(&key)
+                    .payload(&value);
+            if let Some((reason, e)) = self.send(record)? {
+                return Err(TxnFailure::Aborted(
+                    ErrorKind::Checkpoint,
+                    format!("Kafka refused a checkpoint ({}): {e}", reason.label()),
+                ));
+            }
+        }
+        self.wait_acks(true)?;
+        self.commit()
+    }
+
+    /// Reads the site's checkpoints from `partition` of `topic` into the slots, to the end of
+    /// the partition (read_committed); returns per slot every checkpoint read, oldest first
+    /// (group replication translates through them).
+    fn read_checkpoints(
+        &mut self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Vec<Vec<(u64, i64)>>, SessionError> {
         let config = &self.shared.config;
         let mut cc = client_config(config);
         cc.set(
@@ -657,18 +733,14 @@ impl<'a> Session<'a> {
             })
             .map_err(|e| kafka(ErrorKind::Other, "creating the checkpoint reader", e))?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(
-            &config.checkpoint_topic,
-            self.checkpoint_partition,
-            Offset::Beginning,
-        )
-        .map_err(|e| {
-            kafka(
-                ErrorKind::Checkpoint,
-                "assigning the checkpoint partition",
-                e,
-            )
-        })?;
+        tpl.add_partition_offset(topic, partition, Offset::Beginning)
+            .map_err(|e| {
+                kafka(
+                    ErrorKind::Checkpoint,
+                    "assigning the checkpoint partition",
+                    e,
+                )
+            })?;
         consumer.assign(&tpl).map_err(|e| {
             kafka(
                 ErrorKind::Checkpoint,
@@ -687,8 +759,8 @@ impl<'a> Session<'a> {
                     ErrorKind::Checkpoint,
                     format!(
                         "reading checkpoints from {} partition {}: no end of partition within {:?}",
-                        config.checkpoint_topic,
-                        self.checkpoint_partition,
+                        topic,
+                        partition,
                         config.request_timeout * 2
                     ),
                 ));
@@ -739,12 +811,8 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        debug!(site = %config.site, "read {found} checkpoint records");
-        let mut translations = self.shared.translations.lock().expect("translations lock");
-        for (slot, read) in self.slots.iter().zip(&read) {
-            translations[slot.status_index].resume(read);
-        }
-        Ok(())
+        debug!(site = %config.site, "read {found} checkpoint records from {topic}");
+        Ok(read)
     }
 
     /// Settles each partition's start against what the source holds.
@@ -1510,13 +1578,30 @@ impl Drop for Session<'_> {
     }
 }
 
-/// Creates the checkpoint topic and the mirrored topics where missing and checks the
-/// partition counts of those that exist. Returns the checkpoint topic's partition count.
+/// What a session needs to know of its Kafka topics.
+struct Topics {
+    /// Partitions of the site's checkpoint topic.
+    checkpoint_partitions: i32,
+    /// Partitions of the shared checkpoint topic of earlier versions, when it exists (and is
+    /// not the site's own).
+    legacy_partitions: Option<i32>,
+}
+
+/// The replication factor of a new checkpoint topic on a cluster of `brokers`, and its
+/// `min.insync.replicas`: a checkpoint must survive the loss of a broker.
+fn checkpoint_replication(configured: Option<i32>, brokers: usize) -> (i32, i32) {
+    let rf = configured.unwrap_or_else(|| (brokers as i32).clamp(1, 3));
+    (rf, (rf - 1).clamp(1, 2))
+}
+
+/// Creates the checkpoint topic, the dead-letter topic and the mirrored topics that are
+/// missing (only those: a principal without CREATE rights mirrors to topics that exist) and
+/// checks the partition counts of those that exist.
 fn ensure_topics(
     shared: &Arc<Shared>,
     runtime: &tokio::runtime::Runtime,
     slots: &mut [Slot],
-) -> Result<i32, SessionError> {
+) -> Result<Topics, SessionError> {
     let config = &shared.config;
     let admin: AdminClient<ReportingContext> = with_extra(client_config(config), config)
         .create_with_context(ReportingContext {
@@ -1532,15 +1617,33 @@ fn ensure_topics(
             None => wanted.push((s.kafka_topic.clone(), s.partition + 1)),
         }
     }
+    let before = admin
+        .inner()
+        .fetch_metadata(None, config.request_timeout)
+        .map_err(|e| kafka(ErrorKind::Topics, "reading topic metadata", e))?;
+    let exists = |name: &str| {
+        before
+            .topics()
+            .iter()
+            .any(|t| t.name() == name && t.error().is_none())
+    };
+    let (checkpoint_rf, checkpoint_min_isr) =
+        checkpoint_replication(config.replication_factor, before.brokers().len());
+    let checkpoint_min_isr = checkpoint_min_isr.to_string();
     let mut new_topics: Vec<NewTopic<'_>> = wanted
         .iter()
         .map(|(t, n)| NewTopic::new(t, *n as i32, replication()))
         .collect();
     new_topics.push(
-        NewTopic::new(&config.checkpoint_topic, 1, replication())
-            .set("cleanup.policy", "compact")
-            .set("segment.ms", "600000")
-            .set("min.cleanable.dirty.ratio", "0.1"),
+        NewTopic::new(
+            &config.checkpoint_topic,
+            1,
+            TopicReplication::Fixed(checkpoint_rf),
+        )
+        .set("cleanup.policy", "compact")
+        .set("min.insync.replicas", &checkpoint_min_isr)
+        .set("segment.ms", "600000")
+        .set("min.cleanable.dirty.ratio", "0.1"),
     );
     // The dead-letter topic takes what the mirrored topics refuse: records as large as the
     // producer sends, and timestamps of any clock (the broker stamps them on append; the
@@ -1555,32 +1658,37 @@ fn ensure_topics(
                 .set("max.message.bytes", &dead_letter_bytes),
         );
     }
+    new_topics.retain(|t| !exists(t.name));
     let options = AdminOptions::new().operation_timeout(Some(config.request_timeout));
-    let results = runtime
-        .block_on(async {
-            tokio::time::timeout(
-                config.request_timeout * 2,
-                admin.create_topics(new_topics.iter(), &options),
-            )
-            .await
-        })
-        .map_err(|_| {
-            failed(
-                ErrorKind::Topics,
-                format!(
-                    "creating topics at {}: no answer within {:?} (is the cluster reachable?)",
-                    config.bootstrap,
-                    config.request_timeout * 2
-                ),
-            )
-        })?
-        .map_err(|e| {
-            kafka(
-                ErrorKind::Topics,
-                &format!("creating topics at {}", config.bootstrap),
-                e,
-            )
-        })?;
+    let results = if new_topics.is_empty() {
+        Vec::new()
+    } else {
+        runtime
+            .block_on(async {
+                tokio::time::timeout(
+                    config.request_timeout * 2,
+                    admin.create_topics(new_topics.iter(), &options),
+                )
+                .await
+            })
+            .map_err(|_| {
+                failed(
+                    ErrorKind::Topics,
+                    format!(
+                        "creating topics at {}: no answer within {:?} (is the cluster reachable?)",
+                        config.bootstrap,
+                        config.request_timeout * 2
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                kafka(
+                    ErrorKind::Topics,
+                    &format!("creating topics at {}", config.bootstrap),
+                    e,
+                )
+            })?
+    };
     for r in results {
         match r {
             Ok(topic) => info!("mirror: created Kafka topic {topic}"),
@@ -1661,7 +1769,17 @@ fn ensure_topics(
             ),
         ));
     }
-    Ok(checkpoint_partitions as i32)
+    let legacy_partitions = config
+        .legacy_checkpoint_topic
+        .as_deref()
+        .filter(|legacy| *legacy != config.checkpoint_topic)
+        .and_then(count_of)
+        .filter(|&n| n > 0)
+        .map(|n| n as i32);
+    Ok(Topics {
+        checkpoint_partitions: checkpoint_partitions as i32,
+        legacy_partitions,
+    })
 }
 
 #[cfg(test)]
@@ -1681,5 +1799,15 @@ mod tests {
             partition: 3,
         });
         assert_eq!(source.kind(), ErrorKind::Source);
+    }
+
+    #[test]
+    fn checkpoints_are_replicated_to_three_brokers_where_there_are_three() {
+        assert_eq!(checkpoint_replication(None, 1), (1, 1));
+        assert_eq!(checkpoint_replication(None, 2), (2, 1));
+        assert_eq!(checkpoint_replication(None, 3), (3, 2));
+        assert_eq!(checkpoint_replication(None, 9), (3, 2));
+        assert_eq!(checkpoint_replication(Some(5), 9), (5, 2));
+        assert_eq!(checkpoint_replication(Some(1), 9), (1, 1));
     }
 }

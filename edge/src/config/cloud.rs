@@ -27,13 +27,19 @@ pub struct CloudConfig {
     /// Log topics to mirror (default: all).
     #[serde(default)]
     pub topics: Option<Vec<String>>,
-    /// Compacted Kafka topic where the mirror keeps its checkpoints (shared by sites).
+    /// Compacted Kafka topic where the mirror keeps this site's checkpoints (`{site}` is
+    /// replaced); no other site may write to it. Created with replication factor
+    /// min(3, brokers) (or `replication_factor`) and `min.insync.replicas` 2 (1 below 3
+    /// replicas). Checkpoints of the site in the topic all sites shared before,
+    /// `tributary.checkpoints`, are read (and copied here) at the first start that finds none
+    /// here.
     #[serde(default = "CloudConfig::default_checkpoint_topic")]
     pub checkpoint_topic: String,
     /// Kafka transactional id (default `tributary-mirror-{site}`).
     #[serde(default)]
     pub transactional_id: Option<String>,
-    /// Replication factor of the Kafka topics the mirror creates (default: the cluster's).
+    /// Replication factor of the Kafka topics the mirror creates (default: the cluster's,
+    /// and min(3, brokers) for the checkpoint topic).
     #[serde(default)]
     pub replication_factor: Option<i32>,
     /// Compression of record batches: `"none"`, `"gzip"`, `"snappy"`, `"lz4"`, `"zstd"`.
@@ -123,7 +129,7 @@ impl CloudConfig {
         "{site}.{topic}".into()
     }
     fn default_checkpoint_topic() -> String {
-        "tributary.checkpoints".into()
+        "tributary.checkpoints.{site}".into()
     }
     fn default_compression() -> String {
         "lz4".into()
@@ -171,7 +177,7 @@ impl CloudConfig {
         let mut m = cloud_sync::MirrorConfig::new(&self.bootstrap, &self.site);
         m.topic_format = self.topic_format.clone();
         m.topics = self.topics.clone();
-        m.checkpoint_topic = self.checkpoint_topic.clone();
+        m.checkpoint_topic = self.checkpoint_topic.replace("{site}", &self.site);
         if let Some(id) = &self.transactional_id {
             m.transactional_id = id.clone();
         }
