@@ -7,6 +7,47 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The checkpoint topic every site shared before each had its own.
+pub const LEGACY_CHECKPOINT_TOPIC: &str = "tributary.checkpoints";
+
+/// What a Kafka record adds to the MQTT packet it comes from, at most: the key (a copy of the
+/// MQTT topic or a part of it, up to 64 KiB), the client id and the header names, and the
+/// record batch's framing.
+pub const RECORD_HEADROOM: usize = 256 * 1024;
+
+/// What the mirror does with a record Kafka refuses for itself (not for the link's or the
+/// cluster's state): too large for the topic, a timestamp out of the topic's bounds, a record
+/// the topic's policy refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnRejected {
+    /// Write it to the dead-letter topic with its origin in headers, and go on.
+    #[default]
+    DeadLetter,
+    /// Leave it out (counted and logged), and go on.
+    Skip,
+    /// Stop mirroring its partition before it (the other partitions go on) until an operator
+    /// makes Kafka take it; the mirror tries again every minute.
+    Stop,
+}
+
+impl OnRejected {
+    /// The setting's value in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            OnRejected::DeadLetter => "dead-letter",
+            OnRejected::Skip => "skip",
+            OnRejected::Stop => "stop",
+        }
+    }
+
+    /// Parses the config file's value.
+    pub fn parse(value: &str) -> Option<OnRejected> {
+        [OnRejected::DeadLetter, OnRejected::Skip, OnRejected::Stop]
+            .into_iter()
+            .find(|o| o.name() == value)
+    }
+}
+
 /// How the mirror authenticates and encrypts its Kafka connections.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Security {
@@ -38,11 +79,17 @@ pub struct MirrorConfig {
     pub topic_format: String,
     /// Source topics to mirror; `None` mirrors all.
     pub topics: Option<Vec<String>>,
-    /// Compacted Kafka topic holding the checkpoints.
+    /// Compacted Kafka topic holding this site's checkpoints, written by no other site (a
+    /// read_committed reader cannot pass another producer's open transaction).
     pub checkpoint_topic: String,
+    /// The topic all sites shared for their checkpoints before each had its own: read once,
+    /// while the site's own topic holds none of its checkpoints (the first start after the
+    /// upgrade); `None` reads none.
+    pub legacy_checkpoint_topic: Option<String>,
     /// Kafka transactional id; one mirror at a time may use it (a newer one fences older).
     pub transactional_id: String,
-    /// Replication factor of the topics the mirror creates; `None` uses the cluster default.
+    /// Replication factor of the topics the mirror creates; `None`: the cluster's default,
+    /// except for the checkpoint topic, which gets min(3, brokers).
     pub replication_factor: Option<i32>,
     /// librdkafka `compression.type`: `none`, `gzip`, `snappy`, `lz4` or `zstd`.
     pub compression: String,
@@ -50,10 +97,26 @@ pub struct MirrorConfig {
     pub batch_bytes: usize,
     /// librdkafka `linger.ms`; also how long the mirror waits for more records when idle.
     pub linger: Duration,
-    /// Most record bytes in one Kafka transaction.
+    /// Most record bytes in one Kafka transaction (the upper bound of the pacing).
     pub transaction_bytes: usize,
-    /// Cap on the record bytes sent per second; `None` is uncapped.
+    /// How long a transaction should take: each carries what the link (as measured, or
+    /// `bandwidth`) sends in this long; see [`crate::pacing`].
+    pub transaction_duration: Duration,
+    /// Cap on the record bytes sent per second, on average: the mirror waits between
+    /// transactions, never inside one; `None` is uncapped.
     pub bandwidth: Option<u64>,
+    /// The producer's `message.max.bytes`: the largest record it sends (and the
+    /// `max.message.bytes` of the dead-letter topic it creates). The edge sets it from its
+    /// MQTT `max_packet_size` plus [`RECORD_HEADROOM`].
+    pub max_message_bytes: usize,
+    /// What to do with a record Kafka refuses for itself (too large, invalid timestamp).
+    pub on_rejected: OnRejected,
+    /// Topic of the records Kafka refused, with `on_rejected = "dead-letter"`; `{site}` is
+    /// replaced.
+    pub dead_letter_topic: String,
+    /// With records to mirror and no transaction committed for this long, the link counts
+    /// as down (`tributary_mirror_link_up` 0, `stalled` in the status).
+    pub stall_timeout: Duration,
     /// Longest wait between two attempts after a failure (the backoff doubles up to it).
     pub max_backoff: Duration,
     /// How long a Kafka request (transaction init, commit, metadata) may take.
@@ -75,14 +138,20 @@ impl MirrorConfig {
             site: site.to_string(),
             topic_format: "{site}.{topic}".to_string(),
             topics: None,
-            checkpoint_topic: "tributary.checkpoints".to_string(),
+            checkpoint_topic: format!("tributary.checkpoints.{site}"),
+            legacy_checkpoint_topic: Some(LEGACY_CHECKPOINT_TOPIC.to_string()),
             transactional_id: format!("tributary-mirror-{site}"),
             replication_factor: None,
             compression: "lz4".to_string(),
             batch_bytes: 1024 * 1024,
             linger: Duration::from_millis(5),
             transaction_bytes: 64 * 1024 * 1024,
+            transaction_duration: Duration::from_secs(5),
             bandwidth: None,
+            max_message_bytes: 1024 * 1024 + RECORD_HEADROOM,
+            on_rejected: OnRejected::DeadLetter,
+            dead_letter_topic: "tributary.dead-letter.{site}".to_string(),
+            stall_timeout: Duration::from_secs(60),
             max_backoff: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             kafka_properties: BTreeMap::new(),
@@ -99,6 +168,11 @@ impl MirrorConfig {
         self.topic_format
             .replace("{site}", &self.site)
             .replace("{topic}", topic)
+    }
+
+    /// The dead-letter topic of this site.
+    pub fn dead_letter_topic(&self) -> String {
+        self.dead_letter_topic.replace("{site}", &self.site)
     }
 
     /// Checks the settings; the error names the setting and what to do (without the
@@ -148,6 +222,22 @@ impl MirrorConfig {
         }
         if self.transaction_bytes < 1024 {
             return Err(("transaction_bytes", "must be at least 1KiB".into()));
+        }
+        if self.transaction_duration < Duration::from_millis(100)
+            || self.transaction_duration > self.request_timeout
+        {
+            return Err((
+                "transaction_duration",
+                format!(
+                    "{:?} is not between 100ms and request_timeout ({:?}): a transaction must \
+                     be acknowledged within request_timeout",
+                    self.transaction_duration, self.request_timeout
+                ),
+            ));
+        }
+        check_kafka_name(&self.dead_letter_topic()).map_err(|m| ("dead_letter_topic", m))?;
+        if self.stall_timeout < Duration::from_secs(1) {
+            return Err(("stall_timeout", "must be at least 1s".into()));
         }
         if self.bandwidth == Some(0) {
             return Err(("bandwidth", "0 would never send; leave it unset".into()));
@@ -308,6 +398,34 @@ mod tests {
             err.1
         );
         c.group_sync_interval = Duration::from_millis(100);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn dead_letter_topic_names_the_site() {
+        let c = MirrorConfig::new("k:9092", "plant-7");
+        assert_eq!(c.dead_letter_topic(), "tributary.dead-letter.plant-7");
+        let mut c = c;
+        c.dead_letter_topic = "dlq/{site}".into();
+        assert_eq!(c.validate().unwrap_err().0, "dead_letter_topic");
+    }
+
+    #[test]
+    fn on_rejected_values_round_trip() {
+        for o in [OnRejected::DeadLetter, OnRejected::Skip, OnRejected::Stop] {
+            assert_eq!(OnRejected::parse(o.name()), Some(o));
+        }
+        assert_eq!(OnRejected::parse("drop"), None);
+    }
+
+    #[test]
+    fn transaction_duration_fits_within_the_request_timeout() {
+        let mut c = MirrorConfig::new("k:9092", "p");
+        c.transaction_duration = Duration::from_secs(31);
+        assert_eq!(c.validate().unwrap_err().0, "transaction_duration");
+        c.transaction_duration = Duration::from_millis(10);
+        assert_eq!(c.validate().unwrap_err().0, "transaction_duration");
+        c.transaction_duration = Duration::from_secs(30);
         c.validate().unwrap();
     }
 

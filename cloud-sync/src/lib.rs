@@ -20,15 +20,19 @@ pub mod config;
 pub mod source;
 pub mod status;
 pub mod translation;
+// how transactions are sized and spaced;
+mod pacing;
 // the state the mirror's threads share;
 mod shared;
 // the Kafka clients' common ground;
 mod kafka;
+// records Kafka refuses for themselves;
+pub mod rejection;
 // the group replicator, and the mirror that starts it.
 pub mod groups;
 pub mod mirror;
 
-pub use config::{MirrorConfig, Security};
+pub use config::{MirrorConfig, OnRejected, Security, RECORD_HEADROOM};
 pub use mirror::{Mirror, MirrorError};
 pub use source::{
     GroupPosition, Header, MemorySource, PartitionBounds, PartitionedSource, SourceError,

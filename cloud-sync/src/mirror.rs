@@ -11,10 +11,11 @@
 //!    producer of the site and aborts its open transaction;
 //! 3. read the site's checkpoints `read_committed` from the beginning of its checkpoint
 //!    partition: the last checkpoint of each source partition says where to resume;
-//! 4. repeat: read up to `transaction_bytes` of records round-robin over the partitions
-//!    (oldest first within each), produce them to the same partition numbers, wait for their
-//!    acks, produce one checkpoint per partition touched (next source offset, Kafka offset of
-//!    the last record), commit.
+//! 4. repeat: read up to the pacer's budget of records (what the link carries in
+//!    `transaction_duration`, see [`crate::pacing`]) round-robin over the partitions (oldest
+//!    first within each), produce them to the same partition numbers, wait for their acks,
+//!    produce one checkpoint per partition touched (next source offset, Kafka offset of the
+//!    last record), commit; then wait as long as the `bandwidth` cap asks.
 //!
 //! Records and checkpoints commit together or not at all, so the checkpoint read in step 3
 //! always names exactly what Kafka holds: nothing is lost or duplicated however the edge, the
@@ -23,9 +24,14 @@
 //! after a backoff that doubles up to `max_backoff`. While Kafka is unreachable the source
 //! keeps its records; the backlog drains, oldest first, when the link returns.
 //!
+//! A record Kafka refuses for itself (too large, a timestamp out of bounds) is found and
+//! taken out of the stream (dead-lettered, skipped, or its partition stopped, per
+//! `on_rejected`; see [`crate::rejection`]), so it never holds the other records back.
+//!
 //! Records the source deleted (retention, disk budget) before they were mirrored are
 //! counted per partition as `lost_before_mirror` and logged.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -44,11 +50,13 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
 use crate::checkpoint::{checkpoint_key, checkpoint_partition, Checkpoint};
-use crate::config::MirrorConfig;
+use crate::config::{MirrorConfig, OnRejected};
 use crate::groups;
 use crate::kafka::{
     client_config, kind_of, lower_priority, report_client_error, with_extra, ReportingContext,
 };
+use crate::pacing::Pacer;
+use crate::rejection::{self, Reason, Verdict};
 use crate::shared::Shared;
 use crate::source::{PartitionedSource, SourceRecord};
 use crate::status::{now_ms, ErrorKind, LinkState, MirrorStatus, PartitionStatus};
@@ -222,6 +230,9 @@ impl Mirror {
             transactions: 0,
             records_mirrored: 0,
             bytes_mirrored: 0,
+            records_rejected: Default::default(),
+            progress_at_ms: None,
+            stalled: false,
             partitions,
             groups,
         };
@@ -273,6 +284,8 @@ impl Mirror {
         let mut s = self.shared.status.lock().expect("status lock").clone();
         s.refresh_from(self.shared.source.as_ref());
         s.updated_at_ms = now_ms();
+        let stall_ms = self.shared.config.stall_timeout.as_millis() as u64;
+        s.stalled = s.state == LinkState::Mirroring && s.is_stalled(s.updated_at_ms, stall_ms);
         s
     }
 
@@ -340,14 +353,22 @@ fn run(shared: &Arc<Shared>) {
         }
     };
     let mut backoff = MIN_BACKOFF;
+    let config = &shared.config;
+    let mut pacer = Pacer::new(
+        config.transaction_duration,
+        config.transaction_bytes,
+        config.bandwidth,
+    );
+    let mut after_failure = true;
     while !shared.stopping() {
         shared.set_state(LinkState::Starting);
         let started = Instant::now();
         shared.clear_client_errors();
-        match Session::run(shared, &runtime) {
+        match Session::run(shared, &runtime, &mut pacer, after_failure) {
             Ok(()) => break,
-            Err(SessionError::Recheck) => continue,
+            Err(SessionError::Recheck) => after_failure = false,
             Err(e) => {
+                after_failure = true;
                 if started.elapsed() >= HEALTHY_SESSION {
                     backoff = MIN_BACKOFF;
                 }
@@ -383,10 +404,31 @@ struct MirrorContext {
     delivered_count: Vec<AtomicU64>,
     /// The first delivery failure of this transaction.
     failure: Mutex<Option<KafkaError>>,
+    /// The records of this transaction Kafka refused for themselves.
+    refused: Mutex<Vec<Refusal>>,
 }
 
-/// Delivery opaque of checkpoint records.
-const CHECKPOINT_SLOT: usize = usize::MAX;
+/// What a produced record was, as its delivery report tells.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    /// Source record `offset` of slot `slot`, to its mirrored topic.
+    Record { slot: usize, offset: u64 },
+    /// The same, to the dead-letter topic.
+    DeadLetter { slot: usize, offset: u64 },
+    /// A checkpoint.
+    Checkpoint,
+}
+
+/// A record Kafka refused for itself.
+#[derive(Debug, Clone)]
+struct Refusal {
+    slot: usize,
+    offset: u64,
+    reason: Reason,
+    error: String,
+    /// The dead-letter topic refused it (not its own topic).
+    dead_letter: bool,
+}
 
 impl ClientContext for MirrorContext {
     fn error(&self, error: KafkaError, reason: &str) {
@@ -395,18 +437,33 @@ impl ClientContext for MirrorContext {
 }
 
 impl ProducerContext for MirrorContext {
-    type DeliveryOpaque = usize;
+    type DeliveryOpaque = Box<Sent>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, slot: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Sent>) {
         match result {
             Ok(m) => {
-                if slot != CHECKPOINT_SLOT {
+                if let Sent::Record { slot, .. } = *sent {
                     self.delivered[slot].fetch_max(m.offset(), Ordering::Relaxed);
                     self.delivered_min[slot].fetch_min(m.offset(), Ordering::Relaxed);
                     self.delivered_count[slot].fetch_add(1, Ordering::Relaxed);
                 }
             }
             Err((e, _)) => {
+                let reason = e.rdkafka_error_code().and_then(Reason::of);
+                let origin = match *sent {
+                    Sent::Record { slot, offset } => Some((slot, offset, false)),
+                    Sent::DeadLetter { slot, offset } => Some((slot, offset, true)),
+                    Sent::Checkpoint => None,
+                };
+                if let (Some(reason), Some((slot, offset, dead_letter))) = (reason, origin) {
+                    self.refused.lock().expect("refused lock").push(Refusal {
+                        slot,
+                        offset,
+                        reason,
+                        error: e.to_string(),
+                        dead_letter,
+                    });
+                }
                 let mut f = self.failure.lock().expect("failure lock");
                 if f.is_none() {
                     *f = Some(e.clone());
@@ -427,46 +484,34 @@ struct Slot {
     next: u64,
     /// Next source offset not committed to Kafka.
     committed: u64,
+    /// Kafka offset of the last record committed (-1: none yet).
+    last_kafka_offset: i64,
     /// Why the partition is not mirrored in this session.
     refused: Option<String>,
     /// Whether Kafka held a checkpoint for this partition at session start.
     checkpointed: bool,
     /// First source offset sent in the open transaction.
     txn_first: u64,
-    /// Records sent in the open transaction.
+    /// Records sent to the mirrored topic in the open transaction.
     txn_records: u64,
 }
 
-/// A token bucket over record bytes.
-struct Bandwidth {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
+/// A refused record the open transaction takes out of the stream.
+struct Diverted {
+    slot: usize,
+    offset: u64,
+    reason: Reason,
+    error: String,
+    /// What became of it, for the log.
+    fate: &'static str,
 }
 
-impl Bandwidth {
-    fn new(rate: u64) -> Bandwidth {
-        Bandwidth {
-            rate: rate as f64,
-            tokens: 0.0,
-            last: Instant::now(),
-        }
-    }
-
-    /// How long to wait before `bytes` may be sent.
-    fn take(&mut self, bytes: usize) -> Duration {
-        let now = Instant::now();
-        let burst = (self.rate / 10.0).max(64.0 * 1024.0);
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(burst);
-        self.last = now;
-        self.tokens -= bytes as f64;
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.tokens / self.rate)
-        }
-    }
+/// What a committed transaction carried.
+struct Committed {
+    bytes: usize,
+    elapsed: Duration,
+    /// It carried its whole budget.
+    full: bool,
 }
 
 struct Session<'a> {
@@ -474,11 +519,22 @@ struct Session<'a> {
     producer: BaseProducer<MirrorContext>,
     slots: Vec<Slot>,
     checkpoint_partition: i32,
-    bandwidth: Option<Bandwidth>,
+    pacer: &'a mut Pacer,
+    /// What this session learnt of records Kafka refused, by (slot, source offset).
+    verdicts: HashMap<(usize, u64), Verdict>,
+    /// The dead-letter topic (with `on_rejected = "dead-letter"`).
+    dead_letter_topic: String,
+    /// Refused records the open transaction diverts.
+    diverted: Vec<Diverted>,
 }
 
 impl<'a> Session<'a> {
-    fn run(shared: &'a Arc<Shared>, runtime: &tokio::runtime::Runtime) -> Result<(), SessionError> {
+    fn run(
+        shared: &'a Arc<Shared>,
+        runtime: &tokio::runtime::Runtime,
+        pacer: &'a mut Pacer,
+        after_failure: bool,
+    ) -> Result<(), SessionError> {
         let config = &shared.config;
         let source = shared.source.as_ref();
         let mut slots = Vec::new();
@@ -497,6 +553,7 @@ impl<'a> Session<'a> {
                 status_index,
                 next: 0,
                 committed: 0,
+                last_kafka_offset: -1,
                 refused: None,
                 checkpointed: false,
                 txn_first: 0,
@@ -510,6 +567,7 @@ impl<'a> Session<'a> {
             delivered_min: (0..slots.len()).map(|_| AtomicI64::new(i64::MAX)).collect(),
             delivered_count: (0..slots.len()).map(|_| AtomicU64::new(0)).collect(),
             failure: Mutex::new(None),
+            refused: Mutex::new(Vec::new()),
         };
         let timeout_ms = config.request_timeout.as_millis().max(1000);
         let mut pc = client_config(config);
@@ -520,7 +578,11 @@ impl<'a> Session<'a> {
             .set("linger.ms", config.linger.as_millis().to_string())
             .set("transaction.timeout.ms", (timeout_ms * 2).to_string())
             .set("message.timeout.ms", (timeout_ms * 2).to_string())
-            .set("queue.buffering.max.kbytes", "262144");
+            .set("queue.buffering.max.kbytes", "262144")
+            .set(
+                "message.max.bytes",
+                config.max_message_bytes.max(config.batch_bytes).to_string(),
+            );
         let producer: BaseProducer<MirrorContext> = with_extra(pc, config)
             .create_with_context(context)
             .map_err(|e| kafka(ErrorKind::Other, "creating the Kafka producer", e))?;
@@ -537,7 +599,7 @@ impl<'a> Session<'a> {
                 e,
             ));
         }
-        let checkpoint_partitions = ensure_topics(shared, runtime, &mut slots)?;
+        let topics = ensure_topics(shared, runtime, &mut slots)?;
         producer
             .init_transactions(config.request_timeout)
             .map_err(|e| {
@@ -551,17 +613,23 @@ impl<'a> Session<'a> {
                 )
             })?;
 
-        let checkpoint_partition = checkpoint_partition(&config.site, checkpoint_partitions);
+        let checkpoint_partition = checkpoint_partition(&config.site, topics.checkpoint_partitions);
         let mut session = Session {
             shared,
             producer,
             slots,
             checkpoint_partition,
-            bandwidth: config.bandwidth.map(Bandwidth::new),
+            pacer,
+            verdicts: HashMap::new(),
+            dead_letter_topic: config.dead_letter_topic(),
+            diverted: Vec::new(),
         };
-        session.load_checkpoints()?;
+        session.load_checkpoints(topics.legacy_partitions)?;
         session.position(source)?;
         shared.healthy();
+        if after_failure {
+            shared.status.lock().expect("status lock").progress_at_ms = Some(now_ms());
+        }
         info!(
             site = %config.site,
             "mirroring {} partitions to {}",
@@ -572,7 +640,83 @@ impl<'a> Session<'a> {
     }
 
     /// Reads the site's checkpoints (read_committed) to find where each partition resumes.
-    fn load_checkpoints(&mut self) -> Result<(), SessionError> {
+    /// While its own topic holds none, the checkpoints of the site in the shared topic of
+    /// earlier versions (with `legacy_partitions` partitions, if it exists) are read instead
+    /// and copied to its own topic in a transaction of their own, so the next start reads
+    /// its own topic only.
+    fn load_checkpoints(&mut self, legacy_partitions: Option<i32>) -> Result<(), SessionError> {
+        let config = &self.shared.config;
+        let own = (config.checkpoint_topic.clone(), self.checkpoint_partition);
+        let mut read = self.read_checkpoints(&own.0, own.1)?;
+        if read.iter().all(Vec::is_empty) {
+            if let (Some(legacy), Some(partitions)) =
+                (&config.legacy_checkpoint_topic, legacy_partitions)
+            {
+                let partition = checkpoint_partition(&config.site, partitions);
+                read = self.read_checkpoints(legacy, partition)?;
+                let found: usize = read.iter().map(Vec::len).sum();
+                if found > 0 {
+                    info!(
+                        site = %config.site,
+                        "mirror: read {found} checkpoints of this site from {legacy} (the topic \
+                         all sites shared before); copying them to {}",
+                        config.checkpoint_topic
+                    );
+                    self.copy_checkpoints().map_err(|e| match e {
+                        TxnFailure::Aborted(kind, message) => SessionError::Kafka { kind, message },
+                        TxnFailure::Fatal(e) => e,
+                    })?;
+                }
+            }
+        }
+        let mut translations = self.shared.translations.lock().expect("translations lock");
+        for (slot, read) in self.slots.iter().zip(&read) {
+            translations[slot.status_index].resume(read);
+        }
+        Ok(())
+    }
+
+    /// Writes the checkpoint of every partition that has one, in a transaction of its own.
+    fn copy_checkpoints(&mut self) -> Result<(), TxnFailure> {
+        self.producer
+            .begin_transaction()
+            .map_err(TxnFailure::from)?;
+        let config = &self.shared.config;
+        for slot in self.slots.iter().filter(|s| s.checkpointed) {
+            let checkpoint = Checkpoint {
+                site: config.site.clone(),
+                topic: slot.topic.clone(),
+                partition: slot.partition,
+                kafka_topic: slot.kafka_topic.clone(),
+                next_edge_offset: slot.committed,
+                last_kafka_offset: slot.last_kafka_offset,
+            };
+            let key = checkpoint.key();
+            let value = checkpoint.value();
+            let record =
+                BaseRecord::with_opaque_to(&config.checkpoint_topic, Box::new(Sent::Checkpoint))
+                    .partition(self.checkpoint_partition)
+                    .key(&key)
+                    .payload(&value);
+            if let Some((reason, e)) = self.send(record)? {
+                return Err(TxnFailure::Aborted(
+                    ErrorKind::Checkpoint,
+                    format!("Kafka refused a checkpoint ({}): {e}", reason.label()),
+                ));
+            }
+        }
+        self.wait_acks(true)?;
+        self.commit()
+    }
+
+    /// Reads the site's checkpoints from `partition` of `topic` into the slots, to the end of
+    /// the partition (read_committed); returns per slot every checkpoint read, oldest first
+    /// (group replication translates through them).
+    fn read_checkpoints(
+        &mut self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Vec<Vec<(u64, i64)>>, SessionError> {
         let config = &self.shared.config;
         let mut cc = client_config(config);
         cc.set(
@@ -589,18 +733,14 @@ impl<'a> Session<'a> {
             })
             .map_err(|e| kafka(ErrorKind::Other, "creating the checkpoint reader", e))?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(
-            &config.checkpoint_topic,
-            self.checkpoint_partition,
-            Offset::Beginning,
-        )
-        .map_err(|e| {
-            kafka(
-                ErrorKind::Checkpoint,
-                "assigning the checkpoint partition",
-                e,
-            )
-        })?;
+        tpl.add_partition_offset(topic, partition, Offset::Beginning)
+            .map_err(|e| {
+                kafka(
+                    ErrorKind::Checkpoint,
+                    "assigning the checkpoint partition",
+                    e,
+                )
+            })?;
         consumer.assign(&tpl).map_err(|e| {
             kafka(
                 ErrorKind::Checkpoint,
@@ -619,8 +759,8 @@ impl<'a> Session<'a> {
                     ErrorKind::Checkpoint,
                     format!(
                         "reading checkpoints from {} partition {}: no end of partition within {:?}",
-                        config.checkpoint_topic,
-                        self.checkpoint_partition,
+                        topic,
+                        partition,
                         config.request_timeout * 2
                     ),
                 ));
@@ -660,6 +800,7 @@ impl<'a> Session<'a> {
                         read[i].push((cp.next_edge_offset, cp.last_kafka_offset));
                         slot.committed = cp.next_edge_offset;
                         slot.next = cp.next_edge_offset;
+                        slot.last_kafka_offset = cp.last_kafka_offset;
                         slot.checkpointed = true;
                         found += 1;
                         let mut status = self.shared.status.lock().expect("status lock");
@@ -670,12 +811,8 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        debug!(site = %config.site, "read {found} checkpoint records");
-        let mut translations = self.shared.translations.lock().expect("translations lock");
-        for (slot, read) in self.slots.iter().zip(&read) {
-            translations[slot.status_index].resume(read);
-        }
-        Ok(())
+        debug!(site = %config.site, "read {found} checkpoint records from {topic}");
+        Ok(read)
     }
 
     /// Settles each partition's start against what the source holds.
@@ -737,26 +874,117 @@ impl<'a> Session<'a> {
                 continue;
             }
             round = round.wrapping_add(1);
+            self.diverted.clear();
             match self.transact(round) {
-                Ok(()) => {
+                Ok(done) => {
                     abort_backoff = MIN_BACKOFF;
                     last_health = Instant::now();
+                    let wait = self.pacer.committed(done.bytes, done.elapsed, done.full);
+                    self.wait_between_transactions(wait);
                 }
                 Err(TxnFailure::Aborted(kind, message)) => {
-                    warn!("mirror: transaction aborted: {message}; retrying");
-                    self.shared.record_error(kind, message);
                     self.abort().map_err(|e| {
                         kafka(ErrorKind::Transaction, "aborting a failed transaction", e)
                     })?;
                     for slot in &mut self.slots {
                         slot.next = slot.committed;
                     }
+                    if self.learn_refusals() {
+                        // Some records were refused for themselves: the next attempt treats
+                        // them apart, at once.
+                        debug!("mirror: transaction aborted on refused records: {message}");
+                        continue;
+                    }
+                    warn!("mirror: transaction aborted: {message}; retrying");
+                    self.shared.record_error(kind, message);
+                    self.shared.set_state(LinkState::Retrying);
+                    self.pacer.failed();
                     self.shared.sleep(abort_backoff);
                     abort_backoff = (abort_backoff * 2).min(self.shared.config.max_backoff);
                 }
-                Err(TxnFailure::Fatal(e)) => return Err(e),
+                Err(TxnFailure::Fatal(e)) => {
+                    self.pacer.failed();
+                    return Err(e);
+                }
             }
         }
+    }
+
+    /// Waits `wait` (the bandwidth cap's) between two transactions, serving the producer's
+    /// events meanwhile.
+    fn wait_between_transactions(&self, wait: Duration) {
+        let until = Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.shared.stopping() {
+                return;
+            }
+            self.producer.poll(Duration::ZERO);
+            self.shared.sleep(left.min(Duration::from_millis(100)));
+        }
+    }
+
+    /// Takes the records the aborted transaction's deliveries refused for themselves into the
+    /// session's verdicts (see [`crate::rejection`]); whether it learnt anything new.
+    fn learn_refusals(&mut self) -> bool {
+        let refused = std::mem::take(
+            &mut *self
+                .producer
+                .context()
+                .refused
+                .lock()
+                .expect("refused lock"),
+        );
+        let mut learnt = false;
+        for r in &refused {
+            let key = (r.slot, r.offset);
+            let slot = &self.slots[r.slot];
+            let verdict = if r.dead_letter {
+                Verdict::Unwritable(r.reason, r.error.clone())
+            } else {
+                let together = refused
+                    .iter()
+                    .filter(|o| o.slot == r.slot && !o.dead_letter)
+                    .count();
+                match self.verdicts.get(&key) {
+                    Some(Verdict::Rejected(..) | Verdict::Unwritable(..)) => continue,
+                    Some(Verdict::Suspect) => Verdict::Rejected(r.reason, r.error.clone()),
+                    None if together == 1 => Verdict::Rejected(r.reason, r.error.clone()),
+                    None => Verdict::Suspect,
+                }
+            };
+            if self.verdicts.get(&key) == Some(&verdict) {
+                continue;
+            }
+            match &verdict {
+                Verdict::Suspect => debug!(
+                    "mirror: {}/{} offset {} refused with others ({}); sending it alone",
+                    slot.topic,
+                    slot.partition,
+                    r.offset,
+                    r.reason.label()
+                ),
+                Verdict::Rejected(..) | Verdict::Unwritable(..) => warn!(
+                    "mirror: Kafka refuses record {}/{} offset {} for itself ({}: {}){}",
+                    slot.topic,
+                    slot.partition,
+                    r.offset,
+                    r.reason.label(),
+                    r.error,
+                    if r.dead_letter {
+                        format!(
+                            ", and so does the dead-letter topic {}",
+                            self.dead_letter_topic
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+            }
+            self.verdicts.insert(key, verdict);
+            learnt = true;
+        }
+        learnt
     }
 
     /// Aborts the open transaction. Its records still queued or in flight are purged and
@@ -825,12 +1053,12 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// One transaction: up to `transaction_bytes` of records, read round-robin over the
+    /// One transaction: up to the pacer's budget of records, read round-robin over the
     /// partitions from a rotating first one and sent as they are read (so reading the source
     /// overlaps librdkafka's sending), then one checkpoint per partition touched, then commit.
-    fn transact(&mut self, round: usize) -> Result<(), TxnFailure> {
+    fn transact(&mut self, round: usize) -> Result<Committed, TxnFailure> {
         let t_begin = Instant::now();
-        let budget = self.shared.config.transaction_bytes;
+        let budget = self.pacer.budget();
         self.producer
             .begin_transaction()
             .map_err(TxnFailure::from)?;
@@ -840,6 +1068,12 @@ impl<'a> Session<'a> {
             .failure
             .lock()
             .expect("failure lock") = None;
+        self.producer
+            .context()
+            .refused
+            .lock()
+            .expect("refused lock")
+            .clear();
         let mut chunk: Vec<SourceRecord> = Vec::with_capacity(READ_CHUNK);
         let mut touched: Vec<usize> = Vec::new();
         let mut bytes = 0usize;
@@ -906,11 +1140,19 @@ impl<'a> Session<'a> {
                 }
                 for r in &chunk {
                     bytes += r.wire_bytes();
-                    self.send_record(i, r)?;
+                    match self.send_source_record(i, r)? {
+                        Outcome::Mirrored => {
+                            count += 1;
+                            self.slots[i].txn_records += 1;
+                        }
+                        Outcome::Diverted => {}
+                        Outcome::Stopped => {
+                            ends[i] = None;
+                            break;
+                        }
+                    }
+                    self.slots[i].next = r.offset + 1;
                 }
-                count += chunk.len() as u64;
-                self.slots[i].txn_records += chunk.len() as u64;
-                self.slots[i].next = chunk.last().expect("non-empty").offset + 1;
                 progressed = true;
                 if bytes >= budget {
                     break 'turns;
@@ -929,21 +1171,28 @@ impl<'a> Session<'a> {
         let config = &self.shared.config;
         for &i in &touched {
             let slot = &self.slots[i];
+            let delivered = ctx.delivered[i].load(Ordering::Relaxed);
             let checkpoint = Checkpoint {
                 site: config.site.clone(),
                 topic: slot.topic.clone(),
                 partition: slot.partition,
                 kafka_topic: slot.kafka_topic.clone(),
                 next_edge_offset: slot.next,
-                last_kafka_offset: ctx.delivered[i].load(Ordering::Relaxed),
+                last_kafka_offset: delivered.max(slot.last_kafka_offset),
             };
             let key = checkpoint.key();
             let value = checkpoint.value();
-            let record = BaseRecord::with_opaque_to(&config.checkpoint_topic, CHECKPOINT_SLOT)
-                .partition(self.checkpoint_partition)
-                .key(&key)
-                .payload(&value);
-            self.send(record)?;
+            let record =
+                BaseRecord::with_opaque_to(&config.checkpoint_topic, Box::new(Sent::Checkpoint))
+                    .partition(self.checkpoint_partition)
+                    .key(&key)
+                    .payload(&value);
+            if let Some((reason, e)) = self.send(record)? {
+                return Err(TxnFailure::Aborted(
+                    ErrorKind::Checkpoint,
+                    format!("Kafka refused a checkpoint ({}): {e}", reason.label()),
+                ));
+            }
         }
         // The checkpoints: a handful of small records, sent at once without lingering.
         self.wait_acks(true)?;
@@ -967,38 +1216,217 @@ impl<'a> Session<'a> {
         for &i in &touched {
             let slot = &mut self.slots[i];
             slot.committed = slot.next;
-            let last_kafka_offset = ctx.delivered[i].load(Ordering::Relaxed);
-            let run = Run::verified(
-                slot.txn_first,
-                slot.next,
-                slot.txn_records,
-                ctx.delivered_min[i].load(Ordering::Relaxed),
-                last_kafka_offset,
-                ctx.delivered_count[i].load(Ordering::Relaxed),
-            );
-            translations[slot.status_index].committed(slot.next, last_kafka_offset, run);
+            let delivered = ctx.delivered_count[i].load(Ordering::Relaxed);
+            let last_kafka_offset = ctx.delivered[i]
+                .load(Ordering::Relaxed)
+                .max(slot.last_kafka_offset);
+            slot.last_kafka_offset = last_kafka_offset;
+            if delivered > 0 {
+                let run = Run::verified(
+                    slot.txn_first,
+                    slot.next,
+                    slot.txn_records,
+                    ctx.delivered_min[i].load(Ordering::Relaxed),
+                    last_kafka_offset,
+                    delivered,
+                );
+                translations[slot.status_index].committed(slot.next, last_kafka_offset, run);
+            }
             let ps = &mut status.partitions[slot.status_index];
             ps.mirrored_offset = Some(slot.next);
-            ps.last_kafka_offset = Some(last_kafka_offset);
+            ps.last_kafka_offset = (last_kafka_offset >= 0).then_some(last_kafka_offset);
+            let committed = slot.committed;
+            self.verdicts
+                .retain(|&(s, offset), _| s != i || offset >= committed);
         }
         drop(translations);
+        for d in self.diverted.drain(..) {
+            let slot = &self.slots[d.slot];
+            warn!(
+                "mirror: record {}/{} offset {}, which Kafka refuses ({}: {}), {}",
+                slot.topic,
+                slot.partition,
+                d.offset,
+                d.reason.label(),
+                d.error,
+                d.fate
+            );
+            *status
+                .records_rejected
+                .entry(d.reason.label().to_string())
+                .or_default() += 1;
+        }
         status.transactions += 1;
         status.records_mirrored += count;
         status.bytes_mirrored += bytes as u64;
         status.state = LinkState::Mirroring;
-        status.last_healthy_at_ms = Some(now_ms());
+        let now = now_ms();
+        status.last_healthy_at_ms = Some(now);
+        status.progress_at_ms = Some(now);
+        Ok(Committed {
+            bytes,
+            elapsed: t_begin.elapsed(),
+            full: bytes >= budget,
+        })
+    }
+
+    /// Sends source record `r` of slot `i` to its topic, unless the session knows Kafka
+    /// refuses it: then it is diverted per `on_rejected`. A suspect goes alone.
+    fn send_source_record(&mut self, i: usize, r: &SourceRecord) -> Result<Outcome, TxnFailure> {
+        let verdict = self.verdicts.get(&(i, r.offset)).cloned();
+        let (reason, error) = match verdict {
+            None => match self.send_record(i, r)? {
+                None => return Ok(Outcome::Mirrored),
+                // The producer refused it before sending: certain at once.
+                Some(refusal) => refusal,
+            },
+            Some(Verdict::Suspect) => {
+                self.wait_acks(true)?;
+                match self.send_record(i, r)? {
+                    None => {
+                        self.wait_acks(true)?;
+                        return Ok(Outcome::Mirrored);
+                    }
+                    Some(refusal) => refusal,
+                }
+            }
+            Some(Verdict::Rejected(reason, error)) => (reason, error),
+            Some(Verdict::Unwritable(reason, error)) => {
+                self.diverted.push(Diverted {
+                    slot: i,
+                    offset: r.offset,
+                    reason,
+                    error,
+                    fate: "was left out: the dead-letter topic refuses it too",
+                });
+                return Ok(Outcome::Diverted);
+            }
+        };
+        self.verdicts
+            .insert((i, r.offset), Verdict::Rejected(reason, error.clone()));
+        match self.shared.config.on_rejected {
+            OnRejected::DeadLetter => {
+                self.send_dead_letter(i, r, reason, &error)?;
+                let fate = "went to the dead-letter topic";
+                self.diverted.push(Diverted {
+                    slot: i,
+                    offset: r.offset,
+                    reason,
+                    error,
+                    fate,
+                });
+                Ok(Outcome::Diverted)
+            }
+            OnRejected::Skip => {
+                self.diverted.push(Diverted {
+                    slot: i,
+                    offset: r.offset,
+                    reason,
+                    error,
+                    fate: "was skipped (on_rejected = \"skip\")",
+                });
+                Ok(Outcome::Diverted)
+            }
+            OnRejected::Stop => {
+                let slot = &mut self.slots[i];
+                let message = format!(
+                    "Kafka refuses record {}/{} offset {} ({}: {error}); on_rejected = \"stop\": \
+                     the partition waits before it (make Kafka take it, or choose \
+                     \"dead-letter\" or \"skip\")",
+                    slot.topic,
+                    slot.partition,
+                    r.offset,
+                    reason.label()
+                );
+                warn!("mirror: {message}");
+                slot.refused = Some(message.clone());
+                let mut status = self.shared.status.lock().expect("status lock");
+                status.partitions[slot.status_index].error = Some(message);
+                Ok(Outcome::Stopped)
+            }
+        }
+    }
+
+    /// Sends refused record `r` of slot `i` to the dead-letter topic, with its origin in
+    /// headers and the broker's time as its timestamp; without its payload when the producer
+    /// refuses it whole.
+    fn send_dead_letter(
+        &self,
+        i: usize,
+        r: &SourceRecord,
+        reason: Reason,
+        error: &str,
+    ) -> Result<(), TxnFailure> {
+        let slot = &self.slots[i];
+        let partition = slot.partition.to_string();
+        let offset = r.offset.to_string();
+        let timestamp = r.timestamp_ms.to_string();
+        let payload_bytes = r.payload.len().to_string();
+        for whole in [true, false] {
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 8);
+            for h in &r.headers {
+                headers = headers.insert(KafkaHeader {
+                    key: &h.name,
+                    value: Some(&*h.value),
+                });
+            }
+            let origin = [
+                (rejection::HEADER_TOPIC, slot.topic.as_str()),
+                (rejection::HEADER_PARTITION, &partition),
+                (rejection::HEADER_OFFSET, &offset),
+                (rejection::HEADER_TIMESTAMP, &timestamp),
+                (rejection::HEADER_KAFKA_TOPIC, &slot.kafka_topic),
+                (rejection::HEADER_REASON, reason.label()),
+                (rejection::HEADER_ERROR, error),
+            ];
+            for (key, value) in origin {
+                headers = headers.insert(KafkaHeader {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            if !whole {
+                headers = headers.insert(KafkaHeader {
+                    key: rejection::HEADER_PAYLOAD_OMITTED,
+                    value: Some(payload_bytes.as_bytes()),
+                });
+            }
+            let sent = Box::new(Sent::DeadLetter {
+                slot: i,
+                offset: r.offset,
+            });
+            let record = BaseRecord::with_opaque_to(&self.dead_letter_topic, sent)
+                .key(&r.key[..])
+                .headers(headers);
+            let record = if whole {
+                record.payload(&r.payload[..])
+            } else {
+                record
+            };
+            match self.send(record)? {
+                None => return Ok(()),
+                Some((Reason::TooLarge, _)) if whole => continue,
+                Some((reason, e)) => {
+                    return Err(TxnFailure::Aborted(
+                        ErrorKind::Produce,
+                        format!(
+                            "the producer refuses a dead-letter record ({}): {e}",
+                            reason.label()
+                        ),
+                    ))
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Sends one source record of slot `i`, within the bandwidth cap.
-    fn send_record(&mut self, i: usize, r: &SourceRecord) -> Result<(), TxnFailure> {
-        if let Some(bw) = &mut self.bandwidth {
-            let wait = bw.take(r.wire_bytes());
-            if !wait.is_zero() {
-                self.producer.poll(Duration::ZERO);
-                std::thread::sleep(wait);
-            }
-        }
+    /// Sends one source record of slot `i` to its topic; `Some` when the producer refused it
+    /// for itself before sending.
+    fn send_record(
+        &self,
+        i: usize,
+        r: &SourceRecord,
+    ) -> Result<Option<(Reason, String)>, TxnFailure> {
         let slot = &self.slots[i];
         let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
         for h in &r.headers {
@@ -1007,7 +1435,11 @@ impl<'a> Session<'a> {
                 value: Some(&*h.value),
             });
         }
-        let record = BaseRecord::with_opaque_to(&slot.kafka_topic, i)
+        let sent = Box::new(Sent::Record {
+            slot: i,
+            offset: r.offset,
+        });
+        let record = BaseRecord::with_opaque_to(&slot.kafka_topic, sent)
             .partition(slot.partition as i32)
             .key(&r.key[..])
             .payload(&r.payload[..])
@@ -1016,20 +1448,27 @@ impl<'a> Session<'a> {
         self.send(record)
     }
 
-    /// Enqueues one record, waiting while librdkafka's queue is full.
-    fn send<K, P>(&self, mut record: BaseRecord<'_, K, P, usize>) -> Result<(), TxnFailure>
+    /// Enqueues one record, waiting while librdkafka's queue is full; `Some` when the producer
+    /// refuses the record for itself (larger than its `message.max.bytes`).
+    fn send<K, P>(
+        &self,
+        mut record: BaseRecord<'_, K, P, Box<Sent>>,
+    ) -> Result<Option<(Reason, String)>, TxnFailure>
     where
         K: rdkafka::message::ToBytes + ?Sized,
         P: rdkafka::message::ToBytes + ?Sized,
     {
         loop {
             match self.producer.send(record) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(None),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     self.producer.poll(Duration::from_millis(1));
                 }
                 Err((e, _)) => {
+                    if let Some(reason) = e.rdkafka_error_code().and_then(Reason::of) {
+                        return Ok(Some((reason, e.to_string())));
+                    }
                     return Err(TxnFailure::Aborted(
                         kind_of(ErrorKind::Produce, &e),
                         format!("producing to Kafka: {e}"),
@@ -1098,6 +1537,16 @@ impl<'a> Session<'a> {
     }
 }
 
+/// What became of a source record in a transaction.
+enum Outcome {
+    /// Sent to its topic.
+    Mirrored,
+    /// Dead-lettered or left out: Kafka refuses it.
+    Diverted,
+    /// Its partition stops before it (`on_rejected = "stop"`).
+    Stopped,
+}
+
 /// How a transaction failed.
 enum TxnFailure {
     /// It was (or must be) aborted; the producer can go on.
@@ -1129,13 +1578,30 @@ impl Drop for Session<'_> {
     }
 }
 
-/// Creates the checkpoint topic and the mirrored topics where missing and checks the
-/// partition counts of those that exist. Returns the checkpoint topic's partition count.
+/// What a session needs to know of its Kafka topics.
+struct Topics {
+    /// Partitions of the site's checkpoint topic.
+    checkpoint_partitions: i32,
+    /// Partitions of the shared checkpoint topic of earlier versions, when it exists (and is
+    /// not the site's own).
+    legacy_partitions: Option<i32>,
+}
+
+/// The replication factor of a new checkpoint topic on a cluster of `brokers`, and its
+/// `min.insync.replicas`: a checkpoint must survive the loss of a broker.
+fn checkpoint_replication(configured: Option<i32>, brokers: usize) -> (i32, i32) {
+    let rf = configured.unwrap_or_else(|| (brokers as i32).clamp(1, 3));
+    (rf, (rf - 1).clamp(1, 2))
+}
+
+/// Creates the checkpoint topic, the dead-letter topic and the mirrored topics that are
+/// missing (only those: a principal without CREATE rights mirrors to topics that exist) and
+/// checks the partition counts of those that exist.
 fn ensure_topics(
     shared: &Arc<Shared>,
     runtime: &tokio::runtime::Runtime,
     slots: &mut [Slot],
-) -> Result<i32, SessionError> {
+) -> Result<Topics, SessionError> {
     let config = &shared.config;
     let admin: AdminClient<ReportingContext> = with_extra(client_config(config), config)
         .create_with_context(ReportingContext {
@@ -1151,42 +1617,78 @@ fn ensure_topics(
             None => wanted.push((s.kafka_topic.clone(), s.partition + 1)),
         }
     }
+    let before = admin
+        .inner()
+        .fetch_metadata(None, config.request_timeout)
+        .map_err(|e| kafka(ErrorKind::Topics, "reading topic metadata", e))?;
+    let exists = |name: &str| {
+        before
+            .topics()
+            .iter()
+            .any(|t| t.name() == name && t.error().is_none())
+    };
+    let (checkpoint_rf, checkpoint_min_isr) =
+        checkpoint_replication(config.replication_factor, before.brokers().len());
+    let checkpoint_min_isr = checkpoint_min_isr.to_string();
     let mut new_topics: Vec<NewTopic<'_>> = wanted
         .iter()
         .map(|(t, n)| NewTopic::new(t, *n as i32, replication()))
         .collect();
     new_topics.push(
-        NewTopic::new(&config.checkpoint_topic, 1, replication())
-            .set("cleanup.policy", "compact")
-            .set("segment.ms", "600000")
-            .set("min.cleanable.dirty.ratio", "0.1"),
+        NewTopic::new(
+            &config.checkpoint_topic,
+            1,
+            TopicReplication::Fixed(checkpoint_rf),
+        )
+        .set("cleanup.policy", "compact")
+        .set("min.insync.replicas", &checkpoint_min_isr)
+        .set("segment.ms", "600000")
+        .set("min.cleanable.dirty.ratio", "0.1"),
     );
+    // The dead-letter topic takes what the mirrored topics refuse: records as large as the
+    // producer sends, and timestamps of any clock (the broker stamps them on append; the
+    // edge's time is in a header).
+    let dead_letter_topic = config.dead_letter_topic();
+    let dead_letter_bytes = config.max_message_bytes.max(config.batch_bytes).to_string();
+    let dead_letter = config.on_rejected == OnRejected::DeadLetter;
+    if dead_letter {
+        new_topics.push(
+            NewTopic::new(&dead_letter_topic, 1, replication())
+                .set("message.timestamp.type", "LogAppendTime")
+                .set("max.message.bytes", &dead_letter_bytes),
+        );
+    }
+    new_topics.retain(|t| !exists(t.name));
     let options = AdminOptions::new().operation_timeout(Some(config.request_timeout));
-    let results = runtime
-        .block_on(async {
-            tokio::time::timeout(
-                config.request_timeout * 2,
-                admin.create_topics(new_topics.iter(), &options),
-            )
-            .await
-        })
-        .map_err(|_| {
-            failed(
-                ErrorKind::Topics,
-                format!(
-                    "creating topics at {}: no answer within {:?} (is the cluster reachable?)",
-                    config.bootstrap,
-                    config.request_timeout * 2
-                ),
-            )
-        })?
-        .map_err(|e| {
-            kafka(
-                ErrorKind::Topics,
-                &format!("creating topics at {}", config.bootstrap),
-                e,
-            )
-        })?;
+    let results = if new_topics.is_empty() {
+        Vec::new()
+    } else {
+        runtime
+            .block_on(async {
+                tokio::time::timeout(
+                    config.request_timeout * 2,
+                    admin.create_topics(new_topics.iter(), &options),
+                )
+                .await
+            })
+            .map_err(|_| {
+                failed(
+                    ErrorKind::Topics,
+                    format!(
+                        "creating topics at {}: no answer within {:?} (is the cluster reachable?)",
+                        config.bootstrap,
+                        config.request_timeout * 2
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                kafka(
+                    ErrorKind::Topics,
+                    &format!("creating topics at {}", config.bootstrap),
+                    e,
+                )
+            })?
+    };
     for r in results {
         match r {
             Ok(topic) => info!("mirror: created Kafka topic {topic}"),
@@ -1211,6 +1713,7 @@ fn ensure_topics(
             .iter()
             .map(|(t, _)| t.as_str())
             .chain([config.checkpoint_topic.as_str()])
+            .chain(dead_letter.then_some(dead_letter_topic.as_str()))
             .filter(|name| {
                 !metadata
                     .topics()
@@ -1266,7 +1769,17 @@ fn ensure_topics(
             ),
         ));
     }
-    Ok(checkpoint_partitions as i32)
+    let legacy_partitions = config
+        .legacy_checkpoint_topic
+        .as_deref()
+        .filter(|legacy| *legacy != config.checkpoint_topic)
+        .and_then(count_of)
+        .filter(|&n| n > 0)
+        .map(|n| n as i32);
+    Ok(Topics {
+        checkpoint_partitions: checkpoint_partitions as i32,
+        legacy_partitions,
+    })
 }
 
 #[cfg(test)]
@@ -1289,23 +1802,12 @@ mod tests {
     }
 
     #[test]
-    fn bandwidth_allows_a_burst_then_asks_to_wait_for_the_rest() {
-        let mut bw = Bandwidth::new(1_000_000);
-        bw.tokens = 100_000.0; // a full burst at this rate
-        assert_eq!(bw.take(100_000), Duration::ZERO);
-        // Another 500 kB at 1 MB/s: about half a second more (less whatever time refilled).
-        let wait = bw.take(500_000);
-        assert!(
-            wait > Duration::from_millis(400) && wait <= Duration::from_millis(500),
-            "{wait:?}"
-        );
-    }
-
-    #[test]
-    fn bandwidth_burst_is_capped() {
-        let mut bw = Bandwidth::new(1_000_000);
-        bw.last -= Duration::from_secs(3600); // an hour idle refills a burst, not an hour's worth
-        assert_eq!(bw.take(100_000), Duration::ZERO);
-        assert!(bw.take(100_000) > Duration::from_millis(90));
+    fn checkpoints_are_replicated_to_three_brokers_where_there_are_three() {
+        assert_eq!(checkpoint_replication(None, 1), (1, 1));
+        assert_eq!(checkpoint_replication(None, 2), (2, 1));
+        assert_eq!(checkpoint_replication(None, 3), (3, 2));
+        assert_eq!(checkpoint_replication(None, 9), (3, 2));
+        assert_eq!(checkpoint_replication(Some(5), 9), (5, 2));
+        assert_eq!(checkpoint_replication(Some(1), 9), (1, 1));
     }
 }

@@ -133,6 +133,18 @@ pub struct MirrorStatus {
     pub records_mirrored: u64,
     /// Record bytes committed to Kafka since start.
     pub bytes_mirrored: u64,
+    /// Records Kafka refused for themselves that transactions committed since start as
+    /// dead-lettered or skipped, per reason label (`too_large`, `invalid_timestamp`,
+    /// `invalid_record`).
+    #[serde(default)]
+    pub records_rejected: std::collections::BTreeMap<String, u64>,
+    /// When a transaction last committed, or the current session began mirroring (ms since
+    /// the Unix epoch): how long the mirror has gone without progress.
+    #[serde(default)]
+    pub progress_at_ms: Option<u64>,
+    /// Records wait and nothing committed for the stall timeout: the link counts as down.
+    #[serde(default)]
+    pub stalled: bool,
     /// Per partition, ordered by topic then partition.
     pub partitions: Vec<PartitionStatus>,
     /// The source's consumer groups as last replicated to Kafka, ordered by name.
@@ -157,6 +169,14 @@ impl MirrorStatus {
                 };
             }
         }
+    }
+
+    /// Whether, at `now_ms`, records wait and nothing has committed for `stall_ms`.
+    pub fn is_stalled(&self, now_ms: u64, stall_ms: u64) -> bool {
+        self.lag_records() > 0
+            && self
+                .progress_at_ms
+                .is_some_and(|at| now_ms.saturating_sub(at) >= stall_ms)
     }
 
     /// Total records not yet mirrored.
@@ -234,6 +254,40 @@ mod tests {
         assert!(s.groups.is_empty());
         assert_eq!(s.records_mirrored, 4);
         assert_eq!(s.last_error_kind, None);
+    }
+
+    fn status_with_lag(lag: u64, progress_at_ms: Option<u64>) -> MirrorStatus {
+        let mut s: MirrorStatus = serde_json::from_str(
+            r#"{"site":"p","bootstrap":"k:9092","state":"mirroring","last_error":null,
+            "last_error_at_ms":null,"last_healthy_at_ms":1,"updated_at_ms":2,"transactions":3,
+            "records_mirrored":4,"bytes_mirrored":5,"partitions":[]}"#,
+        )
+        .unwrap();
+        s.progress_at_ms = progress_at_ms;
+        s.partitions.push(PartitionStatus {
+            topic: "t".into(),
+            kafka_topic: "p.t".into(),
+            partition: 0,
+            edge_start_offset: 0,
+            edge_end_offset: lag,
+            mirrored_offset: Some(0),
+            last_kafka_offset: None,
+            lag_records: lag,
+            lag_bytes: 0,
+            lost_before_mirror: 0,
+            loss_counted_until: 0,
+            error: None,
+        });
+        s
+    }
+
+    #[test]
+    fn stalled_only_with_lag_and_no_progress_for_the_timeout() {
+        assert!(status_with_lag(5, Some(1_000)).is_stalled(61_000, 60_000));
+        assert!(!status_with_lag(5, Some(1_000)).is_stalled(60_999, 60_000));
+        assert!(!status_with_lag(0, Some(1_000)).is_stalled(500_000, 60_000));
+        // Never mirrored in this process: the state (not mirroring) says it already.
+        assert!(!status_with_lag(5, None).is_stalled(500_000, 60_000));
     }
 
     #[test]

@@ -204,7 +204,7 @@ fn mirror_config(
         Some(at..at)
     };
     let mirror = cloud
-        .mirror_config()
+        .mirror_config(config.mqtt.max_packet_size.0)
         .map_err(|(key, message)| invalid(key_line(key), format!("cloud.{key}"), message))?;
     for t in cloud.topics.iter().flatten() {
         if !plan.topics.iter().any(|p| &p.name == t) {
@@ -370,12 +370,16 @@ mod tests {
             .unwrap()
             .cloud
             .unwrap()
-            .mirror_config()
+            .mirror_config(1024 * 1024)
             .unwrap();
         assert_eq!(m.group_sync_interval, Duration::from_secs(5));
         let off = format!("{cloud}group_sync_interval = \"0s\"\n");
         let m = load_text(&off, "c.toml").unwrap().cloud.unwrap();
-        assert!(m.mirror_config().unwrap().group_sync_interval.is_zero());
+        assert!(m
+            .mirror_config(1024 * 1024)
+            .unwrap()
+            .group_sync_interval
+            .is_zero());
         let err = load_text(
             &format!("{cloud}group_sync_interval = \"10ms\"\n"),
             "c.toml",
@@ -482,7 +486,7 @@ mod tests {
         let main = load_text(examples[0], "README.md").unwrap();
         assert!(!main.routes.is_empty());
         let cloud = load_text(examples[1], "README.md").unwrap();
-        let m = cloud.cloud.unwrap().mirror_config().unwrap();
+        let m = cloud.cloud.unwrap().mirror_config(1024 * 1024).unwrap();
         assert_eq!(m.kafka_topic("telemetry"), "plant-7.telemetry");
     }
 

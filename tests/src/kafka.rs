@@ -495,6 +495,33 @@ impl KafkaCluster {
         .map(drop)
     }
 
+    /// Creates `topic` with `partitions` partitions, the cluster's replication factor and the
+    /// topic settings `configs` (`("max.message.bytes", "1000000")`).
+    pub fn create_topic_with(
+        &self,
+        topic: &str,
+        partitions: u32,
+        configs: &[(&str, &str)],
+    ) -> Result<()> {
+        let p = partitions.to_string();
+        let mut args = vec![
+            "--bootstrap-server".to_string(),
+            "@BOOTSTRAP@".into(),
+            "--create".into(),
+            "--topic".into(),
+            topic.into(),
+            "--partitions".into(),
+            p,
+        ];
+        for (k, v) in configs {
+            args.push("--config".into());
+            args.push(format!("{k}={v}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.tool_ok("org.apache.kafka.tools.TopicCommand", &args, None)
+            .map(drop)
+    }
+
     /// Names of the topics, internal ones excluded, sorted.
     pub fn list_topics(&self) -> Result<Vec<String>> {
         let out = self.tool_ok(

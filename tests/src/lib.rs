@@ -260,6 +260,8 @@ pub struct Edge {
     /// The harness wrote the `[admin]` section, so `admin` is where `/ready` answers: a
     /// start waits for it (every part started), not only for the MQTT port (bound early).
     admin_known: bool,
+    /// Environment of the next starts, beyond the harness's own.
+    env: Vec<(String, String)>,
 }
 
 impl Edge {
@@ -348,7 +350,14 @@ impl Edge {
             starts: 0,
             data,
             admin_known: false,
+            env: Vec::new(),
         }
+    }
+
+    /// Sets the environment of the edge's next starts (replacing what an earlier call set),
+    /// for example [`faketime`]'s.
+    pub fn set_env(&mut self, env: &[(String, String)]) {
+        self.env = env.to_vec();
     }
 
     /// Process id of the running edge.
@@ -384,6 +393,7 @@ impl Edge {
             .arg("--config")
             .arg(self.config_path())
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -500,6 +510,29 @@ impl Drop for Edge {
             let _ = child.wait();
         }
     }
+}
+
+/// The environment that runs a process with its wall clock `offset` off (`"+2h"`), through
+/// libfaketime (Debian package libfaketime): the machine's clock is left alone, and so are
+/// the process's monotonic clocks.
+pub fn faketime(offset: &str) -> Vec<(String, String)> {
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("libfaketime.so.1 (Debian package libfaketime; tests/run installs it)");
+    [
+        ("LD_PRELOAD", lib),
+        ("FAKETIME", offset),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ("FAKETIME_DONT_RESET", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 /// Payloads of the records in `log` (UTF-8 payloads only).

@@ -612,11 +612,11 @@ impl Collector for MirrorMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let st = self.0.status();
         let e = &mut encoder;
-        let up = matches!(st.state, cloud_sync::LinkState::Mirroring);
+        let up = matches!(st.state, cloud_sync::LinkState::Mirroring) && !st.stalled;
         gauge(
             e,
             "tributary_mirror_link_up",
-            "1 while the mirror is mirroring to Kafka, 0 otherwise.",
+            "1 while the mirror is mirroring to Kafka; 0 while Kafka is unreachable or failing, or while records wait and no transaction committed for cloud.stall_timeout.",
             u64::from(up),
         )?;
         encode_last_error(&st, e)?;
@@ -639,6 +639,15 @@ impl Collector for MirrorMetrics {
         ] {
             counter(e, name, help, value)?;
         }
+        counters(
+            e,
+            "tributary_mirror_records_rejected",
+            "Records Kafka refused for themselves, dead-lettered or skipped (per cloud.on_rejected) by this process, by reason: too_large, invalid_timestamp, invalid_record.",
+            cloud_sync::rejection::Reason::ALL.iter().map(|r| {
+                let n = st.records_rejected.get(r.label()).copied().unwrap_or(0);
+                ([("reason", r.label())], n)
+            }),
+        )?;
         gauges(
             e,
             "tributary_mirror_lag_records",
@@ -716,6 +725,9 @@ mod tests {
             transactions: 0,
             records_mirrored: 0,
             bytes_mirrored: 0,
+            records_rejected: Default::default(),
+            progress_at_ms: None,
+            stalled: false,
             partitions: Vec::new(),
             groups: Vec::new(),
         }

@@ -27,13 +27,19 @@ pub struct CloudConfig {
     /// Log topics to mirror (default: all).
     #[serde(default)]
     pub topics: Option<Vec<String>>,
-    /// Compacted Kafka topic where the mirror keeps its checkpoints (shared by sites).
+    /// Compacted Kafka topic where the mirror keeps this site's checkpoints (`{site}` is
+    /// replaced); no other site may write to it. Created with replication factor
+    /// min(3, brokers) (or `replication_factor`) and `min.insync.replicas` 2 (1 below 3
+    /// replicas). Checkpoints of the site in the topic all sites shared before,
+    /// `tributary.checkpoints`, are read (and copied here) at the first start that finds none
+    /// here.
     #[serde(default = "CloudConfig::default_checkpoint_topic")]
     pub checkpoint_topic: String,
     /// Kafka transactional id (default `tributary-mirror-{site}`).
     #[serde(default)]
     pub transactional_id: Option<String>,
-    /// Replication factor of the Kafka topics the mirror creates (default: the cluster's).
+    /// Replication factor of the Kafka topics the mirror creates (default: the cluster's,
+    /// and min(3, brokers) for the checkpoint topic).
     #[serde(default)]
     pub replication_factor: Option<i32>,
     /// Compression of record batches: `"none"`, `"gzip"`, `"snappy"`, `"lz4"`, `"zstd"`.
@@ -45,13 +51,35 @@ pub struct CloudConfig {
     /// How long the producer waits to fill a batch (librdkafka `linger.ms`).
     #[serde(default = "CloudConfig::default_linger")]
     pub linger: HumanDuration,
-    /// Most record bytes in one Kafka transaction; larger transactions drain a backlog with
-    /// less overhead, smaller ones make records visible to read_committed readers sooner.
+    /// Most record bytes in one Kafka transaction: the upper bound of what
+    /// `transaction_duration` makes of the link's speed.
     #[serde(default = "CloudConfig::default_transaction_size")]
     pub transaction_size: ByteSize,
-    /// Cap on record bytes sent per second (`"2MiB"`); unset: as fast as the link allows.
+    /// How long one transaction should take: each carries what the link (as measured on
+    /// earlier transactions, and within `bandwidth`) sends in this long, at least 64 KiB and
+    /// at most `transaction_size`; a transaction that fails makes the next one a quarter of
+    /// its size. From 100ms up to `request_timeout`.
+    #[serde(default = "CloudConfig::default_transaction_duration")]
+    pub transaction_duration: HumanDuration,
+    /// Cap on record bytes sent per second, on average (`"2MiB"`): the mirror waits between
+    /// transactions, never inside one; unset: as fast as the link allows.
     #[serde(default)]
     pub bandwidth: Option<ByteSize>,
+    /// What to do with a record Kafka refuses for itself (larger than the topic's
+    /// `max.message.bytes`, a timestamp out of the topic's bounds, ...): `"dead-letter"`
+    /// writes it to `dead_letter_topic` with its origin in headers, `"skip"` leaves it out,
+    /// `"stop"` holds its partition before it (the others go on); each is counted in
+    /// `tributary_mirror_records_rejected_total{reason}` and logged.
+    #[serde(default = "CloudConfig::default_on_rejected")]
+    pub on_rejected: String,
+    /// Kafka topic of the records Kafka refused (`{site}` is replaced); created with one
+    /// partition, broker timestamps and room for the largest MQTT packet.
+    #[serde(default = "CloudConfig::default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// With records waiting and no transaction committed for this long, the link counts as
+    /// down (`tributary_mirror_link_up` 0, `stalled` in `mirror-status`).
+    #[serde(default = "CloudConfig::default_stall_timeout")]
+    pub stall_timeout: HumanDuration,
     /// Longest wait between attempts while Kafka is unreachable (the backoff doubles).
     #[serde(default = "CloudConfig::default_max_backoff")]
     pub max_backoff: HumanDuration,
@@ -101,7 +129,7 @@ impl CloudConfig {
         "{site}.{topic}".into()
     }
     fn default_checkpoint_topic() -> String {
-        "tributary.checkpoints".into()
+        "tributary.checkpoints.{site}".into()
     }
     fn default_compression() -> String {
         "lz4".into()
@@ -114,6 +142,18 @@ impl CloudConfig {
     }
     fn default_transaction_size() -> ByteSize {
         ByteSize(64 * 1024 * 1024)
+    }
+    fn default_transaction_duration() -> HumanDuration {
+        HumanDuration(Duration::from_secs(5))
+    }
+    fn default_on_rejected() -> String {
+        "dead-letter".into()
+    }
+    fn default_dead_letter_topic() -> String {
+        "tributary.dead-letter.{site}".into()
+    }
+    fn default_stall_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
     }
     fn default_max_backoff() -> HumanDuration {
         HumanDuration(Duration::from_secs(30))
@@ -128,12 +168,16 @@ impl CloudConfig {
         HumanDuration(Duration::from_secs(5))
     }
 
-    /// The mirror's settings; reads `password_file`.
-    pub fn mirror_config(&self) -> Result<cloud_sync::MirrorConfig, (&'static str, String)> {
+    /// The mirror's settings for an edge whose largest MQTT packet is `max_packet_size`
+    /// bytes (the producer sends records that large); reads `password_file`.
+    pub fn mirror_config(
+        &self,
+        max_packet_size: u64,
+    ) -> Result<cloud_sync::MirrorConfig, (&'static str, String)> {
         let mut m = cloud_sync::MirrorConfig::new(&self.bootstrap, &self.site);
         m.topic_format = self.topic_format.clone();
         m.topics = self.topics.clone();
-        m.checkpoint_topic = self.checkpoint_topic.clone();
+        m.checkpoint_topic = self.checkpoint_topic.replace("{site}", &self.site);
         if let Some(id) = &self.transactional_id {
             m.transactional_id = id.clone();
         }
@@ -142,7 +186,36 @@ impl CloudConfig {
         m.batch_bytes = self.batch_size.0 as usize;
         m.linger = self.linger.0;
         m.transaction_bytes = self.transaction_size.0 as usize;
+        m.transaction_duration = self.transaction_duration.0;
         m.bandwidth = self.bandwidth.map(|b| b.0);
+        m.on_rejected = cloud_sync::OnRejected::parse(&self.on_rejected).ok_or_else(|| {
+            (
+                "on_rejected",
+                format!(
+                    "\"{}\" is not one of \"dead-letter\", \"skip\", \"stop\"",
+                    self.on_rejected
+                ),
+            )
+        })?;
+        m.dead_letter_topic = self.dead_letter_topic.clone();
+        m.stall_timeout = self.stall_timeout.0;
+        m.max_message_bytes = max_packet_size as usize + cloud_sync::RECORD_HEADROOM;
+        if let Some(set) = self.kafka.get("message.max.bytes") {
+            match set.trim().parse::<u64>() {
+                Ok(bytes) if bytes >= max_packet_size => m.max_message_bytes = bytes as usize,
+                _ => {
+                    return Err((
+                        "kafka",
+                        format!(
+                            "\"message.max.bytes\" = \"{set}\" is smaller than \
+                             mqtt.max_packet_size ({max_packet_size}): the mirror could not \
+                             send records the edge accepts; raise it or leave it unset (it \
+                             follows max_packet_size)"
+                        ),
+                    ))
+                }
+            }
+        }
         m.max_backoff = self.max_backoff.0;
         m.request_timeout = self.request_timeout.0;
         m.group_sync_interval = self.group_sync_interval.0;
@@ -187,9 +260,62 @@ mod tests {
             "c.toml",
         )
         .unwrap();
-        let m = c.cloud.unwrap().mirror_config().unwrap();
+        let m = c.cloud.unwrap().mirror_config(1024 * 1024).unwrap();
         assert_eq!(m.kafka_topic("telemetry"), "plant-7.telemetry");
         assert_eq!(m.transactional_id, "tributary-mirror-plant-7");
         assert_eq!(m.topics, None);
+        assert_eq!(m.on_rejected, cloud_sync::OnRejected::DeadLetter);
+        assert_eq!(m.dead_letter_topic(), "tributary.dead-letter.plant-7");
+        assert_eq!(
+            m.max_message_bytes,
+            1024 * 1024 + cloud_sync::RECORD_HEADROOM,
+            "the producer sends records as large as the largest MQTT packet"
+        );
+    }
+
+    fn cloud(extra: &str) -> super::CloudConfig {
+        Config::parse(
+            &format!("[cloud]\nbootstrap = \"k:9092\"\nsite = \"p\"\n{extra}"),
+            "c.toml",
+        )
+        .unwrap()
+        .cloud
+        .unwrap()
+    }
+
+    #[test]
+    fn a_producer_message_max_bytes_below_max_packet_size_is_refused() {
+        let err = cloud("[cloud.kafka]\n\"message.max.bytes\" = \"1000000\"\n")
+            .mirror_config(1024 * 1024)
+            .unwrap_err();
+        assert_eq!(err.0, "kafka");
+        assert!(
+            err.1
+                .contains("smaller than mqtt.max_packet_size (1048576)"),
+            "{}",
+            err.1
+        );
+        let m = cloud("[cloud.kafka]\n\"message.max.bytes\" = \"2000000\"\n")
+            .mirror_config(1024 * 1024)
+            .unwrap();
+        assert_eq!(m.max_message_bytes, 2_000_000);
+    }
+
+    #[test]
+    fn on_rejected_takes_its_three_values_only() {
+        for (value, want) in [
+            ("dead-letter", cloud_sync::OnRejected::DeadLetter),
+            ("skip", cloud_sync::OnRejected::Skip),
+            ("stop", cloud_sync::OnRejected::Stop),
+        ] {
+            let m = cloud(&format!("on_rejected = \"{value}\"\n"))
+                .mirror_config(1024)
+                .unwrap();
+            assert_eq!(m.on_rejected, want);
+        }
+        let err = cloud("on_rejected = \"drop\"\n")
+            .mirror_config(1024)
+            .unwrap_err();
+        assert_eq!(err.0, "on_rejected");
     }
 }
