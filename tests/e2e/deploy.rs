@@ -150,8 +150,21 @@ fn build_info_and_process_metrics_describe_the_running_edge() {
         started <= now + 1.0 && started > now - 3600.0,
         "started at {started}, now {now}"
     );
-    let cpu = metric(&text, "process_cpu_seconds_total");
-    assert!(cpu > 0.0, "cpu seconds {cpu}");
+    // CPU time counts in clock ticks: a fresh, idle edge may not have used one yet. Scrapes
+    // cost it some; wait for the first tick.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, text) = http_get(edge.admin, "/metrics", None).unwrap();
+        let cpu = metric(&text, "process_cpu_seconds_total");
+        if cpu > 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process_cpu_seconds_total stays {cpu}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(edge.stop().success(), "{}", edge.stderr());
 }
 

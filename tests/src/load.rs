@@ -308,3 +308,21 @@ impl Fleet {
         }
     }
 }
+
+/// Waits (up to 180 s) until `ledger` holds `more` acknowledgements beyond what it held
+/// when called: the publishers are through a restart and making progress.
+pub async fn wait_for_acks(ledger: &Mutex<Ledger>, more: usize) {
+    let start = ledger.lock().unwrap().acked.len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let now = ledger.lock().unwrap().acked.len();
+        if now >= start + more {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publishing made no progress: {start} -> {now} acknowledgements"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -58,9 +58,10 @@ pub struct CloudConfig {
     /// How long one transaction should take: each carries what the link (as measured on
     /// earlier transactions, and within `bandwidth`) sends in this long, at least 64 KiB and
     /// at most `transaction_size`; a transaction that fails makes the next one a quarter of
-    /// its size. From 100ms up to `request_timeout`.
-    #[serde(default = "CloudConfig::default_transaction_duration")]
-    pub transaction_duration: HumanDuration,
+    /// its size. From 100ms up to `request_timeout`. Unset: 5s, or half of
+    /// `request_timeout` when that is shorter.
+    #[serde(default)]
+    pub transaction_duration: Option<HumanDuration>,
     /// Cap on record bytes sent per second, on average (`"2MiB"`): the mirror waits between
     /// transactions, never inside one; unset: as fast as the link allows.
     #[serde(default)]
@@ -143,9 +144,6 @@ impl CloudConfig {
     fn default_transaction_size() -> ByteSize {
         ByteSize(64 * 1024 * 1024)
     }
-    fn default_transaction_duration() -> HumanDuration {
-        HumanDuration(Duration::from_secs(5))
-    }
     fn default_on_rejected() -> String {
         "dead-letter".into()
     }
@@ -186,7 +184,10 @@ impl CloudConfig {
         m.batch_bytes = self.batch_size.0 as usize;
         m.linger = self.linger.0;
         m.transaction_bytes = self.transaction_size.0 as usize;
-        m.transaction_duration = self.transaction_duration.0;
+        m.transaction_duration = self.transaction_duration.map_or_else(
+            || Duration::from_secs(5).min(self.request_timeout.0 / 2),
+            |d| d.0,
+        );
         m.bandwidth = self.bandwidth.map(|b| b.0);
         m.on_rejected = cloud_sync::OnRejected::parse(&self.on_rejected).ok_or_else(|| {
             (
