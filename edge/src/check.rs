@@ -122,11 +122,7 @@ mod tests {
         let log = Log::open(dir.path(), Some(&topics), None).unwrap();
         // A good session, a session value of the wrong size, a retained message that does
         // not decode, a record batch that does not decode.
-        log.put_raw(
-            false,
-            b"sgood",
-            &meta::session_value(60, 0, None),
-        );
+        log.put_raw(false, b"sgood", &meta::session_value(60, 0, None));
         log.put_raw(false, b"sbad", b"123");
         log.put_raw(false, b"rsensors/x", b"\x01\xB7\x01garbage");
         let mut key = [0u8; 16];

@@ -430,6 +430,12 @@ where
             data.owner.as_deref(),
         ));
         data.durable = true;
+    } else if data.durable && session_present {
+        // Resumed with Session Expiry 0 (or none, as many clients send): the session goes on
+        // as it was stored, queue included, and ends when this connection closes
+        // (MQTT 5 3.1.2.11.2); `detach` purges it then. Its record says expiry 0 meanwhile,
+        // so a restart discards it as it would have ended with the connection.
+        ops.push(session_put_op(&client_id, 0, 0, data.owner.as_deref()));
     } else if data.durable {
         ops.extend(purge_ops(&client_id));
         data.durable = false;
