@@ -419,6 +419,31 @@ class RawClient:
             except Closed:
                 return seen
 
+    def read_until_closed(self, timeout: float = 10.0) -> tuple[list[Packet], Optional[OSError]]:
+        """Packets received until the server closes the connection, and the error the close
+        came with: `None` for an orderly close (EOF), the `ConnectionResetError` of a reset.
+        (`recv` treats a reset as a close; this tells them apart.)"""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._frame()
+            if frame:
+                seen.append(self._decode(*frame))
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the server did not close within {timeout} s: {seen}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionError as e:
+                return seen, e
+            if not data:
+                return seen, None
+            self.buf += data
+
     def _decode(self, first: int, body: bytes) -> Packet:
         kind, flags = first >> 4, first & 0x0F
         r = Reader(body)

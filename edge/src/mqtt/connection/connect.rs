@@ -12,6 +12,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use super::socket::linger;
 use super::types::{validate_topic, Client, EndsHandover, ReceiveLimits, FINAL_FLUSH};
 use crate::auth::{ConnAcl, LoginRefusal};
 use crate::log::appender::now_ms;
@@ -53,8 +54,8 @@ where
             if let Some(kind) = refusal.kind {
                 limits.refused(kind);
             }
+            let mut out = BytesMut::new();
             if let Some((version, code)) = refusal.answer {
-                let mut out = BytesMut::new();
                 codec::write_connack(
                     version,
                     &ConnAckInfo {
@@ -63,14 +64,19 @@ where
                     },
                     &mut out,
                 );
-                let _ = tokio::time::timeout(FINAL_FLUSH, writer.write_all(&out)).await;
             }
             if refusal.kind.is_none() {
                 tracing::debug!(%peer, reason = %refusal.why, "connection ended");
             } else if let Some(held_back) = limits.log_budget.admit() {
                 tracing::info!(%peer, reason = %refusal.why, held_back, "connection refused");
             }
-            let _ = tokio::time::timeout(FINAL_FLUSH, writer.shutdown()).await;
+            match refusal.answer {
+                Some(_) => send_final(&mut reader, &mut writer, &out).await,
+                // Nothing to hear (bytes that are no CONNECT): closed at once.
+                None => {
+                    let _ = tokio::time::timeout(FINAL_FLUSH, writer.shutdown()).await;
+                }
+            }
             return None;
         }
         Ok(Ok(c)) => c,
@@ -121,7 +127,7 @@ pub(super) enum Opening<R, W> {
 /// takes the client id over and continues or starts its session.
 pub(super) async fn open_session<R, W>(
     broker: Arc<Broker>,
-    reader: R,
+    mut reader: R,
     mut writer: W,
     rbuf: BytesMut,
     peer: SocketAddr,
@@ -166,7 +172,7 @@ where
             ),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     }
 
@@ -180,7 +186,7 @@ where
                 "an empty client id needs clean session".into(),
             )
             .await;
-            send_final(&mut writer, &out).await;
+            send_final(&mut reader, &mut writer, &out).await;
             return Opening::Refused;
         }
         let id = format!("auto-{:016x}", rand_id());
@@ -199,7 +205,7 @@ where
             ),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     }
     // The will is stored with the session and published as a record: its fields get the
@@ -226,7 +232,7 @@ where
             limits.packet_refused(PacketRefused::Will);
             let out = refuse(Refused::Malformed, code, format!("will: {why}")).await;
             if version == Version::V5 {
-                send_final(&mut writer, &out).await;
+                send_final(&mut reader, &mut writer, &out).await;
             }
             return Opening::Refused;
         }
@@ -245,7 +251,7 @@ where
             ),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     };
     let login = tokio::time::timeout(
@@ -266,7 +272,7 @@ where
             "the password check queue is full: try again".into(),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     };
     let (username, acl) = match login {
@@ -293,7 +299,7 @@ where
             let delay = auth.record_failure(peer.ip());
             tokio::time::sleep(delay).await;
             let out = refuse(kind, code, why).await;
-            send_final(&mut writer, &out).await;
+            send_final(&mut reader, &mut writer, &out).await;
             return Opening::Refused;
         }
     };
@@ -311,7 +317,7 @@ where
             ),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     }
     // A session a user started is theirs: no one else resumes or takes it over.
@@ -323,7 +329,7 @@ where
                 format!("the session of client id {client_id:?} belongs to another user"),
             )
             .await;
-            send_final(&mut writer, &out).await;
+            send_final(&mut reader, &mut writer, &out).await;
             return Opening::Refused;
         }
     }
@@ -337,7 +343,7 @@ where
                 format!("not authorized to publish the will topic {topic:?}"),
             )
             .await;
-            send_final(&mut writer, &out).await;
+            send_final(&mut reader, &mut writer, &out).await;
             return Opening::Refused;
         }
     }
@@ -348,7 +354,7 @@ where
             "the log is failing".into(),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     }
 
@@ -368,7 +374,7 @@ where
             ),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     }
 
@@ -484,7 +490,8 @@ where
         // Boxed: it runs once; inline it would make this future larger by its size.
         if let Err(why) = Box::pin(broker.appender.commit_state(ops)).await {
             let out = refuse(Refused::Unavailable, reason::SERVER_BUSY, why.to_string()).await;
-            send_final(&mut accepted.writer, &out).await;
+            // Lingering waits until the session is handed back (`abandon`).
+            write_final(&mut accepted.writer, &out).await;
             return Opening::Abandoned(accepted);
         }
     }
@@ -515,9 +522,20 @@ where
     Opening::Open(accepted)
 }
 
-/// Writes a last packet (a refusing CONNACK) and closes the connection (over TLS, with a
-/// close_notify), within `FINAL_FLUSH`.
-async fn send_final<W: AsyncWrite + Unpin>(writer: &mut W, out: &[u8]) {
+/// Writes a last packet (a refusing CONNACK), shuts the writing half down and lingers (see
+/// [`linger`]), so that the packet reaches a client that sent more after its CONNECT.
+async fn send_final<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    reader: &mut R,
+    writer: &mut W,
+    out: &[u8],
+) {
+    write_final(writer, out).await;
+    linger(reader).await;
+}
+
+/// Writes a last packet and shuts the writing half down (over TLS, with a close_notify),
+/// within `FINAL_FLUSH`.
+async fn write_final<W: AsyncWrite + Unpin>(writer: &mut W, out: &[u8]) {
     let _ = tokio::time::timeout(FINAL_FLUSH, async {
         writer.write_all(out).await?;
         writer.shutdown().await

@@ -200,7 +200,9 @@ where
         handover,
     } = Opened::new(*accepted);
     conn.will.cancel();
-    Box::pin(conn.finish(conn_id, &handover.0)).await;
+    let mut socket = Box::pin(conn.finish(conn_id, &handover.0)).await;
+    // Its refusing CONNACK was written: it must not be lost to a reset.
+    Box::pin(socket.linger()).await;
 }
 
 /// Serves an open session to the connection's end.
@@ -243,7 +245,13 @@ where
         conn_id,
         handover,
     } = *opened;
-    Box::pin(conn.finish(conn_id, &handover.0)).await;
+    let mut socket = Box::pin(conn.finish(conn_id, &handover.0)).await;
+    // The edge ended it, maybe while the client was still sending: the DISCONNECT must not
+    // be lost to a reset. (The session is already handed back: a connection taking it over
+    // does not wait for this.)
+    if end.is_err() {
+        Box::pin(socket.linger()).await;
+    }
 }
 
 /// A client connection with its session open: the socket and its buffers, the session, and
@@ -615,8 +623,9 @@ where
         })
     }
 
-    /// Hands the session back and publishes the will. Callers box it, as `drain_pending`.
-    async fn finish(mut self, conn_id: u64, handover: &Handover) {
+    /// Hands the session back and publishes the will; returns the socket, to close.
+    /// Callers box it, as `drain_pending`.
+    async fn finish(mut self, conn_id: u64, handover: &Handover) -> Socket<R, W> {
         self.inbound.report_acks(&self.client);
         let lost = self.outbound.close(&self.client);
         let client = &self.client;
@@ -648,5 +657,6 @@ where
             last_will::release(&client.broker, &client.client_id, conn_id, expiry, will).await;
         }
         tracing::debug!(peer = %client.peer, client_id = %client.client_id, "connection ended");
+        self.socket
     }
 }
