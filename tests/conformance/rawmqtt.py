@@ -196,6 +196,8 @@ class Packet:
     qos: int = 0
     dup: bool = False
     retain: bool = False
+    # Bytes the packet took on the wire, fixed header included.
+    wire_size: int = 0
 
     @property
     def name(self) -> str:
@@ -353,6 +355,7 @@ class RawClient:
             return None
         first, body = self.buf[0], self.buf[i:i + length]
         self.buf = self.buf[i + length:]
+        self.last_frame_size = i + length
         return first, body
 
     def recv(self, timeout: float = 10.0) -> Packet:
@@ -447,7 +450,7 @@ class RawClient:
     def _decode(self, first: int, body: bytes) -> Packet:
         kind, flags = first >> 4, first & 0x0F
         r = Reader(body)
-        p = Packet(kind, flags)
+        p = Packet(kind, flags, wire_size=self.last_frame_size)
         v5 = self.version == 5
         if kind == CONNACK:
             p.session_present = bool(r.byte() & 0x01)

@@ -62,6 +62,7 @@ where
                         reason: code,
                         ..Default::default()
                     },
+                    usize::MAX,
                     &mut out,
                 );
             }
@@ -143,6 +144,7 @@ where
     // decided: a flood of large CONNECTs waiting for password checks is bounded too.
     let connect_share = limits.connect_buffer_held(CONNECT_BUFFER_BUDGET, connect_held);
     let version = connect.version;
+    let client_max_packet = connect.max_packet_size.unwrap_or(u32::MAX) as usize;
     let refuse = |kind: Refused, code: u8, why: String| async move {
         limits.refused(kind);
         let mut out = BytesMut::new();
@@ -153,6 +155,7 @@ where
                 reason_string: Some(why.clone()),
                 ..Default::default()
             },
+            client_max_packet,
             &mut out,
         );
         if let Some(held_back) = limits.log_budget.admit() {
@@ -202,6 +205,21 @@ where
             format!(
                 "client id must be 1 to {} bytes without NUL",
                 broker.config.max_client_id_length
+            ),
+        )
+        .await;
+        send_final(&mut reader, &mut writer, &out).await;
+        return Opening::Refused;
+    }
+    // Enhanced authentication (MQTT 5 4.12) is not supported: a client asking for it is
+    // refused (MQTT-4.12.0-1), never let in on a login it did not choose.
+    if let Some(method) = &connect.auth_method {
+        let out = refuse(
+            Refused::NotAuthorized,
+            reason::BAD_AUTHENTICATION_METHOD,
+            format!(
+                "enhanced authentication is not supported (Authentication Method {method:?}): \
+                 connect without one, with a user name and password or a client certificate"
             ),
         )
         .await;
@@ -464,6 +482,7 @@ where
             peer,
             sub,
             problem_info: connect.request_problem_info,
+            max_packet: connect.max_packet_size.unwrap_or(u32::MAX),
         },
         reader,
         writer,
@@ -516,7 +535,12 @@ where
         topic_alias_maximum: broker.config.topic_alias_maximum,
         reason_string: None,
     };
-    codec::write_connack(version, &info, &mut accepted.wbuf);
+    codec::write_connack(
+        version,
+        &info,
+        accepted.client.max_packet as usize,
+        &mut accepted.wbuf,
+    );
     tracing::debug!(%peer, client_id = %client_id, username = username.as_deref(), ?version, session_present, "connected");
     accepted.resume = session_present && accepted.session.durable;
     Opening::Open(accepted)

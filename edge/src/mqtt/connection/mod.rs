@@ -226,7 +226,13 @@ where
         limits.packet_refused(kind);
     }
     if let Err(close) = &end {
-        codec::write_disconnect(version, close.code, &close.why, &mut conn.socket.wbuf);
+        codec::write_disconnect(
+            version,
+            close.code,
+            &close.why,
+            conn.client.max_packet as usize,
+            &mut conn.socket.wbuf,
+        );
         let level_info = close.code != reason::SESSION_TAKEN_OVER;
         if let Some(held_back) = level_info.then(|| limits.log_budget.admit()).flatten() {
             tracing::info!(held_back, %peer, client_id = %client_id, code = format!("{:#04x}", close.code), reason = %close.why, "closing connection");
