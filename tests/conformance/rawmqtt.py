@@ -196,6 +196,8 @@ class Packet:
     qos: int = 0
     dup: bool = False
     retain: bool = False
+    # Bytes the packet took on the wire, fixed header included.
+    wire_size: int = 0
 
     @property
     def name(self) -> str:
@@ -353,6 +355,7 @@ class RawClient:
             return None
         first, body = self.buf[0], self.buf[i:i + length]
         self.buf = self.buf[i + length:]
+        self.last_frame_size = i + length
         return first, body
 
     def recv(self, timeout: float = 10.0) -> Packet:
@@ -419,10 +422,35 @@ class RawClient:
             except Closed:
                 return seen
 
+    def read_until_closed(self, timeout: float = 10.0) -> tuple[list[Packet], Optional[OSError]]:
+        """Packets received until the server closes the connection, and the error the close
+        came with: `None` for an orderly close (EOF), the `ConnectionResetError` of a reset.
+        (`recv` treats a reset as a close; this tells them apart.)"""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._frame()
+            if frame:
+                seen.append(self._decode(*frame))
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the server did not close within {timeout} s: {seen}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionError as e:
+                return seen, e
+            if not data:
+                return seen, None
+            self.buf += data
+
     def _decode(self, first: int, body: bytes) -> Packet:
         kind, flags = first >> 4, first & 0x0F
         r = Reader(body)
-        p = Packet(kind, flags)
+        p = Packet(kind, flags, wire_size=self.last_frame_size)
         v5 = self.version == 5
         if kind == CONNACK:
             p.session_present = bool(r.byte() & 0x01)

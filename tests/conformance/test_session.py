@@ -11,6 +11,7 @@ import time
 import pytest
 
 from mqttclient import QUIET, V311, V5
+from rawmqtt import PUBREL
 
 SESSION_EXPIRY = 300
 
@@ -226,3 +227,101 @@ def test_mqtt_4_1_offline_session_queue_bounded_by_max_offline_messages(clients,
     back.assert_nothing(lambda m: False, window=QUIET)  # anything beyond the bound shows here
     got = [int(m.payload) for m in back.received()]
     assert len(got) == 5 and got == sorted(set(got)), got
+
+
+def _away_with_queue(clients, client_id, expiry=99999):
+    """A 5.0 session (Session Expiry `expiry`) subscribed to `rq/+` at QoS 2 whose client has
+    left, and a publisher that has since sent it QoS 1 and QoS 2 messages; returns the
+    publisher."""
+    c = clients.new(V5, client_id=client_id, clean=False, session_expiry=expiry)
+    assert not c.connect().session_present
+    assert c.subscribe("rq/+", 2) == [2]
+    c.disconnect()
+    pub = clients.connect(V5)
+    for i in range(3):
+        pub.publish("rq/q1", f"q1-{i}".encode(), 1)
+        pub.publish("rq/q2", f"q2-{i}".encode(), 2)
+    return pub
+
+
+def test_mqtt_3_1_2_5_resumed_without_session_expiry_delivers_the_queue(clients):
+    """[MQTT-3.1.2-5] If a CONNECT packet is received with Clean Start set to 0 and there is a
+    Session associated with the Client Identifier, the Server MUST resume communications with
+    the Client based on state from the existing Session. Section 3.1.2.11.2: without a
+    Session Expiry Interval the value 0 is used, and the Session ends when the Network
+    Connection is closed (not before: the queued messages are part of the state resumed).
+
+    The session was left with Session Expiry 99999; the client comes back with Clean Start 0
+    and no Session Expiry Interval, as paho-mqtt and many device SDKs do: Session Present 1,
+    every queued QoS 1 and QoS 2 message, and the session ends with that connection."""
+    _away_with_queue(clients, "resume0")
+    back = clients.new(V5, client_id="resume0", clean=False)  # no properties at all
+    assert back.connect().session_present
+    back.wait_messages(6)
+    back.assert_nothing(lambda m: False, window=QUIET)  # duplicates, if any, come in now
+    q2 = [m.payload for m in back.received(lambda m: m.topic == "rq/q2")]
+    assert q2 == [f"q2-{i}".encode() for i in range(3)], "exactly once, in order"
+    q1 = list(dict.fromkeys(m.payload for m in back.received(lambda m: m.topic == "rq/q1")))
+    assert q1 == [f"q1-{i}".encode() for i in range(3)], "at least once, in order"
+    # The subscriptions are in force on the resumed connection too.
+    pub = clients.connect(V5)
+    pub.publish("rq/live", b"live", 2)
+    assert back.wait_payload("live").qos == 2
+    back.disconnect()
+    # Session Expiry 0 on that connection: the session ended when it closed.
+    again = clients.new(V5, client_id="resume0", clean=False)
+    assert not again.connect().session_present
+    pub.publish("rq/q1", b"after the end", 1)
+    assert again.subscribe("rq/marker", 1) == [1]
+    pub.publish("rq/marker", b"marker", 1)
+    again.wait_payload("marker")
+    again.assert_nothing(lambda m: m.topic.startswith("rq/q"), window=0.2)
+
+
+def test_mqtt_3_1_2_5_resumed_without_session_expiry_raw_packets(clients):
+    """[MQTT-3.1.2-5] as above, seen on the wire: a CONNECT with Clean Start 0 and an empty
+    property list gets CONNACK Session Present 1, then the queued messages as PUBLISH packets
+    of QoS 1 and 2 ([MQTT-3.3.1-9]: the QoS of the subscription's grant and the message's
+    own, whichever is lower), each flow completed by the client."""
+    _away_with_queue(clients, "resume0raw")
+    raw = clients.raw(V5)
+    ack = raw.connect("resume0raw", clean=False)
+    assert (ack.reason, ack.session_present) == (0, True), ack
+    got = []
+    while len(got) < 6:
+        p = raw.next_publish()
+        got.append((p.topic, p.qos, p.payload))
+        if p.qos == 1:
+            raw.puback(p.pid)
+        else:
+            raw.pubrec(p.pid)
+            assert raw.recv_kind(PUBREL).pid == p.pid
+            raw.pubcomp(p.pid)
+    assert sorted(got) == sorted(
+        [("rq/q1", 1, f"q1-{i}".encode()) for i in range(3)]
+        + [("rq/q2", 2, f"q2-{i}".encode()) for i in range(3)]), got
+
+
+def test_mqtt_3_3_2_5_message_expiry_holds_on_a_session_resumed_without_expiry(clients):
+    """[MQTT-3.3.2-5] a queued message whose Message Expiry Interval has passed is not
+    delivered; [MQTT-3.3.2-6] one that has not carries the interval minus the time it
+    waited. Here on a session resumed with Clean Start 0 and no Session Expiry Interval.
+
+    A 1 s message and a 60 s one wait at least 2 s for the client."""
+    c = clients.new(V5, client_id="resumeexp", clean=False, session_expiry=99999)
+    c.connect()
+    assert c.subscribe("rx/+", 1) == [1]
+    c.disconnect()
+    pub = clients.connect(V5)
+    start = time.monotonic()
+    pub.publish("rx/short", b"expires", 1, props={"MessageExpiryInterval": 1})
+    pub.publish("rx/long", b"stays", 1, props={"MessageExpiryInterval": 60})
+    time.sleep(2.1)  # the behaviour under test needs the intervals to pass
+    back = clients.new(V5, client_id="resumeexp", clean=False)
+    assert back.connect().session_present
+    left = back.wait_payload("stays").props.get("MessageExpiryInterval")
+    waited = time.monotonic() - start
+    assert left is not None and 60 - waited - 2 <= left <= 58, (left, waited)
+    pub.publish("rx/marker", b"marker", 1)
+    back.wait_payload("marker")
+    back.assert_nothing(lambda m: m.payload == b"expires", window=0.2)

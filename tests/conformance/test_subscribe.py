@@ -338,3 +338,75 @@ def test_mqtt_3_10_4_2_no_new_messages_after_unsubscribe(clients, version):
     pub.publish("us/a", b"marker", 1)
     marker.wait_payload("marker")
     sub.assert_nothing(lambda m: m.payload in (b"after", b"marker"), window=0.2)
+
+
+def test_mqtt_4_5_0_1_subscription_in_force_for_every_publish_after_the_suback(clients):
+    """[MQTT-4.5.0-1] When a Server takes ownership of an incoming Application Message it
+    MUST add it to the Session State for those Clients that have matching Subscriptions.
+    Section 3.8.4: the SUBACK confirms the subscription, so every PUBLISH the Server receives
+    after it sent the SUBACK, from any connection, has that subscription to match.
+
+    Under load (two other connections publishing QoS 1 all along, so the server's commits
+    batch many publishes), 600 rounds: a subscriber subscribes to a new filter (exact, `+` or `#`,
+    QoS 0, 1 or 2, on a clean and on a persistent session) and as soon as its SUBACK is in,
+    a publisher on another connection (3.1.1 or 5.0, at QoS 0, 1 or 2) sends one message
+    matching it. Every one of them arrives."""
+    import threading
+
+    stop = threading.Event()
+    errors = []
+
+    def load(n):
+        try:
+            c = raw_connected(clients, V5, f"load{n}")
+            pid = 0
+            while not stop.is_set():
+                for _ in range(20):
+                    pid = pid % 65535 + 1
+                    c.publish(f"load/{n}", b"x" * 256, 1, pid=pid)
+                for _ in range(20):
+                    c.recv_kind(rawmqtt.PUBACK)
+        except Exception as e:  # reported by the test below
+            errors.append(e)
+
+    loaders = [threading.Thread(target=load, args=(n,), daemon=True) for n in range(2)]
+    for t in loaders:
+        t.start()
+    try:
+        subs = [raw_connected(clients, V5, "fresh-sub"),
+                raw_connected(clients, V5, "kept-sub", clean=False,
+                              props={"session_expiry_interval": 300})]
+        pubs = [raw_connected(clients, V5, "pub5"), raw_connected(clients, V311, "pub311")]
+        for i in range(600):
+            sub, pub = subs[i % 2], pubs[(i // 2) % 2]
+            qos, pub_qos = i % 3, (i // 3) % 3
+            topic = f"sa/{i}/leaf"
+            filt = [topic, f"sa/{i}/+", f"sa/{i}/#"][(i // 9) % 3]
+            ack = sub.subscribe(i + 2, [(filt, qos)])
+            assert ack.reasons == [qos], (i, ack)
+            pub.publish(topic, f"m{i}".encode(), pub_qos, pid=1 if pub_qos else None)
+            # (A broker may hold a QoS 2 message back until its PUBREL: Mosquitto does.)
+            if pub_qos == 1:
+                assert pub.recv_kind(rawmqtt.PUBACK).pid == 1
+            elif pub_qos == 2:
+                assert pub.recv_kind(rawmqtt.PUBREC).pid == 1
+                pub.pubrel(1)
+                assert pub.recv_kind(rawmqtt.PUBCOMP).pid == 1
+            try:
+                p = sub.next_publish()
+            except TimeoutError:
+                raise AssertionError(f"round {i}: {filt!r} at QoS {qos}, published to {topic!r} "
+                                     f"at QoS {pub_qos} by {pub.version}: not delivered")
+            if p.qos == 1:
+                sub.puback(p.pid)
+            elif p.qos == 2:
+                sub.pubrec(p.pid)
+                assert sub.recv_kind(PUBREL).pid == p.pid
+                sub.pubcomp(p.pid)
+            assert (p.topic, p.payload, p.qos) == (topic, f"m{i}".encode(), min(qos, pub_qos)), \
+                (i, p)
+    finally:
+        stop.set()
+        for t in loaders:
+            t.join(30)
+    assert not errors, errors

@@ -62,6 +62,8 @@ pub struct ConnectIn {
     pub topic_alias_maximum: u16,
     /// 5.0 Request Problem Information (absent = true).
     pub request_problem_info: bool,
+    /// 5.0 Authentication Method: the client asks for enhanced authentication (4.12).
+    pub auth_method: Option<String>,
     /// Will message.
     pub will: Option<WillIn>,
     /// User Name (absent or empty: none).
@@ -258,14 +260,24 @@ pub fn decode(
     max_packet_size: usize,
 ) -> Result<Option<Inbound>, DecodeError> {
     // Total size check; rumqttc's own check counts the remaining length only.
-    match mb::check(buf.iter(), max_packet_size) {
+    let frame_length = match mb::check(buf.iter(), max_packet_size) {
         Ok(h) if h.frame_length() > max_packet_size => {
             return Err(DecodeError::TooLarge(h.frame_length()))
         }
-        Ok(_) => {}
+        Ok(h) => h.frame_length(),
         Err(mb::Error::InsufficientBytes(_)) => return Ok(None),
         Err(mb::Error::PayloadSizeLimitExceeded(n)) => return Err(DecodeError::TooLarge(n)),
         Err(e) => return Err(DecodeError::Malformed(e.to_string())),
+    };
+    // A 5.0 AUTH, which rumqttc's reader does not know. The edge never takes part in
+    // enhanced authentication (a CONNECT asking for it is refused), so only its framing
+    // matters: a well-formed one is a protocol error, not a malformed packet.
+    if version == Version::V5 && buf[0] >> 4 == 15 {
+        if buf[0] & 0x0F != 0 {
+            return Err(malformed("AUTH with reserved flags set"));
+        }
+        let _ = buf.split_to(frame_length);
+        return Ok(Some(Inbound::Auth));
     }
     // Acknowledgements without a reason code are the most frequent packets from a busy
     // subscriber: read them without the general decoder.
@@ -317,6 +329,7 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
                 max_packet_size: None,
                 topic_alias_maximum: 0,
                 request_problem_info: true,
+                auth_method: None,
                 will: c.last_will.map(|w| WillIn {
                     topic: Bytes::from(w.topic.into_bytes()),
                     payload: w.message,
@@ -414,6 +427,7 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
                 max_packet_size: props.max_packet_size,
                 topic_alias_maximum: props.topic_alias_max.unwrap_or(0),
                 request_problem_info: props.request_problem_info != Some(0),
+                auth_method: props.authentication_method.clone(),
                 will: will.map(|w| {
                     let p = w.properties.unwrap_or(v5::LastWillProperties {
                         delay_interval: None,
@@ -582,6 +596,8 @@ pub mod reason {
     pub const SESSION_TAKEN_OVER: u8 = 0x8E;
     /// Not authorized.
     pub const NOT_AUTHORIZED: u8 = 0x87;
+    /// Bad authentication method (an Authentication Method the edge does not support).
+    pub const BAD_AUTHENTICATION_METHOD: u8 = 0x8C;
     /// Topic filter invalid.
     pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
     /// Topic name invalid.
@@ -623,8 +639,22 @@ pub struct ConnAckInfo {
     pub reason_string: Option<String>,
 }
 
-/// Writes a CONNACK.
-pub fn write_connack(version: Version, info: &ConnAckInfo, out: &mut BytesMut) {
+/// Writes a CONNACK, without its Reason String if that would make it larger than
+/// `max_packet`, the client's Maximum Packet Size (MQTT-3.2.2-19).
+pub fn write_connack(version: Version, info: &ConnAckInfo, max_packet: usize, out: &mut BytesMut) {
+    let start = out.len();
+    write_connack_once(version, info, out);
+    if out.len() - start > max_packet && info.reason_string.is_some() {
+        out.truncate(start);
+        let bare = ConnAckInfo {
+            reason_string: None,
+            ..info.clone()
+        };
+        write_connack_once(version, &bare, out);
+    }
+}
+
+fn write_connack_once(version: Version, info: &ConnAckInfo, out: &mut BytesMut) {
     match version {
         Version::V311 => {
             let code = match info.reason {
@@ -652,6 +682,7 @@ pub fn write_connack(version: Version, info: &ConnAckInfo, out: &mut BytesMut) {
                 reason::TOPIC_NAME_INVALID => v5::ConnectReturnCode::TopicNameInvalid,
                 reason::BAD_USER_NAME_OR_PASSWORD => v5::ConnectReturnCode::BadUserNamePassword,
                 reason::NOT_AUTHORIZED => v5::ConnectReturnCode::NotAuthorized,
+                reason::BAD_AUTHENTICATION_METHOD => v5::ConnectReturnCode::BadAuthenticationMethod,
                 _ => v5::ConnectReturnCode::UnspecifiedError,
             };
             let properties = (info.reason == reason::SUCCESS).then(|| v5::ConnAckProperties {
@@ -750,15 +781,22 @@ pub fn write_pingresp(out: &mut BytesMut) {
 }
 
 /// Writes a SUBACK with one reason code per filter (5.0 codes; 3.1.1 gets the granted QoS
-/// or 0x80 Failure).
+/// or 0x80 Failure), without its Reason String if that would make it larger than
+/// `max_packet`, the client's Maximum Packet Size (MQTT-3.9.2-1).
 pub fn write_suback(
     version: Version,
     pkid: u16,
     codes: &[u8],
     reason_string: Option<&str>,
+    max_packet: usize,
     out: &mut BytesMut,
 ) {
+    let start = out.len();
     write_sub_or_unsub_ack(0x90, version, pkid, codes, reason_string, out);
+    if out.len() - start > max_packet && reason_string.is_some() {
+        out.truncate(start);
+        write_sub_or_unsub_ack(0x90, version, pkid, codes, None, out);
+    }
 }
 
 /// Writes an UNSUBACK (5.0: one reason code per filter; 3.1.1 has none).
@@ -937,14 +975,23 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// Writes a 5.0 DISCONNECT with a reason code and reason string (nothing for 3.1.1, where the
-/// server closes the connection without a packet).
-pub fn write_disconnect(version: Version, code: u8, why: &str, out: &mut BytesMut) {
+/// server closes the connection without a packet). The reason string is left out if it
+/// would make the packet larger than `max_packet`, the client's Maximum Packet Size
+/// (MQTT-3.14.2-3).
+pub fn write_disconnect(
+    version: Version,
+    code: u8,
+    why: &str,
+    max_packet: usize,
+    out: &mut BytesMut,
+) {
     if version == Version::V311 {
         return;
     }
     let Some(reason_code) = disconnect_reason(code) else {
         return;
     };
+    let start = out.len();
     v5::Disconnect {
         reason_code,
         properties: Some(v5::DisconnectProperties {
@@ -956,6 +1003,15 @@ pub fn write_disconnect(version: Version, code: u8, why: &str, out: &mut BytesMu
     }
     .write(out)
     .expect("DISCONNECT encodes");
+    if out.len() - start > max_packet {
+        out.truncate(start);
+        v5::Disconnect {
+            reason_code,
+            properties: None,
+        }
+        .write(out)
+        .expect("DISCONNECT encodes");
+    }
 }
 
 fn disconnect_reason(code: u8) -> Option<v5::DisconnectReasonCode> {
@@ -1079,6 +1135,73 @@ mod tests {
             decode(Version::V311, &mut buf, 64 * 1024),
             Err(DecodeError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn a_v5_auth_packet_decodes_as_auth() {
+        // AUTH 0x18 (continue authentication) with an Authentication Method, then a PINGREQ.
+        let mut buf = BytesMut::from(
+            &[
+                0xF0, 0x07, 0x18, 0x05, 0x15, 0x00, 0x02, b'x', b'y', 0xC0, 0x00,
+            ][..],
+        );
+        assert!(matches!(
+            decode(Version::V5, &mut buf, 1024),
+            Ok(Some(Inbound::Auth))
+        ));
+        assert!(matches!(
+            decode(Version::V5, &mut buf, 1024),
+            Ok(Some(Inbound::PingReq))
+        ));
+        let mut flags = BytesMut::from(&[0xF1, 0x00][..]);
+        assert!(matches!(
+            decode(Version::V5, &mut flags, 1024),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut v311 = BytesMut::from(&[0xF0, 0x00][..]);
+        assert!(decode(Version::V311, &mut v311, 1024).is_err());
+    }
+
+    #[test]
+    fn reason_strings_are_dropped_past_the_client_maximum_packet_size() {
+        let why = "a reason string that does not fit";
+        let mut full = BytesMut::new();
+        write_disconnect(Version::V5, reason::MALFORMED, why, usize::MAX, &mut full);
+        let mut tight = BytesMut::new();
+        write_disconnect(
+            Version::V5,
+            reason::MALFORMED,
+            why,
+            full.len() - 1,
+            &mut tight,
+        );
+        assert!(tight.len() < full.len() && tight.len() <= 4, "{tight:?}");
+        assert_eq!(tight[2], reason::MALFORMED);
+
+        let mut full = BytesMut::new();
+        write_suback(Version::V5, 7, &[0x8F], Some(why), usize::MAX, &mut full);
+        let mut tight = BytesMut::new();
+        write_suback(
+            Version::V5,
+            7,
+            &[0x8F],
+            Some(why),
+            full.len() - 1,
+            &mut tight,
+        );
+        assert_eq!(&tight[..], &[0x90, 4, 0, 7, 0, 0x8F]);
+
+        let refusal = ConnAckInfo {
+            reason: reason::NOT_AUTHORIZED,
+            reason_string: Some(why.into()),
+            ..Default::default()
+        };
+        let mut full = BytesMut::new();
+        write_connack(Version::V5, &refusal, usize::MAX, &mut full);
+        let mut tight = BytesMut::new();
+        write_connack(Version::V5, &refusal, full.len() - 1, &mut tight);
+        assert!(tight.len() < full.len(), "{tight:?}");
+        assert_eq!(tight[3], reason::NOT_AUTHORIZED);
     }
 
     #[test]

@@ -39,7 +39,8 @@ pub enum Refused {
     /// Wrong user name or password (5.0: 0x86, 3.1.1: 4).
     BadCredentials,
     /// Not allowed in: anonymous while anonymous access is off, or a will the ACL forbids
-    /// (5.0: 0x87, 3.1.1: 5).
+    /// (5.0: 0x87, 3.1.1: 5), or an Authentication Method (enhanced authentication, which
+    /// the edge does not support: 0x8C).
     NotAuthorized,
     /// The TLS handshake failed: no or a bad client certificate, no common version or
     /// cipher, not TLS at all.

@@ -12,6 +12,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use super::socket::linger;
 use super::types::{validate_topic, Client, EndsHandover, ReceiveLimits, FINAL_FLUSH};
 use crate::auth::{ConnAcl, LoginRefusal};
 use crate::log::appender::now_ms;
@@ -55,24 +56,30 @@ where
             if let Some(kind) = refusal.kind {
                 limits.refused(kind);
             }
+            let mut out = BytesMut::new();
             if let Some((version, code)) = refusal.answer {
-                let mut out = BytesMut::new();
                 codec::write_connack(
                     version,
                     &ConnAckInfo {
                         reason: code,
                         ..Default::default()
                     },
+                    usize::MAX,
                     &mut out,
                 );
-                let _ = tokio::time::timeout(FINAL_FLUSH, writer.write_all(&out)).await;
             }
             if refusal.kind.is_none() {
                 tracing::debug!(%peer, reason = %refusal.why, "connection ended");
             } else if let Some(held_back) = limits.log_budget.admit() {
                 tracing::info!(%peer, reason = %refusal.why, held_back, "connection refused");
             }
-            let _ = tokio::time::timeout(FINAL_FLUSH, writer.shutdown()).await;
+            match refusal.answer {
+                Some(_) => send_final(&mut reader, &mut writer, &out).await,
+                // Nothing to hear (bytes that are no CONNECT): closed at once.
+                None => {
+                    let _ = tokio::time::timeout(FINAL_FLUSH, writer.shutdown()).await;
+                }
+            }
             return None;
         }
         Ok(Ok(c)) => c,
@@ -127,7 +134,7 @@ pub(super) enum Opening<R, W> {
 /// takes the client id over and continues or starts its session.
 pub(super) async fn open_session<R, W>(
     broker: Arc<Broker>,
-    reader: R,
+    mut reader: R,
     mut writer: W,
     rbuf: BytesMut,
     peer: SocketAddr,
@@ -143,6 +150,7 @@ where
     // decided: a flood of large CONNECTs waiting for password checks is bounded too.
     let connect_share = limits.connect_buffer_held(CONNECT_BUFFER_BUDGET, connect_held);
     let version = connect.version;
+    let client_max_packet = connect.max_packet_size.unwrap_or(u32::MAX) as usize;
     let refuse = |kind: Refused, code: u8, why: String| async move {
         limits.refused(kind);
         let mut out = BytesMut::new();
@@ -153,6 +161,7 @@ where
                 reason_string: Some(why.clone()),
                 ..Default::default()
             },
+            client_max_packet,
             &mut out,
         );
         if let Some(held_back) = limits.log_budget.admit() {
@@ -172,7 +181,7 @@ where
             ),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     }
 
@@ -186,7 +195,7 @@ where
                 "an empty client id needs clean session".into(),
             )
             .await;
-            send_final(&mut writer, &out).await;
+            send_final(&mut reader, &mut writer, &out).await;
             return Opening::Refused;
         }
         let id = format!("auto-{:016x}", rand_id());
@@ -205,7 +214,22 @@ where
             ),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
+        return Opening::Refused;
+    }
+    // Enhanced authentication (MQTT 5 4.12) is not supported: a client asking for it is
+    // refused (MQTT-4.12.0-1), never let in on a login it did not choose.
+    if let Some(method) = &connect.auth_method {
+        let out = refuse(
+            Refused::NotAuthorized,
+            reason::BAD_AUTHENTICATION_METHOD,
+            format!(
+                "enhanced authentication is not supported (Authentication Method {method:?}): \
+                 connect without one, with a user name and password or a client certificate"
+            ),
+        )
+        .await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     }
     // The will is stored with the session and published as a record: its fields get the
@@ -232,7 +256,7 @@ where
             limits.packet_refused(PacketRefused::Will);
             let out = refuse(Refused::Malformed, code, format!("will: {why}")).await;
             if version == Version::V5 {
-                send_final(&mut writer, &out).await;
+                send_final(&mut reader, &mut writer, &out).await;
             }
             return Opening::Refused;
         }
@@ -254,7 +278,7 @@ where
             )
             .await;
             if version == Version::V5 {
-                send_final(&mut writer, &out).await;
+                send_final(&mut reader, &mut writer, &out).await;
             }
             return Opening::Refused;
         }
@@ -273,7 +297,7 @@ where
             ),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     };
     let login = tokio::time::timeout(
@@ -294,7 +318,7 @@ where
             "the password check queue is full: try again".into(),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     };
     let (username, acl) = match login {
@@ -321,7 +345,7 @@ where
             let delay = auth.record_failure(peer.ip());
             tokio::time::sleep(delay).await;
             let out = refuse(kind, code, why).await;
-            send_final(&mut writer, &out).await;
+            send_final(&mut reader, &mut writer, &out).await;
             return Opening::Refused;
         }
     };
@@ -339,7 +363,7 @@ where
             ),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     }
     // A session a user started is theirs: no one else resumes or takes it over.
@@ -351,7 +375,7 @@ where
                 format!("the session of client id {client_id:?} belongs to another user"),
             )
             .await;
-            send_final(&mut writer, &out).await;
+            send_final(&mut reader, &mut writer, &out).await;
             return Opening::Refused;
         }
     }
@@ -365,7 +389,7 @@ where
                 format!("not authorized to publish the will topic {topic:?}"),
             )
             .await;
-            send_final(&mut writer, &out).await;
+            send_final(&mut reader, &mut writer, &out).await;
             return Opening::Refused;
         }
     }
@@ -376,7 +400,7 @@ where
             "the log is failing".into(),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     }
 
@@ -396,7 +420,7 @@ where
             ),
         )
         .await;
-        send_final(&mut writer, &out).await;
+        send_final(&mut reader, &mut writer, &out).await;
         return Opening::Refused;
     }
 
@@ -461,6 +485,12 @@ where
             data.owner.as_deref(),
         ));
         data.durable = true;
+    } else if data.durable && session_present {
+        // Resumed with Session Expiry 0 (or none, as many clients send): the session goes on
+        // as it was stored, queue included, and ends when this connection closes
+        // (MQTT 5 3.1.2.11.2); `detach` purges it then. Its record says expiry 0 meanwhile,
+        // so a restart discards it as it would have ended with the connection.
+        ops.push(session_put_op(&client_id, 0, 0, data.owner.as_deref()));
     } else if data.durable {
         ops.extend(purge_ops(&client_id));
         data.durable = false;
@@ -500,6 +530,7 @@ where
             peer,
             sub,
             problem_info: connect.request_problem_info,
+            max_packet: connect.max_packet_size.unwrap_or(u32::MAX),
         },
         reader,
         writer,
@@ -528,7 +559,8 @@ where
         // Boxed: it runs once; inline it would make this future larger by its size.
         if let Err(why) = Box::pin(broker.appender.commit_state(ops)).await {
             let out = refuse(Refused::Unavailable, reason::SERVER_BUSY, why.to_string()).await;
-            send_final(&mut accepted.writer, &out).await;
+            // Lingering waits until the session is handed back (`abandon`).
+            write_final(&mut accepted.writer, &out).await;
             return Opening::Abandoned(accepted);
         }
     }
@@ -554,15 +586,31 @@ where
         topic_alias_maximum: broker.config.topic_alias_maximum,
         reason_string: None,
     };
-    codec::write_connack(version, &info, &mut accepted.wbuf);
+    codec::write_connack(
+        version,
+        &info,
+        accepted.client.max_packet as usize,
+        &mut accepted.wbuf,
+    );
     tracing::debug!(%peer, client_id = %client_id, username = username.as_deref(), ?version, session_present, "connected");
     accepted.resume = session_present && accepted.session.durable;
     Opening::Open(accepted)
 }
 
-/// Writes a last packet (a refusing CONNACK) and closes the connection (over TLS, with a
-/// close_notify), within `FINAL_FLUSH`.
-async fn send_final<W: AsyncWrite + Unpin>(writer: &mut W, out: &[u8]) {
+/// Writes a last packet (a refusing CONNACK), shuts the writing half down and lingers (see
+/// [`linger`]), so that the packet reaches a client that sent more after its CONNECT.
+async fn send_final<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    reader: &mut R,
+    writer: &mut W,
+    out: &[u8],
+) {
+    write_final(writer, out).await;
+    linger(reader).await;
+}
+
+/// Writes a last packet and shuts the writing half down (over TLS, with a close_notify),
+/// within `FINAL_FLUSH`.
+async fn write_final<W: AsyncWrite + Unpin>(writer: &mut W, out: &[u8]) {
     let _ = tokio::time::timeout(FINAL_FLUSH, async {
         writer.write_all(out).await?;
         writer.shutdown().await

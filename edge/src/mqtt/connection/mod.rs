@@ -203,7 +203,9 @@ where
         handover,
     } = Opened::new(*accepted);
     conn.will.cancel();
-    Box::pin(conn.finish(conn_id, &handover.0)).await;
+    let mut socket = Box::pin(conn.finish(conn_id, &handover.0)).await;
+    // Its refusing CONNACK was written: it must not be lost to a reset.
+    Box::pin(socket.linger()).await;
 }
 
 /// Serves an open session to the connection's end.
@@ -227,7 +229,13 @@ where
         limits.packet_refused(kind);
     }
     if let Err(close) = &end {
-        codec::write_disconnect(version, close.code, &close.why, &mut conn.socket.wbuf);
+        codec::write_disconnect(
+            version,
+            close.code,
+            &close.why,
+            conn.client.max_packet as usize,
+            &mut conn.socket.wbuf,
+        );
         let level_info = close.code != reason::SESSION_TAKEN_OVER;
         if let Some(held_back) = level_info.then(|| limits.log_budget.admit()).flatten() {
             tracing::info!(held_back, %peer, client_id = %client_id, code = format!("{:#04x}", close.code), reason = %close.why, "closing connection");
@@ -252,7 +260,13 @@ where
         conn_id,
         handover,
     } = *opened;
-    Box::pin(conn.finish(conn_id, &handover.0)).await;
+    let mut socket = Box::pin(conn.finish(conn_id, &handover.0)).await;
+    // The edge ended it, maybe while the client was still sending: the DISCONNECT must not
+    // be lost to a reset. (The session is already handed back: a connection taking it over
+    // does not wait for this.)
+    if end.is_err() {
+        Box::pin(socket.linger()).await;
+    }
 }
 
 /// A client connection with its session open: the socket and its buffers, the session, and
@@ -626,8 +640,9 @@ where
 
     /// Hands the session back and settles the will: what becomes of it is committed (or
     /// queued to the appender) before a connection taking the client id over goes on, so
-    /// that its own commit comes after. Callers box it, as `drain_pending`.
-    async fn finish(mut self, conn_id: u64, handover: &Handover) {
+    /// that its own commit comes after. Returns the socket, to close. Callers box it, as
+    /// `drain_pending`.
+    async fn finish(mut self, conn_id: u64, handover: &Handover) -> Socket<R, W> {
         self.inbound.report_acks(&self.client);
         let lost = self.outbound.close(&self.client);
         let client = &self.client;
@@ -673,5 +688,6 @@ where
         }
         handover.end();
         tracing::debug!(peer = %client.peer, client_id = %client.client_id, "connection ended");
+        self.socket
     }
 }

@@ -201,6 +201,11 @@ where
         self.writer.shutdown().await
     }
 
+    /// Reads and discards what the client still sends, within bounds (see [`linger`]).
+    pub(super) async fn linger(&mut self) {
+        linger(&mut self.reader).await
+    }
+
     /// Empties the write buffer once all of it was written, giving back a large one, and any
     /// one when the connection is idle with `nothing_pending`. Returns whether it is idle:
     /// then the connection gives its commit channel back too.
@@ -246,6 +251,33 @@ where
             }
         }
     }
+}
+
+/// How long a connection the edge closes goes on reading (and discarding) what its client
+/// still sends, after its last packet was written and its writing half shut down.
+pub(super) const LINGER: Duration = Duration::from_secs(2);
+/// How many bytes it reads and discards in that time at most.
+pub(super) const LINGER_BYTES: usize = 1 << 20;
+
+/// Reads and discards what the client still sends until it closes its side, `LINGER` has
+/// passed or `LINGER_BYTES` were read. A socket closed with input it has not read (or that
+/// receives more afterwards) makes the kernel answer with a reset: the client's next write
+/// fails, and a client library then drops the connection without reading the DISCONNECT or
+/// refusing CONNACK that the edge wrote last. Servers that mean their last word to be heard
+/// close this way (a "lingering close"); the bounds keep a client that never stops sending
+/// from holding its connection.
+pub(super) async fn linger<R: AsyncRead + Unpin>(reader: &mut R) {
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut discard = [0u8; 4096];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match reader.read(&mut discard).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// Writes some of `wbuf`, or flushes the writer when `wbuf` is empty; resolves with the bytes

@@ -140,6 +140,7 @@ pub(super) fn on_subscribe(
         s.pkid,
         &codes,
         reason_string.as_deref(),
+        client.max_packet as usize,
         &mut suback,
     );
     Ok(Subscribed { suback, retained })

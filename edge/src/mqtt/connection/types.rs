@@ -27,6 +27,9 @@ pub(super) struct Client {
     pub(super) sub: Arc<Subscriber>,
     /// 5.0 Request Problem Information.
     pub(super) problem_info: bool,
+    /// 5.0 Maximum Packet Size the client accepts (`u32::MAX` when it set none): a packet
+    /// larger than this goes without its optional properties, a PUBLISH not at all.
+    pub(super) max_packet: u32,
 }
 
 /// What the client's CONNECT says it accepts: how the edge must send to it.
