@@ -100,8 +100,9 @@ pub struct MirrorConfig {
     /// Most record bytes in one Kafka transaction (the upper bound of the pacing).
     pub transaction_bytes: usize,
     /// How long a transaction should take: each carries what the link (as measured, or
-    /// `bandwidth`) sends in this long; see [`crate::pacing`].
-    pub transaction_duration: Duration,
+    /// `bandwidth`) sends in this long; see [`crate::pacing`]. `None`: 5 s, or half of
+    /// `request_timeout` when that is shorter ([`MirrorConfig::transaction_duration`]).
+    pub transaction_duration: Option<Duration>,
     /// Cap on the record bytes sent per second, on average: the mirror waits between
     /// transactions, never inside one; `None` is uncapped.
     pub bandwidth: Option<u64>,
@@ -146,7 +147,7 @@ impl MirrorConfig {
             batch_bytes: 1024 * 1024,
             linger: Duration::from_millis(5),
             transaction_bytes: 64 * 1024 * 1024,
-            transaction_duration: Duration::from_secs(5),
+            transaction_duration: None,
             bandwidth: None,
             max_message_bytes: 1024 * 1024 + RECORD_HEADROOM,
             on_rejected: OnRejected::DeadLetter,
@@ -173,6 +174,13 @@ impl MirrorConfig {
     /// The dead-letter topic of this site.
     pub fn dead_letter_topic(&self) -> String {
         self.dead_letter_topic.replace("{site}", &self.site)
+    }
+
+    /// How long a transaction should take: the configured duration, else 5 s or half of
+    /// `request_timeout` when that is shorter.
+    pub fn transaction_duration(&self) -> Duration {
+        self.transaction_duration
+            .unwrap_or_else(|| Duration::from_secs(5).min(self.request_timeout / 2))
     }
 
     /// Checks the settings; the error names the setting and what to do (without the
@@ -223,15 +231,16 @@ impl MirrorConfig {
         if self.transaction_bytes < 1024 {
             return Err(("transaction_bytes", "must be at least 1KiB".into()));
         }
-        if self.transaction_duration < Duration::from_millis(100)
-            || self.transaction_duration > self.request_timeout
+        if self.transaction_duration() < Duration::from_millis(100)
+            || self.transaction_duration() > self.request_timeout
         {
             return Err((
                 "transaction_duration",
                 format!(
                     "{:?} is not between 100ms and request_timeout ({:?}): a transaction must \
                      be acknowledged within request_timeout",
-                    self.transaction_duration, self.request_timeout
+                    self.transaction_duration(),
+                    self.request_timeout
                 ),
             ));
         }
@@ -421,12 +430,17 @@ mod tests {
     #[test]
     fn transaction_duration_fits_within_the_request_timeout() {
         let mut c = MirrorConfig::new("k:9092", "p");
-        c.transaction_duration = Duration::from_secs(31);
+        c.transaction_duration = Some(Duration::from_secs(31));
         assert_eq!(c.validate().unwrap_err().0, "transaction_duration");
-        c.transaction_duration = Duration::from_millis(10);
+        c.transaction_duration = Some(Duration::from_millis(10));
         assert_eq!(c.validate().unwrap_err().0, "transaction_duration");
-        c.transaction_duration = Duration::from_secs(30);
+        c.transaction_duration = Some(Duration::from_secs(30));
         c.validate().unwrap();
+        // Unset, it follows a short request timeout instead of refusing it.
+        c.transaction_duration = None;
+        c.request_timeout = Duration::from_secs(2);
+        c.validate().unwrap();
+        assert_eq!(c.transaction_duration(), Duration::from_secs(1));
     }
 
     #[test]

@@ -355,7 +355,7 @@ fn run(shared: &Arc<Shared>) {
     let mut backoff = MIN_BACKOFF;
     let config = &shared.config;
     let mut pacer = Pacer::new(
-        config.transaction_duration,
+        config.transaction_duration(),
         config.transaction_bytes,
         config.bandwidth,
     );

@@ -184,10 +184,7 @@ impl CloudConfig {
         m.batch_bytes = self.batch_size.0 as usize;
         m.linger = self.linger.0;
         m.transaction_bytes = self.transaction_size.0 as usize;
-        m.transaction_duration = self.transaction_duration.map_or_else(
-            || Duration::from_secs(5).min(self.request_timeout.0 / 2),
-            |d| d.0,
-        );
+        m.transaction_duration = self.transaction_duration.map(|d| d.0);
         m.bandwidth = self.bandwidth.map(|b| b.0);
         m.on_rejected = cloud_sync::OnRejected::parse(&self.on_rejected).ok_or_else(|| {
             (
