@@ -305,31 +305,6 @@ struct StateLedger {
 
 const RETAINED_TOPICS: usize = 4;
 
-async fn connect_v5(
-    addr: SocketAddr,
-    opts: &tributary_tests::ConnectOpts,
-    stop: &std::sync::atomic::AtomicBool,
-) -> Option<(tributary_tests::RawClient, bool)> {
-    use tributary_tests::{Got, Proto, RawClient};
-    loop {
-        if let Ok((
-            c,
-            Got::ConnAck {
-                code: 0,
-                session_present,
-                ..
-            },
-        )) = RawClient::connect(addr, Proto::V5, opts).await
-        {
-            return Some((c, session_present));
-        }
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Publishes QoS 1 retained messages `keep-{topic}-{seq}` to `state/dev{topic}` one at a
 /// time, round-robin over the topics, recording each acknowledgement.
 async fn keeper(
@@ -343,7 +318,10 @@ async fn keeper(
     let mut seq = 0u64;
     let mut first = true;
     'outer: while !stop.load(Ordering::Relaxed) {
-        let Some((mut c, _)) = connect_v5(addr, &opts, &stop).await else {
+        let Some((mut c, _)) =
+            tributary_tests::load::connect_retrying(addr, tributary_tests::Proto::V5, &opts, &stop)
+                .await
+        else {
             break;
         };
         if !first {
@@ -404,7 +382,10 @@ async fn group_member(
     let opts = ConnectOpts::new("member");
     let mut first = true;
     'outer: while !stop.load(Ordering::Relaxed) {
-        let Some((mut c, _)) = connect_v5(addr, &opts, &stop).await else {
+        let Some((mut c, _)) =
+            tributary_tests::load::connect_retrying(addr, tributary_tests::Proto::V5, &opts, &stop)
+                .await
+        else {
             break;
         };
         if !first {

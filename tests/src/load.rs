@@ -79,7 +79,9 @@ impl Stream {
     }
 }
 
-async fn connect_retrying(
+/// Connects until a CONNACK 0 arrives (the edge may be restarting); returns the client and
+/// session present, or `None` once `stop` is set.
+pub async fn connect_retrying(
     addr: std::net::SocketAddr,
     proto: Proto,
     opts: &ConnectOpts,
