@@ -252,7 +252,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<LoadedConfig> {
     if let Some(addr) = cli.tls_listen {
         if !config.set_first_listener(ListenerProtocol::Mqtts, addr) {
             bail!(
-                "--tls-listen {addr}: the config has no mqtts listener; add a [[listeners]] entry with protocol = \"mqtts\", cert_file and key_file (or a [tls] section)"
+                "--tls-listen {addr}: the config has no mqtts listener and no [tls] section; add a [[listeners]] entry with protocol = \"mqtts\", cert_file and key_file (or a [tls] section)"
             );
         }
     }

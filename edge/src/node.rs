@@ -860,14 +860,14 @@ pub async fn reload(broker: &Arc<Broker>, tls_servers: &[Arc<TlsServer>]) {
         // A few small files: read in place rather than on a blocking thread.
         match tls.reload() {
             Ok(()) => tracing::info!(
+                listener = tls.listener(),
                 client_ca = tls.mutual(),
                 "SIGHUP: TLS certificate and key reloaded"
             ),
-            Err(e) => {
-                tracing::error!(
-                    "SIGHUP: TLS reload failed, the previous certificate stays in use: {e}"
-                )
-            }
+            Err(e) => tracing::error!(
+                "SIGHUP: TLS reload failed, the previous certificate stays in use: {}.{e}",
+                tls.listener()
+            ),
         }
     }
 }

@@ -126,7 +126,7 @@ pub fn prepare(config: Config, source: &Source) -> Result<LoadedConfig, ConfigEr
     let mut tls = BTreeMap::new();
     for listener in config.listeners() {
         if let Some(settings) = listener.tls {
-            let server = TlsServer::new(settings).map_err(|e| {
+            let server = TlsServer::new(listener.key.clone(), settings).map_err(|e| {
                 source.invalid(None, format!("{}.{}", listener.key, e.key), e.message)
             })?;
             tls.insert(listener.key, server);

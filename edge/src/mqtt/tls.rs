@@ -53,18 +53,26 @@ pub enum HandshakeError {
 
 /// The TLS side of the listener: the settings in use and the files to read them again from.
 pub struct TlsServer {
+    /// The listener's key in the config (`tls`, `listeners[2]`), for the log.
+    listener: String,
     config: ListenerTls,
     current: RwLock<Arc<ServerConfig>>,
 }
 
 impl TlsServer {
-    /// Reads the files named by `config`.
-    pub fn new(config: ListenerTls) -> Result<TlsServer, TlsError> {
+    /// Reads the files named by `config`, the TLS settings of the listener `listener`.
+    pub fn new(listener: String, config: ListenerTls) -> Result<TlsServer, TlsError> {
         let server = server_config(&config)?;
         Ok(TlsServer {
+            listener,
             config,
             current: RwLock::new(Arc::new(server)),
         })
+    }
+
+    /// The listener's key in the config (`tls`, `listeners[2]`).
+    pub fn listener(&self) -> &str {
+        &self.listener
     }
 
     /// Reads the certificate, key and client CA files again; new handshakes use them. On
@@ -428,7 +436,7 @@ mod tests {
     fn failed_reload_keeps_the_settings_in_use() {
         let f = Files::new();
         let config = server_files(&f);
-        let server = TlsServer::new(config.clone()).unwrap();
+        let server = TlsServer::new("tls".into(), config.clone()).unwrap();
         let before = server.current.read().unwrap().clone();
         std::fs::write(&config.cert_file, "gone\n").unwrap();
         assert_eq!(server.reload().unwrap_err().key, "cert_file");
