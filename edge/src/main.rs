@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use edge::config::{Config, Source};
+use edge::config::{Config, ListenerProtocol, Source};
 use edge::log::{Log, Record};
 use edge::startup::{self, LoadedConfig};
 
@@ -35,7 +35,8 @@ struct Cli {
     /// Data directory (overrides storage.data_dir).
     #[arg(long, global = true, env = "TRIBUTARY_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// MQTT listen address (overrides mqtt.listen).
+    /// MQTT listen address: the first `mqtt` listener's (mqtt.listen, or the first
+    /// [[listeners]] entry with protocol = "mqtt").
     #[arg(
         long,
         global = true,
@@ -43,7 +44,8 @@ struct Cli {
         value_name = "ADDR"
     )]
     mqtt_listen: Option<SocketAddr>,
-    /// MQTT over TLS listen address (overrides tls.listen; the config needs a [tls] section).
+    /// MQTT over TLS listen address: the first `mqtts` listener's (a [[listeners]] entry with
+    /// protocol = "mqtts", or tls.listen).
     #[arg(long, global = true, env = "TRIBUTARY_TLS_LISTEN", value_name = "ADDR")]
     tls_listen: Option<SocketAddr>,
     /// Admin HTTP listen address (overrides admin.listen).
@@ -243,14 +245,15 @@ fn load_config(cli: &Cli) -> anyhow::Result<LoadedConfig> {
         config.storage.data_dir = dir.clone();
     }
     if let Some(addr) = cli.mqtt_listen {
-        config.mqtt.listen = addr;
+        if !config.set_first_listener(ListenerProtocol::Mqtt, addr) {
+            bail!("--mqtt-listen {addr}: the config has no mqtt listener; add a [[listeners]] entry with protocol = \"mqtt\"");
+        }
     }
     if let Some(addr) = cli.tls_listen {
-        match &mut config.tls {
-            Some(tls) => tls.listen = addr,
-            None => bail!(
-                "--tls-listen {addr}: the config has no [tls] section; add one with cert_file and key_file"
-            ),
+        if !config.set_first_listener(ListenerProtocol::Mqtts, addr) {
+            bail!(
+                "--tls-listen {addr}: the config has no mqtts listener and no [tls] section; add a [[listeners]] entry with protocol = \"mqtts\", cert_file and key_file (or a [tls] section)"
+            );
         }
     }
     if let Some(addr) = cli.admin_listen {

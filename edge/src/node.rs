@@ -7,7 +7,7 @@
 //!    (group commit) and the router.
 //! 2. [`start_fsync_timer`]: the timed fsync of `fsync = "interval:<ms>"` (and of `"never"`
 //!    while the mirror or consumer groups read).
-//! 3. [`bind_listeners`]: the plain and TLS MQTT sockets, bound now and served in step 9,
+//! 3. [`bind_listeners`]: the MQTT sockets of every listener, bound now and served in step 9,
 //!    so that an address in use stops the edge before anything else starts.
 //! 4. [`start_auth`]: authentication over the loaded password and ACL files, and with it
 //!    the broker every connection shares.
@@ -412,39 +412,63 @@ fn start_fsync_timer(config: &Config, appender: &Appender) -> Option<JoinHandle<
     }))
 }
 
-/// The MQTT sockets, bound and not yet served.
+/// The MQTT sockets, bound and not yet served, and the addresses they got.
 struct Listeners {
-    plain: TcpListener,
-    plain_bound: std::net::SocketAddr,
-    tls: Option<(TcpListener, Arc<TlsServer>, std::net::SocketAddr)>,
+    bound: Vec<mqtt::BoundListener>,
+    addresses: Vec<std::net::SocketAddr>,
 }
 
-/// Step 3: binds the plain MQTT listener and, with `[tls]`, the TLS one.
-async fn bind_listeners(config: &Config, tls: Option<TlsServer>) -> Result<Listeners, ServeError> {
-    let listen = config.mqtt.listen;
-    let plain = TcpListener::bind(listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: listen,
-            source,
-        })?;
-    let plain_bound = plain.local_addr().unwrap_or(listen);
-    let tls = match (tls, &config.tls) {
-        (Some(server), Some(tls_config)) => {
-            let addr = tls_config.listen;
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind { addr, source })?;
-            let bound = listener.local_addr().unwrap_or(addr);
-            Some((listener, Arc::new(server), bound))
+/// Step 3: binds every listener of the config (`[[listeners]]` and the `mqtt.listen` and
+/// `[tls]` shorthands), each with its TLS settings.
+async fn bind_listeners(
+    config: &Config,
+    mut tls: std::collections::BTreeMap<String, TlsServer>,
+) -> Result<Listeners, ServeError> {
+    let mut bound = Vec::new();
+    let mut addresses = Vec::new();
+    for listener in config.listeners() {
+        let addr = listener.bind;
+        let socket = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        addresses.push(socket.local_addr().unwrap_or(addr));
+        let server = tls.remove(&listener.key).map(Arc::new);
+        // `startup` built a server for every TLS listener; without one it would serve
+        // plain text on a port its users expect TLS on.
+        if listener.protocol.tls() && server.is_none() {
+            return Err(ServeError::Config(ConfigError::Invalid {
+                origin: "<listeners>".into(),
+                line: 0,
+                key: listener.key,
+                message: "the TLS settings of this listener were not loaded".into(),
+            }));
         }
-        _ => None,
-    };
-    Ok(Listeners {
-        plain,
-        plain_bound,
-        tls,
-    })
+        bound.push(mqtt::BoundListener {
+            socket,
+            protocol: listener.protocol,
+            path: Arc::from(listener.path.as_str()),
+            tls: server,
+        });
+    }
+    Ok(Listeners { bound, addresses })
+}
+
+impl Listeners {
+    /// The listeners as `protocol address` pairs, for the log.
+    fn describe(&self) -> String {
+        self.bound
+            .iter()
+            .zip(&self.addresses)
+            .map(|(l, a)| {
+                if l.protocol.websocket() {
+                    format!("{} {a}{}", l.protocol, l.path)
+                } else {
+                    format!("{} {a}", l.protocol)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// Step 4: authentication over the loaded files (warning about unsafe settings and
@@ -469,7 +493,7 @@ fn start_auth(
     if auth.anonymous_allowed() {
         tracing::warn!(
             "anonymous access is allowed: any client that reaches {} can connect{}",
-            listeners.plain_bound,
+            listeners.describe(),
             if auth.has_acl() {
                 " and do what the ACL file allows everyone"
             } else {
@@ -645,18 +669,25 @@ fn announce(config: &Config, log: &Log, listeners: &Listeners) {
             "topic"
         );
     }
-    let bound = listeners.plain_bound;
-    tracing::info!(mqtt = %bound, "MQTT listener (plain TCP) is bound");
-    if let Some((_, server, tls_bound)) = &listeners.tls {
-        tracing::info!(
-            mqtt_tls = %tls_bound,
-            client_certificates = if server.mutual() { "required (mutual TLS)" } else { "not asked for" },
-            "MQTT listener (TLS) is bound"
-        );
+    for (l, addr) in listeners.bound.iter().zip(&listeners.addresses) {
+        match (&l.tls, l.protocol.websocket()) {
+            (None, false) => tracing::info!(mqtt = %addr, "MQTT listener (plain TCP) is bound"),
+            (None, true) => tracing::info!(
+                mqtt_ws = %addr,
+                path = %l.path,
+                "MQTT listener (WebSocket) is bound"
+            ),
+            (Some(server), websocket) => tracing::info!(
+                mqtt_tls = %addr,
+                path = websocket.then(|| tracing::field::display(&l.path)),
+                client_certificates = if server.mutual() { "required (mutual TLS)" } else { "not asked for" },
+                "{}",
+                if websocket { "MQTT listener (WebSocket over TLS) is bound" } else { "MQTT listener (TLS) is bound" }
+            ),
+        }
     }
     tracing::info!(
-        mqtt = %bound,
-        mqtt_tls = listeners.tls.as_ref().map(|(_, _, b)| tracing::field::display(b)),
+        listeners = %listeners.describe(),
         data_dir = %config.storage.data_dir.display(),
         fsync = %config.storage.fsync,
         "edge is serving"
@@ -783,24 +814,21 @@ fn start_serving(
     listeners: Listeners,
     shutdown: watch::Sender<bool>,
 ) -> Serving {
-    let tls_server = listeners.tls.as_ref().map(|(_, server, _)| server.clone());
+    let tls_servers: Vec<Arc<TlsServer>> = listeners
+        .bound
+        .iter()
+        .filter_map(|l| l.tls.clone())
+        .collect();
     let reloads = {
         let broker = broker.clone();
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading the password, ACL and TLS files");
-                reload(&broker, tls_server.as_deref()).await;
+                reload(&broker, &tls_servers).await;
             }
         })
     };
-    let server = tokio::spawn(mqtt::serve(
-        broker.clone(),
-        listeners.plain,
-        listeners
-            .tls
-            .map(|(listener, server, _)| (listener, server)),
-        SHUTDOWN_GRACE,
-    ));
+    let server = tokio::spawn(mqtt::serve(broker.clone(), listeners.bound, SHUTDOWN_GRACE));
     Serving {
         shutdown,
         reloads,
@@ -821,24 +849,25 @@ impl Serving {
 /// rules from its next packet), and the TLS certificate, key and client CA files (new
 /// handshakes use them; open connections stay). A file that fails to load is logged and
 /// what it held before stays in force.
-pub async fn reload(broker: &Arc<Broker>, tls: Option<&TlsServer>) {
+pub async fn reload(broker: &Arc<Broker>, tls_servers: &[Arc<TlsServer>]) {
     let b = broker.clone();
     match tokio::task::spawn_blocking(move || b.auth.reload()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!("reloading auth files on SIGHUP: {e}"),
         Err(e) => tracing::error!("reloading auth files on SIGHUP: {e}"),
     }
-    let Some(tls) = tls else {
-        return;
-    };
-    // A few small files: read in place rather than on a blocking thread.
-    match tls.reload() {
-        Ok(()) => tracing::info!(
-            client_ca = tls.mutual(),
-            "SIGHUP: TLS certificate and key reloaded"
-        ),
-        Err(e) => {
-            tracing::error!("SIGHUP: TLS reload failed, the previous certificate stays in use: {e}")
+    for tls in tls_servers {
+        // A few small files: read in place rather than on a blocking thread.
+        match tls.reload() {
+            Ok(()) => tracing::info!(
+                listener = tls.listener(),
+                client_ca = tls.mutual(),
+                "SIGHUP: TLS certificate and key reloaded"
+            ),
+            Err(e) => tracing::error!(
+                "SIGHUP: TLS reload failed, the previous certificate stays in use: {}.{e}",
+                tls.listener()
+            ),
         }
     }
 }

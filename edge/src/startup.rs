@@ -10,6 +10,8 @@
 //! naming the file, the line and the key; the node then starts from the values loaded here
 //! instead of reading the files again. (SIGHUP reads the auth and TLS files anew.)
 
+use std::collections::BTreeMap;
+
 use crate::admin::hosts::AllowedHosts;
 use crate::auth::acl::AclFile;
 use crate::auth::passwords::PasswordFile;
@@ -25,8 +27,9 @@ pub struct LoadedConfig {
     pub plan: RoutePlan,
     /// The password and ACL files.
     pub auth: AuthFiles,
-    /// The TLS listener's certificate, key and client CA, with `[tls]`.
-    pub tls: Option<TlsServer>,
+    /// The certificate, key and client CA of each TLS listener, by the listener's key
+    /// (`listeners[0]`, `tls`).
+    pub tls: BTreeMap<String, TlsServer>,
     /// The admin endpoint's token and hosts; `None` when the endpoint is off.
     pub admin: Option<AdminAccess>,
     /// The mirror's settings, with `[cloud]`.
@@ -118,15 +121,17 @@ pub fn prepare(config: Config, source: &Source) -> Result<LoadedConfig, ConfigEr
     let auth = auth_files(&config, source)?;
     let plan = RoutePlan::new(&config, source)?;
     let admin = admin_access(&config, source)?;
-    let tls = match &config.tls {
-        // Builds the TLS settings once, so that a missing file, bad PEM or a key that does
-        // not match the certificate stops the edge at start.
-        Some(tls) => Some(
-            TlsServer::new(tls.clone())
-                .map_err(|e| source.invalid(None, format!("tls.{}", e.key), e.message))?,
-        ),
-        None => None,
-    };
+    // Builds the TLS settings once, so that a missing file, bad PEM or a key that does not
+    // match the certificate stops the edge at start.
+    let mut tls = BTreeMap::new();
+    for listener in config.listeners() {
+        if let Some(settings) = listener.tls {
+            let server = TlsServer::new(listener.key.clone(), settings).map_err(|e| {
+                source.invalid(None, format!("{}.{}", listener.key, e.key), e.message)
+            })?;
+            tls.insert(listener.key, server);
+        }
+    }
     let mirror = mirror_config(&config, &plan, source)?;
     check_groups(&config, &plan, source)?;
     Ok(LoadedConfig {

@@ -33,6 +33,8 @@ fn sample(dir: &Path) -> Vec<(&'static str, &'static str, String)> {
         ("[routes]", "match", "\"sensors/+/#\"".into()),
         ("[routes]", "topic", "\"telemetry\"".into()),
         ("[groups]", "name", "\"alarms\"".into()),
+        ("[listeners]", "protocol", "\"ws\"".into()),
+        ("[listeners]", "bind", "\"127.0.0.1:8080\"".into()),
         ("[groups]", "topics", "[\"telemetry\"]".into()),
         (
             "tls",

@@ -10,7 +10,7 @@
 //! password, ACL and TLS files, the checks that span sections) is done once at start by
 //! `crate::startup`, which reports through the same [`ConfigError`] and [`Source`].
 //!
-//! One file per section: `mqtt.rs` (`[mqtt]`, `[tls]`), `storage.rs`, `topics.rs`
+//! One file per section: `mqtt.rs` (`[mqtt]`, `[tls]`), `listeners.rs`, `storage.rs`, `topics.rs`
 //! (`[default_route]`, `[topics.*]`, `[[routes]]`, `[[groups]]`), `auth.rs`, `admin.rs`,
 //! `cloud.rs`, and `units.rs` (byte sizes and durations as written in the file); every
 //! public name is re-exported here.
@@ -18,6 +18,7 @@
 mod admin;
 mod auth;
 mod cloud;
+mod listeners;
 mod mqtt;
 mod storage;
 mod topics;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize, Serializer};
 pub use admin::AdminConfig;
 pub use auth::{AuthConfig, ClientIdPolicy};
 pub use cloud::CloudConfig;
+pub use listeners::{Listener, ListenerConfig, ListenerProtocol, ListenerTls, DEFAULT_WS_PATH};
 pub use mqtt::{
     CertIdentity, InputLimit, MqttConfig, SessionExpiry, TlsConfig, TlsVersion, INPUT_LIMITS,
     MAX_CLIENT_ID_CEILING, MAX_TOPIC_LENGTH_CEILING,
@@ -82,6 +84,8 @@ pub enum ConfigError {
 pub struct Config {
     /// The MQTT listener and its protocol limits.
     pub mqtt: MqttConfig,
+    /// The sockets MQTT is served on: plain TCP, TLS, WebSocket and WebSocket over TLS.
+    pub listeners: Vec<ListenerConfig>,
     /// Where and how the log is stored.
     pub storage: StorageConfig,
     /// Where publishes that match no route go.
@@ -96,21 +100,11 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Who may connect and what they may publish and subscribe to.
     pub auth: AuthConfig,
-    /// A TLS listener for MQTT, beside the plain one. Without this section the edge serves
-    /// plain TCP only.
+    /// A TLS listener for MQTT (a shorthand for an `mqtts` entry of `[[listeners]]`).
     pub tls: Option<TlsConfig>,
     /// Durable consumer groups over log topics, read by MQTT clients through shared
     /// subscriptions.
     pub groups: Vec<GroupConfig>,
-}
-
-impl Config {
-    /// Whether TLS clients must present a certificate (which then authenticates them).
-    pub fn mutual_tls(&self) -> bool {
-        self.tls
-            .as_ref()
-            .is_some_and(|t| t.client_ca_file.is_some())
-    }
 }
 
 /// Serializes a secret as `"<redacted>"` (for `edge check-config`).
@@ -262,6 +256,7 @@ impl Config {
     /// several sections at once are `crate::startup`'s.
     pub fn validate(&self) -> Result<(), Invalid> {
         self.mqtt.validate()?;
+        self.validate_listeners()?;
         self.auth.validate(self.mutual_tls())?;
         self.storage.validate()
     }
@@ -283,7 +278,7 @@ mod tests {
     #[test]
     fn empty_file_gives_embedded_defaults() {
         let c = Config::parse("", "t.toml").unwrap();
-        assert_eq!(c.mqtt.listen.to_string(), "0.0.0.0:1883");
+        assert_eq!(c.listeners()[0].bind.to_string(), "0.0.0.0:1883");
         assert_eq!(c.storage.data_dir, PathBuf::from("./data"));
         assert_eq!(c.storage.fsync, FsyncMode::Always);
     }

@@ -222,8 +222,11 @@ pub const INPUT_LIMITS: &[InputLimit] = &[
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// Address and port of the plain-TCP MQTT listener (3.1.1 and 5.0 on the same port).
-    pub listen: SocketAddr,
+    /// Address and port of the plain-TCP MQTT listener (3.1.1 and 5.0 on the same port): a
+    /// shorthand for a `[[listeners]]` entry with `protocol = "mqtt"`. Unset: `0.0.0.0:1883`
+    /// when the config has no `[[listeners]]`, none when it has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
     /// Moved to `[auth] allow_anonymous`; setting it here is an error that says so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_anonymous: Option<bool>,
@@ -342,7 +345,7 @@ pub struct MqttConfig {
 impl Default for MqttConfig {
     fn default() -> Self {
         Self {
-            listen: "0.0.0.0:1883".parse().expect("literal address"),
+            listen: None,
             allow_anonymous: None,
             max_packet_size: ByteSize(1024 * 1024),
             receive_maximum: 1024,
@@ -476,9 +479,15 @@ impl MqttConfig {
     }
 }
 
+/// The plain listener's address when neither `mqtt.listen` nor `[[listeners]]` is written.
+pub(super) fn default_mqtt_listen() -> SocketAddr {
+    "0.0.0.0:1883".parse().expect("literal address")
+}
+
 /// `[tls]`: MQTT over TLS (1.2 and 1.3, rustls), and mutual TLS when `client_ca_file` is set.
 ///
-/// Minimal form: `cert_file = "server.pem"` and `key_file = "server.key"`. The TLS listener
+/// With `client_ca_file`, client certificates are required. Minimal form: `cert_file = "server.pem"` and
+/// `key_file = "server.key"`. The TLS listener
 /// shares everything else with the plain one (`[mqtt]` limits, `max_connections`,
 /// `connect_timeout`, which also bounds the TLS handshake). On SIGHUP the edge reads the
 /// certificate, key and client CA files again: new handshakes use them, open connections

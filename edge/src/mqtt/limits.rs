@@ -45,6 +45,9 @@ pub enum Refused {
     /// The TLS handshake failed: no or a bad client certificate, no common version or
     /// cipher, not TLS at all.
     TlsHandshake,
+    /// The WebSocket upgrade of a `ws` or `wss` listener was refused or failed: another
+    /// path, no `mqtt` subprotocol, not a WebSocket request.
+    WebSocketUpgrade,
     /// A new session past `max_sessions` (5.0: 0x97, 3.1.1: 3).
     MaxSessions,
 }
@@ -61,7 +64,7 @@ pub(crate) const CONNECT_FREE_BYTES: usize = 4096;
 
 impl Refused {
     /// Every reason, in the order they are exposed.
-    pub const ALL: [Refused; 13] = [
+    pub const ALL: [Refused; 14] = [
         Refused::PerAddress,
         Refused::MaxConnections,
         Refused::ConnectTimeout,
@@ -73,6 +76,7 @@ impl Refused {
         Refused::BadCredentials,
         Refused::NotAuthorized,
         Refused::TlsHandshake,
+        Refused::WebSocketUpgrade,
         Refused::MaxSessions,
         Refused::LoginBusy,
     ];
@@ -91,6 +95,7 @@ impl Refused {
             Refused::BadCredentials => "bad_credentials",
             Refused::NotAuthorized => "not_authorized",
             Refused::TlsHandshake => "tls_handshake",
+            Refused::WebSocketUpgrade => "websocket_upgrade",
             Refused::MaxSessions => "max_sessions",
             Refused::LoginBusy => "login_busy",
         }

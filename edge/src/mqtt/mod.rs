@@ -1,5 +1,5 @@
-//! The MQTT front end: a plain TCP listener, optionally a TLS one, and one task per
-//! connection.
+//! The MQTT front end: the listeners (plain TCP, TLS, WebSocket, WebSocket over TLS), and
+//! one task per connection.
 
 pub mod codec;
 pub(crate) mod connection;
@@ -8,6 +8,7 @@ pub(crate) mod limits;
 pub(crate) mod session;
 pub(crate) mod subs;
 pub mod tls;
+pub(crate) mod websocket;
 pub(crate) mod will;
 
 use std::net::IpAddr;
@@ -18,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::MqttConfig;
+use crate::config::{ListenerProtocol, MqttConfig};
 use crate::log::appender::Appender;
 use crate::log::Log;
 use crate::route::Router;
@@ -115,28 +116,50 @@ fn refused_at_accept(broker: &Broker, peer: std::net::SocketAddr, why: limits::R
     tracing::warn!(%peer, held_back, "connection closed at accept: {because}");
 }
 
-/// Accepts connections on the plain listener and, when given, the TLS one until shutdown,
-/// then waits (up to `grace`) for them to end. Both share `max_connections`.
-pub async fn serve(
-    broker: Arc<Broker>,
-    listener: TcpListener,
-    tls: Option<(TcpListener, Arc<tls::TlsServer>)>,
-    grace: std::time::Duration,
-) {
+/// A bound listener socket and what it serves.
+pub struct BoundListener {
+    /// The socket.
+    pub socket: TcpListener,
+    /// What it speaks.
+    pub protocol: ListenerProtocol,
+    /// The path of the WebSocket upgrade (`ws`, `wss`).
+    pub path: Arc<str>,
+    /// The TLS settings (`mqtts`, `wss`).
+    pub tls: Option<Arc<tls::TlsServer>>,
+}
+
+/// What a connection needs of its listener.
+#[derive(Clone)]
+struct ListenerKind {
+    protocol: ListenerProtocol,
+    path: Arc<str>,
+    tls: Option<Arc<tls::TlsServer>>,
+}
+
+/// Accepts connections on every listener until shutdown, then waits (up to `grace`) for
+/// them to end. All share `max_connections` and the per-address limit.
+pub async fn serve(broker: Arc<Broker>, listeners: Vec<BoundListener>, grace: std::time::Duration) {
     let mut shutdown = broker.shutdown.clone();
     let mut tasks = JoinSet::new();
+    let kinds: Vec<ListenerKind> = listeners
+        .iter()
+        .map(|l| ListenerKind {
+            protocol: l.protocol,
+            path: l.path.clone(),
+            tls: l.tls.clone(),
+        })
+        .collect();
+    let sockets: Vec<TcpListener> = listeners.into_iter().map(|l| l.socket).collect();
+    // The listener polled first, turn by turn, so that a busy one cannot starve the others.
+    let mut first = 0usize;
     loop {
         let accepted = tokio::select! {
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
-            accepted = listener.accept() => accepted.map(|(stream, peer)| (stream, peer, None)),
-            accepted = async { tls.as_ref().expect("guarded").0.accept().await }, if tls.is_some() => {
-                let server = tls.as_ref().map(|(_, server)| server.clone());
-                accepted.map(|(stream, peer)| (stream, peer, server))
-            }
+            accepted = std::future::poll_fn(|cx| accept_any(&sockets, &mut first, cx)) => accepted,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
         match accepted {
-            Ok((stream, peer, tls)) => {
+            (Ok((stream, peer)), index) => {
                 let guard = match admit(&broker, peer.ip()) {
                     Ok(guard) => guard,
                     Err(why) => {
@@ -147,55 +170,118 @@ pub async fn serve(
                 };
                 let b = broker.clone();
                 let _ = stream.set_nodelay(true);
+                let kind = kinds[index].clone();
                 tasks.spawn(async move {
-                    match tls {
-                        None => {
-                            let (reader, writer) = stream.into_split();
-                            connection::serve(b, reader, writer, peer, None).await;
-                        }
+                    if kind.protocol == ListenerProtocol::Mqtt {
+                        let (reader, writer) = stream.into_split();
+                        connection::serve(b, reader, writer, peer, None).await;
+                    } else {
                         // Boxed: the task of every connection, plain ones too, would
                         // otherwise be as large as a TLS handshake in progress.
-                        Some(tls) => Box::pin(serve_tls(b, &tls, stream, peer)).await,
+                        Box::pin(serve_upgraded(b, kind, stream, peer)).await;
                     }
                     drop(guard);
                 });
             }
-            Err(e) => {
+            (Err(e), _) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }
-    drop(listener);
-    drop(tls);
+    drop(sockets);
     let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
 }
 
-/// Handshakes in the connection's own task (so a slow client never holds up the accept
-/// loop), within `connect_timeout`, then serves MQTT over the TLS stream.
-async fn serve_tls(
+/// Polls every socket for a connection, starting at `first` (which then moves on by one);
+/// returns what the first ready one gave and its index.
+fn accept_any(
+    sockets: &[TcpListener],
+    first: &mut usize,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<(
+    std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)>,
+    usize,
+)> {
+    let n = sockets.len();
+    if n == 0 {
+        return std::task::Poll::Pending;
+    }
+    let start = *first % n;
+    *first = first.wrapping_add(1);
+    for i in (start..n).chain(0..start) {
+        if let std::task::Poll::Ready(r) = sockets[i].poll_accept(cx) {
+            return std::task::Poll::Ready((r, i));
+        }
+    }
+    std::task::Poll::Pending
+}
+
+/// Runs the TLS handshake and the WebSocket upgrade the listener asks for, in the
+/// connection's own task (so a slow client never holds up the accept loop) and within
+/// `connect_timeout` together, then serves MQTT over what they made.
+async fn serve_upgraded(
     broker: Arc<Broker>,
-    tls: &tls::TlsServer,
+    kind: ListenerKind,
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
 ) {
     let limit = broker.config.connect_timeout.0;
-    match tokio::time::timeout(limit, tls.accept(stream)).await {
+    // A WebSocket message may hold a whole packet of the largest size and the fixed header.
+    let max_message = broker.config.max_packet_size.0 as usize + 5;
+    let upgrade = async {
+        let (stream, cert_user): (Box<dyn Transport>, _) = match &kind.tls {
+            Some(server) => {
+                let (s, user) = server.accept(stream).await.map_err(Failed::Tls)?;
+                (Box::new(s), user)
+            }
+            None => (Box::new(stream), None),
+        };
+        if !kind.protocol.websocket() {
+            return Ok((stream, cert_user));
+        }
+        let ws = websocket::accept(stream, &kind.path, max_message)
+            .await
+            .map_err(Failed::WebSocket)?;
+        Ok::<(Box<dyn Transport>, _), Failed>((Box::new(ws), cert_user))
+    };
+    match tokio::time::timeout(limit, upgrade).await {
         Ok(Ok((stream, cert_user))) => {
             let (reader, writer) = tokio::io::split(stream);
             connection::serve(broker, reader, writer, peer, cert_user).await;
         }
-        Ok(Err(e)) => {
-            broker.limits.refused(limits::Refused::TlsHandshake);
+        Ok(Err(failed)) => {
+            let (why, what) = match &failed {
+                Failed::Tls(_) => (limits::Refused::TlsHandshake, "TLS connection refused"),
+                Failed::WebSocket(_) => (
+                    limits::Refused::WebSocketUpgrade,
+                    "WebSocket connection refused",
+                ),
+            };
+            broker.limits.refused(why);
             if let Some(held_back) = broker.limits.log_budget.admit() {
-                tracing::info!(%peer, reason = %e, held_back, "TLS connection refused");
+                tracing::info!(%peer, listener = %kind.protocol, reason = %failed, held_back, "{what}");
             }
         }
         Err(_) => {
             broker.limits.refused(limits::Refused::ConnectTimeout);
-            tracing::debug!(%peer, "no TLS handshake in time; closing");
+            tracing::debug!(%peer, listener = %kind.protocol, "no TLS handshake or WebSocket upgrade in time; closing");
         }
     }
 }
+
+/// Why a TLS handshake or WebSocket upgrade ended a connection.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    #[error(transparent)]
+    Tls(tls::HandshakeError),
+    #[error(transparent)]
+    WebSocket(websocket::UpgradeError),
+}
+
+/// What MQTT is served over after the handshakes: TLS, a WebSocket, or both.
+trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Transport for T {}

@@ -17,11 +17,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{CertIdentity, TlsConfig, TlsVersion};
+use crate::config::{CertIdentity, ListenerTls, TlsVersion};
 
-/// A `[tls]` setting that cannot be used: the key (within `[tls]`) and what to do about it.
+/// A TLS setting of a listener that cannot be used: the key (within `[tls]` or the
+/// `[[listeners]]` entry) and what to do about it.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("tls.{key}: {message}")]
+#[error("{key}: {message}")]
 pub struct TlsError {
     /// The key whose file is at fault: `cert_file`, `key_file` or `client_ca_file`.
     pub key: &'static str,
@@ -52,18 +53,26 @@ pub enum HandshakeError {
 
 /// The TLS side of the listener: the settings in use and the files to read them again from.
 pub struct TlsServer {
-    config: TlsConfig,
+    /// The listener's key in the config (`tls`, `listeners[2]`), for the log.
+    listener: String,
+    config: ListenerTls,
     current: RwLock<Arc<ServerConfig>>,
 }
 
 impl TlsServer {
-    /// Reads the files named by `config`.
-    pub fn new(config: TlsConfig) -> Result<TlsServer, TlsError> {
+    /// Reads the files named by `config`, the TLS settings of the listener `listener`.
+    pub fn new(listener: String, config: ListenerTls) -> Result<TlsServer, TlsError> {
         let server = server_config(&config)?;
         Ok(TlsServer {
+            listener,
             config,
             current: RwLock::new(Arc::new(server)),
         })
+    }
+
+    /// The listener's key in the config (`tls`, `listeners[2]`).
+    pub fn listener(&self) -> &str {
+        &self.listener
     }
 
     /// Reads the certificate, key and client CA files again; new handshakes use them. On
@@ -76,7 +85,7 @@ impl TlsServer {
 
     /// Whether clients must present a certificate (mutual TLS).
     pub fn mutual(&self) -> bool {
-        self.config.client_ca_file.is_some()
+        self.config.require_certificate
     }
 
     /// Runs the server side of the handshake; returns the stream and, with mutual TLS, the
@@ -87,16 +96,21 @@ impl TlsServer {
     ) -> Result<(TlsStream<TcpStream>, Option<Arc<str>>), HandshakeError> {
         let acceptor = TlsAcceptor::from(self.current.read().expect("tls config lock").clone());
         let stream = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
-        if !self.mutual() {
+        if self.config.client_ca_file.is_none() {
             return Ok((stream, None));
         }
-        // The verifier requires a certificate, so a completed mutual handshake has one.
-        let cert = stream
+        // With `require_certificate` the verifier requires one, so a completed handshake has
+        // it; without, a client that presents none authenticates as on any listener.
+        let cert = match stream
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|chain| chain.first())
-            .ok_or_else(|| HandshakeError::Identity("no client certificate".into()))?;
+            .and_then(|c| c.first())
+        {
+            Some(cert) => cert,
+            None if !self.mutual() => return Ok((stream, None)),
+            None => return Err(HandshakeError::Identity("no client certificate".into())),
+        };
         let user = client_identity(cert, self.config.identity).map_err(HandshakeError::Identity)?;
         Ok((stream, Some(Arc::from(user))))
     }
@@ -104,7 +118,7 @@ impl TlsServer {
 
 /// Builds the rustls settings from the files `config` names, checking that each file exists,
 /// holds PEM of the right kind, and that the key belongs to the certificate.
-pub fn server_config(config: &TlsConfig) -> Result<ServerConfig, TlsError> {
+pub fn server_config(config: &ListenerTls) -> Result<ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = read_certs("cert_file", &config.cert_file)?;
     let key = read_key(&config.key_file)?;
@@ -130,7 +144,13 @@ pub fn server_config(config: &TlsConfig) -> Result<ServerConfig, TlsError> {
                     )
                 })?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if config.require_certificate {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier
                 .build()
                 .map_err(|e| TlsError::new("client_ca_file", format!("{}: {e}", path.display())))?;
             builder.with_client_cert_verifier(verifier)
@@ -318,18 +338,18 @@ mod tests {
         }
     }
 
-    fn tls_config(cert_file: PathBuf, key_file: PathBuf) -> TlsConfig {
-        TlsConfig {
-            listen: TlsConfig::DEFAULT_LISTEN.parse().unwrap(),
+    fn tls_config(cert_file: PathBuf, key_file: PathBuf) -> ListenerTls {
+        ListenerTls {
             cert_file,
             key_file,
             client_ca_file: None,
+            require_certificate: false,
             identity: CertIdentity::Cn,
             min_version: TlsVersion::Tls12,
         }
     }
 
-    fn server_files(f: &Files) -> TlsConfig {
+    fn server_files(f: &Files) -> ListenerTls {
         let ca = ca();
         let (cert, key, _) = issue(&ca, Some("localhost"), vec![]);
         tls_config(f.put("server.pem", &cert), f.put("server.key", &key))
@@ -416,7 +436,7 @@ mod tests {
     fn failed_reload_keeps_the_settings_in_use() {
         let f = Files::new();
         let config = server_files(&f);
-        let server = TlsServer::new(config.clone()).unwrap();
+        let server = TlsServer::new("tls".into(), config.clone()).unwrap();
         let before = server.current.read().unwrap().clone();
         std::fs::write(&config.cert_file, "gone\n").unwrap();
         assert_eq!(server.reload().unwrap_err().key, "cert_file");
