@@ -20,16 +20,28 @@ pub mod config;
 pub mod source;
 pub mod status;
 pub mod translation;
+// why a mirror could not start;
+mod error;
 // how transactions are sized and spaced;
+#[cfg(feature = "kafka")]
 mod pacing;
 // the state the mirror's threads share;
+#[cfg(feature = "kafka")]
 mod shared;
 // the Kafka clients' common ground;
+#[cfg(feature = "kafka")]
 mod kafka;
 // records Kafka refuses for themselves;
 pub mod rejection;
 // the group replicator, and the mirror that starts it.
+#[cfg(feature = "kafka")]
 pub mod groups;
+#[cfg(feature = "kafka")]
+pub mod mirror;
+// A build without the `kafka` feature (no librdkafka, no C build of it) has the same types,
+// and a mirror that refuses to start.
+#[cfg(not(feature = "kafka"))]
+#[path = "without_kafka.rs"]
 pub mod mirror;
 
 pub use config::{MirrorConfig, OnRejected, Security, RECORD_HEADROOM};

@@ -51,6 +51,7 @@ use tracing::{debug, info, warn};
 
 use crate::checkpoint::{checkpoint_key, checkpoint_partition, Checkpoint};
 use crate::config::{MirrorConfig, OnRejected};
+pub use crate::error::MirrorError;
 use crate::groups;
 use crate::kafka::{
     client_config, kind_of, lower_priority, report_client_error, with_extra, ReportingContext,
@@ -72,23 +73,6 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const REFUSAL_RECHECK: Duration = Duration::from_secs(60);
 /// A session that ran this long without failing resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
-
-/// Why a mirror could not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum MirrorError {
-    /// A setting is invalid.
-    #[error("{key}: {message}")]
-    Config {
-        /// The setting.
-        key: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-    /// The mirror thread could not be started.
-    #[error("starting the mirror thread: {0}")]
-    Thread(std::io::Error),
-}
 
 /// Why a session ended; the next one starts after a backoff.
 #[derive(Debug, thiserror::Error)]

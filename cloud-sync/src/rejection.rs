@@ -24,6 +24,7 @@
 
 #![deny(clippy::expect_used, clippy::indexing_slicing)]
 
+#[cfg(feature = "kafka")]
 use rdkafka::error::RDKafkaErrorCode;
 
 /// Header: the edge log topic of a dead-lettered record.
@@ -77,6 +78,7 @@ impl Reason {
     }
 
     /// The reason of a delivery error, when it is about the record itself.
+    #[cfg(feature = "kafka")]
     pub(crate) fn of(code: RDKafkaErrorCode) -> Option<Reason> {
         match code {
             RDKafkaErrorCode::MessageSizeTooLarge => Some(Reason::TooLarge),
@@ -88,6 +90,7 @@ impl Reason {
 }
 
 /// What the session knows of one record that was refused.
+#[cfg(feature = "kafka")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Verdict {
     /// Refused together with others of its partition: sent alone next time.
@@ -103,6 +106,7 @@ pub(crate) enum Verdict {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "kafka")]
     #[test]
     fn only_errors_about_the_record_itself_are_rejections() {
         assert_eq!(

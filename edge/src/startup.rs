@@ -200,6 +200,15 @@ fn mirror_config(
     };
     let text = &source.text;
     let invalid = |span, key, message| source.invalid(span, key, message);
+    if !cfg!(feature = "kafka") {
+        return Err(invalid(
+            text.find("[cloud]").map(|at| at..at),
+            "cloud".into(),
+            "this edge was built without Kafka (cargo feature `kafka` off), so it cannot mirror: \
+             remove the [cloud] section, or build the edge with its default features"
+                .into(),
+        ));
+    }
     let key_line = |key: &str| -> Option<std::ops::Range<usize>> {
         let section = text.find("[cloud]")?;
         let at = text[section..]

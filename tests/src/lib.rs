@@ -51,50 +51,56 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn target_dir() -> PathBuf {
+/// The workspace's target directory (`CARGO_TARGET_DIR` when set).
+pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(d) => PathBuf::from(d),
         None => workspace_root().join("target"),
     }
 }
 
+/// `cargo` in the workspace root, with `args`, for a build from a test.
+pub fn cargo(args: &[&str]) -> Command {
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(args).current_dir(workspace_root());
+    // cargo gives a test process the variables of the test's own package; some build
+    // scripts (ring's) rerun when CARGO_MANIFEST_DIR changes, so passing them on would
+    // rebuild what tests/run just built.
+    for (key, _) in std::env::vars() {
+        let per_package = key.starts_with("CARGO_PKG_")
+            || matches!(
+                key.as_str(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            );
+        if per_package {
+            cargo.env_remove(&key);
+        }
+    }
+    cargo
+}
+
 /// Builds the release binaries once per test process and returns the path of `name`.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .args([
-                "build",
-                "--release",
-                "--bins",
-                "-p",
-                "edge",
-                "-p",
-                "firmware-sim",
-            ])
-            .current_dir(workspace_root());
-        // cargo gives a test process the variables of the test's own package; some build
-        // scripts (ring's) rerun when CARGO_MANIFEST_DIR changes, so passing them on would
-        // rebuild what tests/run just built.
-        for (key, _) in std::env::vars() {
-            let per_package = key.starts_with("CARGO_PKG_")
-                || matches!(
-                    key.as_str(),
-                    "CARGO_MANIFEST_DIR"
-                        | "CARGO_MANIFEST_PATH"
-                        | "CARGO_MANIFEST_LINKS"
-                        | "CARGO_CRATE_NAME"
-                        | "CARGO_BIN_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                        | "CARGO_TARGET_TMPDIR"
-                        | "CARGO_RUSTC_CURRENT_DIR"
-                );
-            if per_package {
-                cargo.env_remove(&key);
-            }
-        }
-        let status = cargo.status().expect("running cargo build");
+        let status = cargo(&[
+            "build",
+            "--release",
+            "--bins",
+            "-p",
+            "edge",
+            "-p",
+            "firmware-sim",
+        ])
+        .status()
+        .expect("running cargo build");
         assert!(status.success(), "cargo build --release failed");
     });
     let path = target_dir().join("release").join(name);
