@@ -420,6 +420,68 @@ fn mutual_tls_accepts_only_valid_certificates_from_the_ca() {
     assert!(got.contains(&"paho-with-cert".to_string()), "{got:?}");
 }
 
+/// An `mqtts` listener with a client CA and `require_certificate = false`: a client without a
+/// certificate connects as on any listener, one with a certificate of the CA gets its
+/// identity, and a certificate the CA did not sign, or an expired one, is still refused.
+#[test]
+fn optional_client_certificates_are_checked_when_given() {
+    let pki = Pki::new();
+    let port = free_port();
+    let mut edge = Edge::start(&format!(
+        "[[listeners]]\nprotocol = \"mqtts\"\nbind = \"127.0.0.1:{port}\"\ncert_file = \"{}\"\n\
+         key_file = \"{}\"\nclient_ca_file = \"{}\"\nrequire_certificate = false\n",
+        pki.arg("server.pem"),
+        pki.arg("server.key"),
+        pki.arg("ca.pem"),
+    ));
+    assert!(mosquitto_pub(&pki, port, None, "no-cert", "without"));
+    assert!(mosquitto_pub(&pki, port, Some("good"), "good-pub", "with"));
+    assert!(!mosquitto_pub(
+        &pki,
+        port,
+        Some("stranger"),
+        "stranger",
+        "x"
+    ));
+    assert!(!mosquitto_pub(&pki, port, Some("expired"), "expired", "x"));
+
+    // With a certificate, its identity is the username; without, there is none.
+    let mut with = mosquitto("mosquitto_sub", &pki, port, Some("good"));
+    with.args(["-i", "opt-with", "-t", "tls/none", "-C", "1", "-W", "120"]);
+    let _with = Proc(with.spawn().expect("mosquitto_sub (tests/run installs it)"));
+    let mut without = mosquitto("mosquitto_sub", &pki, port, None);
+    without.args([
+        "-i",
+        "opt-without",
+        "-t",
+        "tls/none",
+        "-C",
+        "1",
+        "-W",
+        "120",
+    ]);
+    let _without = Proc(
+        without
+            .spawn()
+            .expect("mosquitto_sub (tests/run installs it)"),
+    );
+    wait_until("both subscribers are connected", || {
+        client(&edge, "opt-with").is_some() && client(&edge, "opt-without").is_some()
+    });
+    assert_eq!(
+        client(&edge, "opt-with").unwrap()["username"],
+        "sensor-good"
+    );
+    let anonymous = client(&edge, "opt-without").unwrap();
+    assert!(anonymous["username"].is_null(), "{anonymous}");
+    drop((_with, _without));
+
+    assert!(edge.stop().success());
+    let mut got = payloads(&edge.read_log());
+    got.sort();
+    assert_eq!(got, ["with", "without"]);
+}
+
 #[test]
 fn sighup_reloads_the_certificate_and_keeps_connections() {
     let pki = Pki::new();

@@ -200,16 +200,40 @@ fn invalid_at(
 }
 
 /// The line (1-based) where `section.key` is set in `text`, or 0 when it is not written there
-/// (a default, or a command-line override).
+/// (a default, or a command-line override). For an entry of an array of tables,
+/// `listeners[1].cert_file`, it is the line of the key in the second `[[listeners]]`, or of
+/// that `[[listeners]]` itself when the key is missing from it.
 fn key_line(text: &str, dotted: &str) -> usize {
     let Some((section, leaf)) = dotted.rsplit_once('.') else {
         return 0;
     };
+    // `name[i]`: the i-th `[[name]]` table.
+    let entry = section.strip_suffix(']').and_then(|s| {
+        let (name, index) = s.split_once('[')?;
+        Some((name, index.parse::<usize>().ok()?))
+    });
     let mut in_section = false;
+    let mut header_line = 0;
+    let mut seen = 0;
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();
         if t.starts_with('[') {
-            in_section = t.trim_matches(|c| c == '[' || c == ']').trim() == section;
+            if in_section && header_line > 0 {
+                // The entry ended without the key: point at its header.
+                return header_line;
+            }
+            let name = t.trim_matches(|c| c == '[' || c == ']').trim();
+            in_section = match entry {
+                Some((array, index)) if t.starts_with("[[") && name == array => {
+                    seen += 1;
+                    if seen == index + 1 {
+                        header_line = i + 1;
+                    }
+                    seen == index + 1
+                }
+                Some(_) => false,
+                None => name == section,
+            };
             continue;
         }
         if in_section {
@@ -220,7 +244,11 @@ fn key_line(text: &str, dotted: &str) -> usize {
             }
         }
     }
-    0
+    if in_section {
+        header_line
+    } else {
+        0
+    }
 }
 
 impl Config {
@@ -293,5 +321,25 @@ mod tests {
         .to_string();
         assert!(err.starts_with("config e.toml:3:"), "{err}");
         assert!(err.contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn keys_of_an_array_of_tables_entry_have_their_line() {
+        let text = "[mqtt]\nlisten = \"127.0.0.1:1\"\n\n[[listeners]]\nprotocol = \"ws\"\n\
+                    bind = \"127.0.0.1:2\"\n\n[[listeners]]\nprotocol = \"wss\"\n\
+                    bind = \"127.0.0.1:3\"\n\n[admin]\nlisten = \"127.0.0.1:4\"\n";
+        assert_eq!(key_line(text, "listeners[0].bind"), 6);
+        assert_eq!(key_line(text, "listeners[1].bind"), 10);
+        // A key the entry lacks: the entry's header.
+        assert_eq!(key_line(text, "listeners[1].cert_file"), 8);
+        assert_eq!(key_line(text, "listeners[2].bind"), 0);
+        assert_eq!(key_line(text, "mqtt.listen"), 2);
+        assert_eq!(key_line(text, "admin.listen"), 13);
+        assert_eq!(key_line(text, "admin.token_file"), 0);
+        let err = Config::parse(text, "e.toml").unwrap_err().to_string();
+        assert!(
+            err.starts_with("config e.toml:8: listeners[1].cert_file"),
+            "{err}"
+        );
     }
 }
