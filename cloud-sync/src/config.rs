@@ -129,6 +129,9 @@ pub struct MirrorConfig {
     /// How often the source's consumer group positions are translated and committed to
     /// Kafka under the same group ids; zero turns group replication off.
     pub group_sync_interval: Duration,
+    /// Put before a source group's name to make its Kafka group id (`{site}` is replaced by
+    /// the site): `"{site}."` keeps plant-7's `alarms` apart from plant-8's. Empty: the same id.
+    pub group_prefix: String,
 }
 
 impl MirrorConfig {
@@ -161,6 +164,7 @@ impl MirrorConfig {
                 ..Security::default()
             },
             group_sync_interval: Duration::from_secs(5),
+            group_prefix: String::new(),
         }
     }
 
@@ -169,6 +173,11 @@ impl MirrorConfig {
         self.topic_format
             .replace("{site}", &self.site)
             .replace("{topic}", topic)
+    }
+
+    /// The Kafka group id of source group `group`.
+    pub fn kafka_group(&self, group: &str) -> String {
+        format!("{}{group}", self.group_prefix.replace("{site}", &self.site))
     }
 
     /// The dead-letter topic of this site.
@@ -408,6 +417,16 @@ mod tests {
         );
         c.group_sync_interval = Duration::from_millis(100);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn kafka_group_ids_carry_the_prefix() {
+        let mut c = MirrorConfig::new("k:9092", "plant-7");
+        assert_eq!(c.kafka_group("alarms"), "alarms");
+        c.group_prefix = "{site}.".into();
+        assert_eq!(c.kafka_group("alarms"), "plant-7.alarms");
+        c.group_prefix = "edge-".into();
+        assert_eq!(c.kafka_group("alarms"), "edge-alarms");
     }
 
     #[test]

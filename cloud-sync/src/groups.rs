@@ -1,6 +1,7 @@
 //! Consumer groups of the source, replicated to Kafka: each group's committed edge positions
-//! become committed offsets of the same group id in the cloud cluster, so that the group can
-//! fail over from the edge to Kafka consumers and resume where it was.
+//! become committed offsets of its Kafka group (the same id, or with `group_prefix` before
+//! it) in the cloud cluster, so that the group can fail over from the edge to Kafka consumers
+//! and resume where it was.
 //!
 //! The offsets committed are the group's edge positions translated through what the mirror
 //! knows of where its records are in Kafka (see [`crate::translation`]).
@@ -8,11 +9,24 @@
 //! # Commit rules
 //!
 //! Each `group_sync_interval`, per group: the translated offsets are committed under the
-//! group's id (a "simple" commit: no membership, generation -1) only while the Kafka group
-//! has no active members (the broker itself refuses such a commit to a group with members),
+//! group's Kafka id (a "simple" commit: no membership, generation -1) only while
+//!
+//! - the Kafka group has no active members (the broker itself refuses such a commit to a
+//!   group with members), and
+//! - Kafka holds, for every partition, the offset the edge committed last, or none: any other
+//!   offset was committed by someone else (a consumer that subscribed, committed and left,
+//!   or one that assigns partitions itself and never joins), who owns the group from then on.
+//!   The edge stops replicating that group ([`GroupSyncState::OtherCommitter`]) until the
+//!   group's offsets are deleted in Kafka.
+//!
 //! and only for partitions where the translated offset is greater than the one Kafka holds,
-//! so a committed offset never moves backwards (a Kafka consumer that took over and moved on
-//! is never overridden by an edge that comes back).
+//! so a committed offset never moves backwards. What the edge committed last is kept in the
+//! status, which the edge keeps on disk across restarts; a status written before the edge
+//! tracked its commits takes what Kafka held at its last look as the edge's own, once.
+//!
+//! Kafka has no conditional commit: a consumer that commits and leaves between the edge's
+//! read of the offsets and its commit (one request's time) is overwritten; the read after
+//! the commit and the next round's check see any commit made after it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -117,6 +131,7 @@ impl Replicator {
                     edge_offset: next_offset,
                     translated_offset: translations[i].translate(next_offset),
                     kafka_offset: None,
+                    edge_committed: None,
                 });
             }
         }
@@ -132,23 +147,36 @@ impl Replicator {
         for (group, mut partitions) in groups {
             partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
             let before = previous.iter().find(|g| g.group == group);
+            let kafka_group = self.shared.config.kafka_group(&group);
             let committed_at_ms = before.and_then(|g| g.committed_at_ms);
-            // What Kafka held at the last look, until this round reads it.
+            // A status of this Kafka group carries on; one of another Kafka group (the prefix
+            // changed) does not, and one written before commits were tracked counts what
+            // Kafka held at its last look as the edge's own.
+            let carried = before.filter(|g| {
+                g.kafka_group.is_none() || g.kafka_group.as_deref() == Some(kafka_group.as_str())
+            });
             for p in &mut partitions {
-                p.kafka_offset = before
-                    .and_then(|g| {
-                        g.partitions
-                            .iter()
-                            .find(|o| o.kafka_topic == p.kafka_topic && o.partition == p.partition)
-                    })
-                    .and_then(|o| o.kafka_offset);
+                let old = carried.and_then(|g| {
+                    g.partitions
+                        .iter()
+                        .find(|o| o.kafka_topic == p.kafka_topic && o.partition == p.partition)
+                });
+                // What Kafka held at the last look, until this round reads it.
+                p.kafka_offset = old.and_then(|o| o.kafka_offset);
+                p.edge_committed = match carried {
+                    Some(g) if g.kafka_group.is_none() => {
+                        g.committed_at_ms.and(old.and_then(|o| o.kafka_offset))
+                    }
+                    _ => old.and_then(|o| o.edge_committed),
+                };
             }
             let mut st = GroupStatus {
                 group,
+                kafka_group: Some(kafka_group),
                 state: GroupSyncState::Replicated,
                 error: None,
                 updated_at_ms: now_ms(),
-                committed_at_ms,
+                committed_at_ms: carried.and(committed_at_ms),
                 partitions,
             };
             if let Err(f) = self.replicate_group(&mut st) {
@@ -185,7 +213,10 @@ impl Replicator {
         }
         let config = &self.shared.config;
         let timeout = config.request_timeout;
-        let group = st.group.clone();
+        let group = st
+            .kafka_group
+            .clone()
+            .unwrap_or_else(|| config.kafka_group(&st.group));
         let consumer = match self.consumers.entry(group.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -271,6 +302,34 @@ impl Replicator {
             });
         }
 
+        // Only while the edge is the group's one committer.
+        let foreign: Vec<String> = st
+            .partitions
+            .iter()
+            .filter(|p| p.kafka_offset.is_some() && p.kafka_offset != p.edge_committed)
+            .map(|p| {
+                format!(
+                    "{}/{} at {} (the edge committed {})",
+                    p.kafka_topic,
+                    p.partition,
+                    p.kafka_offset.unwrap_or_default(),
+                    p.edge_committed
+                        .map_or_else(|| "nothing".to_string(), |o| o.to_string())
+                )
+            })
+            .collect();
+        if !foreign.is_empty() {
+            return Err(Failure {
+                state: GroupSyncState::OtherCommitter,
+                message: format!(
+                    "Kafka group \"{group}\" holds offsets the edge did not commit ({}): \
+                     another consumer commits to it, so the edge no longer replicates this \
+                     group; delete the group's offsets in Kafka to hand it back to the edge",
+                    foreign.join(", ")
+                ),
+            });
+        }
+
         // Only forward: a Kafka consumer that took over and moved on is never overridden.
         let mut commit = TopicPartitionList::new();
         for p in &st.partitions {
@@ -310,6 +369,13 @@ impl Replicator {
             });
         }
         st.committed_at_ms = Some(now_ms());
+        for p in &mut st.partitions {
+            if let Some(e) = commit.find_partition(&p.kafka_topic, p.partition as i32) {
+                if let Offset::Offset(o) = e.offset() {
+                    p.edge_committed = Some(o);
+                }
+            }
+        }
         read_committed(st)?;
         let behind: Vec<String> = st
             .partitions

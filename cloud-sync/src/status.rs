@@ -195,6 +195,10 @@ pub enum GroupSyncState {
     Waiting,
     /// The Kafka group has active members; the edge does not commit for it.
     MembersActive,
+    /// The Kafka group holds offsets the edge did not commit: another consumer (one that
+    /// subscribes, or one that assigns partitions itself) commits to it, so the edge leaves
+    /// the group alone until its offsets in Kafka are deleted.
+    OtherCommitter,
     /// Kafka failed; the next round tries again.
     Failed,
 }
@@ -214,13 +218,21 @@ pub struct GroupPartitionStatus {
     pub translated_offset: Option<i64>,
     /// The offset Kafka holds for the group, as read after the last round's commit.
     pub kafka_offset: Option<i64>,
+    /// The offset the edge last committed for the group; while Kafka holds another one,
+    /// someone else commits to the group.
+    #[serde(default)]
+    pub edge_committed: Option<i64>,
 }
 
 /// One group of the source, as last replicated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupStatus {
-    /// Group name, the same as the Kafka group id.
+    /// Group name at the edge.
     pub group: String,
+    /// The Kafka group id (`cloud.group_prefix` and the name); absent in a status written
+    /// before the edge tracked its own commits.
+    #[serde(default)]
+    pub kafka_group: Option<String>,
     /// How the last round went.
     pub state: GroupSyncState,
     /// Why the offsets are not replicated, if they are not.
@@ -254,6 +266,21 @@ mod tests {
         assert!(s.groups.is_empty());
         assert_eq!(s.records_mirrored, 4);
         assert_eq!(s.last_error_kind, None);
+    }
+
+    #[test]
+    fn a_group_status_from_before_commits_were_tracked_still_parses() {
+        let old = r#"{"group":"alarms","state":"replicated","error":null,"updated_at_ms":1,
+            "committed_at_ms":2,"partitions":[{"topic":"t","kafka_topic":"p.t","partition":0,
+            "edge_offset":10,"translated_offset":11,"kafka_offset":11}]}"#;
+        let g: GroupStatus = serde_json::from_str(old).unwrap();
+        assert_eq!(g.kafka_group, None);
+        assert_eq!(g.partitions[0].edge_committed, None);
+        assert_eq!(g.partitions[0].kafka_offset, Some(11));
+        assert_eq!(
+            serde_json::to_value(GroupSyncState::OtherCommitter).unwrap(),
+            "other_committer"
+        );
     }
 
     fn status_with_lag(lag: u64, progress_at_ms: Option<u64>) -> MirrorStatus {

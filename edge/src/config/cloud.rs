@@ -119,6 +119,11 @@ pub struct CloudConfig {
     /// members, and never moved backwards. `"0s"` turns this off; otherwise at least `"100ms"`.
     #[serde(default = "CloudConfig::default_group_sync_interval")]
     pub group_sync_interval: HumanDuration,
+    /// Put before each group's name to make its Kafka group id; `{site}` is replaced by the
+    /// site: `"{site}."` replicates group `alarms` as `plant-7.alarms`, so that sites sharing
+    /// a cluster never share a Kafka group. Unset: the Kafka group id is the group's name.
+    #[serde(default)]
+    pub group_prefix: Option<String>,
     /// Further librdkafka properties, passed as they are (`[cloud.kafka]`,
     /// `"socket.keepalive.enable" = "true"`); they win over the settings above.
     #[serde(default)]
@@ -217,6 +222,7 @@ impl CloudConfig {
         m.max_backoff = self.max_backoff.0;
         m.request_timeout = self.request_timeout.0;
         m.group_sync_interval = self.group_sync_interval.0;
+        m.group_prefix = self.group_prefix.clone().unwrap_or_default();
         m.kafka_properties = self.kafka.clone();
         let password = match (&self.password, &self.password_file) {
             (Some(_), Some(_)) => {

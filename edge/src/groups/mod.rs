@@ -199,7 +199,7 @@ pub struct GroupStatus {
     #[serde(default)]
     pub ack_timeouts: u64,
     /// How the last replication of the positions to Kafka went (with `[cloud]`):
-    /// `replicated`, `waiting`, `members_active` or `failed`.
+    /// `replicated`, `waiting`, `members_active`, `other_committer` or `failed`.
     #[serde(default)]
     pub kafka_state: Option<cloud_sync::GroupSyncState>,
     /// Why the positions are not replicated, if they are not.
