@@ -476,6 +476,37 @@ impl KafkaCluster {
         self.dir().join(name).to_str().expect("UTF-8").to_string()
     }
 
+    /// Creates SCRAM-SHA-512 user `user` with `password` on the SASL listener (a principal
+    /// held to the ACLs given with [`KafkaCluster::acl`]).
+    pub fn add_scram_user(&self, user: &str, password: &str) -> Result<()> {
+        let config = format!("SCRAM-SHA-512=[iterations=4096,password={password}]");
+        self.tool_ok(
+            "org.apache.kafka.tools.ConfigCommand",
+            &[
+                "--bootstrap-server",
+                "@BOOTSTRAP@",
+                "--alter",
+                "--add-config",
+                &config,
+                "--entity-type",
+                "users",
+                "--entity-name",
+                user,
+            ],
+            None,
+        )?;
+        Ok(())
+    }
+
+    /// Kafka's `AclCommand` with `args` after the bootstrap servers, e.g. `--add
+    /// --allow-principal User:edge --operation Write --topic t`; fails when the tool does.
+    pub fn acl(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["--bootstrap-server", "@BOOTSTRAP@"];
+        all.extend_from_slice(args);
+        self.tool_ok("org.apache.kafka.tools.AclCommand", &all, None)?;
+        Ok(())
+    }
+
     /// Creates `topic` with `partitions` partitions and the cluster's replication factor.
     pub fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
         let p = partitions.to_string();
