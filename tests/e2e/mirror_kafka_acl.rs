@@ -7,7 +7,6 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use tributary_tests::kafka::KafkaCluster;
@@ -54,26 +53,6 @@ fn grant(kafka: &KafkaCluster, operations: &[&str], resource: &[&str]) {
     }
     args.extend_from_slice(resource);
     kafka.acl(&args).unwrap();
-}
-
-/// kcat's `read_committed` read of `topic`: value per partition, in offset order.
-fn kcat_values(bootstrap: &str, topic: &str) -> BTreeMap<i32, Vec<String>> {
-    let out = Command::new("kcat")
-        .args(["-b", bootstrap, "-C", "-t", topic, "-e", "-q"])
-        .args(["-X", "isolation.level=read_committed"])
-        .args(["-f", "%p %s\n"])
-        .output()
-        .expect("kcat (tests/run installs it)");
-    assert!(out.status.success(), "{out:?}");
-    let mut by_partition: BTreeMap<i32, Vec<String>> = BTreeMap::new();
-    for line in String::from_utf8(out.stdout).unwrap().lines() {
-        let (p, v) = line.split_once(' ').unwrap();
-        by_partition
-            .entry(p.parse().unwrap())
-            .or_default()
-            .push(v.to_string());
-    }
-    by_partition
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,7 +158,7 @@ async fn a_principal_with_the_documented_acls_mirrors_exactly_once() {
         "every acknowledged record once, nothing else"
     );
     // kcat, another client library's reader, sees the same, each device's records in order.
-    let kcat = kcat_values(kafka.bootstrap(), TOPIC);
+    let kcat = kafka.kcat_values(TOPIC).unwrap();
     assert_eq!(kcat.values().map(Vec::len).sum::<usize>(), total);
     for p in kcat.values() {
         let mut last_per_device: BTreeMap<usize, usize> = BTreeMap::new();

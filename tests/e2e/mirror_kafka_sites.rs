@@ -1,10 +1,10 @@
-//! Three sites mirror into one cluster at once (#19 item 1): each keeps its checkpoints in a
+//! Three sites mirror into one 3-node cluster at once (#19 item 1): each keeps its checkpoints in a
 //! topic of its own, `tributary.checkpoints.{site}`, so no site's open transaction (one left
 //! by an edge killed with -9 in the middle of it) holds back another site's checkpoint read.
 //! One site starts on the shared topic of earlier versions and is upgraded: its checkpoints
 //! there are read once and copied. One edge is killed with -9 again and again while another
 //! starts new sessions; every acknowledged record of every site is in Kafka exactly once, in
-//! order (`firmware-sim verify --kafka` and Kafka's console consumer, read_committed).
+//! order (`firmware-sim verify --kafka`, Kafka's console consumer and kcat, read_committed).
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::time::Duration;
@@ -24,7 +24,7 @@ fn drained(s: &serde_json::Value) -> bool {
 
 #[test]
 fn sites_killed_mid_transaction_and_restarted_duplicate_nothing() {
-    let kafka = KafkaCluster::start(1).unwrap();
+    let kafka = KafkaCluster::start(3).unwrap();
     let work = tempfile::tempdir().unwrap();
 
     // plant-a as an earlier version ran it: checkpoints in the shared topic.
@@ -92,8 +92,18 @@ fn sites_killed_mid_transaction_and_restarted_duplicate_nothing() {
             logged,
             "{site}: each logged record once"
         );
+        let kcat: usize = kafka
+            .kcat_values(&topic)
+            .unwrap()
+            .values()
+            .map(Vec::len)
+            .sum();
+        assert_eq!(
+            kcat as u64, logged,
+            "{site}: kcat reads each logged record once"
+        );
         figures.push(format!(
-            "{site}: acknowledged={acknowledged} logged={logged} in_kafka={}",
+            "{site}: acknowledged={acknowledged} logged={logged} in_kafka={} kcat={kcat}",
             consumed.len()
         ));
     }

@@ -344,6 +344,25 @@ impl KafkaCluster {
         Ok(out.trim().to_string())
     }
 
+    /// Per node, `(proxy port, proxied port)`: the node advertises a plaintext listener at
+    /// the proxy port, where a test's [`crate::proxy::StallingProxy`] listens and forwards to
+    /// the proxied port; a client bootstrapped at the proxy reaches every node through it.
+    pub fn proxied(&self) -> Result<Vec<(u16, u16)>> {
+        let out = self.script(
+            "reading the proxied listeners",
+            &["proxied", self.dir_str()],
+            TOOL_LIMIT,
+        )?;
+        out.lines()
+            .map(|l| {
+                let (a, b) = l
+                    .split_once(' ')
+                    .with_context(|| format!("cluster proxied printed {l:?}"))?;
+                Ok((a.parse()?, b.parse()?))
+            })
+            .collect()
+    }
+
     /// The cluster directory (`nodeK/server.log` are the nodes' logs).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -496,6 +515,72 @@ impl KafkaCluster {
             None,
         )?;
         Ok(())
+    }
+
+    /// What kcat (librdkafka's reader, another client than Kafka's own) reads of `topic`
+    /// with `isolation.level=read_committed`, to its end: per partition, the values in offset
+    /// order (values must be one line each).
+    pub fn kcat_values(&self, topic: &str) -> Result<std::collections::BTreeMap<i32, Vec<String>>> {
+        let out = std::process::Command::new("kcat")
+            .args(["-b", &self.bootstrap, "-C", "-t", topic, "-e", "-q"])
+            .args(["-X", "isolation.level=read_committed"])
+            .args(["-f", "%p %s\n"])
+            .output()
+            .context("running kcat (tests/run installs it)")?;
+        ensure!(out.status.success(), "{}", describe_failure("kcat", &out));
+        let mut by_partition: std::collections::BTreeMap<i32, Vec<String>> = Default::default();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let (p, v) = line
+                .split_once(' ')
+                .with_context(|| format!("kcat line {line:?}"))?;
+            by_partition
+                .entry(p.parse().with_context(|| format!("kcat line {line:?}"))?)
+                .or_default()
+                .push(v.to_string());
+        }
+        Ok(by_partition)
+    }
+
+    /// The node (1..N) that coordinates transactional id `id`, as Kafka's own
+    /// `TransactionsCommand describe` reports it (the id must have been used).
+    pub fn transaction_coordinator(&self, id: &str) -> Result<usize> {
+        let out = self.tool_ok(
+            "org.apache.kafka.tools.TransactionsCommand",
+            &[
+                "--bootstrap-server",
+                "@BOOTSTRAP@",
+                "describe",
+                "--transactional-id",
+                id,
+            ],
+            None,
+        )?;
+        // A header line starting with CoordinatorId, then one row for the id.
+        let mut lines = out.lines().filter(|l| !l.trim().is_empty());
+        let header: Vec<&str> = lines
+            .next()
+            .context("TransactionsCommand printed nothing")?
+            .split_whitespace()
+            .collect();
+        let row: Vec<&str> = lines
+            .next()
+            .with_context(|| format!("no row for {id} in {out:?}"))?
+            .split_whitespace()
+            .collect();
+        let at = header
+            .iter()
+            .position(|h| *h == "CoordinatorId")
+            .with_context(|| format!("no CoordinatorId column in {out:?}"))?;
+        let node: usize = row
+            .get(at)
+            .with_context(|| format!("short row in {out:?}"))?
+            .parse()
+            .with_context(|| format!("CoordinatorId in {out:?}"))?;
+        ensure!(
+            (1..=self.nodes).contains(&node),
+            "coordinator {node} is not a node of this cluster: {out:?}"
+        );
+        Ok(node)
     }
 
     /// Kafka's `AclCommand` with `args` after the bootstrap servers, e.g. `--add

@@ -20,6 +20,7 @@ pub mod kafka;
 pub mod load;
 pub mod mirror;
 pub mod pki;
+pub mod proxy;
 pub mod raw;
 
 pub use kafka::{ConsumedRecord, KafkaCluster, PartitionState, ProducedRecord, TimestampType};
