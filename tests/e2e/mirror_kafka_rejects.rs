@@ -6,7 +6,9 @@
 //! Kafka's console consumer, read_committed); the two refused records are in the dead-letter
 //! topic with their origin in headers, counted per reason in /metrics; the same large payload
 //! sent to a topic with Kafka's default limit is mirrored (the producer's `message.max.bytes`
-//! follows the edge's `max_packet_size`).
+//! follows the edge's `max_packet_size`). With `on_rejected = "skip"` a refused record is left
+//! out and everything else mirrored; with `"stop"` its partition waits before it, saying why,
+//! while the other partitions mirror everything.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::path::Path;
@@ -242,4 +244,120 @@ fn refused_records_go_to_the_dead_letter_topic_and_the_rest_exactly_once() {
         edge.stderr().contains("went to the dead-letter topic"),
         "the rejection is logged"
     );
+}
+
+/// Publishes, for device `d1` of an edge with `on_rejected`: five small records, one too
+/// large for its Kafka topic (4,000 incompressible bytes, the topic takes 1,000), five small
+/// ones; then five small ones for each of `d2`..`d8`. Returns the running edge.
+fn poison_in_the_middle(kafka: &KafkaCluster, site: &str, on_rejected: &str) -> Edge {
+    let topic = format!("{site}.telemetry");
+    kafka
+        .create_topic_with(&topic, 4, &[("max.message.bytes", "1000")])
+        .unwrap();
+    let edge = Edge::start(&format!(
+        "{ROUTES}{}max_backoff = \"2s\"\nrequest_timeout = \"10s\"\non_rejected = \"{on_rejected}\"\n",
+        cloud(kafka.bootstrap(), site)
+    ));
+    let work = tempfile::tempdir().unwrap();
+    let big_file = work.path().join("big");
+    std::fs::write(&big_file, incompressible(4_000)).unwrap();
+    for i in 0..5 {
+        publish(&edge, "sensors/d1/t", &format!("d1-{i}"));
+    }
+    publish_file(&edge, "sensors/d1/t", &big_file);
+    for i in 5..10 {
+        publish(&edge, "sensors/d1/t", &format!("d1-{i}"));
+    }
+    for d in 2..=8 {
+        for i in 0..5 {
+            publish(&edge, &format!("sensors/d{d}/t"), &format!("d{d}-{i}"));
+        }
+    }
+    edge
+}
+
+/// The values Kafka holds in `topic`, read_committed, per partition in offset order.
+fn values_by_partition(kafka: &KafkaCluster, topic: &str) -> Vec<Vec<String>> {
+    let mut by = vec![Vec::new(); 4];
+    for r in kafka
+        .consume_committed(topic, Duration::from_secs(10))
+        .unwrap()
+    {
+        by[r.partition as usize].push(r.value_str().unwrap().to_string());
+    }
+    by
+}
+
+#[test]
+fn on_rejected_skip_leaves_the_record_out_and_stop_holds_its_partition() {
+    let kafka = KafkaCluster::start(1).unwrap();
+    let small = |d: u32| (0..if d == 1 { 10 } else { 5 }).map(move |i| format!("d{d}-{i}"));
+
+    // skip: the refused record is left out (no dead-letter topic), the others all mirrored.
+    let mut edge = poison_in_the_middle(&kafka, "plant-skip", "skip");
+    let s = wait_mirror_status(&edge, "drained", Duration::from_secs(180), |s| {
+        rejected(s, "too_large") == 1 && s["lag_records"] == 0
+    });
+    assert_eq!(s["stalled"], false, "{s:#}");
+    let mut got: Vec<String> = values_by_partition(&kafka, "plant-skip.telemetry").concat();
+    got.sort();
+    let mut want: Vec<String> = (1..=8).flat_map(small).collect();
+    want.sort();
+    assert_eq!(got, want, "every small record once, the large one left out");
+    assert!(!kafka
+        .list_topics()
+        .unwrap()
+        .contains(&"tributary.dead-letter.plant-skip".to_string()));
+    assert!(edge.stop().success());
+    assert!(edge.stderr().contains("was skipped"), "the skip is logged");
+
+    // stop: the refused record's partition waits before it, with the reason in its status;
+    // the other partitions mirror everything.
+    let mut edge = poison_in_the_middle(&kafka, "plant-stop", "stop");
+    let s = wait_mirror_status(&edge, "the others drained", Duration::from_secs(180), |s| {
+        let parts = s["partitions"].as_array().unwrap();
+        parts.iter().filter(|p| p["error"].is_string()).count() == 1
+            && parts
+                .iter()
+                .filter(|p| p["error"].is_null())
+                .all(|p| p["lag_records"] == 0)
+    });
+    let held = s["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["error"].is_string())
+        .unwrap();
+    assert!(
+        held["error"]
+            .as_str()
+            .unwrap()
+            .contains("on_rejected = \"stop\""),
+        "{held}"
+    );
+    let held_partition = held["partition"].as_u64().unwrap() as usize;
+    assert!(edge.stop().success());
+    let log = edge.read_log();
+    let partition_of = |d: u32| {
+        log.iter().find(|r| r["key"] == format!("d{d}")).unwrap()["partition"]
+            .as_u64()
+            .unwrap() as usize
+    };
+    assert_eq!(partition_of(1), held_partition);
+    let got = values_by_partition(&kafka, "plant-stop.telemetry");
+    // The held partition: d1's five records before the refused one, nothing after it.
+    assert_eq!(
+        got[held_partition],
+        (0..5).map(|i| format!("d1-{i}")).collect::<Vec<_>>()
+    );
+    for d in 2..=8 {
+        let p = partition_of(d);
+        if p != held_partition {
+            let of_d: Vec<&String> = got[p]
+                .iter()
+                .filter(|v| v.starts_with(&format!("d{d}-")))
+                .collect();
+            assert_eq!(of_d.len(), 5, "d{d} on partition {p}: {:?}", got[p]);
+        }
+    }
 }
