@@ -3,7 +3,10 @@
 //! tests/run at the version in tests/clients/mqttjs-version) against the edge's `ws`
 //! listener. The page subscribes, publishes QoS 1 messages, waits for their PUBACKs and
 //! for the messages on its subscription, and POSTs what happened back to the test's server.
-//! The records are then read back from the stopped edge's log with `edge read`.
+//! The records are then read back from the stopped edge's log with `edge read`. The same
+//! over `wss`, with a certificate from a test CA: Chromium is told to accept that one
+//! certificate's key (`--ignore-certificate-errors-spki-list`, its SHA-256 SPKI hash), not
+//! every certificate.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
@@ -14,7 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tributary_tests::{chromium, free_port, http_get, workspace_root, Edge};
+use tributary_tests::pki::Ca;
+use tributary_tests::{chromium, free_port, http_get, run, workspace_root, Edge};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -153,9 +157,15 @@ struct Browser {
 }
 
 impl Browser {
-    fn open(url: &str) -> Browser {
+    /// Opens `url`; `trusted_spki` is the SHA-256 hash (base64) of the one server key the
+    /// browser accepts beyond its usual roots.
+    fn open(url: &str, trusted_spki: Option<&str>) -> Browser {
         let profile = tempfile::tempdir().unwrap();
-        let child = Command::new(chromium())
+        let mut cmd = Command::new(chromium());
+        if let Some(spki) = trusted_spki {
+            cmd.arg(format!("--ignore-certificate-errors-spki-list={spki}"));
+        }
+        let child = cmd
             .args(["--headless=new", "--no-sandbox", "--disable-gpu"])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .args(["--no-first-run", "--remote-debugging-port=0", url])
@@ -188,8 +198,43 @@ impl Drop for Browser {
     }
 }
 
-/// Starts an edge whose only listener is a `ws` one on `ws`.
-fn start_edge(ws: SocketAddr) -> Edge {
+/// A test CA's certificate for 127.0.0.1, as files, and the SHA-256 hash of its key.
+struct ServerCert {
+    dir: tempfile::TempDir,
+    spki_sha256: String,
+}
+
+impl ServerCert {
+    fn new() -> ServerCert {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("tributary browser test CA");
+        let (cert, key, _) = ca.issue("edge", &["127.0.0.1", "localhost"], false);
+        std::fs::write(dir.path().join("server.pem"), cert).unwrap();
+        std::fs::write(dir.path().join("server.key"), key).unwrap();
+        let spki_sha256 = run(Command::new("sh").arg("-c").arg(format!(
+            "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform der \
+             | openssl dgst -sha256 -binary | openssl base64 -A",
+            dir.path().join("server.pem").display()
+        )))
+        .expect("openssl (Debian package openssl)")
+        .trim()
+        .to_string();
+        assert_eq!(spki_sha256.len(), 44, "a base64 SHA-256: {spki_sha256:?}");
+        ServerCert { dir, spki_sha256 }
+    }
+
+    /// The TLS keys of a listener entry.
+    fn keys(&self) -> String {
+        format!(
+            "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            self.dir.path().join("server.pem").display(),
+            self.dir.path().join("server.key").display()
+        )
+    }
+}
+
+/// Starts an edge whose only listener is `listener` (a `[[listeners]]` entry) on `ws`.
+fn start_edge(ws: SocketAddr, listener: &str) -> Edge {
     let dir = tempfile::Builder::new()
         .prefix("tributary-edge-")
         .tempdir()
@@ -198,7 +243,7 @@ fn start_edge(ws: SocketAddr) -> Edge {
     std::fs::write(
         dir.path().join("edge.toml"),
         format!(
-            "[[listeners]]\nprotocol = \"ws\"\nbind = \"{ws}\"\n\n[storage]\ndata_dir = \"{}\"\n\n[admin]\nlisten = \"{admin}\"\n",
+            "{listener}\n[storage]\ndata_dir = \"{}\"\n\n[admin]\nlisten = \"{admin}\"\n",
             dir.path().join("data").display()
         ),
     )
@@ -214,20 +259,46 @@ fn start_edge(ws: SocketAddr) -> Edge {
 
 #[test]
 fn mqtt_js_in_chromium_publishes_and_subscribes_over_ws() {
-    let bundle = mqttjs();
     let ws: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut edge = start_edge(ws);
+    let edge = start_edge(
+        ws,
+        &format!("[[listeners]]\nprotocol = \"ws\"\nbind = \"{ws}\"\n"),
+    );
+    round_trip(edge, &format!("ws://{ws}/mqtt"), "browser/ws", None);
+}
+
+#[test]
+fn mqtt_js_in_chromium_publishes_and_subscribes_over_wss() {
+    let cert = ServerCert::new();
+    let wss: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let edge = start_edge(
+        wss,
+        &format!(
+            "[[listeners]]\nprotocol = \"wss\"\nbind = \"{wss}\"\n{}",
+            cert.keys()
+        ),
+    );
+    round_trip(
+        edge,
+        &format!("wss://{wss}/mqtt"),
+        "browser/wss",
+        Some(&cert.spki_sha256),
+    );
+}
+
+/// The page's exchange over `url`, then the records in the log.
+fn round_trip(mut edge: Edge, url: &str, prefix: &str, trusted_spki: Option<&str>) {
+    let bundle = mqttjs();
     let payloads: Vec<String> = (0..20)
         .map(|i| format!("{{\"from\":\"chromium\",\"n\":{i},\"t\":\"h\u{e9}at\"}}"))
         .collect();
-    let prefix = "browser/ws";
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let site = listener.local_addr().unwrap();
     let (tx, results) = mpsc::channel();
-    let html = page(&format!("ws://{ws}/mqtt"), prefix, &payloads);
+    let html = page(url, prefix, &payloads);
     std::thread::spawn(move || serve(listener, html, bundle, tx));
 
-    let browser = Browser::open(&format!("http://{site}/"));
+    let browser = Browser::open(&format!("http://{site}/"), trusted_spki);
     let report = results.recv_timeout(DEADLINE).unwrap_or_else(|_| {
         panic!(
             "the page reported nothing within {} s; edge log:\n{}",
