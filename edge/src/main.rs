@@ -181,15 +181,10 @@ struct AdminArgs {
     /// admin.listen) instead of a stopped node's data directory.
     #[arg(long, env = "TRIBUTARY_ADMIN_URL", value_name = "URL")]
     admin: Option<String>,
-    /// File whose first line is the admin token (admin.token); without it the token is
-    /// taken from TRIBUTARY_ADMIN_TOKEN, if set. There is no option for the token itself:
-    /// the command line is visible to every user of the machine.
-    #[arg(
-        long,
-        env = "TRIBUTARY_ADMIN_TOKEN_FILE",
-        value_name = "FILE",
-        requires = "admin"
-    )]
+    /// With --admin: file whose first line is the admin token (admin.token); without it the
+    /// token is taken from TRIBUTARY_ADMIN_TOKEN, if set. There is no option for the token
+    /// itself: the command line is visible to every user of the machine.
+    #[arg(long, env = "TRIBUTARY_ADMIN_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<PathBuf>,
 }
 
