@@ -8,6 +8,7 @@ pub mod auth;
 pub mod check;
 pub mod config;
 pub mod groups;
+pub mod inspect;
 pub mod log;
 pub mod mqtt;
 pub(crate) mod node;

@@ -8,13 +8,16 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use edge::config::{Config, ListenerProtocol, Source};
-use edge::log::{Log, Record};
+use edge::inspect::admin_client::{AdminClient, Token};
+use edge::inspect::{PayloadText, RecordView, TopicView};
+use edge::log::Log;
 use edge::startup::{self, LoadedConfig};
 
 const EXAMPLES: &str = "\
 Every option can also come from the environment: TRIBUTARY_CONFIG, TRIBUTARY_DATA_DIR,
-TRIBUTARY_MQTT_LISTEN, TRIBUTARY_TLS_LISTEN, TRIBUTARY_ADMIN_LISTEN, TRIBUTARY_LOG_FORMAT
-(a command-line option wins over its variable).
+TRIBUTARY_MQTT_LISTEN, TRIBUTARY_TLS_LISTEN, TRIBUTARY_ADMIN_LISTEN, TRIBUTARY_LOG_FORMAT, and for
+`read` and `topics` TRIBUTARY_ADMIN_URL and TRIBUTARY_ADMIN_TOKEN_FILE (a command-line option wins
+over its variable). The admin token itself can come from TRIBUTARY_ADMIN_TOKEN.
 
 Examples:
   edge                                          serve with the embedded defaults (MQTT on 0.0.0.0:1883, data in ./data)
@@ -23,6 +26,7 @@ Examples:
   TRIBUTARY_DATA_DIR=/data edge --log-format json   a container: data directory from the environment, JSON logs
   edge passwd /etc/tributary/passwd sensor-17   add a user to a password file
   edge read --config edge.toml --topic telemetry --json   print the records of a stopped node
+  edge read --admin http://127.0.0.1:8080 --follow --json   print a running node's new records as they come
   edge mirror-status --config edge.toml         where the Kafka mirror stands";
 
 /// Tributary edge: MQTT in, a durable partitioned log on disk.
@@ -99,11 +103,14 @@ enum Command {
         #[arg(long)]
         delete: bool,
     },
-    /// List the topics of a stopped node with each partition's offsets.
+    /// List the topics of a stopped node (or with --admin, a running one) with each
+    /// partition's offsets.
     Topics {
         /// One JSON document instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Decode every stored entry of a stopped node and list those that do not decode (record
     /// batches and meta entries: sessions, subscriptions, queues, retained messages, group
@@ -119,7 +126,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print records of a stopped node.
+    /// Print records of a stopped node, or with --admin, of a running one (through its admin
+    /// API: durable records only).
     Read {
         /// Only this topic (default: all).
         #[arg(long)]
@@ -127,15 +135,22 @@ enum Command {
         /// Only this partition (default: all).
         #[arg(long)]
         partition: Option<u32>,
-        /// First offset (default: the first still held).
-        #[arg(long, default_value_t = 0)]
-        from: u64,
+        /// First offset of each partition read (default: the first still held; with
+        /// --follow, the end: only records appended from then on).
+        #[arg(long)]
+        from: Option<u64>,
         /// Most records to print in total.
         #[arg(long)]
         limit: Option<usize>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// Keep printing records as they are appended (polling the admin API) until
+        /// SIGINT or SIGTERM; needs --admin.
+        #[arg(long, requires = "admin")]
+        follow: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Where the Kafka mirror stands, per partition: edge end offset, mirrored offset, lag,
     /// records lost before they were mirrored, the last error and when the link was last
@@ -158,6 +173,54 @@ enum Command {
         action: Option<GroupsAction>,
     },
 }
+
+/// Reading a running node through its admin API.
+#[derive(clap::Args, Debug)]
+struct AdminArgs {
+    /// Read a running node through its admin API at this URL (http://HOST:PORT, the edge's
+    /// admin.listen) instead of a stopped node's data directory.
+    #[arg(long, env = "TRIBUTARY_ADMIN_URL", value_name = "URL")]
+    admin: Option<String>,
+    /// With --admin: file whose first line is the admin token (admin.token); without it the
+    /// token is taken from TRIBUTARY_ADMIN_TOKEN, if set. There is no option for the token
+    /// itself: the command line is visible to every user of the machine.
+    #[arg(long, env = "TRIBUTARY_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    /// The admin API client, when --admin was given.
+    fn client(&self) -> anyhow::Result<Option<AdminClient>> {
+        let Some(url) = &self.admin else {
+            return Ok(None);
+        };
+        let token = match &self.token_file {
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("--token-file {}", file.display()))?;
+                let token = text.lines().next().unwrap_or_default().trim().to_string();
+                if token.is_empty() {
+                    bail!(
+                        "--token-file {}: the first line is empty (it holds the admin token)",
+                        file.display()
+                    );
+                }
+                Some(Token::new(
+                    token,
+                    format!("--token-file {}", file.display()),
+                ))
+            }
+            None => std::env::var(ADMIN_TOKEN_VAR)
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(|t| Token::new(t, ADMIN_TOKEN_VAR.to_string())),
+        };
+        Ok(Some(AdminClient::new(url, token)?))
+    }
+}
+
+/// The environment variable holding the admin token.
+const ADMIN_TOKEN_VAR: &str = "TRIBUTARY_ADMIN_TOKEN";
 
 #[derive(Subcommand, Debug)]
 enum GroupsAction {
@@ -295,6 +358,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         eprintln!("{}: valid", file.display());
         return Ok(());
     }
+    // A running node is read through its admin API: no config, no data directory.
+    match &cli.command {
+        Some(Command::Topics { json, admin }) => {
+            if let Some(client) = admin.client()? {
+                let topics = block_on(client.topics())?;
+                return print_topics(&topics, *json);
+            }
+        }
+        Some(Command::Read {
+            topic,
+            partition,
+            from,
+            limit,
+            json,
+            follow,
+            admin,
+        }) => {
+            if let Some(client) = admin.client()? {
+                return block_on(edge::inspect::remote::read(
+                    &client,
+                    &edge::inspect::remote::ReadArgs {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        from: *from,
+                        limit: *limit,
+                        json: *json,
+                        follow: *follow,
+                    },
+                ));
+            }
+        }
+        _ => {}
+    }
     let loaded = load_config(&cli)?;
     let config = &loaded.config;
     match cli.command.unwrap_or(Command::Serve) {
@@ -311,7 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { .. } | Command::Passwd { .. } => {
             unreachable!("handled before the config is loaded")
         }
-        Command::Topics { json } => topics(config, json),
+        Command::Topics { json, .. } => topics(config, json),
         Command::Check { repair, json } => check(config, repair, json),
         Command::Read {
             topic,
@@ -319,7 +415,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             from,
             limit,
             json,
-        } => read(config, topic, partition, from, limit, json),
+            ..
+        } => read(config, topic, partition, from.unwrap_or(0), limit, json),
         Command::MirrorStatus { json } => mirror_status(config, json),
         Command::Groups {
             action: Some(GroupsAction::Reset { group, to }),
@@ -327,6 +424,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => groups_reset(config, &group, to),
         Command::Groups { json, action: None } => groups(config, json),
     }
+}
+
+/// Runs `task` on a runtime of its own (one thread: the commands that read a running node
+/// wait on it most of the time).
+fn block_on<T, E: Into<anyhow::Error>>(
+    task: impl std::future::Future<Output = Result<T, E>>,
+) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(task)
+        .map_err(Into::into)
 }
 
 /// `edge passwd FILE USER [--delete]`.
@@ -422,6 +532,25 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> 
         bail!("writing {}: {e}", path.display());
     }
     Ok(())
+}
+
+/// [`open_stopped`], for `edge read` and `edge topics`: a running node's refusal says how
+/// to read it anyway.
+fn open_stopped_for_reading(config: &Config) -> anyhow::Result<Log> {
+    open_stopped(config).map_err(|e| {
+        if let Some(edge::log::LogError::Locked(dir)) = e.downcast_ref::<edge::log::LogError>() {
+            let url = match config.admin.address() {
+                Some((addr, _)) => format!("--admin http://{addr}"),
+                None => "--admin http://HOST:PORT (its admin endpoint is turned off in this config)".to_string(),
+            };
+            anyhow::anyhow!(
+                "the data directory {} is in use by another process, a running edge: read it through its admin API with {url} (and --token-file FILE when it has a token), or stop it first",
+                dir.display()
+            )
+        } else {
+            e
+        }
+    })
 }
 
 fn open_stopped(config: &Config) -> anyhow::Result<Log> {
@@ -710,48 +839,36 @@ fn groups_reset(config: &Config, group: &str, to: edge::groups::ResetTo) -> anyh
 }
 
 fn topics(config: &Config, json: bool) -> anyhow::Result<()> {
-    let log = open_stopped(config)?;
+    let log = open_stopped_for_reading(config)?;
+    let views: Vec<TopicView> = log.topics().iter().map(TopicView::new).collect();
+    print_topics(&views, json)
+}
+
+/// `edge topics` output, the same for a stopped node and a running one.
+fn print_topics(topics: &[TopicView], json: bool) -> anyhow::Result<()> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
-        let doc: Vec<serde_json::Value> = log
-            .topics()
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "topic": t.name,
-                    "partitions": t.partitions.iter().enumerate().map(|(i, p)| serde_json::json!({
-                        "partition": i,
-                        "start_offset": p.start(),
-                        "end_offset": p.end(),
-                        "bytes": p.bytes(),
-                        "removed_records": p.removed(),
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(topics)?)?;
     } else {
         writeln!(
             out,
             "{:<32} {:>9} {:>14} {:>14} {:>14}",
             "TOPIC", "PARTITION", "START_OFFSET", "END_OFFSET", "BYTES"
         )?;
-        for t in log.topics() {
-            for (i, p) in t.partitions.iter().enumerate() {
+        for t in topics {
+            for p in &t.partitions {
                 writeln!(
                     out,
                     "{:<32} {:>9} {:>14} {:>14} {:>14}",
-                    t.name,
-                    i,
-                    p.start(),
-                    p.end(),
-                    p.bytes()
+                    t.topic, p.partition, p.start_offset, p.end_offset, p.bytes
                 )?;
             }
         }
     }
-    out.flush()?;
-    Ok(())
+    match out.flush() {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn read(
@@ -762,7 +879,7 @@ fn read(
     limit: Option<usize>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let log = open_stopped(config)?;
+    let log = open_stopped_for_reading(config)?;
     let topics: Vec<_> = match &topic {
         Some(name) => vec![log
             .topic(name)
@@ -792,11 +909,8 @@ fn read(
                 let Some(last) = batch.last() else { break };
                 next = last.offset + 1;
                 for r in &batch {
-                    let written = if json {
-                        writeln!(out, "{}", record_json(&t.name, p, r))
-                    } else {
-                        writeln!(out, "{}", record_text(&t.name, p, r))
-                    };
+                    let view = RecordView::new(&t.name, p, r, PayloadText::Auto);
+                    let written = writeln!(out, "{}", record_line(&view, json));
                     if let Err(e) = written {
                         if e.kind() == std::io::ErrorKind::BrokenPipe {
                             return Ok(());
@@ -823,68 +937,11 @@ fn read(
     }
 }
 
-fn payload_field(bytes: &[u8]) -> (String, &'static str) {
-    edge::log::record::text_or_base64(bytes)
-}
-
-fn record_json(topic: &str, partition: u32, r: &Record) -> String {
-    let (payload, encoding) = payload_field(&r.payload);
-    let (key, key_encoding) = payload_field(&r.key);
-    serde_json::json!({
-        "topic": topic,
-        "partition": partition,
-        "offset": r.offset,
-        "timestamp_ms": r.timestamp_ms,
-        "key": key,
-        "key_encoding": key_encoding,
-        "headers": {
-            "mqtt_topic": r.headers.mqtt_topic,
-            "qos": r.headers.qos,
-            "retain": r.headers.retain,
-            "client_id": r.headers.client_id,
-            "content_type": r.headers.content_type,
-            "payload_format": r.headers.payload_format,
-            "message_expiry": r.headers.message_expiry,
-            "response_topic": r.headers.response_topic,
-            "correlation_data": r.headers.correlation_data.as_ref().map(|c| payload_field(c).0),
-            "user_properties": r.headers.user_properties,
-        },
-        "payload": payload,
-        "payload_encoding": encoding,
-    })
-    .to_string()
-}
-
-fn record_text(topic: &str, partition: u32, r: &Record) -> String {
-    let (payload, encoding) = payload_field(&r.payload);
-    let (key, _) = payload_field(&r.key);
-    let mut line = format!(
-        "{topic}/{partition}@{} ts={} key={key:?} mqtt_topic={:?} qos={} retain={} client_id={:?}",
-        r.offset,
-        r.timestamp_ms,
-        r.headers.mqtt_topic,
-        r.headers.qos,
-        r.headers.retain,
-        r.headers.client_id
-    );
-    if let Some(ct) = &r.headers.content_type {
-        line.push_str(&format!(" content_type={ct:?}"));
+/// One `edge read` line.
+fn record_line(view: &RecordView, json: bool) -> String {
+    if json {
+        view.to_json_line()
+    } else {
+        view.to_text_line()
     }
-    if let Some(f) = r.headers.payload_format {
-        line.push_str(&format!(" payload_format={f}"));
-    }
-    if let Some(e) = r.headers.message_expiry {
-        line.push_str(&format!(" message_expiry={e}"));
-    }
-    if let Some(rt) = &r.headers.response_topic {
-        line.push_str(&format!(" response_topic={rt:?}"));
-    }
-    if let Some(cd) = &r.headers.correlation_data {
-        line.push_str(&format!(" correlation_data={:?}", payload_field(cd).0));
-    }
-    for (k, v) in &r.headers.user_properties {
-        line.push_str(&format!(" prop:{k}={v:?}"));
-    }
-    line.push_str(&format!(" payload({encoding})={payload:?}"));
-    line
 }

@@ -100,7 +100,7 @@ async fn metrics_and_json_api_report_known_traffic() {
     assert_eq!(status, 200);
     let topics: serde_json::Value = serde_json::from_str(&body).unwrap();
     let mqtt = &topics["topics"][0];
-    assert_eq!(mqtt["name"], "mqtt");
+    assert_eq!(mqtt["topic"], "mqtt");
     assert_eq!(mqtt["partitions"][0]["end_offset"], 25);
 
     let (status, body) = http_get(
@@ -119,7 +119,7 @@ async fn metrics_and_json_api_report_known_traffic() {
             (
                 r["offset"].as_u64().unwrap(),
                 r["payload"].as_str().unwrap().to_string(),
-                r["client_id"].as_str().unwrap().to_string(),
+                r["headers"]["client_id"].as_str().unwrap().to_string(),
             )
         })
         .collect();

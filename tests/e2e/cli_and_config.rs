@@ -89,18 +89,20 @@ async fn flags_override_embedded_defaults_and_offline_cli_reads_back() {
         assert_eq!(c.recv().await.unwrap(), Got::PubAck(i, 0));
     }
 
-    // The server holds the data directory: the offline CLI says so.
-    let busy = Command::new(binary("edge"))
-        .args(["topics", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!busy.status.success());
-    assert!(
-        String::from_utf8_lossy(&busy.stderr).contains("in use by another process"),
-        "{}",
-        String::from_utf8_lossy(&busy.stderr)
-    );
+    // The server holds the data directory: the offline CLI says so, and how to read it.
+    for cmd in ["topics", "read"] {
+        let busy = Command::new(binary("edge"))
+            .args([cmd, "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!busy.status.success());
+        let stderr = String::from_utf8_lossy(&busy.stderr);
+        assert!(
+            stderr.contains("in use by another process") && stderr.contains("--admin http://"),
+            "{stderr}"
+        );
+    }
 
     assert!(tributary_tests::signal(child.id(), libc::SIGTERM));
     let out = child.wait_with_output().unwrap();

@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-use crate::log::record::text_or_base64;
+use crate::inspect::{PayloadText, RecordView, RecordsAnswer, TopicView, TopicsAnswer};
 use crate::mqtt::Broker;
 
 /// What the admin endpoint reads.
@@ -270,25 +270,10 @@ async fn overview(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
     Json(overview_json(&s))
 }
 
-async fn topics(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
-    let topics: Vec<serde_json::Value> = s
-        .broker
-        .log
-        .topics()
-        .iter()
-        .map(|t| {
-            serde_json::json!({
-                "name": t.name,
-                "partitions": t.partitions.iter().enumerate().map(|(i, p)| serde_json::json!({
-                    "partition": i,
-                    "start_offset": p.start(),
-                    "end_offset": p.end(),
-                    "bytes": p.bytes(),
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    Json(serde_json::json!({ "topics": topics }))
+async fn topics(State(s): State<Arc<AdminState>>) -> Json<TopicsAnswer> {
+    Json(TopicsAnswer {
+        topics: s.broker.log.topics().iter().map(TopicView::new).collect(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -320,9 +305,9 @@ async fn records(
     let Some(t) = log.topic(&topic) else {
         return no_topic(&topic);
     };
-    let always_base64 = match q.payload.as_deref() {
-        None | Some("auto") => false,
-        Some("base64") => true,
+    let payload = match q.payload.as_deref() {
+        None | Some("auto") => PayloadText::Auto,
+        Some("base64") => PayloadText::Base64,
         Some(other) => {
             return (
                 StatusCode::BAD_REQUEST,
@@ -340,14 +325,15 @@ async fn records(
     let read =
         tokio::task::spawn_blocking(move || log.read_durable(id, partition, from, limit)).await;
     match read {
-        Ok(Ok(records)) => {
-            let list: Vec<serde_json::Value> = records
+        Ok(Ok(records)) => Json(RecordsAnswer {
+            records: records
                 .iter()
-                .map(|r| record_json(r, always_base64))
-                .collect();
-            Json(serde_json::json!({ "topic": topic, "partition": partition, "records": list }))
-                .into_response()
-        }
+                .map(|r| RecordView::new(&topic, partition, r, payload))
+                .collect(),
+            topic,
+            partition,
+        })
+        .into_response(),
         Ok(Err(e)) => (
             StatusCode::BAD_REQUEST,
             Json(serde_json::json!({ "error": e.to_string() })),
@@ -359,34 +345,6 @@ async fn records(
         )
             .into_response(),
     }
-}
-
-fn record_json(r: &crate::log::Record, always_base64: bool) -> serde_json::Value {
-    let (payload, encoding) = if always_base64 {
-        use base64::Engine as _;
-        (
-            base64::engine::general_purpose::STANDARD.encode(&r.payload),
-            "base64",
-        )
-    } else {
-        text_or_base64(&r.payload)
-    };
-    let (key, key_encoding) = text_or_base64(&r.key);
-    let h = &r.headers;
-    serde_json::json!({
-        "offset": r.offset,
-        "timestamp_ms": r.timestamp_ms,
-        "key": key,
-        "key_encoding": key_encoding,
-        "mqtt_topic": h.mqtt_topic,
-        "qos": h.qos,
-        "retain": h.retain,
-        "client_id": h.client_id,
-        "content_type": h.content_type,
-        "user_properties": h.user_properties,
-        "payload": payload,
-        "payload_encoding": encoding,
-    })
 }
 
 /// One record's payload, as stored: the body is the bytes, typed by the record's MQTT 5
