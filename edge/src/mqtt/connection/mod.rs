@@ -302,6 +302,25 @@ where
         self.pump();
         self.try_flush()?;
         self.touch();
+        // A client need not wait for the CONNACK: packets it wrote right behind its CONNECT
+        // were read with it and wait in the buffer; handle them before reading any more.
+        if !self.socket.rbuf.is_empty() {
+            let handled = match self.on_bytes().await {
+                Ok(None) => self.charge_rate(),
+                Ok(Some(end)) => {
+                    self.drain_pending().await;
+                    return end;
+                }
+                Err(close) => Err(close),
+            };
+            if let Err(close) = handled {
+                self.drain_pending().await;
+                return Err(close);
+            }
+            self.pump();
+            self.inbound.report_acks(&self.client);
+            self.try_flush()?;
+        }
         // Only a session that receives is checked for being slow (an interval allocates).
         let mut slow_check = None;
         loop {
