@@ -3,13 +3,14 @@ the client's Maximum Packet Size on every packet the server sends, and shared su
 all seen on the wire (raw clients: paho hides packet identifiers, DUP flags and reason codes).
 """
 
+import struct
 import time
 
 import pytest
 
 from mqttclient import QUIET, V311, V5
 from rawmqtt import (DISCONNECT, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBACK,
-                     UNSUBACK, Closed, sub_options)
+                     UNSUBACK, Closed, packet, sub_options)
 
 EXPIRY = {"session_expiry_interval": 300}
 
@@ -185,6 +186,39 @@ def test_mqtt_4_4_0_2_publish_refused_by_the_client_is_not_sent_again(clients, q
         f"the refused message came again: {again}"
     raw.puback(again.pid)
     assert raw.quiet_for(QUIET) == []
+
+
+@pytest.mark.spec("MQTT-4.4.0-1", "MQTT-4.3.2-3", v311=["MQTT-4.4.0-1", "MQTT-4.3.2-1"])
+def test_mqtt_4_4_0_1_acknowledgement_written_with_the_disconnect_is_not_lost(
+        clients, version):
+    """[MQTT-4.4.0-1] ... Clients and Servers MUST NOT resend messages at any other time
+    (than unacknowledged ones on a resumed session). [MQTT-4.3.2-3] a QoS 1 PUBLISH is
+    unacknowledged only until its PUBACK.
+
+    20 rounds: a persistent subscriber gets a QoS 1 message and writes its PUBACK and a
+    DISCONNECT (or, every other round, just closes) in one go, then connects again at once
+    (Clean Start 0): the acknowledged message never comes again. (The edge used to lose
+    such a PUBACK when the new connection took the session over before the old one had
+    read it: some 1 round in 4.)"""
+    for n in range(20):
+        cid = f"ackgone{n}"
+        raw, _ = persistent(clients, version, cid)
+        assert raw.subscribe(1, [(f"ag/{n}", 1)]).reasons == [1]
+        pub = connected(clients, version, f"ag-pub{n}")
+        pub.publish(f"ag/{n}", b"once", 1, pid=1)
+        assert pub.recv_kind(PUBACK).pid == 1
+        p = raw.next_publish()
+        ack = packet(PUBACK, 0, struct.pack(">H", p.pid))
+        raw.send(ack + (packet(DISCONNECT, 0, b"") if n % 2 == 0 else b""))
+        raw.close()
+        raw, resumed = persistent(clients, version, cid)
+        assert resumed.session_present, resumed
+        pub.publish(f"ag/{n}", b"marker", 1, pid=2)
+        m = raw.next_publish()
+        assert m.payload == b"marker", f"round {n}: the acknowledged message came again: {m}"
+        raw.puback(m.pid)
+        raw.close()
+        pub.close()
 
 
 @pytest.mark.skip_mosquitto("2.0.11 drops the in-flight message once it has expired")
