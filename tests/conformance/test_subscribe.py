@@ -197,7 +197,7 @@ def test_mqtt_4_3_2_2_qos1_outbound_publish_then_puback(clients, version):
 
 @pytest.mark.spec(
     "MQTT-4.3.3-1", "MQTT-4.3.3-2", "MQTT-4.3.3-4", "MQTT-3.6.1-1", "MQTT-2.1.3-1",
-    "MQTT-2.2.1-5", "MQTT-3.6.2-1",
+    "MQTT-2.2.1-5",
     v311=["MQTT-4.3.3-1", "MQTT-3.6.1-1", "MQTT-2.2.2-1", "MQTT-2.3.1-6"])
 def test_mqtt_4_3_3_4_qos2_outbound_flow_pubrel_carries_the_packet_id(clients, version):
     """[MQTT-4.3.3-2] (sender) MUST send a PUBLISH packet containing this Packet Identifier
@@ -371,10 +371,8 @@ def test_mqtt_3_10_4_2_no_new_messages_after_unsubscribe(clients, version):
     sub.assert_nothing(lambda m: m.payload in (b"after", b"marker"), window=0.2)
 
 
-@pytest.mark.spec(
-    "MQTT-4.5.0-1", "MQTT-3.3.4-1", "MQTT-4.3.2-4", "MQTT-4.3.3-8", "MQTT-4.3.3-11",
-    "MQTT-3.4.2-1", "MQTT-3.5.2-1", "MQTT-3.7.2-1",
-    v311=["MQTT-4.5.0-1", "MQTT-3.3.4-1"])
+@pytest.mark.spec("MQTT-4.5.0-1", "MQTT-3.3.4-1", "MQTT-4.3.2-4", "MQTT-4.3.3-8",
+                  "MQTT-4.3.3-11", v311=["MQTT-4.5.0-1", "MQTT-3.3.4-1"])
 def test_mqtt_4_5_0_1_subscription_in_force_for_every_publish_after_the_suback(clients):
     """[MQTT-4.5.0-1] When a Server takes ownership of an incoming Application Message it
     MUST add it to the Session State for those Clients that have matching Subscriptions.
