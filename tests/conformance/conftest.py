@@ -31,6 +31,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "broker_config(**keys): extra [mqtt] config keys for this test's broker")
     config.addinivalue_line(
         "markers", "skip_mosquitto(reason): Mosquitto knowingly deviates; run on the edge only")
+    config.addinivalue_line(
+        "markers", "spec(*ids_5_0, v311=ids): the normative statements this test checks "
+        "(see normative.py and NORMATIVE.md)")
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -198,6 +198,10 @@ class Packet:
     retain: bool = False
     # Bytes the packet took on the wire, fixed header included.
     wire_size: int = 0
+    # Bytes of the fixed header (first byte and Remaining Length).
+    header_size: int = 0
+    # CONNACK: the whole Connect Acknowledge Flags byte (bit 0 is Session Present).
+    ack_flags: int = 0
 
     @property
     def name(self) -> str:
@@ -356,6 +360,7 @@ class RawClient:
         first, body = self.buf[0], self.buf[i:i + length]
         self.buf = self.buf[i + length:]
         self.last_frame_size = i + length
+        self.last_header_size = i
         return first, body
 
     def recv(self, timeout: float = 10.0) -> Packet:
@@ -450,10 +455,12 @@ class RawClient:
     def _decode(self, first: int, body: bytes) -> Packet:
         kind, flags = first >> 4, first & 0x0F
         r = Reader(body)
-        p = Packet(kind, flags, wire_size=self.last_frame_size)
+        p = Packet(kind, flags, wire_size=self.last_frame_size,
+                   header_size=self.last_header_size)
         v5 = self.version == 5
         if kind == CONNACK:
-            p.session_present = bool(r.byte() & 0x01)
+            p.ack_flags = r.byte()
+            p.session_present = bool(p.ack_flags & 0x01)
             p.reason = r.byte()
             if v5 and r.more():
                 p.props = r.properties()

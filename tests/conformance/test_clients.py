@@ -109,6 +109,9 @@ def mosquitto_pub(broker, version, qos, topic, lines, retain=False):
 
 
 @pytest.mark.parametrize("pub_qos,sub_qos", [(0, 0), (1, 1), (2, 2), (2, 1), (1, 0)])
+@pytest.mark.spec(
+    "MQTT-4.5.0-1", "MQTT-3.8.4-8", "MQTT-4.6.0-6", "MQTT-3.3.1-12",
+    v311=["MQTT-4.5.0-1", "MQTT-3.8.4-6", "MQTT-4.6.0-6", "MQTT-3.3.1-9", "MQTT-7.0.0-2"])
 def test_mqtt_4_5_0_1_mosquitto_sub_receives_what_mosquitto_pub_sends(
         broker, mosquitto_subs, cli_version, pub_qos, sub_qos):
     """[MQTT-4.5.0-1] When a Server takes ownership of an incoming Application Message it MUST
@@ -125,6 +128,9 @@ def test_mqtt_4_5_0_1_mosquitto_sub_receives_what_mosquitto_pub_sends(
     assert got == [("a/b/c", l, expected_qos, False) for l in lines]
 
 
+@pytest.mark.spec(
+    "MQTT-3.3.1-5", "MQTT-3.3.1-9",
+    v311=["MQTT-3.3.1-5", "MQTT-3.3.1-6", "MQTT-3.3.1-8"])
 def test_mqtt_3_3_1_9_mosquitto_sub_gets_what_mosquitto_pub_retained(
         broker, mosquitto_subs, cli_version):
     """[MQTT-3.3.1-5] the Server MUST ... store the Application Message (RETAIN 1).

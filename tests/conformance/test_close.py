@@ -56,6 +56,8 @@ def assert_orderly_close(raw, last_kind: int, last_reason: int):
 @pytest.mark.skip_mosquitto("2.0.11 answers the PUBLISH over Receive Maximum with PUBREC "
                              "0x97 and keeps the connection")
 @pytest.mark.broker_config(receive_maximum=2)
+@pytest.mark.spec(
+    "MQTT-3.3.4-7", "MQTT-4.13.2-1", "MQTT-3.14.2-1", "MQTT-3.14.4-1", "MQTT-3.14.4-2")
 def test_mqtt_3_3_4_7_receive_maximum_exceeded_disconnect_reaches_a_sending_client(clients):
     """[MQTT-3.3.4-7] The Client MUST NOT send more than Receive Maximum QoS 1 and QoS 2
     PUBLISH packets for which it has not received PUBACK, PUBCOMP, or PUBREC with a Reason
@@ -77,6 +79,7 @@ def test_mqtt_3_3_4_7_receive_maximum_exceeded_disconnect_reaches_a_sending_clie
 
 
 @pytest.mark.skip_mosquitto(MOSQUITTO_RESETS)
+@pytest.mark.spec("MQTT-4.13.1-1", "MQTT-3.3.1-4", "MQTT-4.13.2-1")
 def test_mqtt_4_13_1_1_malformed_packet_disconnect_reaches_a_sending_client(clients):
     """[MQTT-4.13.1-1] When a Server detects a Malformed Packet or Protocol Error, and a Reason
     Code is given in the specification, it MUST close the Network Connection. In the case of
@@ -94,6 +97,7 @@ def test_mqtt_4_13_1_1_malformed_packet_disconnect_reaches_a_sending_client(clie
 
 
 @pytest.mark.skip_mosquitto(MOSQUITTO_RESETS)
+@pytest.mark.spec(v311=["MQTT-3.1.3-8", "MQTT-3.2.2-5", "MQTT-3.1.4-5"])
 def test_mqtt_3_2_2_7_refusing_connack_reaches_a_client_that_sent_more(clients):
     """[MQTT-3.2.2-7] If a Server sends a CONNACK packet containing a Reason Code of 128 or
     greater it MUST then close the Network Connection. [MQTT-3.1.3-8] If the Server rejects
@@ -113,6 +117,7 @@ def test_mqtt_3_2_2_7_refusing_connack_reaches_a_client_that_sent_more(clients):
 
 
 @pytest.mark.skip_mosquitto("2.0.11 closes without a CONNACK on an unknown protocol level")
+@pytest.mark.spec("MQTT-3.1.2-2", "MQTT-3.2.2-7", "MQTT-3.2.2-8", "MQTT-4.13.2-1")
 def test_mqtt_3_1_2_2_unsupported_protocol_connack_reaches_a_client_that_sent_more(clients):
     """[MQTT-3.1.2-2] If the Protocol Version is not 5 and the Server does not want to accept
     the CONNECT packet, the Server MAY send a CONNACK packet with Reason Code 0x84

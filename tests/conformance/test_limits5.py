@@ -24,6 +24,7 @@ def raw_v5(clients, client_id, **kwargs):
 # -- Maximum Packet Size on packets other than PUBLISH ------------------------------------
 
 @pytest.mark.skip_mosquitto("2.0.11 closes the connection (0x81) on the invalid filter")
+@pytest.mark.spec("MQTT-3.9.2-1", "MQTT-3.9.2-2", "MQTT-3.1.2-24")
 def test_mqtt_3_9_2_1_suback_reason_string_dropped_over_the_client_maximum_packet_size(
         clients):
     """[MQTT-3.9.2-1] The Server MUST NOT send this property (Reason String) if it would
@@ -43,6 +44,7 @@ def test_mqtt_3_9_2_1_suback_reason_string_dropped_over_the_client_maximum_packe
     assert ack.wire_size <= 20, ack
 
 
+@pytest.mark.spec("MQTT-3.14.2-3", "MQTT-3.14.2-4", "MQTT-3.1.2-24")
 def test_mqtt_3_14_2_3_disconnect_reason_string_dropped_over_the_client_maximum_packet_size(
         clients):
     """[MQTT-3.14.2-3] The sender MUST NOT send this Property (Reason String) if it would
@@ -62,6 +64,7 @@ def test_mqtt_3_14_2_3_disconnect_reason_string_dropped_over_the_client_maximum_
         assert p.reason == 0x81 and p.wire_size <= 16, p
 
 
+@pytest.mark.spec("MQTT-3.2.2-19", "MQTT-3.2.2-20", "MQTT-3.1.2-24")
 def test_mqtt_3_2_2_19_connack_reason_string_dropped_over_the_client_maximum_packet_size(
         clients):
     """[MQTT-3.2.2-19] The Server MUST NOT send this property (Reason String) if it would
@@ -81,6 +84,7 @@ def test_mqtt_3_2_2_19_connack_reason_string_dropped_over_the_client_maximum_pac
 # -- Request Problem Information ----------------------------------------------------------
 
 @pytest.mark.skip_mosquitto("2.0.11 closes the connection (0x81) on the invalid filter")
+@pytest.mark.spec("MQTT-3.1.2-29")
 def test_mqtt_3_1_2_29_no_reason_string_with_request_problem_information_0(clients):
     """[MQTT-3.1.2-29] If the value of Request Problem Information is 0, the Server MAY return
     a Reason String or User Properties on a CONNACK or DISCONNECT packet, but MUST NOT send a
@@ -109,6 +113,7 @@ def test_mqtt_3_1_2_29_no_reason_string_with_request_problem_information_0(clien
 
 @pytest.mark.skip_mosquitto("2.0.11 refuses max_keepalive below 10 s")
 @pytest.mark.broker_config(max_keepalive="1s")
+@pytest.mark.spec("MQTT-3.1.2-22", "MQTT-3.2.2-21")
 def test_mqtt_3_2_2_21_server_keep_alive_is_the_keep_alive_the_server_enforces(clients):
     """[MQTT-3.2.2-21] If the Server sends a Server Keep Alive on the CONNACK packet, the
     Client MUST use this value instead of the Keep Alive value the Client sent on CONNECT.
@@ -129,6 +134,7 @@ def test_mqtt_3_2_2_21_server_keep_alive_is_the_keep_alive_the_server_enforces(c
 
 # -- Topic aliases belong to one Network Connection ---------------------------------------
 
+@pytest.mark.spec("MQTT-3.3.2-7", "MQTT-3.3.2-12")
 def test_mqtt_3_3_2_7_inbound_topic_alias_does_not_outlive_its_connection(clients):
     """[MQTT-3.3.2-7] A receiver MUST NOT carry forward any Topic Alias mappings from one
     Network Connection to another. Section 3.3.2.3.4: a PUBLISH with an alias the receiver
@@ -158,6 +164,7 @@ def test_mqtt_3_3_2_7_inbound_topic_alias_does_not_outlive_its_connection(client
     assert got == [("ta/first", b"one"), ("ta/second", b"two"), ("ta/second", b"three")], got
 
 
+@pytest.mark.spec("MQTT-3.3.2-7")
 def test_mqtt_3_3_2_7_outbound_topic_alias_not_carried_to_a_new_connection(clients):
     """[MQTT-3.3.2-7] A receiver MUST NOT carry forward any Topic Alias mappings from one
     Network Connection to another; so a sender cannot use one either: the server's first
@@ -199,6 +206,7 @@ def test_mqtt_3_3_2_7_outbound_topic_alias_not_carried_to_a_new_connection(clien
 # -- Enhanced authentication --------------------------------------------------------------
 
 @pytest.mark.skip_mosquitto("the reference instance runs without an authentication plugin")
+@pytest.mark.spec("MQTT-4.12.0-1", "MQTT-4.12.0-4", "MQTT-3.2.2-6")
 def test_mqtt_4_12_0_1_unsupported_authentication_method_refused_with_0x8c(clients):
     """[MQTT-4.12.0-1] If the Server does not support the Authentication Method supplied by
     the Client, it MAY send a CONNACK with a Reason Code of 0x8C (Bad authentication method)
@@ -219,8 +227,9 @@ def test_mqtt_4_12_0_1_unsupported_authentication_method_refused_with_0x8c(clien
     assert (ack.reason, ack.session_present) == (0, False), ack
 
 
+@pytest.mark.spec("MQTT-4.12.0-7")
 def test_mqtt_4_12_0_2_auth_without_authentication_method_is_a_protocol_error(clients):
-    """[MQTT-4.12.0-2] If the Client does not include an Authentication Method in the
+    """[MQTT-4.12.0-7] If the Client does not include an Authentication Method in the
     CONNECT, the Client MUST NOT send an AUTH packet to the Server; one that does commits a
     Protocol Error: the
     Server closes the connection, with DISCONNECT 0x82 if it

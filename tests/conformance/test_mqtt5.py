@@ -33,6 +33,7 @@ def back(clients, client_id):
 
 # -- Message Expiry Interval ---------------------------------------------------------------
 
+@pytest.mark.spec("MQTT-3.3.2-5")
 def test_mqtt_3_3_2_5_expired_message_not_delivered(clients):
     """[MQTT-3.3.2-5] If the Message Expiry Interval has passed and the Server has not managed
     to start onward delivery to a matching subscriber, then it MUST delete the copy of the
@@ -57,6 +58,7 @@ def test_mqtt_3_3_2_5_expired_message_not_delivered(clients):
         client.assert_nothing(lambda m: m.payload.startswith(b"expir"), window=0.2)
 
 
+@pytest.mark.spec("MQTT-3.3.2-6")
 def test_mqtt_3_3_2_6_delivered_message_carries_the_remaining_expiry(clients):
     """[MQTT-3.3.2-6] The PUBLISH packet sent to a Client by the Server MUST contain a Message
     Expiry Interval set to the received value minus the time that the Application Message
@@ -87,6 +89,7 @@ def test_mqtt_3_3_2_6_delivered_message_carries_the_remaining_expiry(clients):
 
 # -- Topic aliases -------------------------------------------------------------------------
 
+@pytest.mark.spec("MQTT-3.3.2-11", "MQTT-3.3.2-8", "MQTT-3.1.2-26")
 def test_mqtt_3_3_2_11_outbound_topic_aliases_stay_within_the_client_maximum(clients):
     """[MQTT-3.3.2-11] A Server MUST NOT send a PUBLISH packet with a Topic Alias greater than
     the Topic Alias Maximum value sent by the Client in the CONNECT packet. [MQTT-3.3.2-8] A
@@ -111,6 +114,7 @@ def test_mqtt_3_3_2_11_outbound_topic_aliases_stay_within_the_client_maximum(cli
         assert alias is None or 1 <= alias <= 2, m
 
 
+@pytest.mark.spec("MQTT-3.1.2-27")
 def test_mqtt_3_1_2_27_no_topic_alias_without_client_maximum(clients):
     """[MQTT-3.1.2-27] If Topic Alias Maximum is absent or zero, the Server MUST NOT send any
     Topic Aliases to the Client."""
@@ -138,6 +142,7 @@ def _receive_maximum_2(clients, count):
     return raw
 
 
+@pytest.mark.spec("MQTT-3.3.4-9", "MQTT-3.3.4-10", "MQTT-4.9.0-1", "MQTT-4.9.0-3")
 def test_mqtt_3_3_4_9_no_more_than_receive_maximum_unacknowledged_publishes(clients):
     """[MQTT-3.3.4-9] The Server MUST NOT send more than Receive Maximum QoS 1 and QoS 2
     PUBLISH packets for which it has not received PUBACK, PUBCOMP, or PUBREC with a Reason
@@ -160,6 +165,7 @@ def test_mqtt_3_3_4_9_no_more_than_receive_maximum_unacknowledged_publishes(clie
     "2.0.11 answers one PUBACK with two PUBLISH packets once its send quota was used up, "
     "leaving 3 unacknowledged under Receive Maximum 2 (likely the outgoing-quota bug in "
     "db__message_delete_outgoing described in eclipse-mosquitto/mosquitto#2301)")
+@pytest.mark.spec("MQTT-3.3.4-9", "MQTT-4.9.0-2")
 def test_mqtt_3_3_4_9_receive_maximum_holds_as_acknowledgements_come_in(clients):
     """[MQTT-3.3.4-9] The Server MUST NOT send more than Receive Maximum QoS 1 and QoS 2
     PUBLISH packets for which it has not received PUBACK, PUBCOMP, or PUBREC with a Reason
@@ -204,6 +210,7 @@ def test_mqtt_4_9_slow_subscriber_queue_bounded_by_max_queued_messages(clients):
     assert 5 <= len(got) <= 2 + 2 * 5 and got == sorted(set(got)), got
 
 
+@pytest.mark.spec("MQTT-3.1.2-24", "MQTT-3.1.2-25")
 def test_mqtt_3_1_2_24_packet_over_client_maximum_packet_size_not_sent(clients):
     """[MQTT-3.1.2-24] The Server MUST NOT send packets exceeding Maximum Packet Size to the
     Client. [MQTT-3.1.2-25] Where a Packet is too large to send, the Server MUST discard it
@@ -234,6 +241,7 @@ def forwarded(clients, props, payload=b"payload"):
     return sub.wait_payload(payload).props
 
 
+@pytest.mark.spec("MQTT-3.3.2-17", "MQTT-3.3.2-18")
 def test_mqtt_3_3_2_17_user_properties_forwarded_unaltered_and_in_order(clients):
     """[MQTT-3.3.2-17] The Server MUST send all User Properties unaltered in a PUBLISH packet
     when forwarding the Application Message to a Client. [MQTT-3.3.2-18] The Server MUST
@@ -242,6 +250,7 @@ def test_mqtt_3_3_2_17_user_properties_forwarded_unaltered_and_in_order(clients)
     assert forwarded(clients, {"UserProperty": pairs}).get("UserProperty") == pairs
 
 
+@pytest.mark.spec("MQTT-3.3.2-20")
 def test_mqtt_3_3_2_20_content_type_forwarded_unaltered(clients):
     """[MQTT-3.3.2-20] A Server MUST send the Content Type unaltered to all subscribers
     receiving the Application Message."""
@@ -249,6 +258,7 @@ def test_mqtt_3_3_2_20_content_type_forwarded_unaltered(clients):
     assert forwarded(clients, {"ContentType": ct}).get("ContentType") == ct
 
 
+@pytest.mark.spec("MQTT-3.3.2-15")
 def test_mqtt_3_3_2_15_response_topic_forwarded_unaltered(clients):
     """[MQTT-3.3.2-15] The Server MUST send the Response Topic unaltered to all subscribers
     receiving the Application Message."""
@@ -256,6 +266,7 @@ def test_mqtt_3_3_2_15_response_topic_forwarded_unaltered(clients):
         "ResponseTopic") == "reply/to/me"
 
 
+@pytest.mark.spec("MQTT-3.3.2-16")
 def test_mqtt_3_3_2_16_correlation_data_forwarded_unaltered(clients):
     """[MQTT-3.3.2-16] The Server MUST send the Correlation Data unaltered to all subscribers
     receiving the Application Message."""
@@ -263,6 +274,7 @@ def test_mqtt_3_3_2_16_correlation_data_forwarded_unaltered(clients):
     assert forwarded(clients, {"CorrelationData": data}).get("CorrelationData") == data
 
 
+@pytest.mark.spec("MQTT-3.3.2-4")
 def test_mqtt_3_3_2_4_payload_format_indicator_forwarded_unaltered(clients):
     """[MQTT-3.3.2-4] A Server MUST send the Payload Format Indicator unaltered to all
     subscribers receiving the Application Message."""
@@ -272,6 +284,7 @@ def test_mqtt_3_3_2_4_payload_format_indicator_forwarded_unaltered(clients):
 
 # -- Subscription options ------------------------------------------------------------------
 
+@pytest.mark.spec("MQTT-3.8.3-3")
 def test_mqtt_3_8_3_3_no_local_not_forwarded_to_the_publisher(clients):
     """[MQTT-3.8.3-3] Bit 2 of the Subscription Options represents the No Local option. If
     the value is 1, Application Messages MUST NOT be forwarded to a connection with a
@@ -285,6 +298,7 @@ def test_mqtt_3_8_3_3_no_local_not_forwarded_to_the_publisher(clients):
     me.assert_nothing(lambda m: m.payload == b"mine", window=0.2)
 
 
+@pytest.mark.spec("MQTT-3.3.1-13")
 def test_mqtt_3_3_1_13_retain_as_published_keeps_the_retain_flag(clients):
     """[MQTT-3.3.1-13] If the value of Retain As Published subscription option is set to 1,
     the Server MUST set the RETAIN flag equal to the RETAIN flag in the received PUBLISH
@@ -303,6 +317,7 @@ def test_mqtt_3_3_1_13_retain_as_published_keeps_the_retain_flag(clients):
 
 # -- CONNACK -------------------------------------------------------------------------------
 
+@pytest.mark.spec("MQTT-3.2.2-16", "MQTT-3.1.3-6", "MQTT-3.1.3-7")
 def test_mqtt_3_2_2_16_assigned_client_identifier_for_an_empty_client_id(clients):
     """[MQTT-3.2.2-16] If the Client connects using a zero length Client Identifier, the
     Server MUST respond with a CONNACK containing an Assigned Client Identifier. The Assigned
@@ -321,6 +336,7 @@ def test_mqtt_3_2_2_16_assigned_client_identifier_for_an_empty_client_id(clients
 
 
 @pytest.mark.broker_config(max_keepalive="10s")
+@pytest.mark.spec("MQTT-3.2.2-21", "MQTT-3.2.2-22")
 def test_mqtt_3_2_2_21_server_keep_alive_caps_the_client_keep_alive(clients):
     """[MQTT-3.2.2-21] If the Server sends a Server Keep Alive on the CONNACK packet, the
     Client MUST use this value instead of the Keep Alive value the Client sent on CONNECT.
@@ -342,6 +358,7 @@ def test_mqtt_3_2_2_21_server_keep_alive_caps_the_client_keep_alive(clients):
 
 # -- Shared subscriptions ------------------------------------------------------------------
 
+@pytest.mark.spec("MQTT-4.8.2-1", "MQTT-4.8.2-3")
 def test_mqtt_4_8_2_shared_subscription_delivers_each_message_to_one_member(clients):
     """Section 4.8.2 (no statement number): each message matching a Shared Subscription is
     sent to only one of the Sessions attached to it; ordinary subscriptions get their own

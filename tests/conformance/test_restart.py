@@ -37,6 +37,9 @@ def raw_persistent(clients, version, client_id):
     return raw, ack
 
 
+@pytest.mark.spec(
+    "MQTT-3.1.2-23", "MQTT-3.2.2-3", "MQTT-4.5.0-1", "MQTT-3.3.1-5",
+    v311=["MQTT-3.1.2-4", "MQTT-3.1.2-5", "MQTT-3.2.2-2", "MQTT-3.3.1-5"])
 def test_mqtt_3_1_2_23_session_queued_and_retained_messages_survive_a_broker_kill(
         broker, clients, version):
     """[MQTT-3.1.2-23] The Client and Server MUST store the Session State after the Network
@@ -80,6 +83,9 @@ def test_mqtt_3_1_2_23_session_queued_and_retained_messages_survive_a_broker_kil
     assert got == {"kept/a": (b"retained a", 1, True), "kept/b": (b"retained b", 2, True)}
 
 
+@pytest.mark.spec(
+    "MQTT-4.4.0-1", "MQTT-4.3.3-5", "MQTT-4.3.3-6",
+    v311=["MQTT-4.4.0-1", "MQTT-4.3.3-1"])
 def test_mqtt_4_4_0_1_qos2_flow_interrupted_after_pubrec_resumes_with_pubrel(
         broker, clients, version):
     """[MQTT-4.4.0-1] When a Client reconnects with Clean Start set to 0 and a session is
@@ -119,6 +125,7 @@ def test_mqtt_4_4_0_1_qos2_flow_interrupted_after_pubrec_resumes_with_pubrel(
     assert (nxt.payload, nxt.qos, nxt.dup) == (b"next", 2, False)
 
 
+@pytest.mark.spec("MQTT-4.4.0-1", "MQTT-4.3.2-3", v311=["MQTT-4.4.0-1", "MQTT-4.3.2-1"])
 def test_mqtt_4_4_0_1_unacknowledged_qos1_delivered_again_after_a_broker_kill(
         broker, clients, version):
     """[MQTT-4.4.0-1] When a Client reconnects with Clean Start set to 0 and a session is

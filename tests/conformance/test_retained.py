@@ -6,9 +6,14 @@ Statement numbers are MQTT 5.0's; the 3.1.1 statement of the same rule is named 
 docstring where its number differs.
 """
 
+import pytest
+
 from mqttclient import V5, sub_options
 
 
+@pytest.mark.spec(
+    "MQTT-3.3.1-5", "MQTT-3.3.1-9",
+    v311=["MQTT-3.3.1-5", "MQTT-3.3.1-6", "MQTT-3.3.1-8"])
 def test_mqtt_3_3_1_9_retained_message_sent_on_subscribe_with_retain_flag(clients, version):
     """[MQTT-3.3.1-5] If the RETAIN flag is set to 1 in a PUBLISH packet sent by a Client to a
     Server, the Server MUST replace any existing retained message for this topic and store
@@ -30,6 +35,7 @@ def test_mqtt_3_3_1_9_retained_message_sent_on_subscribe_with_retain_flag(client
     assert got["r/u/v"].payload == b"deeper" and got["r/u/v"].retain
 
 
+@pytest.mark.spec("MQTT-3.3.1-5", v311=["MQTT-3.3.1-5"])
 def test_mqtt_3_3_1_5_new_retained_message_replaces_the_old(clients, version):
     """[MQTT-3.3.1-5] If the RETAIN flag is set to 1 in a PUBLISH packet sent by a Client to a
     Server, the Server MUST replace any existing retained message for this topic and store
@@ -44,6 +50,7 @@ def test_mqtt_3_3_1_5_new_retained_message_replaces_the_old(clients, version):
     assert len(sub.received()) == 1, sub.received()
 
 
+@pytest.mark.spec("MQTT-3.3.1-6", "MQTT-3.3.1-7", v311=["MQTT-3.3.1-10", "MQTT-3.3.1-11"])
 def test_mqtt_3_3_1_6_retained_empty_payload_clears(clients, version):
     """[MQTT-3.3.1-6] If the Payload contains zero bytes it is processed normally by the
     Server but any retained message with the same topic name MUST be removed and any future
@@ -65,6 +72,7 @@ def test_mqtt_3_3_1_6_retained_empty_payload_clears(clients, version):
     later.assert_nothing(lambda m: m.topic == "rc/t", window=0.2, what="cleared retained")
 
 
+@pytest.mark.spec("MQTT-3.3.1-8", v311=["MQTT-3.3.1-12"])
 def test_mqtt_3_3_1_8_non_retained_publish_leaves_the_retained_message(clients, version):
     """[MQTT-3.3.1-8] If the RETAIN flag is 0 in a PUBLISH packet sent by a Client to a
     Server, the Server MUST NOT store the message as a retained message and MUST NOT remove
@@ -79,6 +87,7 @@ def test_mqtt_3_3_1_8_non_retained_publish_leaves_the_retained_message(clients, 
     sub.assert_nothing(lambda m: m.payload != b"retained", window=0.2)
 
 
+@pytest.mark.spec("MQTT-3.3.1-12", v311=["MQTT-3.3.1-9"])
 def test_mqtt_3_3_1_12_live_message_forwarded_with_retain_0(clients, version):
     """[MQTT-3.3.1-12] If the value of Retain As Published subscription option is set to 0,
     the Server MUST set the RETAIN flag to 0 when forwarding an Application Message
@@ -95,6 +104,7 @@ def test_mqtt_3_3_1_12_live_message_forwarded_with_retain_0(clients, version):
         assert not m.retain, m
 
 
+@pytest.mark.spec("MQTT-3.3.1-9", "MQTT-3.8.4-4")
 def test_mqtt_3_3_1_9_retain_handling_0_sends_on_every_subscribe(clients):
     """[MQTT-3.3.1-9] If Retain Handling is set to 0 the Server MUST send the retained
     messages matching the Topic Filter of the subscription to the Client. [MQTT-3.8.4-4] If
@@ -130,6 +140,7 @@ def _retained_on_resubscribe(clients, handling):
     return seen[0], total - seen[0]
 
 
+@pytest.mark.spec("MQTT-3.3.1-10")
 def test_mqtt_3_3_1_10_retain_handling_1_sends_only_for_a_new_subscription(clients):
     """[MQTT-3.3.1-10] If Retain Handling is set to 1 then if the subscription did not
     already exist, the Server MUST send all retained message matching the Topic Filter of the
@@ -138,12 +149,14 @@ def test_mqtt_3_3_1_10_retain_handling_1_sends_only_for_a_new_subscription(clien
     assert _retained_on_resubscribe(clients, 1) == (1, 0)
 
 
+@pytest.mark.spec("MQTT-3.3.1-11")
 def test_mqtt_3_3_1_11_retain_handling_2_never_sends(clients):
     """[MQTT-3.3.1-11] If Retain Handling is set to 2, the Server MUST NOT send the retained
     messages."""
     assert _retained_on_resubscribe(clients, 2) == (0, 0)
 
 
+@pytest.mark.spec("MQTT-3.8.4-8", v311=["MQTT-3.8.4-6"])
 def test_mqtt_3_8_4_8_retained_message_qos_capped_by_granted_qos(clients, version):
     """[MQTT-3.8.4-8] The QoS of Application Messages sent in response to a Subscription MUST
     be the minimum of the QoS of the originally published message and the Maximum QoS granted

@@ -24,6 +24,9 @@ def persistent(clients, version, client_id, **kwargs):
     return clients.new(version, client_id=client_id, clean=False, **kwargs)
 
 
+@pytest.mark.spec(
+    "MQTT-3.2.2-3", "MQTT-3.1.2-6", "MQTT-3.1.4-5",
+    v311=["MQTT-3.2.2-2", "MQTT-3.2.2-3", "MQTT-3.1.2-4", "MQTT-3.1.4-4"])
 def test_mqtt_3_2_2_3_session_present_reflects_stored_state(clients, version):
     """[MQTT-3.2.2-3] If the Server accepts a connection with Clean Start set to 0 and the
     Server has Session State for the ClientID, it MUST set Session Present to 1 in the
@@ -41,6 +44,7 @@ def test_mqtt_3_2_2_3_session_present_reflects_stored_state(clients, version):
     assert (ack.reason, ack.session_present) == (0, True)
 
 
+@pytest.mark.spec("MQTT-3.2.2-2", v311=["MQTT-3.2.2-1"])
 def test_mqtt_3_2_2_2_clean_start_gives_session_present_0(clients, version):
     """[MQTT-3.2.2-2] If the Server accepts a connection with Clean Start set to 1, the Server
     MUST set Session Present to 0 in the CONNACK packet in addition to setting a 0x00
@@ -56,6 +60,9 @@ def test_mqtt_3_2_2_2_clean_start_gives_session_present_0(clients, version):
     assert (ack.reason, ack.session_present) == (0, False)
 
 
+@pytest.mark.spec(
+    "MQTT-3.1.2-5", "MQTT-3.1.3-2", "MQTT-3.1.4-4",
+    v311=["MQTT-3.1.2-4", "MQTT-3.1.3-2", "MQTT-3.1.4-3"])
 def test_mqtt_3_1_2_5_resumed_session_keeps_subscriptions(clients, version):
     """[MQTT-3.1.2-5] If a CONNECT packet is received with Clean Start set to 0 and there is a
     Session associated with the Client Identifier, the Server MUST resume communications with
@@ -74,6 +81,9 @@ def test_mqtt_3_1_2_5_resumed_session_keeps_subscriptions(clients, version):
     assert got == {b"a": 1, b"b": 2}
 
 
+@pytest.mark.spec(
+    "MQTT-4.5.0-1", "MQTT-3.1.2-23", "MQTT-4.6.0-5",
+    v311=["MQTT-4.5.0-1", "MQTT-3.1.2-5", "MQTT-4.6.0-6"])
 def test_mqtt_4_5_0_1_qos1_and_qos2_published_while_offline_delivered_on_reconnect(
         clients, version):
     """[MQTT-4.5.0-1] When a Server takes ownership of an incoming Application Message it MUST
@@ -106,6 +116,7 @@ def test_mqtt_4_5_0_1_qos1_and_qos2_published_while_offline_delivered_on_reconne
     assert all(m.qos == 1 for m in q1)
 
 
+@pytest.mark.spec("MQTT-4.1.0-2")
 def test_mqtt_4_1_0_2_session_discarded_after_expiry(clients):
     """[MQTT-4.1.0-2] The Server MUST discard the Session State when the Network Connection
     is closed and the Session Expiry Interval has passed.
@@ -138,6 +149,7 @@ def test_mqtt_3_1_2_23_session_expiry_0_ends_the_session_at_close(clients):
     assert not back.connect().session_present
 
 
+@pytest.mark.spec("MQTT-3.1.2-4", "MQTT-3.1.4-4", v311=["MQTT-3.1.2-6", "MQTT-3.1.4-3"])
 def test_mqtt_3_1_2_4_clean_start_discards_the_session(clients, version):
     """[MQTT-3.1.2-4] If a CONNECT packet is received with Clean Start is set to 1, the Client
     and Server MUST discard any existing Session and start a new Session. (3.1.1:
@@ -161,6 +173,7 @@ def test_mqtt_3_1_2_4_clean_start_discards_the_session(clients, version):
     clean.assert_nothing(lambda m: m.topic == "fresh/t", window=0.2)
 
 
+@pytest.mark.spec(v311=["MQTT-3.1.3-8", "MQTT-3.1.3-6", "MQTT-3.2.2-4", "MQTT-3.2.2-5"])
 def test_mqtt_3_1_3_8_v311_empty_client_id_needs_clean_session(clients):
     """3.1.1 [MQTT-3.1.3-8] If the Client supplies a zero-byte ClientId with CleanSession set
     to 0, the Server MUST respond to the CONNECT Packet with a CONNACK return code 0x02
@@ -178,6 +191,7 @@ def test_mqtt_3_1_3_8_v311_empty_client_id_needs_clean_session(clients):
     assert ok.recv().name == "PINGRESP"
 
 
+@pytest.mark.spec("MQTT-3.1.4-3", v311=["MQTT-3.1.4-2"])
 def test_mqtt_3_1_4_3_second_connection_takes_the_session_over(clients, version):
     """[MQTT-3.1.4-3] If the ClientID represents a Client already connected to the Server,
     the Server sends a DISCONNECT packet to the existing Client with Reason Code of 0x8E
@@ -244,6 +258,7 @@ def _away_with_queue(clients, client_id, expiry=99999):
     return pub
 
 
+@pytest.mark.spec("MQTT-3.1.2-5")
 def test_mqtt_3_1_2_5_resumed_without_session_expiry_delivers_the_queue(clients):
     """[MQTT-3.1.2-5] If a CONNECT packet is received with Clean Start set to 0 and there is a
     Session associated with the Client Identifier, the Server MUST resume communications with
@@ -278,6 +293,7 @@ def test_mqtt_3_1_2_5_resumed_without_session_expiry_delivers_the_queue(clients)
     again.assert_nothing(lambda m: m.topic.startswith("rq/q"), window=0.2)
 
 
+@pytest.mark.spec("MQTT-3.1.2-5", "MQTT-4.3.3-4", "MQTT-4.3.3-5")
 def test_mqtt_3_1_2_5_resumed_without_session_expiry_raw_packets(clients):
     """[MQTT-3.1.2-5] as above, seen on the wire: a CONNECT with Clean Start 0 and an empty
     property list gets CONNACK Session Present 1, then the queued messages as PUBLISH packets
@@ -302,6 +318,7 @@ def test_mqtt_3_1_2_5_resumed_without_session_expiry_raw_packets(clients):
         + [("rq/q2", 2, f"q2-{i}".encode()) for i in range(3)]), got
 
 
+@pytest.mark.spec("MQTT-3.3.2-5", "MQTT-3.3.2-6")
 def test_mqtt_3_3_2_5_message_expiry_holds_on_a_session_resumed_without_expiry(clients):
     """[MQTT-3.3.2-5] a queued message whose Message Expiry Interval has passed is not
     delivered; [MQTT-3.3.2-6] one that has not carries the interval minus the time it

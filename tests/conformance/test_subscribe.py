@@ -19,6 +19,9 @@ def raw_connected(clients, version, client_id="raw", **kwargs):
     return raw
 
 
+@pytest.mark.spec(
+    "MQTT-3.8.4-1", "MQTT-3.8.4-2", "MQTT-2.2.1-6",
+    v311=["MQTT-3.8.4-1", "MQTT-3.8.4-2", "MQTT-2.3.1-7"])
 def test_mqtt_3_8_4_1_suback_carries_the_subscribe_packet_id(clients, version):
     """[MQTT-3.8.4-1] When the Server receives a SUBSCRIBE packet from a Client, the Server
     MUST respond with a SUBACK packet. [MQTT-3.8.4-2] The SUBACK packet MUST have the same
@@ -30,6 +33,9 @@ def test_mqtt_3_8_4_1_suback_carries_the_subscribe_packet_id(clients, version):
         assert ack.reasons == [1]
 
 
+@pytest.mark.spec(
+    "MQTT-3.9.3-1", "MQTT-3.9.3-2", "MQTT-3.8.4-5", "MQTT-3.8.4-6", "MQTT-3.8.4-7",
+    v311=["MQTT-3.9.3-1", "MQTT-3.9.3-2", "MQTT-3.8.4-4", "MQTT-3.8.4-5"])
 def test_mqtt_3_9_3_1_suback_has_a_reason_code_per_filter_in_order(clients, version):
     """[MQTT-3.9.3-1] The order of Reason Codes in the SUBACK packet MUST match the order of
     Topic Filters in the SUBSCRIBE packet. [MQTT-3.8.4-6] The SUBACK packet sent by the
@@ -45,6 +51,7 @@ def test_mqtt_3_9_3_1_suback_has_a_reason_code_per_filter_in_order(clients, vers
 
 
 @pytest.mark.parametrize("bad_filter", ["bad/#/x", "bad/x#", "bad/x+/y"])
+@pytest.mark.spec("MQTT-4.7.1-1", "MQTT-4.7.1-2", v311=["MQTT-4.7.1-2", "MQTT-4.7.1-3"])
 def test_mqtt_4_7_1_1_misplaced_wildcard_filter_is_refused(clients, version, bad_filter):
     """[MQTT-4.7.1-1] The multi-level wildcard character MUST be specified either on its own
     or following a topic level separator. In either case it MUST be the last character
@@ -82,6 +89,7 @@ def _deliveries(clients, version, filt, topics, marker):
     return sorted(m.topic for m in sub.received())
 
 
+@pytest.mark.spec("MQTT-4.7.1-2", "MQTT-3.3.2-3", v311=["MQTT-4.7.1-3", "MQTT-3.3.2-3"])
 def test_mqtt_4_7_1_3_single_level_wildcard_matches_exactly_one_level(clients, version):
     """Section 4.7.1.3 (no statement number): the single-level wildcard matches only one
     topic level; "sport/+/player1" matches "sport/tennis/player1" and "sport//player1" (an
@@ -92,6 +100,7 @@ def test_mqtt_4_7_1_3_single_level_wildcard_matches_exactly_one_level(clients, v
     assert got == sorted(["w/a/t", "w//t", "w/end/t"])
 
 
+@pytest.mark.spec("MQTT-4.7.1-2", "MQTT-3.3.2-3", v311=["MQTT-4.7.1-3", "MQTT-3.3.2-3"])
 def test_mqtt_4_7_1_3_lone_single_level_wildcard_matches_one_level_topics(clients, version):
     """Section 4.7.1.3 (no statement number): "+" matches "sport" but not "sport/" or
     "/finance"; "+/+" matches "/finance"."""
@@ -99,6 +108,7 @@ def test_mqtt_4_7_1_3_lone_single_level_wildcard_matches_one_level_topics(client
     assert got == ["end", "one"]
 
 
+@pytest.mark.spec("MQTT-4.7.1-1", "MQTT-3.3.2-3", v311=["MQTT-4.7.1-2", "MQTT-3.3.2-3"])
 def test_mqtt_4_7_1_2_multilevel_wildcard_matches_parent_and_children(clients, version):
     """Section 4.7.1.2 (no statement number): "sport/tennis/player1/#" matches
     "sport/tennis/player1", "sport/tennis/player1/ranking" and
@@ -112,6 +122,7 @@ def test_mqtt_4_7_1_2_multilevel_wildcard_matches_parent_and_children(clients, v
                           "sport/tennis/end"])
 
 
+@pytest.mark.spec("MQTT-4.7.3-4", v311=["MQTT-4.7.3-4"])
 def test_mqtt_4_7_3_4_matching_is_exact_and_case_sensitive(clients, version):
     """[MQTT-4.7.3-4] When it performs subscription matching the Server MUST NOT perform any
     normalization of Topic Names or Topic Filters, or any modification or substitution of
@@ -122,6 +133,7 @@ def test_mqtt_4_7_3_4_matching_is_exact_and_case_sensitive(clients, version):
     assert got == ["Case/ Sp/é"]
 
 
+@pytest.mark.spec("MQTT-4.7.2-1", v311=["MQTT-4.7.2-1"])
 def test_mqtt_4_7_2_1_dollar_topics_not_matched_by_leading_wildcard(clients, version):
     """[MQTT-4.7.2-1] The Server MUST NOT match Topic Filters starting with a wildcard
     character (# or +) with Topic Names beginning with a $ character.
@@ -140,6 +152,7 @@ def test_mqtt_4_7_2_1_dollar_topics_not_matched_by_leading_wildcard(clients, ver
         c.assert_nothing(lambda m: m.topic.startswith("$"), window=0.1, what="$ topic")
 
 
+@pytest.mark.spec("MQTT-3.8.4-8", v311=["MQTT-3.8.4-6"])
 def test_mqtt_3_8_4_8_delivered_qos_is_min_of_published_and_granted(clients, version):
     """[MQTT-3.8.4-8] The QoS of Application Messages sent in response to a Subscription MUST
     be the minimum of the QoS of the originally published message and the Maximum QoS granted
@@ -156,6 +169,9 @@ def test_mqtt_3_8_4_8_delivered_qos_is_min_of_published_and_granted(clients, ver
         assert got == {f"at{q}".encode(): min(q, granted) for q in (0, 1, 2)}, (granted, got)
 
 
+@pytest.mark.spec(
+    "MQTT-4.3.2-1", "MQTT-4.3.2-2", "MQTT-2.2.1-4", "MQTT-4.4.0-1",
+    v311=["MQTT-4.3.2-1", "MQTT-2.3.1-4", "MQTT-2.3.1-1"])
 def test_mqtt_4_3_2_2_qos1_outbound_publish_then_puback(clients, version):
     """[MQTT-4.3.2-1] (sender) MUST assign an unused Packet Identifier each time it has a new
     Application Message to publish. [MQTT-4.3.2-2] MUST send a PUBLISH packet containing this
@@ -179,6 +195,10 @@ def test_mqtt_4_3_2_2_qos1_outbound_publish_then_puback(clients, version):
     assert raw.quiet_for(QUIET) == [], "acknowledged messages were sent again"
 
 
+@pytest.mark.spec(
+    "MQTT-4.3.3-1", "MQTT-4.3.3-2", "MQTT-4.3.3-4", "MQTT-3.6.1-1", "MQTT-2.1.3-1",
+    "MQTT-2.2.1-5",
+    v311=["MQTT-4.3.3-1", "MQTT-3.6.1-1", "MQTT-2.2.2-1", "MQTT-2.3.1-6"])
 def test_mqtt_4_3_3_4_qos2_outbound_flow_pubrel_carries_the_packet_id(clients, version):
     """[MQTT-4.3.3-2] (sender) MUST send a PUBLISH packet containing this Packet Identifier
     with QoS 2 and DUP flag set to 0. [MQTT-4.3.3-4] MUST send a PUBREL packet when it
@@ -200,6 +220,7 @@ def test_mqtt_4_3_3_4_qos2_outbound_flow_pubrel_carries_the_packet_id(clients, v
     assert raw.quiet_for(QUIET) == [], "the completed flow went on"
 
 
+@pytest.mark.spec("MQTT-4.6.0-5", "MQTT-4.6.0-6", v311=["MQTT-4.6.0-5", "MQTT-4.6.0-6"])
 def test_mqtt_4_6_0_6_messages_forwarded_in_publish_order(clients, version):
     """[MQTT-4.6.0-5] When a Server processes a message that has been published to an Ordered
     Topic, it MUST send PUBLISH packets to consumers (for the same Topic and QoS) in the
@@ -215,6 +236,9 @@ def test_mqtt_4_6_0_6_messages_forwarded_in_publish_order(clients, version):
     assert payloads(sub.wait_messages(40)) == sent
 
 
+@pytest.mark.spec(
+    "MQTT-3.3.4-2", "MQTT-3.3.4-3", "MQTT-3.3.4-4", "MQTT-3.3.4-5",
+    v311=["MQTT-3.3.5-1"])
 def test_mqtt_3_3_4_2_overlapping_subscriptions_respect_the_maximum_qos(broker, clients,
                                                                         version):
     """[MQTT-3.3.4-2] (overlapping subscriptions) the Server MUST deliver the message to the
@@ -262,6 +286,7 @@ def test_mqtt_3_3_4_2_overlapping_subscriptions_respect_the_maximum_qos(broker, 
                 assert len(s) == 1 and m.qos == qos_by_id[s[0]], copies
 
 
+@pytest.mark.spec("MQTT-3.3.4-3")
 def test_mqtt_3_3_4_3_subscription_identifier_on_delivered_message(clients):
     """[MQTT-3.3.4-3] If the Client specified a Subscription Identifier for any of the
     overlapping subscriptions the Server MUST send those Subscription Identifiers in the
@@ -281,6 +306,7 @@ def test_mqtt_3_3_4_3_subscription_identifier_on_delivered_message(clients):
     assert with_id.wait_payload("second").props.get("SubscriptionIdentifier") == [268435455]
 
 
+@pytest.mark.spec("MQTT-3.8.4-3", v311=["MQTT-3.8.4-3"])
 def test_mqtt_3_8_4_3_identical_filter_replaces_the_subscription(clients, version):
     """[MQTT-3.8.4-3] If a Server receives a SUBSCRIBE packet containing a Topic Filter that
     is identical to a Non-shared Subscription's Topic Filter for the current Session, then it
@@ -296,6 +322,10 @@ def test_mqtt_3_8_4_3_identical_filter_replaces_the_subscription(clients, versio
     assert len(sub.received(lambda m: m.payload == b"once")) == 1, sub.received()
 
 
+@pytest.mark.spec(
+    "MQTT-3.10.4-4", "MQTT-3.10.4-5", "MQTT-3.10.4-6", "MQTT-3.11.3-1", "MQTT-3.11.3-2",
+    "MQTT-2.2.1-6",
+    v311=["MQTT-3.10.4-4", "MQTT-3.10.4-5", "MQTT-3.10.4-6", "MQTT-2.3.1-7"])
 def test_mqtt_3_10_4_4_unsuback_carries_the_packet_id_and_a_code_per_filter(clients, version):
     """[MQTT-3.10.4-4] The Server MUST respond to an UNSUBSCRIBE request by sending an
     UNSUBACK packet. [MQTT-3.10.4-5] The UNSUBACK packet MUST have the same Packet Identifier
@@ -321,6 +351,7 @@ def test_mqtt_3_10_4_4_unsuback_carries_the_packet_id_and_a_code_per_filter(clie
     assert raw.recv_kind(UNSUBACK).pid == 9002
 
 
+@pytest.mark.spec("MQTT-3.10.4-1", "MQTT-3.10.4-2", v311=["MQTT-3.10.4-1", "MQTT-3.10.4-2"])
 def test_mqtt_3_10_4_2_no_new_messages_after_unsubscribe(clients, version):
     """[MQTT-3.10.4-1] ... If any filter matches exactly then its owning Subscription MUST be
     deleted. [MQTT-3.10.4-2] It MUST stop adding any new messages which match the Topic
@@ -340,6 +371,8 @@ def test_mqtt_3_10_4_2_no_new_messages_after_unsubscribe(clients, version):
     sub.assert_nothing(lambda m: m.payload in (b"after", b"marker"), window=0.2)
 
 
+@pytest.mark.spec("MQTT-4.5.0-1", "MQTT-3.3.4-1", "MQTT-4.3.2-4", "MQTT-4.3.3-8",
+                  "MQTT-4.3.3-11", v311=["MQTT-4.5.0-1", "MQTT-3.3.4-1"])
 def test_mqtt_4_5_0_1_subscription_in_force_for_every_publish_after_the_suback(clients):
     """[MQTT-4.5.0-1] When a Server takes ownership of an incoming Application Message it
     MUST add it to the Session State for those Clients that have matching Subscriptions.

@@ -6,6 +6,8 @@ The client whose will is tested is a raw-socket client, so that closing it sends
 a TCP FIN and keeping it silent sends no PINGREQ.
 """
 
+import pytest
+
 from mqttclient import QUIET, V5
 from rawmqtt import DISCONNECT, Will
 
@@ -24,6 +26,9 @@ def connect_with_will(clients, version, will, client_id="dying", clean=True, kee
     return raw
 
 
+@pytest.mark.spec(
+    "MQTT-3.1.2-7", "MQTT-3.1.2-8", "MQTT-3.1.2-14", "MQTT-3.1.3-10",
+    v311=["MQTT-3.1.2-8", "MQTT-3.1.2-16"])
 def test_mqtt_3_1_2_8_will_published_on_abnormal_close(clients, version):
     """[MQTT-3.1.2-8] The Will Message MUST be published after the Network Connection is
     subsequently closed and either the Will Delay Interval has elapsed or the Session ends,
@@ -48,6 +53,7 @@ def test_mqtt_3_1_2_8_will_published_on_abnormal_close(clients, version):
         assert m.props.get("ContentType") == "text/plain"
 
 
+@pytest.mark.spec("MQTT-3.1.2-22", "MQTT-3.1.2-8", v311=["MQTT-3.1.2-24", "MQTT-3.1.2-8"])
 def test_mqtt_3_1_2_22_will_published_when_keepalive_expires(clients, version):
     """[MQTT-3.1.2-22] If the Keep Alive value is non-zero and the Server does not receive an
     MQTT Control Packet from the Client within one and a half times the Keep Alive time
@@ -65,6 +71,7 @@ def test_mqtt_3_1_2_22_will_published_when_keepalive_expires(clients, version):
     assert m.topic == "will/ka" and m.qos == 1
 
 
+@pytest.mark.spec("MQTT-3.14.4-3", "MQTT-3.1.2-10", v311=["MQTT-3.14.4-3", "MQTT-3.1.2-10"])
 def test_mqtt_3_14_4_3_will_discarded_on_normal_disconnect(clients, version):
     """[MQTT-3.14.4-3] On receipt of DISCONNECT with a Reason Code of 0x00 (Success) the
     Server MUST discard any Will Message associated with the current Connection without
@@ -82,6 +89,7 @@ def test_mqtt_3_14_4_3_will_discarded_on_normal_disconnect(clients, version):
     obs.assert_nothing(lambda m: m.payload == b"must not appear", window=QUIET, what="will")
 
 
+@pytest.mark.spec("MQTT-3.1.2-8")
 def test_mqtt_3_1_2_8_disconnect_with_will_message_publishes_the_will(clients):
     """[MQTT-3.1.2-8] The Will Message MUST be published after the Network Connection is
     subsequently closed ... unless the Will Message has been deleted by the Server on receipt
@@ -95,6 +103,7 @@ def test_mqtt_3_1_2_8_disconnect_with_will_message_publishes_the_will(clients):
     assert m.topic == "will/t" and m.qos == 2 and not m.retain
 
 
+@pytest.mark.spec("MQTT-3.1.2-15", "MQTT-3.3.1-12", v311=["MQTT-3.1.2-17", "MQTT-3.3.1-9"])
 def test_mqtt_3_1_2_15_will_retain_publishes_a_retained_message(clients, version):
     """[MQTT-3.1.2-15] If the Will Flag is set to 1 and Will Retain is set to 1, the Server
     MUST publish the Will Message as a retained message. (3.1.1: [MQTT-3.1.2-17].)"""
@@ -109,6 +118,7 @@ def test_mqtt_3_1_2_15_will_retain_publishes_a_retained_message(clients, version
     assert m.retain and m.qos == 1
 
 
+@pytest.mark.spec("MQTT-3.1.3-9")
 def test_mqtt_3_1_3_9_no_will_when_reconnected_within_will_delay(clients):
     """[MQTT-3.1.3-9] If a new Network Connection to this Session is made before the Will
     Delay Interval has passed, the Server MUST NOT send the Will Message.
@@ -127,6 +137,7 @@ def test_mqtt_3_1_3_9_no_will_when_reconnected_within_will_delay(clients):
     obs.assert_nothing(lambda m: m.topic == "will/delayed", window=3.0, what="will")
 
 
+@pytest.mark.spec("MQTT-3.1.2-8")
 def test_mqtt_3_1_2_8_will_published_once_the_will_delay_has_passed(clients):
     """[MQTT-3.1.2-8] The Will Message MUST be published after the Network Connection is
     subsequently closed and either the Will Delay Interval has elapsed or the Session ends.
@@ -141,6 +152,7 @@ def test_mqtt_3_1_2_8_will_published_once_the_will_delay_has_passed(clients):
     assert obs.wait_payload("late", timeout=10).topic == "will/delayed"
 
 
+@pytest.mark.spec("MQTT-3.1.2-8")
 def test_mqtt_3_1_2_8_will_published_when_the_session_ends_before_the_delay(clients):
     """[MQTT-3.1.2-8] The Will Message MUST be published after the Network Connection is
     subsequently closed and either the Will Delay Interval has elapsed or the Session ends,

@@ -269,6 +269,7 @@ pub fn decode(
         Err(mb::Error::PayloadSizeLimitExceeded(n)) => return Err(DecodeError::TooLarge(n)),
         Err(e) => return Err(DecodeError::Malformed(e.to_string())),
     };
+    check_frame(version, &buf[..frame_length])?;
     // A 5.0 AUTH, which rumqttc's reader does not know. The edge never takes part in
     // enhanced authentication (a CONNECT asking for it is refused), so only its framing
     // matters: a well-formed one is a protocol error, not a malformed packet.
@@ -306,6 +307,103 @@ pub fn decode(
 
 fn malformed(e: impl std::fmt::Display) -> DecodeError {
     DecodeError::Malformed(e.to_string())
+}
+
+/// What rumqttc's reader lets through and the specifications call malformed, checked on
+/// one whole packet: reserved fixed header flags [MQTT-2.1.3-1] (PUBREL, SUBSCRIBE and
+/// UNSUBSCRIBE carry 0010, PUBLISH its own flags, every other packet 0000), the reserved
+/// CONNECT flag [MQTT-3.1.2-3] (and in 3.1.1 a password without a user name,
+/// [MQTT-3.1.2-22]), reserved bits of subscription options [MQTT-3.8.3-5] (3.1.1:
+/// [MQTT-3.8.3-4]) and U+0000 in the topic filters of SUBSCRIBE and UNSUBSCRIBE
+/// [MQTT-1.5.4-2] (3.1.1: [MQTT-1.5.3-2]). Anything shorter than its fields is left to
+/// the packet reader, which refuses it.
+fn check_frame(version: Version, frame: &[u8]) -> Result<(), DecodeError> {
+    let kind = frame[0] >> 4;
+    let flags = frame[0] & 0x0F;
+    let expected = match kind {
+        3 => None,
+        6 | 8 | 10 => Some(0x02),
+        _ => Some(0),
+    };
+    if expected.is_some_and(|e| e != flags) {
+        return Err(malformed(format!(
+            "packet type {kind} with fixed header flags {flags:#06b}"
+        )));
+    }
+    // The Remaining Length was validated by the caller: skip it.
+    let mut at = 1;
+    while frame.get(at).is_some_and(|b| b & 0x80 != 0) {
+        at += 1;
+    }
+    let body = frame.get(at + 1..).unwrap_or_default();
+    match kind {
+        1 => check_connect_flags(version, body),
+        8 | 10 => check_filters(version, kind == 8, body),
+        _ => Ok(()),
+    }
+}
+
+fn check_connect_flags(version: Version, body: &[u8]) -> Result<(), DecodeError> {
+    let Some(name_len) = body
+        .get(..2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+    else {
+        return Ok(());
+    };
+    let Some(&flags) = body.get(2 + name_len + 1) else {
+        return Ok(());
+    };
+    if flags & 0x01 != 0 {
+        return Err(malformed("CONNECT with the reserved flag set"));
+    }
+    if version == Version::V311 && flags & 0x40 != 0 && flags & 0x80 == 0 {
+        return Err(malformed("3.1.1 CONNECT with a password but no user name"));
+    }
+    Ok(())
+}
+
+fn check_filters(version: Version, subscribe: bool, body: &[u8]) -> Result<(), DecodeError> {
+    let mut at = 2;
+    if version == Version::V5 {
+        // Skip the properties: a Variable Byte Integer length, then that many bytes.
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let Some(&b) = body.get(at) else {
+                return Ok(());
+            };
+            at += 1;
+            len |= ((b & 0x7F) as usize) << shift;
+            shift += 7;
+            if b & 0x80 == 0 || shift > 21 {
+                break;
+            }
+        }
+        at += len;
+    }
+    while let Some(n) = body.get(at..at + 2) {
+        let n = u16::from_be_bytes([n[0], n[1]]) as usize;
+        let Some(filter) = body.get(at + 2..at + 2 + n) else {
+            return Ok(());
+        };
+        if filter.contains(&0) {
+            return Err(malformed("a topic filter with U+0000"));
+        }
+        at += 2 + n;
+        if subscribe {
+            let Some(&options) = body.get(at) else {
+                return Ok(());
+            };
+            at += 1;
+            let bad = match version {
+                Version::V311 => options & 0xFC != 0,
+                Version::V5 => options & 0xC0 != 0 || (options >> 4) & 0x03 == 3,
+            };
+            if bad || options & 0x03 == 3 {
+                return Err(malformed(format!("subscription options {options:#010b}")));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeError> {
@@ -1106,6 +1204,36 @@ mod tests {
             let mut zero = BytesMut::from(&[0x70, 2, 0, 0][..]);
             assert!(decode(v, &mut zero, 1024).is_err());
         }
+    }
+
+    #[test]
+    fn reserved_bits_the_reader_would_let_through_are_malformed() {
+        let bad: [(Version, &[u8]); 9] = [
+            (Version::V311, &[0x80, 6, 0, 1, 0, 1, b't', 1]),
+            (Version::V5, &[0xA0, 5, 0, 1, 0, 0, 1]),
+            (Version::V311, &[0x60, 2, 0, 1]),
+            (Version::V311, &[0xC1, 0]),
+            (Version::V5, &[0xE1, 0]),
+            (Version::V311, &[0x82, 6, 0, 1, 0, 1, b't', 0x41]),
+            (Version::V5, &[0x82, 7, 0, 1, 0, 0, 1, b't', 0x81]),
+            (Version::V5, &[0x82, 7, 0, 1, 0, 0, 1, 0, 0x01]),
+            (
+                Version::V311,
+                &[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x03, 0, 60, 0, 0],
+            ),
+        ];
+        for (v, bytes) in bad {
+            let mut buf = BytesMut::from(bytes);
+            assert!(
+                matches!(decode(v, &mut buf, 1024), Err(DecodeError::Malformed(_))),
+                "{bytes:02x?}"
+            );
+        }
+        let mut good = BytesMut::from(&[0x82, 7, 0, 1, 0, 0, 1, b't', 0x2E][..]);
+        assert!(matches!(
+            decode(Version::V5, &mut good, 1024),
+            Ok(Some(Inbound::Subscribe(_)))
+        ));
     }
 
     #[test]

@@ -666,9 +666,11 @@ async fn read_connect<R: AsyncRead + Unpin>(
                 Err(codec::DecodeError::TooLarge(n)) => {
                     return Err(Refusal::too_large(rbuf, n, max_packet))
                 }
+                // 3.1.1 has no return code for a malformed CONNECT: the connection is
+                // closed without a CONNACK ([MQTT-3.1.4-1], [MQTT-3.2.2-6] of 3.1.1).
                 Err(e) => {
                     return Err(Refusal::malformed(
-                        Some((version, reason::MALFORMED)),
+                        (version == Version::V5).then_some((version, reason::MALFORMED)),
                         e.to_string(),
                     ))
                 }

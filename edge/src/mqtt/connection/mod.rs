@@ -55,6 +55,9 @@ use outbound::OutboundWindow;
 use socket::Socket;
 use types::{Client, Close, Deferred, EndsHandover, FINAL_FLUSH};
 
+/// Reads taken without waiting when a takeover ends a connection (see `read_ready`).
+const READ_READY_MAX: usize = 16;
+
 /// Where decoding the buffered bytes stopped.
 enum Decoded {
     /// No whole packet is left.
@@ -302,6 +305,25 @@ where
         self.pump();
         self.try_flush()?;
         self.touch();
+        // A client need not wait for the CONNACK: packets it wrote right behind its CONNECT
+        // were read with it and wait in the buffer; handle them before reading any more.
+        if !self.socket.rbuf.is_empty() {
+            let handled = match self.on_bytes().await {
+                Ok(None) => self.charge_rate(),
+                Ok(Some(end)) => {
+                    self.drain_pending().await;
+                    return end;
+                }
+                Err(close) => Err(close),
+            };
+            if let Err(close) = handled {
+                self.drain_pending().await;
+                return Err(close);
+            }
+            self.pump();
+            self.inbound.report_acks(&self.client);
+            self.try_flush()?;
+        }
         // Only a session that receives is checked for being slow (an interval allocates).
         let mut slow_check = None;
         loop {
@@ -326,6 +348,7 @@ where
                 biased;
                 Some(done) = self.inbound.committed() => self.on_committed(done)?,
                 _ = handover.taken_over() => {
+                    self.read_ready().await;
                     self.drain_pending().await;
                     return Err(Close::new(reason::SESSION_TAKEN_OVER, "another connection took this client id"));
                 }
@@ -405,6 +428,33 @@ where
             self.pump();
             self.inbound.report_acks(&self.client);
             self.try_flush()?;
+        }
+    }
+
+    /// Before a takeover ends this connection: handles what the client sent and the edge has
+    /// not read yet, as far as it can be read without waiting. A client that acknowledged
+    /// its last deliveries and went (PUBACK and DISCONNECT in one write, then a new
+    /// connection) would otherwise have those acknowledgements lost and the messages sent
+    /// again to the session's next connection [MQTT-4.4.0-1]. Bounded: a client that keeps
+    /// sending does not hold the takeover up.
+    async fn read_ready(&mut self) {
+        for _ in 0..READ_READY_MAX {
+            self.socket.prepare_read();
+            let (read, _) = self.socket.read_and_write();
+            // A zero timeout polls the read once: only bytes already there are taken.
+            let n = match tokio::time::timeout(Duration::ZERO, read).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return,
+            };
+            self.client
+                .broker
+                .hub
+                .stats
+                .bytes_received
+                .fetch_add(n as u64, Ordering::Relaxed);
+            if !matches!(self.on_bytes().await, Ok(None)) {
+                return;
+            }
         }
     }
 

@@ -304,10 +304,17 @@ impl OutboundWindow {
             let Some(d) = self.next_delivery(client, state) else {
                 break;
             };
-            let Some(expiry_left) = d.msg.expiry_left(now) else {
-                stats.expired.fetch_add(1, Ordering::Relaxed);
-                forget(&client.client_id, &d, state);
-                continue;
+            // A message already sent once (a resend of its unacknowledged PUBLISH) has
+            // started onward delivery, so expiry no longer applies to it [MQTT-3.3.2-5],
+            // [MQTT-4.3.3-7]: it goes again, with no time left.
+            let expiry_left = match d.msg.expiry_left(now) {
+                Some(left) => left,
+                None if d.dup => Some(0),
+                None => {
+                    stats.expired.fetch_add(1, Ordering::Relaxed);
+                    forget(&client.client_id, &d, state);
+                    continue;
+                }
             };
             if let Some(acl) = acl.as_mut() {
                 acl.refresh(&broker.auth, &client.client_id);
