@@ -81,8 +81,18 @@ fn a_30_mb_backlog_drains_at_1_mib_per_second_exactly_once() {
         .consume_committed("plant-2.telemetry", Duration::from_secs(10))
         .unwrap();
     assert_eq!(consumed.len() as u64, logged, "each logged record once");
+    let kcat: usize = kafka
+        .kcat_values("plant-2.telemetry")
+        .unwrap()
+        .values()
+        .map(Vec::len)
+        .sum();
+    assert_eq!(
+        kcat as u64, logged,
+        "kcat reads each logged record once too"
+    );
     eprintln!(
-        "acknowledged={expected} in_kafka={} transactions={transactions}",
+        "acknowledged={expected} in_kafka={} kcat={kcat} transactions={transactions}",
         consumed.len()
     );
     assert!(edge.stop().success(), "{}", edge.stderr());

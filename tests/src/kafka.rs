@@ -519,24 +519,44 @@ impl KafkaCluster {
 
     /// What kcat (librdkafka's reader, another client than Kafka's own) reads of `topic`
     /// with `isolation.level=read_committed`, to its end: per partition, the values in offset
-    /// order (values must be one line each).
+    /// order (lossy UTF-8; kcat gives each value's length, so any bytes are read right).
     pub fn kcat_values(&self, topic: &str) -> Result<std::collections::BTreeMap<i32, Vec<String>>> {
         let out = std::process::Command::new("kcat")
             .args(["-b", &self.bootstrap, "-C", "-t", topic, "-e", "-q"])
             .args(["-X", "isolation.level=read_committed"])
-            .args(["-f", "%p %s\n"])
+            .args(["-f", "%p %S\n%s\n"])
             .output()
             .context("running kcat (tests/run installs it)")?;
         ensure!(out.status.success(), "{}", describe_failure("kcat", &out));
         let mut by_partition: std::collections::BTreeMap<i32, Vec<String>> = Default::default();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let (p, v) = line
+        let mut rest = &out.stdout[..];
+        while !rest.is_empty() {
+            let eol = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .context("kcat output ends inside a record header")?;
+            let header = std::str::from_utf8(&rest[..eol])?;
+            let (p, len) = header
                 .split_once(' ')
-                .with_context(|| format!("kcat line {line:?}"))?;
+                .with_context(|| format!("kcat header {header:?}"))?;
+            // A null value has length -1 and prints as nothing.
+            let len: usize = len
+                .parse::<i64>()
+                .with_context(|| format!("kcat header {header:?}"))?
+                .max(0) as usize;
+            let value = rest
+                .get(eol + 1..eol + 1 + len)
+                .with_context(|| format!("kcat output ends inside the value of {header:?}"))?;
             by_partition
-                .entry(p.parse().with_context(|| format!("kcat line {line:?}"))?)
+                .entry(
+                    p.parse()
+                        .with_context(|| format!("kcat header {header:?}"))?,
+                )
                 .or_default()
-                .push(v.to_string());
+                .push(String::from_utf8_lossy(value).into_owned());
+            rest = rest
+                .get(eol + 1 + len + 1..)
+                .with_context(|| format!("no newline after the value of {header:?}"))?;
         }
         Ok(by_partition)
     }
