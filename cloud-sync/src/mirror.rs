@@ -7,10 +7,14 @@
 //! 1. create the checkpoint topic (compacted) and each mirrored topic with the source's
 //!    partition count when missing; a topic with fewer partitions than the source is refused
 //!    (its partitions are reported with the error, the others are mirrored);
-//! 2. `init_transactions` with the site's transactional id, which fences any earlier
-//!    producer of the site and aborts its open transaction;
-//! 3. read the site's checkpoints `read_committed` from the beginning of its checkpoint
-//!    partition: the last checkpoint of each source partition says where to resume;
+//! 2. read the site's checkpoints `read_committed`: when the latest checkpoint of any
+//!    partition was written by another log than the source (its identity, see
+//!    [`crate::checkpoint::whose`]) and not adopted, the mirror refuses the whole site and
+//!    stops here, before it could fence the edge that wrote them;
+//! 3. `init_transactions` with the site's transactional id, which fences any earlier
+//!    producer of the site and aborts its open transaction; then read the checkpoints again
+//!    (now final) and judge them the same way: the last checkpoint of each source partition
+//!    says where to resume (after an adopted predecessor's: at the source's offset 0);
 //! 4. repeat: read up to the pacer's budget of records (what the link carries in
 //!    `transaction_duration`, see [`crate::pacing`]) round-robin over the partitions (oldest
 //!    first within each), produce them to the same partition numbers, wait for their acks,
@@ -30,6 +34,11 @@
 //!
 //! Records the source deleted (retention, disk budget) before they were mirrored are
 //! counted per partition as `lost_before_mirror` and logged.
+//!
+//! A refusal (checkpoints of another log, or this mirror fenced twice within a minute: another
+//! edge uses the site) ends the mirror thread's work until the mirror is stopped; it is in
+//! the status (`refusal`, state `refused`) and decided again, from Kafka's checkpoints and
+//! the source's identity, whenever a later run reads them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
