@@ -163,6 +163,12 @@ fn replaced_data_directory(kafka: &KafkaCluster, site: &str, kafka_down: bool) {
     );
     assert_eq!(refused_metric(&edge, "foreign_log"), 1.0);
     assert_eq!(refused_metric(&edge, "duplicate_site"), 0.0);
+    let (status, text, err) = edge.cli(&["mirror-status"]);
+    assert!(status.success(), "{err}");
+    assert!(text.contains("REFUSED (foreign_log)"), "{text}");
+    assert!(text.contains("edge mirror-adopt"), "{text}");
+    let (_, dashboard) = http_get(edge.admin, "/api/v1/overview", None).unwrap();
+    assert!(dashboard.contains("\"foreign_log\""), "{dashboard}");
 
     // Ingest goes on, past the old log's checkpoints in every partition; a restart reads
     // the checkpoints again and refuses again: the refusal never lifts by itself.
