@@ -2,9 +2,10 @@
 //! Kafka topic inside the same transaction as the records they describe.
 //!
 //! Key: `{site}/{topic}/{partition}` (UTF-8). Value: JSON
-//! `{"site","topic","partition","kafka_topic","next_edge_offset","last_kafka_offset"}`:
+//! `{"site","topic","partition","kafka_topic","next_edge_offset","last_kafka_offset","log_id"}`:
 //! every source record below `next_edge_offset` is in `kafka_topic` exactly once, the last
-//! one at Kafka offset `last_kafka_offset`. All checkpoints of a site go to one partition of
+//! one at Kafka offset `last_kafka_offset`; `log_id` is the identity of the source log whose
+//! offsets these are (absent in checkpoints written before identities: see [`whose`]). All checkpoints of a site go to one partition of
 //! the checkpoint topic (FNV-1a of the site name modulo the partition count), so a mirror
 //! reads only its own on start. Because the transaction commits records and checkpoint
 //! together, a `read_committed` reader sees both or neither: the checkpoint is the truth.
@@ -12,6 +13,8 @@
 #![deny(clippy::expect_used, clippy::indexing_slicing)]
 
 use serde::{Deserialize, Serialize};
+
+use crate::source::{SourceIdentity, UnmarkedCheckpoints};
 
 /// One partition's position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +31,40 @@ pub struct Checkpoint {
     pub next_edge_offset: u64,
     /// Kafka offset of the record at `next_edge_offset - 1`.
     pub last_kafka_offset: i64,
+    /// The identity of the source log whose offsets these are; `None` in checkpoints of
+    /// earlier versions (and of sources without an identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_id: Option<String>,
+}
+
+/// Whose a checkpoint is, to a source log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Whose {
+    /// The log's own: mirroring resumes at its `next_edge_offset`.
+    Own,
+    /// An adopted predecessor's: its offsets are not this log's, which is mirrored from its
+    /// own first offset after the predecessor's records.
+    Predecessor,
+    /// Another log's (its id; `None`: a checkpoint without an id), not adopted: refused.
+    Foreign(Option<String>),
+}
+
+/// Whose `checkpoint` is to a log of `identity` (a source without an identity takes every
+/// checkpoint of its site as its own).
+pub fn whose(checkpoint: &Checkpoint, identity: Option<&SourceIdentity>) -> Whose {
+    let Some(identity) = identity else {
+        return Whose::Own;
+    };
+    match &checkpoint.log_id {
+        Some(id) if *id == identity.id => Whose::Own,
+        Some(id) if identity.predecessors.contains(id) => Whose::Predecessor,
+        Some(id) => Whose::Foreign(Some(id.clone())),
+        None => match identity.unmarked {
+            UnmarkedCheckpoints::Own => Whose::Own,
+            UnmarkedCheckpoints::Predecessor => Whose::Predecessor,
+            UnmarkedCheckpoints::Refused => Whose::Foreign(None),
+        },
+    }
 }
 
 impl Checkpoint {
@@ -77,9 +114,46 @@ mod tests {
             kafka_topic: "plant-7.telemetry".into(),
             next_edge_offset: 1200,
             last_kafka_offset: 1250,
+            log_id: Some("ab".repeat(16)),
         };
         assert_eq!(Checkpoint::parse(&c.value()), Some(c.clone()));
         assert_eq!(c.key(), "plant-7/telemetry/3");
+    }
+
+    #[test]
+    fn a_checkpoint_of_an_earlier_version_parses_without_a_log_id() {
+        let old = br#"{"site":"s","topic":"t","partition":0,"kafka_topic":"s.t","next_edge_offset":5,"last_kafka_offset":4}"#;
+        assert_eq!(Checkpoint::parse(old).unwrap().log_id, None);
+    }
+
+    #[test]
+    fn only_own_and_adopted_checkpoints_are_accepted() {
+        let cp = |id: Option<&str>| Checkpoint {
+            site: "s".into(),
+            topic: "t".into(),
+            partition: 0,
+            kafka_topic: "s.t".into(),
+            next_edge_offset: 5,
+            last_kafka_offset: 4,
+            log_id: id.map(String::from),
+        };
+        let mut me = SourceIdentity {
+            id: "me".into(),
+            unmarked: UnmarkedCheckpoints::Refused,
+            predecessors: vec!["old".into()],
+        };
+        assert_eq!(whose(&cp(Some("me")), Some(&me)), Whose::Own);
+        assert_eq!(whose(&cp(Some("old")), Some(&me)), Whose::Predecessor);
+        assert_eq!(
+            whose(&cp(Some("other")), Some(&me)),
+            Whose::Foreign(Some("other".into()))
+        );
+        assert_eq!(whose(&cp(None), Some(&me)), Whose::Foreign(None));
+        me.unmarked = UnmarkedCheckpoints::Own;
+        assert_eq!(whose(&cp(None), Some(&me)), Whose::Own);
+        me.unmarked = UnmarkedCheckpoints::Predecessor;
+        assert_eq!(whose(&cp(None), Some(&me)), Whose::Predecessor);
+        assert_eq!(whose(&cp(Some("other")), None), Whose::Own);
     }
 
     #[test]

@@ -48,9 +48,9 @@ pub use config::{MirrorConfig, OnRejected, Security, RECORD_HEADROOM};
 pub use mirror::{Mirror, MirrorError};
 pub use source::{
     GroupPosition, Header, MemorySource, PartitionBounds, PartitionedSource, SourceError,
-    SourceRecord, SourceTopic,
+    SourceIdentity, SourceRecord, SourceTopic, UnmarkedCheckpoints,
 };
 pub use status::{
     ErrorKind, GroupPartitionStatus, GroupStatus, GroupSyncState, LinkState, MirrorStatus,
-    PartitionStatus,
+    PartitionStatus, Refusal, RefusalReason,
 };

@@ -7,10 +7,14 @@
 //! 1. create the checkpoint topic (compacted) and each mirrored topic with the source's
 //!    partition count when missing; a topic with fewer partitions than the source is refused
 //!    (its partitions are reported with the error, the others are mirrored);
-//! 2. `init_transactions` with the site's transactional id, which fences any earlier
-//!    producer of the site and aborts its open transaction;
-//! 3. read the site's checkpoints `read_committed` from the beginning of its checkpoint
-//!    partition: the last checkpoint of each source partition says where to resume;
+//! 2. read the site's checkpoints `read_committed`: when the latest checkpoint of any
+//!    partition was written by another log than the source (its identity, see
+//!    [`crate::checkpoint::whose`]) and not adopted, the mirror refuses the whole site and
+//!    stops here, before it could fence the edge that wrote them;
+//! 3. `init_transactions` with the site's transactional id, which fences any earlier
+//!    producer of the site and aborts its open transaction; then read the checkpoints again
+//!    (now final) and judge them the same way: the last checkpoint of each source partition
+//!    says where to resume (after an adopted predecessor's: at the source's offset 0);
 //! 4. repeat: read up to the pacer's budget of records (what the link carries in
 //!    `transaction_duration`, see [`crate::pacing`]) round-robin over the partitions (oldest
 //!    first within each), produce them to the same partition numbers, wait for their acks,
@@ -30,6 +34,11 @@
 //!
 //! Records the source deleted (retention, disk budget) before they were mirrored are
 //! counted per partition as `lost_before_mirror` and logged.
+//!
+//! A refusal (checkpoints of another log, or this mirror fenced twice within a minute: another
+//! edge uses the site) ends the mirror thread's work until the mirror is stopped; it is in
+//! the status (`refusal`, state `refused`) and decided again, from Kafka's checkpoints and
+//! the source's identity, whenever a later run reads them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -49,7 +58,7 @@ use rdkafka::producer::{
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use crate::checkpoint::{checkpoint_key, checkpoint_partition, Checkpoint};
+use crate::checkpoint::{checkpoint_key, checkpoint_partition, whose, Checkpoint, Whose};
 use crate::config::{MirrorConfig, OnRejected};
 pub use crate::error::MirrorError;
 use crate::groups;
@@ -59,8 +68,10 @@ use crate::kafka::{
 use crate::pacing::Pacer;
 use crate::rejection::{self, Reason, Verdict};
 use crate::shared::Shared;
-use crate::source::{PartitionedSource, SourceRecord};
-use crate::status::{now_ms, ErrorKind, LinkState, MirrorStatus, PartitionStatus};
+use crate::source::{PartitionedSource, SourceIdentity, SourceRecord};
+use crate::status::{
+    now_ms, ErrorKind, LinkState, MirrorStatus, PartitionStatus, Refusal, RefusalReason,
+};
 use crate::translation::Run;
 
 /// Records asked of the source per read.
@@ -73,6 +84,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const REFUSAL_RECHECK: Duration = Duration::from_secs(60);
 /// A session that ran this long without failing resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// Fenced twice within this time, a mirror takes it that another edge uses its site.
+const FENCE_LOOP: Duration = Duration::from_secs(60);
 
 /// Why a session ended; the next one starts after a backoff.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +94,9 @@ enum SessionError {
     /// their Kafka topics were fixed.
     #[error("checking refused topics again")]
     Recheck,
+    /// Kafka's checkpoints are not this log's: mirroring stops until an operator acts.
+    #[error("{}", .0.message)]
+    Refused(Refusal),
     /// Kafka or the mirror's dealings with it failed in step `kind`.
     #[error("{message}")]
     Kafka { kind: ErrorKind, message: String },
@@ -93,6 +109,7 @@ impl SessionError {
     fn kind(&self) -> ErrorKind {
         match self {
             SessionError::Recheck => ErrorKind::Other,
+            SessionError::Refused(_) => ErrorKind::Checkpoint,
             SessionError::Kafka { kind, .. } => *kind,
             SessionError::Source(_) => ErrorKind::Source,
         }
@@ -186,7 +203,12 @@ impl Mirror {
             .collect::<Vec<PartitionStatus>>();
         let mut partitions = partitions;
         let mut groups = Vec::new();
+        let log_id = source.identity().map(|i| i.id);
+        let mut refusal = None;
         if let Some(previous) = previous.filter(|p| p.site == config.site) {
+            // Until Kafka answers, a refusal the last run decided stays on show (the next
+            // read of the checkpoints decides again).
+            refusal = previous.refusal.filter(|_| previous.log_id == log_id);
             // What was last replicated stays on show until the first round.
             groups = previous.groups;
             for p in &mut partitions {
@@ -219,6 +241,8 @@ impl Mirror {
             stalled: false,
             partitions,
             groups,
+            log_id,
+            refusal,
         };
         let shared = Arc::new(Shared::new(config, source, status));
         let running = Arc::new((Mutex::new(0usize), Condvar::new()));
@@ -344,6 +368,7 @@ fn run(shared: &Arc<Shared>) {
         config.bandwidth,
     );
     let mut after_failure = true;
+    let mut last_fenced: Option<Instant> = None;
     while !shared.stopping() {
         shared.set_state(LinkState::Starting);
         let started = Instant::now();
@@ -351,7 +376,40 @@ fn run(shared: &Arc<Shared>) {
         match Session::run(shared, &runtime, &mut pacer, after_failure) {
             Ok(()) => break,
             Err(SessionError::Recheck) => after_failure = false,
+            Err(SessionError::Refused(refusal)) => {
+                refuse(shared, refusal);
+                return;
+            }
+            Err(e)
+                if e.kind() == ErrorKind::Fenced
+                    && last_fenced.is_some_and(|at| at.elapsed() < FENCE_LOOP) =>
+            {
+                let config = &shared.config;
+                let message = format!(
+                    "another edge uses site {site} (or its transactional id \"{tid}\"): this \
+                     mirror was fenced twice within {FENCE_LOOP:?} by another producer with that \
+                     transactional id ({e}); mirroring stops until this edge restarts, ingest goes \
+                     on. Give one of the edges another cloud.site. On restart this mirror \
+                     resumes only from checkpoints its own log wrote (see edge mirror-status)",
+                    site = config.site,
+                    tid = config.transactional_id,
+                );
+                refuse(
+                    shared,
+                    Refusal {
+                        reason: RefusalReason::DuplicateSite,
+                        message,
+                        foreign_log: None,
+                        checkpoints: Vec::new(),
+                        at_ms: now_ms(),
+                    },
+                );
+                return;
+            }
             Err(e) => {
+                if e.kind() == ErrorKind::Fenced {
+                    last_fenced = Some(Instant::now());
+                }
                 after_failure = true;
                 if started.elapsed() >= HEALTHY_SESSION {
                     backoff = MIN_BACKOFF;
@@ -376,6 +434,30 @@ fn run(shared: &Arc<Shared>) {
     }
 }
 
+/// Stops mirroring for `refusal` until the mirror is stopped: the status says why (every
+/// partition's error too), and nothing more is sent to Kafka.
+fn refuse(shared: &Arc<Shared>, refusal: Refusal) {
+    warn!(site = %shared.config.site, "mirror refused: {}", refusal.message);
+    shared.record_error(
+        match refusal.reason {
+            RefusalReason::ForeignLog => ErrorKind::Checkpoint,
+            RefusalReason::DuplicateSite => ErrorKind::Fenced,
+        },
+        refusal.message.clone(),
+    );
+    {
+        let mut status = shared.status.lock().expect("status lock");
+        for p in &mut status.partitions {
+            p.error = Some(refusal.message.clone());
+        }
+        status.refusal = Some(refusal);
+        status.state = LinkState::Refused;
+    }
+    while !shared.stopping() {
+        shared.sleep(Duration::from_secs(3600));
+    }
+}
+
 /// Delivery reports of the transaction in flight, and errors librdkafka reports globally.
 struct MirrorContext {
     shared: Arc<Shared>,
@@ -389,7 +471,7 @@ struct MirrorContext {
     /// The first delivery failure of this transaction.
     failure: Mutex<Option<KafkaError>>,
     /// The records of this transaction Kafka refused for themselves.
-    refused: Mutex<Vec<Refusal>>,
+    refused: Mutex<Vec<RecordRefusal>>,
 }
 
 /// What a produced record was, as its delivery report tells.
@@ -405,7 +487,7 @@ enum Sent {
 
 /// A record Kafka refused for itself.
 #[derive(Debug, Clone)]
-struct Refusal {
+struct RecordRefusal {
     slot: usize,
     offset: u64,
     reason: Reason,
@@ -440,13 +522,16 @@ impl ProducerContext for MirrorContext {
                     Sent::Checkpoint => None,
                 };
                 if let (Some(reason), Some((slot, offset, dead_letter))) = (reason, origin) {
-                    self.refused.lock().expect("refused lock").push(Refusal {
-                        slot,
-                        offset,
-                        reason,
-                        error: e.to_string(),
-                        dead_letter,
-                    });
+                    self.refused
+                        .lock()
+                        .expect("refused lock")
+                        .push(RecordRefusal {
+                            slot,
+                            offset,
+                            reason,
+                            error: e.to_string(),
+                            dead_letter,
+                        });
                 }
                 let mut f = self.failure.lock().expect("failure lock");
                 if f.is_none() {
@@ -474,6 +559,8 @@ struct Slot {
     refused: Option<String>,
     /// Whether Kafka held a checkpoint for this partition at session start.
     checkpointed: bool,
+    /// The latest checkpoint Kafka held for it at session start, as read.
+    latest: Option<Checkpoint>,
     /// First source offset sent in the open transaction.
     txn_first: u64,
     /// Records sent to the mirrored topic in the open transaction.
@@ -540,6 +627,7 @@ impl<'a> Session<'a> {
                 last_kafka_offset: -1,
                 refused: None,
                 checkpointed: false,
+                latest: None,
                 txn_first: 0,
                 txn_records: 0,
             });
@@ -584,6 +672,16 @@ impl<'a> Session<'a> {
             ));
         }
         let topics = ensure_topics(shared, runtime, &mut slots)?;
+        let checkpoint_partition = checkpoint_partition(&config.site, topics.checkpoint_partitions);
+        // Before fencing anyone: a mirror whose site's checkpoints are another log's stops
+        // here, without taking the transactional id from the edge that wrote them.
+        let read = read_checkpoints(
+            shared,
+            &slots,
+            &config.checkpoint_topic,
+            checkpoint_partition,
+        )?;
+        judge(shared, &slots, &read).map_err(SessionError::Refused)?;
         producer
             .init_transactions(config.request_timeout)
             .map_err(|e| {
@@ -597,7 +695,6 @@ impl<'a> Session<'a> {
                 )
             })?;
 
-        let checkpoint_partition = checkpoint_partition(&config.site, topics.checkpoint_partitions);
         let mut session = Session {
             shared,
             producer,
@@ -627,18 +724,19 @@ impl<'a> Session<'a> {
     /// While its own topic holds none, the checkpoints of the site in the shared topic of
     /// earlier versions (with `legacy_partitions` partitions, if it exists) are read instead
     /// and copied to its own topic in a transaction of their own, so the next start reads
-    /// its own topic only.
+    /// its own topic only. Checkpoints of another log (see [`judge`]) refuse the session.
     fn load_checkpoints(&mut self, legacy_partitions: Option<i32>) -> Result<(), SessionError> {
         let config = &self.shared.config;
         let own = (config.checkpoint_topic.clone(), self.checkpoint_partition);
-        let mut read = self.read_checkpoints(&own.0, own.1)?;
-        if read.iter().all(Vec::is_empty) {
+        let mut read = read_checkpoints(self.shared, &self.slots, &own.0, own.1)?;
+        let mut copy = false;
+        if read.per_slot.iter().all(Vec::is_empty) {
             if let (Some(legacy), Some(partitions)) =
                 (&config.legacy_checkpoint_topic, legacy_partitions)
             {
                 let partition = checkpoint_partition(&config.site, partitions);
-                read = self.read_checkpoints(legacy, partition)?;
-                let found: usize = read.iter().map(Vec::len).sum();
+                read = read_checkpoints(self.shared, &self.slots, legacy, partition)?;
+                let found: usize = read.per_slot.iter().map(Vec::len).sum();
                 if found > 0 {
                     info!(
                         site = %config.site,
@@ -646,35 +744,64 @@ impl<'a> Session<'a> {
                          all sites shared before); copying them to {}",
                         config.checkpoint_topic
                     );
-                    self.copy_checkpoints().map_err(|e| match e {
-                        TxnFailure::Aborted(kind, message) => SessionError::Kafka { kind, message },
-                        TxnFailure::Fatal(e) => e,
-                    })?;
+                    copy = true;
                 }
             }
         }
+        let verdicts = judge(self.shared, &self.slots, &read).map_err(SessionError::Refused)?;
         let mut translations = self.shared.translations.lock().expect("translations lock");
-        for (slot, read) in self.slots.iter().zip(&read) {
-            translations[slot.status_index].resume(read);
+        let mut status = self.shared.status.lock().expect("status lock");
+        for ((slot, checkpoints), verdict) in
+            self.slots.iter_mut().zip(&read.per_slot).zip(verdicts)
+        {
+            let Some(latest) = checkpoints.last() else {
+                translations[slot.status_index].resume(&[]);
+                continue;
+            };
+            slot.checkpointed = true;
+            slot.latest = Some(latest.clone());
+            slot.last_kafka_offset = latest.last_kafka_offset;
+            let ps = &mut status.partitions[slot.status_index];
+            if verdict == Whose::Predecessor {
+                // The predecessor's offsets are not this log's: all of this log follows its
+                // records, from this log's first offset (records it deleted before they
+                // were mirrored are counted as lost when reading).
+                slot.committed = 0;
+                slot.next = 0;
+                translations[slot.status_index].resume(&[]);
+            } else {
+                slot.committed = latest.next_edge_offset;
+                slot.next = latest.next_edge_offset;
+                let own: Vec<(u64, i64)> = checkpoints
+                    .iter()
+                    .filter(|c| whose(c, read.identity.as_ref()) == Whose::Own)
+                    .map(|c| (c.next_edge_offset, c.last_kafka_offset))
+                    .collect();
+                translations[slot.status_index].resume(&own);
+            }
+            ps.mirrored_offset = Some(slot.committed);
+            ps.last_kafka_offset = (slot.last_kafka_offset >= 0).then_some(slot.last_kafka_offset);
+        }
+        status.refusal = None;
+        drop(status);
+        drop(translations);
+        if copy {
+            self.copy_checkpoints().map_err(|e| match e {
+                TxnFailure::Aborted(kind, message) => SessionError::Kafka { kind, message },
+                TxnFailure::Fatal(e) => e,
+            })?;
         }
         Ok(())
     }
 
-    /// Writes the checkpoint of every partition that has one, in a transaction of its own.
+    /// Writes the latest checkpoint of every partition that has one, as read, in a
+    /// transaction of its own.
     fn copy_checkpoints(&mut self) -> Result<(), TxnFailure> {
         self.producer
             .begin_transaction()
             .map_err(TxnFailure::from)?;
         let config = &self.shared.config;
-        for slot in self.slots.iter().filter(|s| s.checkpointed) {
-            let checkpoint = Checkpoint {
-                site: config.site.clone(),
-                topic: slot.topic.clone(),
-                partition: slot.partition,
-                kafka_topic: slot.kafka_topic.clone(),
-                next_edge_offset: slot.committed,
-                last_kafka_offset: slot.last_kafka_offset,
-            };
+        for checkpoint in self.slots.iter().filter_map(|s| s.latest.as_ref()) {
             let key = checkpoint.key();
             let value = checkpoint.value();
             let record =
@@ -691,112 +818,6 @@ impl<'a> Session<'a> {
         }
         self.wait_acks(true)?;
         self.commit()
-    }
-
-    /// Reads the site's checkpoints from `partition` of `topic` into the slots, to the end of
-    /// the partition (read_committed); returns per slot every checkpoint read, oldest first
-    /// (group replication translates through them).
-    fn read_checkpoints(
-        &mut self,
-        topic: &str,
-        partition: i32,
-    ) -> Result<Vec<Vec<(u64, i64)>>, SessionError> {
-        let config = &self.shared.config;
-        let mut cc = client_config(config);
-        cc.set(
-            "group.id",
-            format!("tributary-mirror-{}-checkpoints", config.site),
-        )
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest");
-        let consumer: BaseConsumer<ReportingContext> = with_extra(cc, config)
-            .create_with_context(ReportingContext {
-                shared: self.shared.clone(),
-            })
-            .map_err(|e| kafka(ErrorKind::Other, "creating the checkpoint reader", e))?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Beginning)
-            .map_err(|e| {
-                kafka(
-                    ErrorKind::Checkpoint,
-                    "assigning the checkpoint partition",
-                    e,
-                )
-            })?;
-        consumer.assign(&tpl).map_err(|e| {
-            kafka(
-                ErrorKind::Checkpoint,
-                "assigning the checkpoint partition",
-                e,
-            )
-        })?;
-        let deadline = Instant::now() + config.request_timeout * 2;
-        let mut found = 0usize;
-        // Per slot, every checkpoint read, oldest first: group replication translates
-        // through them.
-        let mut read: Vec<Vec<(u64, i64)>> = vec![Vec::new(); self.slots.len()];
-        loop {
-            if Instant::now() >= deadline {
-                return Err(failed(
-                    ErrorKind::Checkpoint,
-                    format!(
-                        "reading checkpoints from {} partition {}: no end of partition within {:?}",
-                        topic,
-                        partition,
-                        config.request_timeout * 2
-                    ),
-                ));
-            }
-            if self.shared.stopping() {
-                return Err(failed(
-                    ErrorKind::Checkpoint,
-                    "stopped while reading checkpoints".into(),
-                ));
-            }
-            match consumer.poll(Duration::from_millis(200)) {
-                None => continue,
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
-                Some(Err(e)) => {
-                    debug!("checkpoint read: {e}");
-                    continue;
-                }
-                Some(Ok(m)) => {
-                    let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-                        continue;
-                    };
-                    let Some(cp) = m.payload().and_then(Checkpoint::parse) else {
-                        continue;
-                    };
-                    if cp.site != config.site {
-                        continue;
-                    }
-                    if let Some((i, slot)) =
-                        self.slots.iter_mut().enumerate().find(|(_, s)| {
-                            checkpoint_key(&config.site, &s.topic, s.partition) == key
-                        })
-                    {
-                        if cp.kafka_topic != slot.kafka_topic {
-                            // The topic format changed: the new Kafka topic starts over.
-                            continue;
-                        }
-                        read[i].push((cp.next_edge_offset, cp.last_kafka_offset));
-                        slot.committed = cp.next_edge_offset;
-                        slot.next = cp.next_edge_offset;
-                        slot.last_kafka_offset = cp.last_kafka_offset;
-                        slot.checkpointed = true;
-                        found += 1;
-                        let mut status = self.shared.status.lock().expect("status lock");
-                        let ps = &mut status.partitions[slot.status_index];
-                        ps.mirrored_offset = Some(cp.next_edge_offset);
-                        ps.last_kafka_offset = Some(cp.last_kafka_offset);
-                    }
-                }
-            }
-        }
-        debug!(site = %config.site, "read {found} checkpoint records from {topic}");
-        Ok(read)
     }
 
     /// Settles each partition's start against what the source holds.
@@ -1153,6 +1174,7 @@ impl<'a> Session<'a> {
 
         let ctx = self.producer.context();
         let config = &self.shared.config;
+        let log_id = self.shared.source.identity().map(|i| i.id);
         for &i in &touched {
             let slot = &self.slots[i];
             let delivered = ctx.delivered[i].load(Ordering::Relaxed);
@@ -1163,6 +1185,7 @@ impl<'a> Session<'a> {
                 kafka_topic: slot.kafka_topic.clone(),
                 next_edge_offset: slot.next,
                 last_kafka_offset: delivered.max(slot.last_kafka_offset),
+                log_id: log_id.clone(),
             };
             let key = checkpoint.key();
             let value = checkpoint.value();
@@ -1519,6 +1542,196 @@ impl<'a> Session<'a> {
             }
         }
     }
+}
+
+/// What a read of a site's checkpoint partition found.
+struct ReadCheckpoints {
+    /// Per slot, every checkpoint of its partition, oldest first (group replication
+    /// translates through them; the last one says where to resume).
+    per_slot: Vec<Vec<Checkpoint>>,
+    /// Whether the partition holds a checkpoint of this site written by this log.
+    own_seen: bool,
+    /// The source's identity as the read began.
+    identity: Option<SourceIdentity>,
+}
+
+/// Reads the site's checkpoints from `partition` of `topic`, to the end of the partition
+/// (read_committed).
+fn read_checkpoints(
+    shared: &Arc<Shared>,
+    slots: &[Slot],
+    topic: &str,
+    partition: i32,
+) -> Result<ReadCheckpoints, SessionError> {
+    let config = &shared.config;
+    let identity = shared.source.identity();
+    let mut cc = client_config(config);
+    cc.set(
+        "group.id",
+        format!("tributary-mirror-{}-checkpoints", config.site),
+    )
+    .set("isolation.level", "read_committed")
+    .set("enable.auto.commit", "false")
+    .set("enable.partition.eof", "true")
+    .set("auto.offset.reset", "earliest");
+    let consumer: BaseConsumer<ReportingContext> = with_extra(cc, config)
+        .create_with_context(ReportingContext {
+            shared: shared.clone(),
+        })
+        .map_err(|e| kafka(ErrorKind::Other, "creating the checkpoint reader", e))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)
+        .map_err(|e| {
+            kafka(
+                ErrorKind::Checkpoint,
+                "assigning the checkpoint partition",
+                e,
+            )
+        })?;
+    consumer.assign(&tpl).map_err(|e| {
+        kafka(
+            ErrorKind::Checkpoint,
+            "assigning the checkpoint partition",
+            e,
+        )
+    })?;
+    let deadline = Instant::now() + config.request_timeout * 2;
+    let mut found = 0usize;
+    let mut read = ReadCheckpoints {
+        per_slot: vec![Vec::new(); slots.len()],
+        own_seen: false,
+        identity,
+    };
+    loop {
+        if Instant::now() >= deadline {
+            return Err(failed(
+                ErrorKind::Checkpoint,
+                format!(
+                    "reading checkpoints from {} partition {}: no end of partition within {:?}",
+                    topic,
+                    partition,
+                    config.request_timeout * 2
+                ),
+            ));
+        }
+        if shared.stopping() {
+            return Err(failed(
+                ErrorKind::Checkpoint,
+                "stopped while reading checkpoints".into(),
+            ));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => {
+                debug!("checkpoint read: {e}");
+                continue;
+            }
+            Some(Ok(m)) => {
+                let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+                    continue;
+                };
+                let Some(cp) = m.payload().and_then(Checkpoint::parse) else {
+                    continue;
+                };
+                if cp.site != config.site {
+                    continue;
+                }
+                if let (Some(identity), Some(id)) = (&read.identity, &cp.log_id) {
+                    read.own_seen |= *id == identity.id;
+                }
+                if let Some(i) = slots
+                    .iter()
+                    .position(|s| checkpoint_key(&config.site, &s.topic, s.partition) == key)
+                {
+                    if cp.kafka_topic != slots[i].kafka_topic {
+                        // The topic format changed: the new Kafka topic starts over.
+                        continue;
+                    }
+                    read.per_slot[i].push(cp);
+                    found += 1;
+                }
+            }
+        }
+    }
+    debug!(site = %config.site, "read {found} checkpoint records from {topic}");
+    Ok(read)
+}
+
+/// Whose each slot's latest checkpoint is (`Own` where there is none); a [`Refusal`] when
+/// any is another log's and not adopted. Another log's checkpoint after one of this log's
+/// means another edge writes the site's checkpoints now; without one of this log's, the
+/// data directory may as well have been reset or replaced.
+fn judge(
+    shared: &Arc<Shared>,
+    slots: &[Slot],
+    read: &ReadCheckpoints,
+) -> Result<Vec<Whose>, Refusal> {
+    let config = &shared.config;
+    let mut verdicts = Vec::with_capacity(slots.len());
+    let mut foreign: Vec<(Option<String>, &Checkpoint)> = Vec::new();
+    for checkpoints in &read.per_slot {
+        let verdict = match checkpoints.last() {
+            None => Whose::Own,
+            Some(latest) => whose(latest, read.identity.as_ref()),
+        };
+        if let (Whose::Foreign(id), Some(latest)) = (&verdict, checkpoints.last()) {
+            foreign.push((id.clone(), latest));
+        }
+        verdicts.push(verdict);
+    }
+    let Some((foreign_log, _)) = foreign.first() else {
+        return Ok(verdicts);
+    };
+    let foreign_log = foreign_log.clone();
+    let this = read
+        .identity
+        .as_ref()
+        .map_or_else(|| "-".to_string(), |i| i.id.clone());
+    let writer = match &foreign_log {
+        Some(id) => format!("by log {id}"),
+        None => "before checkpoints carried a log id, and this log was made after".to_string(),
+    };
+    let site = &config.site;
+    let (reason, message) = if read.own_seen {
+        (
+            RefusalReason::DuplicateSite,
+            format!(
+                "another edge uses site {site}: Kafka's latest checkpoints of site {site} were \
+                 written {writer}, after checkpoints of this log ({this}); mirroring stops, \
+                 ingest goes on. Give one of the edges another cloud.site"
+            ),
+        )
+    } else {
+        (
+            RefusalReason::ForeignLog,
+            format!(
+                "Kafka's checkpoints of site {site} were written {writer}, not by this log \
+                 ({this}): this edge's data directory was reset or replaced, or another edge \
+                 uses site {site}; mirroring stops, ingest goes on. If another edge uses site \
+                 {site}, give one of them another cloud.site. If this data directory replaced \
+                 the one that mirrored before, stop the edge and run `edge mirror-adopt`: \
+                 this log is then mirrored after the old log's records"
+            ),
+        )
+    };
+    Err(Refusal {
+        reason,
+        message,
+        foreign_log,
+        checkpoints: foreign
+            .iter()
+            .map(|(_, c)| {
+                (
+                    c.topic.clone(),
+                    c.partition,
+                    c.next_edge_offset,
+                    c.last_kafka_offset,
+                )
+            })
+            .collect(),
+        at_ms: now_ms(),
+    })
 }
 
 /// What became of a source record in a transaction.

@@ -104,6 +104,30 @@ pub struct GroupPosition {
     pub next_offset: u64,
 }
 
+/// What Kafka checkpoints without a log identity (written before checkpoints carried one)
+/// are to a source log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnmarkedCheckpoints {
+    /// Another log's: refused until an operator adopts them.
+    Refused,
+    /// Its own: the log existed before identities did.
+    Own,
+    /// An adopted predecessor's.
+    Predecessor,
+}
+
+/// A source log's identity: a random id made with the log, written into every checkpoint,
+/// and the logs whose checkpoints an operator adopted for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceIdentity {
+    /// The log's id.
+    pub id: String,
+    /// What checkpoints without an id are to this log.
+    pub unmarked: UnmarkedCheckpoints,
+    /// Ids of the logs whose checkpoints were adopted.
+    pub predecessors: Vec<String>,
+}
+
 /// A partitioned log the mirror reads in order.
 pub trait PartitionedSource: Send + Sync + 'static {
     /// Every topic of the source.
@@ -129,6 +153,12 @@ pub trait PartitionedSource: Send + Sync + 'static {
     fn group_positions(&self) -> Vec<GroupPosition> {
         Vec::new()
     }
+
+    /// The log's identity. A source without one takes every checkpoint of its site as its
+    /// own (as mirrors did before identities).
+    fn identity(&self) -> Option<SourceIdentity> {
+        None
+    }
 }
 
 #[derive(Debug, Default)]
@@ -144,12 +174,18 @@ pub struct MemorySource {
     topics: Mutex<BTreeMap<String, Vec<MemoryPartition>>>,
     /// Group positions by (group, topic, partition).
     groups: Mutex<BTreeMap<(String, String, u32), u64>>,
+    identity: Mutex<Option<SourceIdentity>>,
 }
 
 impl MemorySource {
     /// An empty source.
     pub fn new() -> MemorySource {
         MemorySource::default()
+    }
+
+    /// Gives the source a log identity.
+    pub fn set_identity(&self, identity: SourceIdentity) {
+        *self.identity.lock().expect("source lock") = Some(identity);
     }
 
     /// Adds a topic with `partitions` empty partitions.
@@ -224,6 +260,10 @@ fn memory_partition<'a>(
 }
 
 impl PartitionedSource for MemorySource {
+    fn identity(&self) -> Option<SourceIdentity> {
+        self.identity.lock().expect("source lock").clone()
+    }
+
     fn topics(&self) -> Vec<SourceTopic> {
         self.topics
             .lock()

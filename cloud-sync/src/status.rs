@@ -19,6 +19,51 @@ pub enum LinkState {
     Retrying,
     /// Stopped by the edge.
     Stopped,
+    /// Mirroring refused until an operator acts (see [`Refusal`]); ingest goes on.
+    Refused,
+}
+
+/// Why a mirror refuses to mirror at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    /// Kafka's checkpoints of the site were written by another log, not adopted: the data
+    /// directory was reset or replaced, or another edge uses the site.
+    ForeignLog,
+    /// Another edge uses the site: it wrote checkpoints after this log did, or fenced this
+    /// mirror twice within a minute.
+    DuplicateSite,
+}
+
+impl RefusalReason {
+    /// Every reason, in a fixed order.
+    pub const ALL: [RefusalReason; 2] = [RefusalReason::ForeignLog, RefusalReason::DuplicateSite];
+
+    /// The name in metric labels and JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalReason::ForeignLog => "foreign_log",
+            RefusalReason::DuplicateSite => "duplicate_site",
+        }
+    }
+}
+
+/// Why and since when the mirror refuses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Why.
+    pub reason: RefusalReason,
+    /// What is wrong and what to do.
+    pub message: String,
+    /// The log whose checkpoints were found (`None`: checkpoints without an id, or a
+    /// refusal for fencing).
+    pub foreign_log: Option<String>,
+    /// Per partition, the foreign checkpoint found: (topic, partition, next edge offset of
+    /// that log, last Kafka offset).
+    #[serde(default)]
+    pub checkpoints: Vec<(String, u32, u64, i64)>,
+    /// When it was decided (ms since the Unix epoch).
+    pub at_ms: u64,
 }
 
 /// Which step of mirroring last failed: a closed set, so that a metric can carry it as a
@@ -150,6 +195,12 @@ pub struct MirrorStatus {
     /// The source's consumer groups as last replicated to Kafka, ordered by name.
     #[serde(default)]
     pub groups: Vec<GroupStatus>,
+    /// The source log's identity, as written into the checkpoints.
+    #[serde(default)]
+    pub log_id: Option<String>,
+    /// Why the mirror refuses, while it does.
+    #[serde(default)]
+    pub refusal: Option<Refusal>,
 }
 
 impl MirrorStatus {

@@ -27,7 +27,8 @@ Examples:
   edge passwd /etc/tributary/passwd sensor-17   add a user to a password file
   edge read --config edge.toml --topic telemetry --json   print the records of a stopped node
   edge read --admin http://127.0.0.1:8080 --follow --json   print a running node's new records as they come
-  edge mirror-status --config edge.toml         where the Kafka mirror stands";
+  edge mirror-status --config edge.toml         where the Kafka mirror stands
+  edge mirror-adopt --config edge.toml          accept this log as the site's (after a reset data directory)";
 
 /// Tributary edge: MQTT in, a durable partitioned log on disk.
 #[derive(Parser, Debug)]
@@ -158,6 +159,16 @@ enum Command {
     /// after it stopped (with the log's current ends).
     MirrorStatus {
         /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// On a stopped node whose mirror refuses Kafka's checkpoints because another log wrote
+    /// them (the data directory was reset or replaced): adopt that log as this one's
+    /// predecessor. The next start mirrors this log from its first offset, after the old
+    /// log's records; records this log deleted before they could be mirrored are counted as
+    /// lost. Refused while the edge runs, and for a site that another edge uses.
+    MirrorAdopt {
+        /// One JSON document instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -418,6 +429,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ..
         } => read(config, topic, partition, from.unwrap_or(0), limit, json),
         Command::MirrorStatus { json } => mirror_status(config, json),
+        Command::MirrorAdopt { json } => mirror_adopt(config, json),
         Command::Groups {
             action: Some(GroupsAction::Reset { group, to }),
             ..
@@ -638,6 +650,28 @@ fn mirror_status(config: &Config, json: bool) -> anyhow::Result<()> {
             when(status.last_healthy_at_ms),
             status.lag_records()
         )?;
+        if let Some(id) = &status.log_id {
+            writeln!(out, "log id {id}")?;
+        }
+        if let Some(r) = &status.refusal {
+            writeln!(
+                out,
+                "REFUSED ({}): {}{}",
+                r.reason.label(),
+                r.message,
+                if status.state == cloud_sync::LinkState::Refused {
+                    ""
+                } else {
+                    " (as last decided; the mirror checks again when Kafka answers)"
+                }
+            )?;
+            for (topic, partition, next, kafka) in &r.checkpoints {
+                writeln!(
+                    out,
+                    "  Kafka's checkpoint of {topic}/{partition}: the other log's offsets below {next} mirrored, the last at Kafka offset {kafka}"
+                )?;
+            }
+        }
         if let Some(e) = &status.last_error {
             let kind = status.last_error_kind.map_or("", |k| k.label());
             writeln!(
@@ -674,6 +708,107 @@ fn mirror_status(config: &Config, json: bool) -> anyhow::Result<()> {
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// `edge mirror-adopt`: adopts, on a stopped node, the log whose Kafka checkpoints the
+/// mirror refused, as this log's predecessor.
+fn mirror_adopt(config: &Config, json: bool) -> anyhow::Result<()> {
+    let dir = &config.storage.data_dir;
+    let log = match open_stopped(config) {
+        Ok(log) => log,
+        Err(e) => {
+            if matches!(
+                e.downcast_ref::<edge::log::LogError>(),
+                Some(edge::log::LogError::Locked(_))
+            ) {
+                bail!(
+                    "the edge is running on {}: stop it first (a log is adopted only on a stopped node)",
+                    dir.display()
+                );
+            }
+            return Err(e);
+        }
+    };
+    let mut status = edge::uplink::read_status(dir).map_err(anyhow::Error::msg)?;
+    let identity = log.identity();
+    let this = edge::log::meta::id_hex(&identity.id);
+    let Some(refusal) = status.refusal.clone() else {
+        bail!(
+            "the mirror of site {} refuses nothing (as its status in {} last said): there is nothing to adopt",
+            status.site,
+            dir.display()
+        );
+    };
+    if status.log_id.as_deref() != Some(this.as_str()) {
+        bail!(
+            "the mirror status in {} was written for log {} but this log is {this}: start the edge once so that its mirror reads Kafka's checkpoints, then stop it and adopt",
+            dir.display(),
+            status.log_id.as_deref().unwrap_or("(none)")
+        );
+    }
+    if refusal.reason == cloud_sync::RefusalReason::DuplicateSite {
+        bail!(
+            "{}\nedge mirror-adopt is for a data directory that replaced the one that mirrored; two edges that use one site need two site names",
+            refusal.message
+        );
+    }
+    let predecessor = match &refusal.foreign_log {
+        None => None,
+        Some(hex) => Some(edge::log::meta::parse_id_hex(hex).with_context(|| {
+            format!("the mirror status names the other log as {hex:?}, which is not a log id")
+        })?),
+    };
+    log.adopt_predecessor(predecessor)?;
+    // This log follows the old log's records in Kafka from its own first offset: what it no
+    // longer holds of that range will never be mirrored, and is counted as lost now.
+    let source = edge::uplink::LogSource::new(std::sync::Arc::new(log));
+    let mut lost = Vec::new();
+    for p in &mut status.partitions {
+        let start = cloud_sync::PartitionedSource::bounds(&source, &p.topic, p.partition)
+            .map(|b| b.start)
+            .unwrap_or(0);
+        let newly = start.saturating_sub(p.loss_counted_until);
+        p.lost_before_mirror += newly;
+        p.loss_counted_until = p.loss_counted_until.max(start);
+        p.mirrored_offset = Some(0);
+        p.error = None;
+        lost.push((p.topic.clone(), p.partition, newly));
+    }
+    status.refusal = None;
+    status.state = cloud_sync::LinkState::Stopped;
+    status.refresh_from(&source);
+    edge::uplink::write_status(dir, &status)?;
+    let lost_total: u64 = lost.iter().map(|l| l.2).sum();
+    if json {
+        let doc = serde_json::json!({
+            "site": status.site,
+            "log_id": this,
+            "adopted": refusal.foreign_log,
+            "adopted_unmarked": refusal.foreign_log.is_none(),
+            "lost_before_mirror": lost_total,
+            "partitions": lost.iter().map(|(t, p, n)| serde_json::json!({"topic": t, "partition": p, "lost": n})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "site {}: this log ({this}) adopted {} as its predecessor.",
+            status.site,
+            match &refusal.foreign_log {
+                Some(id) => format!("log {id}"),
+                None => "the checkpoints written before logs had ids".to_string(),
+            }
+        );
+        println!(
+            "At the next start it is mirrored from its first offset, after the old log's records in Kafka; {lost_total} records it deleted before they could be mirrored are counted as lost."
+        );
+        println!(
+            "Records the old log held beyond its last checkpoint were in the replaced data directory: they are not in Kafka and no edge can count them."
+        );
+        for (t, p, n) in lost.iter().filter(|l| l.2 > 0) {
+            println!("  {t}/{p}: {n} lost");
+        }
+    }
     Ok(())
 }
 

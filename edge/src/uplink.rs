@@ -62,6 +62,10 @@ impl LogSource {
 }
 
 impl PartitionedSource for LogSource {
+    fn identity(&self) -> Option<cloud_sync::SourceIdentity> {
+        Some(source_identity(&self.log.identity()))
+    }
+
     fn topics(&self) -> Vec<SourceTopic> {
         self.log
             .topics()
@@ -174,6 +178,20 @@ fn source_record(r: Record) -> SourceRecord {
         key: r.key,
         payload: r.payload,
         headers,
+    }
+}
+
+/// The log identity as the mirror writes it into checkpoints.
+pub fn source_identity(identity: &crate::log::meta::LogIdentity) -> cloud_sync::SourceIdentity {
+    use crate::log::meta::{id_hex, UnmarkedCheckpoints as Stored};
+    cloud_sync::SourceIdentity {
+        id: id_hex(&identity.id),
+        unmarked: match identity.unmarked {
+            Stored::Refused => cloud_sync::UnmarkedCheckpoints::Refused,
+            Stored::Own => cloud_sync::UnmarkedCheckpoints::Own,
+            Stored::Predecessor => cloud_sync::UnmarkedCheckpoints::Predecessor,
+        },
+        predecessors: identity.predecessors.iter().map(id_hex).collect(),
     }
 }
 

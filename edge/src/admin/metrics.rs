@@ -620,6 +620,7 @@ impl Collector for MirrorMetrics {
             u64::from(up),
         )?;
         encode_last_error(&st, e)?;
+        encode_refused(&st, e)?;
         for (name, help, value) in [
             (
                 "tributary_mirror_records",
@@ -671,6 +672,20 @@ type PartitionLabels<'a> = ([(&'static str, &'a str); 1], [(&'static str, u32); 
 
 fn partition_labels(p: &cloud_sync::PartitionStatus) -> PartitionLabels<'_> {
     ([("topic", p.topic.as_str())], [("partition", p.partition)])
+}
+
+/// Whether the mirror refuses to mirror, one series per reason.
+fn encode_refused(st: &cloud_sync::MirrorStatus, e: &mut DescriptorEncoder) -> fmt::Result {
+    gauges(
+        e,
+        "tributary_mirror_refused",
+        "1 while the mirror refuses to mirror, by reason: foreign_log (Kafka's checkpoints of the site were written by another log: the data directory was reset or replaced, or another edge uses the site; edge mirror-adopt) or duplicate_site (another edge uses the site); ingest goes on.",
+        cloud_sync::RefusalReason::ALL.iter().map(|r| {
+            let on = st.state == cloud_sync::LinkState::Refused
+                && st.refusal.as_ref().is_some_and(|x| x.reason == *r);
+            ([("reason", r.label())], u64::from(on))
+        }),
+    )
 }
 
 /// When the mirror last failed, labelled with the step that failed. The message stays out of
@@ -730,7 +745,46 @@ mod tests {
             stalled: false,
             partitions: Vec::new(),
             groups: Vec::new(),
+            log_id: None,
+            refusal: None,
         }
+    }
+
+    #[test]
+    fn refusal_metric_is_one_for_the_reason_only_while_refused() {
+        let mut status = failed_status(cloud_sync::ErrorKind::Checkpoint, "x");
+        status.refusal = Some(cloud_sync::Refusal {
+            reason: cloud_sync::RefusalReason::DuplicateSite,
+            message: "another edge uses site plant-7".into(),
+            foreign_log: None,
+            checkpoints: Vec::new(),
+            at_ms: 1,
+        });
+        let refused = status.clone();
+        let series = |out: String| -> Vec<String> {
+            out.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(String::from)
+                .collect()
+        };
+        // Decided by an earlier run, not yet by this one: not refused (yet).
+        let out = rendered(move |e| encode_refused(&refused, e));
+        assert_eq!(
+            series(out),
+            [
+                "tributary_mirror_refused{reason=\"foreign_log\"} 0",
+                "tributary_mirror_refused{reason=\"duplicate_site\"} 0"
+            ]
+        );
+        status.state = cloud_sync::LinkState::Refused;
+        let out = rendered(move |e| encode_refused(&status, e));
+        assert_eq!(
+            series(out),
+            [
+                "tributary_mirror_refused{reason=\"foreign_log\"} 0",
+                "tributary_mirror_refused{reason=\"duplicate_site\"} 1"
+            ]
+        );
     }
 
     #[test]

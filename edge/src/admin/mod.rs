@@ -252,6 +252,10 @@ pub(crate) fn overview_json(s: &AdminState) -> serde_json::Value {
             "last_error": m.last_error,
             "last_healthy_at_ms": m.last_healthy_at_ms,
             "records_mirrored": m.records_mirrored,
+            "refusal": m.refusal.as_ref().filter(|_| m.state == cloud_sync::LinkState::Refused).map(|r| serde_json::json!({
+                "reason": r.reason,
+                "message": r.message,
+            })),
         })),
         "groups": group_status(&s.groups, s.mirror.as_deref()).iter().map(|g| serde_json::json!({
             "name": g.name,

@@ -24,6 +24,11 @@
 //! | `g` | `g \| group str16 \| topic str16 \| partition u32` | `committed u64 \| lease u64` | consumer group positions |
 //! | `f` | `f` | `unix_ms u64` | the appender, each group commit: after a crash, when the last commit that survived was made |
 //! | `w` | `w \| client str16 \| will_id u64` | `disconnected_at_ms u64 \| delay_secs u32 \| has_user u8 [\| user str16] \| batch` | a connection's will, from its CONNACK until it is published or can no longer be due |
+//! | `i` | `i` | `id [16] \| unmarked u8 \| n u16 \| predecessor id [16] × n` | the log, at open (fsynced before anything reads it); `edge mirror-adopt` |
+//!
+//! The log identity (`i`) is a random id made when the data directory is made: the mirror
+//! writes it into every Kafka checkpoint and refuses checkpoints of another log (see
+//! [`LogIdentity`]).
 //!
 //! A queue entry is `qos u8 | retain u8 | n u8 | subscription_id u32 × n | topic_id u32 |
 //! partition u32 | offset u64`: where the record is in the log, never a copy of it. The
@@ -99,11 +104,13 @@ pub enum Tag {
     LastCommit = b'f',
     /// A connection's will.
     Will = b'w',
+    /// The log identity.
+    Identity = b'i',
 }
 
 impl Tag {
     /// Every tag, in the order of the table above.
-    pub const ALL: [Tag; 13] = [
+    pub const ALL: [Tag; 14] = [
         Tag::Layout,
         Tag::Topic,
         Tag::Partition,
@@ -117,6 +124,7 @@ impl Tag {
         Tag::Group,
         Tag::LastCommit,
         Tag::Will,
+        Tag::Identity,
     ];
 
     /// The tag of a stored key, if it is one of ours.
@@ -145,6 +153,7 @@ impl Tag {
             Tag::Group => "group position",
             Tag::LastCommit => "last commit time",
             Tag::Will => "will",
+            Tag::Identity => "log identity",
         }
     }
 }
@@ -324,6 +333,110 @@ pub fn last_commit_value(unix_ms: u64) -> [u8; 9] {
 pub fn parse_last_commit_value(v: &[u8]) -> Option<u64> {
     let b = value_body(v)?;
     (b.len() == 8).then_some(u64_at(b, 0)?)
+}
+
+// ---- log identity ----
+
+/// The log identity's one key.
+pub const IDENTITY_KEY: [u8; 1] = [Tag::Identity as u8];
+
+/// What the mirror makes of Kafka checkpoints that carry no log identity (written before
+/// checkpoints carried one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnmarkedCheckpoints {
+    /// They are refused: this log was made after the upgrade, so they are another log's.
+    Refused,
+    /// They are this log's own: the identity was given to a log that existed before the
+    /// upgrade, at its first open.
+    Own,
+    /// An operator adopted them (`edge mirror-adopt`) as a predecessor's.
+    Predecessor,
+}
+
+impl UnmarkedCheckpoints {
+    fn byte(self) -> u8 {
+        match self {
+            UnmarkedCheckpoints::Refused => 0,
+            UnmarkedCheckpoints::Own => 1,
+            UnmarkedCheckpoints::Predecessor => 2,
+        }
+    }
+
+    fn of(b: u8) -> Option<UnmarkedCheckpoints> {
+        match b {
+            0 => Some(UnmarkedCheckpoints::Refused),
+            1 => Some(UnmarkedCheckpoints::Own),
+            2 => Some(UnmarkedCheckpoints::Predecessor),
+            _ => None,
+        }
+    }
+}
+
+/// A log's identity: a random id made with the data directory, and the logs whose Kafka
+/// checkpoints an operator adopted for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogIdentity {
+    /// The id.
+    pub id: [u8; 16],
+    /// What checkpoints without an identity are to this log.
+    pub unmarked: UnmarkedCheckpoints,
+    /// Logs whose checkpoints were adopted (`edge mirror-adopt`), oldest first.
+    pub predecessors: Vec<[u8; 16]>,
+}
+
+/// An id as 32 lowercase hex digits.
+pub fn id_hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses [`id_hex`].
+pub fn parse_id_hex(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 || !s.is_ascii() {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
+
+/// The identity's value. More predecessors than `u16::MAX` are never stored: adoption
+/// refuses past [`MAX_PREDECESSORS`].
+pub fn identity_value(identity: &LogIdentity) -> Vec<u8> {
+    let n = identity.predecessors.len().min(MAX_PREDECESSORS);
+    let mut v = value_with_capacity(16 + 1 + 2 + 16 * n);
+    v.extend_from_slice(&identity.id);
+    v.push(identity.unmarked.byte());
+    v.extend_from_slice(&(n as u16).to_be_bytes());
+    for p in identity.predecessors.iter().take(n) {
+        v.extend_from_slice(p);
+    }
+    v
+}
+
+/// How many adopted predecessors a log keeps.
+pub const MAX_PREDECESSORS: usize = 1024;
+
+/// Decodes [`identity_value`].
+pub fn parse_identity_value(v: &[u8]) -> Option<LogIdentity> {
+    let b = value_body(v)?;
+    let id: [u8; 16] = b.get(..16)?.try_into().ok()?;
+    let unmarked = UnmarkedCheckpoints::of(*b.get(16)?)?;
+    let n = usize::from(u16::from_be_bytes(b.get(17..19)?.try_into().ok()?));
+    let rest = b.get(19..)?;
+    if rest.len() != 16 * n || n > MAX_PREDECESSORS {
+        return None;
+    }
+    let predecessors = rest
+        .chunks_exact(16)
+        .map(|c| c.try_into().ok())
+        .collect::<Option<Vec<[u8; 16]>>>()?;
+    Some(LogIdentity {
+        id,
+        unmarked,
+        predecessors,
+    })
 }
 
 // ---- sessions ----
@@ -729,6 +842,7 @@ pub fn check_entry(
             parse_group_position_key(k).is_some() && parse_group_position_value(v).is_some()
         }
         Tag::LastCommit => k.len() == 1 && parse_last_commit_value(v).is_some(),
+        Tag::Identity => k.len() == 1 && parse_identity_value(v).is_some(),
     };
     if ok {
         Ok(())
@@ -747,6 +861,7 @@ pub fn check_entry(
             Tag::Group => "not a group, topic, partition and position",
             Tag::LastCommit => "not a time",
             Tag::Will => "not a will",
+            Tag::Identity => "not a log id, an unmarked-checkpoint rule and predecessors",
         })
     }
 }
@@ -755,6 +870,24 @@ pub fn check_entry(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_log_identity_round_trips_and_a_cut_one_does_not_decode() {
+        let identity = LogIdentity {
+            id: [7; 16],
+            unmarked: UnmarkedCheckpoints::Predecessor,
+            predecessors: vec![[1; 16], [2; 16]],
+        };
+        let v = identity_value(&identity);
+        assert_eq!(parse_identity_value(&v), Some(identity.clone()));
+        assert_eq!(parse_identity_value(&v[..v.len() - 1]), None);
+        let mut bad_rule = v.clone();
+        bad_rule[17] = 9;
+        assert_eq!(parse_identity_value(&bad_rule), None);
+        assert_eq!(parse_id_hex(&id_hex(&identity.id)), Some(identity.id));
+        assert_eq!(id_hex(&[0xab; 16]).len(), 32);
+        assert_eq!(parse_id_hex("zz"), None);
+    }
 
     #[test]
     fn every_tag_is_distinct_and_found_again() {

@@ -357,6 +357,8 @@ pub struct Log {
     poisoned: std::sync::Mutex<Option<appender::CommitError>>,
     /// The clock age retention uses (see [`clock`]).
     retention_clock: std::sync::Mutex<clock::RetentionClock>,
+    /// The log identity, as stored.
+    identity: std::sync::Mutex<meta::LogIdentity>,
     /// Node-wide counters.
     pub counters: LogCounters,
 }
@@ -390,7 +392,83 @@ fn offset_of_key(key: &[u8]) -> u64 {
     u64::from_be_bytes(key[8..16].try_into().expect("record keys are 16 bytes"))
 }
 
+/// The stored log identity; a log without one gets one now, in one fsynced write, before
+/// anything can use it. A `fresh` log (made by this open) refuses Kafka checkpoints without
+/// an identity; a log that existed before identities did takes them as its own.
+fn ensure_identity(
+    db: &Database,
+    meta_ks: &fjall::Keyspace,
+    fresh: bool,
+) -> Result<meta::LogIdentity, LogError> {
+    if let Some(v) = meta_ks.get(meta::IDENTITY_KEY)? {
+        return meta::parse_identity_value(&v)
+            .ok_or_else(|| LogError::CorruptMeta("the log identity does not decode".into()));
+    }
+    let identity = meta::LogIdentity {
+        id: random_id()?,
+        unmarked: if fresh {
+            meta::UnmarkedCheckpoints::Refused
+        } else {
+            meta::UnmarkedCheckpoints::Own
+        },
+        predecessors: Vec::new(),
+    };
+    let mut batch = db.batch();
+    batch.insert(meta_ks, meta::IDENTITY_KEY, meta::identity_value(&identity));
+    batch
+        .durability(Some(fjall::PersistMode::SyncAll))
+        .commit()?;
+    tracing::info!(
+        log_id = %meta::id_hex(&identity.id),
+        "log identity created{}",
+        if fresh { "" } else { " for a log made before identities (its unmarked Kafka checkpoints are its own)" }
+    );
+    Ok(identity)
+}
+
+/// 16 bytes from the kernel's random source.
+fn random_id() -> Result<[u8; 16], LogError> {
+    use std::io::Read as _;
+    let mut id = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .map_err(|e| LogError::Storage(fjall::Error::Io(e)))?;
+    Ok(id)
+}
+
 impl Log {
+    /// The log identity: its id, and whose Kafka checkpoints it accepts besides its own.
+    pub fn identity(&self) -> meta::LogIdentity {
+        self.identity.lock().expect("identity lock").clone()
+    }
+
+    /// Adopts the Kafka checkpoints of another log (`predecessor`; `None`: checkpoints that
+    /// carry no identity) as a predecessor's: durably (fsynced) before this returns.
+    pub fn adopt_predecessor(&self, predecessor: Option<[u8; 16]>) -> Result<(), LogError> {
+        let mut identity = self.identity.lock().expect("identity lock");
+        let mut next = identity.clone();
+        match predecessor {
+            None => next.unmarked = meta::UnmarkedCheckpoints::Predecessor,
+            Some(id) if next.predecessors.contains(&id) || id == next.id => {}
+            Some(id) => {
+                if next.predecessors.len() >= meta::MAX_PREDECESSORS {
+                    return Err(LogError::CorruptMeta(format!(
+                        "this log has adopted {} predecessors already, the most it keeps",
+                        meta::MAX_PREDECESSORS
+                    )));
+                }
+                next.predecessors.push(id);
+            }
+        }
+        let mut batch = self.db.batch();
+        batch.insert(&self.meta, meta::IDENTITY_KEY, meta::identity_value(&next));
+        batch
+            .durability(Some(fjall::PersistMode::SyncAll))
+            .commit()?;
+        *identity = next;
+        Ok(())
+    }
+
     /// Opens (creating if needed) the log in `dir`. With `topics`, makes sure each configured
     /// topic exists with at least its configured partitions; topics on disk that the config no
     /// longer names stay readable.
@@ -408,7 +486,10 @@ impl Log {
             KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
         })?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        // Nothing stored yet: the data directory is new (or was emptied) now.
+        let fresh = meta.is_empty()?;
         meta::migrate(&db, &meta)?;
+        let identity = ensure_identity(&db, &meta, fresh)?;
         if meta.get(meta::LAST_COMMIT_KEY)?.is_none() {
             // Present from the start (0: no commit yet), so the appender only ever
             // overwrites it with a value of the same size.
@@ -522,6 +603,7 @@ impl Log {
                 DEFAULT_MAX_CLOCK_JUMP_MS,
                 None,
             )),
+            identity: std::sync::Mutex::new(identity),
         };
         let stored_clock = log
             .meta
