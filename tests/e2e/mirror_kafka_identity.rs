@@ -50,19 +50,9 @@ fn kafka_values(kafka: &KafkaCluster, topic: &str) -> BTreeMap<String, usize> {
             .entry(r.value_str().unwrap().to_string())
             .or_insert(0) += 1;
     }
-    let out = Command::new("kcat")
-        .args(["-C", "-b", kafka.bootstrap(), "-t", topic, "-e", "-q"])
-        .args(["-X", "isolation.level=read_committed", "-f", "%s\\n"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kcat: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let mut by_kcat = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        *by_kcat.entry(line.to_string()).or_insert(0) += 1;
+    for value in kafka.kcat_values(topic).unwrap().into_values().flatten() {
+        *by_kcat.entry(value).or_insert(0) += 1;
     }
     assert_eq!(values, by_kcat, "the console consumer and kcat disagree");
     values

@@ -561,6 +561,11 @@ impl KafkaCluster {
         Ok(by_partition)
     }
 
+    /// How many records kcat reads of `topic`, `read_committed` (see [`Self::kcat_values`]).
+    pub fn kcat_count(&self, topic: &str) -> Result<usize> {
+        Ok(self.kcat_values(topic)?.values().map(Vec::len).sum())
+    }
+
     /// The node (1..N) that coordinates transactional id `id`, as Kafka's own
     /// `TransactionsCommand describe` reports it (the id must have been used).
     pub fn transaction_coordinator(&self, id: &str) -> Result<usize> {
