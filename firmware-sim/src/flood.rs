@@ -2,8 +2,12 @@
 //! limits a benchmark.
 //!
 //! Each connection encodes one PUBLISH with rumqttc's codec, then builds batches of ~64 KiB by
-//! copying that packet and patching three fields in place (packet id, sequence number, send
-//! time), and writes each batch with one `write` call. QoS 0 is pipelined without limit; QoS 1
+//! copying that packet, copying in the next payload of a pre-built pool and patching three
+//! fields in place (packet id, sequence number, send time), and writes each batch with one
+//! `write` call. The pool makes the payloads what they claim to be: binary filler is random
+//! bytes that no two messages within [`POOL_BYTES`] share (incompressible, as a sensor's raw
+//! samples or encrypted data), JSON payloads are telemetry documents whose readings drift
+//! (compressible as real telemetry is), each with its own sequence number and send time. QoS 0 is pipelined without limit; QoS 1
 //! keeps at most `inflight` publishes unacknowledged per connection and reads PUBACKs between
 //! batches. One send time is taken per batch: messages of a batch leave together.
 
@@ -20,7 +24,10 @@ use tokio::time::{timeout, Instant};
 
 use crate::broker::ConnectSettings;
 use crate::manifest::DeviceRecord;
-use crate::payload::{self, RunId, HEADER_LEN, SEQ_OFFSET, TS_OFFSET};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::payload::{self, PayloadKind, RunId, HEADER_LEN, SEQ_OFFSET, TS_OFFSET};
 use crate::plan::{ClassPlan, DeviceIdentity};
 use crate::ranges::SeqRanges;
 use crate::stats::{bump, latency_histogram, Clock, FleetStats};
@@ -28,6 +35,14 @@ use crate::wire::{self, Frame};
 
 /// Target size of one write.
 const BATCH_BYTES: usize = 64 * 1024;
+/// Bytes of random binary filler a connection cycles through: more than any compressor's
+/// window over one stored batch, so the filler does not repeat where it could be found.
+const POOL_BYTES: usize = 8 << 20;
+/// JSON documents a connection cycles through.
+const JSON_POOL: usize = 4096;
+/// Width of the `seq` and `ts_us` fields of a pooled JSON document: `u64::MAX` has 20
+/// digits; a smaller number is right-aligned behind spaces (whitespace that JSON allows).
+const JSON_NUMBER_WIDTH: usize = 20;
 /// How often a connection hands its latency samples to the shared statistics.
 const LATENCY_FLUSH: Duration = Duration::from_secs(1);
 
@@ -57,23 +72,149 @@ pub struct FloodConnection {
 struct PacketTemplate {
     bytes: Vec<u8>,
     pkid_at: Option<usize>,
-    seq_at: usize,
-    ts_at: usize,
+    /// Where the payload starts in `bytes`.
+    payload_at: usize,
+    payloads: PayloadPool,
+}
+
+/// The payloads a connection copies into its packets, all of the same length.
+enum PayloadPool {
+    /// The binary header (patched) followed by `filler` bytes taken in turn from `bytes`.
+    Binary { bytes: Vec<u8>, filler: usize },
+    /// Whole JSON documents, each `len` bytes, with `seq` and `ts_us` patched at the offsets.
+    Json {
+        docs: Vec<u8>,
+        len: usize,
+        seq_at: usize,
+        ts_at: usize,
+    },
+}
+
+impl PayloadPool {
+    fn build(
+        spec: payload::PayloadSpec,
+        run: RunId,
+        identity: &DeviceIdentity,
+    ) -> Result<PayloadPool, String> {
+        let mut rng = SmallRng::seed_from_u64(u64::from(run.0) << 32 | u64::from(identity.index));
+        match spec.kind {
+            PayloadKind::Binary => {
+                let filler = spec.size.max(HEADER_LEN) - HEADER_LEN;
+                // Rounded to whole fillers so that every message takes a contiguous slice.
+                let len = if filler == 0 {
+                    0
+                } else {
+                    (POOL_BYTES / filler).max(1) * filler
+                };
+                let mut bytes = vec![0u8; len];
+                rng.fill_bytes(&mut bytes);
+                Ok(PayloadPool::Binary { bytes, filler })
+            }
+            PayloadKind::Json => {
+                let origin = payload::Origin {
+                    run,
+                    class: identity.class,
+                    device_index: identity.index,
+                    device_name: &identity.name,
+                };
+                let mut telemetry = payload::Telemetry::new(&mut rng);
+                // u64::MAX marks where the numbers go and reserves their widest form.
+                let mut docs: Vec<Vec<u8>> = (0..JSON_POOL)
+                    .map(|_| {
+                        payload::encode(spec, origin, u64::MAX, u64::MAX, &mut telemetry, &mut rng)
+                    })
+                    .collect();
+                // Padding after the closing brace gives every document the longest one's size.
+                let len = docs.iter().map(Vec::len).max().unwrap_or(0);
+                for d in &mut docs {
+                    d.resize(len, b' ');
+                }
+                let find = |doc: &[u8], field: &str| -> Result<usize, String> {
+                    let needle = format!("\"{field}\":{}", u64::MAX);
+                    doc.windows(needle.len())
+                        .position(|w| w == needle.as_bytes())
+                        .map(|at| at + needle.len() - JSON_NUMBER_WIDTH)
+                        .ok_or_else(|| format!("no {field} field in a JSON payload"))
+                };
+                let (seq_at, ts_at) = (find(&docs[0], "seq")?, find(&docs[0], "ts_us")?);
+                // Every document has the same fields before these two, of fixed text.
+                for d in &docs {
+                    if find(d, "seq")? != seq_at || find(d, "ts_us")? != ts_at {
+                        return Err("JSON payloads of different layouts".into());
+                    }
+                }
+                Ok(PayloadPool::Json {
+                    docs: docs.concat(),
+                    len,
+                    seq_at,
+                    ts_at,
+                })
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            PayloadPool::Binary { filler, .. } => HEADER_LEN + filler,
+            PayloadPool::Json { len, .. } => *len,
+        }
+    }
+
+    /// Writes payload number `seq` (sent at `now_us`) over `out`, which holds a payload of
+    /// this pool's length.
+    fn fill(&self, out: &mut [u8], seq: u64, now_us: u64) {
+        match self {
+            PayloadPool::Binary { bytes, filler } => {
+                out[SEQ_OFFSET..SEQ_OFFSET + 8].copy_from_slice(&seq.to_be_bytes());
+                out[TS_OFFSET..TS_OFFSET + 8].copy_from_slice(&now_us.to_be_bytes());
+                if *filler > 0 {
+                    let slots = bytes.len() / filler;
+                    let at = (seq as usize % slots) * filler;
+                    out[HEADER_LEN..].copy_from_slice(&bytes[at..at + filler]);
+                }
+            }
+            PayloadPool::Json {
+                docs,
+                len,
+                seq_at,
+                ts_at,
+            } => {
+                let at = (seq as usize % JSON_POOL) * len;
+                out.copy_from_slice(&docs[at..at + len]);
+                write_padded(&mut out[*seq_at..*seq_at + JSON_NUMBER_WIDTH], seq);
+                write_padded(&mut out[*ts_at..*ts_at + JSON_NUMBER_WIDTH], now_us);
+            }
+        }
+    }
+}
+
+/// Writes `n` in decimal right-aligned in `field`, spaces before it.
+fn write_padded(field: &mut [u8], mut n: u64) {
+    let mut i = field.len();
+    loop {
+        i -= 1;
+        field[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    field[..i].fill(b' ');
 }
 
 fn template(conn: &FloodConnection) -> Result<PacketTemplate, String> {
-    let size = conn.class.payload.size.max(HEADER_LEN);
+    let payloads = PayloadPool::build(conn.class.payload, conn.run, &conn.identity)?;
+    let size = payloads.len();
     let mut body = vec![0u8; size];
-    payload::write_header(
-        &mut body,
-        conn.run,
-        conn.identity.class,
-        conn.identity.index,
-        0,
-        0,
-    );
-    for (i, byte) in body[HEADER_LEN..].iter_mut().enumerate() {
-        *byte = (i as u8).wrapping_mul(31).wrapping_add(7);
+    if let PayloadPool::Binary { .. } = payloads {
+        payload::write_header(
+            &mut body,
+            conn.run,
+            conn.identity.class,
+            conn.identity.index,
+            0,
+            0,
+        );
     }
     let body = Bytes::from(body);
     let protocol = conn.settings.protocol;
@@ -104,8 +245,8 @@ fn template(conn: &FloodConnection) -> Result<PacketTemplate, String> {
     Ok(PacketTemplate {
         bytes: first.to_vec(),
         pkid_at,
-        seq_at: payload_at + SEQ_OFFSET,
-        ts_at: payload_at + TS_OFFSET,
+        payload_at,
+        payloads,
     })
 }
 
@@ -332,8 +473,9 @@ async fn flood(
                 };
                 let at = out.len();
                 out.extend_from_slice(&packet.bytes);
-                out[at + packet.seq_at..at + packet.seq_at + 8].copy_from_slice(&seq.to_be_bytes());
-                out[at + packet.ts_at..at + packet.ts_at + 8].copy_from_slice(&now_us.to_be_bytes());
+                packet
+                    .payloads
+                    .fill(&mut out[at + packet.payload_at..], seq, now_us);
                 if let Some(pkid_at) = packet.pkid_at {
                     out[at + pkid_at..at + pkid_at + 2].copy_from_slice(&pkid.to_be_bytes());
                     acks.slots[usize::from(pkid)] = (seq, now_us);
@@ -402,4 +544,92 @@ async fn flood(
         bump(&stats.disconnects);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> DeviceIdentity {
+        DeviceIdentity {
+            index: 7,
+            class: 1,
+            name: "dev-7".into(),
+            client_id: "c7".into(),
+            topic: "t/7".into(),
+        }
+    }
+
+    fn payloads(kind: PayloadKind, size: usize) -> (PayloadPool, Vec<Vec<u8>>) {
+        let pool = PayloadPool::build(
+            payload::PayloadSpec { kind, size },
+            RunId(0xabcd_0123),
+            &identity(),
+        )
+        .unwrap();
+        let out = [0u64, 1, 9_999, 123_456_789_012]
+            .iter()
+            .map(|&seq| {
+                let mut p = vec![0u8; pool.len()];
+                if let PayloadPool::Binary { .. } = pool {
+                    payload::write_header(&mut p, RunId(0xabcd_0123), 1, 7, 0, 0);
+                }
+                pool.fill(&mut p, seq, 1_000 + seq);
+                p
+            })
+            .collect();
+        (pool, out)
+    }
+
+    #[test]
+    fn pooled_payloads_carry_their_own_stamp() {
+        for (kind, size) in [
+            (PayloadKind::Binary, 64),
+            (PayloadKind::Binary, 32),
+            (PayloadKind::Json, 0),
+            (PayloadKind::Json, 1024),
+        ] {
+            let (pool, list) = payloads(kind, size);
+            for (p, seq) in list.iter().zip([0u64, 1, 9_999, 123_456_789_012]) {
+                assert_eq!(p.len(), pool.len());
+                let stamp = payload::decode(p).unwrap_or_else(|| panic!("{kind:?} {size}: undecodable"));
+                assert_eq!((stamp.seq, stamp.sent_at_us), (seq, 1_000 + seq), "{kind:?} {size}");
+                assert_eq!(stamp.run, RunId(0xabcd_0123));
+            }
+            if size > 0 {
+                assert_eq!(pool.len(), size, "{kind:?}: padded to the requested size");
+            }
+        }
+    }
+
+    #[test]
+    fn binary_filler_differs_between_messages() {
+        let (_, list) = payloads(PayloadKind::Binary, 64);
+        assert_ne!(list[0][HEADER_LEN..], list[1][HEADER_LEN..]);
+        assert_ne!(list[1][HEADER_LEN..], list[2][HEADER_LEN..]);
+    }
+
+    #[test]
+    fn json_documents_differ_beyond_their_stamp() {
+        let (_, list) = payloads(PayloadKind::Json, 0);
+        let text = |p: &[u8]| -> serde_json::Value { serde_json::from_slice(p).unwrap() };
+        let (a, b) = (text(&list[0]), text(&list[2]));
+        assert!(
+            ["temperature_c", "humidity_pct", "battery_v", "rssi_dbm"]
+                .iter()
+                .any(|f| a[f] != b[f]),
+            "readings drift between documents: {a} {b}"
+        );
+    }
+
+    #[test]
+    fn numbers_are_right_aligned_behind_spaces() {
+        let mut f = [0u8; JSON_NUMBER_WIDTH];
+        write_padded(&mut f, 42);
+        assert_eq!(&f[..], format!("{:>20}", 42).as_bytes());
+        write_padded(&mut f, u64::MAX);
+        assert_eq!(&f[..], u64::MAX.to_string().as_bytes());
+        write_padded(&mut f, 0);
+        assert_eq!(&f[..], format!("{:>20}", 0).as_bytes());
+    }
 }

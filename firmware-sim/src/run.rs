@@ -77,12 +77,6 @@ fn check_flood(options: &RunOptions) -> Result<(), SimError> {
         if class.qos > 1 {
             return Err(SimError::invalid("--qos", "flood mode sends QoS 0 or 1"));
         }
-        if class.payload.kind != PayloadKind::Binary {
-            return Err(SimError::invalid(
-                "--payload",
-                "flood mode sends binary payloads (its packets are patched in place)",
-            ));
-        }
     }
     if options.plan.duration.is_none() && options.plan.classes.iter().any(|c| c.count.is_none()) {
         return Err(SimError::invalid(
