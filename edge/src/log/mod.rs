@@ -482,8 +482,14 @@ impl Log {
             fjall::Error::Locked => LogError::Locked(dir.to_path_buf()),
             other => LogError::Storage(other),
         })?;
+        // The batches are compressed by the appender (`storage.compression`): fjall's own LZ4
+        // (by default on the tables of level 2 and below) would spend CPU on every compaction
+        // and read to gain next to nothing. Fixed when the keyspace is created: a log created
+        // by an older release keeps fjall's default.
         let records = db.keyspace("records", || {
-            KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            KeyspaceCreateOptions::default()
+                .max_memtable_size(MEMTABLE_BYTES)
+                .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
         })?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         // Nothing stored yet: the data directory is new (or was emptied) now.
