@@ -478,10 +478,16 @@ impl Log {
         budget: Option<Budget>,
     ) -> Result<Log, LogError> {
         std::fs::create_dir_all(dir).map_err(|e| LogError::Storage(fjall::Error::Io(e)))?;
-        let db = Database::builder(dir).open().map_err(|e| match e {
-            fjall::Error::Locked => LogError::Locked(dir.to_path_buf()),
-            other => LogError::Storage(other),
-        })?;
+        // fjall compresses journal entries of 4 KiB and more with LZ4 by default; the batches
+        // come compressed from the appender (`storage.compression`), and with "none" they are
+        // meant to be stored as they are.
+        let db = Database::builder(dir)
+            .journal_compression(fjall::CompressionType::None)
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => LogError::Locked(dir.to_path_buf()),
+                other => LogError::Storage(other),
+            })?;
         // The batches are compressed by the appender (`storage.compression`): fjall's own LZ4
         // (by default on the tables of level 2 and below) would spend CPU on every compaction
         // and read to gain next to nothing. Fixed when the keyspace is created: a log created
