@@ -6,7 +6,11 @@
 //!
 //! - `records`: key `topic_id u32 | partition u32 | base_offset u64`, value a record batch
 //!   (see [`record`]): many records in one value, so that a group commit writes few keys and a
-//!   read from any offset is one seek.
+//!   read from any offset is one seek. A batch is LZ4-compressed by the appender
+//!   (`storage.compression`, format version 2) or stored as it is (version 1); both are read.
+//!   fjall's own compression is off for the journal and for this keyspace's tables (when the
+//!   keyspace was created by a release that compresses batches), so fjall writes the batches
+//!   as the appender made them.
 //! - `meta`: the topic table, each partition's end offset, bytes held and records removed,
 //!   and the state of sessions, retained messages and consumer groups, written through the
 //!   same group commits as records (see [`appender::StateOp`]). [`meta`] defines every key
