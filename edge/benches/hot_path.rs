@@ -128,7 +128,15 @@ fn group_commit(c: &mut Criterion) {
         .build()
         .unwrap();
     // fsync "never" so the figure is the appender's CPU cost, not the disk's latency.
-    let (tx, thread) = appender::spawn(log, FsyncMode::Never, 1000, 64, 1, |_| {});
+    let (tx, thread) = appender::spawn(
+        log,
+        FsyncMode::Never,
+        edge::log::record::Compression::Lz4,
+        1000,
+        64,
+        1,
+        |_| {},
+    );
     let (reply_tx, mut reply_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut template = AppendRequest::default();
     for _ in 0..1000 {

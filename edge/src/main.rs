@@ -947,6 +947,7 @@ fn groups_reset(config: &Config, group: &str, to: edge::groups::ResetTo) -> anyh
     let (tx, thread) = edge::log::appender::spawn(
         log.clone(),
         edge::config::FsyncMode::Always,
+        config.storage.compression,
         1,
         4,
         1,

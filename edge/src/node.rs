@@ -266,6 +266,7 @@ async fn start_log(
     let (appender_tx, appender_thread) = appender::spawn(
         log.clone(),
         config.storage.fsync,
+        config.storage.compression,
         config.storage.max_batch_records,
         APPENDER_QUEUE,
         // Queue entries (waiting or released) end with their seq; new ones come after.

@@ -225,6 +225,7 @@ mod tests {
     use super::*;
     use crate::config::FsyncMode;
     use crate::log::appender::{self, AppendRequest, Appender, PendingRecord};
+    use crate::log::record::Compression;
     use crate::log::record::NewRecord;
 
     /// Appends `n` records to partition 0 of the default topic and waits for the commit.
@@ -274,6 +275,7 @@ mod tests {
         let (tx, thread) = appender::spawn(
             log.clone(),
             FsyncMode::Interval(std::time::Duration::from_secs(3600)),
+            Compression::Lz4,
             1000,
             16,
             1,
@@ -301,7 +303,15 @@ mod tests {
     fn records_carry_mqtt_metadata_as_headers() {
         let dir = tempfile::tempdir().unwrap();
         let log = open(dir.path());
-        let (tx, thread) = appender::spawn(log.clone(), FsyncMode::Always, 1000, 16, 1, |_| {});
+        let (tx, thread) = appender::spawn(
+            log.clone(),
+            FsyncMode::Always,
+            Compression::Lz4,
+            1000,
+            16,
+            1,
+            |_| {},
+        );
         append(&tx, 2);
         tx.blocking_shutdown();
         drop(tx);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tributary_tests::{payloads, ConnectOpts, Edge, Got, Proto, RawClient};
+use tributary_tests::{incompressible_text, payloads, ConnectOpts, Edge, Got, Proto, RawClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_policy_refuses_with_quota_exceeded_and_keeps_what_was_accepted() {
@@ -15,12 +15,10 @@ async fn reject_policy_refuses_with_quota_exceeded_and_keeps_what_was_accepted()
     let (mut c, _) = RawClient::connect(edge.addr, Proto::V5, &ConnectOpts::new("filler"))
         .await
         .unwrap();
-    let body = vec![b'b'; 1000];
     let mut accepted = Vec::new();
     let mut refused = 0;
     for i in 0..100u16 {
-        let mut payload = format!("fill-{i}-").into_bytes();
-        payload.extend_from_slice(&body);
+        let payload = format!("fill-{i}-{}", incompressible_text(1000, u64::from(i))).into_bytes();
         c.publish("sensors/fill/t", 1, i + 1, &payload)
             .await
             .unwrap();
@@ -84,7 +82,7 @@ async fn drop_oldest_policy_keeps_the_newest_within_the_budget() {
         .await
         .unwrap();
     for i in 0..100u16 {
-        let payload = format!("{i:04}-{}", "r".repeat(1000));
+        let payload = format!("{i:04}-{}", incompressible_text(1000, u64::from(i)));
         c.publish("sensors/rolling/t", 1, i + 1, payload.as_bytes())
             .await
             .unwrap();

@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tributary_tests::{fault_mount, payloads, ConnectOpts, Edge, Got, Proto, RawClient};
+use tributary_tests::{
+    fault_mount, incompressible_text, payloads, ConnectOpts, Edge, Got, Proto, RawClient,
+};
 
 fn start_edge(data: &Path, fsync: &str) -> Edge {
     Edge::start_on(data, &format!("fsync = \"{fsync}\""), "")
@@ -27,7 +29,7 @@ async fn publish_until_unacknowledged(edge: &Edge, prefix: &str, body: usize) ->
             Instant::now() < deadline,
             "publishes were still acknowledged on a failing disk"
         );
-        let payload = format!("{prefix}-{i}-{}", "x".repeat(body));
+        let payload = format!("{prefix}-{i}-{}", incompressible_text(body, u64::from(i)));
         let pkid = (i % 60_000 + 1) as u16;
         if c.publish("sensors/eio/t", 1, pkid, payload.as_bytes())
             .await

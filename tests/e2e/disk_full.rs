@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tributary_tests::{
-    fault_mount, http_get, metric, payloads, ConnectOpts, Edge, Got, Proto, RawClient,
+    fault_mount, http_get, incompressible_text, metric, payloads, ConnectOpts, Edge, Got, Proto,
+    RawClient,
 };
 
 /// A tmpfs of `size` mounted on `dir` for the test's life.
@@ -188,14 +189,16 @@ async fn a_byte_budget_on_the_fault_file_system_is_met_with_refusals_not_enospc(
     // The file system ends 64 MiB past what is used now: its statfs says so, and a write
     // past it would fail with ENOSPC. The floor leaves room for a memtable flush (16 MiB).
     fs.set_space_budget(Some(fs.space_used() + (64 << 20)));
-    // Fill with large payloads.
+    // Fill with large payloads, random so that the log's compression cannot shrink them.
     let (mut c, _) = RawClient::connect(edge.addr, Proto::V5, &ConnectOpts::new("big"))
         .await
         .unwrap();
-    let body = vec![b'x'; 64 << 10];
     let mut refused = false;
     for i in 1..=2000u16 {
-        c.publish("sensors/disk/big", 1, i, &body).await.unwrap();
+        let body = incompressible_text(64 << 10, u64::from(i));
+        c.publish("sensors/disk/big", 1, i, body.as_bytes())
+            .await
+            .unwrap();
         match c.recv().await.unwrap() {
             Got::PubAck(p, 0) if p == i => {}
             Got::PubAck(p, 0x97) if p == i => {

@@ -542,6 +542,22 @@ pub fn faketime(offset: &str) -> Vec<(String, String)> {
     .collect()
 }
 
+/// `n` letters and digits drawn from `seed` that LZ4 finds nothing to repeat in: a payload the
+/// log's compression (`storage.compression`) cannot shrink, for tests that fill a disk or a
+/// budget with a known number of bytes.
+pub fn incompressible_text(n: usize, seed: u64) -> String {
+    const DIGITS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            DIGITS[(x % DIGITS.len() as u64) as usize] as char
+        })
+        .collect()
+}
+
 /// Payloads of the records in `log` (UTF-8 payloads only).
 pub fn payloads(log: &[serde_json::Value]) -> Vec<String> {
     log.iter()

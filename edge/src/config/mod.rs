@@ -38,7 +38,7 @@ pub use mqtt::{
     CertIdentity, InputLimit, MqttConfig, SessionExpiry, TlsConfig, TlsVersion, INPUT_LIMITS,
     MAX_CLIENT_ID_CEILING, MAX_TOPIC_LENGTH_CEILING,
 };
-pub use storage::{DiskFullPolicy, FsyncMode, MinFreeSetting, StorageConfig};
+pub use storage::{Compression, DiskFullPolicy, FsyncMode, MinFreeSetting, StorageConfig};
 pub use topics::{DefaultRoute, GroupConfig, GroupStart, RouteConfig, TopicConfig};
 pub use units::{ByteSize, HumanDuration};
 

@@ -15,7 +15,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
-use super::record::{finish_batch_in_place, BatchHeader, BATCH_HEADER_LEN};
+use super::record::{
+    encode_compressed_batch, finish_batch_in_place, BatchHeader, Compression, BATCH_HEADER_LEN,
+};
 use super::{meta, record_key, Log};
 use crate::config::FsyncMode;
 use crate::route::TopicId;
@@ -311,6 +313,7 @@ const MAX_GROUP_BYTES: usize = 8 << 20;
 pub fn spawn(
     log: Arc<Log>,
     fsync: FsyncMode,
+    compression: Compression,
     max_batch_records: usize,
     capacity: usize,
     first_seq: u64,
@@ -323,7 +326,7 @@ pub fn spawn(
             // A panic here would otherwise leave the edge accepting publishes it can never
             // write; it is reported like any other fatal log error.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut writer = Writer::new(log, fsync, max_batch_records, first_seq);
+                let mut writer = Writer::new(log, fsync, compression, max_batch_records, first_seq);
                 writer.run(rx)
             }))
             .unwrap_or_else(|panic| {
@@ -392,6 +395,9 @@ struct Builder {
 struct Writer {
     log: Arc<Log>,
     fsync: FsyncMode,
+    compression: Compression,
+    /// The compressed value of the batch being finished, reused from one batch to the next.
+    compressed: Vec<u8>,
     max_batch_records: u32,
     /// Flat partition index -> (topic, partition).
     flat: Vec<(TopicId, u32)>,
@@ -409,7 +415,13 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(log: Arc<Log>, fsync: FsyncMode, max_batch_records: usize, first_seq: u64) -> Writer {
+    fn new(
+        log: Arc<Log>,
+        fsync: FsyncMode,
+        compression: Compression,
+        max_batch_records: usize,
+        first_seq: u64,
+    ) -> Writer {
         let mut flat = Vec::new();
         let mut topic_base = Vec::new();
         for t in log.topics() {
@@ -422,6 +434,8 @@ impl Writer {
         Writer {
             log,
             fsync,
+            compression,
+            compressed: Vec::new(),
             max_batch_records: max_batch_records as u32,
             flat,
             topic_base,
@@ -768,14 +782,22 @@ impl Writer {
         let (t, p) = self.flat[flat];
         let base = self.next_end[flat];
         let mut value = b.value;
-        finish_batch_in_place(
-            BatchHeader {
-                record_count: b.count,
-                first_timestamp_ms: b.first_ts,
-                last_timestamp_ms: b.last_ts,
-            },
-            &mut value,
-        );
+        let header = BatchHeader {
+            record_count: b.count,
+            first_timestamp_ms: b.first_ts,
+            last_timestamp_ms: b.last_ts,
+        };
+        // A batch that does not shrink is stored as it is: no decompression on every read.
+        if encode_compressed_batch(
+            header,
+            &value[BATCH_HEADER_LEN..],
+            self.compression,
+            &mut self.compressed,
+        ) {
+            std::mem::swap(&mut value, &mut self.compressed);
+        } else {
+            finish_batch_in_place(header, &mut value);
+        }
         self.next_end[flat] = base + b.count as u64;
         self.next_bytes[flat] += value.len() as u64;
         batch.insert(&self.log.records, record_key(t, p, base).to_vec(), value);

@@ -6,7 +6,11 @@
 //!
 //! - `records`: key `topic_id u32 | partition u32 | base_offset u64`, value a record batch
 //!   (see [`record`]): many records in one value, so that a group commit writes few keys and a
-//!   read from any offset is one seek.
+//!   read from any offset is one seek. A batch is LZ4-compressed by the appender
+//!   (`storage.compression`, format version 2) or stored as it is (version 1); both are read.
+//!   fjall's own compression is off for the journal and for this keyspace's tables (when the
+//!   keyspace was created by a release that compresses batches), so fjall writes the batches
+//!   as the appender made them.
 //! - `meta`: the topic table, each partition's end offset, bytes held and records removed,
 //!   and the state of sessions, retained messages and consumer groups, written through the
 //!   same group commits as records (see [`appender::StateOp`]). [`meta`] defines every key
@@ -478,12 +482,24 @@ impl Log {
         budget: Option<Budget>,
     ) -> Result<Log, LogError> {
         std::fs::create_dir_all(dir).map_err(|e| LogError::Storage(fjall::Error::Io(e)))?;
-        let db = Database::builder(dir).open().map_err(|e| match e {
-            fjall::Error::Locked => LogError::Locked(dir.to_path_buf()),
-            other => LogError::Storage(other),
-        })?;
+        // fjall compresses journal entries of 4 KiB and more with LZ4 by default; the batches
+        // come compressed from the appender (`storage.compression`), and with "none" they are
+        // meant to be stored as they are.
+        let db = Database::builder(dir)
+            .journal_compression(fjall::CompressionType::None)
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => LogError::Locked(dir.to_path_buf()),
+                other => LogError::Storage(other),
+            })?;
+        // The batches are compressed by the appender (`storage.compression`): fjall's own LZ4
+        // (by default on the tables of level 2 and below) would spend CPU on every compaction
+        // and read to gain next to nothing. Fixed when the keyspace is created: a log created
+        // by an older release keeps fjall's default.
         let records = db.keyspace("records", || {
-            KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            KeyspaceCreateOptions::default()
+                .max_memtable_size(MEMTABLE_BYTES)
+                .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
         })?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         // Nothing stored yet: the data directory is new (or was emptied) now.

@@ -1,11 +1,25 @@
 //! Records and record batches as they are stored in the log.
 //!
-//! A batch value (all integers big-endian):
+//! A batch value has one of two versions (all integers big-endian). Version 1 holds the
+//! records as they are:
 //!
 //! ```text
 //! magic u8 = 0xB7 | version u8 = 1 | record_count u32 | first_timestamp_ms u64
 //! | last_timestamp_ms u64 | crc32 u32 (IEEE, over the record bytes) | records...
 //! ```
+//!
+//! Version 2 holds them compressed (`storage.compression`):
+//!
+//! ```text
+//! magic u8 = 0xB7 | version u8 = 2 | record_count u32 | first_timestamp_ms u64
+//! | last_timestamp_ms u64 | crc32 u32 (IEEE, over every byte after this field)
+//! | codec u8 (1 = LZ4 block) | records_len u32 (bytes of the records once decompressed)
+//! | compressed records...
+//! ```
+//!
+//! Both are read; the appender writes version 2 only when compression is on and the batch
+//! shrinks, and version 1 otherwise, so an incompressible batch costs no decompression on
+//! read and a log written with `compression = "none"` stays readable by older releases.
 //!
 //! One record:
 //!
@@ -20,17 +34,41 @@
 //! ```
 //!
 //! Record offsets are not stored: the n-th record of a batch has offset `base_offset + n`,
-//! with `base_offset` in the batch's key. The CRC makes a damaged value unreadable rather than
-//! wrong.
+//! with `base_offset` in the batch's key. The CRC covers what is on disk (for version 2 the
+//! compressed bytes, the codec and the declared length), so a damaged value is unreadable
+//! rather than wrong; a version 2 body that does not decompress to exactly its declared
+//! length is as corrupt as a CRC mismatch. The declared length is believed only up to what
+//! LZ4 can expand the stored bytes to, so a damaged or hostile value cannot make a reader
+//! allocate more than that.
 
 use bytes::Bytes;
 
 /// First byte of every batch value.
 pub const BATCH_MAGIC: u8 = 0xB7;
-/// Format version of batch values written by this code.
+/// Format version of batch values that hold their records as they are.
 pub const BATCH_VERSION: u8 = 1;
-/// Bytes before the first record of a batch value.
+/// Format version of batch values that hold their records compressed.
+pub const BATCH_VERSION_COMPRESSED: u8 = 2;
+/// Bytes before the first record of a version 1 batch value.
 pub const BATCH_HEADER_LEN: usize = 2 + 4 + 8 + 8 + 4;
+/// Bytes before the compressed records of a version 2 batch value.
+pub const BATCH_HEADER_LEN_COMPRESSED: usize = BATCH_HEADER_LEN + 1 + 4;
+
+/// Codec byte of a version 2 batch whose records are one LZ4 block.
+const CODEC_LZ4: u8 = 1;
+/// The most bytes one stored byte of an LZ4 block decompresses to (a match length grows by
+/// 255 per extension byte): the bound on a declared length.
+const LZ4_MAX_EXPANSION: usize = 255;
+
+/// How the appender stores record batches (`storage.compression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Records as they are (version 1 batches).
+    None,
+    /// Each batch's records as one LZ4 block (version 2), unless that does not shrink it.
+    #[default]
+    Lz4,
+}
 
 const FLAG_RETAIN: u8 = 1;
 const FLAG_CONTENT_TYPE: u8 = 2;
@@ -47,9 +85,23 @@ pub enum CorruptBatch {
     Truncated,
     /// Not written by this code.
     #[error(
-        "batch has magic {0:#04x} / version {1}, expected {BATCH_MAGIC:#04x} / {BATCH_VERSION}"
+        "batch has magic {0:#04x} / version {1}, expected {BATCH_MAGIC:#04x} / {BATCH_VERSION} or {BATCH_VERSION_COMPRESSED}"
     )]
     Format(u8, u8),
+    /// A compressed batch names a codec this code does not know.
+    #[error("batch is compressed with unknown codec {0}")]
+    Codec(u8),
+    /// A compressed batch declares more decompressed bytes than its stored bytes can hold.
+    #[error("batch declares {declared} decompressed bytes, more than its {stored} stored bytes can expand to")]
+    DeclaredLength {
+        /// From the header.
+        declared: u32,
+        /// Compressed bytes present.
+        stored: usize,
+    },
+    /// A compressed batch's records do not decompress to their declared length.
+    #[error("batch does not decompress: {0}")]
+    Decompress(String),
     /// The bytes changed after they were written.
     #[error("batch checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     Checksum {
@@ -304,13 +356,61 @@ pub fn finish_batch_in_place(header: BatchHeader, value: &mut [u8]) {
     value[22..26].copy_from_slice(&crc.to_be_bytes());
 }
 
-/// Reads a batch header without checking the records.
+/// Writes `records` as a compressed (version 2) batch value into `out` (cleared first) and
+/// returns true, or returns false when compressing does not make the value smaller than
+/// the version 1 value of the same records.
+pub fn encode_compressed_batch(
+    header: BatchHeader,
+    records: &[u8],
+    compression: Compression,
+    out: &mut Vec<u8>,
+) -> bool {
+    let Compression::Lz4 = compression else {
+        return false;
+    };
+    // Larger values are refused by fjall anyway; the length field would not hold them.
+    let Ok(records_len) = u32::try_from(records.len()) else {
+        return false;
+    };
+    out.clear();
+    out.resize(
+        BATCH_HEADER_LEN_COMPRESSED + lz4_flex::block::get_maximum_output_size(records.len()),
+        0,
+    );
+    let Ok(compressed) =
+        lz4_flex::block::compress_into(records, &mut out[BATCH_HEADER_LEN_COMPRESSED..])
+    else {
+        return false;
+    };
+    out.truncate(BATCH_HEADER_LEN_COMPRESSED + compressed);
+    if out.len() >= BATCH_HEADER_LEN + records.len() {
+        return false;
+    }
+    out[BATCH_HEADER_LEN] = CODEC_LZ4;
+    out[BATCH_HEADER_LEN + 1..BATCH_HEADER_LEN_COMPRESSED]
+        .copy_from_slice(&records_len.to_be_bytes());
+    let crc = crc32fast::hash(&out[BATCH_HEADER_LEN..]);
+    out[0] = BATCH_MAGIC;
+    out[1] = BATCH_VERSION_COMPRESSED;
+    out[2..6].copy_from_slice(&header.record_count.to_be_bytes());
+    out[6..14].copy_from_slice(&header.first_timestamp_ms.to_be_bytes());
+    out[14..22].copy_from_slice(&header.last_timestamp_ms.to_be_bytes());
+    out[22..26].copy_from_slice(&crc.to_be_bytes());
+    true
+}
+
+/// Reads a batch header (either version) without checking the records.
 pub fn decode_header(value: &[u8]) -> Result<BatchHeader, CorruptBatch> {
-    if value.len() < BATCH_HEADER_LEN {
+    if value.len() < 2 {
         return Err(CorruptBatch::Truncated);
     }
-    if value[0] != BATCH_MAGIC || value[1] != BATCH_VERSION {
-        return Err(CorruptBatch::Format(value[0], value[1]));
+    let header_len = match (value[0], value[1]) {
+        (BATCH_MAGIC, BATCH_VERSION) => BATCH_HEADER_LEN,
+        (BATCH_MAGIC, BATCH_VERSION_COMPRESSED) => BATCH_HEADER_LEN_COMPRESSED,
+        (magic, version) => return Err(CorruptBatch::Format(magic, version)),
+    };
+    if value.len() < header_len {
+        return Err(CorruptBatch::Truncated);
     }
     Ok(BatchHeader {
         record_count: u32::from_be_bytes(value[2..6].try_into().expect("4 bytes")),
@@ -319,15 +419,50 @@ pub fn decode_header(value: &[u8]) -> Result<BatchHeader, CorruptBatch> {
     })
 }
 
-/// Decodes and verifies a whole batch value whose first record has `base_offset`.
-pub fn decode_batch(base_offset: u64, value: Bytes) -> Result<Vec<Record>, CorruptBatch> {
+/// The verified header and record bytes of a batch value of either version: the CRC is
+/// checked over what is stored, then a compressed body is decompressed.
+fn batch_records(value: Bytes) -> Result<(BatchHeader, Bytes), CorruptBatch> {
     let header = decode_header(&value)?;
+    // decode_header checked the length for the version: the CRC is at 22..26 in both.
     let stored = u32::from_be_bytes(value[22..26].try_into().expect("4 bytes"));
-    let body = value.slice(BATCH_HEADER_LEN..);
-    let computed = crc32fast::hash(&body);
+    let computed = crc32fast::hash(&value[BATCH_HEADER_LEN..]);
     if stored != computed {
         return Err(CorruptBatch::Checksum { stored, computed });
     }
+    if value[1] == BATCH_VERSION {
+        return Ok((header, value.slice(BATCH_HEADER_LEN..)));
+    }
+    let codec = value[BATCH_HEADER_LEN];
+    if codec != CODEC_LZ4 {
+        return Err(CorruptBatch::Codec(codec));
+    }
+    let declared = u32::from_be_bytes(
+        value[BATCH_HEADER_LEN + 1..BATCH_HEADER_LEN_COMPRESSED]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    let compressed = &value[BATCH_HEADER_LEN_COMPRESSED..];
+    if declared as usize > compressed.len().saturating_mul(LZ4_MAX_EXPANSION) {
+        return Err(CorruptBatch::DeclaredLength {
+            declared,
+            stored: compressed.len(),
+        });
+    }
+    let mut records = vec![0u8; declared as usize];
+    let written = lz4_flex::block::decompress_into(compressed, &mut records)
+        .map_err(|e| CorruptBatch::Decompress(e.to_string()))?;
+    if written != records.len() {
+        return Err(CorruptBatch::Decompress(format!(
+            "{written} bytes, {declared} declared"
+        )));
+    }
+    Ok((header, Bytes::from(records)))
+}
+
+/// Decodes and verifies a whole batch value (either version) whose first record has
+/// `base_offset`.
+pub fn decode_batch(base_offset: u64, value: Bytes) -> Result<Vec<Record>, CorruptBatch> {
+    let (header, body) = batch_records(value)?;
     let mut records = Vec::with_capacity(header.record_count as usize);
     let mut cursor = Cursor { buf: body, pos: 0 };
     while cursor.remaining() > 0 {
@@ -553,6 +688,201 @@ mod tests {
         for cut in 0..value.len() {
             assert!(decode_batch(0, value.slice(..cut)).is_err(), "cut at {cut}");
         }
+    }
+
+    const HEADER: BatchHeader = BatchHeader {
+        record_count: 3,
+        first_timestamp_ms: 1,
+        last_timestamp_ms: 2,
+    };
+
+    /// Three records that compress well (repeated metadata, JSON-like payloads).
+    fn compressible_records() -> Vec<u8> {
+        [
+            sample(br#"{"temp":21.5,"hum":40}"#, &[]),
+            sample(br#"{"temp":21.6,"hum":40}"#, &[]),
+            sample(br#"{"temp":21.7,"hum":41}"#, &[]),
+        ]
+        .concat()
+    }
+
+    fn compressed(records: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        assert!(encode_compressed_batch(
+            HEADER,
+            records,
+            Compression::Lz4,
+            &mut out
+        ));
+        out
+    }
+
+    /// Recomputes a version 2 value's CRC, as a writer of a hostile value would.
+    fn reseal(value: &mut [u8]) {
+        let crc = crc32fast::hash(&value[BATCH_HEADER_LEN..]);
+        value[22..26].copy_from_slice(&crc.to_be_bytes());
+    }
+
+    #[test]
+    fn compressed_batch_reads_as_the_uncompressed_one() {
+        let records = compressible_records();
+        let mut plain = Vec::new();
+        encode_batch(HEADER, &records, &mut plain);
+        let packed = compressed(&records);
+        assert_eq!(packed[1], BATCH_VERSION_COMPRESSED);
+        assert!(
+            packed.len() < plain.len(),
+            "{} >= {}",
+            packed.len(),
+            plain.len()
+        );
+        assert_eq!(decode_header(&packed).unwrap(), HEADER);
+        assert_eq!(
+            decode_batch(9, Bytes::from(packed)).unwrap(),
+            decode_batch(9, Bytes::from(plain)).unwrap()
+        );
+    }
+
+    #[test]
+    fn version_1_batch_as_written_before_compression_still_reads() {
+        // Laid out byte by byte as release 1 wrote it, not through this code's encoder.
+        let body = sample(b"old", &[]);
+        let mut value = vec![0xB7, 1, 0, 0, 0, 1];
+        value.extend_from_slice(&7u64.to_be_bytes());
+        value.extend_from_slice(&8u64.to_be_bytes());
+        value.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        value.extend_from_slice(&body);
+        let header = decode_header(&value).unwrap();
+        assert_eq!((header.record_count, header.last_timestamp_ms), (1, 8));
+        let r = decode_batch(5, Bytes::from(value)).unwrap();
+        assert_eq!((r[0].offset, &r[0].payload[..]), (5, &b"old"[..]));
+    }
+
+    #[test]
+    fn batch_that_does_not_shrink_is_left_uncompressed() {
+        // xorshift: bytes LZ4 finds nothing to repeat in.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let payload: Vec<u8> = (0..4000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let records = sample(&payload, &[]);
+        let mut out = Vec::new();
+        assert!(!encode_compressed_batch(
+            HEADER,
+            &records,
+            Compression::Lz4,
+            &mut out
+        ));
+        assert!(!encode_compressed_batch(
+            HEADER,
+            &compressible_records(),
+            Compression::None,
+            &mut out
+        ));
+    }
+
+    #[test]
+    fn flipped_byte_in_compressed_batch_is_detected() {
+        let value = compressed(&compressible_records());
+        for i in 22..value.len() {
+            let mut damaged = value.clone();
+            damaged[i] ^= 0x40;
+            assert!(
+                matches!(
+                    decode_batch(0, Bytes::from(damaged)),
+                    Err(CorruptBatch::Checksum { .. })
+                ),
+                "flip at {i} went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_compressed_batch_is_rejected() {
+        let value = Bytes::from(compressed(&compressible_records()));
+        for cut in 0..value.len() {
+            assert!(decode_batch(0, value.slice(..cut)).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn compressed_body_that_does_not_decompress_is_corrupt_not_a_panic() {
+        let value = compressed(&compressible_records());
+        // A body cut short, a declared length one too long or too short, under a valid CRC.
+        let mut cut = value[..value.len() - 3].to_vec();
+        reseal(&mut cut);
+        let mut longer = value.clone();
+        let declared = u32::from_be_bytes(longer[27..31].try_into().unwrap());
+        longer[27..31].copy_from_slice(&(declared + 1).to_be_bytes());
+        reseal(&mut longer);
+        let mut shorter = value.clone();
+        shorter[27..31].copy_from_slice(&(declared - 1).to_be_bytes());
+        reseal(&mut shorter);
+        for damaged in [cut, longer, shorter] {
+            assert!(
+                matches!(
+                    decode_batch(0, Bytes::from(damaged)),
+                    Err(CorruptBatch::Decompress(_))
+                ),
+                "accepted"
+            );
+        }
+        // Any byte of the body changed under a valid CRC: an error or other records, never
+        // a panic.
+        for i in BATCH_HEADER_LEN_COMPRESSED..value.len() {
+            for flip in [0x01, 0x80, 0xFF] {
+                let mut damaged = value.clone();
+                damaged[i] ^= flip;
+                reseal(&mut damaged);
+                let _ = decode_batch(0, Bytes::from(damaged));
+            }
+        }
+        let mut codec = value.clone();
+        codec[BATCH_HEADER_LEN] = 9;
+        reseal(&mut codec);
+        assert_eq!(
+            decode_batch(0, Bytes::from(codec)),
+            Err(CorruptBatch::Codec(9))
+        );
+    }
+
+    #[test]
+    fn declared_length_beyond_what_the_body_can_expand_to_is_refused() {
+        let value = compressed(&compressible_records());
+        let stored = value.len() - BATCH_HEADER_LEN_COMPRESSED;
+        for declared in [u32::MAX, (stored * LZ4_MAX_EXPANSION + 1) as u32] {
+            let mut bomb = value.clone();
+            bomb[27..31].copy_from_slice(&declared.to_be_bytes());
+            reseal(&mut bomb);
+            assert_eq!(
+                decode_batch(0, Bytes::from(bomb)),
+                Err(CorruptBatch::DeclaredLength { declared, stored })
+            );
+        }
+    }
+
+    #[test]
+    fn the_most_compressible_batch_is_within_the_expansion_bound() {
+        let records = sample(&vec![0u8; 4 << 20], &[]);
+        let mut value = Vec::new();
+        let one = BatchHeader {
+            record_count: 1,
+            ..HEADER
+        };
+        assert!(encode_compressed_batch(
+            one,
+            &records,
+            Compression::Lz4,
+            &mut value
+        ));
+        assert!(value.len() < records.len() / 200, "{}", value.len());
+        let r = decode_batch(0, Bytes::from(value)).unwrap();
+        assert_eq!(r[0].payload.len(), 4 << 20);
     }
 
     proptest! {

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use tokio::sync::mpsc;
 
 use super::appender::{self, AppendRequest, Committed, PendingRecord, ReplyTo, StateOp};
-use super::record::NewRecord;
+use super::record::{Compression, NewRecord};
 use super::{Budget, Log};
 use crate::config::{DiskFullPolicy, FsyncMode};
 use crate::route::PlannedTopic;
@@ -61,15 +61,32 @@ fn request(records: &[(u32, &str, u64)], reply: Option<ReplyTo>) -> AppendReques
     req
 }
 
-/// Appends each request and waits for its commit.
+/// Appends each request and waits for its commit, batches compressed with LZ4.
 fn append_all(log: &Arc<Log>, max_batch: usize, reqs: Vec<AppendRequest>) -> Vec<Committed> {
+    append_all_with(log, Compression::Lz4, max_batch, reqs)
+}
+
+/// Appends each request and waits for its commit.
+fn append_all_with(
+    log: &Arc<Log>,
+    compression: Compression,
+    max_batch: usize,
+    reqs: Vec<AppendRequest>,
+) -> Vec<Committed> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let (tx, thread) =
-            appender::spawn(log.clone(), FsyncMode::Always, max_batch, 16, 1, |_| {});
+        let (tx, thread) = appender::spawn(
+            log.clone(),
+            FsyncMode::Always,
+            compression,
+            max_batch,
+            16,
+            1,
+            |_| {},
+        );
         let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
         let n = reqs.len();
         for (i, mut r) in reqs.into_iter().enumerate() {
@@ -88,6 +105,21 @@ fn append_all(log: &Arc<Log>, max_batch: usize, reqs: Vec<AppendRequest>) -> Vec
         thread.join().unwrap().unwrap();
         out
     })
+}
+
+/// `n` letters and digits LZ4 finds nothing to repeat in, so a batch of them is stored at
+/// about its own size.
+fn noise(n: usize, seed: u64) -> String {
+    const DIGITS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            DIGITS[(x % DIGITS.len() as u64) as usize] as char
+        })
+        .collect()
 }
 
 fn payloads(log: &Log, partition: u32, from: u64) -> Vec<(u64, String)> {
@@ -243,6 +275,50 @@ fn byte_retention_keeps_the_newest_within_the_cap() {
 }
 
 #[test]
+fn batches_stored_with_and_without_compression_read_back_alike_and_count_as_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
+    let json: Vec<String> = (0..40)
+        .map(|i| format!(r#"{{"device":"d-1","seq":{i},"temp":21.5}}"#))
+        .collect();
+    let recs: Vec<(u32, &str, u64)> = json.iter().map(|j| (0, j.as_str(), 1)).collect();
+    append_all_with(
+        &log,
+        Compression::None,
+        1000,
+        vec![request(&recs[..20], None)],
+    );
+    let plain = log.topics()[0].partitions[0].bytes();
+    append_all_with(
+        &log,
+        Compression::Lz4,
+        1000,
+        vec![request(&recs[20..], None)],
+    );
+    let packed = log.topics()[0].partitions[0].bytes() - plain;
+    assert!(packed < plain / 2, "lz4 batch {packed} B, plain {plain} B");
+    // What the partition counts is what is stored.
+    let stored: u64 = log
+        .records
+        .iter()
+        .map(|kv| kv.into_inner().unwrap().1.len() as u64)
+        .sum();
+    assert_eq!(stored, plain + packed);
+    let read: Vec<String> = payloads(&log, 0, 0).into_iter().map(|r| r.1).collect();
+    assert_eq!(read, json);
+    drop(log);
+    let log = Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap();
+    assert_eq!(log.topics()[0].partitions[0].bytes(), plain + packed);
+    let checked = log.scan_batches(|_, _, _, why| panic!("{why}")).unwrap();
+    assert_eq!(checked, 2);
+    assert_eq!(
+        payloads(&log, 0, 15).len(),
+        25,
+        "a read from inside a batch"
+    );
+}
+
+#[test]
 fn reject_budget_flags_the_log_full() {
     let dir = tempfile::tempdir().unwrap();
     let budget = Budget {
@@ -251,7 +327,7 @@ fn reject_budget_flags_the_log_full() {
     };
     let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), Some(budget)).unwrap());
     assert!(!log.rejects_publishes());
-    let payload = "y".repeat(600);
+    let payload = noise(600, 1);
     append_all(&log, 1000, vec![request(&[(0, payload.as_str(), 1)], None)]);
     assert!(log.rejects_publishes());
     // Nothing accepted is deleted by the reject policy.
@@ -266,7 +342,7 @@ fn drop_oldest_budget_deletes_the_oldest_batches_and_counts_them() {
         policy: DiskFullPolicy::DropOldest,
     };
     let log = Arc::new(Log::open(dir.path(), Some(&topics(2, None, None)), Some(budget)).unwrap());
-    let payload = "z".repeat(200);
+    let payload = noise(200, 2);
     let reqs = (0..10u64)
         .map(|i| request(&[((i % 2) as u32, payload.as_str(), 1000 + i)], None))
         .collect();
@@ -335,7 +411,15 @@ fn without_fsync_readers_see_records_only_once_an_fsync_made_them_durable() {
         .unwrap();
     let p = || &log.topics()[0].partitions[0];
     rt.block_on(async {
-        let (tx, thread) = appender::spawn(log.clone(), FsyncMode::Never, 100, 16, 1, |_| {});
+        let (tx, thread) = appender::spawn(
+            log.clone(),
+            FsyncMode::Never,
+            Compression::Lz4,
+            100,
+            16,
+            1,
+            |_| {},
+        );
         let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
         let req = request(
             &[(0, "a", 1), (0, "b", 1)],

@@ -40,7 +40,15 @@ fn broker(dir: &std::path::Path) -> Running {
         offline_messages: 1000,
     });
     let (sessions, _) = SessionStore::load(&log, &hub, now_ms()).unwrap();
-    let (appender, thread) = appender::spawn(log.clone(), FsyncMode::Never, 1000, 64, 1, |_| {});
+    let (appender, thread) = appender::spawn(
+        log.clone(),
+        FsyncMode::Never,
+        crate::log::record::Compression::Lz4,
+        1000,
+        64,
+        1,
+        |_| {},
+    );
     let router = Router::new(&plan, |name| {
         let t = log.topic(name).unwrap();
         (t.id, t.partitions.len() as u32)
