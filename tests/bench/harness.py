@@ -25,8 +25,12 @@ import time
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 BROKERS = ("edge", "mosquitto", "rumqttd")
-# A run that starts with a higher 1-minute load average is marked as taken on a busy machine.
-QUIET_LOAD = 0.5
+# A run that starts while more than this share of the CPUs was busy (over the second before,
+# tests/bench/busy) is marked as taken on a busy machine.
+QUIET_BUSY = 10.0
+from importlib.machinery import SourceFileLoader  # noqa: E402
+busy_percent = SourceFileLoader(
+    "bench_busy", os.path.join(os.path.dirname(os.path.abspath(__file__)), "busy")).load_module().busy_percent
 PROTOCOL = "3.1.1"  # rumqttd's complete listener is its v4 one; every client speaks 3.1.1.
 
 SCENARIOS = {
@@ -215,13 +219,13 @@ class Harness:
         """Starts `broker` fresh, runs `load()` against it, returns its result with the broker's
         CPU (cores used over the load) and peak RSS, and stops the broker. Records the load
         average before the run: a figure taken on a busy machine says so."""
-        load1 = os.getloadavg()[0]
-        if load1 > QUIET_LOAD:
+        busy = busy_percent()
+        if busy > QUIET_BUSY:
             # Give what ran before (the previous broker's exit, a build) a moment to end.
-            deadline = time.time() + 20
-            while time.time() < deadline and os.getloadavg()[0] > QUIET_LOAD:
-                time.sleep(1)
-            load1 = os.getloadavg()[0]
+            deadline = time.time() + 10
+            while time.time() < deadline and busy > QUIET_BUSY:
+                busy = busy_percent()
+        load1 = os.getloadavg()[0]
         proc = self.start_broker(broker, extra_edge)
         sub = None
         try:
@@ -254,6 +258,7 @@ class Harness:
                 result["sub_received_over_acked"] = s["received"] / max(result["acked"], 1)
                 result["sub_cpu_s"] = sub_cpu
             result["load1_before"] = load1
+            result["busy_before_pct"] = busy
             result["broker_cpu_cores"] = (cpu1 - cpu0) / CLK_TCK / max(t1 - t0, 1e-9)
             result["broker_peak_rss_mib"] = status_kib(proc.pid, "VmHWM") / 1024
             if proc.poll() is not None:
@@ -274,8 +279,8 @@ class Harness:
             cpu = f", broker CPU {cpu:.2f} cores" if cpu is not None else ""
             gen = r.get("generator_cpu_cores")
             gen = f", generator CPU {gen:.2f} cores" if gen is not None else ""
-            load = r.get("load1_before")
-            load = f", load {load:.2f} before" if load is not None else ""
+            load = r.get("busy_before_pct")
+            load = f", CPU {load:.0f} % busy before" if load is not None else ""
             log(f"  {label} run {i + 1}/{self.args.runs}: {fmt_rate(r.get('msg_per_s'))} msg/s"
                 f"{p99}{cpu}{gen}{load}")
         return runs
@@ -623,13 +628,15 @@ def markdown(doc, date):
               "/proc/PID/stat over the load, in cores (2 = the whole machine). Peak RSS: VmHWM.",
               "Ratios: the edge's median msg/s over the peer's, same scenario, generator and load."]
     busy = [f"{r['broker']} scenario {r['scenario']} {r['generator']} {r['load']} run {i + 1}: "
-            f"{x['load1_before']:.2f}" for r in doc["results"] for i, x in enumerate(r["runs"])
-            if x.get("load1_before", 0) > QUIET_LOAD]
+            f"{x['busy_before_pct']:.0f} %" for r in doc["results"] for i, x in enumerate(r["runs"])
+            if x.get("busy_before_pct", 0) > QUIET_BUSY]
     if busy:
-        lines.append(f"Note: not a quiet machine: {len(busy)} run(s) started with a 1-minute load "
-                     f"average above {QUIET_LOAD} (" + "; ".join(busy) + ").")
+        lines.append(f"Note: not a quiet machine: {len(busy)} run(s) started while more than "
+                     f"{QUIET_BUSY:.0f} % of the CPUs were busy over the second before (" +
+                     "; ".join(busy) + ").")
     else:
-        lines.append(f"Every run started with a 1-minute load average of at most {QUIET_LOAD}.")
+        lines.append(f"Quiet machine: every run started with at most {QUIET_BUSY:.0f} % of the CPUs "
+                     "busy over the second before it (tests/bench/busy).")
     lines += [f"Note: {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
 
