@@ -1573,12 +1573,29 @@ fn read_checkpoints(
     .set("isolation.level", "read_committed")
     .set("enable.auto.commit", "false")
     .set("enable.partition.eof", "true")
-    .set("auto.offset.reset", "earliest");
+    .set("auto.offset.reset", "earliest")
+    // A one-off read to the end: the broker need not hold a fetch of the (mostly empty) tail
+    // for the default half second before the end of the partition is seen.
+    .set("fetch.wait.max.ms", "20");
     let consumer: BaseConsumer<ReportingContext> = with_extra(cc, config)
         .create_with_context(ReportingContext {
             shared: shared.clone(),
         })
         .map_err(|e| kafka(ErrorKind::Other, "creating the checkpoint reader", e))?;
+    let mut read = ReadCheckpoints {
+        per_slot: vec![Vec::new(); slots.len()],
+        own_seen: false,
+        identity,
+    };
+    // A partition that has never held a record (the site's first start, the common case of a
+    // backlog waiting for its first uplink) has nothing to read: its low and high watermarks
+    // are equal. Anything else, or an error asking, is read to its end as below.
+    if let Ok((low, high)) = consumer.fetch_watermarks(topic, partition, config.request_timeout) {
+        if high <= low {
+            debug!(site = %config.site, "{topic} partition {partition} is empty: no checkpoints");
+            return Ok(read);
+        }
+    }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Beginning)
         .map_err(|e| {
@@ -1597,11 +1614,6 @@ fn read_checkpoints(
     })?;
     let deadline = Instant::now() + config.request_timeout * 2;
     let mut found = 0usize;
-    let mut read = ReadCheckpoints {
-        per_slot: vec![Vec::new(); slots.len()],
-        own_seen: false,
-        identity,
-    };
     loop {
         if Instant::now() >= deadline {
             return Err(failed(
