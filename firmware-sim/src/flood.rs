@@ -101,11 +101,9 @@ impl PayloadPool {
             PayloadKind::Binary => {
                 let filler = spec.size.max(HEADER_LEN) - HEADER_LEN;
                 // Rounded to whole fillers so that every message takes a contiguous slice.
-                let len = if filler == 0 {
-                    0
-                } else {
-                    (POOL_BYTES / filler).max(1) * filler
-                };
+                let len = POOL_BYTES
+                    .checked_div(filler)
+                    .map_or(0, |n| n.max(1) * filler);
                 let mut bytes = vec![0u8; len];
                 rng.fill_bytes(&mut bytes);
                 Ok(PayloadPool::Binary { bytes, filler })
@@ -592,8 +590,13 @@ mod tests {
             let (pool, list) = payloads(kind, size);
             for (p, seq) in list.iter().zip([0u64, 1, 9_999, 123_456_789_012]) {
                 assert_eq!(p.len(), pool.len());
-                let stamp = payload::decode(p).unwrap_or_else(|| panic!("{kind:?} {size}: undecodable"));
-                assert_eq!((stamp.seq, stamp.sent_at_us), (seq, 1_000 + seq), "{kind:?} {size}");
+                let stamp =
+                    payload::decode(p).unwrap_or_else(|| panic!("{kind:?} {size}: undecodable"));
+                assert_eq!(
+                    (stamp.seq, stamp.sent_at_us),
+                    (seq, 1_000 + seq),
+                    "{kind:?} {size}"
+                );
                 assert_eq!(stamp.run, RunId(0xabcd_0123));
             }
             if size > 0 {
