@@ -666,10 +666,9 @@ mod tests {
         assert_eq!(copied, in_place);
     }
 
-    #[test]
-    fn flipped_byte_is_detected() {
-        let value = batch_of(&[sample(b"payload", &[])]);
-        for i in BATCH_HEADER_LEN..value.len() {
+    /// Every byte of `value` from `from` on, flipped alone, fails the checksum.
+    fn assert_every_flip_detected(value: &[u8], from: usize) {
+        for i in from..value.len() {
             let mut damaged = value.to_vec();
             damaged[i] ^= 0x40;
             assert!(
@@ -682,12 +681,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn truncated_batch_is_rejected() {
-        let value = batch_of(&[sample(b"payload", &[])]);
+    /// Every proper prefix of `value` is refused.
+    fn assert_every_truncation_rejected(value: &Bytes) {
         for cut in 0..value.len() {
             assert!(decode_batch(0, value.slice(..cut)).is_err(), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn flipped_byte_is_detected() {
+        let value = batch_of(&[sample(b"payload", &[])]);
+        assert_every_flip_detected(&value, BATCH_HEADER_LEN);
+    }
+
+    #[test]
+    fn truncated_batch_is_rejected() {
+        let value = batch_of(&[sample(b"payload", &[])]);
+        assert_every_truncation_rejected(&value);
     }
 
     const HEADER: BatchHeader = BatchHeader {
@@ -789,25 +799,13 @@ mod tests {
     #[test]
     fn flipped_byte_in_compressed_batch_is_detected() {
         let value = compressed(&compressible_records());
-        for i in 22..value.len() {
-            let mut damaged = value.clone();
-            damaged[i] ^= 0x40;
-            assert!(
-                matches!(
-                    decode_batch(0, Bytes::from(damaged)),
-                    Err(CorruptBatch::Checksum { .. })
-                ),
-                "flip at {i} went unnoticed"
-            );
-        }
+        assert_every_flip_detected(&value, 22);
     }
 
     #[test]
     fn truncated_compressed_batch_is_rejected() {
         let value = Bytes::from(compressed(&compressible_records()));
-        for cut in 0..value.len() {
-            assert!(decode_batch(0, value.slice(..cut)).is_err(), "cut at {cut}");
-        }
+        assert_every_truncation_rejected(&value);
     }
 
     #[test]
