@@ -89,6 +89,78 @@ async fn eio_from_fsync_in_the_group_commit_poisons_the_log_and_exits_2() {
     restart_holds(edge, &fs, &acked);
 }
 
+/// Publishes of 200 KiB make groups the appender's second thread commits (while the first
+/// batches the next): its failure poisons the log and fails what the first holds alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eio_from_fsync_in_a_large_group_commit_poisons_the_log_and_exits_2() {
+    let (_root, fs, data) = fault_mount("tributary-eio-");
+    let mut edge = start_edge(&data, "always");
+    let mut acked = publish_healthy(&edge, 20, "healthy").await;
+    acked.extend(publish_until_failing(&edge, &fs, "large", 200 << 10).await);
+    let stderr = exits_2(&mut edge);
+    assert!(stderr.contains("a write to the disk failed"), "{stderr}");
+    restart_holds(edge, &fs, &acked);
+}
+
+/// Four connections publish `body` QoS 1 each, one at a time; once 40 are acknowledged, fsync
+/// starts failing; returns every payload acknowledged, before and after.
+async fn publish_until_failing(
+    edge: &Edge,
+    fs: &tributary_faultfs::FaultFs,
+    prefix: &str,
+    body: usize,
+) -> Vec<String> {
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for c in 0..4 {
+        let (addr, acked) = (edge.addr, acked.clone());
+        let prefix = format!("{prefix}{c}");
+        tasks.push(tokio::spawn(async move {
+            let (mut client, _) = RawClient::connect(addr, Proto::V5, &ConnectOpts::new(&prefix))
+                .await
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(180);
+            for i in 1u32.. {
+                assert!(
+                    Instant::now() < deadline,
+                    "publishes were still acknowledged on a failing disk"
+                );
+                let text = incompressible_text(body, u64::from(i) << 8 | c);
+                let payload = format!("{prefix}-{i}-{text}");
+                let pkid = (i % 60_000 + 1) as u16;
+                if client
+                    .publish("sensors/eio/t", 1, pkid, payload.as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                match client.recv_within(Duration::from_secs(60)).await {
+                    Ok(Got::PubAck(p, 0)) if p == pkid => acked.lock().unwrap().push(payload),
+                    Ok(Got::PubAck(..)) | Ok(Got::Disconnect(_)) | Ok(Got::Closed) | Err(_) => {
+                        return
+                    }
+                    Ok(other) => panic!("{other:?}"),
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acked.lock().unwrap().len() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "40 large publishes were not acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    fs.fail_fsync(true);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    acked
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eio_from_write_poisons_the_log_and_exits_2() {
     let (_root, fs, data) = fault_mount("tributary-eio-");

@@ -1,16 +1,23 @@
 //! The group-commit appender: the only writer of the log.
 //!
 //! Connections send [`AppendRequest`]s (records already encoded by the connection, plus small
-//! state changes such as QoS 2 markers) into one bounded channel. One thread takes the first
+//! state changes such as QoS 2 markers) into one bounded channel. The appender takes the first
 //! request, then everything else already queued, writes it all as one fjall write batch with
 //! one fsync, and only then tells each requester. While a commit is in its fsync the next
 //! group gathers, so the fsync rate adapts to the load: one fsync per publish when traffic is
 //! light, hundreds of publishes per fsync under load. The bounded channel is the backpressure:
 //! a connection whose send waits stops reading its socket.
+//!
+//! The appender thread ("log-appender") groups the requests, gives their records offsets and
+//! encodes (compresses) the record batches, and commits the group: it adds the group's state
+//! changes, writes and fsyncs it, updates the partitions and answers. A group large enough
+//! that compressing it costs about as much as an fsync is committed instead by a second
+//! thread ("log-commit"), while the first batches the next group: at most two groups are in
+//! the appender at once, and they commit in the order they were received.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -302,6 +309,10 @@ enum AppenderMsg {
 /// four sealed ones.
 const WRITE_BUFFER_LIMIT: u64 = 96 << 20;
 
+/// Encoded record bytes of a group (before compression) from which the batcher prepares the
+/// next group while it commits, instead of waiting for the commit to gather it.
+const PIPELINE_BYTES: usize = 128 << 10;
+
 /// Limits of one group commit.
 const MAX_GROUP_REQUESTS: usize = 4096;
 const MAX_GROUP_BYTES: usize = 8 << 20;
@@ -326,8 +337,7 @@ pub fn spawn(
             // A panic here would otherwise leave the edge accepting publishes it can never
             // write; it is reported like any other fatal log error.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut writer = Writer::new(log, fsync, compression, max_batch_records, first_seq);
-                writer.run(rx)
+                run(log, fsync, compression, max_batch_records, first_seq, rx)
             }))
             .unwrap_or_else(|panic| {
                 let what = panic
@@ -346,6 +356,76 @@ pub fn spawn(
         })
         .expect("spawning the appender thread");
     (Appender { tx }, handle)
+}
+
+/// Runs the appender: the batcher on this thread, the committer's thread beside it, until
+/// the batcher ends; then the final fsync.
+fn run(
+    log: Arc<Log>,
+    fsync: FsyncMode,
+    compression: Compression,
+    max_batch_records: usize,
+    first_seq: u64,
+    mut rx: mpsc::Receiver<AppenderMsg>,
+) -> Result<(), CommitError> {
+    let mut batcher = Batcher::new(&log, compression, max_batch_records);
+    let writer = Mutex::new(Writer::new(log, fsync, first_seq));
+    let failed = OnceLock::new();
+    // No buffer: a group is batched while the one before it commits, not further ahead.
+    let (stages_tx, stages_rx) = std::sync::mpsc::sync_channel(0);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let committer = std::thread::Builder::new()
+            .name("log-commit".into())
+            .spawn_scoped(scope, || serve(&writer, stages_rx, done_tx, &failed))
+            .expect("spawning the log committer thread");
+        batcher.run(&mut rx, &writer, stages_tx, done_rx, &failed);
+        committer
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    });
+    if let Some(why) = failed.get() {
+        return Err(why.clone());
+    }
+    let writer = writer
+        .into_inner()
+        .map_err(|_| CommitError::Storage(Arc::from("the log committer panicked")))?;
+    writer
+        .log
+        .persist()
+        .map_err(|e| CommitError::from_log("the final fsync", &e))
+}
+
+/// The committer's thread: commits the groups the batcher hands it, in order, answering on
+/// `done` after each; ends when the batcher is gone or a commit failed.
+fn serve(
+    writer: &Mutex<Writer>,
+    groups: std::sync::mpsc::Receiver<Prepared>,
+    done: std::sync::mpsc::Sender<()>,
+    failed: &OnceLock<CommitError>,
+) {
+    while let Ok(prepared) = groups.recv() {
+        let Ok(mut writer) = writer.lock() else {
+            // The batcher panicked in a commit: it ends too.
+            fail_requests(
+                prepared.group,
+                &CommitError::Storage(Arc::from("the log appender panicked")),
+            );
+            return;
+        };
+        if writer.commit_or_fail(prepared, failed).is_err() {
+            // A group offered now fails here; once `groups` is dropped, the batcher's next
+            // offer comes back to it and it fails the rest.
+            drop(writer);
+            let why = failed.get().cloned().unwrap_or(CommitError::Closed);
+            while let Ok(p) = groups.try_recv() {
+                fail_requests(p.group, &why);
+            }
+            return;
+        }
+        // The batcher may have ended (after a shutdown) without waiting.
+        let _ = done.send(());
+    }
 }
 
 /// The longest key fjall stores.
@@ -391,66 +471,84 @@ struct Builder {
     last_ts: u64,
 }
 
-/// The appender thread's state.
-struct Writer {
-    log: Arc<Log>,
-    fsync: FsyncMode,
+/// A group the batcher has made ready for the committer: its record batches encoded, their
+/// offsets given.
+struct Prepared {
+    group: Vec<AppendRequest>,
+    /// (flat partition index, base offset, stored value), in offset order per partition.
+    batches: Vec<(usize, u64, Vec<u8>)>,
+    /// The partitions the group appends to, each with its end offset after the group.
+    ends: Vec<(usize, u64)>,
+    /// Per request: the offsets of its records when it has [`StateOp::Enqueue`] ops.
+    offsets: Vec<Vec<u64>>,
+}
+
+/// The batcher, first stage of the appender: groups requests, gives their records offsets and
+/// encodes (compresses) the batches, while the committer makes the previous group durable.
+/// It alone gives out offsets, so its ends run ahead of the committed ones.
+struct Batcher {
     compression: Compression,
     /// The compressed value of the batch being finished, reused from one batch to the next.
     compressed: Vec<u8>,
     max_batch_records: u32,
-    /// Flat partition index -> (topic, partition).
-    flat: Vec<(TopicId, u32)>,
     /// First flat index of each topic.
     topic_base: Vec<usize>,
     builders: Vec<Option<Builder>>,
     touched: Vec<usize>,
-    /// End offset and bytes of touched partitions during a commit.
-    next_end: Vec<u64>,
-    next_bytes: Vec<u64>,
-    /// Next [`StateOp::Enqueue`] seq.
-    next_seq: u64,
-    /// Offsets of the records of the request being committed that has Enqueue ops.
+    /// End offset of each partition after the groups handed on so far.
+    ends: Vec<u64>,
+    /// Offsets of the records of the request being batched that has Enqueue ops.
     offsets: Vec<u64>,
 }
 
-impl Writer {
-    fn new(
-        log: Arc<Log>,
-        fsync: FsyncMode,
-        compression: Compression,
-        max_batch_records: usize,
-        first_seq: u64,
-    ) -> Writer {
-        let mut flat = Vec::new();
+impl Batcher {
+    fn new(log: &Log, compression: Compression, max_batch_records: usize) -> Batcher {
         let mut topic_base = Vec::new();
+        let mut ends = Vec::new();
         for t in log.topics() {
-            topic_base.push(flat.len());
-            for p in 0..t.partitions.len() as u32 {
-                flat.push((t.id, p));
-            }
+            topic_base.push(ends.len());
+            ends.extend(t.partitions.iter().map(|p| p.end.load(Ordering::Acquire)));
         }
-        let n = flat.len();
-        Writer {
-            log,
-            fsync,
+        Batcher {
             compression,
             compressed: Vec::new(),
             max_batch_records: max_batch_records as u32,
-            flat,
             topic_base,
-            builders: (0..n).map(|_| None).collect(),
+            builders: (0..ends.len()).map(|_| None).collect(),
             touched: Vec::new(),
-            next_end: vec![0; n],
-            next_bytes: vec![0; n],
-            next_seq: first_seq,
+            ends,
             offsets: Vec::new(),
         }
     }
 
-    fn run(&mut self, mut rx: mpsc::Receiver<AppenderMsg>) -> Result<(), CommitError> {
+    /// Takes requests as they come, a group at a time (the first, then everything already
+    /// queued), batches each group and commits it: a small one on this thread once the
+    /// committer is idle, exactly as one thread would; a large one on the committer's thread,
+    /// so that this one batches the next meanwhile. Other messages run here, in order, once
+    /// the groups before them are committed. Ends when every sender is gone or after a
+    /// shutdown; after a failed commit, fails what it holds and everything queued.
+    fn run(
+        &mut self,
+        rx: &mut mpsc::Receiver<AppenderMsg>,
+        writer: &Mutex<Writer>,
+        committer: std::sync::mpsc::SyncSender<Prepared>,
+        done: std::sync::mpsc::Receiver<()>,
+        failed: &OnceLock<CommitError>,
+    ) {
         let mut group: Vec<AppendRequest> = Vec::new();
         let mut deferred: Vec<AppenderMsg> = Vec::new();
+        // Groups handed to the committer, each answered on `done` once committed.
+        let mut handed = 0usize;
+        // Waits until the committer has committed every group handed to it.
+        let committer_idle = |handed: &mut usize| -> bool {
+            while *handed > 0 {
+                if done.recv().is_err() {
+                    return false;
+                }
+                *handed -= 1;
+            }
+            true
+        };
         while let Some(first) = rx.blocking_recv() {
             let mut bytes = 0usize;
             let mut next = Some(first);
@@ -472,70 +570,59 @@ impl Writer {
                 }
             }
             if !group.is_empty() {
-                if let Err(why) = self.commit(&mut group) {
-                    return Err(self.fail_all(why, &mut group, &mut rx));
+                let prepared = self.batch(std::mem::take(&mut group));
+                while done.try_recv().is_ok() {
+                    handed -= 1;
                 }
-            }
-            for msg in deferred.drain(..) {
-                let result = match msg {
-                    AppenderMsg::Retention => self
-                        .log
-                        .enforce_retention(now_ms())
-                        .map_err(|e| CommitError::from_log("applying retention", &e)),
-                    AppenderMsg::Persist => self
-                        .log
-                        .persist()
-                        .map_err(|e| CommitError::from_log("fsync", &e)),
-                    AppenderMsg::Shutdown => {
-                        // Messages already queued are still received after close().
-                        rx.close();
-                        Ok(())
+                let large = bytes >= PIPELINE_BYTES && self.compression != Compression::None;
+                if large || handed > 0 {
+                    // Compressing the next group takes about as long as this one's fsync:
+                    // the committer's thread commits it while this one batches the next (and
+                    // keeps doing so while it is busy, whatever the size of the groups).
+                    if let Err(std::sync::mpsc::SendError(p)) = committer.send(prepared) {
+                        return fail_rest(Some(p), deferred, rx, failed);
                     }
-                    AppenderMsg::Append(_) => unreachable!("appends are grouped"),
+                    handed += 1;
+                } else {
+                    // A small group: the next one gathers while this one commits, and so holds
+                    // everything that arrives meanwhile (no thread hand-over either).
+                    if !committer_idle(&mut handed) {
+                        return fail_rest(Some(prepared), deferred, rx, failed);
+                    }
+                    match writer.lock() {
+                        Ok(mut w) => {
+                            if w.commit_or_fail(prepared, failed).is_err() {
+                                return fail_rest(None, deferred, rx, failed);
+                            }
+                        }
+                        Err(_) => return fail_rest(Some(prepared), deferred, rx, failed),
+                    }
+                }
+            }
+            if deferred.is_empty() {
+                continue;
+            }
+            if !committer_idle(&mut handed) {
+                return fail_rest(None, deferred, rx, failed);
+            }
+            for msg in std::mem::take(&mut deferred) {
+                let result = match writer.lock() {
+                    Ok(mut w) => w.run_message(msg, rx, failed),
+                    Err(_) => Err(()),
                 };
-                if let Err(why) = result {
-                    return Err(self.fail_all(why, &mut group, &mut rx));
+                if result.is_err() {
+                    return fail_rest(None, Vec::new(), rx, failed);
                 }
             }
         }
-        self.log
-            .persist()
-            .map_err(|e| CommitError::from_log("the final fsync", &e))
     }
 
-    /// Poisons the log and fails this group and everything that arrives later.
-    fn fail_all(
-        &mut self,
-        why: CommitError,
-        group: &mut Vec<AppendRequest>,
-        rx: &mut mpsc::Receiver<AppenderMsg>,
-    ) -> CommitError {
-        self.log.poison(why.clone());
-        tracing::error!(error = %why, "log write failed: the log is poisoned, no further publishes are acknowledged");
-        let fail = |req: AppendRequest| {
-            if let Some(reply) = req.reply {
-                let _ = reply.tx.send(Committed {
-                    ticket: reply.ticket,
-                    outcome: Err(why.clone()),
-                    seqs: Vec::new(),
-                });
-            }
-        };
-        group.drain(..).for_each(fail);
-        rx.close();
-        while let Ok(msg) = rx.try_recv() {
-            if let AppenderMsg::Append(req) = msg {
-                fail(req);
-            }
-        }
-        why
-    }
-
-    fn commit(&mut self, group: &mut Vec<AppendRequest>) -> Result<(), CommitError> {
-        let log = Arc::clone(&self.log);
-        let mut batch = log.db.batch();
-        let mut offsets: Vec<Vec<u64>> = Vec::new();
-        for req in group.iter() {
+    /// Appends the group's records to per-partition batches (a new one every
+    /// `max_batch_records`), giving each record its offset, and encodes the batches.
+    fn batch(&mut self, group: Vec<AppendRequest>) -> Prepared {
+        let mut batches = Vec::new();
+        let mut offsets: Vec<Vec<u64>> = Vec::with_capacity(group.len());
+        for req in &group {
             let wants_offsets = req
                 .state
                 .iter()
@@ -547,16 +634,12 @@ impl Writer {
                     .as_ref()
                     .is_some_and(|b| b.count >= self.max_batch_records);
                 if full {
-                    self.flush_builder(flat, &mut batch);
+                    batches.push(self.finish(flat));
                 }
                 let builder = match &mut self.builders[flat] {
                     Some(b) => b,
                     slot @ None => {
                         if !self.touched.contains(&flat) {
-                            let (t, p) = self.flat[flat];
-                            let state = &log.topics[t as usize].partitions[p as usize];
-                            self.next_end[flat] = state.end.load(Ordering::Relaxed);
-                            self.next_bytes[flat] = state.bytes.load(Ordering::Relaxed);
                             self.touched.push(flat);
                         }
                         let mut value = Vec::with_capacity(16 * 1024);
@@ -573,7 +656,7 @@ impl Writer {
                 builder.value.extend_from_slice(bytes);
                 if wants_offsets {
                     self.offsets
-                        .push(self.next_end[flat] + u64::from(builder.count));
+                        .push(self.ends[flat] + u64::from(builder.count));
                 }
                 builder.count += 1;
                 builder.last_ts = builder.last_ts.max(rec.timestamp_ms);
@@ -587,23 +670,187 @@ impl Writer {
         for i in 0..self.touched.len() {
             let flat = self.touched[i];
             if self.builders[flat].is_some() {
-                self.flush_builder(flat, &mut batch);
+                batches.push(self.finish(flat));
             }
         }
+        let ends = self.touched.drain(..).map(|f| (f, self.ends[f])).collect();
+        Prepared {
+            group,
+            batches,
+            ends,
+            offsets,
+        }
+    }
+
+    /// Ends a partition's open batch: its records take the next offsets, and it is encoded.
+    fn finish(&mut self, flat: usize) -> (usize, u64, Vec<u8>) {
+        let b = self.builders[flat].take().expect("builder present");
+        let base = self.ends[flat];
+        let mut value = b.value;
+        let header = BatchHeader {
+            record_count: b.count,
+            first_timestamp_ms: b.first_ts,
+            last_timestamp_ms: b.last_ts,
+        };
+        // A batch that does not shrink is stored as it is: no decompression on every read.
+        if encode_compressed_batch(
+            header,
+            &value[BATCH_HEADER_LEN..],
+            self.compression,
+            &mut self.compressed,
+        ) {
+            std::mem::swap(&mut value, &mut self.compressed);
+        } else {
+            finish_batch_in_place(header, &mut value);
+        }
+        self.ends[flat] = base + u64::from(b.count);
+        (flat, base, value)
+    }
+}
+
+/// Fails `requests`, each with `why`.
+fn fail_requests(requests: impl IntoIterator<Item = AppendRequest>, why: &CommitError) {
+    for req in requests {
+        if let Some(reply) = req.reply {
+            let _ = reply.tx.send(Committed {
+                ticket: reply.ticket,
+                outcome: Err(why.clone()),
+                seqs: Vec::new(),
+            });
+        }
+    }
+}
+
+/// The batcher's end after a failed commit: what it still holds and everything queued fails
+/// with the commit's reason, and nothing more is taken.
+fn fail_rest(
+    unsent: Option<Prepared>,
+    deferred: Vec<AppenderMsg>,
+    rx: &mut mpsc::Receiver<AppenderMsg>,
+    failed: &OnceLock<CommitError>,
+) {
+    let why = failed
+        .get()
+        .cloned()
+        .unwrap_or_else(|| CommitError::Storage(Arc::from("the log appender panicked")));
+    let appends = |msg: AppenderMsg| match msg {
+        AppenderMsg::Append(req) => Some(req),
+        _ => None,
+    };
+    if let Some(p) = unsent {
+        fail_requests(p.group, &why);
+    }
+    fail_requests(deferred.into_iter().filter_map(appends), &why);
+    rx.close();
+    while let Ok(msg) = rx.try_recv() {
+        fail_requests(appends(msg), &why);
+    }
+}
+
+/// The committer, second stage of the appender: writes each prepared group with its state
+/// changes as one fjall batch, makes it durable, and only then tells the requesters.
+struct Writer {
+    log: Arc<Log>,
+    fsync: FsyncMode,
+    /// Flat partition index -> (topic, partition).
+    flat: Vec<(TopicId, u32)>,
+    /// Bytes each partition's batches add in the commit being made.
+    added: Vec<u64>,
+    /// Next [`StateOp::Enqueue`] seq.
+    next_seq: u64,
+}
+
+impl Writer {
+    fn new(log: Arc<Log>, fsync: FsyncMode, first_seq: u64) -> Writer {
+        let mut flat = Vec::new();
+        for t in log.topics() {
+            for p in 0..t.partitions.len() as u32 {
+                flat.push((t.id, p));
+            }
+        }
+        let n = flat.len();
+        Writer {
+            log,
+            fsync,
+            flat,
+            added: vec![0; n],
+            next_seq: first_seq,
+        }
+    }
+
+    /// Commits a group; when that fails, poisons the log, fails the group's requests and
+    /// records why in `failed` for everything after it.
+    fn commit_or_fail(
+        &mut self,
+        mut prepared: Prepared,
+        failed: &OnceLock<CommitError>,
+    ) -> Result<(), ()> {
+        match self.commit(&mut prepared) {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                self.fail(why, failed);
+                fail_requests(prepared.group, failed.get().expect("just set"));
+                Err(())
+            }
+        }
+    }
+
+    /// Runs a message other than an append (retention, an fsync, the shutdown).
+    fn run_message(
+        &mut self,
+        msg: AppenderMsg,
+        rx: &mut mpsc::Receiver<AppenderMsg>,
+        failed: &OnceLock<CommitError>,
+    ) -> Result<(), ()> {
+        let result = match msg {
+            AppenderMsg::Retention => self
+                .log
+                .enforce_retention(now_ms())
+                .map_err(|e| CommitError::from_log("applying retention", &e)),
+            AppenderMsg::Persist => self
+                .log
+                .persist()
+                .map_err(|e| CommitError::from_log("fsync", &e)),
+            AppenderMsg::Shutdown => {
+                // Messages already queued are still received after close().
+                rx.close();
+                Ok(())
+            }
+            AppenderMsg::Append(_) => unreachable!("appends are grouped"),
+        };
+        result.map_err(|why| self.fail(why, failed))
+    }
+
+    /// Poisons the log and records why, once.
+    fn fail(&self, why: CommitError, failed: &OnceLock<CommitError>) {
+        self.log.poison(why.clone());
+        tracing::error!(error = %why, "log write failed: the log is poisoned, no further publishes are acknowledged");
+        let _ = failed.set(why);
+    }
+
+    fn commit(&mut self, prepared: &mut Prepared) -> Result<(), CommitError> {
+        let log = Arc::clone(&self.log);
+        let group = &mut prepared.group;
+        let mut batch = log.db.batch();
+        for (flat, base, value) in prepared.batches.drain(..) {
+            let (t, p) = self.flat[flat];
+            self.added[flat] += value.len() as u64;
+            batch.insert(&log.records, record_key(t, p, base).to_vec(), value);
+        }
+        // The partitions' sizes as retention and the budget left them, plus this group.
+        let mut new_bytes = Vec::with_capacity(prepared.ends.len());
         let mut added_bytes = 0u64;
-        for &flat in &self.touched {
+        for &(flat, end) in &prepared.ends {
             let (t, p) = self.flat[flat];
             let state = &log.topics[t as usize].partitions[p as usize];
-            added_bytes += self.next_bytes[flat] - state.bytes.load(Ordering::Relaxed);
+            let added = std::mem::take(&mut self.added[flat]);
+            let bytes = state.bytes.load(Ordering::Relaxed) + added;
+            added_bytes += added;
+            new_bytes.push(bytes);
             batch.insert(
                 &log.meta,
                 meta::partition_key(t, p).to_vec(),
-                meta::partition_value(
-                    self.next_end[flat],
-                    self.next_bytes[flat],
-                    state.removed.load(Ordering::Relaxed),
-                )
-                .to_vec(),
+                meta::partition_value(end, bytes, state.removed.load(Ordering::Relaxed)).to_vec(),
             );
         }
 
@@ -637,7 +884,8 @@ impl Writer {
                         prefix.extend_from_slice(&seq.to_be_bytes());
                         value.extend_from_slice(&rec.topic.to_be_bytes());
                         value.extend_from_slice(&rec.partition.to_be_bytes());
-                        value.extend_from_slice(&offsets[i][record as usize].to_be_bytes());
+                        value
+                            .extend_from_slice(&prepared.offsets[i][record as usize].to_be_bytes());
                         fresh.insert(prefix.clone());
                         state.insert(prefix, Some(value));
                     }
@@ -702,18 +950,15 @@ impl Writer {
             .observe(started.elapsed().as_secs_f64());
         log.counters.commit_records.observe(records as f64);
 
-        for &flat in &self.touched {
+        for (&(flat, end), bytes) in prepared.ends.iter().zip(new_bytes) {
             let (t, p) = self.flat[flat];
             let state = &log.topics[t as usize].partitions[p as usize];
-            state.bytes.store(self.next_bytes[flat], Ordering::Relaxed);
-            state.end.store(self.next_end[flat], Ordering::Release);
+            state.bytes.store(bytes, Ordering::Relaxed);
+            state.end.store(end, Ordering::Release);
             if self.fsync == FsyncMode::Always {
-                state
-                    .durable_end
-                    .store(self.next_end[flat], Ordering::Release);
+                state.durable_end.store(end, Ordering::Release);
             }
         }
-        self.touched.clear();
         log.total_bytes.fetch_add(added_bytes, Ordering::Relaxed);
         if state_added != state_freed {
             // One writer: a load and a store cannot race another change.
@@ -775,32 +1020,6 @@ impl Writer {
             }
         }
         Ok(())
-    }
-
-    fn flush_builder(&mut self, flat: usize, batch: &mut fjall::OwnedWriteBatch) {
-        let b = self.builders[flat].take().expect("builder present");
-        let (t, p) = self.flat[flat];
-        let base = self.next_end[flat];
-        let mut value = b.value;
-        let header = BatchHeader {
-            record_count: b.count,
-            first_timestamp_ms: b.first_ts,
-            last_timestamp_ms: b.last_ts,
-        };
-        // A batch that does not shrink is stored as it is: no decompression on every read.
-        if encode_compressed_batch(
-            header,
-            &value[BATCH_HEADER_LEN..],
-            self.compression,
-            &mut self.compressed,
-        ) {
-            std::mem::swap(&mut value, &mut self.compressed);
-        } else {
-            finish_batch_in_place(header, &mut value);
-        }
-        self.next_end[flat] = base + b.count as u64;
-        self.next_bytes[flat] += value.len() as u64;
-        batch.insert(&self.log.records, record_key(t, p, base).to_vec(), value);
     }
 }
 

@@ -790,3 +790,65 @@ fn publishes_are_refused_below_min_free_and_accepted_again_when_space_is_back() 
     log.set_min_free(None);
     assert!(!log.rejects_publishes());
 }
+
+/// Groups of more than `PIPELINE_BYTES` are committed by the committer's thread while the
+/// next is batched: offsets stay dense and in request order in every partition, and the
+/// offsets an `Enqueue` records (given out by the batcher, ahead of the commits) point at the
+/// records they were queued for.
+#[test]
+fn large_groups_committed_beside_the_batching_keep_offsets_and_queued_positions_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(3, None, None)), None).unwrap());
+    let body = r#"{"device":"d-7","temperature":21.5,"humidity":40.25,"ok":true},"#.repeat(1000);
+    let names: Vec<Vec<(u32, String)>> = (0..24u32)
+        .map(|i| {
+            (0..3u32)
+                .map(|j| ((i + j) % 3, format!("{i}-{j}-{body}")))
+                .collect()
+        })
+        .collect();
+    let mut reqs = Vec::new();
+    for (i, recs) in names.iter().enumerate() {
+        let slice: Vec<(u32, &str, u64)> = recs.iter().map(|(p, n)| (*p, n.as_str(), 1)).collect();
+        let mut req = request(&slice, None);
+        req.state.push(StateOp::Enqueue {
+            prefix: format!("qe{i:02}/").into_bytes(),
+            record: 1,
+            value: b"v".to_vec(),
+        });
+        reqs.push(req);
+    }
+    let committed = append_all(&log, 1000, reqs);
+    let mut expected: Vec<Vec<&str>> = vec![Vec::new(); 3];
+    for recs in &names {
+        for (p, n) in recs {
+            expected[*p as usize].push(n);
+        }
+    }
+    for p in 0..3u32 {
+        let got = payloads(&log, p, 0);
+        assert_eq!(got.len(), expected[p as usize].len());
+        for (i, (off, name)) in got.iter().enumerate() {
+            assert_eq!(*off, i as u64);
+            assert_eq!(name, expected[p as usize][i], "partition {p} offset {i}");
+        }
+    }
+    let mut last_seq = 0;
+    for (i, done) in committed.iter().enumerate() {
+        assert!(done.outcome.is_ok());
+        assert_eq!(done.seqs.len(), 1);
+        assert!(done.seqs[0] > last_seq, "seqs grow in request order");
+        last_seq = done.seqs[0];
+        let entries = log.meta_scan(format!("qe{i:02}/").as_bytes()).unwrap();
+        assert_eq!(entries.len(), 1);
+        let v = &entries[0].1;
+        assert_eq!(&v[..1], b"v");
+        let partition = u32::from_be_bytes(v[5..9].try_into().unwrap());
+        let offset = u64::from_be_bytes(v[9..17].try_into().unwrap());
+        let (want_p, want) = &names[i][1];
+        assert_eq!(partition, *want_p);
+        let read = log.read(0, partition, offset, 1).unwrap();
+        assert_eq!(read[0].offset, offset);
+        assert_eq!(&read[0].payload[..], want.as_bytes(), "request {i}");
+    }
+}
