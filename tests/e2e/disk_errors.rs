@@ -5,7 +5,9 @@
 //! acknowledgements stopped; restarted on a healthy disk, it holds everything it acknowledged.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is the report
 
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tributary_tests::{
@@ -19,33 +21,46 @@ fn start_edge(data: &Path, fsync: &str) -> Edge {
 /// Publishes QoS 1 with `body` until one is not acknowledged (the connection closes or
 /// refuses); returns the acknowledged payloads.
 async fn publish_until_unacknowledged(edge: &Edge, prefix: &str, body: usize) -> Vec<String> {
-    let (mut c, _) = RawClient::connect(edge.addr, Proto::V5, &ConnectOpts::new(prefix))
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    publish_into(edge.addr, prefix.to_string(), body, 0, acked.clone()).await;
+    let acked = acked.lock().unwrap().clone();
+    acked
+}
+
+/// On one connection, publishes QoS 1 with `body` (random text seeded by the publish number
+/// and `seed`), one at a time, until one is not acknowledged (the connection closes or
+/// refuses); adds each acknowledged payload to `acked` as it comes.
+async fn publish_into(
+    addr: SocketAddr,
+    prefix: String,
+    body: usize,
+    seed: u64,
+    acked: Arc<Mutex<Vec<String>>>,
+) {
+    let (mut c, _) = RawClient::connect(addr, Proto::V5, &ConnectOpts::new(&prefix))
         .await
         .unwrap();
-    let mut acked = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(180);
     for i in 1u32.. {
         assert!(
             Instant::now() < deadline,
             "publishes were still acknowledged on a failing disk"
         );
-        let payload = format!("{prefix}-{i}-{}", incompressible_text(body, u64::from(i)));
+        let text = incompressible_text(body, u64::from(i) << 8 | seed);
+        let payload = format!("{prefix}-{i}-{text}");
         let pkid = (i % 60_000 + 1) as u16;
         if c.publish("sensors/eio/t", 1, pkid, payload.as_bytes())
             .await
             .is_err()
         {
-            return acked;
+            return;
         }
         match c.recv_within(Duration::from_secs(60)).await {
-            Ok(Got::PubAck(p, 0)) if p == pkid => acked.push(payload),
-            Ok(Got::PubAck(..)) | Ok(Got::Disconnect(_)) | Ok(Got::Closed) | Err(_) => {
-                return acked
-            }
+            Ok(Got::PubAck(p, 0)) if p == pkid => acked.lock().unwrap().push(payload),
+            Ok(Got::PubAck(..)) | Ok(Got::Disconnect(_)) | Ok(Got::Closed) | Err(_) => return,
             Ok(other) => panic!("{other:?}"),
         }
     }
-    unreachable!()
 }
 
 /// Waits for the edge to exit; returns its stderr after asserting status 2.
@@ -110,41 +125,18 @@ async fn publish_until_failing(
     prefix: &str,
     body: usize,
 ) -> Vec<String> {
-    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for c in 0..4 {
-        let (addr, acked) = (edge.addr, acked.clone());
-        let prefix = format!("{prefix}{c}");
-        tasks.push(tokio::spawn(async move {
-            let (mut client, _) = RawClient::connect(addr, Proto::V5, &ConnectOpts::new(&prefix))
-                .await
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(180);
-            for i in 1u32.. {
-                assert!(
-                    Instant::now() < deadline,
-                    "publishes were still acknowledged on a failing disk"
-                );
-                let text = incompressible_text(body, u64::from(i) << 8 | c);
-                let payload = format!("{prefix}-{i}-{text}");
-                let pkid = (i % 60_000 + 1) as u16;
-                if client
-                    .publish("sensors/eio/t", 1, pkid, payload.as_bytes())
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                match client.recv_within(Duration::from_secs(60)).await {
-                    Ok(Got::PubAck(p, 0)) if p == pkid => acked.lock().unwrap().push(payload),
-                    Ok(Got::PubAck(..)) | Ok(Got::Disconnect(_)) | Ok(Got::Closed) | Err(_) => {
-                        return
-                    }
-                    Ok(other) => panic!("{other:?}"),
-                }
-            }
-        }));
-    }
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..4u64)
+        .map(|c| {
+            tokio::spawn(publish_into(
+                edge.addr,
+                format!("{prefix}{c}"),
+                body,
+                c,
+                acked.clone(),
+            ))
+        })
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     while acked.lock().unwrap().len() < 40 {
         assert!(

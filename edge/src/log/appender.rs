@@ -477,15 +477,16 @@ struct Prepared {
     group: Vec<AppendRequest>,
     /// (flat partition index, base offset, stored value), in offset order per partition.
     batches: Vec<(usize, u64, Vec<u8>)>,
-    /// The partitions the group appends to, each with its end offset after the group.
-    ends: Vec<(usize, u64)>,
+    /// The partitions the group appends to, each with its end offset after the group and
+    /// the bytes its batches add.
+    ends: Vec<(usize, u64, u64)>,
     /// Per request: the offsets of its records when it has [`StateOp::Enqueue`] ops.
     offsets: Vec<Vec<u64>>,
 }
 
-/// The batcher, first stage of the appender: groups requests, gives their records offsets and
-/// encodes (compresses) the batches, while the committer makes the previous group durable.
-/// It alone gives out offsets, so its ends run ahead of the committed ones.
+/// The batcher: groups requests, gives their records offsets and encodes (compresses) the
+/// batches. It alone gives out offsets, so its ends run ahead of the committed ones while a
+/// large group commits on the committer's thread.
 struct Batcher {
     compression: Compression,
     /// The compressed value of the batch being finished, reused from one batch to the next.
@@ -499,6 +500,8 @@ struct Batcher {
     ends: Vec<u64>,
     /// Offsets of the records of the request being batched that has Enqueue ops.
     offsets: Vec<u64>,
+    /// Bytes the group's batches add to each partition.
+    added: Vec<u64>,
 }
 
 impl Batcher {
@@ -516,6 +519,7 @@ impl Batcher {
             topic_base,
             builders: (0..ends.len()).map(|_| None).collect(),
             touched: Vec::new(),
+            added: vec![0; ends.len()],
             ends,
             offsets: Vec::new(),
         }
@@ -673,7 +677,11 @@ impl Batcher {
                 batches.push(self.finish(flat));
             }
         }
-        let ends = self.touched.drain(..).map(|f| (f, self.ends[f])).collect();
+        let ends = self
+            .touched
+            .drain(..)
+            .map(|f| (f, self.ends[f], std::mem::take(&mut self.added[f])))
+            .collect();
         Prepared {
             group,
             batches,
@@ -704,6 +712,7 @@ impl Batcher {
             finish_batch_in_place(header, &mut value);
         }
         self.ends[flat] = base + u64::from(b.count);
+        self.added[flat] += value.len() as u64;
         (flat, base, value)
     }
 }
@@ -747,15 +756,14 @@ fn fail_rest(
     }
 }
 
-/// The committer, second stage of the appender: writes each prepared group with its state
-/// changes as one fjall batch, makes it durable, and only then tells the requesters.
+/// The committer, on the batcher's thread or the committer's (one at a time, behind a
+/// mutex): writes each prepared group with its state changes as one fjall batch, makes it
+/// durable, and only then tells the requesters.
 struct Writer {
     log: Arc<Log>,
     fsync: FsyncMode,
     /// Flat partition index -> (topic, partition).
     flat: Vec<(TopicId, u32)>,
-    /// Bytes each partition's batches add in the commit being made.
-    added: Vec<u64>,
     /// Next [`StateOp::Enqueue`] seq.
     next_seq: u64,
 }
@@ -768,12 +776,10 @@ impl Writer {
                 flat.push((t.id, p));
             }
         }
-        let n = flat.len();
         Writer {
             log,
             fsync,
             flat,
-            added: vec![0; n],
             next_seq: first_seq,
         }
     }
@@ -834,16 +840,14 @@ impl Writer {
         let mut batch = log.db.batch();
         for (flat, base, value) in prepared.batches.drain(..) {
             let (t, p) = self.flat[flat];
-            self.added[flat] += value.len() as u64;
             batch.insert(&log.records, record_key(t, p, base).to_vec(), value);
         }
         // The partitions' sizes as retention and the budget left them, plus this group.
         let mut new_bytes = Vec::with_capacity(prepared.ends.len());
         let mut added_bytes = 0u64;
-        for &(flat, end) in &prepared.ends {
+        for &(flat, end, added) in &prepared.ends {
             let (t, p) = self.flat[flat];
             let state = &log.topics[t as usize].partitions[p as usize];
-            let added = std::mem::take(&mut self.added[flat]);
             let bytes = state.bytes.load(Ordering::Relaxed) + added;
             added_bytes += added;
             new_bytes.push(bytes);
@@ -950,7 +954,7 @@ impl Writer {
             .observe(started.elapsed().as_secs_f64());
         log.counters.commit_records.observe(records as f64);
 
-        for (&(flat, end), bytes) in prepared.ends.iter().zip(new_bytes) {
+        for (&(flat, end, _), bytes) in prepared.ends.iter().zip(new_bytes) {
             let (t, p) = self.flat[flat];
             let state = &log.topics[t as usize].partitions[p as usize];
             state.bytes.store(bytes, Ordering::Relaxed);
