@@ -49,8 +49,11 @@ pub const BATCH_MAGIC: u8 = 0xB7;
 pub const BATCH_VERSION: u8 = 1;
 /// Format version of batch values that hold their records compressed.
 pub const BATCH_VERSION_COMPRESSED: u8 = 2;
+/// Where a batch value's CRC-32C starts, in both versions: after magic, version, record
+/// count, base offset and base timestamp.
+const CRC_AT: usize = 2 + 4 + 8 + 8;
 /// Bytes before the first record of a version 1 batch value.
-pub const BATCH_HEADER_LEN: usize = 2 + 4 + 8 + 8 + 4;
+pub const BATCH_HEADER_LEN: usize = CRC_AT + 4;
 /// Bytes before the compressed records of a version 2 batch value.
 pub const BATCH_HEADER_LEN_COMPRESSED: usize = BATCH_HEADER_LEN + 1 + 4;
 
@@ -353,7 +356,7 @@ pub fn finish_batch_in_place(header: BatchHeader, value: &mut [u8]) {
     value[2..6].copy_from_slice(&header.record_count.to_be_bytes());
     value[6..14].copy_from_slice(&header.first_timestamp_ms.to_be_bytes());
     value[14..22].copy_from_slice(&header.last_timestamp_ms.to_be_bytes());
-    value[22..26].copy_from_slice(&crc.to_be_bytes());
+    value[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
 }
 
 /// Writes `records` as a compressed (version 2) batch value into `out` (cleared first) and
@@ -395,7 +398,7 @@ pub fn encode_compressed_batch(
     out[2..6].copy_from_slice(&header.record_count.to_be_bytes());
     out[6..14].copy_from_slice(&header.first_timestamp_ms.to_be_bytes());
     out[14..22].copy_from_slice(&header.last_timestamp_ms.to_be_bytes());
-    out[22..26].copy_from_slice(&crc.to_be_bytes());
+    out[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
     true
 }
 
@@ -423,8 +426,8 @@ pub fn decode_header(value: &[u8]) -> Result<BatchHeader, CorruptBatch> {
 /// checked over what is stored, then a compressed body is decompressed.
 fn batch_records(value: Bytes) -> Result<(BatchHeader, Bytes), CorruptBatch> {
     let header = decode_header(&value)?;
-    // decode_header checked the length for the version: the CRC is at 22..26 in both.
-    let stored = u32::from_be_bytes(value[22..26].try_into().expect("4 bytes"));
+    // decode_header checked the length for the version: the CRC is at `CRC_AT` in both.
+    let stored = u32::from_be_bytes(value[CRC_AT..CRC_AT + 4].try_into().expect("4 bytes"));
     let computed = crc32fast::hash(&value[BATCH_HEADER_LEN..]);
     if stored != computed {
         return Err(CorruptBatch::Checksum { stored, computed });
@@ -730,7 +733,7 @@ mod tests {
     /// Recomputes a version 2 value's CRC, as a writer of a hostile value would.
     fn reseal(value: &mut [u8]) {
         let crc = crc32fast::hash(&value[BATCH_HEADER_LEN..]);
-        value[22..26].copy_from_slice(&crc.to_be_bytes());
+        value[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
     }
 
     #[test]
@@ -799,7 +802,7 @@ mod tests {
     #[test]
     fn flipped_byte_in_compressed_batch_is_detected() {
         let value = compressed(&compressible_records());
-        assert_every_flip_detected(&value, 22);
+        assert_every_flip_detected(&value, CRC_AT);
     }
 
     #[test]

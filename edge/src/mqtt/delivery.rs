@@ -985,7 +985,8 @@ impl Hub {
         let mut last = 0;
         let mut targets = fanouts.targets.into_iter();
         let mut at = 0;
-        for (msg, end) in fanouts.items {
+        let messages = fanouts.items.len();
+        for (n, (msg, end)) in fanouts.items.into_iter().enumerate() {
             for t in targets.by_ref().take(end - at) {
                 let seq = if t.enqueue { seqs.next() } else { None };
                 if !t.sub.online.load(Ordering::Acquire) {
@@ -1006,7 +1007,9 @@ impl Hub {
                     match batches.iter().position(|b| Arc::ptr_eq(&b.0, &t.sub)) {
                         Some(i) => i,
                         None => {
-                            batches.push((t.sub, Vec::new()));
+                            // A session gets at most one delivery per message (shared
+                            // subscriptions aside): sized once, it does not grow.
+                            batches.push((t.sub, Vec::with_capacity(messages - n)));
                             batches.len() - 1
                         }
                     }

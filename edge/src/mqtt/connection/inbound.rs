@@ -66,9 +66,11 @@ pub(super) struct InboundBatch {
     route_cache: HashMap<Bytes, (TopicId, u32, Bytes, bool)>,
     scratch_matches: Vec<Match<SubRef>>,
     scratch_targets: Vec<Target>,
-    /// Acknowledgements written since the node-wide counter was last updated (added once per
-    /// loop turn rather than once per ack, which would contend across connections).
-    acks_unreported: u64,
+    /// Acknowledgements written and publishes received since the node-wide counters were
+    /// last updated (added once per loop turn rather than once per packet: every connection
+    /// updating them per packet would contend for their cache line).
+    acks_unreported: u32,
+    received_unreported: u32,
 }
 
 impl InboundBatch {
@@ -91,6 +93,7 @@ impl InboundBatch {
             scratch_matches: Vec::new(),
             scratch_targets: Vec::new(),
             acks_unreported: 0,
+            received_unreported: 0,
         }
     }
 
@@ -127,16 +130,21 @@ impl InboundBatch {
         self.req_acks.push(d);
     }
 
-    /// Adds the acknowledgements written since the last call to the node-wide counter.
-    pub(super) fn report_acks(&mut self, client: &Client) {
+    /// Adds the acknowledgements written and the publishes received since the last call to
+    /// the node-wide counters.
+    pub(super) fn report_counts(&mut self, client: &Client) {
+        let stats = &client.broker.hub.stats;
         if self.acks_unreported > 0 {
-            client
-                .broker
-                .hub
-                .stats
+            stats
                 .acks_sent
-                .fetch_add(self.acks_unreported, Ordering::Relaxed);
+                .fetch_add(u64::from(self.acks_unreported), Ordering::Relaxed);
             self.acks_unreported = 0;
+        }
+        if self.received_unreported > 0 {
+            stats
+                .messages_received
+                .fetch_add(u64::from(self.received_unreported), Ordering::Relaxed);
+            self.received_unreported = 0;
         }
     }
 
@@ -331,11 +339,7 @@ impl InboundBatch {
             }
         }
 
-        broker
-            .hub
-            .stats
-            .messages_received
-            .fetch_add(1, Ordering::Relaxed);
+        self.received_unreported += 1;
         let qos = p.qos;
         let pkid = p.pkid;
         let staged = stage_publish(

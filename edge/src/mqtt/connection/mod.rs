@@ -321,7 +321,7 @@ where
                 return Err(close);
             }
             self.pump();
-            self.inbound.report_acks(&self.client);
+            self.inbound.report_counts(&self.client);
             self.try_flush()?;
         }
         // Only a session that receives is checked for being slow (an interval allocates).
@@ -426,7 +426,7 @@ where
                 }
             }
             self.pump();
-            self.inbound.report_acks(&self.client);
+            self.inbound.report_counts(&self.client);
             self.try_flush()?;
         }
     }
@@ -693,7 +693,7 @@ where
     /// that its own commit comes after. Returns the socket, to close. Callers box it, as
     /// `drain_pending`.
     async fn finish(mut self, conn_id: u64, handover: &Handover) -> Socket<R, W> {
-        self.inbound.report_acks(&self.client);
+        self.inbound.report_counts(&self.client);
         let lost = self.outbound.close(&self.client);
         let client = &self.client;
         let hub = &client.broker.hub;

@@ -300,6 +300,8 @@ impl OutboundWindow {
         let broker = &client.broker;
         let stats = &broker.hub.stats;
         let now = now_ms();
+        // Added to the node-wide counter once per call, not per packet (see `report_counts`).
+        let mut sent = 0;
         while wbuf.len() < WRITE_BUFFER_HIGH && self.inflight.len() < self.limit {
             let Some(d) = self.next_delivery(client, state) else {
                 break;
@@ -375,7 +377,7 @@ impl OutboundWindow {
             if let Some(a) = new_alias {
                 self.aliases.insert(d.msg.topic.clone(), a);
             }
-            stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+            sent += 1;
             if d.qos > 0 {
                 self.inflight.insert(
                     pkid,
@@ -387,6 +389,9 @@ impl OutboundWindow {
                     },
                 );
             }
+        }
+        if sent > 0 {
+            stats.messages_sent.fetch_add(sent, Ordering::Relaxed);
         }
     }
 
