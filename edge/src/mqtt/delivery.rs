@@ -985,8 +985,7 @@ impl Hub {
         let mut last = 0;
         let mut targets = fanouts.targets.into_iter();
         let mut at = 0;
-        let messages = fanouts.items.len();
-        for (n, (msg, end)) in fanouts.items.into_iter().enumerate() {
+        for (msg, end) in fanouts.items {
             for t in targets.by_ref().take(end - at) {
                 let seq = if t.enqueue { seqs.next() } else { None };
                 if !t.sub.online.load(Ordering::Acquire) {
@@ -1007,9 +1006,7 @@ impl Hub {
                     match batches.iter().position(|b| Arc::ptr_eq(&b.0, &t.sub)) {
                         Some(i) => i,
                         None => {
-                            // A session gets at most one delivery per message (shared
-                            // subscriptions aside): sized once, it does not grow.
-                            batches.push((t.sub, Vec::with_capacity(messages - n)));
+                            batches.push((t.sub, Vec::new()));
                             batches.len() - 1
                         }
                     }
