@@ -397,6 +397,12 @@ impl Subscriber {
     pub fn queued(&self) -> usize {
         self.lock().queue.len()
     }
+
+    /// Whether the outbox holds less than half its bound, in messages and in bytes.
+    pub fn has_room(&self, limits: &OutboxLimits) -> bool {
+        let ob = self.lock();
+        ob.queue.len() < limits.messages / 2 && ob.bytes < limits.bytes / 2
+    }
 }
 
 /// A session subscribed to a durable consumer group: `$share/{group}/{filter}`.
