@@ -97,6 +97,21 @@ pub struct Committed {
     pub outcome: Result<(), CommitError>,
     /// The seqs of the request's [`StateOp::Enqueue`] ops, in order.
     pub seqs: Vec<u64>,
+    /// The request's record buffers, emptied (empty when it was not committed).
+    pub spare: Spare,
+}
+
+/// A committed request's record buffers, emptied and handed back, so that the connection
+/// that sent it can build a later request in them. The appender then frees nothing a
+/// connection allocated: a free into another thread's malloc arena takes that arena's lock,
+/// which the connections' threads take too as they allocate, and a group commit that waits
+/// for that lock holds up every acknowledgement of the group.
+#[derive(Debug, Default)]
+pub struct Spare {
+    /// For [`AppendRequest::records`].
+    pub records: Vec<PendingRecord>,
+    /// For [`AppendRequest::buf`].
+    pub buf: Vec<u8>,
 }
 
 /// Records and state changes that must become durable together.
@@ -459,6 +474,7 @@ fn refuse(req: AppendRequest, why: CommitError) {
             ticket: reply.ticket,
             outcome: Err(why),
             seqs: Vec::new(),
+            spare: Spare::default(),
         });
     }
 }
@@ -725,6 +741,7 @@ fn fail_requests(requests: impl IntoIterator<Item = AppendRequest>, why: &Commit
                 ticket: reply.ticket,
                 outcome: Err(why.clone()),
                 seqs: Vec::new(),
+                spare: Spare::default(),
             });
         }
     }
@@ -978,12 +995,21 @@ impl Writer {
         }
         self.bound_write_buffer()?;
         for (req, seqs) in group.drain(..).zip(seqs) {
-            if let Some(reply) = req.reply {
+            let AppendRequest {
+                mut records,
+                mut buf,
+                reply,
+                ..
+            } = req;
+            if let Some(reply) = reply {
+                records.clear();
+                buf.clear();
                 // A connection that went away no longer needs its acks.
                 let _ = reply.tx.send(Committed {
                     ticket: reply.ticket,
                     outcome: Ok(()),
                     seqs,
+                    spare: Spare { records, buf },
                 });
             }
         }

@@ -27,10 +27,15 @@ fn topics(
 }
 
 fn request(records: &[(u32, &str, u64)], reply: Option<ReplyTo>) -> AppendRequest {
-    let mut req = AppendRequest {
+    let req = AppendRequest {
         reply,
         ..Default::default()
     };
+    request_in(req, records)
+}
+
+/// Adds `records` to `req`.
+fn request_in(mut req: AppendRequest, records: &[(u32, &str, u64)]) -> AppendRequest {
     for (partition, payload, ts) in records {
         let start = req.buf.len();
         NewRecord {
@@ -156,6 +161,39 @@ fn read_after_append_with_dense_offsets_across_batches() {
         10
     );
     assert!(payloads(&log, 1, 0).is_empty());
+}
+
+#[test]
+fn a_committed_request_hands_its_buffers_back_empty_and_a_request_built_in_them_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
+    let first: Vec<String> = (0..5).map(|i| format!("first-{i}")).collect();
+    let recs: Vec<(u32, &str, u64)> = first.iter().map(|n| (0, n.as_str(), 1)).collect();
+    let sent = request(&recs, None);
+    let (buf_len, records_len) = (sent.buf.len(), sent.records.len());
+    let mut done = append_all(&log, 100, vec![sent]);
+    assert!(done[0].outcome.is_ok());
+    let spare = std::mem::take(&mut done[0].spare);
+    // Empty, so that what a connection builds in them starts at offset 0, and with the
+    // capacity they had, so that it allocates nothing.
+    assert!(spare.buf.is_empty() && spare.records.is_empty());
+    assert!(spare.buf.capacity() >= buf_len && spare.records.capacity() >= records_len);
+    let second: Vec<String> = (0..5).map(|i| format!("second-{i}")).collect();
+    let recs: Vec<(u32, &str, u64)> = second.iter().map(|n| (0, n.as_str(), 2)).collect();
+    let again = AppendRequest {
+        records: spare.records,
+        buf: spare.buf,
+        ..Default::default()
+    };
+    let done = append_all(&log, 100, vec![request_in(again, &recs)]);
+    assert!(done[0].outcome.is_ok());
+    let want: Vec<(u64, String)> = first
+        .into_iter()
+        .chain(second)
+        .enumerate()
+        .map(|(i, p)| (i as u64, p))
+        .collect();
+    assert_eq!(payloads(&log, 0, 0), want);
 }
 
 #[test]

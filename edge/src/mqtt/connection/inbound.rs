@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::staging::{stage_publish, Staged, Staging};
 use super::types::{validate_topic, Client, Close, Deferred, PendingAck};
 use crate::auth::ConnAcl;
-use crate::log::appender::{AppendRequest, Committed, ReplyTo, StateOp, TryAppendError};
+use crate::log::appender::{AppendRequest, Committed, ReplyTo, Spare, StateOp, TryAppendError};
 use crate::mqtt::codec::{self, reason, AckKind, PublishIn, QoS, Version};
 use crate::mqtt::delivery::{Fanouts, Message, SubRef, Target};
 use crate::mqtt::limits::{check_message_props, PacketRefused};
@@ -27,6 +27,9 @@ use crate::route::TopicId;
 
 /// A request is sent to the appender once it holds this many bytes, even mid-read.
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// A committed request's buffer is built in again up to this capacity; a larger one (a
+/// request of large publishes) is given back to the allocator.
+const SPARE_BUF_MAX: usize = MAX_REQUEST_BYTES;
 /// Routes remembered per connection (devices publish to few topics).
 const ROUTE_CACHE_ENTRIES: usize = 64;
 
@@ -112,12 +115,17 @@ impl InboundBatch {
         !self.pending.is_empty()
     }
 
-    /// Gives the commit channel back. Only with nothing pending: then the appender holds no
-    /// sender of it.
-    pub(super) fn release_commit_channel(&mut self) {
+    /// Gives back what only requests on their way need: the commit channel (only with
+    /// nothing pending: then the appender holds no sender of it) and a committed request's
+    /// buffers that nothing is being built in yet (see [`InboundBatch::reuse`]).
+    pub(super) fn release_when_idle(&mut self) {
         debug_assert!(self.pending.is_empty());
         self.commit_tx = None;
         self.commit_rx = None;
+        if self.req.records.is_empty() && self.req.buf.capacity() != 0 {
+            self.req.records = Vec::new();
+            self.req.buf = Vec::new();
+        }
     }
 
     /// The state changes of the request being built.
@@ -514,6 +522,7 @@ impl InboundBatch {
             p.ticket, done.ticket,
             "the appender completes requests in order"
         );
+        self.reuse(done.spare);
         if let Err(why) = done.outcome {
             return Err(Close::new(
                 reason::IMPLEMENTATION_SPECIFIC,
@@ -531,6 +540,21 @@ impl InboundBatch {
             hub.deliver(p.fanout, &mut done.seqs.into_iter());
         }
         Ok(())
+    }
+
+    /// Builds the next request in a committed request's buffers while more requests are on
+    /// their way and nothing is being built yet; drops them otherwise, on this connection's
+    /// thread. A connection that publishes now and then keeps no buffer between its
+    /// publishes: [`InboundBatch::release_when_idle`] gives them back once nothing is pending.
+    fn reuse(&mut self, spare: Spare) {
+        if !self.pending.is_empty()
+            && self.req.buf.capacity() == 0
+            && self.req.records.capacity() == 0
+            && spare.buf.capacity() <= SPARE_BUF_MAX
+        {
+            self.req.records = spare.records;
+            self.req.buf = spare.buf;
+        }
     }
 
     /// Sends the request being built and waits for every request sent to be committed,
@@ -600,5 +624,70 @@ impl InboundBatch {
             }
             AckKind::PubRel => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::appender::PendingRecord;
+
+    fn spare(bytes: usize) -> Spare {
+        Spare {
+            records: Vec::with_capacity(8),
+            buf: Vec::with_capacity(bytes),
+        }
+    }
+
+    fn one_more_pending(batch: &mut InboundBatch) {
+        batch.pending.push_back(PendingReq {
+            ticket: batch.pending.len() as u64,
+            deferred: Vec::new(),
+            fanout: Fanouts::default(),
+            retained: Vec::new(),
+        });
+    }
+
+    #[test]
+    fn committed_buffers_are_built_in_only_while_requests_are_on_their_way_and_given_back_when_idle(
+    ) {
+        let mut batch = InboundBatch::new(0);
+        // Nothing else on its way: a connection that publishes now and then keeps nothing.
+        batch.reuse(spare(1000));
+        assert_eq!(batch.req.buf.capacity(), 0);
+        // Another request on its way: the next one is built in them.
+        one_more_pending(&mut batch);
+        batch.reuse(spare(1000));
+        assert!(batch.req.buf.capacity() >= 1000 && batch.req.records.capacity() >= 8);
+        // A request being built keeps its own buffers and what it holds.
+        batch.req.buf.extend_from_slice(b"record");
+        batch.req.records.push(PendingRecord {
+            topic: 0,
+            partition: 0,
+            start: 0,
+            len: 6,
+            timestamp_ms: 1,
+        });
+        let building = batch.req.buf.as_ptr();
+        batch.reuse(spare(4000));
+        assert_eq!(batch.req.buf.as_ptr(), building);
+        assert_eq!(&batch.req.buf[..], b"record");
+        assert_eq!(batch.req.records.len(), 1);
+        // Idle with a request being built: it stays.
+        batch.pending.clear();
+        batch.release_when_idle();
+        assert_eq!(&batch.req.buf[..], b"record");
+        // Once sent (taken), a buffer past the bound is not kept.
+        batch.req = AppendRequest::default();
+        one_more_pending(&mut batch);
+        batch.reuse(spare(SPARE_BUF_MAX + 1));
+        assert_eq!(batch.req.buf.capacity(), 0);
+        // Built in, then idle with nothing built: given back.
+        batch.reuse(spare(1000));
+        assert!(batch.req.buf.capacity() >= 1000);
+        batch.pending.clear();
+        batch.release_when_idle();
+        assert_eq!(batch.req.buf.capacity(), 0);
+        assert_eq!(batch.req.records.capacity(), 0);
     }
 }

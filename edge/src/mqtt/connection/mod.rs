@@ -502,8 +502,8 @@ where
     fn try_flush(&mut self) -> Result<(), Close> {
         let stats = &self.client.broker.hub.stats;
         if self.socket.try_flush(stats, !self.inbound.has_pending())? {
-            // No request is pending, so the appender holds no sender of this channel.
-            self.inbound.release_commit_channel();
+            // No request is pending: what only requests on their way need is given back.
+            self.inbound.release_when_idle();
         }
         Ok(())
     }
@@ -515,7 +515,7 @@ where
             .flush(stats, !self.inbound.has_pending())
             .await?
         {
-            self.inbound.release_commit_channel();
+            self.inbound.release_when_idle();
         }
         Ok(())
     }
