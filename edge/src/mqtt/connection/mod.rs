@@ -302,7 +302,7 @@ where
 {
     async fn run(&mut self, handover: &Handover) -> Result<(), Close> {
         let mut shutdown = self.client.broker.shutdown.clone();
-        self.pump();
+        let mut buffer_full = self.pump();
         self.try_flush()?;
         self.touch();
         // A client need not wait for the CONNACK: packets it wrote right behind its CONNECT
@@ -320,7 +320,7 @@ where
                 self.drain_pending().await;
                 return Err(close);
             }
-            self.pump();
+            buffer_full = self.pump();
             self.inbound.report_counts(&self.client);
             self.try_flush()?;
         }
@@ -343,6 +343,10 @@ where
             let has_deadline = self.keep_alive.is_some() && self.paused_until.is_none();
             let spare = self.socket.prepare_read();
             let unwritten = self.socket.unwritten();
+            // The pump stopped at a full write buffer and the flush wrote it all: deliveries
+            // may still wait, and no wake-up would come for them (a publisher's connection
+            // wakes this one only when it adds to the outbox, and a full outbox takes nothing).
+            let pump_again = buffer_full && !unwritten;
             let (read, write) = self.socket.read_and_write();
             tokio::select! {
                 biased;
@@ -435,8 +439,11 @@ where
                         ));
                     }
                 }
+                // After the other tasks on this worker had their turn: a subscriber that always
+                // has more to write does not hold its worker.
+                _ = tokio::task::yield_now(), if pump_again => {}
             }
-            self.pump();
+            buffer_full = self.pump();
             self.inbound.report_counts(&self.client);
             self.try_flush()?;
         }
@@ -676,14 +683,15 @@ where
         }
     }
 
-    /// Writes deliveries while the in-flight window and the write buffer have room.
-    fn pump(&mut self) {
+    /// Writes deliveries while the in-flight window and the write buffer have room. True
+    /// when it stopped because the write buffer is full.
+    fn pump(&mut self) -> bool {
         self.outbound.pump(
             &self.client,
             &mut self.acl,
             &mut self.socket.wbuf,
             self.inbound.state_ops(),
-        );
+        )
     }
 
     /// Waits for every request already sent to be committed, writing their acks, so the

@@ -289,14 +289,15 @@ impl OutboundWindow {
         }
     }
 
-    /// Writes deliveries while the in-flight window and the write buffer have room.
+    /// Writes deliveries while the in-flight window and the write buffer have room. True
+    /// when it stopped because the write buffer is full: deliveries may still be waiting.
     pub(super) fn pump(
         &mut self,
         client: &Client,
         acl: &mut Option<Box<ConnAcl>>,
         wbuf: &mut BytesMut,
         state: &mut Vec<StateOp>,
-    ) {
+    ) -> bool {
         let broker = &client.broker;
         let stats = &broker.hub.stats;
         let now = now_ms();
@@ -393,6 +394,7 @@ impl OutboundWindow {
         if sent > 0 {
             stats.messages_sent.fetch_add(sent, Ordering::Relaxed);
         }
+        wbuf.len() >= WRITE_BUFFER_HIGH
     }
 
     /// Puts a delivery that could not be sent yet back where it came from.
