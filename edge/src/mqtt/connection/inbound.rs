@@ -56,7 +56,7 @@ pub(super) struct InboundBatch {
     next_ticket: u64,
     /// Where the appender reports commits; created by the first request that needs a report
     /// and given back when the connection is idle with nothing pending (an unbounded channel
-    /// allocates about 2 KiB at once).
+    /// allocates a block of 32 reports at once, about 3.4 KiB with the buffers handed back).
     commit_tx: Option<mpsc::UnboundedSender<Committed>>,
     commit_rx: Option<mpsc::UnboundedReceiver<Committed>>,
     /// 5.0 inbound topic aliases, grown as the client sets them.
