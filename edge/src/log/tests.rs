@@ -127,6 +127,11 @@ fn noise(n: usize, seed: u64) -> String {
         .collect()
 }
 
+/// `payloads` as records of partition 0, received at `ts`, for [`request`].
+fn on_partition_0(payloads: &[String], ts: u64) -> Vec<(u32, &str, u64)> {
+    payloads.iter().map(|p| (0, p.as_str(), ts)).collect()
+}
+
 fn payloads(log: &Log, partition: u32, from: u64) -> Vec<(u64, String)> {
     log.read(0, partition, from, usize::MAX)
         .unwrap()
@@ -140,7 +145,7 @@ fn read_after_append_with_dense_offsets_across_batches() {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(Log::open(dir.path(), Some(&topics(2, None, None)), None).unwrap());
     let names: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
-    let recs: Vec<(u32, &str, u64)> = names.iter().map(|n| (0, n.as_str(), 1)).collect();
+    let recs = on_partition_0(&names, 1);
     // Batches of at most 3 records: 10 records make 4 batch values in one commit.
     let done = append_all(
         &log,
@@ -168,7 +173,7 @@ fn a_committed_request_hands_its_buffers_back_empty_and_a_request_built_in_them_
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(Log::open(dir.path(), Some(&topics(1, None, None)), None).unwrap());
     let first: Vec<String> = (0..5).map(|i| format!("first-{i}")).collect();
-    let recs: Vec<(u32, &str, u64)> = first.iter().map(|n| (0, n.as_str(), 1)).collect();
+    let recs = on_partition_0(&first, 1);
     let sent = request(&recs, None);
     let (buf_len, records_len) = (sent.buf.len(), sent.records.len());
     let mut done = append_all(&log, 100, vec![sent]);
@@ -179,7 +184,7 @@ fn a_committed_request_hands_its_buffers_back_empty_and_a_request_built_in_them_
     assert!(spare.buf.is_empty() && spare.records.is_empty());
     assert!(spare.buf.capacity() >= buf_len && spare.records.capacity() >= records_len);
     let second: Vec<String> = (0..5).map(|i| format!("second-{i}")).collect();
-    let recs: Vec<(u32, &str, u64)> = second.iter().map(|n| (0, n.as_str(), 2)).collect();
+    let recs = on_partition_0(&second, 2);
     let again = AppendRequest {
         records: spare.records,
         buf: spare.buf,
