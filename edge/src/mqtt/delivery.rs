@@ -372,11 +372,18 @@ impl Subscriber {
         self.lock().over_since.map(|t| t.elapsed())
     }
 
+    /// Sets whether the session is persistent.
+    pub fn set_durable(&self, durable: bool) {
+        self.durable.store(durable, Ordering::Release);
+        plans_changed();
+    }
+
     /// Marks the session online (a connection attached) or offline; going offline empties
     /// the outbox (durable entries stay on disk). Returns the deliveries discarded without a
     /// durable entry.
     pub fn set_online(&self, online: bool) -> usize {
         self.online.store(online, Ordering::Release);
+        plans_changed();
         let mut ob = self.lock();
         self.epoch.fetch_add(1, Ordering::AcqRel);
         let lost = ob
@@ -454,21 +461,109 @@ pub struct Target {
 /// Messages of one append request and where each goes, applied once it is committed.
 #[derive(Debug, Default)]
 pub struct Fanouts {
-    /// Each message with the end of its targets in `targets`.
-    items: Vec<(Arc<Message>, usize)>,
+    /// Each message with where it goes.
+    items: Vec<(Arc<Message>, Goes)>,
     targets: Vec<Target>,
+    /// Address of the plan of the last [`Goes::Planned`] item (held in `items`, so no other
+    /// plan can have it), only compared.
+    last_plan: Option<usize>,
+}
+
+/// Where one message of a [`Fanouts`] goes.
+#[derive(Debug)]
+enum Goes {
+    /// Its targets end there in `targets` (they start where the previous listed message's
+    /// end).
+    Listed(usize),
+    /// A remembered plan (see [`PlanCache`]).
+    Planned(Arc<[Target]>),
+    /// The plan of the last [`Goes::Planned`] item before it (a connection publishing to one
+    /// topic shares one plan without touching its count per message).
+    Again,
 }
 
 impl Fanouts {
     /// Adds a message; takes its targets out of `targets`.
     pub fn push(&mut self, msg: Arc<Message>, targets: &mut Vec<Target>) {
         self.targets.append(targets);
-        self.items.push((msg, self.targets.len()));
+        self.items.push((msg, Goes::Listed(self.targets.len())));
+    }
+
+    /// Adds a message going where a remembered plan says.
+    pub(crate) fn push_planned(&mut self, msg: Arc<Message>, plan: &Arc<[Target]>) {
+        let at = Arc::as_ptr(plan).cast::<Target>() as usize;
+        if self.last_plan == Some(at) {
+            self.items.push((msg, Goes::Again));
+        } else {
+            self.last_plan = Some(at);
+            self.items.push((msg, Goes::Planned(plan.clone())));
+        }
     }
 
     /// Whether there is nothing to deliver.
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+}
+
+/// Bumped whenever what [`Hub::plan`] finds may change: a subscription added or removed, a
+/// session attached or detached or its persistence changed. Process-wide rather than per
+/// hub: a hub in a test only invalidates more often.
+static PLAN_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Tells the connections' [`PlanCache`]s that their plans may be out of date.
+fn plans_changed() {
+    PLAN_GENERATION.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Plans remembered per topic.
+const PLAN_CACHE_ENTRIES: usize = 64;
+
+/// A connection's plans ([`Hub::plan`]) for the topics it publishes to, kept while no
+/// subscription or session changes. Planning takes the subscription tree's lock and a
+/// reference to every target's session per message; with many publishers on two cores those
+/// shared counters cost more than the rest of the plan. Only plans without side effects or
+/// per-message choices are kept: no durable queue entry (a persistent session at QoS 1 or 2)
+/// and no shared subscription (each message picks a member).
+#[derive(Debug, Default)]
+pub(crate) struct PlanCache {
+    generation: u64,
+    plans: HashMap<Bytes, (u8, Arc<[Target]>)>,
+}
+
+impl PlanCache {
+    /// The remembered plan of a `qos` publish to `topic`, if it is still the plan. Call it
+    /// before planning: what it has read is what a plan made next is remembered against.
+    pub(crate) fn get(&mut self, topic: &Bytes, qos: u8) -> Option<&Arc<[Target]>> {
+        let now = PLAN_GENERATION.load(Ordering::Acquire);
+        if now != self.generation {
+            self.plans.clear();
+            self.generation = now;
+            return None;
+        }
+        self.plans
+            .get(topic)
+            .filter(|(q, _)| *q == qos)
+            .map(|(_, plan)| plan)
+    }
+
+    /// Remembers a plan made after [`PlanCache::get`] missed, when it may be kept; returns it
+    /// shared, or gives `targets` back when it may not be kept.
+    pub(crate) fn keep(
+        &mut self,
+        topic: &Bytes,
+        qos: u8,
+        targets: &mut Vec<Target>,
+    ) -> Option<Arc<[Target]>> {
+        if targets.iter().any(|t| t.enqueue || t.shared) {
+            return None;
+        }
+        if self.plans.len() >= PLAN_CACHE_ENTRIES {
+            self.plans.clear();
+        }
+        let plan: Arc<[Target]> = targets.drain(..).collect();
+        self.plans.insert(topic.clone(), (qos, plan.clone()));
+        Some(plan)
     }
 }
 
@@ -803,6 +898,7 @@ impl Hub {
         let replaced = tree.subscribe(SubRef(sub.clone()), filter, opts);
         self.count.store(tree.len() as u64, Ordering::Relaxed);
         drop(tree);
+        plans_changed();
         self.track_durable(sub, filter, Some(opts));
         replaced
     }
@@ -824,6 +920,7 @@ impl Hub {
         let replaced = tree.subscribe(who, filter, opts);
         self.count.store(tree.len() as u64, Ordering::Relaxed);
         drop(tree);
+        plans_changed();
         self.track_durable(sub, filter, Some(opts));
         Some(replaced)
     }
@@ -834,6 +931,7 @@ impl Hub {
         let existed = tree.unsubscribe(&SubRef(sub.clone()), filter);
         self.count.store(tree.len() as u64, Ordering::Relaxed);
         drop(tree);
+        plans_changed();
         if existed {
             self.track_durable(sub, filter, None);
         }
@@ -846,6 +944,7 @@ impl Hub {
         tree.remove_all(&SubRef(sub.clone()));
         self.count.store(tree.len() as u64, Ordering::Relaxed);
         drop(tree);
+        plans_changed();
         let mut durable = self.durable.lock().expect("durable lock");
         let mut changed = false;
         for members in durable.values_mut() {
@@ -989,38 +1088,58 @@ impl Hub {
     pub fn deliver(&self, fanouts: Fanouts, seqs: &mut impl Iterator<Item = u64>) {
         let mut batches: Vec<(Arc<Subscriber>, Vec<Delivery>)> = Vec::new();
         let mut last = 0;
+        let mut add = |t: &Target, msg: &Arc<Message>, seq: Option<u64>, sub_ids: Vec<u32>| {
+            if !t.sub.online.load(Ordering::Acquire) {
+                return;
+            }
+            let d = Delivery {
+                msg: msg.clone(),
+                qos: t.qos,
+                retain: t.retain,
+                sub_ids,
+                seq,
+                dup: false,
+                group: None,
+            };
+            let i = if batches.get(last).is_some_and(|b| Arc::ptr_eq(&b.0, &t.sub)) {
+                last
+            } else {
+                match batches.iter().position(|b| Arc::ptr_eq(&b.0, &t.sub)) {
+                    Some(i) => i,
+                    None => {
+                        batches.push((t.sub.clone(), Vec::new()));
+                        batches.len() - 1
+                    }
+                }
+            };
+            batches[i].1.push(d);
+            last = i;
+        };
         let mut targets = fanouts.targets.into_iter();
         let mut at = 0;
-        for (msg, end) in fanouts.items {
-            for t in targets.by_ref().take(end - at) {
-                let seq = if t.enqueue { seqs.next() } else { None };
-                if !t.sub.online.load(Ordering::Acquire) {
-                    continue;
-                }
-                let d = Delivery {
-                    msg: msg.clone(),
-                    qos: t.qos,
-                    retain: t.retain,
-                    sub_ids: t.sub_ids,
-                    seq,
-                    dup: false,
-                    group: None,
-                };
-                let i = if batches.get(last).is_some_and(|b| Arc::ptr_eq(&b.0, &t.sub)) {
-                    last
-                } else {
-                    match batches.iter().position(|b| Arc::ptr_eq(&b.0, &t.sub)) {
-                        Some(i) => i,
-                        None => {
-                            batches.push((t.sub, Vec::new()));
-                            batches.len() - 1
-                        }
+        let mut plan: Option<Arc<[Target]>> = None;
+        for (msg, goes) in fanouts.items {
+            match goes {
+                Goes::Listed(end) => {
+                    for mut t in targets.by_ref().take(end - at) {
+                        let seq = if t.enqueue { seqs.next() } else { None };
+                        let sub_ids = std::mem::take(&mut t.sub_ids);
+                        add(&t, &msg, seq, sub_ids);
                     }
-                };
-                batches[i].1.push(d);
-                last = i;
+                    at = end;
+                }
+                Goes::Planned(p) => {
+                    for t in p.iter() {
+                        add(t, &msg, None, t.sub_ids.clone());
+                    }
+                    plan = Some(p);
+                }
+                Goes::Again => {
+                    for t in plan.iter().flat_map(|p| p.iter()) {
+                        add(t, &msg, None, t.sub_ids.clone());
+                    }
+                }
             }
-            at = end;
         }
         let mut dropped = 0;
         for (sub, list) in batches {
@@ -1190,6 +1309,168 @@ mod tests {
         // Delivered QoS is the minimum of the publish and the subscription.
         router.plan("a/b", 0, false, "pub", &mut scratch, &mut out);
         assert_eq!(out[0].qos, 0);
+    }
+
+    fn hub() -> Hub {
+        Hub::new(OutboxLimits {
+            messages: 10,
+            bytes: 1 << 20,
+            offline_messages: 10,
+        })
+    }
+
+    fn online(id: &str, durable: bool) -> Arc<Subscriber> {
+        let s = Subscriber::new(Arc::from(id), durable);
+        s.set_online(true);
+        s
+    }
+
+    /// Plans `qos` to `topic` for publisher "pub" and offers the plan to `cache`.
+    fn plan_and_keep(
+        hub: &Hub,
+        cache: &mut PlanCache,
+        topic: &'static str,
+        qos: u8,
+    ) -> (Option<Arc<[Target]>>, Vec<Target>) {
+        let (mut scratch, mut targets) = (Vec::new(), Vec::new());
+        hub.plan(topic, qos, false, "pub", &mut scratch, &mut targets);
+        let kept = cache.keep(&Bytes::from_static(topic.as_bytes()), qos, &mut targets);
+        (kept, targets)
+    }
+
+    fn names(plan: &[Target]) -> Vec<String> {
+        let mut v: Vec<String> = plan.iter().map(|t| t.sub.client_id.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    /// A connection's remembered plan is used only while no subscription or session
+    /// changed: a stale plan would deliver to a session that left, or miss one that just
+    /// subscribed. (Tests share the generation, so a hit is asserted only when no other
+    /// test moved it meanwhile.)
+    #[test]
+    fn a_kept_plan_is_used_until_subscriptions_or_sessions_change() {
+        let hub = hub();
+        let topic = Bytes::from_static(b"a/b");
+        let mut cache = PlanCache::default();
+        let s = online("s", false);
+        let t = online("t", false);
+        hub.subscribe(&s, "a/#", opts(0, None));
+        assert!(cache.get(&topic, 0).is_none());
+        let before = PLAN_GENERATION.load(Ordering::Acquire);
+        let (kept, _) = plan_and_keep(&hub, &mut cache, "a/b", 0);
+        let kept = kept.expect("a QoS 0 plan is kept");
+        assert_eq!(names(&kept), ["s"]);
+        let hit = cache.get(&topic, 0).cloned();
+        if PLAN_GENERATION.load(Ordering::Acquire) == before {
+            assert!(
+                hit.is_some_and(|p| Arc::ptr_eq(&p, &kept)),
+                "kept plan used"
+            );
+            assert!(cache.get(&topic, 1).is_none(), "kept for QoS 0 only");
+        }
+
+        // Each change below makes the cache miss, and the next plan sees the change.
+        hub.subscribe(&t, "a/b", opts(1, None));
+        assert!(cache.get(&topic, 0).is_none(), "a new subscription");
+        let (kept, _) = plan_and_keep(&hub, &mut cache, "a/b", 0);
+        assert_eq!(names(&kept.unwrap()), ["s", "t"]);
+
+        s.set_online(false);
+        assert!(cache.get(&topic, 0).is_none(), "a session detached");
+        let (kept, _) = plan_and_keep(&hub, &mut cache, "a/b", 0);
+        assert_eq!(names(&kept.unwrap()), ["t"]);
+
+        s.set_online(true);
+        assert!(cache.get(&topic, 0).is_none(), "a session attached");
+        plan_and_keep(&hub, &mut cache, "a/b", 0);
+
+        hub.unsubscribe(&t, "a/b");
+        assert!(cache.get(&topic, 0).is_none(), "an unsubscribe");
+        let (kept, _) = plan_and_keep(&hub, &mut cache, "a/b", 0);
+        assert_eq!(names(&kept.unwrap()), ["s"]);
+
+        t.set_durable(true);
+        assert!(
+            cache.get(&topic, 0).is_none(),
+            "a session became persistent"
+        );
+        plan_and_keep(&hub, &mut cache, "a/b", 0);
+
+        hub.remove_session(&s);
+        assert!(cache.get(&topic, 0).is_none(), "a session ended");
+        let (kept, _) = plan_and_keep(&hub, &mut cache, "a/b", 0);
+        assert!(
+            kept.unwrap().is_empty(),
+            "nobody left: an empty plan is kept too"
+        );
+    }
+
+    /// A plan with a durable queue entry (its ops go into the request) or a shared
+    /// subscription (each message picks a member) is made again for every message.
+    #[test]
+    fn plans_with_queue_entries_or_shared_subscriptions_are_not_kept() {
+        let hub = hub();
+        let mut cache = PlanCache::default();
+        let d = online("durable", true);
+        hub.subscribe(&d, "d/#", opts(1, None));
+        let (kept, targets) = plan_and_keep(&hub, &mut cache, "d/x", 1);
+        assert!(kept.is_none(), "QoS 1 to a persistent session");
+        assert_eq!(
+            names(&targets),
+            ["durable"],
+            "the targets are left to the caller"
+        );
+        assert!(targets[0].enqueue);
+        let (kept, _) = plan_and_keep(&hub, &mut cache, "d/x", 0);
+        assert_eq!(
+            names(&kept.unwrap()),
+            ["durable"],
+            "QoS 0 has no queue entry"
+        );
+
+        let (m1, m2) = (online("m1", false), online("m2", false));
+        hub.subscribe(&m1, "$share/g/e/#", opts(0, None));
+        hub.subscribe(&m2, "$share/g/e/#", opts(0, None));
+        let (kept, targets) = plan_and_keep(&hub, &mut cache, "e/x", 0);
+        assert!(kept.is_none(), "a shared subscription");
+        assert_eq!(targets.len(), 1);
+    }
+
+    /// Messages of one request that share a plan, listed ones between them, reach every
+    /// target in the order they were published.
+    #[test]
+    fn planned_and_listed_messages_are_delivered_in_order() {
+        let hub = hub();
+        let mut cache = PlanCache::default();
+        let (s1, s2) = (online("s1", false), online("s2", false));
+        hub.subscribe(&s1, "a/#", opts(0, None));
+        hub.subscribe(&s2, "a/#", opts(0, None));
+        hub.subscribe(&s1, "b", opts(0, None));
+        let plan = plan_and_keep(&hub, &mut cache, "a/x", 0).0.unwrap();
+        let (mut scratch, mut listed) = (Vec::new(), Vec::new());
+        hub.plan("b", 0, false, "pub", &mut scratch, &mut listed);
+        let mut f = Fanouts::default();
+        f.push_planned(msg("a/x", 0), &plan);
+        f.push_planned(msg("a/x", 0), &plan);
+        f.push(msg("b", 0), &mut listed);
+        f.push_planned(msg("a/x", 0), &plan);
+        assert_eq!(
+            Arc::strong_count(&plan),
+            3,
+            "one count for the request, not one per message"
+        );
+        hub.deliver(f, &mut std::iter::empty());
+        let topics = |s: &Subscriber| {
+            let mut out = VecDeque::new();
+            s.pop_into(&hub.limits, 100, &mut out);
+            out.iter()
+                .map(|d| String::from_utf8(d.msg.topic.to_vec()).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(topics(&s1), ["a/x", "a/x", "b", "a/x"]);
+        assert_eq!(topics(&s2), ["a/x", "a/x", "a/x"]);
+        assert_eq!(Arc::strong_count(&plan), 2, "the cache's and this one");
     }
 
     #[test]

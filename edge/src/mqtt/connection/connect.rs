@@ -512,7 +512,7 @@ where
             will_id = Some(id);
         }
     }
-    sub.durable.store(data.durable, Ordering::Release);
+    sub.set_durable(data.durable);
     broker.sessions.set_subscriber(
         &client_id,
         attachment.conn,

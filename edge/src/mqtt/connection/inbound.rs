@@ -18,7 +18,7 @@ use super::types::{validate_topic, Client, Close, Deferred, PendingAck};
 use crate::auth::ConnAcl;
 use crate::log::appender::{AppendRequest, Committed, ReplyTo, Spare, StateOp, TryAppendError};
 use crate::mqtt::codec::{self, reason, AckKind, PublishIn, QoS, Version};
-use crate::mqtt::delivery::{Fanouts, Message, SubRef, Target};
+use crate::mqtt::delivery::{Fanouts, Message, PlanCache, SubRef, Target};
 use crate::mqtt::limits::{check_message_props, PacketRefused};
 use crate::mqtt::session::{qos2_marker_op, qos2_release_op, SessionData};
 use crate::mqtt::subs::Match;
@@ -69,6 +69,8 @@ pub(super) struct InboundBatch {
     route_cache: HashMap<Bytes, (TopicId, u32, Bytes, bool)>,
     scratch_matches: Vec<Match<SubRef>>,
     scratch_targets: Vec<Target>,
+    /// Made by the first publish that has subscribers to plan for.
+    plans: Option<Box<PlanCache>>,
     /// Acknowledgements written and publishes received since the node-wide counters were
     /// last updated (added once per loop turn rather than once per packet: every connection
     /// updating them per packet would contend for their cache line).
@@ -95,6 +97,7 @@ impl InboundBatch {
             route_cache: HashMap::new(),
             scratch_matches: Vec::new(),
             scratch_targets: Vec::new(),
+            plans: None,
             acks_unreported: 0,
             received_unreported: 0,
         }
@@ -356,6 +359,7 @@ impl InboundBatch {
                 req: &mut self.req,
                 retained: &mut self.req_retained,
                 fanouts: &mut self.req_fanout,
+                plans: Some(&mut self.plans),
             },
             &mut self.scratch_matches,
             &mut self.scratch_targets,

@@ -393,6 +393,7 @@ async fn log_will(
             req: &mut req,
             retained: &mut retained,
             fanouts: &mut fanout,
+            plans: None,
         },
         &mut Vec::new(),
         &mut Vec::new(),

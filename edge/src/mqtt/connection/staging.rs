@@ -8,7 +8,9 @@ use bytes::Bytes;
 use crate::log::appender::{AppendRequest, PendingRecord};
 use crate::log::record::{NewRecord, RecordTooLarge};
 use crate::mqtt::codec::MessageProps;
-use crate::mqtt::delivery::{clear_retained_op, retain_op, Fanouts, Hub, Message, SubRef, Target};
+use crate::mqtt::delivery::{
+    clear_retained_op, retain_op, Fanouts, Hub, Message, PlanCache, SubRef, Target,
+};
 use crate::mqtt::subs::Match;
 use crate::route::TopicId;
 
@@ -18,6 +20,8 @@ pub(super) struct Staging<'a> {
     pub(super) req: &'a mut AppendRequest,
     pub(super) retained: &'a mut Vec<(Bytes, Option<Arc<Message>>)>,
     pub(super) fanouts: &'a mut Fanouts,
+    /// The connection's remembered plans, if it keeps them (made on first use).
+    pub(super) plans: Option<&'a mut Option<Box<PlanCache>>>,
 }
 
 /// A publish about to be staged.
@@ -47,6 +51,7 @@ pub(super) fn stage_publish(
         req,
         retained,
         fanouts,
+        plans,
     } = into;
     let start = req.buf.len();
     NewRecord {
@@ -98,20 +103,31 @@ pub(super) fn stage_publish(
         return Ok(());
     }
     let topic_text = std::str::from_utf8(&p.topic).unwrap_or_default();
-    hub.plan(topic_text, p.qos, p.retain, p.publisher, scratch, targets);
+    // A retained publish changes the retained store as well: it is planned every time.
+    if let Some(plans) = plans.filter(|_| !p.retain) {
+        let plans = plans.get_or_insert_with(Box::default);
+        if let Some(plan) = plans.get(&p.topic, p.qos) {
+            if !plan.is_empty() {
+                fanouts.push_planned(message(p), plan);
+            }
+            return Ok(());
+        }
+        hub.plan(topic_text, p.qos, false, p.publisher, scratch, targets);
+        if let Some(plan) = plans.keep(&p.topic, p.qos, targets) {
+            if !plan.is_empty() {
+                fanouts.push_planned(message(p), &plan);
+            }
+            return Ok(());
+        }
+    } else {
+        hub.plan(topic_text, p.qos, p.retain, p.publisher, scratch, targets);
+    }
     if targets.is_empty() && !p.retain {
         return Ok(());
     }
-    let msg = Arc::new(Message {
-        topic: p.topic,
-        payload: p.payload,
-        qos: p.qos,
-        retain: p.retain,
-        publisher: p.publisher.clone(),
-        props: p.props,
-        received_ms: p.now,
-    });
-    if p.retain {
+    let retain = p.retain;
+    let msg = message(p);
+    if retain {
         if msg.payload.is_empty() {
             req.state.push(clear_retained_op(&msg.topic));
             retained.push((msg.topic.clone(), None));
@@ -127,4 +143,17 @@ pub(super) fn stage_publish(
     Hub::enqueue_ops(targets, record, &mut req.state);
     fanouts.push(msg, targets);
     Ok(())
+}
+
+/// The message subscribers get of a staged publish.
+fn message(p: Staged<'_>) -> Arc<Message> {
+    Arc::new(Message {
+        topic: p.topic,
+        payload: p.payload,
+        qos: p.qos,
+        retain: p.retain,
+        publisher: p.publisher.clone(),
+        props: p.props,
+        received_ms: p.now,
+    })
 }

@@ -310,6 +310,93 @@ async fn deliveries_beyond_one_write_buffer_go_out_without_waiting_for_a_timer()
     appender_thread.join().unwrap().unwrap();
 }
 
+/// 3.1.1 CONNECT of client `id`, clean session, keepalive 60.
+fn connect_packet(id: &str) -> Vec<u8> {
+    let mut packet = vec![
+        0x10,
+        12 + id.len() as u8,
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+        0x02,
+        0,
+        60,
+    ];
+    packet.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    packet.extend_from_slice(id.as_bytes());
+    packet
+}
+
+/// A connection over an in-memory stream, connected as `id`.
+async fn connected(
+    broker: &Arc<Broker>,
+    id: &str,
+) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let (reader, writer) = tokio::io::split(server);
+    let peer = "127.0.0.1:1".parse().unwrap();
+    let conn = tokio::spawn(serve(broker.clone(), reader, writer, peer, None));
+    client.write_all(&connect_packet(id)).await.unwrap();
+    expect(&mut client, &[0x20, 2, 0, 0]).await;
+    (client, conn)
+}
+
+/// A publisher's connection remembers where its topics go; a session that subscribes after
+/// it began publishing still gets what it publishes after the SUBACK.
+#[tokio::test]
+async fn a_subscription_made_while_a_publisher_runs_gets_its_next_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _shutdown, appender_thread) = broker(dir.path());
+    // A subscription elsewhere, so that the publisher plans (and remembers) its topic's.
+    let (mut other, other_conn) = connected(&broker, "other").await;
+    other
+        .write_all(&[0x82, 10, 0, 1, 0, 5, b'o', b't', b'h', b'e', b'r', 0])
+        .await
+        .unwrap();
+    expect(&mut other, &[0x90, 3, 0, 1, 0]).await;
+    // Attached before the publisher plans: attaching makes plans change as well.
+    let (mut sub, sub_conn) = connected(&broker, "s1").await;
+    let (mut publisher, publisher_conn) = connected(&broker, "c1").await;
+    publisher
+        .write_all(&publish_packet("t/1", 1, b"before"))
+        .await
+        .unwrap();
+    expect(&mut publisher, &[0x40, 2, 0, 1]).await;
+
+    sub.write_all(&[0x82, 8, 0, 1, 0, 3, b't', b'/', b'#', 0])
+        .await
+        .unwrap();
+    expect(&mut sub, &[0x90, 3, 0, 1, 0]).await;
+    publisher
+        .write_all(&publish_packet("t/1", 2, b"after"))
+        .await
+        .unwrap();
+    expect(&mut publisher, &[0x40, 2, 0, 2]).await;
+    expect(
+        &mut sub,
+        &[
+            0x30, 10, 0, 3, b't', b'/', b'1', b'a', b'f', b't', b'e', b'r',
+        ],
+    )
+    .await;
+
+    for (client, conn) in [
+        (other, other_conn),
+        (publisher, publisher_conn),
+        (sub, sub_conn),
+    ] {
+        drop(client);
+        conn.await.unwrap();
+    }
+    broker.appender.shutdown().await;
+    drop(broker);
+    appender_thread.join().unwrap().unwrap();
+}
+
 fn future_size<F: FnOnce() -> T, T>(_make: &F) -> usize {
     std::mem::size_of::<T>()
 }
