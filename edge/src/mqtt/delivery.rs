@@ -887,6 +887,14 @@ impl Hub {
         self.durable_generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Ends a change to the subscription tree: its count is updated, the lock released and
+    /// the connections' kept plans marked out of date.
+    fn tree_changed(&self, tree: std::sync::RwLockWriteGuard<'_, SubscriptionTree<SubRef>>) {
+        self.count.store(tree.len() as u64, Ordering::Relaxed);
+        drop(tree);
+        plans_changed();
+    }
+
     /// Adds or replaces a subscription; returns whether it replaced one.
     pub fn subscribe(
         &self,
@@ -896,9 +904,7 @@ impl Hub {
     ) -> bool {
         let mut tree = self.tree.write().expect("subscription lock");
         let replaced = tree.subscribe(SubRef(sub.clone()), filter, opts);
-        self.count.store(tree.len() as u64, Ordering::Relaxed);
-        drop(tree);
-        plans_changed();
+        self.tree_changed(tree);
         self.track_durable(sub, filter, Some(opts));
         replaced
     }
@@ -918,9 +924,7 @@ impl Hub {
             return None;
         }
         let replaced = tree.subscribe(who, filter, opts);
-        self.count.store(tree.len() as u64, Ordering::Relaxed);
-        drop(tree);
-        plans_changed();
+        self.tree_changed(tree);
         self.track_durable(sub, filter, Some(opts));
         Some(replaced)
     }
@@ -929,9 +933,7 @@ impl Hub {
     pub fn unsubscribe(&self, sub: &Arc<Subscriber>, filter: &str) -> bool {
         let mut tree = self.tree.write().expect("subscription lock");
         let existed = tree.unsubscribe(&SubRef(sub.clone()), filter);
-        self.count.store(tree.len() as u64, Ordering::Relaxed);
-        drop(tree);
-        plans_changed();
+        self.tree_changed(tree);
         if existed {
             self.track_durable(sub, filter, None);
         }
@@ -942,9 +944,7 @@ impl Hub {
     pub fn remove_session(&self, sub: &Arc<Subscriber>) {
         let mut tree = self.tree.write().expect("subscription lock");
         tree.remove_all(&SubRef(sub.clone()));
-        self.count.store(tree.len() as u64, Ordering::Relaxed);
-        drop(tree);
-        plans_changed();
+        self.tree_changed(tree);
         let mut durable = self.durable.lock().expect("durable lock");
         let mut changed = false;
         for members in durable.values_mut() {
@@ -1119,7 +1119,7 @@ impl Hub {
         let mut at = 0;
         let mut plan: Option<Arc<[Target]>> = None;
         for (msg, goes) in fanouts.items {
-            match goes {
+            let planned: &[Target] = match goes {
                 Goes::Listed(end) => {
                     for mut t in targets.by_ref().take(end - at) {
                         let seq = if t.enqueue { seqs.next() } else { None };
@@ -1127,18 +1127,13 @@ impl Hub {
                         add(&t, &msg, seq, sub_ids);
                     }
                     at = end;
+                    continue;
                 }
-                Goes::Planned(p) => {
-                    for t in p.iter() {
-                        add(t, &msg, None, t.sub_ids.clone());
-                    }
-                    plan = Some(p);
-                }
-                Goes::Again => {
-                    for t in plan.iter().flat_map(|p| p.iter()) {
-                        add(t, &msg, None, t.sub_ids.clone());
-                    }
-                }
+                Goes::Planned(p) => plan.insert(p),
+                Goes::Again => plan.as_deref().unwrap_or(&[]),
+            };
+            for t in planned {
+                add(t, &msg, None, t.sub_ids.clone());
             }
         }
         let mut dropped = 0;
