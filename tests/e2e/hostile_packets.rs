@@ -204,6 +204,15 @@ async fn each_hostile_packet_is_refused_and_the_edge_keeps_its_log() {
     assert_eq!(c.until_closed().await.unwrap(), vec![]);
     assert_eq!(refused(&edge, "reserved_topic"), 2.0);
 
+    // A 5.0 QoS 1 PUBLISH that ends before its property length: malformed (0x81), closed.
+    // It was once taken for an incomplete packet and dropped without a word or a PUBACK.
+    let cut = [0x32, 7, 0, 3, b's', b'/', b't', 0, 9];
+    assert_eq!(
+        v5_offend(&edge, "cut-short", &cut).await,
+        vec![Got::Disconnect(0x81)]
+    );
+    acked.push(honest_publish(&edge, &mut n).await);
+
     // A will with too many user properties: CONNACK 0x95, nothing stored or published.
     let mut c = RawClient::open(edge.addr, Proto::V5).await.unwrap();
     let will = Will {

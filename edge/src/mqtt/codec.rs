@@ -299,10 +299,87 @@ pub fn decode(
             return Ok(Some(ack));
         }
     }
-    match version {
+    // PUBLISH is the hot packet: its usual form (no 5.0 properties) is read here, as slices of
+    // the frame, without the general reader's intermediate packet and, for 3.1.1, its copy of
+    // the topic. Every other form, malformed ones included, goes to the general reader, which
+    // words the errors.
+    if buf[0] >> 4 == 3 {
+        if let Some(p) = read_plain_publish(version, buf, frame_length) {
+            return Ok(Some(Inbound::Publish(p)));
+        }
+    }
+    // The whole frame is in `buf` (checked above): a reader that runs out of bytes read a
+    // field past the packet's end, which is malformed, not incomplete.
+    let whole = match version {
         Version::V311 => decode_v4(buf, max_packet_size),
         Version::V5 => decode_v5(buf, max_packet_size),
+    };
+    match whole {
+        Ok(None) => Err(malformed("a field runs past the end of the packet")),
+        other => other,
     }
+}
+
+/// A PUBLISH of `frame_length` bytes at the start of `buf` in its usual form: a valid QoS, a
+/// topic within the packet (UTF-8 for 3.1.1, as the general reader checks; 5.0 topics are
+/// checked when routed), a non-zero packet id for QoS 1 and 2, and for 5.0 no properties.
+/// `None` (nothing consumed) for any other form.
+fn read_plain_publish(
+    version: Version,
+    buf: &mut BytesMut,
+    frame_length: usize,
+) -> Option<PublishIn> {
+    let frame = &buf[..frame_length];
+    let first = frame[0];
+    let qos = match (first >> 1) & 0x03 {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => return None,
+    };
+    // The Remaining Length was validated by the caller: skip it.
+    let mut at = 1;
+    while frame.get(at)? & 0x80 != 0 {
+        at += 1;
+    }
+    at += 1;
+    if at == frame_length {
+        return None;
+    }
+    let topic_len = u16::from_be_bytes(frame.get(at..at + 2)?.try_into().ok()?) as usize;
+    let topic_at = at + 2;
+    let topic = frame.get(topic_at..topic_at + topic_len)?;
+    if version == Version::V311 && std::str::from_utf8(topic).is_err() {
+        return None;
+    }
+    at = topic_at + topic_len;
+    let pkid = if qos == QoS::AtMostOnce {
+        0
+    } else {
+        let id = u16::from_be_bytes(frame.get(at..at + 2)?.try_into().ok()?);
+        if id == 0 {
+            return None;
+        }
+        at += 2;
+        id
+    };
+    if version == Version::V5 {
+        if *frame.get(at)? != 0 {
+            return None;
+        }
+        at += 1;
+    }
+    let frame = buf.split_to(frame_length).freeze();
+    Some(PublishIn {
+        qos,
+        retain: first & 0x01 != 0,
+        dup: first & 0x08 != 0,
+        topic: frame.slice(topic_at..topic_at + topic_len),
+        pkid,
+        payload: frame.slice(at..),
+        topic_alias: None,
+        props: MessageProps::default(),
+    })
 }
 
 fn malformed(e: impl std::fmt::Display) -> DecodeError {
@@ -1461,5 +1538,121 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn publish_frame(
+        version: Version,
+        first: u8,
+        topic: &[u8],
+        pkid: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        body.extend_from_slice(topic);
+        if (first >> 1) & 0x03 != 0 {
+            body.extend_from_slice(&pkid.to_be_bytes());
+        }
+        if version == Version::V5 {
+            body.push(0);
+        }
+        body.extend_from_slice(payload);
+        let mut frame = vec![first];
+        let mut n = body.len();
+        loop {
+            let byte = (n % 128) as u8;
+            n /= 128;
+            frame.push(if n > 0 { byte | 0x80 } else { byte });
+            if n == 0 {
+                break;
+            }
+        }
+        frame.extend_from_slice(&body);
+        frame
+    }
+
+    /// The PUBLISH read without the general reader gives what the general reader gives, for
+    /// every QoS and flag, topic and payload size (Remaining Length of 1 to 3 bytes), and
+    /// leaves the next packet in the buffer.
+    #[test]
+    fn plain_publishes_read_as_the_general_reader_reads_them() {
+        let long_topic = "x/".repeat(150);
+        let mut checked = 0;
+        for version in [Version::V311, Version::V5] {
+            for first in [0x30u8, 0x31, 0x32, 0x33, 0x34, 0x3A, 0x3D] {
+                for topic in [
+                    &b"a"[..],
+                    b"plant/line-1/temp",
+                    b"caf\xC3\xA9",
+                    long_topic.as_bytes(),
+                ] {
+                    for payload_len in [0usize, 1, 127, 128, 16_384] {
+                        for pkid in [1u16, 0x1234, u16::MAX] {
+                            let payload: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
+                            let frame = publish_frame(version, first, topic, pkid, &payload);
+                            let mut buf = BytesMut::from(&frame[..]);
+                            buf.extend_from_slice(&[0xC0, 0]);
+                            let mut general = buf.clone();
+                            let got = decode(version, &mut buf, 1 << 20).unwrap().unwrap();
+                            let want = match version {
+                                Version::V311 => decode_v4(&mut general, 1 << 20),
+                                Version::V5 => decode_v5(&mut general, 1 << 20),
+                            }
+                            .unwrap()
+                            .unwrap();
+                            assert_eq!(format!("{got:?}"), format!("{want:?}"));
+                            assert!(matches!(got, Inbound::Publish(_)));
+                            assert_eq!(&buf[..], &[0xC0, 0], "the next packet is left");
+                            // The plain reader took it, not the general one.
+                            let mut again = BytesMut::from(&frame[..]);
+                            let len = frame.len();
+                            assert!(read_plain_publish(version, &mut again, len).is_some());
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 2 * 7 * 4 * 5 * 3);
+    }
+
+    /// A PUBLISH whose fields do not fit the packet, or break a rule the general reader
+    /// checks, is malformed in both versions: never "incomplete" (which would drop it
+    /// without a word) and never read as a publish.
+    #[test]
+    fn malformed_publishes_are_refused_not_swallowed() {
+        let both: [&[u8]; 6] = [
+            &[0x36, 5, 0, 1, b'a', 0, 1],    // QoS 3
+            &[0x32, 6, 0, 1, b'a', 0, 0, 0], // packet id 0
+            &[0x30, 3, 0, 5, b'a'],          // topic past the end
+            &[0x32, 4, 0, 1, b'a', 0],       // packet id cut
+            &[0x30, 0],                      // no variable header
+            &[0x30, 1, 0],                   // topic length cut
+        ];
+        for version in [Version::V311, Version::V5] {
+            for bytes in both {
+                let mut buf = BytesMut::from(bytes);
+                let r = decode(version, &mut buf, 1024);
+                assert!(
+                    matches!(r, Err(DecodeError::Malformed(_))),
+                    "{version:?} {bytes:?}: {r:?}"
+                );
+            }
+        }
+        // 5.0: the property length is missing.
+        for bytes in [&[0x30u8, 3, 0, 1, b'a'][..], &[0x32, 5, 0, 1, b'a', 0, 1]] {
+            let r = decode(Version::V5, &mut BytesMut::from(bytes), 1024);
+            assert!(
+                matches!(r, Err(DecodeError::Malformed(_))),
+                "{bytes:?}: {r:?}"
+            );
+        }
+        // 3.1.1: a topic that is not UTF-8.
+        let r = decode(
+            Version::V311,
+            &mut BytesMut::from(&[0x30u8, 4, 0, 2, 0xC3, 0x28][..]),
+            1024,
+        );
+        assert!(matches!(r, Err(DecodeError::Malformed(_))), "{r:?}");
     }
 }
