@@ -102,7 +102,6 @@ pub(super) fn stage_publish(
     if !p.retain && hub.subscription_count() == 0 {
         return Ok(());
     }
-    let topic_text = std::str::from_utf8(&p.topic).unwrap_or_default();
     // A retained publish changes the retained store as well: it is planned every time.
     if let Some(plans) = plans.filter(|_| !p.retain) {
         let plans = plans.get_or_insert_with(Box::default);
@@ -112,6 +111,7 @@ pub(super) fn stage_publish(
             }
             return Ok(());
         }
+        let topic_text = std::str::from_utf8(&p.topic).unwrap_or_default();
         hub.plan(topic_text, p.qos, false, p.publisher, scratch, targets);
         if let Some(plan) = plans.keep(&p.topic, p.qos, targets) {
             if !plan.is_empty() {
@@ -120,6 +120,7 @@ pub(super) fn stage_publish(
             return Ok(());
         }
     } else {
+        let topic_text = std::str::from_utf8(&p.topic).unwrap_or_default();
         hub.plan(topic_text, p.qos, p.retain, p.publisher, scratch, targets);
     }
     if targets.is_empty() && !p.retain {
