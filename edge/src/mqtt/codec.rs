@@ -1164,6 +1164,32 @@ fn put_varint<S: Sink>(out: &mut S, mut n: usize) {
     out.put(&v[..len]);
 }
 
+/// A PUBLISH frame with first byte `first` (type, flags), for tests: `pkid` is written for
+/// QoS 1 and 2, and for 5.0 an empty property list.
+#[cfg(test)]
+pub(crate) fn publish_frame(
+    version: Version,
+    first: u8,
+    topic: &[u8],
+    pkid: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic);
+    if (first >> 1) & 0x03 != 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    if version == Version::V5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    let mut frame = vec![first];
+    put_varint(&mut frame, body.len());
+    frame.extend_from_slice(&body);
+    frame
+}
+
 fn put_str<S: Sink>(out: &mut S, s: &[u8]) {
     out.put(&(s.len() as u16).to_be_bytes());
     out.put(s);
@@ -1538,37 +1564,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    fn publish_frame(
-        version: Version,
-        first: u8,
-        topic: &[u8],
-        pkid: u16,
-        payload: &[u8],
-    ) -> Vec<u8> {
-        let mut body = Vec::new();
-        body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-        body.extend_from_slice(topic);
-        if (first >> 1) & 0x03 != 0 {
-            body.extend_from_slice(&pkid.to_be_bytes());
-        }
-        if version == Version::V5 {
-            body.push(0);
-        }
-        body.extend_from_slice(payload);
-        let mut frame = vec![first];
-        let mut n = body.len();
-        loop {
-            let byte = (n % 128) as u8;
-            n /= 128;
-            frame.push(if n > 0 { byte | 0x80 } else { byte });
-            if n == 0 {
-                break;
-            }
-        }
-        frame.extend_from_slice(&body);
-        frame
     }
 
     /// The PUBLISH read without the general reader gives what the general reader gives, for

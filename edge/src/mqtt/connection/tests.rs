@@ -144,23 +144,7 @@ async fn packets_reach_a_writer_that_holds_bytes_until_flushed() {
 
 /// A 3.1.1 QoS 1 PUBLISH.
 fn publish_packet(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic.as_bytes());
-    body.extend_from_slice(&pkid.to_be_bytes());
-    body.extend_from_slice(payload);
-    let mut packet = vec![0x32];
-    let mut len = body.len();
-    loop {
-        let byte = (len % 128) as u8;
-        len /= 128;
-        packet.push(if len > 0 { byte | 0x80 } else { byte });
-        if len == 0 {
-            break;
-        }
-    }
-    packet.extend_from_slice(&body);
-    packet
+    codec::publish_frame(Version::V311, 0x32, topic.as_bytes(), pkid, payload)
 }
 
 async fn expect(client: &mut tokio::io::DuplexStream, want: &[u8]) {
