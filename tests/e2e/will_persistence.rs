@@ -274,3 +274,28 @@ async fn a_client_back_within_the_delay_after_restart_cancels_its_will() {
     assert_eq!(logged_on(&edge, "wills/dev-d"), 0);
     assert_eq!(logged_on(&edge, "wills/dev-d2"), 1);
 }
+
+/// A 5.0 DISCONNECT may carry its reason code without a property length (Remaining Length 1,
+/// [MQTT-3.14.2.2.1]): 0x00 still discards the will and 0x04 still asks for it. Such a
+/// DISCONNECT was once dropped without a word, so a normal one left the will in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_with_a_reason_code_and_no_properties_is_understood() {
+    let mut edge = Edge::start("");
+    let mut w = watcher(&edge, false).await;
+    let mut normal = connect_with_will(&edge, "dev-e", None, None).await;
+    normal.send_raw(&[0xE0, 0x01, 0x00]).await.unwrap();
+    assert_eq!(normal.until_closed().await.unwrap(), vec![]);
+    let mut asks = connect_with_will(&edge, "dev-f", None, None).await;
+    asks.send_raw(&[0xE0, 0x01, 0x04]).await.unwrap();
+    assert_eq!(asks.until_closed().await.unwrap(), vec![]);
+    // dev-f's will is published; dev-e's is not, neither before it nor after.
+    assert_eq!(receive_until(&mut w, "wills/dev-f", None).await, vec![]);
+    assert_eq!(
+        published_before_marker(&edge, &mut w, "after-both").await,
+        vec![]
+    );
+    leave(w).await;
+    assert!(edge.stop().success());
+    assert_eq!(logged_on(&edge, "wills/dev-e"), 0);
+    assert_eq!(logged_on(&edge, "wills/dev-f"), 1);
+}

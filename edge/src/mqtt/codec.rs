@@ -576,6 +576,19 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
             session_expiry: None,
         }));
     }
+    // It may also carry its reason code alone (Remaining Length 1): the property length is
+    // then 0 [MQTT-3.14.2.2.1], and rumqttc's reader, which expects it, would refuse it.
+    if buf.len() >= 3 && buf[0] == 0xE0 && buf[1] == 1 {
+        let code = buf[2];
+        if v5::DisconnectReasonCode::try_from(code).is_err() {
+            return Err(malformed(format!("DISCONNECT reason code {code:#04x}")));
+        }
+        let _ = buf.split_to(3);
+        return Ok(Some(Inbound::Disconnect {
+            reason: code,
+            session_expiry: None,
+        }));
+    }
     let packet = match v5::Packet::read(buf, Some(max as u32)) {
         Ok(p) => p,
         Err(mb5::Error::InsufficientBytes(_)) => return Ok(None),
@@ -1296,6 +1309,28 @@ mod tests {
             }
             assert!(buf.is_empty());
         }
+    }
+
+    /// A 5.0 DISCONNECT of its reason code alone (no property length) is read as that code;
+    /// an unknown code is malformed.
+    #[test]
+    fn v5_disconnect_with_a_reason_code_and_no_properties_is_read() {
+        for code in [0x00, 0x04, 0x80] {
+            let mut buf = BytesMut::from(&[0xE0, 0x01, code, 0xC0, 0x00][..]);
+            match decode(Version::V5, &mut buf, 1024).unwrap().unwrap() {
+                Inbound::Disconnect {
+                    reason,
+                    session_expiry,
+                } => assert_eq!((reason, session_expiry), (code, None)),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(&buf[..], &[0xC0, 0x00], "the next packet is left");
+        }
+        let mut buf = BytesMut::from(&[0xE0, 0x01, 0x03][..]);
+        assert!(matches!(
+            decode(Version::V5, &mut buf, 1024),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]
