@@ -116,6 +116,22 @@ async fn published_before_marker(
     receive_until(w, "wills/marker", Some(marker)).await
 }
 
+/// The watcher receives the will of `id` with nothing before it, then the marker `marker`
+/// with nothing between: that will alone was published.
+async fn only_this_will(edge: &Edge, w: &mut RawClient, id: &str, marker: &str) {
+    let topic = format!("wills/{id}");
+    assert_eq!(
+        receive_until(w, &topic, None).await,
+        vec![],
+        "before {topic}"
+    );
+    assert_eq!(
+        published_before_marker(edge, w, marker).await,
+        vec![],
+        "after {topic}"
+    );
+}
+
 /// Disconnects the watcher normally and waits for the edge to close: its acknowledgements
 /// are committed then (a kill right after an unfinished PUBACK would have the edge deliver
 /// again, as QoS 1 allows).
@@ -204,11 +220,7 @@ async fn a_delayed_will_waits_across_sigterm_and_is_published_once() {
     edge.restart();
     w = watcher(&edge, true).await;
     // Published once its delay (counted from the socket's close) is over.
-    assert_eq!(receive_until(&mut w, "wills/dev-b", None).await, vec![]);
-    assert_eq!(
-        published_before_marker(&edge, &mut w, "after-the-will").await,
-        vec![]
-    );
+    only_this_will(&edge, &mut w, "dev-b", "after-the-will").await;
 
     // Once: a second restart brings nothing back.
     leave(w).await;
@@ -265,11 +277,7 @@ async fn a_client_back_within_the_delay_after_restart_cancels_its_will() {
     wait_metric(&edge, "tributary_wills_cancelled_total", 1.0);
     w = watcher(&edge, true).await;
     // dev-d2's will, due at the same moment, comes once the delay is over; dev-d's never.
-    assert_eq!(receive_until(&mut w, "wills/dev-d2", None).await, vec![]);
-    assert_eq!(
-        published_before_marker(&edge, &mut w, "after-the-delay").await,
-        vec![]
-    );
+    only_this_will(&edge, &mut w, "dev-d2", "after-the-delay").await;
     assert!(edge.stop().success());
     assert_eq!(logged_on(&edge, "wills/dev-d"), 0);
     assert_eq!(logged_on(&edge, "wills/dev-d2"), 1);
@@ -289,11 +297,7 @@ async fn a_disconnect_with_a_reason_code_and_no_properties_is_understood() {
     asks.send_raw(&[0xE0, 0x01, 0x04]).await.unwrap();
     assert_eq!(asks.until_closed().await.unwrap(), vec![]);
     // dev-f's will is published; dev-e's is not, neither before it nor after.
-    assert_eq!(receive_until(&mut w, "wills/dev-f", None).await, vec![]);
-    assert_eq!(
-        published_before_marker(&edge, &mut w, "after-both").await,
-        vec![]
-    );
+    only_this_will(&edge, &mut w, "dev-f", "after-both").await;
     leave(w).await;
     assert!(edge.stop().success());
     assert_eq!(logged_on(&edge, "wills/dev-e"), 0);

@@ -308,16 +308,17 @@ pub fn decode(
             return Ok(Some(Inbound::Publish(p)));
         }
     }
-    // The whole frame is in `buf` (checked above): a reader that runs out of bytes read a
-    // field past the packet's end, which is malformed, not incomplete.
-    let whole = match version {
+    match version {
         Version::V311 => decode_v4(buf, max_packet_size),
         Version::V5 => decode_v5(buf, max_packet_size),
-    };
-    match whole {
-        Ok(None) => Err(malformed("a field runs past the end of the packet")),
-        other => other,
     }
+    .map(Some)
+}
+
+/// What a packet reader running out of bytes means once [`decode`] has the whole frame: a
+/// field runs past the packet's end, which is malformed, not incomplete.
+fn past_end() -> DecodeError {
+    malformed("a field runs past the end of the packet")
 }
 
 /// A PUBLISH of `frame_length` bytes at the start of `buf` in its usual form: a valid QoS, a
@@ -337,12 +338,7 @@ fn read_plain_publish(
         2 => QoS::ExactlyOnce,
         _ => return None,
     };
-    // The Remaining Length was validated by the caller: skip it.
-    let mut at = 1;
-    while frame.get(at)? & 0x80 != 0 {
-        at += 1;
-    }
-    at += 1;
+    let mut at = body_start(frame);
     if at == frame_length {
         return None;
     }
@@ -382,6 +378,16 @@ fn read_plain_publish(
     })
 }
 
+/// Where the variable header of a whole frame starts: past the first byte and the Remaining
+/// Length, which the caller validated.
+fn body_start(frame: &[u8]) -> usize {
+    let mut at = 1;
+    while frame.get(at).is_some_and(|b| b & 0x80 != 0) {
+        at += 1;
+    }
+    at + 1
+}
+
 fn malformed(e: impl std::fmt::Display) -> DecodeError {
     DecodeError::Malformed(e.to_string())
 }
@@ -407,12 +413,7 @@ fn check_frame(version: Version, frame: &[u8]) -> Result<(), DecodeError> {
             "packet type {kind} with fixed header flags {flags:#06b}"
         )));
     }
-    // The Remaining Length was validated by the caller: skip it.
-    let mut at = 1;
-    while frame.get(at).is_some_and(|b| b & 0x80 != 0) {
-        at += 1;
-    }
-    let body = frame.get(at + 1..).unwrap_or_default();
+    let body = frame.get(body_start(frame)..).unwrap_or_default();
     match kind {
         1 => check_connect_flags(version, body),
         8 | 10 => check_filters(version, kind == 8, body),
@@ -483,13 +484,13 @@ fn check_filters(version: Version, subscribe: bool, body: &[u8]) -> Result<(), D
     Ok(())
 }
 
-fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeError> {
+fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Inbound, DecodeError> {
     let packet = match v4::Packet::read(buf, max) {
         Ok(p) => p,
-        Err(mb::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(mb::Error::InsufficientBytes(_)) => return Err(past_end()),
         Err(e) => return Err(malformed(e)),
     };
-    Ok(Some(match packet {
+    Ok(match packet {
         v4::Packet::Connect(c) => {
             let (username, password) = c
                 .login
@@ -563,38 +564,30 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
         v4::Packet::SubAck(_) => Inbound::ServerOnly("SUBACK"),
         v4::Packet::UnsubAck(_) => Inbound::ServerOnly("UNSUBACK"),
         v4::Packet::PingResp => Inbound::ServerOnly("PINGRESP"),
-    }))
+    })
 }
 
-fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeError> {
-    // A 5.0 DISCONNECT may omit its reason code (remaining length 0, meaning 0x00), which
-    // rumqttc's reader refuses.
-    if buf.len() >= 2 && buf[0] == 0xE0 && buf[1] == 0 {
-        let _ = buf.split_to(2);
-        return Ok(Some(Inbound::Disconnect {
-            reason: 0,
-            session_expiry: None,
-        }));
-    }
-    // It may also carry its reason code alone (Remaining Length 1): the property length is
-    // then 0 [MQTT-3.14.2.2.1], and rumqttc's reader, which expects it, would refuse it.
-    if buf.len() >= 3 && buf[0] == 0xE0 && buf[1] == 1 {
-        let code = buf[2];
+fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Inbound, DecodeError> {
+    // A 5.0 DISCONNECT may leave out its property length (Remaining Length 1: the length is
+    // then 0 [MQTT-3.14.2.2.1]) and its reason code too (Remaining Length 0: 0x00). rumqttc's
+    // reader refuses both.
+    if buf.len() >= 2 && buf[0] == 0xE0 && buf[1] <= 1 && buf.len() >= 2 + buf[1] as usize {
+        let code = if buf[1] == 1 { buf[2] } else { 0 };
         if v5::DisconnectReasonCode::try_from(code).is_err() {
             return Err(malformed(format!("DISCONNECT reason code {code:#04x}")));
         }
-        let _ = buf.split_to(3);
-        return Ok(Some(Inbound::Disconnect {
+        let _ = buf.split_to(2 + buf[1] as usize);
+        return Ok(Inbound::Disconnect {
             reason: code,
             session_expiry: None,
-        }));
+        });
     }
     let packet = match v5::Packet::read(buf, Some(max as u32)) {
         Ok(p) => p,
-        Err(mb5::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(mb5::Error::InsufficientBytes(_)) => return Err(past_end()),
         Err(e) => return Err(malformed(e)),
     };
-    Ok(Some(match packet {
+    Ok(match packet {
         v5::Packet::Connect(c, will, login) => {
             let (username, password) =
                 login.map_or((None, None), |l| credentials(l.username, l.password));
@@ -724,7 +717,7 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
         v5::Packet::SubAck(_) => Inbound::ServerOnly("SUBACK"),
         v5::Packet::UnsubAck(_) => Inbound::ServerOnly("UNSUBACK"),
         v5::Packet::PingResp(_) => Inbound::ServerOnly("PINGRESP"),
-    }))
+    })
 }
 
 fn qos_from5(q: mb5::QoS) -> QoS {
@@ -1628,7 +1621,6 @@ mod tests {
                                 Version::V311 => decode_v4(&mut general, 1 << 20),
                                 Version::V5 => decode_v5(&mut general, 1 << 20),
                             }
-                            .unwrap()
                             .unwrap();
                             assert_eq!(format!("{got:?}"), format!("{want:?}"));
                             assert!(matches!(got, Inbound::Publish(_)));
