@@ -8,7 +8,6 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::log::appender::now_ms;
-use crate::mqtt::codec::MessageProps;
 use crate::mqtt::delivery::Message;
 use crate::mqtt::Broker;
 
@@ -75,7 +74,7 @@ pub(crate) async fn publish_every(broker: Arc<Broker>, every: Duration) {
                 qos: 0,
                 retain: true,
                 publisher: Arc::from(""),
-                props: MessageProps::default(),
+                props: Default::default(),
                 received_ms: now,
             });
             broker.hub.set_retained(topic, Some(msg.clone()));

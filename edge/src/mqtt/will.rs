@@ -319,7 +319,7 @@ fn decode(
             qos,
             retain: m.retain,
             delay: stored.delay_secs,
-            props: m.props,
+            props: m.props.into_inner(),
         },
     })
 }

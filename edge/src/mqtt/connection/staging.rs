@@ -154,7 +154,7 @@ fn message(p: Staged<'_>) -> Arc<Message> {
         qos: p.qos,
         retain: p.retain,
         publisher: p.publisher.clone(),
-        props: p.props,
+        props: p.props.into(),
         received_ms: p.now,
     })
 }
