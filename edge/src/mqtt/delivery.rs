@@ -1222,6 +1222,7 @@ impl Hub {
         self.count_dropped(dropped);
     }
 
+    /// Adds deliveries dropped at full outboxes to the node's counter.
     fn count_dropped(&self, dropped: u64) {
         if dropped > 0 {
             self.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
