@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::kafka::KafkaCluster;
 use crate::{binary, last_line, summary_field, Edge};
@@ -77,7 +77,11 @@ pub fn mirror_status(edge: &Edge) -> serde_json::Value {
 }
 
 /// Polls `edge mirror-status --json` (which fails until the first status is written) until
-/// `done` holds; fails after `within`, naming `what`.
+/// `done` holds; fails after `within`, naming `what`. Only a status written after this call
+/// began counts: the edge writes it once a second, and one written before the caller's last
+/// publishes were acknowledged can show the mirror caught up with a log that was shorter
+/// (a caller comparing its counts with the status's end offsets then sees records missing
+/// that are not).
 pub fn wait_mirror_status(
     edge: &Edge,
     what: &str,
@@ -85,11 +89,15 @@ pub fn wait_mirror_status(
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let deadline = Instant::now() + within;
+    let since_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     loop {
         let (ok, out, _) = edge.cli(&["mirror-status", "--json"]);
         if ok.success() {
             let s: serde_json::Value = serde_json::from_str(&out).unwrap();
-            if done(&s) {
+            if s["updated_at_ms"].as_u64() > Some(since_ms) && done(&s) {
                 return s;
             }
             assert!(Instant::now() < deadline, "{what}: {s:#}");
