@@ -7,9 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use tributary_tests::{ConsumedRecord, KafkaCluster, ProducedRecord, TimestampType};
+use tributary_tests::{now_ms, ConsumedRecord, KafkaCluster, ProducedRecord, TimestampType};
 
 const IDLE: Duration = Duration::from_secs(5);
 
@@ -40,13 +40,6 @@ fn murmur2(data: &[u8]) -> u32 {
     h ^= h >> 13;
     h = h.wrapping_mul(M);
     h ^ (h >> 15)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 fn values(records: &[ConsumedRecord]) -> Vec<&str> {
@@ -133,9 +126,9 @@ fn one_node_round_trips_keys_values_headers_and_partitions() {
             headers: &[],
         },
     ];
-    let before = now_ms();
+    let before = now_ms() as i64;
     kafka.produce("smoke", &sent).unwrap();
-    let after = now_ms();
+    let after = now_ms() as i64;
 
     let got = kafka.consume_committed("smoke", IDLE).unwrap();
     assert_eq!(got.len(), sent.len(), "{got:#?}");

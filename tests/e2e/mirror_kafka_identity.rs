@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tributary_tests::kafka::KafkaCluster;
 use tributary_tests::mirror::{cloud_section as cloud, mirror_status, wait_mirror_status};
-use tributary_tests::{http_get, metric, Edge};
+use tributary_tests::{http_get, metric, now_ms, Edge};
 
 const ROUTES: &str =
     "[[routes]]\nmatch = \"sensors/+/#\"\ntopic = \"telemetry\"\nkey = \"{1}\"\npartitions = 2\n";
@@ -102,13 +102,6 @@ fn wait_refused(edge: &Edge, reason: &str, since_ms: u64) -> serde_json::Value {
             && s["refusal"]["reason"] == reason
             && s["refusal"]["at_ms"].as_u64().unwrap() >= since_ms
     })
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 fn refused_metric(edge: &Edge, reason: &str) -> f64 {

@@ -13,13 +13,13 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tributary_tests::kafka::{ConsumedRecord, KafkaCluster, TimestampType};
 use tributary_tests::mirror::{
     cloud_section as cloud, finish, fleet, partitions_sum, verify_kafka, wait_mirror_status,
 };
-use tributary_tests::{faketime, http_get, metric, Edge};
+use tributary_tests::{faketime, http_get, metric, now_ms, Edge};
 
 const ROUTES: &str =
     "[[routes]]\nmatch = \"sensors/+/#\"\ntopic = \"telemetry\"\nkey = \"{1}\"\npartitions = 4\n";
@@ -71,13 +71,6 @@ fn write_config(edge: &Edge, with_cloud: &str) {
     let text = std::fs::read_to_string(&path).unwrap();
     let base = text.split("[cloud]").next().unwrap().to_string();
     std::fs::write(&path, format!("{base}{with_cloud}")).unwrap();
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[test]
@@ -237,7 +230,7 @@ fn refused_records_go_to_the_dead_letter_topic_and_the_rest_exactly_once() {
         .parse()
         .unwrap();
     assert!(
-        stamped > now_ms() + 3_600_000,
+        stamped > now_ms() as i64 + 3_600_000,
         "the edge's own time, two hours ahead"
     );
     assert!(

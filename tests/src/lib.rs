@@ -44,6 +44,14 @@ pub fn summary_field(summary: &str, name: &str) -> u64 {
         .unwrap()
 }
 
+/// Wall-clock time in ms since the Unix epoch, as the edge stamps its status and records.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

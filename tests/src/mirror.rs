@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::kafka::KafkaCluster;
 use crate::{binary, last_line, summary_field, Edge};
@@ -89,10 +89,7 @@ pub fn wait_mirror_status(
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let deadline = Instant::now() + within;
-    let since_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let since_ms = crate::now_ms();
     loop {
         let (ok, out, _) = edge.cli(&["mirror-status", "--json"]);
         if ok.success() {

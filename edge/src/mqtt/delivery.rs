@@ -507,9 +507,6 @@ pub struct Fanouts {
     /// Address of the plan of the last [`Goes::Planned`] item (held in `items`, so no other
     /// plan can have it), only compared.
     last_plan: Option<usize>,
-    /// Items that are not [`Goes::Again`]: 1 when every message goes where the first
-    /// item's plan says.
-    routes: usize,
 }
 
 /// Where one message of a [`Fanouts`] goes.
@@ -530,7 +527,6 @@ impl Fanouts {
     pub fn push(&mut self, msg: Arc<Message>, targets: &mut Vec<Target>) {
         self.targets.append(targets);
         self.items.push((msg, Goes::Listed(self.targets.len())));
-        self.routes += 1;
     }
 
     /// Adds a message going where a remembered plan says.
@@ -541,7 +537,6 @@ impl Fanouts {
         } else {
             self.last_plan = Some(at);
             self.items.push((msg, Goes::Planned(plan.clone())));
-            self.routes += 1;
         }
     }
 
@@ -552,8 +547,12 @@ impl Fanouts {
 
     /// The plan every message goes by, when they all go by one.
     fn one_plan(&self) -> Option<Arc<[Target]>> {
-        match self.items.first() {
-            Some((_, Goes::Planned(plan))) if self.routes == 1 => Some(plan.clone()),
+        match self.items.split_first() {
+            Some(((_, Goes::Planned(plan)), rest))
+                if rest.iter().all(|(_, goes)| matches!(goes, Goes::Again)) =>
+            {
+                Some(plan.clone())
+            }
             _ => None,
         }
     }
