@@ -546,13 +546,15 @@ impl InboundBatch {
         Ok(())
     }
 
-    /// Builds the next request in a committed request's buffers while more requests are on
-    /// their way and nothing is being built yet; drops them otherwise, on this connection's
-    /// thread. A connection that publishes now and then keeps no buffer between its
-    /// publishes: [`InboundBatch::release_when_idle`] gives them back once nothing is pending.
+    /// Builds the next request in a committed request's buffers when nothing is being built
+    /// yet; drops them otherwise, on this connection's thread. A client that keeps a window
+    /// of publishes in flight has one request at a time on its way, the next one read once
+    /// this one's acknowledgements are out, so it is built in the same buffers instead of a
+    /// fresh one grown a reallocation at a time. A connection that publishes now and then
+    /// keeps no buffer between its publishes: [`InboundBatch::release_when_idle`] gives them
+    /// back once it is idle with nothing pending.
     fn reuse(&mut self, spare: Spare) {
-        if !self.pending.is_empty()
-            && self.req.buf.capacity() == 0
+        if self.req.buf.capacity() == 0
             && self.req.records.capacity() == 0
             && spare.buf.capacity() <= SPARE_BUF_MAX
         {
@@ -653,13 +655,17 @@ mod tests {
     }
 
     #[test]
-    fn committed_buffers_are_built_in_only_while_requests_are_on_their_way_and_given_back_when_idle(
-    ) {
+    fn committed_buffers_are_built_in_again_and_given_back_when_idle() {
         let mut batch = InboundBatch::new(0);
-        // Nothing else on its way: a connection that publishes now and then keeps nothing.
+        // One request at a time (a client waiting for its acknowledgements): the next one is
+        // built in its buffers.
         batch.reuse(spare(1000));
+        assert!(batch.req.buf.capacity() >= 1000 && batch.req.records.capacity() >= 8);
+        // Idle with nothing being built: given back.
+        batch.release_when_idle();
         assert_eq!(batch.req.buf.capacity(), 0);
-        // Another request on its way: the next one is built in them.
+        assert_eq!(batch.req.records.capacity(), 0);
+        // Another request on its way: built in as well.
         one_more_pending(&mut batch);
         batch.reuse(spare(1000));
         assert!(batch.req.buf.capacity() >= 1000 && batch.req.records.capacity() >= 8);
@@ -683,14 +689,7 @@ mod tests {
         assert_eq!(&batch.req.buf[..], b"record");
         // Once sent (taken), a buffer past the bound is not kept.
         batch.req = AppendRequest::default();
-        one_more_pending(&mut batch);
         batch.reuse(spare(SPARE_BUF_MAX + 1));
-        assert_eq!(batch.req.buf.capacity(), 0);
-        // Built in, then idle with nothing built: given back.
-        batch.reuse(spare(1000));
-        assert!(batch.req.buf.capacity() >= 1000);
-        batch.pending.clear();
-        batch.release_when_idle();
         assert_eq!(batch.req.buf.capacity(), 0);
         assert_eq!(batch.req.records.capacity(), 0);
     }
