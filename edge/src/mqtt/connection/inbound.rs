@@ -550,9 +550,10 @@ impl InboundBatch {
     /// yet; drops them otherwise, on this connection's thread. A client that keeps a window
     /// of publishes in flight has one request at a time on its way, the next one read once
     /// this one's acknowledgements are out, so it is built in the same buffers instead of a
-    /// fresh one grown a reallocation at a time. A connection that publishes now and then
-    /// keeps no buffer between its publishes: [`InboundBatch::release_when_idle`] gives them
-    /// back once it is idle with nothing pending.
+    /// fresh one grown a reallocation at a time. A connection that publishes less than once
+    /// a second keeps no buffer between its publishes: its reads follow a quiet spell, so
+    /// [`InboundBatch::release_when_idle`] gives them back once the acknowledgement is
+    /// written and nothing is pending.
     fn reuse(&mut self, spare: Spare) {
         if self.req.buf.capacity() == 0
             && self.req.records.capacity() == 0
