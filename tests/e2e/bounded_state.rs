@@ -262,13 +262,7 @@ async fn sessions_are_bounded_and_311_persistent_sessions_expire_by_the_default(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    };
-    while now_ms() < gone_at + 1500 {
+    while tributary_tests::now_ms() < gone_at + 1500 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (c, ack) = RawClient::connect(edge.addr, Proto::V311, &persistent("p-1"))
